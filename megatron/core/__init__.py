@@ -1,0 +1,1 @@
+"""Megatron-Core-compatible library: parallel layers, models, optimizers, data."""

@@ -1,0 +1,189 @@
+"""``TransformerConfig``: the shape and numerics of a transformer stack."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from megatron.core.model_parallel_config import ModelParallelConfig
+
+
+def init_method_normal(std: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Initializer drawing from N(0, std^2)."""
+
+    def init_(tensor: torch.Tensor) -> torch.Tensor:
+        return torch.nn.init.normal_(tensor, mean=0.0, std=std)
+
+    return init_
+
+
+def scaled_init_method_normal(std: float, num_layers: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """N(0, (std / sqrt(2 * num_layers))^2), Megatron's init for output projections."""
+    return init_method_normal(std / math.sqrt(2.0 * num_layers))
+
+
+@dataclass
+class TransformerConfig(ModelParallelConfig):
+    """Transformer shape and numerics; field names follow Megatron-Core.
+
+    Derived fields (``ffn_hidden_size``, ``kv_channels``, ``num_query_groups``, the init
+    methods) are filled in by ``__post_init__`` when left as None.
+    """
+
+    num_layers: int = 0
+    """Number of transformer layers (--num-layers)."""
+
+    hidden_size: int = 0
+    """Transformer hidden size (--hidden-size)."""
+
+    num_attention_heads: int = 0
+    """Number of attention heads (--num-attention-heads)."""
+
+    num_query_groups: Optional[int] = None
+    """Key/value head groups for grouped-query attention (--num-query-groups); default:
+    one per head (plain multi-head attention)."""
+
+    ffn_hidden_size: Optional[int] = None
+    """MLP hidden size (--ffn-hidden-size); default 4 * hidden size."""
+
+    kv_channels: Optional[int] = None
+    """Size of each attention head (--kv-channels); default hidden size / heads."""
+
+    hidden_dropout: float = 0.1
+    """Dropout after attention and MLP outputs (--hidden-dropout)."""
+
+    attention_dropout: float = 0.1
+    """Dropout on attention probabilities (--attention-dropout)."""
+
+    fp32_residual_connection: bool = False
+    """Keep the residual stream in fp32 (--fp32-residual-connection)."""
+
+    apply_residual_connection_post_layernorm: bool = False
+    """Take the residual after the norm instead of before it."""
+
+    layernorm_epsilon: float = 1e-5
+    """Epsilon of the norms (--norm-epsilon)."""
+
+    layernorm_zero_centered_gamma: bool = False
+    """Norm weight stored as (gamma - 1) (--apply-layernorm-1p)."""
+
+    normalization: str = "LayerNorm"
+    """LayerNorm or RMSNorm (--normalization)."""
+
+    qk_layernorm: bool = False
+    """Normalize queries and keys per head before attention (--qk-layernorm)."""
+
+    add_bias_linear: bool = True
+    """Biases in all linear layers (off with --disable-bias-linear)."""
+
+    add_qkv_bias: bool = False
+    """Bias in the QKV projection even when other biases are off (--add-qkv-bias)."""
+
+    gated_linear_unit: bool = False
+    """Gated MLP: fc1 is [gate; up] and the activation multiplies (--swiglu)."""
+
+    activation_func: Callable = F.gelu
+    """MLP activation (silu with --swiglu)."""
+
+    init_method_std: float = 0.02
+    """Std of the normal initializer (--init-method-std)."""
+
+    init_method: Optional[Callable] = None
+    """Initializer of input-side weights; default N(0, init_method_std^2)."""
+
+    output_layer_init_method: Optional[Callable] = None
+    """Initializer of output projections; default scaled by 1/sqrt(2 num_layers)."""
+
+    apply_query_key_layer_scaling: bool = False
+    """Scale attention scores by 1/layer_number, softmax in fp32."""
+
+    attention_softmax_in_fp32: bool = True
+    """Compute the attention softmax in fp32 (--attention-softmax-in-fp32)."""
+
+    window_size: Optional[Tuple[int, int]] = None
+    """Sliding attention window (left, right); (W, 0) for Mistral (--window-size)."""
+
+    attention_backend: str = "auto"
+    """Core attention: auto, sdpa (torch scaled_dot_product_attention), unfused
+    (reference math), flash, fused or local (--attention-backend)."""
+
+    recompute_granularity: Optional[str] = None
+    """None, 'selective' or 'full' (--recompute-granularity)."""
+
+    recompute_method: Optional[str] = None
+    """'uniform' or 'block' with full recompute (--recompute-method)."""
+
+    recompute_num_layers: Optional[int] = None
+    """Layers per recompute group (--recompute-num-layers)."""
+
+    distribute_saved_activations: bool = False
+    """Shard recompute checkpoints over tensor-parallel ranks."""
+
+    rotary_interleaved: bool = False
+    """Rotate adjacent pairs instead of halves (--rotary-interleaved)."""
+
+    calculate_per_token_loss: bool = False
+    """Average the loss over all tokens of the global batch (--calculate-per-token-loss)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._check_shape()
+        if self.ffn_hidden_size is None:
+            self.ffn_hidden_size = 4 * self.hidden_size
+        if self.kv_channels is None:
+            self.kv_channels = self.hidden_size // self.num_attention_heads
+        if self.num_query_groups is None:
+            self.num_query_groups = self.num_attention_heads
+        self._check_parallel_shape()
+        if self.init_method is None:
+            self.init_method = init_method_normal(self.init_method_std)
+        if self.output_layer_init_method is None:
+            self.output_layer_init_method = scaled_init_method_normal(self.init_method_std, self.num_layers)
+        if self.apply_query_key_layer_scaling:
+            self.attention_softmax_in_fp32 = True
+
+    def _check_shape(self) -> None:
+        for flag, value in (
+            ("--num-layers", self.num_layers),
+            ("--hidden-size", self.hidden_size),
+            ("--num-attention-heads", self.num_attention_heads),
+        ):
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{flag} must be a positive integer, got {value!r}")
+        if self.kv_channels is None and self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"--hidden-size {self.hidden_size} is not divisible by --num-attention-heads "
+                f"{self.num_attention_heads}: change one, or give --kv-channels explicitly"
+            )
+        if self.normalization not in ("LayerNorm", "RMSNorm"):
+            raise ValueError(f"--normalization must be LayerNorm or RMSNorm, got {self.normalization!r}")
+        if self.window_size is not None and (len(self.window_size) != 2 or self.window_size[0] < 0):
+            raise ValueError(f"--window-size must be two non-negative integers (left, right), got {self.window_size}")
+
+    def _check_parallel_shape(self) -> None:
+        tp = self.tensor_model_parallel_size
+        if self.num_attention_heads % tp:
+            raise ValueError(
+                f"--num-attention-heads {self.num_attention_heads} is not divisible by "
+                f"--tensor-model-parallel-size {tp}: each tensor-parallel rank needs whole heads"
+            )
+        if self.num_attention_heads % self.num_query_groups:
+            raise ValueError(
+                f"--num-attention-heads {self.num_attention_heads} is not divisible by "
+                f"--num-query-groups {self.num_query_groups}"
+            )
+        if self.num_query_groups % tp:
+            raise ValueError(
+                f"--num-query-groups {self.num_query_groups} is not divisible by "
+                f"--tensor-model-parallel-size {tp}: use a tensor-parallel size that divides "
+                "the number of query groups"
+            )
+        if self.ffn_hidden_size % tp:
+            raise ValueError(
+                f"--ffn-hidden-size {self.ffn_hidden_size} is not divisible by "
+                f"--tensor-model-parallel-size {tp}"
+            )
