@@ -1,0 +1,135 @@
+"""Translate the parsed command line into core configs, once.
+
+Rule (as in Megatron): every config field whose name is also an ``args`` attribute takes the
+flag's value; the few flags whose config field has another name are listed in
+``ARG_TO_CONFIG_FIELD``; flags that set several fields (``--swiglu``) or need a conversion are
+handled explicitly below. Each builder passes only fields the config class actually has
+(``dataclasses.fields``), so configs and flags can grow independently.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+from typing import Any, Dict, Optional
+
+import torch
+import torch.nn.functional as F
+
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+# args attribute -> TransformerConfig field, where the names differ.
+ARG_TO_CONFIG_FIELD: Dict[str, str] = {
+    "norm_epsilon": "layernorm_epsilon",
+    "apply_layernorm_1p": "layernorm_zero_centered_gamma",
+    "swiglu": "gated_linear_unit",
+    "num_experts": "num_moe_experts",
+    "no_persist_layer_norm": "persist_layer_norm",
+}
+
+
+def openai_gelu(x: torch.Tensor) -> torch.Tensor:
+    """OpenAI's GeLU: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), i.e. tanh-approximate GeLU."""
+    return F.gelu(x, approximate="tanh")
+
+
+def squared_relu(x: torch.Tensor) -> torch.Tensor:
+    """relu(x)^2 (--squared-relu)."""
+    return torch.pow(F.relu(x), 2)
+
+
+def _init_fields(config_class) -> Dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(config_class) if f.init}
+
+
+def build_config(config_class, args: argparse.Namespace, overrides: Optional[Dict[str, Any]] = None):
+    """Instantiate ``config_class`` from same-named ``args`` attributes plus ``overrides``.
+
+    An ``args`` value of None is skipped when the field's own default is not None (so a flag
+    that Megatron leaves as None, such as --use-cpu-initialization, keeps the config default).
+    Override keys that are not fields of ``config_class`` are dropped.
+    """
+    fields = _init_fields(config_class)
+    kwargs: Dict[str, Any] = {}
+    for name, field in fields.items():
+        if not hasattr(args, name):
+            continue
+        value = getattr(args, name)
+        if value is None and field.default is not None and field.default is not dataclasses.MISSING:
+            continue
+        kwargs[name] = value
+    for name, value in (overrides or {}).items():
+        if name in fields:
+            kwargs[name] = value
+    return config_class(**kwargs)
+
+
+def _activation_overrides(args: argparse.Namespace) -> Dict[str, Any]:
+    if getattr(args, "swiglu", False):
+        return {"gated_linear_unit": True, "activation_func": F.silu,
+                "bias_activation_fusion": getattr(args, "bias_swiglu_fusion", True)}
+    out: Dict[str, Any] = {"bias_activation_fusion": getattr(args, "bias_gelu_fusion", True)}
+    if getattr(args, "squared_relu", False):
+        out["activation_func"] = squared_relu
+    elif getattr(args, "openai_gelu", False):
+        out["activation_func"] = openai_gelu
+    elif getattr(args, "quick_geglu", False):
+        out.update(gated_linear_unit=True, activation_func=functools.partial(F.gelu, approximate="tanh"))
+    return out
+
+
+def transformer_config_overrides(args: argparse.Namespace) -> Dict[str, Any]:
+    """Config values that do not come from a same-named flag."""
+    out: Dict[str, Any] = {
+        name: getattr(args, arg) for arg, name in ARG_TO_CONFIG_FIELD.items() if hasattr(args, arg)
+    }
+    out["persist_layer_norm"] = not getattr(args, "no_persist_layer_norm", False)
+    out.update(_activation_overrides(args))
+    out["gated_linear_unit"] = out.get("gated_linear_unit", False)
+    if not getattr(args, "group_query_attention", False):
+        out["num_query_groups"] = None
+    if getattr(args, "window_size", None) is not None:
+        out["window_size"] = tuple(args.window_size)
+    if getattr(args, "init_method_xavier_uniform", False):
+        out["init_method"] = torch.nn.init.xavier_uniform_
+        out["output_layer_init_method"] = torch.nn.init.xavier_uniform_
+    if getattr(args, "recompute_activations", False) and getattr(args, "recompute_granularity", None) is None:
+        out["recompute_granularity"] = "selective"
+    params_dtype = getattr(args, "params_dtype", None)
+    if params_dtype is not None:
+        out["pipeline_dtype"] = params_dtype
+    if hasattr(args, "overlap_p2p_comm"):
+        out["batch_p2p_comm"] = not args.overlap_p2p_comm
+    out["deallocate_pipeline_outputs"] = True
+    return out
+
+
+def core_transformer_config_from_args(args: argparse.Namespace, config_class=None):
+    """Build a ``TransformerConfig`` (or ``config_class``) from validated ``args``.
+
+    Call after ``validate_args`` so derived values (kv_channels, ffn_hidden_size, params_dtype,
+    virtual_pipeline_model_parallel_size, ...) are present.
+    """
+    config_class = config_class or TransformerConfig
+    return build_config(config_class, args, transformer_config_overrides(args))
+
+
+def get_megatron_optimizer_config(args: argparse.Namespace):
+    """``megatron.core.optimizer.OptimizerConfig`` from ``args`` (all field names equal flag names)."""
+    from megatron.core.optimizer import OptimizerConfig
+
+    return build_config(OptimizerConfig, args)
+
+
+def get_ddp_config(args: argparse.Namespace):
+    """``megatron.core.distributed.DistributedDataParallelConfig`` from ``args``."""
+    from megatron.core.distributed import DistributedDataParallelConfig
+
+    overrides = {
+        "grad_reduce_in_fp32": getattr(args, "accumulate_allreduce_grads_in_fp32", False),
+        "bucket_size": getattr(args, "ddp_bucket_size", None),
+        "average_in_collective": getattr(args, "ddp_average_in_collective", False),
+        "check_for_nan_in_grad": getattr(args, "check_for_nan_in_loss_and_grad", True),
+    }
+    return build_config(DistributedDataParallelConfig, args, overrides)

@@ -1,0 +1,72 @@
+"""Datasets and iterators for training, validation and test."""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron.core.process_groups import ProcessGroups
+from megatron.training.datasets.data_samplers import build_pretraining_data_loader
+from megatron.training.global_vars import get_args
+from megatron.training.rank_print import print_rank_0
+
+
+def train_valid_test_num_samples(args):
+    """Samples each split must provide (megatron-facts section 3.1).
+
+    With no --eval-interval, validation runs only once, after training.
+    """
+    train = args.train_samples if args.train_samples else args.train_iters * args.global_batch_size
+    evals = 1 if not args.eval_interval else (args.train_iters or 0) // args.eval_interval + 1
+    valid = evals * args.eval_iters * args.global_batch_size
+    test = args.eval_iters * args.global_batch_size
+    return train, valid, test
+
+
+def is_dataset_built_on_rank(pg: ProcessGroups) -> bool:
+    """Data is read on tensor-parallel rank 0 of the first and last stage, then broadcast."""
+    return pg.rank("tp") == 0 and (pg.is_pipeline_first_stage() or pg.is_pipeline_last_stage())
+
+
+def _cyclic(loader):
+    while True:
+        for batch in loader:
+            yield batch
+
+
+def build_train_valid_test_data_iterators(datasets_provider: Callable, pg: ProcessGroups):
+    """(train, valid, test) iterators; None where a split is absent or on ranks without data."""
+    args = get_args()
+    args.consumed_train_samples = getattr(args, "consumed_train_samples", 0)
+    args.consumed_valid_samples = getattr(args, "consumed_valid_samples", 0)
+    loaders = [None, None, None]
+    if is_dataset_built_on_rank(pg):
+        num_samples = train_valid_test_num_samples(args)
+        print_rank_0(f" > datasets target sizes (train, valid, test): {num_samples}")
+        datasets = datasets_provider(num_samples)
+        consumed = [args.consumed_train_samples, args.consumed_valid_samples, 0]
+        for i, (ds, start) in enumerate(zip(datasets, consumed)):
+            loaders[i] = build_pretraining_data_loader(
+                ds,
+                start if ds is None or start < len(ds) else 0,
+                micro_batch_size=args.micro_batch_size,
+                data_parallel_rank=pg.rank("dp"),
+                data_parallel_size=pg.size("dp"),
+                dataloader_type=args.dataloader_type or "single",
+                num_workers=args.num_workers,
+                seed=args.seed,
+            )
+    flags = torch.tensor([int(l is not None) for l in loaders], dtype=torch.long)
+    if torch.cuda.is_available():
+        flags = flags.cuda()
+    if dist.is_initialized():
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    args.do_train, args.do_valid, args.do_test = (bool(f) for f in flags.tolist())
+    args.do_valid = args.do_valid and args.eval_iters > 0
+    args.do_test = args.do_test and args.eval_iters > 0
+    train = iter(loaders[0]) if loaders[0] is not None else None
+    valid = _cyclic(loaders[1]) if loaders[1] is not None else None
+    test = _cyclic(loaders[2]) if loaders[2] is not None else None
+    return train, valid, test

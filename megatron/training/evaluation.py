@@ -1,0 +1,64 @@
+"""Validation and test passes, and Megatron's validation block."""
+
+from __future__ import annotations
+
+import math
+from typing import Dict
+
+import torch
+
+from megatron.core.num_microbatches_calculator import get_num_microbatches
+from megatron.core.pipeline_parallel.schedules import get_forward_backward_func
+from megatron.core.process_groups import ProcessGroups
+from megatron.training.global_vars import get_args
+from megatron.training.loss_reduction import reduce_reported_losses
+from megatron.training.rank_print import print_rank_last
+
+
+def evaluate(forward_step_func, data_iterator, model, pg: ProcessGroups, eval_iters: int) -> Dict[str, float]:
+    """Average each reported loss over ``eval_iters`` global batches, without gradients."""
+    args = get_args()
+    for chunk in model:
+        chunk.eval()
+    sums: Dict[str, torch.Tensor] = {}
+    forward_backward = get_forward_backward_func(pg)
+    with torch.no_grad():
+        for _ in range(eval_iters):
+            reported = forward_backward(
+                forward_step_func=forward_step_func,
+                data_iterator=data_iterator,
+                model=model,
+                num_microbatches=get_num_microbatches(),
+                seq_length=args.seq_length,
+                micro_batch_size=args.micro_batch_size,
+                forward_only=True,
+                pg_collection=pg,
+            )
+            if pg.is_pipeline_last_stage():
+                for key, value in reduce_reported_losses(reported, pg, keep_sum_and_count=True).items():
+                    sums[key] = sums.get(key, torch.zeros_like(value)) + value
+            args.consumed_valid_samples += args.global_batch_size
+    for chunk in model:
+        chunk.train()
+    return {key: float(v[0] / v[1]) for key, v in sums.items()}
+
+
+def evaluate_and_print_results(prefix: str, forward_step_func, data_iterator, model, pg, iteration: int,
+                               writers=None, eval_iters: int = None, label: str = "validation") -> Dict[str, float]:
+    """Run ``evaluate`` and print the dashed block Megatron prints."""
+    args = get_args()
+    results = evaluate(forward_step_func, data_iterator, model, pg, eval_iters or args.eval_iters)
+    line = f" {label} loss at {prefix} | "
+    for key, value in results.items():
+        ppl = math.exp(min(20.0, value))
+        line += f"{key} value: {value:.6E} | {key} PPL: {ppl:.6E} | "
+        if writers is not None and writers.active:
+            scalars = {f"{key} {label}": value}
+            if getattr(args, "log_validation_ppl_to_tensorboard", False):
+                scalars[f"{key} {label} ppl"] = ppl
+            writers.write(scalars, iteration, args.consumed_train_samples)
+    dashes = "-" * (len(line) + 1)
+    print_rank_last(dashes)
+    print_rank_last(line)
+    print_rank_last(dashes)
+    return results

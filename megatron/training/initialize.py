@@ -1,0 +1,134 @@
+"""Start a run: parse flags, join the process group, build parallel groups, seed."""
+
+from __future__ import annotations
+
+import logging
+import random
+from datetime import timedelta
+
+import numpy
+import torch
+import torch.distributed as dist
+
+from megatron.core import parallel_state
+from megatron.core.num_microbatches_calculator import init_num_microbatches_calculator
+from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+from megatron.training.arguments import parse_args, validate_args
+from megatron.training.distributed_env import detect_distributed_env, export_env
+from megatron.training.global_vars import get_args, set_global_variables, set_timers, set_tokenizer
+from megatron.core.timers import Timers
+from megatron.training.rank_print import print_rank_0
+from megatron.training.tokenizer import build_tokenizer, padded_vocab_size
+
+logger = logging.getLogger(__name__)
+
+
+def initialize_megatron(extra_args_provider=None, args_defaults=None, ignore_unknown_args=False,
+                        parsed_args=None):
+    """Everything before the model is built; returns the parsed arguments."""
+    denv = detect_distributed_env()
+    export_env(denv)
+    args = parsed_args if parsed_args is not None else parse_args(extra_args_provider, ignore_unknown_args)
+    args = validate_args(args, args_defaults or {})
+    set_global_variables(args)
+    _setup_logging(args)
+    tokenizer = build_tokenizer(args)
+    set_tokenizer(tokenizer)
+    # Megatron's scripts read the padded size from args; it is derived here, once.
+    args.padded_vocab_size = padded_vocab_size(
+        tokenizer.vocab_size, args.make_vocab_size_divisible_by, args.tensor_model_parallel_size
+    )
+    set_timers(Timers(args.timing_log_level, args.timing_log_option))
+    _initialize_distributed(args, denv)
+    init_num_microbatches_calculator(
+        args.rank,
+        args.rampup_batch_size,
+        args.global_batch_size,
+        args.micro_batch_size,
+        args.data_parallel_size,
+        getattr(args, "decrease_batch_size_if_needed", False),
+    )
+    set_random_seed(args.seed, getattr(args, "data_parallel_random_init", False))
+    return args
+
+
+def _setup_logging(args) -> None:
+    level = getattr(args, "logging_level", None)
+    logging.basicConfig(
+        level=level if level is not None else logging.INFO,
+        format="[%(asctime)s] %(levelname)s %(name)s: %(message)s",
+    )
+    if args.rank != 0 and level is None:
+        # One rank's informational messages are enough; warnings still come from all.
+        logging.getLogger("megatron").setLevel(logging.WARNING)
+
+
+def _select_backend(args) -> str:
+    backend = args.distributed_backend
+    if backend == "nccl" and not torch.cuda.is_available():
+        print_rank_0("no CUDA device: using the gloo backend on CPU")
+        return "gloo"
+    return backend
+
+
+def _initialize_distributed(args, denv) -> None:
+    """Join the default process group (unless already joined) and build the parallel groups."""
+    if torch.cuda.is_available():
+        torch.cuda.set_device(denv.local_rank % torch.cuda.device_count())
+    if not dist.is_initialized():
+        backend = _select_backend(args)
+        kwargs = dict(
+            backend=backend,
+            world_size=denv.world_size,
+            rank=denv.rank,
+            init_method=f"tcp://{denv.master_addr}:{denv.master_port}",
+            timeout=timedelta(minutes=args.distributed_timeout_minutes),
+        )
+        if backend == "nccl":
+            kwargs["device_id"] = torch.device("cuda", torch.cuda.current_device())
+        dist.init_process_group(**kwargs)
+    if dist.get_world_size() != args.world_size:
+        raise RuntimeError(
+            f"the process group has {dist.get_world_size()} ranks but the arguments were validated "
+            f"for {args.world_size}; launch with torchrun or set WORLD_SIZE consistently"
+        )
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=args.tensor_model_parallel_size,
+            pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+            virtual_pipeline_model_parallel_size=getattr(args, "virtual_pipeline_model_parallel_size", None),
+            context_parallel_size=args.context_parallel_size,
+            expert_model_parallel_size=args.expert_model_parallel_size,
+            expert_tensor_parallel_size=getattr(args, "expert_tensor_parallel_size", None),
+            order="tp-cp-ep-pp-dp" if getattr(args, "use_tp_pp_dp_mapping", False) else "tp-cp-ep-dp-pp",
+            distributed_timeout_minutes=args.distributed_timeout_minutes,
+        )
+    print_rank_0(
+        f"> initialized {dist.get_world_size()} rank(s) ({denv.launcher}, {dist.get_backend()}): "
+        f"tensor parallel {args.tensor_model_parallel_size}, pipeline parallel "
+        f"{args.pipeline_model_parallel_size}, data parallel {args.data_parallel_size}"
+    )
+
+
+def set_random_seed(seed: int, data_parallel_random_init: bool = False) -> None:
+    """Seed python, numpy and torch as Megatron does.
+
+    Each pipeline stage gets seed + 100 * pp_rank (stages hold different layers, so they
+    need different streams); with --data-parallel-random-init also + 10 * dp_rank. The
+    tensor-parallel tracker adds its own offsets per tp rank.
+    """
+    if seed is None or seed <= 0:
+        raise ValueError(f"--seed must be a positive integer, got {seed!r}")
+    groups = parallel_state.get_process_groups()
+    seed = seed + 100 * groups.rank("pp")
+    if data_parallel_random_init:
+        seed += 10 * groups.rank("dp")
+    random.seed(seed)
+    numpy.random.seed(seed)
+    torch.manual_seed(seed)
+    model_parallel_cuda_manual_seed(
+        seed,
+        tp_rank=groups.rank("tp"),
+        ep_rank=groups.rank("ep"),
+        etp_rank=groups.rank("expt_tp"),
+    )

@@ -1,0 +1,112 @@
+"""Build the model chunks, wrap them for data parallelism, build optimizer and scheduler."""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable, List
+
+import torch
+
+from megatron.core.distributed import DistributedDataParallel
+from megatron.core.optimizer import get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.process_groups import ProcessGroups
+from megatron.training.config_from_args import (
+    core_transformer_config_from_args,
+    get_ddp_config,
+    get_megatron_optimizer_config,
+)
+from megatron.training.global_vars import get_args
+from megatron.training.rank_print import print_rank_0
+
+logger = logging.getLogger(__name__)
+
+
+def unwrap_model(model):
+    """The innermost module(s) under data-parallel and precision wrappers."""
+    if isinstance(model, list):
+        return [unwrap_model(m) for m in model]
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+def _count_parameters(chunks: List[torch.nn.Module]) -> int:
+    return sum(p.numel() for m in chunks for p in m.parameters())
+
+
+def get_model(model_provider_func: Callable, pg_collection: ProcessGroups, wrap_with_ddp: bool = True):
+    """Call ``model_provider_func(pre_process, post_process)`` for this pipeline stage.
+
+    Returns a list of model chunks (one without virtual pipelining), moved to the GPU
+    when there is one and wrapped in DistributedDataParallel.
+    """
+    args = get_args()
+    pre_process = pg_collection.is_pipeline_first_stage()
+    post_process = pg_collection.is_pipeline_last_stage()
+    model = model_provider_func(pre_process=pre_process, post_process=post_process)
+    chunks = model if isinstance(model, list) else [model]
+    for chunk in chunks:
+        # Megatron's model type is the encoder-or-decoder flag used by pipeline schedules.
+        if torch.cuda.is_available():
+            chunk.cuda(torch.cuda.current_device())
+    n_params = _count_parameters(chunks)
+    print_rank_0(
+        f" > number of parameters on (tensor, pipeline) model parallel rank "
+        f"({pg_collection.rank('tp')}, {pg_collection.rank('pp')}): {n_params}"
+    )
+    if not wrap_with_ddp:
+        return chunks
+    config = core_transformer_config_from_args(args)
+    ddp_config = get_ddp_config(args)
+    wrapped = [DistributedDataParallel(config, ddp_config, chunk, pg_collection=pg_collection) for chunk in chunks]
+    for chunk in wrapped:
+        chunk.broadcast_params()
+    return wrapped
+
+
+def get_optimizer_param_scheduler(optimizer, args) -> OptimizerParamScheduler:
+    """Megatron's scheduler, with every horizon counted in samples."""
+    if args.train_iters is not None:
+        gbs = args.global_batch_size
+        decay_steps = (args.lr_decay_iters or args.train_iters) * gbs
+        wd_incr_steps = args.train_iters * gbs
+        wsd_decay_steps = args.lr_wsd_decay_iters * gbs if getattr(args, "lr_wsd_decay_iters", None) else None
+        if args.lr_warmup_fraction is not None:
+            warmup_steps = args.lr_warmup_fraction * decay_steps
+        else:
+            warmup_steps = args.lr_warmup_iters * gbs
+    else:
+        decay_steps = args.lr_decay_samples or args.train_samples
+        wd_incr_steps = args.train_samples
+        wsd_decay_steps = getattr(args, "lr_wsd_decay_samples", None)
+        if args.lr_warmup_fraction is not None:
+            warmup_steps = args.lr_warmup_fraction * decay_steps
+        else:
+            warmup_steps = args.lr_warmup_samples
+    return OptimizerParamScheduler(
+        optimizer,
+        init_lr=args.lr_warmup_init,
+        max_lr=args.lr,
+        min_lr=args.min_lr,
+        lr_warmup_steps=warmup_steps,
+        lr_decay_steps=decay_steps,
+        lr_decay_style=args.lr_decay_style,
+        start_wd=args.start_weight_decay,
+        end_wd=args.end_weight_decay,
+        wd_incr_steps=wd_incr_steps,
+        wd_incr_style=args.weight_decay_incr_style,
+        use_checkpoint_opt_param_scheduler=args.use_checkpoint_opt_param_scheduler,
+        override_opt_param_scheduler=args.override_opt_param_scheduler,
+        wsd_decay_steps=wsd_decay_steps,
+        lr_wsd_decay_style=getattr(args, "lr_wsd_decay_style", None),
+    )
+
+
+def setup_model_and_optimizer(model_provider_func: Callable, pg_collection: ProcessGroups):
+    """(model chunks, optimizer, scheduler) for this rank."""
+    args = get_args()
+    model = get_model(model_provider_func, pg_collection)
+    optimizer = get_megatron_optimizer(get_megatron_optimizer_config(args), model)
+    scheduler = get_optimizer_param_scheduler(optimizer, args)
+    return model, optimizer, scheduler

@@ -1,0 +1,165 @@
+"""The training driver: ``pretrain()`` and the loop it runs."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, List, Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron.core import parallel_state
+from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+from megatron.core.num_microbatches_calculator import (
+    get_current_global_batch_size,
+    get_num_microbatches,
+    update_num_microbatches,
+)
+from megatron.core.pipeline_parallel.schedules import get_forward_backward_func
+from megatron.core.process_groups import ProcessGroups
+from megatron.training.data_iterators import build_train_valid_test_data_iterators
+from megatron.training.evaluation import evaluate_and_print_results
+from megatron.training.global_vars import get_args, get_timers
+from megatron.training.initialize import initialize_megatron
+from megatron.training.loss_reduction import reduce_reported_losses
+from megatron.training.model_setup import setup_model_and_optimizer
+from megatron.training.nan_check import check_finite
+from megatron.training.rank_print import print_rank_0, print_rank_last
+from megatron.training.training_log import IterationStats, TrainingLogger, memory_report
+from megatron.training.writers import ScalarWriters, build_tensorboard_writer, build_wandb_writer
+
+
+@dataclass
+class StepResult:
+    losses: dict
+    skipped: bool
+    grad_norm: Optional[float]
+    num_zeros: Optional[int]
+
+
+def pretrain(train_valid_test_dataset_provider: Callable, model_provider: Callable, model_type,
+             forward_step_func: Callable, process_non_loss_data_func=None, extra_args_provider=None,
+             args_defaults=None, ignore_unknown_args: bool = False, **unused) -> None:
+    """Megatron's entry point: initialize, build, train, evaluate.
+
+    ``model_provider(pre_process, post_process)`` builds this stage's model;
+    ``forward_step_func(data_iterator, model)`` returns ``(output, loss_func)``;
+    ``train_valid_test_dataset_provider(num_samples)`` returns three datasets.
+    """
+    start = time.time()
+    initialize_megatron(extra_args_provider, args_defaults, ignore_unknown_args)
+    args = get_args()
+    pg = parallel_state.get_process_groups()
+    print_rank_0(f"> time to initialize: {time.time() - start:.1f} s")
+    model, optimizer, scheduler = setup_model_and_optimizer(model_provider, pg)
+    train_it, valid_it, test_it = build_train_valid_test_data_iterators(train_valid_test_dataset_provider, pg)
+    writers = ScalarWriters(build_tensorboard_writer(args), build_wandb_writer(args))
+    iteration = 0
+    if args.do_train and not getattr(args, "skip_train", False) and (args.train_iters or args.train_samples):
+        iteration = train(forward_step_func, model, optimizer, scheduler, train_it, valid_it, pg, writers)
+    if args.do_valid:
+        evaluate_and_print_results(f"iteration {iteration} on validation set", forward_step_func, valid_it,
+                                   model, pg, iteration, writers)
+    if args.do_test:
+        evaluate_and_print_results(f"iteration {iteration} on test set", forward_step_func, test_it,
+                                   model, pg, iteration, writers, label="test")
+    writers.close()
+
+
+def train_step(forward_step_func, data_iterator, model: List[torch.nn.Module], optimizer, scheduler,
+               pg: ProcessGroups, iteration: int) -> StepResult:
+    """One global batch: forward/backward over its micro-batches, checks, optimizer step."""
+    args = get_args()
+    timers = get_timers()
+    for chunk in model:
+        chunk.zero_grad_buffer()
+    optimizer.zero_grad()
+    timers("forward-backward", log_level=1).start(barrier=args.barrier_with_L1_time)
+    reported = get_forward_backward_func(pg)(
+        forward_step_func=forward_step_func,
+        data_iterator=data_iterator,
+        model=model,
+        num_microbatches=get_num_microbatches(),
+        seq_length=args.seq_length,
+        micro_batch_size=args.micro_batch_size,
+        forward_only=False,
+        grad_scale_func=optimizer.scale_loss if args.fp16 else None,
+        finalize_model_grads_func=lambda chunks, num_tokens: finalize_model_grads(chunks, num_tokens, pg),
+        pg_collection=pg,
+    )
+    timers("forward-backward").stop()
+    losses = reduce_reported_losses(reported, pg) if pg.is_pipeline_last_stage() else {}
+    if args.check_for_nan_in_loss_and_grad:
+        # With fp16 dynamic loss scaling an overflow is expected and handled by skipping.
+        check_finite(losses.values(), model, iteration, check_grads=not args.fp16)
+    timers("optimizer", log_level=1).start(barrier=args.barrier_with_L1_time)
+    update_successful, grad_norm, num_zeros = optimizer.step()
+    timers("optimizer").stop()
+    if update_successful:
+        scheduler.step(increment=get_num_microbatches() * args.micro_batch_size * args.data_parallel_size)
+    return StepResult(losses, not update_successful, grad_norm, num_zeros)
+
+
+def _learning_rate(optimizer) -> Optional[float]:
+    for group in optimizer.param_groups:
+        if len(group["params"]) > 0:
+            return group["lr"]
+    return None
+
+
+def train(forward_step_func, model, optimizer, scheduler, train_it, valid_it, pg: ProcessGroups, writers) -> int:
+    """Iterate until --train-iters / --train-samples; return the last iteration."""
+    args = get_args()
+    timers = get_timers()
+    for chunk in model:
+        chunk.train()
+    iteration = getattr(args, "iteration", 0)
+    logger = TrainingLogger(args, writers, world_size=args.world_size)
+    first_of_run = True
+    interval_start = time.time()
+    print_rank_0("> training ...")
+    while _should_continue(args, iteration):
+        update_num_microbatches(args.consumed_train_samples, consistency_check=True)
+        result = train_step(forward_step_func, train_it, model, optimizer, scheduler, pg, iteration + 1)
+        iteration += 1
+        args.consumed_train_samples += get_current_global_batch_size()
+        stats = IterationStats(
+            losses=result.losses,
+            skipped=result.skipped,
+            grad_norm=result.grad_norm,
+            num_zeros=result.num_zeros,
+            learning_rate=_learning_rate(optimizer),
+            loss_scale=float(optimizer.get_loss_scale()),
+            global_batch_size=get_current_global_batch_size(),
+        )
+        line = logger.record(iteration, stats, args.consumed_train_samples, time.time() - interval_start, first_of_run)
+        if line is not None:
+            _after_log(args, timers, iteration, first_of_run)
+            interval_start = time.time()
+        first_of_run = False
+        if args.eval_interval and iteration % args.eval_interval == 0 and args.do_valid:
+            evaluate_and_print_results(f"iteration {iteration}", forward_step_func, valid_it, model, pg,
+                                       iteration, writers)
+        if args.exit_interval and iteration % args.exit_interval == 0:
+            print_rank_0(f"exiting program at iteration {iteration} (--exit-interval {args.exit_interval})")
+            break
+    args.iteration = iteration
+    return iteration
+
+
+def _should_continue(args, iteration: int) -> bool:
+    if args.train_samples:
+        return args.consumed_train_samples < args.train_samples
+    return iteration < args.train_iters
+
+
+def _after_log(args, timers, iteration: int, first_of_run: bool) -> None:
+    if first_of_run:
+        report = memory_report(dist.get_rank() if dist.is_initialized() else 0, iteration)
+        if report and (not dist.is_initialized() or parallel_state.get_data_parallel_rank() == 0):
+            print(report, flush=True)
+    if args.timing_log_level > 0:
+        block = timers.log_string(["forward-backward", "optimizer"], normalizer=1.0)
+        if block:
+            print_rank_last(block)

@@ -1,0 +1,106 @@
+"""Pretrain a GPT (and LLaMA/Mistral/Qwen-style) language model.
+
+    torchrun --nproc-per-node N pretrain_gpt.py <Megatron-LM flags>
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.datasets.gpt_dataset import SPLITS, GPTDatasetConfig, MockGPTDataset
+from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer.enums import ModelType
+from megatron.training import get_args, get_tokenizer, pretrain, print_rank_0
+from megatron.training.config_from_args import core_transformer_config_from_args
+
+
+def model_provider(pre_process: bool = True, post_process: bool = True) -> GPTModel:
+    """The GPT model of this pipeline stage, shaped by the command line."""
+    args = get_args()
+    config = core_transformer_config_from_args(args)
+    print_rank_0("building GPT model ...")
+    return GPTModel(
+        config=config,
+        vocab_size=args.padded_vocab_size,
+        max_sequence_length=args.max_position_embeddings,
+        pre_process=pre_process,
+        post_process=post_process,
+        fp16_lm_cross_entropy=args.fp16_lm_cross_entropy,
+        parallel_output=True,
+        share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
+        position_embedding_type=args.position_embedding_type,
+        rotary_percent=args.rotary_percent,
+        rotary_base=args.rotary_base,
+    )
+
+
+_INT_KEYS = ["tokens", "labels", "position_ids"]
+
+
+def get_batch(data_iterator):
+    """This rank's micro-batch: read on tensor-parallel rank 0, broadcast to the others."""
+    pg = parallel_state.get_process_groups()
+    if not (pg.is_pipeline_first_stage() or pg.is_pipeline_last_stage()):
+        return None, None, None, None, None
+    data = next(data_iterator) if data_iterator is not None else None
+    ints = tensor_parallel.broadcast_data(_INT_KEYS, data, torch.int64, pg.tp)
+    floats = tensor_parallel.broadcast_data(["loss_mask"], data, torch.float32, pg.tp)
+    attention_mask = None
+    args = get_args()
+    if args.reset_attention_mask:
+        # Only a document mask needs to travel; a plain causal mask is implied.
+        masks = tensor_parallel.broadcast_data(["attention_mask"], data, torch.uint8, pg.tp)
+        attention_mask = masks["attention_mask"].bool()
+    device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+    return (
+        ints["tokens"].to(device, non_blocking=True),
+        ints["labels"].to(device, non_blocking=True),
+        floats["loss_mask"].to(device, non_blocking=True),
+        None if attention_mask is None else attention_mask.to(device, non_blocking=True),
+        ints["position_ids"].to(device, non_blocking=True),
+    )
+
+
+def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
+    """Sum of masked token losses, the token count, and the [sum, count] report."""
+    losses = output_tensor.float().view(-1)
+    mask = loss_mask.view(-1).float()
+    loss = torch.sum(losses * mask)
+    num_tokens = mask.sum().detach().to(torch.int)
+    report = torch.cat([loss.detach().view(1), num_tokens.float().view(1)])
+    return loss, num_tokens, {"lm loss": report}
+
+
+def forward_step(data_iterator, model):
+    """One micro-batch forward: the per-token losses and the function that reduces them."""
+    tokens, labels, loss_mask, attention_mask, position_ids = get_batch(data_iterator)
+    output_tensor = model(tokens, position_ids, attention_mask, labels=labels)
+    return output_tensor, partial(loss_func, loss_mask)
+
+
+def train_valid_test_datasets_provider(num_samples):
+    """Datasets for --mock-data (the data pipeline adds --data-path)."""
+    args = get_args()
+    if not args.mock_data:
+        raise ValueError("this build trains on --mock-data only; pass --mock-data")
+    config = GPTDatasetConfig(
+        random_seed=args.seed,
+        sequence_length=args.seq_length,
+        tokenizer=get_tokenizer(),
+        reset_position_ids=args.reset_position_ids,
+        reset_attention_mask=args.reset_attention_mask,
+        eod_mask_loss=args.eod_mask_loss,
+        create_attention_mask=args.reset_attention_mask,
+        mock=True,
+    )
+    print_rank_0("> building mock train, validation and test datasets ...")
+    return tuple(
+        MockGPTDataset(n, config, split) if n else None for n, split in zip(num_samples, SPLITS)
+    )
+
+
+if __name__ == "__main__":
+    pretrain(train_valid_test_datasets_provider, model_provider, ModelType.encoder_or_decoder, forward_step)
