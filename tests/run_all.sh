@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Install what the test suite needs (if missing) and run every test.
+# Works on a fresh machine with only Python and pip.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if ! "$PY" -c "import torch" >/dev/null 2>&1; then
+    # The CPU build; pip resolves it from the local wheel cache or the package index.
+    "$PY" -m pip install --quiet "torch==2.13.0"
+fi
+"$PY" -m pip install --quiet -e ".[test]"
+exec "$PY" -m pytest -q -p no:cacheprovider tests "$@"
