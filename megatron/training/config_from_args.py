@@ -11,32 +11,20 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 from typing import Any, Dict, Optional
 
 import torch
 import torch.nn.functional as F
 
+from megatron.core.transformer.activations import openai_gelu, quick_gelu, squared_relu
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 # args attribute -> TransformerConfig field, where the names differ.
 ARG_TO_CONFIG_FIELD: Dict[str, str] = {
     "norm_epsilon": "layernorm_epsilon",
     "apply_layernorm_1p": "layernorm_zero_centered_gamma",
-    "swiglu": "gated_linear_unit",
     "num_experts": "num_moe_experts",
-    "no_persist_layer_norm": "persist_layer_norm",
 }
-
-
-def openai_gelu(x: torch.Tensor) -> torch.Tensor:
-    """OpenAI's GeLU: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), i.e. tanh-approximate GeLU."""
-    return F.gelu(x, approximate="tanh")
-
-
-def squared_relu(x: torch.Tensor) -> torch.Tensor:
-    """relu(x)^2 (--squared-relu)."""
-    return torch.pow(F.relu(x), 2)
 
 
 def _init_fields(config_class) -> Dict[str, dataclasses.Field]:
@@ -75,7 +63,7 @@ def _activation_overrides(args: argparse.Namespace) -> Dict[str, Any]:
     elif getattr(args, "openai_gelu", False):
         out["activation_func"] = openai_gelu
     elif getattr(args, "quick_geglu", False):
-        out.update(gated_linear_unit=True, activation_func=functools.partial(F.gelu, approximate="tanh"))
+        out.update(gated_linear_unit=True, activation_func=quick_gelu)
     return out
 
 
@@ -86,7 +74,6 @@ def transformer_config_overrides(args: argparse.Namespace) -> Dict[str, Any]:
     }
     out["persist_layer_norm"] = not getattr(args, "no_persist_layer_norm", False)
     out.update(_activation_overrides(args))
-    out["gated_linear_unit"] = out.get("gated_linear_unit", False)
     if not getattr(args, "group_query_attention", False):
         out["num_query_groups"] = None
     if getattr(args, "window_size", None) is not None:
@@ -112,7 +99,13 @@ def core_transformer_config_from_args(args: argparse.Namespace, config_class=Non
     virtual_pipeline_model_parallel_size, ...) are present.
     """
     config_class = config_class or TransformerConfig
-    return build_config(config_class, args, transformer_config_overrides(args))
+    overrides = transformer_config_overrides(args)
+    softmax_field = _init_fields(config_class).get("attention_softmax_in_fp32")
+    if softmax_field is not None and not getattr(args, "attention_softmax_in_fp32", False):
+        # Megatron's flag only turns fp32 softmax on; its fused/TE kernels keep fp32 internally
+        # without it. The plain-PyTorch path would honour False literally, so keep the default.
+        overrides["attention_softmax_in_fp32"] = softmax_field.default
+    return build_config(config_class, args, overrides)
 
 
 def get_megatron_optimizer_config(args: argparse.Namespace):

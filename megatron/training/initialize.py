@@ -34,10 +34,17 @@ def initialize_megatron(extra_args_provider=None, args_defaults=None, ignore_unk
     _setup_logging(args)
     tokenizer = build_tokenizer(args)
     set_tokenizer(tokenizer)
-    # Megatron's scripts read the padded size from args; it is derived here, once.
-    args.padded_vocab_size = padded_vocab_size(
-        tokenizer.vocab_size, args.make_vocab_size_divisible_by, args.tensor_model_parallel_size
-    )
+    # Megatron's scripts read the padded size from args; it is derived here, once,
+    # unless --padded-vocab-size gave it.
+    if getattr(args, "padded_vocab_size", None) is None:
+        args.padded_vocab_size = padded_vocab_size(
+            tokenizer.vocab_size, args.make_vocab_size_divisible_by, args.tensor_model_parallel_size
+        )
+    elif args.padded_vocab_size < tokenizer.vocab_size:
+        raise ValueError(
+            f"--padded-vocab-size {args.padded_vocab_size} is smaller than the tokenizer's "
+            f"vocabulary ({tokenizer.vocab_size}); raise it or drop the flag"
+        )
     set_timers(Timers(args.timing_log_level, args.timing_log_option))
     _initialize_distributed(args, denv)
     init_num_microbatches_calculator(

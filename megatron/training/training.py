@@ -88,14 +88,14 @@ def train_step(forward_step_func, data_iterator, model: List[torch.nn.Module], o
         finalize_model_grads_func=lambda chunks, num_tokens: finalize_model_grads(chunks, num_tokens, pg),
         pg_collection=pg,
     )
-    timers("forward-backward").stop()
+    timers("forward-backward", log_level=1).stop()
     losses = reduce_reported_losses(reported, pg) if pg.is_pipeline_last_stage() else {}
     if args.check_for_nan_in_loss_and_grad:
         # With fp16 dynamic loss scaling an overflow is expected and handled by skipping.
         check_finite(losses.values(), model, iteration, check_grads=not args.fp16)
     timers("optimizer", log_level=1).start(barrier=args.barrier_with_L1_time)
     update_successful, grad_norm, num_zeros = optimizer.step()
-    timers("optimizer").stop()
+    timers("optimizer", log_level=1).stop()
     if update_successful:
         scheduler.step(increment=get_num_microbatches() * args.micro_batch_size * args.data_parallel_size)
     return StepResult(losses, not update_successful, grad_norm, num_zeros)

@@ -1,0 +1,107 @@
+"""Megatron-LM's command line: ``parse_args`` and ``validate_args``.
+
+Flag names, defaults and meanings are Megatron's, so launch scripts run unchanged. The flags
+live in ``arguments_groups`` (one module per group), the checks in ``argument_checks`` and
+the derived values in ``derived_args``. ``--yaml-cfg`` is not supported.
+
+Unknown or misspelled flags exit with status 2 and name the nearest valid flags, unless
+``ignore_unknown_args``. Abbreviations are refused (``allow_abbrev=False``, as in Megatron),
+so ``--num-layer`` is an error rather than a silent prefix match.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import os
+from typing import Callable, Dict, List, Optional, Sequence
+
+from megatron.training.argument_checks import check_args
+from megatron.training.arguments_groups import add_megatron_arguments
+from megatron.training.arguments_groups.config_help import fill_help_from_config
+from megatron.training.derived_args import apply_defaults, derive_args
+
+ExtraArgsProvider = Callable[[argparse.ArgumentParser], argparse.ArgumentParser]
+
+
+def build_parser(extra_args_provider: Optional[ExtraArgsProvider] = None) -> argparse.ArgumentParser:
+    """The full Megatron parser, plus the script's own flags from ``extra_args_provider``."""
+    parser = argparse.ArgumentParser(description="Megatron-LM Arguments", allow_abbrev=False)
+    parser = add_megatron_arguments(parser)
+    if extra_args_provider is not None:
+        parser = extra_args_provider(parser)
+        fill_help_from_config(parser)
+    return parser
+
+
+def suggest_flags(parser: argparse.ArgumentParser, unknown: str, limit: int = 3) -> List[str]:
+    """The parser's option strings closest to ``unknown`` (difflib ratio >= 0.6)."""
+    options = [opt for action in parser._actions for opt in action.option_strings if opt.startswith("--")]
+    return difflib.get_close_matches(unknown.split("=", 1)[0], options, n=limit, cutoff=0.6)
+
+
+def _unknown_args_message(parser: argparse.ArgumentParser, unknown: Sequence[str]) -> str:
+    lines = [f"unrecognized arguments: {' '.join(unknown)}"]
+    for token in unknown:
+        if not token.startswith("-"):
+            continue
+        close = suggest_flags(parser, token)
+        hint = f"did you mean {' or '.join(close)}?" if close else "no similar flag exists; see --help"
+        lines.append(f"  {token.split('=', 1)[0]}: {hint}")
+    return "\n".join(lines)
+
+
+def parse_args(
+    extra_args_provider: Optional[ExtraArgsProvider] = None,
+    ignore_unknown_args: bool = False,
+    args: Optional[Sequence[str]] = None,
+) -> argparse.Namespace:
+    """Parse ``args`` (default ``sys.argv[1:]``) into a Namespace with Megatron's defaults.
+
+    Nothing is validated or derived here; call ``validate_args`` next.
+    """
+    parser = build_parser(extra_args_provider)
+    namespace, unknown = parser.parse_known_args(args)
+    if unknown and not ignore_unknown_args:
+        parser.error(_unknown_args_message(parser, unknown))
+    return namespace
+
+
+def _env_int(name: str, fallback: int) -> int:
+    value = os.getenv(name)
+    return int(value) if value not in (None, "") else fallback
+
+
+def validate_args(
+    args: argparse.Namespace,
+    defaults: Optional[Dict] = None,
+    world_size: Optional[int] = None,
+    rank: Optional[int] = None,
+) -> argparse.Namespace:
+    """Apply script defaults, check every rule, then add derived values; returns ``args``.
+
+    ``world_size``/``rank`` default to ``args.world_size``/``args.rank`` when a caller set
+    them, else to the WORLD_SIZE/RANK environment variables (torchrun), else 1/0.
+    Raises ``ValueError`` naming the offending flag, its value, the rule and the fix.
+    """
+    if world_size is None:
+        world_size = getattr(args, "world_size", None) or _env_int("WORLD_SIZE", 1)
+    if rank is None:
+        rank = getattr(args, "rank", None)
+        rank = rank if rank is not None else _env_int("RANK", 0)
+    args.rank = rank
+    apply_defaults(args, defaults)
+    check_args(args, world_size)
+    return derive_args(args, world_size, rank)
+
+
+def parse_and_validate(
+    argv: Optional[Sequence[str]] = None,
+    extra_args_provider: Optional[ExtraArgsProvider] = None,
+    defaults: Optional[Dict] = None,
+    world_size: Optional[int] = None,
+    rank: Optional[int] = None,
+) -> argparse.Namespace:
+    """Convenience for tests and tools: ``validate_args(parse_args(...))``."""
+    namespace = parse_args(extra_args_provider, args=argv)
+    return validate_args(namespace, defaults, world_size=world_size, rank=rank)

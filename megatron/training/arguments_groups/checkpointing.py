@@ -1,0 +1,67 @@
+"""Checkpoint save/load flags."""
+
+from __future__ import annotations
+
+import argparse
+
+from megatron.training.arguments_groups.flag_helpers import add_off_switch
+
+CKPT_FORMATS = ["torch", "torch_dist", "torch_dcp", "fsdp_dtensor"]
+
+
+def add_checkpointing_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Where and how often to save, what to load, and the on-disk format."""
+    g = parser.add_argument_group(title="checkpointing")
+    g.add_argument("--save", type=str, default=None, help="Directory to save checkpoints in.")
+    g.add_argument("--save-interval", "--persistent-save-interval", type=int, default=None, dest="save_interval",
+                   help="Save a checkpoint every this many iterations (needed with --save).")
+    g.add_argument("--save-retain-interval", type=int, default=None,
+                   help="Keep only checkpoints whose iteration is a multiple of this; delete the others.")
+    g.add_argument("--no-save-optim", action="store_true", default=None, help="Do not save optimizer state.")
+    g.add_argument("--no-save-rng", action="store_true", default=None, help="Do not save RNG state.")
+    g.add_argument("--load", type=str, default=None, help="Directory to load a checkpoint from.")
+    g.add_argument("--no-load-optim", action="store_true", default=None,
+                   help="Do not load optimizer and scheduler state.")
+    g.add_argument("--no-load-rng", action="store_true", default=None, help="Do not load RNG state.")
+    g.add_argument("--finetune", action="store_true",
+                   help="Load model weights only: iteration 0, no optimizer/RNG/scheduler state, fresh sample counts.")
+    g.add_argument("--pretrained-checkpoint", type=str, default=None,
+                   help="Checkpoint to start a finetune from when --load has none.")
+    g.add_argument("--ckpt-step", type=int, default=None, help="Load this iteration instead of the latest one.")
+    g.add_argument("--override-ckpt-iteration", type=int, default=None,
+                   help="Treat the loaded checkpoint as iteration N (rewinds consumed samples to N * gbs).")
+    g.add_argument("--use-checkpoint-args", action="store_true",
+                   help="Take architecture flags from the checkpoint's saved args.")
+    g.add_argument("--use-mp-args-from-checkpoint-args", action="store_true",
+                   help="Also take tensor/pipeline/expert parallel sizes from the checkpoint's args.")
+    add_off_switch(g, "use_tokenizer_model_from_checkpoint_args",
+                   help="Do not take the tokenizer model from the checkpoint's args.")
+    g.add_argument("--exit-on-missing-checkpoint", action="store_true",
+                   help="Exit with an error when --load has no checkpoint instead of starting from scratch.")
+    g.add_argument("--ckpt-format", type=str, default="torch_dist", choices=CKPT_FORMATS,
+                   help="Format to save in and to expect on load.")
+    g.add_argument("--auto-detect-ckpt-format", action="store_true", help="Detect the format of the loaded checkpoint.")
+    g.add_argument("--use-dist-ckpt", action="store_true", dest="use_dist_ckpt_deprecated",
+                   help="Deprecated no-op: use --ckpt-format.")
+    g.add_argument("--dist-ckpt-format", type=str, default=None, dest="dist_ckpt_format_deprecated",
+                   help="Deprecated no-op: use --ckpt-format.")
+    g.add_argument("--ckpt-convert-format", type=str, default=None, choices=["torch", "torch_dist"],
+                   help="Load, save in this format under --ckpt-convert-save, and exit.")
+    g.add_argument("--ckpt-convert-save", type=str, default=None, help="Output directory of --ckpt-convert-format.")
+    g.add_argument("--async-save", action="store_true", help="Write checkpoints in a background process.")
+    add_off_switch(g, "ckpt_fully_parallel_save", help="Do not split checkpoint writing across data-parallel ranks.")
+    g.add_argument("--ckpt-fully-parallel-load", action="store_true", help="Split checkpoint reading across DP ranks.")
+    g.add_argument("--dist-ckpt-strictness", type=str, default="assume_ok_unexpected",
+                   choices=["assume_ok_unexpected", "log_unexpected", "log_all", "raise_unexpected",
+                            "raise_all", "return_unexpected", "return_all", "ignore_all"],
+                   help="How to treat missing or unexpected keys when loading torch_dist.")
+    g.add_argument("--non-persistent-save-interval", type=int, default=None,
+                   help="Save throwaway checkpoints every this many iterations.")
+    g.add_argument("--non-persistent-ckpt-type", type=str, default=None, choices=["global", "local", "in_memory"],
+                   help="Kind of non-persistent checkpoint.")
+    g.add_argument("--non-persistent-global-ckpt-dir", type=str, default=None,
+                   help="Directory of global non-persistent checkpoints; default <save>/non_persistent.")
+    g.add_argument("--load-main-params-from-ckpt", action="store_true",
+                   help="Load fp32 main params from the checkpoint instead of copying the model weights.")
+    add_off_switch(g, "save_tokenizer_assets", help="Do not copy tokenizer files into torch_dist checkpoints.")
+    return parser

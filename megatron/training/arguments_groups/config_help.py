@@ -1,0 +1,81 @@
+"""Help text for flags that map onto a ``TransformerConfig`` field: the field's docstring.
+
+House rule: a config field's docstring *is* the flag's help, written once. Dataclass field
+docstrings are not kept at run time, so this module reads them from the class source with
+``ast`` (the string literal statement right after each annotated field), walking the MRO so
+``ModelParallelConfig`` fields are included. A flag defined with ``help=None`` whose
+destination (or its renamed config field, see ``config_from_args.ARG_TO_CONFIG_FIELD``) is a
+documented field gets that docstring; off switches (``store_false``) get "Turn off: ...".
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import functools
+import inspect
+import re
+import textwrap
+from typing import Dict
+
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.training.config_from_args import ARG_TO_CONFIG_FIELD
+
+# "(--num-layers)" at the end of a docstring names the flag itself: redundant in --help.
+_OWN_FLAG = re.compile(r"\s*\((--[a-z0-9-]+)\)")
+
+
+def field_docstrings(cls: type) -> Dict[str, str]:
+    """Map each annotated field of ``cls`` and its bases to its docstring (one line)."""
+    docs: Dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if klass is object:
+            continue
+        try:
+            source = textwrap.dedent(inspect.getsource(klass))
+        except (OSError, TypeError):
+            continue
+        class_node = ast.parse(source).body[0]
+        if not isinstance(class_node, ast.ClassDef):
+            continue
+        body = class_node.body
+        for stmt, nxt in zip(body, body[1:]):
+            if (
+                isinstance(stmt, ast.AnnAssign)
+                and isinstance(stmt.target, ast.Name)
+                and isinstance(nxt, ast.Expr)
+                and isinstance(nxt.value, ast.Constant)
+                and isinstance(nxt.value.value, str)
+            ):
+                docs[stmt.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+@functools.lru_cache(maxsize=1)
+def _transformer_docs() -> Dict[str, str]:
+    return field_docstrings(TransformerConfig)
+
+
+def _clean(doc: str, option_strings) -> str:
+    """Drop a parenthetical naming one of the action's own flags; escape % for argparse."""
+
+    def drop_own(match: re.Match) -> str:
+        return "" if match.group(1) in option_strings else match.group(0)
+
+    return _OWN_FLAG.sub(drop_own, doc).replace("%", "%%")
+
+
+def fill_help_from_config(parser: argparse.ArgumentParser) -> None:
+    """Give every action that has no help the docstring of its TransformerConfig field."""
+    docs = _transformer_docs()
+    for action in parser._actions:
+        if action.help:
+            continue
+        field = ARG_TO_CONFIG_FIELD.get(action.dest, action.dest)
+        doc = docs.get(field)
+        if doc is None:
+            continue
+        text = _clean(doc, action.option_strings)
+        if isinstance(action, argparse._StoreFalseAction):
+            text = "Turn off: " + text
+        action.help = text

@@ -1,0 +1,76 @@
+"""Parallel layout and communication flags."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+
+def add_distributed_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Parallel sizes, pipeline layout, backend and gradient/parameter communication."""
+    g = parser.add_argument_group(title="distributed")
+    g.add_argument("--tensor-model-parallel-size", type=int, default=1, help=None)
+    g.add_argument("--pipeline-model-parallel-size", type=int, default=1, help=None)
+    g.add_argument("--decoder-first-pipeline-num-layers", type=int, default=None,
+                   help="Layers on the first pipeline stage (uneven pipeline).")
+    g.add_argument("--decoder-last-pipeline-num-layers", type=int, default=None,
+                   help="Layers on the last pipeline stage (uneven pipeline).")
+    g.add_argument("--account-for-embedding-in-pipeline-split", action="store_true",
+                   help="Count the embedding as one layer when splitting layers over stages.")
+    g.add_argument("--account-for-loss-in-pipeline-split", action="store_true",
+                   help="Count the loss as one layer when splitting layers over stages.")
+    g.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None,
+                   help="Layers per virtual pipeline stage (interleaved schedule).")
+    g.add_argument("--num-virtual-stages-per-pipeline-rank", type=int, default=None,
+                   help="Virtual pipeline stages (model chunks) per pipeline rank.")
+    g.add_argument("--microbatch-group-size-per-virtual-pipeline-stage", type=int, default=None,
+                   help="Consecutive micro-batches per virtual stage; default the pipeline size.")
+    g.add_argument("--no-overlap-p2p-communication", action="store_false", dest="overlap_p2p_comm",
+                   help="Do not overlap pipeline send/recv with compute (interleaved schedule).")
+    g.add_argument("--overlap-p2p-communication-warmup-flush", action="store_true",
+                   help="Also overlap p2p communication in warmup and flush.")
+    g.add_argument("--distributed-backend", type=str, default="nccl", choices=["nccl", "gloo"],
+                   help="torch.distributed backend. This framework falls back to gloo when CUDA is absent.")
+    g.add_argument("--distributed-timeout-minutes", type=int, default=10, help="Timeout of collectives, minutes.")
+    g.add_argument("--overlap-grad-reduce", action="store_true", help="Overlap gradient reduction with backward.")
+    g.add_argument("--ddp-num-buckets", type=int, default=None, help="Number of gradient buckets.")
+    g.add_argument("--ddp-bucket-size", type=int, default=None, help="Gradient bucket size (elements).")
+    g.add_argument("--ddp-average-in-collective", action="store_true",
+                   help="Average gradients inside the collective instead of pre-scaling.")
+    g.add_argument("--overlap-param-gather", action="store_true",
+                   help="Overlap the distributed optimizer's parameter all-gather with forward.")
+    g.add_argument("--overlap-param-gather-with-optimizer-step", action="store_true",
+                   help="Start the parameter all-gather inside the optimizer step.")
+    g.add_argument("--no-align-param-gather", action="store_false", dest="align_param_gather",
+                   help="Do not align parameter all-gathers across virtual pipeline chunks.")
+    g.add_argument("--no-scatter-gather-tensors-in-pipeline", action="store_false",
+                   dest="scatter_gather_tensors_in_pipeline",
+                   help="Do not scatter/gather pipeline tensors over tensor-parallel ranks.")
+    g.add_argument("--use-ring-exchange-p2p", action="store_true", help="Use ring exchange for pipeline p2p.")
+    g.add_argument("--local-rank", type=int, default=int(os.getenv("LOCAL_RANK", "0")),
+                   help="Local rank (torchrun sets LOCAL_RANK).")
+    g.add_argument("--lazy-mpu-init", type=bool, required=False,
+                   help="Skip torch.distributed init; the caller initializes model parallelism later.")
+    g.add_argument("--use-distributed-optimizer", action="store_true",
+                   help="Shard optimizer state over data-parallel ranks (ZeRO-1).")
+    g.add_argument("--num-distributed-optimizer-instances", type=int, default=1,
+                   help="Number of distributed-optimizer replicas.")
+    g.add_argument("--use-torch-fsdp2", action="store_true", help="Wrap the model in torch FSDP2.")
+    g.add_argument("--use-megatron-fsdp", action="store_true", help="Use Megatron-FSDP.")
+    g.add_argument("--context-parallel-size", type=int, default=1, help=None)
+    g.add_argument("--cp-comm-type", nargs="+", type=str, default=["p2p"],
+                   help="Context-parallel communication: p2p, all_gather, a2a or a2a+p2p (one or one per layer).")
+    g.add_argument("--hierarchical-context-parallel-sizes", nargs="+", type=int, default=None,
+                   help="Sizes of the hierarchical context-parallel groups (a2a+p2p).")
+    g.add_argument("--nccl-communicator-config-path", type=str, default=None, help="YAML of NCCL communicator options.")
+    g.add_argument("--use-tp-pp-dp-mapping", action="store_true",
+                   help="Order ranks tp-cp-ep-pp-dp instead of tp-cp-ep-dp-pp.")
+    g.add_argument("--sequence-parallel", action="store_true", help=None)
+    g.add_argument("--tp-comm-overlap", action="store_true", help="Overlap tensor-parallel communication with GEMMs.")
+    g.add_argument("--expert-model-parallel-size", type=int, default=1, help=None)
+    g.add_argument("--expert-tensor-parallel-size", type=int, default=None, help=None)
+    g.add_argument("--disable-gloo-process-groups", action="store_false", dest="enable_gloo_process_groups",
+                   help="Do not create gloo twins of the data-parallel groups.")
+    g.add_argument("--fake-process-group", action="store_true", help="Fake process group (memory profiling on 1 GPU).")
+    g.add_argument("--use-sharp", action="store_true", help="Enable SHARP on the data-parallel group.")
+    return parser

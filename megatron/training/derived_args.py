@@ -1,0 +1,153 @@
+"""Values computed from the command line after it has been checked.
+
+``derive_args`` only ADDS attributes that Megatron's scripts read (world_size, rank,
+data_parallel_size, params_dtype, consumed_train_samples, ...) or fills values the user left
+as None (kv_channels, ffn_hidden_size, global_batch_size, split, ...). The exceptions are the
+ones Megatron itself makes, each logged: --sequence-parallel is turned off when TP = 1,
+``overlap_p2p_comm``/``align_param_gather`` are turned off without the interleaved pipeline,
+``check_for_nan_in_loss_and_grad`` is turned off under fp16 dynamic loss scaling (NaNs are
+the scaler's signal there), ``accumulate_allreduce_grads_in_fp32`` is turned on for bf16, and
+``add_qkv_bias`` follows ``add_bias_linear``.
+
+--eval-interval None (Megatron HEAD's default) is kept as None and means "no periodic
+evaluation". --transformer-impl is kept as given: the model builder uses the local modules when
+Transformer Engine is absent. --distributed-backend is kept as given: initialization falls back
+to gloo when CUDA is absent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from typing import Any, Dict, Optional
+
+import torch
+
+from megatron.training.argument_checks import virtual_pipeline_size
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_SPLIT = "969, 30, 1"
+
+
+def apply_defaults(args: argparse.Namespace, defaults: Optional[Dict[str, Any]]) -> None:
+    """Megatron's ``args_defaults``: set each key the user left as None (never overrides)."""
+    for key, value in (defaults or {}).items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+        elif getattr(args, "rank", 0) == 0:
+            logger.warning("--%s is %r, so the script's default %r is not used",
+                           key.replace("_", "-"), getattr(args, key), value)
+
+
+def derive_args(args: argparse.Namespace, world_size: int, rank: int) -> argparse.Namespace:
+    """Add the derived attributes described in the module docstring; returns ``args``."""
+    _derive_layout(args, world_size, rank)
+    _derive_model_shape(args)
+    _derive_pipeline(args)
+    _derive_batch_and_data(args)
+    _derive_precision(args)
+    _derive_training_state(args)
+    return args
+
+
+def _warn(args: argparse.Namespace, message: str, *fmt) -> None:
+    if args.rank == 0:
+        logger.warning(message, *fmt)
+
+
+def _derive_layout(args: argparse.Namespace, world_size: int, rank: int) -> None:
+    args.world_size = world_size
+    args.rank = rank
+    tp, pp, cp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.context_parallel_size
+    args.data_parallel_size = world_size // (tp * pp * cp)
+    args.transformer_pipeline_model_parallel_size = pp
+    if args.expert_tensor_parallel_size is None:
+        args.expert_tensor_parallel_size = tp
+    if tp == 1 and args.sequence_parallel:
+        _warn(args, "Disabling --sequence-parallel because --tensor-model-parallel-size is 1")
+        args.sequence_parallel = False
+    args.use_dist_ckpt = args.ckpt_format != "torch"
+    if rank == 0:
+        logger.info("world size %d: data-parallel %d, context-parallel %d, tensor-parallel %d, pipeline-parallel %d",
+                    world_size, args.data_parallel_size, cp, tp, pp)
+
+
+def _derive_model_shape(args: argparse.Namespace) -> None:
+    if args.num_layers is None:
+        args.num_layers = args.encoder_num_layers
+    args.encoder_num_layers = args.num_layers
+    if args.seq_length is None:
+        args.seq_length = args.encoder_seq_length
+    args.encoder_seq_length = args.seq_length
+    if args.ffn_hidden_size is None:
+        if args.swiglu:
+            # Two fc1 halves: 2/3 of 4h keeps the parameter count close to the plain MLP;
+            # a multiple of 64 keeps shards aligned (Megatron's rule).
+            args.ffn_hidden_size = int((4 * args.hidden_size * 2 / 3) / 64) * 64
+        else:
+            args.ffn_hidden_size = 4 * args.hidden_size
+    if args.kv_channels is None:
+        args.kv_channels = args.hidden_size // args.num_attention_heads
+    if args.use_rotary_position_embeddings:
+        args.position_embedding_type = "rope"
+    if args.position_embedding_type != "rope":
+        args.apply_rope_fusion = False
+    if args.add_bias_linear:
+        args.add_qkv_bias = True
+    else:
+        args.bias_gelu_fusion = False
+    if args.num_experts == 0:
+        args.num_experts = None
+    if args.num_experts is not None and args.moe_ffn_hidden_size is None:
+        args.moe_ffn_hidden_size = args.ffn_hidden_size
+    if args.recompute_activations and args.recompute_granularity is None:
+        args.recompute_granularity = "selective"
+
+
+def _derive_pipeline(args: argparse.Namespace) -> None:
+    args.virtual_pipeline_model_parallel_size = virtual_pipeline_size(args)
+    if args.virtual_pipeline_model_parallel_size is None:
+        if args.pipeline_model_parallel_size > 1 and (args.overlap_p2p_comm or args.align_param_gather):
+            _warn(args, "Turning off p2p overlap and aligned param gather: they need the interleaved pipeline")
+        args.overlap_p2p_comm = False
+        args.align_param_gather = False
+    if args.microbatch_group_size_per_virtual_pipeline_stage is None:
+        args.microbatch_group_size_per_virtual_pipeline_stage = args.pipeline_model_parallel_size
+
+
+def _derive_batch_and_data(args: argparse.Namespace) -> None:
+    if args.global_batch_size is None:
+        args.global_batch_size = args.micro_batch_size * args.data_parallel_size
+        if args.rank == 0:
+            logger.info("setting global batch size to %d", args.global_batch_size)
+    if args.data_path is not None and args.split is None:
+        _warn(args, "--split not given with --data-path; using Megatron's default %r", DEFAULT_SPLIT)
+        args.split = DEFAULT_SPLIT
+    if args.dataloader_type is None:
+        args.dataloader_type = "single"
+    if args.weight_decay_incr_style == "constant":
+        args.start_weight_decay = args.weight_decay
+        args.end_weight_decay = args.weight_decay
+
+
+def _derive_precision(args: argparse.Namespace) -> None:
+    args.params_dtype = torch.float32
+    if args.fp16:
+        args.params_dtype = torch.float16
+        if not args.loss_scale and args.check_for_nan_in_loss_and_grad:
+            _warn(args, "Turning off the NaN check: dynamic loss scaling uses NaN/Inf gradients as its signal")
+            args.check_for_nan_in_loss_and_grad = False
+    if args.bf16:
+        args.params_dtype = torch.bfloat16
+        if not args.grad_reduce_in_bf16 and not args.accumulate_allreduce_grads_in_fp32:
+            args.accumulate_allreduce_grads_in_fp32 = True
+            if args.rank == 0:
+                logger.info("accumulating and all-reducing gradients in fp32 for bfloat16")
+
+
+def _derive_training_state(args: argparse.Namespace) -> None:
+    args.consumed_train_samples = 0
+    args.skipped_train_samples = 0
+    args.consumed_valid_samples = 0
+    args.variable_seq_lengths = False
