@@ -70,10 +70,11 @@ def _setup_logging(args) -> None:
         logging.getLogger("megatron").setLevel(logging.WARNING)
 
 
-def _select_backend(args) -> str:
+def _select_backend(args, rank: int) -> str:
     backend = args.distributed_backend
     if backend == "nccl" and not torch.cuda.is_available():
-        print_rank_0("no CUDA device: using the gloo backend on CPU")
+        if rank == 0:
+            print("no CUDA device: using the gloo backend on CPU", flush=True)
         return "gloo"
     return backend
 
@@ -83,7 +84,7 @@ def _initialize_distributed(args, denv) -> None:
     if torch.cuda.is_available():
         torch.cuda.set_device(denv.local_rank % torch.cuda.device_count())
     if not dist.is_initialized():
-        backend = _select_backend(args)
+        backend = _select_backend(args, denv.rank)
         kwargs = dict(
             backend=backend,
             world_size=denv.world_size,

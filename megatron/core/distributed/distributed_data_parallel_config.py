@@ -1,0 +1,46 @@
+"""Settings of ``DistributedDataParallel`` (Megatron-Core field names)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+
+@dataclass
+class DistributedDataParallelConfig:
+    """How gradients are stored and reduced across data-parallel ranks."""
+
+    grad_reduce_in_fp32: bool = False
+    """Accumulate and all-reduce gradients in fp32 whatever the param dtype
+    (--accumulate-allreduce-grads-in-fp32)."""
+
+    overlap_grad_reduce: bool = False
+    """Start each bucket's gradient reduction as soon as its grads are ready during the
+    last micro-batch's backward (--overlap-grad-reduce)."""
+
+    overlap_param_gather: bool = False
+    """Overlap the distributed optimizer's param all-gather with the next forward
+    (--overlap-param-gather); needs the distributed optimizer."""
+
+    use_distributed_optimizer: bool = False
+    """Shard optimizer state over data-parallel ranks (--use-distributed-optimizer)."""
+
+    bucket_size: Optional[int] = None
+    """Max elements per gradient bucket (--ddp-bucket-size); None: one bucket per buffer."""
+
+    average_in_collective: bool = False
+    """Average inside the collective (ReduceOp.AVG, NCCL only) instead of scaling the
+    grads by 1/dp before a summing all-reduce (--ddp-average-in-collective)."""
+
+    check_for_nan_in_grad: bool = False
+    """Check each bucket's local grads for NaN/Inf before reducing them
+    (--check-for-nan-in-loss-and-grad)."""
+
+    def __post_init__(self) -> None:
+        if self.overlap_param_gather and not self.use_distributed_optimizer:
+            raise ValueError(
+                "--overlap-param-gather needs --use-distributed-optimizer (and --overlap-grad-reduce): "
+                "add them or drop --overlap-param-gather"
+            )
+        if self.bucket_size is not None and self.bucket_size < 1:
+            raise ValueError(f"--ddp-bucket-size must be a positive number of elements, got {self.bucket_size}")

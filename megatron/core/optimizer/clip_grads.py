@@ -1,0 +1,147 @@
+"""Gradient statistics over a model-parallel model: global norm, clipping, zero count,
+finiteness.
+
+Each param must be counted once across the model-parallel group. Params split over
+tensor-parallel ranks carry ``tensor_model_parallel=True`` and count on every tp rank
+(each holds a different shard); params without it are replicated over tp and count on
+tp rank 0 only. Params with ``shared=True`` (a tied embedding's second copy) never
+count. Local sums are then all-reduced over the model-parallel (tp x pp) group.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, List, Union
+
+import torch
+import torch.distributed as dist
+
+from megatron.core.process_groups import group_rank, group_size
+
+
+def all_reduce_grad_stat(stat: torch.Tensor, group, op=None) -> None:
+    """Forward: reduce the statistic ``stat`` in place over ``group`` (SUM by default,
+    MAX for the inf-norm and the found-inf flag). Backward: not differentiable. No-op
+    for a 1-rank group."""
+    if group_size(group) == 1:
+        return
+    dist.all_reduce(stat, op=op or dist.ReduceOp.SUM, group=group)
+
+
+def param_is_not_shared(param: torch.nn.Parameter) -> bool:
+    return not getattr(param, "shared", False)
+
+
+def param_is_not_tensor_parallel_duplicate(param: torch.nn.Parameter, tp_group=None) -> bool:
+    """True when ``param`` is a tp shard, or when this is tp rank 0 (which counts the
+    replicated params for the whole tp group)."""
+    return bool(getattr(param, "tensor_model_parallel", False)) or group_rank(tp_group) == 0
+
+
+def _counted_grads(params: Iterable[torch.nn.Parameter], tp_group) -> List[torch.Tensor]:
+    return [
+        p.grad
+        for p in params
+        if p.grad is not None and param_is_not_shared(p) and param_is_not_tensor_parallel_duplicate(p, tp_group)
+    ]
+
+
+def get_grads_for_norm(params: Iterable[torch.nn.Parameter], tp_group=None) -> List[torch.Tensor]:
+    """The ``.grad`` of every param that this rank must count in the global norm."""
+    return _counted_grads(params, tp_group)
+
+
+def _device_of(tensors: List[torch.Tensor]) -> torch.device:
+    if tensors:
+        return tensors[0].device
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def get_grad_norm_tensor(
+    grads_for_norm: Union[torch.Tensor, List[torch.Tensor]],
+    norm_type: Union[int, float] = 2,
+    grad_stats_parallel_group=None,
+) -> torch.Tensor:
+    """Global ``norm_type`` norm of ``grads_for_norm`` (already filtered to count each
+    param once) as a 0-dim fp32 tensor, without a host sync."""
+    grads = [grads_for_norm] if isinstance(grads_for_norm, torch.Tensor) else list(grads_for_norm)
+    device = _device_of(grads)
+    norm_type = float(norm_type)
+    if norm_type == float("inf"):
+        local = [g.detach().abs().max().float() for g in grads]
+        total = torch.stack(local).max() if local else torch.zeros((), device=device)
+        all_reduce_grad_stat(total, grad_stats_parallel_group, op=dist.ReduceOp.MAX)
+        return total
+    if grads:
+        norms = torch._foreach_norm([g.detach() for g in grads], norm_type)
+        total = torch.stack([n.float() for n in norms]).pow(norm_type).sum()
+    else:
+        total = torch.zeros((), device=device)
+    all_reduce_grad_stat(total, grad_stats_parallel_group)
+    return total.pow(1.0 / norm_type)
+
+
+def get_grad_norm_fp32(
+    grads_for_norm: Union[torch.Tensor, List[torch.Tensor]],
+    norm_type: Union[int, float] = 2,
+    grad_stats_parallel_group=None,
+) -> float:
+    """Global norm as a Python float (the one host sync, for logging and clipping).
+
+    NaN/Inf in any grad makes the result NaN/Inf, which callers treat as a bad step.
+    """
+    return get_grad_norm_tensor(grads_for_norm, norm_type, grad_stats_parallel_group).item()
+
+
+def clip_grad_by_total_norm_fp32(
+    parameters: Union[torch.nn.Parameter, Iterable[torch.nn.Parameter]],
+    max_norm: Union[int, float],
+    total_norm: float,
+) -> None:
+    """Scale the ``.grad`` of ``parameters`` by max_norm / total_norm when that is < 1.
+
+    A non-finite ``total_norm`` clips nothing (the step is skipped by the optimizer).
+    """
+    params = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
+    grads = [p.grad.detach() for p in params if p.grad is not None]
+    clip_coeff = float(max_norm) / (total_norm + 1.0e-6)
+    if grads and clip_coeff < 1.0:
+        torch._foreach_mul_(grads, clip_coeff)
+
+
+def count_zeros_fp32(
+    parameters: Iterable[torch.nn.Parameter],
+    grad_stats_parallel_group=None,
+    tp_group=None,
+) -> float:
+    """Number of zero grad entries over the model, each param counted once."""
+    grads = _counted_grads(parameters, tp_group)
+    device = _device_of(grads)
+    total = torch.zeros((), dtype=torch.float32, device=device)
+    for g in grads:
+        total += g.numel() - torch.count_nonzero(g)
+    all_reduce_grad_stat(total, grad_stats_parallel_group)
+    return total.item()
+
+
+def unscale_and_check_for_nan(
+    grads: List[torch.Tensor], inv_scale: torch.Tensor, grad_stats_parallel_group=None
+) -> torch.Tensor:
+    """Multiply ``grads`` in place by ``inv_scale`` and return a 1-element fp32 flag,
+    > 0 when any grad on any rank of the group holds NaN/Inf (MAX-reduced, no sync)."""
+    device = _device_of(grads)
+    found_inf = torch.zeros(1, dtype=torch.float32, device=device)
+    if grads:
+        torch._amp_foreach_non_finite_check_and_unscale_(grads, found_inf, inv_scale.to(device))
+    all_reduce_grad_stat(found_inf, grad_stats_parallel_group, op=dist.ReduceOp.MAX)
+    return found_inf
+
+
+def grads_are_finite(grads: List[torch.Tensor], grad_stats_parallel_group=None) -> bool:
+    """True when no grad on any rank of the group holds NaN/Inf (one host sync)."""
+    flag = torch.zeros(1, dtype=torch.float32, device=_device_of(grads))
+    if grads:
+        # The max-abs norm is NaN/Inf exactly when an entry is; it never overflows.
+        max_abs = torch.stack([n.float() for n in torch._foreach_norm([g.detach() for g in grads], float("inf"))])
+        flag = (~torch.isfinite(max_abs)).any().float().reshape(1)
+    all_reduce_grad_stat(flag, grad_stats_parallel_group, op=dist.ReduceOp.MAX)
+    return flag.item() == 0
