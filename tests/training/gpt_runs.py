@@ -26,10 +26,20 @@ LOSS = re.compile(r"lm loss: ([0-9.Ee+-]+|nan|inf)")
 GRAD_NORM = re.compile(r"grad norm: ([0-9.]+|nan|inf)")
 
 
-def _run_pretrain(rank, world_size, argv):
+def _break_row_parallel_reduction():
+    """Make RowParallelLinear skip its tensor-parallel all-reduce (a planted bug)."""
+    from megatron.core.tensor_parallel import layers
+
+    layers.reduce_from_tensor_model_parallel_region = lambda x, group: x
+
+
+def _run_pretrain(rank, world_size, argv, broken=False):
     import pretrain_gpt
     from megatron.core.transformer.enums import ModelType
     from megatron.training.training import pretrain
+
+    if broken:
+        _break_row_parallel_reduction()
 
     sys.argv = ["pretrain_gpt.py"] + list(argv)
     out = io.StringIO()
@@ -39,10 +49,10 @@ def _run_pretrain(rank, world_size, argv):
     return out.getvalue()
 
 
-def run_gpt(world_size: int, extra: List[str], iters: int = 10) -> str:
-    """The log printed by the last rank of a tiny-GPT run."""
+def run_gpt(world_size: int, extra: List[str], iters: int = 10, broken: bool = False) -> str:
+    """The log printed by the last rank of a tiny-GPT run (``broken``: with a planted bug)."""
     argv = TINY_GPT + ["--train-iters", str(iters)] + extra
-    logs = run_on_ranks(_run_pretrain, world_size, args=(argv,), timeout=400)
+    logs = run_on_ranks(_run_pretrain, world_size, args=(argv, broken), timeout=400)
     return logs[-1]
 
 

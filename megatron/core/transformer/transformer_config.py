@@ -89,6 +89,10 @@ class TransformerConfig(ModelParallelConfig):
     activation_func: Callable = F.gelu
     """MLP activation (silu with --swiglu)."""
 
+    openai_gelu: bool = False
+    """Use the tanh approximation of GeLU, as OpenAI's GPT-2 did (--openai-gelu); replaces
+    an exact-GeLU activation_func."""
+
     init_method_std: float = 0.02
     """Std of the normal initializer (--init-method-std)."""
 

@@ -1,0 +1,96 @@
+"""Rotary position embedding (RoPE) for [s, b, n, d] activations.
+
+Non-interleaved (default) rotates the two halves of the rotary dims, as Megatron and
+Hugging Face Llama do; ``rotary_interleaved`` rotates adjacent pairs (GPT-J style).
+With ``rotary_percent`` < 1 only the first ``int(d * rotary_percent)`` dims of each
+head are rotated; the rest pass through unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+
+class RotaryEmbedding(torch.nn.Module):
+    """Frequencies for RoPE.
+
+    ``forward(max_seq_len, offset=0, device=None)`` returns angles of shape
+    [max_seq_len, 1, 1, dim] (fp32), where dim = int(kv_channels * rotary_percent);
+    position p gets p * base^(-2i/dim) for i < dim/2, laid out for the chosen rotation.
+    The inverse frequencies are a plain attribute, not a buffer: they stay fp32 when the
+    module is cast to half precision, and they are not part of the state dict.
+    """
+
+    def __init__(
+        self,
+        kv_channels: int,
+        rotary_percent: float,
+        rotary_interleaved: bool = False,
+        seq_len_interpolation_factor: Optional[float] = None,
+        rotary_base: int = 10000,
+    ):
+        super().__init__()
+        if not 0.0 < rotary_percent <= 1.0:
+            raise ValueError(f"--rotary-percent must be in (0, 1], got {rotary_percent}")
+        dim = int(kv_channels * rotary_percent)
+        if dim % 2:
+            raise ValueError(
+                f"--rotary-percent {rotary_percent} gives {dim} rotary dims of the head size "
+                f"{kv_channels}; it must be even: choose a percent that gives an even count"
+            )
+        self.dim = dim
+        self.rotary_interleaved = rotary_interleaved
+        self.seq_len_interpolation_factor = seq_len_interpolation_factor
+        self.rotary_base = rotary_base
+        self.inv_freq = 1.0 / (rotary_base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+
+    def forward(self, max_seq_len: int, offset: int = 0, device: Optional[torch.device] = None) -> torch.Tensor:
+        if device is None:
+            device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        inv_freq = self.inv_freq.to(device)
+        seq = torch.arange(max_seq_len, device=device, dtype=torch.float32) + offset
+        if self.seq_len_interpolation_factor is not None:
+            seq = seq / self.seq_len_interpolation_factor
+        freqs = torch.outer(seq, inv_freq)  # [s, dim/2]
+        if self.rotary_interleaved:
+            emb = torch.stack((freqs, freqs), dim=-1).reshape(max_seq_len, -1)  # f0 f0 f1 f1 ...
+        else:
+            emb = torch.cat((freqs, freqs), dim=-1)  # f0 f1 ... f0 f1 ...
+        return emb[:, None, None, :]
+
+
+def _rotate_half(x: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    if interleaved:
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+        return torch.stack((-x2, x1), dim=-1).flatten(-2)
+    x1, x2 = torch.chunk(x, 2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary_pos_emb(
+    t: torch.Tensor,
+    freqs: torch.Tensor,
+    config=None,
+    *,
+    rotary_interleaved: Optional[bool] = None,
+    mscale: float = 1.0,
+) -> torch.Tensor:
+    """Rotate ``t`` [s, b, n, d] by angles ``freqs`` [s, 1, 1, rot_dim]; returns [s, b, n, d].
+
+    Only the first rot_dim dims of each head rotate. ``rotary_interleaved`` defaults to
+    ``config.rotary_interleaved`` (False without a config). cos/sin are taken in fp32 and
+    cast to t's dtype before multiplying.
+    """
+    if rotary_interleaved is None:
+        rotary_interleaved = bool(getattr(config, "rotary_interleaved", False))
+    rot_dim = freqs.shape[-1]
+    t_rot, t_pass = t[..., :rot_dim], t[..., rot_dim:]
+    freqs = freqs[: t.shape[0]]
+    cos = (torch.cos(freqs) * mscale).to(t.dtype)
+    sin = (torch.sin(freqs) * mscale).to(t.dtype)
+    t_rot = t_rot * cos + _rotate_half(t_rot, rotary_interleaved) * sin
+    if t_pass.shape[-1] == 0:
+        return t_rot
+    return torch.cat((t_rot, t_pass), dim=-1)

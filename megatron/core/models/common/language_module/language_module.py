@@ -1,0 +1,63 @@
+"""Base class of language models: the LM loss and the tied embedding / output weight."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from megatron.core import process_groups, tensor_parallel
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+
+class LanguageModule(torch.nn.Module):
+    """Holds ``config`` and this rank's groups; subclasses build ``embedding`` (first
+    pipeline stage) and ``output_layer`` (last stage)."""
+
+    def __init__(self, config: TransformerConfig, pg_collection: Optional[process_groups.ProcessGroups] = None):
+        super().__init__()
+        self.config = config
+        self.pg_collection = process_groups.resolve(pg_collection)
+        self.tp_group = self.pg_collection.tp
+        self.pre_process = True
+        self.post_process = True
+        self.share_embeddings_and_output_weights = False
+
+    def compute_language_model_loss(self, labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """Per-token cross entropy: labels [b, s], logits [s, b, V/tp] -> loss [b, s].
+
+        The softmax runs over the vocab shards of the tensor-parallel group (full logits
+        are never gathered); logits are upcast to fp32 unless --fp16-lm-cross-entropy.
+        """
+        labels = labels.transpose(0, 1).contiguous()  # [s, b]
+        if not getattr(self, "fp16_lm_cross_entropy", False):
+            logits = logits.float()
+        loss = tensor_parallel.vocab_parallel_cross_entropy(logits, labels, self.tp_group)
+        return loss.transpose(0, 1).contiguous()
+
+    def shared_embedding_or_output_weight(self) -> Optional[torch.Tensor]:
+        """The word-embedding weight on the first stage, else the output-layer weight."""
+        if self.pre_process:
+            return self.embedding.word_embeddings.weight
+        if self.post_process:
+            return self.output_layer.weight
+        return None
+
+    def setup_embeddings_and_output_layer(self) -> None:
+        """Mark tied weights with ``shared_embedding`` / ``shared`` for the pipeline code.
+
+        On a last stage without the embedding, the output weight stands in for the word
+        embedding: it starts at zero and the pipeline code must copy (all-reduce) the
+        first stage's embedding into it over the embedding group before training.
+        """
+        if not self.share_embeddings_and_output_weights:
+            return
+        if self.pre_process:
+            weight = self.embedding.word_embeddings.weight
+            weight.shared_embedding = True
+        if self.post_process and not self.pre_process:
+            weight = self.output_layer.weight
+            with torch.no_grad():
+                weight.zero_()
+            weight.shared = True
+            weight.shared_embedding = True

@@ -1,0 +1,158 @@
+"""GPTModel: embedding -> TransformerBlock (pre-norm decoder) -> output layer.
+
+GPT-2/3 (learned positions, LayerNorm, GeLU, biases, tied output) and LLaMA / Mistral /
+Qwen2 (RoPE, RMSNorm, SwiGLU, GQA, untied, no bias / qkv bias, sliding window) are the
+same module with different config flags. Parameter names follow Megatron-Core's local
+layer spec, so checkpoints map one to one.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from megatron.core import process_groups, tensor_parallel
+from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding
+from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+from megatron.core.models.common.language_module.language_module import LanguageModule
+from megatron.core.transformer.transformer_block import TransformerBlock
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+_POSITION_TYPES = ("learned_absolute", "rope", "none")
+
+
+class GPTModel(LanguageModule):
+    """Decoder-only language model (one pipeline stage of it when pre/post_process are not both set).
+
+    forward(input_ids [b, s], position_ids [b, s] or None, attention_mask None or bool
+    [b or 1, 1, s, s] (True = masked; the causal mask is always applied), decoder_input=None,
+    labels=None):
+      - not post_process: the hidden states [s(/tp), b, h] for the next stage;
+      - labels None: logits [b, s, V/tp] (full V when parallel_output=False);
+      - labels [b, s]: per-token loss [b, s] in fp32.
+
+    ``transformer_layer_spec`` is accepted for Megatron-Core signature compatibility and
+    ignored (the layers are always the local PyTorch ones). ``num_layers_in_stage`` and
+    ``layer_offset`` select this stage's layers (default: all of them, offset 0).
+    Rotary position embedding ignores ``position_ids`` (positions are 0..s-1), as
+    Megatron's does.
+    """
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        transformer_layer_spec=None,
+        vocab_size: int = 0,
+        max_sequence_length: int = 0,
+        pre_process: bool = True,
+        post_process: bool = True,
+        fp16_lm_cross_entropy: bool = False,
+        parallel_output: bool = True,
+        share_embeddings_and_output_weights: bool = True,
+        position_embedding_type: str = "learned_absolute",
+        rotary_percent: float = 1.0,
+        rotary_base: int = 10000,
+        seq_len_interpolation_factor: Optional[float] = None,
+        pg_collection: Optional[process_groups.ProcessGroups] = None,
+        num_layers_in_stage: Optional[int] = None,
+        layer_offset: int = 0,
+    ):
+        super().__init__(config, pg_collection=pg_collection)
+        if vocab_size <= 0:
+            raise ValueError(f"GPTModel needs vocab_size > 0 (the padded vocabulary), got {vocab_size}")
+        if position_embedding_type not in _POSITION_TYPES:
+            raise ValueError(
+                f"--position-embedding-type {position_embedding_type!r} is not supported: "
+                f"use one of {', '.join(_POSITION_TYPES)}"
+            )
+        if position_embedding_type == "learned_absolute" and max_sequence_length <= 0:
+            raise ValueError(
+                "--max-position-embeddings must be > 0 with learned absolute position embeddings, "
+                f"got {max_sequence_length}"
+            )
+        self.transformer_layer_spec = transformer_layer_spec
+        self.vocab_size = vocab_size
+        self.max_sequence_length = max_sequence_length
+        self.pre_process = pre_process
+        self.post_process = post_process
+        self.fp16_lm_cross_entropy = fp16_lm_cross_entropy
+        self.parallel_output = parallel_output
+        self.share_embeddings_and_output_weights = share_embeddings_and_output_weights
+        self.position_embedding_type = position_embedding_type
+        groups = self.pg_collection
+
+        if pre_process:
+            self.embedding = LanguageModelEmbedding(
+                config, vocab_size, max_sequence_length, position_embedding_type, pg_collection=groups
+            )
+        if position_embedding_type == "rope":
+            self.rotary_pos_emb = RotaryEmbedding(
+                config.kv_channels,
+                rotary_percent,
+                rotary_interleaved=config.rotary_interleaved,
+                seq_len_interpolation_factor=seq_len_interpolation_factor,
+                rotary_base=rotary_base,
+            )
+        self.decoder = TransformerBlock(
+            config,
+            pre_process=pre_process,
+            post_process=post_process,
+            pg_collection=groups,
+            num_layers=num_layers_in_stage,
+            layer_offset=layer_offset,
+        )
+        if post_process:
+            self.output_layer = tensor_parallel.ColumnParallelLinear(
+                config.hidden_size,
+                vocab_size,
+                config=config,
+                init_method=config.init_method,
+                bias=False,
+                skip_bias_add=False,
+                gather_output=False,
+                skip_weight_param_allocation=pre_process and share_embeddings_and_output_weights,
+                tp_group=self.tp_group,
+            )
+        self.setup_embeddings_and_output_layer()
+
+    def set_input_tensor(self, input_tensor) -> None:
+        """Give the decoder the activation from the previous pipeline stage ([s(/tp), b, h]
+        or a one-element list of it)."""
+        if isinstance(input_tensor, (list, tuple)):
+            if len(input_tensor) != 1:
+                raise ValueError(f"GPTModel takes one input tensor per stage, got {len(input_tensor)}")
+            input_tensor = input_tensor[0]
+        self.decoder.set_input_tensor(input_tensor)
+
+    def _rotary_freqs(self, decoder_input: Optional[torch.Tensor]):
+        if self.position_embedding_type != "rope":
+            return None
+        reference = decoder_input if decoder_input is not None else self.decoder.input_tensor
+        seq_len = reference.size(0)
+        if self.config.sequence_parallel:
+            # Activations hold s/tp positions here; attention sees the whole sequence.
+            seq_len *= process_groups.group_size(self.tp_group)
+        return self.rotary_pos_emb(seq_len, device=reference.device)
+
+    def forward(
+        self,
+        input_ids: Optional[torch.Tensor],
+        position_ids: Optional[torch.Tensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        decoder_input: Optional[torch.Tensor] = None,
+        labels: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        if decoder_input is None and self.pre_process:
+            decoder_input = self.embedding(input_ids, position_ids)
+        rotary_pos_emb = self._rotary_freqs(decoder_input)
+        hidden_states = self.decoder(decoder_input, attention_mask=attention_mask, rotary_pos_emb=rotary_pos_emb)
+        if not self.post_process:
+            return hidden_states
+        output_weight = self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else None
+        logits, _ = self.output_layer(hidden_states, weight=output_weight)  # [s, b, V/tp]
+        if labels is not None:
+            return self.compute_language_model_loss(labels, logits)
+        if not self.parallel_output:
+            logits = tensor_parallel.gather_from_tensor_model_parallel_region(logits, self.tp_group)
+        return logits.transpose(0, 1).contiguous()

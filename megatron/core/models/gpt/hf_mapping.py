@@ -1,0 +1,315 @@
+"""Exact conversion between Hugging Face causal-LM state dicts and GPTModel's (TP=1).
+
+Supported: GPT2LMHeadModel ("gpt2"), LlamaForCausalLM ("llama"), MistralForCausalLM
+("mistral") and Qwen2ForCausalLM ("qwen2"). Pure tensor shuffling; nothing here imports
+transformers. ``hf_to_megatron`` followed by ``megatron_to_hf`` returns equal tensors
+under the same keys.
+
+Layout facts the conversion relies on:
+- GPT-2 stores Conv1D weights as [in, out]; Megatron linears are [out, in].
+- Megatron's fused QKV rows are grouped per query group (see ``fuse_qkv``); HF keeps
+  q, k, v separate (GPT-2 as [q; k; v] in one matrix).
+- HF Llama-family q/k weights are already ordered for half-rotation RoPE
+  (``rotate_half``), which is also Megatron's non-interleaved RoPE: no permutation.
+- Megatron's gated fc1 is [gate; up].
+- HF ``sliding_window=W`` lets a query see W keys including itself; that is
+  Megatron's window (W - 1, 0).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Tuple
+
+import torch
+import torch.nn.functional as F
+
+ARCHITECTURES = ("gpt2", "llama", "mistral", "qwen2")
+_LLAMA_FAMILY = ("llama", "mistral", "qwen2")
+
+# Non-parameter entries HF may keep in a state dict; they carry no model weights.
+_HF_IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")
+
+
+@dataclass(frozen=True)
+class GPTShape:
+    """What the conversion needs to know about the model's shape."""
+
+    num_layers: int
+    num_attention_heads: int
+    num_query_groups: int
+    kv_channels: int
+    share_embeddings_and_output_weights: bool
+
+
+def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, shape: GPTShape) -> torch.Tensor:
+    """Separate q [np*hn, ...], k [ng*hn, ...], v [ng*hn, ...] -> Megatron's fused rows.
+
+    Output [(np + 2 ng) * hn, ...] ordered per query group g: its np/ng query heads,
+    then key head g, then value head g. Works for weights ([.., h]) and biases.
+    """
+    ng, hn = shape.num_query_groups, shape.kv_channels
+    per_group = shape.num_attention_heads // ng
+    rest = q.shape[1:]
+    q = q.reshape(ng, per_group * hn, *rest)
+    k = k.reshape(ng, hn, *rest)
+    v = v.reshape(ng, hn, *rest)
+    return torch.cat((q, k, v), dim=1).reshape(-1, *rest).contiguous()
+
+
+def split_qkv(qkv: torch.Tensor, shape: GPTShape) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Inverse of ``fuse_qkv``: fused rows -> (q [np*hn, ...], k [ng*hn, ...], v [ng*hn, ...])."""
+    ng, hn = shape.num_query_groups, shape.kv_channels
+    per_group = shape.num_attention_heads // ng
+    rest = qkv.shape[1:]
+    grouped = qkv.reshape(ng, (per_group + 2) * hn, *rest)
+    q, k, v = torch.split(grouped, [per_group * hn, hn, hn], dim=1)
+    return tuple(t.reshape(-1, *rest).clone() for t in (q, k, v))
+
+
+def _check_arch(arch: str) -> None:
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"unsupported Hugging Face architecture {arch!r}: use one of {', '.join(ARCHITECTURES)}")
+
+
+class _Reader:
+    """Pops keys from a copy of a state dict, so leftovers can be reported."""
+
+    def __init__(self, state_dict: Dict[str, torch.Tensor]):
+        self.remaining = dict(state_dict)
+
+    def pop(self, key: str) -> torch.Tensor:
+        if key not in self.remaining:
+            raise KeyError(f"state dict has no {key!r}: is the model shape / architecture right?")
+        return self.remaining.pop(key)
+
+    def pop_optional(self, key: str):
+        return self.remaining.pop(key, None)
+
+    def finish(self, ignored_suffixes=()) -> None:
+        left = [k for k in self.remaining if not k.endswith(tuple(ignored_suffixes))]
+        if left:
+            raise ValueError(f"unconverted keys (the shape or architecture does not match): {sorted(left)[:8]}")
+
+
+def _gpt2_to_megatron(sd: _Reader, shape: GPTShape) -> Dict[str, torch.Tensor]:
+    out = {
+        "embedding.word_embeddings.weight": sd.pop("transformer.wte.weight"),
+        "embedding.position_embeddings.weight": sd.pop("transformer.wpe.weight"),
+    }
+    h = shape.num_attention_heads * shape.kv_channels
+    for i in range(shape.num_layers):
+        src, dst = f"transformer.h.{i}.", f"decoder.layers.{i}."
+        for hf_norm, norm in (("ln_1", "input_layernorm"), ("ln_2", "pre_mlp_layernorm")):
+            out[dst + f"{norm}.weight"] = sd.pop(src + f"{hf_norm}.weight")
+            out[dst + f"{norm}.bias"] = sd.pop(src + f"{hf_norm}.bias")
+        qkv_w = sd.pop(src + "attn.c_attn.weight").t()
+        qkv_b = sd.pop(src + "attn.c_attn.bias")
+        out[dst + "self_attention.linear_qkv.weight"] = fuse_qkv(*torch.split(qkv_w, h, dim=0), shape)
+        out[dst + "self_attention.linear_qkv.bias"] = fuse_qkv(*torch.split(qkv_b, h, dim=0), shape)
+        for hf_lin, lin in (("attn.c_proj", "self_attention.linear_proj"), ("mlp.c_fc", "mlp.linear_fc1"), ("mlp.c_proj", "mlp.linear_fc2")):
+            out[dst + f"{lin}.weight"] = sd.pop(src + f"{hf_lin}.weight").t().contiguous()
+            out[dst + f"{lin}.bias"] = sd.pop(src + f"{hf_lin}.bias")
+    out["decoder.final_layernorm.weight"] = sd.pop("transformer.ln_f.weight")
+    out["decoder.final_layernorm.bias"] = sd.pop("transformer.ln_f.bias")
+    lm_head = sd.pop_optional("lm_head.weight")
+    if not shape.share_embeddings_and_output_weights:
+        if lm_head is None:
+            raise KeyError("untied model but the state dict has no 'lm_head.weight'")
+        out["output_layer.weight"] = lm_head
+    return out
+
+
+def _megatron_to_gpt2(sd: _Reader, shape: GPTShape) -> Dict[str, torch.Tensor]:
+    out = {
+        "transformer.wte.weight": sd.pop("embedding.word_embeddings.weight"),
+        "transformer.wpe.weight": sd.pop("embedding.position_embeddings.weight"),
+    }
+    for i in range(shape.num_layers):
+        src, dst = f"decoder.layers.{i}.", f"transformer.h.{i}."
+        for hf_norm, norm in (("ln_1", "input_layernorm"), ("ln_2", "pre_mlp_layernorm")):
+            out[dst + f"{hf_norm}.weight"] = sd.pop(src + f"{norm}.weight")
+            out[dst + f"{hf_norm}.bias"] = sd.pop(src + f"{norm}.bias")
+        q, k, v = split_qkv(sd.pop(src + "self_attention.linear_qkv.weight"), shape)
+        out[dst + "attn.c_attn.weight"] = torch.cat((q, k, v), dim=0).t().contiguous()
+        out[dst + "attn.c_attn.bias"] = torch.cat(split_qkv(sd.pop(src + "self_attention.linear_qkv.bias"), shape))
+        for hf_lin, lin in (("attn.c_proj", "self_attention.linear_proj"), ("mlp.c_fc", "mlp.linear_fc1"), ("mlp.c_proj", "mlp.linear_fc2")):
+            out[dst + f"{hf_lin}.weight"] = sd.pop(src + f"{lin}.weight").t().contiguous()
+            out[dst + f"{hf_lin}.bias"] = sd.pop(src + f"{lin}.bias")
+    out["transformer.ln_f.weight"] = sd.pop("decoder.final_layernorm.weight")
+    out["transformer.ln_f.bias"] = sd.pop("decoder.final_layernorm.bias")
+    out["lm_head.weight"] = _output_weight(sd, out["transformer.wte.weight"], shape)
+    return out
+
+
+def _output_weight(sd: _Reader, word_embeddings: torch.Tensor, shape: GPTShape) -> torch.Tensor:
+    if shape.share_embeddings_and_output_weights:
+        # HF state dicts list the tied lm_head too; give it its own copy of the values.
+        return word_embeddings.clone()
+    return sd.pop("output_layer.weight")
+
+
+def _llama_to_megatron(sd: _Reader, shape: GPTShape) -> Dict[str, torch.Tensor]:
+    out = {"embedding.word_embeddings.weight": sd.pop("model.embed_tokens.weight")}
+    for i in range(shape.num_layers):
+        src, dst = f"model.layers.{i}.", f"decoder.layers.{i}."
+        out[dst + "input_layernorm.weight"] = sd.pop(src + "input_layernorm.weight")
+        out[dst + "pre_mlp_layernorm.weight"] = sd.pop(src + "post_attention_layernorm.weight")
+        attn = src + "self_attn."
+        out[dst + "self_attention.linear_qkv.weight"] = fuse_qkv(
+            sd.pop(attn + "q_proj.weight"), sd.pop(attn + "k_proj.weight"), sd.pop(attn + "v_proj.weight"), shape
+        )
+        biases = [sd.pop_optional(attn + f"{n}_proj.bias") for n in "qkv"]
+        if any(b is not None for b in biases):
+            out[dst + "self_attention.linear_qkv.bias"] = fuse_qkv(*biases, shape)
+        out[dst + "self_attention.linear_proj.weight"] = sd.pop(attn + "o_proj.weight")
+        out[dst + "mlp.linear_fc1.weight"] = torch.cat(
+            (sd.pop(src + "mlp.gate_proj.weight"), sd.pop(src + "mlp.up_proj.weight")), dim=0
+        )
+        out[dst + "mlp.linear_fc2.weight"] = sd.pop(src + "mlp.down_proj.weight")
+    out["decoder.final_layernorm.weight"] = sd.pop("model.norm.weight")
+    lm_head = sd.pop_optional("lm_head.weight")
+    if not shape.share_embeddings_and_output_weights:
+        if lm_head is None:
+            raise KeyError("untied model but the state dict has no 'lm_head.weight'")
+        out["output_layer.weight"] = lm_head
+    return out
+
+
+def _megatron_to_llama(sd: _Reader, shape: GPTShape) -> Dict[str, torch.Tensor]:
+    out = {"model.embed_tokens.weight": sd.pop("embedding.word_embeddings.weight")}
+    for i in range(shape.num_layers):
+        src, dst = f"decoder.layers.{i}.", f"model.layers.{i}."
+        out[dst + "input_layernorm.weight"] = sd.pop(src + "input_layernorm.weight")
+        out[dst + "post_attention_layernorm.weight"] = sd.pop(src + "pre_mlp_layernorm.weight")
+        attn = dst + "self_attn."
+        q, k, v = split_qkv(sd.pop(src + "self_attention.linear_qkv.weight"), shape)
+        out.update({attn + "q_proj.weight": q, attn + "k_proj.weight": k, attn + "v_proj.weight": v})
+        bias = sd.pop_optional(src + "self_attention.linear_qkv.bias")
+        if bias is not None:
+            q, k, v = split_qkv(bias, shape)
+            out.update({attn + "q_proj.bias": q, attn + "k_proj.bias": k, attn + "v_proj.bias": v})
+        out[attn + "o_proj.weight"] = sd.pop(src + "self_attention.linear_proj.weight")
+        gate, up = torch.chunk(sd.pop(src + "mlp.linear_fc1.weight"), 2, dim=0)
+        out[dst + "mlp.gate_proj.weight"] = gate.clone()
+        out[dst + "mlp.up_proj.weight"] = up.clone()
+        out[dst + "mlp.down_proj.weight"] = sd.pop(src + "mlp.linear_fc2.weight")
+    out["model.norm.weight"] = sd.pop("decoder.final_layernorm.weight")
+    out["lm_head.weight"] = _output_weight(sd, out["model.embed_tokens.weight"], shape)
+    return out
+
+
+def hf_to_megatron(hf_state_dict: Dict[str, torch.Tensor], arch: str, shape: GPTShape) -> Dict[str, torch.Tensor]:
+    """HF state dict (full tensors) -> GPTModel state dict at TP=1.
+
+    Raises KeyError for a missing HF key and ValueError for HF keys left unconverted.
+    """
+    _check_arch(arch)
+    reader = _Reader(hf_state_dict)
+    out = _gpt2_to_megatron(reader, shape) if arch == "gpt2" else _llama_to_megatron(reader, shape)
+    reader.finish(_HF_IGNORED_SUFFIXES)
+    return out
+
+
+def megatron_to_hf(state_dict: Dict[str, torch.Tensor], arch: str, shape: GPTShape) -> Dict[str, torch.Tensor]:
+    """GPTModel state dict at TP=1 -> HF state dict (with ``lm_head.weight`` also when tied)."""
+    _check_arch(arch)
+    reader = _Reader({k: v for k, v in state_dict.items() if not k.endswith("._extra_state")})
+    out = _megatron_to_gpt2(reader, shape) if arch == "gpt2" else _megatron_to_llama(reader, shape)
+    reader.finish()
+    return out
+
+
+def _rope_theta(hf_config: dict) -> float:
+    params = hf_config.get("rope_parameters") or hf_config.get("rope_scaling") or {}
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type != "default":
+        raise ValueError(f"HF rope_type {rope_type!r} is not supported yet: only default RoPE converts")
+    theta = params.get("rope_theta", hf_config.get("rope_theta"))
+    return 10000.0 if theta is None else float(theta)
+
+
+def _gpt2_kwargs(c: dict) -> Tuple[dict, dict]:
+    if c.get("scale_attn_by_inverse_layer_idx") or c.get("reorder_and_upcast_attn"):
+        raise ValueError("GPT-2 configs with scale_attn_by_inverse_layer_idx / reorder_and_upcast_attn do not convert")
+    act = c.get("activation_function", "gelu_new")
+    if act not in ("gelu", "gelu_new", "gelu_pytorch_tanh"):
+        raise ValueError(f"GPT-2 activation_function {act!r} does not convert: use gelu or gelu_new")
+    config = dict(
+        num_layers=c["n_layer"],
+        hidden_size=c["n_embd"],
+        num_attention_heads=c["n_head"],
+        ffn_hidden_size=c.get("n_inner") or 4 * c["n_embd"],
+        layernorm_epsilon=c.get("layer_norm_epsilon", 1e-5),
+        normalization="LayerNorm",
+        add_bias_linear=True,
+        activation_func=F.gelu,
+        openai_gelu=act != "gelu",
+        hidden_dropout=c.get("resid_pdrop", 0.1),
+        attention_dropout=c.get("attn_pdrop", 0.1),
+    )
+    model = dict(
+        vocab_size=c["vocab_size"],
+        max_sequence_length=c["n_positions"],
+        position_embedding_type="learned_absolute",
+        share_embeddings_and_output_weights=c.get("tie_word_embeddings", True),
+    )
+    return config, model
+
+
+def _llama_kwargs(c: dict, arch: str) -> Tuple[dict, dict]:
+    if c.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"{arch} hidden_act {c.get('hidden_act')!r} does not convert: only silu (SwiGLU)")
+    if c.get("attention_bias") or c.get("mlp_bias"):
+        raise ValueError(f"{arch} with attention_bias / mlp_bias does not convert: Megatron has no o_proj-only bias")
+    heads = c["num_attention_heads"]
+    window = None
+    if arch == "mistral" and c.get("sliding_window"):
+        window = (int(c["sliding_window"]) - 1, 0)
+    if arch == "qwen2" and c.get("use_sliding_window"):
+        raise ValueError("qwen2 with use_sliding_window=True (per-layer windows) does not convert")
+    config = dict(
+        num_layers=c["num_hidden_layers"],
+        hidden_size=c["hidden_size"],
+        num_attention_heads=heads,
+        num_query_groups=c.get("num_key_value_heads") or heads,
+        ffn_hidden_size=c["intermediate_size"],
+        kv_channels=c.get("head_dim") or c["hidden_size"] // heads,
+        layernorm_epsilon=c.get("rms_norm_eps", 1e-6),
+        normalization="RMSNorm",
+        add_bias_linear=False,
+        add_qkv_bias=arch == "qwen2",
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        hidden_dropout=0.0,
+        attention_dropout=c.get("attention_dropout", 0.0),
+        window_size=window,
+    )
+    model = dict(
+        vocab_size=c["vocab_size"],
+        max_sequence_length=c["max_position_embeddings"],
+        position_embedding_type="rope",
+        rotary_base=_rope_theta(c),
+        share_embeddings_and_output_weights=bool(c.get("tie_word_embeddings", False)),
+    )
+    return config, model
+
+
+def gpt_kwargs_from_hf_config(hf_config: dict) -> Tuple[str, dict, dict]:
+    """HF config dict (``config.to_dict()``) -> (arch, TransformerConfig kwargs, GPTModel kwargs)."""
+    arch = hf_config.get("model_type")
+    _check_arch(arch)
+    config, model = _gpt2_kwargs(hf_config) if arch == "gpt2" else _llama_kwargs(hf_config, arch)
+    return arch, config, model
+
+
+def shape_from_kwargs(config_kwargs: dict, model_kwargs: dict) -> GPTShape:
+    """The ``GPTShape`` of the model described by ``gpt_kwargs_from_hf_config``'s output."""
+    heads = config_kwargs["num_attention_heads"]
+    return GPTShape(
+        num_layers=config_kwargs["num_layers"],
+        num_attention_heads=heads,
+        num_query_groups=config_kwargs.get("num_query_groups") or heads,
+        kv_channels=config_kwargs.get("kv_channels") or config_kwargs["hidden_size"] // heads,
+        share_embeddings_and_output_weights=model_kwargs["share_embeddings_and_output_weights"],
+    )

@@ -1,0 +1,137 @@
+"""A stack of transformer layers (one pipeline stage's share), with activation recompute."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from megatron.core import process_groups, tensor_parallel
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.torch_norm import build_norm
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.transformer_layer import TransformerLayer
+
+
+def _check_recompute(config: TransformerConfig) -> None:
+    granularity = config.recompute_granularity
+    if granularity not in (None, "full", "selective"):
+        raise ValueError(f"--recompute-granularity must be full or selective, got {granularity!r}")
+    if granularity == "full":
+        if config.recompute_method not in ("uniform", "block"):
+            raise ValueError(
+                f"--recompute-granularity full needs --recompute-method uniform or block, got "
+                f"{config.recompute_method!r}: set --recompute-method"
+            )
+        if not isinstance(config.recompute_num_layers, int) or config.recompute_num_layers < 1:
+            raise ValueError(
+                f"--recompute-granularity full needs --recompute-num-layers >= 1, got "
+                f"{config.recompute_num_layers!r}: set --recompute-num-layers"
+            )
+    elif granularity == "selective" and config.recompute_method is not None:
+        raise ValueError(
+            f"--recompute-method {config.recompute_method} cannot be used with --recompute-granularity "
+            "selective (selective recompute picks modules, not layers): drop --recompute-method"
+        )
+
+
+class TransformerBlock(torch.nn.Module):
+    """Layers ``offset+1 .. offset+num_layers`` (1-based, global numbering) and the final norm.
+
+    forward(hidden_states [s(/tp), b, h], attention_mask=None, rotary_pos_emb=None)
+    -> [s(/tp), b, h]. When not ``pre_process`` the input comes from ``set_input_tensor``
+    (the activation received from the previous pipeline stage) and ``hidden_states`` is
+    ignored. ``final_layernorm`` exists when ``post_process`` and ``post_layer_norm``.
+    ``spec`` is accepted for Megatron-Core signature compatibility and ignored: the
+    layers are always the local (pure PyTorch) ones.
+    """
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        spec=None,
+        post_layer_norm: bool = True,
+        pre_process: bool = True,
+        post_process: bool = True,
+        pg_collection: Optional[process_groups.ProcessGroups] = None,
+        num_layers: Optional[int] = None,
+        layer_offset: int = 0,
+        attn_mask_type: AttnMaskType = AttnMaskType.causal,
+    ):
+        super().__init__()
+        _check_recompute(config)
+        self.config = config
+        self.pre_process = pre_process
+        self.post_process = post_process
+        self.post_layer_norm = post_layer_norm
+        num_layers = config.num_layers if num_layers is None else num_layers
+        if num_layers < 0 or layer_offset < 0 or layer_offset + num_layers > config.num_layers:
+            raise ValueError(
+                f"a block of {num_layers} layers at offset {layer_offset} does not fit in "
+                f"--num-layers {config.num_layers}: check the pipeline layer split"
+            )
+        self.layer_offset = layer_offset
+        groups = process_groups.resolve(pg_collection)
+        self.layers = torch.nn.ModuleList(
+            TransformerLayer(config, layer_number=layer_offset + i + 1, pg_collection=groups, attn_mask_type=attn_mask_type)
+            for i in range(num_layers)
+        )
+        self.final_layernorm = build_norm(config, config.hidden_size) if post_process and post_layer_norm else None
+        self.input_tensor: Optional[torch.Tensor] = None
+
+    def set_input_tensor(self, input_tensor: Optional[torch.Tensor]) -> None:
+        """Use ``input_tensor`` [s(/tp), b, h] as this stage's input (pipeline parallelism)."""
+        self.input_tensor = input_tensor
+
+    def _run_layers(self, start: int, end: int, hidden_states, attention_mask, rotary_pos_emb):
+        for layer in self.layers[start:end]:
+            hidden_states, _ = layer(hidden_states, attention_mask=attention_mask, rotary_pos_emb=rotary_pos_emb)
+        return hidden_states
+
+    def _checkpointed(self, start: int, end: int, hidden_states, attention_mask, rotary_pos_emb):
+        """Run layers [start, end) keeping only their input; recompute them in backward."""
+
+        def run(x):
+            return self._run_layers(start, end, x, attention_mask, rotary_pos_emb)
+
+        return tensor_parallel.random.checkpoint(run, self.config.distribute_saved_activations, hidden_states)
+
+    def _forward_full_recompute(self, hidden_states, attention_mask, rotary_pos_emb):
+        n = len(self.layers)
+        chunk = self.config.recompute_num_layers
+        if self.config.recompute_method == "uniform":
+            # Checkpoint the input of every group of `chunk` layers.
+            for start in range(0, n, chunk):
+                hidden_states = self._checkpointed(start, min(start + chunk, n), hidden_states, attention_mask, rotary_pos_emb)
+            return hidden_states
+        # block: checkpoint the first `chunk` layers of this stage, keep the rest.
+        for i in range(n):
+            if i < chunk:
+                hidden_states = self._checkpointed(i, i + 1, hidden_states, attention_mask, rotary_pos_emb)
+            else:
+                hidden_states = self._run_layers(i, i + 1, hidden_states, attention_mask, rotary_pos_emb)
+        return hidden_states
+
+    def forward(
+        self,
+        hidden_states: Optional[torch.Tensor],
+        attention_mask: Optional[torch.Tensor] = None,
+        rotary_pos_emb=None,
+    ) -> torch.Tensor:
+        if not self.pre_process:
+            hidden_states = self.input_tensor
+        if hidden_states is None:
+            raise ValueError(
+                "TransformerBlock got no input: pass hidden_states on the first pipeline stage, "
+                "or call set_input_tensor(...) on later stages"
+            )
+        full_recompute = (
+            self.config.recompute_granularity == "full" and self.training and torch.is_grad_enabled()
+        )
+        if full_recompute:
+            hidden_states = self._forward_full_recompute(hidden_states, attention_mask, rotary_pos_emb)
+        else:
+            hidden_states = self._run_layers(0, len(self.layers), hidden_states, attention_mask, rotary_pos_emb)
+        if self.final_layernorm is not None:
+            hidden_states = self.final_layernorm(hidden_states)
+        return hidden_states

@@ -1,0 +1,74 @@
+"""One pre-norm transformer layer: norm -> self-attention -> bias-dropout-add ->
+norm -> MLP -> bias-dropout-add."""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from megatron.core import process_groups
+from megatron.core.transformer.attention import SelfAttention
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.mlp import MLP
+from megatron.core.transformer.torch_norm import build_norm
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+
+def bias_dropout_add(
+    x_with_bias: Tuple[torch.Tensor, Optional[torch.Tensor]],
+    residual: torch.Tensor,
+    prob: float,
+    training: bool,
+) -> torch.Tensor:
+    """residual + dropout(x + bias); the sum takes the wider dtype (an fp32 residual stays fp32)."""
+    x, bias = x_with_bias
+    if bias is not None:
+        x = x + bias
+    return residual + F.dropout(x, p=prob, training=training)
+
+
+class TransformerLayer(torch.nn.Module):
+    """forward(hidden_states [s(/tp), b, h], attention_mask=None, rotary_pos_emb=None)
+    -> (hidden_states [s(/tp), b, h], context=None).
+
+    ``layer_number`` is 1-based and global (it includes the pipeline stage's offset);
+    attention uses it for --apply-query-key-layer-scaling. With
+    apply_residual_connection_post_layernorm the residual is taken after each norm.
+    """
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        layer_number: int = 1,
+        hidden_dropout: Optional[float] = None,
+        pg_collection: Optional[process_groups.ProcessGroups] = None,
+        attn_mask_type: AttnMaskType = AttnMaskType.causal,
+    ):
+        super().__init__()
+        self.config = config
+        self.layer_number = layer_number
+        self.hidden_dropout = config.hidden_dropout if hidden_dropout is None else hidden_dropout
+        groups = process_groups.resolve(pg_collection)
+        self.input_layernorm = build_norm(config, config.hidden_size)
+        self.self_attention = SelfAttention(config, layer_number, attn_mask_type, pg_collection=groups)
+        self.pre_mlp_layernorm = build_norm(config, config.hidden_size)
+        self.mlp = MLP(config, pg_collection=groups)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: Optional[torch.Tensor] = None,
+        rotary_pos_emb=None,
+    ):
+        post_ln_residual = self.config.apply_residual_connection_post_layernorm
+        normed = self.input_layernorm(hidden_states)
+        residual = normed if post_ln_residual else hidden_states
+        attention_out = self.self_attention(normed, attention_mask=attention_mask, rotary_pos_emb=rotary_pos_emb)
+        hidden_states = bias_dropout_add(attention_out, residual, self.hidden_dropout, self.training)
+
+        normed = self.pre_mlp_layernorm(hidden_states)
+        residual = normed if post_ln_residual else hidden_states
+        hidden_states = bias_dropout_add(self.mlp(normed), residual, self.hidden_dropout, self.training)
+        return hidden_states, None
