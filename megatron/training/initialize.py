@@ -18,7 +18,7 @@ from megatron.training.distributed_env import detect_distributed_env, export_env
 from megatron.training.global_vars import get_args, set_global_variables, set_timers, set_tokenizer
 from megatron.core.timers import Timers
 from megatron.training.rank_print import print_rank_0
-from megatron.training.tokenizer import build_tokenizer, padded_vocab_size
+from megatron.training.tokenizer import build_tokenizer, vocab_size_with_padding
 
 logger = logging.getLogger(__name__)
 
@@ -34,17 +34,8 @@ def initialize_megatron(extra_args_provider=None, args_defaults=None, ignore_unk
     _setup_logging(args)
     tokenizer = build_tokenizer(args)
     set_tokenizer(tokenizer)
-    # Megatron's scripts read the padded size from args; it is derived here, once,
-    # unless --padded-vocab-size gave it.
-    if getattr(args, "padded_vocab_size", None) is None:
-        args.padded_vocab_size = padded_vocab_size(
-            tokenizer.vocab_size, args.make_vocab_size_divisible_by, args.tensor_model_parallel_size
-        )
-    elif args.padded_vocab_size < tokenizer.vocab_size:
-        raise ValueError(
-            f"--padded-vocab-size {args.padded_vocab_size} is smaller than the tokenizer's "
-            f"vocabulary ({tokenizer.vocab_size}); raise it or drop the flag"
-        )
+    # Megatron's scripts read the padded size from args; it is derived here, once.
+    args.padded_vocab_size = vocab_size_with_padding(tokenizer.vocab_size, args)
     set_timers(Timers(args.timing_log_level, args.timing_log_option))
     _initialize_distributed(args, denv)
     init_num_microbatches_calculator(

@@ -89,4 +89,14 @@ def add_tokenizer_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     g.add_argument("--null-tokenizer-eod-id", type=int, default=None,
                    help="End-of-document id of NullTokenizer; default vocab size - 1.")
     g.add_argument("--null-tokenizer-pad-id", type=int, default=-1, help="Pad id of NullTokenizer.")
+    g.add_argument("--tokenizer-sentencepiece-legacy", action="store_true",
+                   help="SentencePiece tokenizers add special tokens (--tokenizer-special-tokens, "
+                        "--vocab-extra-ids) as Megatron's legacy tokenizers did.")
+    g.add_argument("--tokenizer-hf-no-use-fast", action="store_false", dest="tokenizer_hf_use_fast",
+                   help="Load the Hugging Face tokenizer's slow (Python) implementation.")
+    g.add_argument("--tokenizer-hf-no-include-special-tokens", action="store_false",
+                   dest="tokenizer_hf_include_special_tokens",
+                   help="Do not add special tokens when encoding with a Hugging Face tokenizer.")
+    g.add_argument("--no-pad-vocab-size", "--disable-pad-vocab-size", action="store_false", dest="pad_vocab_size",
+                   help="Use the tokenizer's vocabulary size as is, without padding.")
     return parser

@@ -30,6 +30,8 @@ def check_file(flag: str, path: Optional[str], tokenizer_type: str, want_dir: bo
         raise ValueError(
             f"{flag} {path!r} is not an existing {kind}; --tokenizer-type {tokenizer_type} reads it, "
             f"so pass the path of the {kind}"
+            + (" (Hugging Face hub names are not downloaded: save the tokenizer to a local directory)"
+               if want_dir else "")
         )
     return path
 
@@ -45,8 +47,10 @@ class MegatronTokenizer(ABC):
     - ``detokenize(ids) -> str`` is the inverse for lossless families (GPT-2, TikToken).
     - ``vocab_size`` counts every id the tokenizer can emit (base vocabulary plus added tokens);
       the model pads it further, see ``build.padded_vocab_size``.
-    - The special-id properties ``cls, sep, pad, eod, bos, eos, mask, unk`` return an ``int``,
-      or ``None`` where the family has no such token. ``NullTokenizer`` keeps Megatron's -1 pad.
+    - The special-id properties ``cls, sep, eod, bos, eos, mask, unk`` return an ``int``, or
+      ``None`` where the family has no such token. ``pad`` is the exception: where there is no
+      pad token it is -1, Megatron's "no padding token" value that the datasets test with
+      ``pad >= 0`` (SentencePiece's own ``pad_id()`` and NullTokenizer use it too).
     - ``unique_identifiers`` is an ordered dict of strings (class, file paths, options) that the
       dataset cache hashes, so two tokenizers that can produce different ids never share a cache.
     """
@@ -82,7 +86,7 @@ class MegatronTokenizer(ABC):
         return {i: tok for tok, i in self.vocab.items()}
 
     @property
-    def unique_identifiers(self) -> "OrderedDict[str, object]":
+    def unique_identifiers(self) -> OrderedDict[str, object]:
         return self._unique
 
     @property
@@ -99,8 +103,8 @@ class MegatronTokenizer(ABC):
         return None
 
     @property
-    def pad(self) -> Optional[int]:
-        return None
+    def pad(self) -> int:
+        return -1
 
     @property
     def eod(self) -> Optional[int]:

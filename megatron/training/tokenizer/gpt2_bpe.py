@@ -11,6 +11,7 @@ text is encoded as the end-of-document id, and so are tokens given by
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 from functools import lru_cache
@@ -145,11 +146,7 @@ def _rust_tokenizer(vocab: Dict[str, int], merges: List[Tuple[str, str]]):
 
 
 def _installed(module: str) -> bool:
-    try:
-        __import__(module)
-        return True
-    except ImportError:
-        return False
+    return importlib.util.find_spec(module) is not None
 
 
 def tiktoken_ranks(vocab: Dict[str, int], merges: Sequence[Tuple[str, str]]) -> Optional[Dict[bytes, int]]:
@@ -183,16 +180,17 @@ def tiktoken_ranks(vocab: Dict[str, int], merges: Sequence[Tuple[str, str]]) -> 
 
 
 class GPT2BPETokenizer(MegatronTokenizer):
-    """GPT-2 BPE. ``backend`` is ``auto`` (Rust when available), ``rust`` or ``python``.
+    """GPT-2 BPE. ``backend``: ``auto`` (tiktoken, else ``tokenizers``, else Python), or one of
+    ``tiktoken``, ``rust``, ``python``; the chosen one is in ``self.backend``.
 
-    Special ids: eod = bos = eos = ``<|endoftext|>`` (50256 for GPT-2's files); GPT-2 has no
-    pad, cls, sep or mask token, so those are None. ``special_tokens`` (from
+    Special ids: eod = bos = eos = unk = ``<|endoftext|>`` (50256 for GPT-2's files); GPT-2 has
+    no pad (-1), cls, sep or mask (None). ``special_tokens`` (from
     --tokenizer-special-tokens) are appended after the base vocabulary unless already in it.
     """
 
     def __init__(self, vocab_file: str, merge_file: str, special_tokens: Optional[List[str]] = None,
                  backend: str = "auto"):
-        super().__init__(vocab_file, merge_file)
+        super().__init__(vocab_file, merge_file, **({"special_tokens": list(special_tokens)} if special_tokens else {}))
         if backend not in _BACKENDS:
             raise ValueError(f"GPT2BPETokenizer backend {backend!r} is not one of {_BACKENDS}")
         vocab, merges = load_gpt2_files(vocab_file, merge_file)

@@ -21,7 +21,7 @@ def _optional_id(value: int) -> Optional[int]:
 
 
 class SentencePieceTokenizer(MegatronTokenizer):
-    """A SentencePiece model; the special ids are the model's own (None where absent).
+    """A SentencePiece model; the special ids are the model's own (None where absent, pad -1).
 
     ``legacy=True`` with ``special_tokens`` reproduces Megatron's legacy mode: text between
     special tokens is encoded separately, a leading separator piece right after a special token
@@ -49,6 +49,8 @@ class SentencePieceTokenizer(MegatronTokenizer):
         self._added_ids: Dict[int, str] = {}
         self._legacy = legacy
         for tok in special_tokens or []:
+            if tok in self._added:
+                continue
             i = self._sp.piece_to_id(tok)
             if i == self._sp.unk_id() and tok != self._sp.id_to_piece(i):
                 i = self._n_pieces + len([t for t in self._added.values() if t >= self._n_pieces])
@@ -97,7 +99,9 @@ class SentencePieceTokenizer(MegatronTokenizer):
 
     @property
     def additional_special_tokens_ids(self) -> List[int]:
-        return list(self._added.values())
+        """Ids of the legacy special tokens other than the model's bos, eos, pad and unk."""
+        standard = {self._sp.bos_id(), self._sp.eos_id(), self._sp.pad_id(), self._sp.unk_id()}
+        return [i for i in self._added.values() if i not in standard]
 
     @property
     def bos(self) -> Optional[int]:
@@ -112,8 +116,8 @@ class SentencePieceTokenizer(MegatronTokenizer):
         return self.eos
 
     @property
-    def pad(self) -> Optional[int]:
-        return _optional_id(self._sp.pad_id())
+    def pad(self) -> int:
+        return int(self._sp.pad_id())
 
     @property
     def unk(self) -> Optional[int]:

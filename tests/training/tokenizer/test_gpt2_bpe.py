@@ -2,7 +2,7 @@
 
 import pytest
 
-from megatron.training.tokenizer.gpt2_bpe import GPT2BPETokenizer, bytes_to_unicode, tiktoken_ranks, load_gpt2_files
+from megatron.training.tokenizer.gpt2_bpe import GPT2BPETokenizer, bytes_to_unicode, load_gpt2_files, tiktoken_ranks
 
 BACKENDS = ["tiktoken", "rust", "python"]
 
@@ -96,3 +96,16 @@ def test_unique_identifiers_name_class_and_files(assets, by_backend):
     ident = tok.unique_identifiers
     assert ident["class"] == "GPT2BPETokenizer"
     assert ident["tokenizer_path"] == list(_files(assets))
+
+
+def test_split_without_regex_package_matches_on_corpora(corpus_docs, monkeypatch):
+    """The stdlib fallback pattern splits like GPT-2's \\p{L}/\\p{N} pattern on the corpora."""
+    regex = pytest.importorskip("regex")
+    from megatron.training.tokenizer import gpt2_bpe
+
+    exact = regex.compile(gpt2_bpe.GPT2_SPLIT_PATTERN)
+    monkeypatch.setitem(__import__("sys").modules, "regex", None)
+    fallback = gpt2_bpe._compile_split_pattern()
+    assert fallback.__class__.__module__ == "re"
+    for doc in corpus_docs:
+        assert fallback.findall(doc) == exact.findall(doc)
