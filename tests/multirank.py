@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import pickle
 import queue
 import signal
 import socket
@@ -58,7 +59,9 @@ def _child(fn, rank, world_size, port, args, kwargs, results):
             timeout=timedelta(seconds=GLOO_TIMEOUT_S),
         )
         out = fn(rank, world_size, *args, **kwargs)
-        results.put((rank, True, out))
+        # Pickle by value here: the queue's own pickler would share tensor storage through
+        # file descriptors that die with this process, racing the parent's read.
+        results.put((rank, True, pickle.dumps(out)))
     except BaseException:  # report every failure, including SystemExit, to the parent
         results.put((rank, False, traceback.format_exc()))
     finally:
@@ -114,7 +117,7 @@ def run_on_ranks(
                 else:
                     continue
             if ok:
-                outputs[rank] = payload
+                outputs[rank] = pickle.loads(payload)
             else:
                 failures.append(f"rank {rank} failed:\n{payload}")
                 break

@@ -1,0 +1,89 @@
+"""Broadcast a batch from tensor-parallel rank 0 to the other ranks of its group.
+
+Only tp rank 0 reads data; the others receive the same tensors. Sizes go first (one small
+int64 broadcast), then all tensors flattened into one buffer of ``datatype``.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Mapping, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from megatron.core.process_groups import group_rank, group_size
+
+_MAX_DATA_DIM = 5
+
+
+def _comm_device(group) -> torch.device:
+    """Where the buffers live: the current GPU for NCCL, CPU for gloo."""
+    if torch.cuda.is_available() and dist.get_backend(group) != "gloo":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _check_data(keys: Sequence[str], data: Mapping[str, torch.Tensor], datatype: torch.dtype) -> None:
+    for key in keys:
+        if key not in data:
+            raise KeyError(f"broadcast_data: key {key!r} is missing from the data on tensor-parallel rank 0")
+        tensor = data[key]
+        if tensor.dtype != datatype:
+            raise ValueError(f"broadcast_data: {key!r} has dtype {tensor.dtype}, expected {datatype}")
+        if tensor.dim() > _MAX_DATA_DIM:
+            raise ValueError(f"broadcast_data: {key!r} has {tensor.dim()} dims, at most {_MAX_DATA_DIM} supported")
+
+
+def _broadcast_sizes(keys: Sequence[str], data, group, src: int, device: torch.device) -> List[torch.Size]:
+    """Every key's shape, sent from ``src`` in one int64 broadcast.
+
+    Per key: [ndim, d0, ..., d4]; ndim is sent so that 0-dim tensors and zero-size dims
+    survive the zero padding.
+    """
+    slot = _MAX_DATA_DIM + 1
+    packed = torch.zeros(len(keys) * slot, dtype=torch.long)
+    if group_rank(group) == 0:
+        for i, key in enumerate(keys):
+            shape = data[key].shape
+            packed[i * slot] = len(shape)
+            packed[i * slot + 1 : i * slot + 1 + len(shape)] = torch.tensor(shape, dtype=torch.long)
+    packed = packed.to(device)
+    dist.broadcast(packed, src, group=group)
+    packed = packed.cpu()
+    shapes = []
+    for i in range(len(keys)):
+        ndim = int(packed[i * slot])
+        shapes.append(torch.Size(packed[i * slot + 1 : i * slot + 1 + ndim].tolist()))
+    return shapes
+
+
+def broadcast_data(
+    keys: Sequence[str], data: Optional[Mapping[str, torch.Tensor]], datatype: torch.dtype, tp_group
+) -> Dict[str, torch.Tensor]:
+    """Tensors ``data[key]`` of tp rank 0, delivered to every rank of ``tp_group``.
+
+    On tp rank 0 ``data`` maps each key to a tensor of ``datatype`` (at most 5 dims); on the
+    other ranks it is ignored (may be None). Returns {key: tensor} on every rank, on the
+    current GPU for NCCL and on CPU for gloo. ``tp_group=None`` means one rank: the data
+    is returned as is.
+    """
+    if group_rank(tp_group) == 0:
+        if data is None:
+            raise ValueError("broadcast_data: tensor-parallel rank 0 must pass the data dict, got None")
+        _check_data(keys, data, datatype)
+    if group_size(tp_group) == 1:
+        return {key: data[key] for key in keys}
+    device = _comm_device(tp_group)
+    src = dist.get_global_rank(tp_group, 0)
+    shapes = _broadcast_sizes(keys, data, tp_group, src, device)
+    numels = [shape.numel() for shape in shapes]
+    if group_rank(tp_group) == 0:
+        flat = torch.cat([data[key].contiguous().view(-1) for key in keys]).to(device)
+    else:
+        flat = torch.empty(sum(numels), dtype=datatype, device=device)
+    dist.broadcast(flat, src, group=tp_group)
+    output, offset = {}, 0
+    for key, shape, numel in zip(keys, shapes, numels):
+        output[key] = flat.narrow(0, offset, numel).view(shape)
+        offset += numel
+    return output

@@ -1,0 +1,242 @@
+"""Named random streams for tensor parallelism, and activation recompute that replays them.
+
+Dropout inside a tensor-parallel region (on sharded activations) must differ between
+tensor-parallel ranks, while dropout on replicated activations must be identical. The
+tracker keeps named generator states; ``fork(name)`` swaps one in for the duration of a
+block and swaps the default back afterwards. It tracks the CUDA generator when CUDA is
+available and the CPU generator otherwise, so the same code runs on both.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Dict, Optional
+
+import torch
+
+from megatron.core import process_groups
+
+_MODEL_PARALLEL_RNG_TRACKER_NAME = "model-parallel-rng"
+_EXPERT_PARALLEL_RNG_TRACKER_NAME = "expert-parallel-rng"
+_DATA_PARALLEL_RNG_TRACKER_NAME = "data-parallel-rng"
+
+# Megatron's seed offsets: distinct, fixed, so checkpoints of RNG state stay comparable.
+_TP_SEED_OFFSET = 2718
+_EP_SEED_OFFSET = 1024
+_EP_RANK_SEED_STRIDE = 100
+
+
+def get_model_parallel_rng_tracker_name() -> str:
+    return _MODEL_PARALLEL_RNG_TRACKER_NAME
+
+
+def get_expert_parallel_rng_tracker_name() -> str:
+    return _EXPERT_PARALLEL_RNG_TRACKER_NAME
+
+
+def get_data_parallel_rng_tracker_name() -> str:
+    return _DATA_PARALLEL_RNG_TRACKER_NAME
+
+
+def _rng_device() -> str:
+    """The device whose default generator dropout draws from: cuda when present, else cpu."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _get_rng_state(device: str) -> torch.Tensor:
+    return torch.cuda.get_rng_state() if device == "cuda" else torch.get_rng_state()
+
+
+def _set_rng_state(state: torch.Tensor, device: str) -> None:
+    if device == "cuda":
+        torch.cuda.set_rng_state(state)
+    else:
+        torch.set_rng_state(state)
+
+
+def _seeded_state(seed: int, device: str) -> torch.Tensor:
+    """Generator state right after seeding with ``seed``, without touching the default."""
+    return torch.Generator(device=device).manual_seed(seed).get_state()
+
+
+class CudaRNGStatesTracker:
+    """Named generator states (Megatron's name; tracks the CPU generator without CUDA).
+
+    ``add(name, seed)`` creates a stream; ``with fork(name):`` makes it the default
+    generator of the tracked device inside the block, saves where it got to, and restores
+    the previous default state on exit.
+    """
+
+    def __init__(self, device: Optional[str] = None) -> None:
+        self._fixed_device = device
+        self.reset()
+
+    @property
+    def device(self) -> str:
+        return self._fixed_device or self._device
+
+    def reset(self) -> None:
+        """Forget every stream (and re-detect the device)."""
+        self._device = _rng_device()
+        self.states_: Dict[str, torch.Tensor] = {}
+        self.seeds_ = set()
+
+    def is_initialized(self) -> bool:
+        return bool(self.states_)
+
+    def get_states(self) -> Dict[str, torch.Tensor]:
+        """A copy of the named states (for checkpoints and recompute)."""
+        return {name: state.clone() for name, state in self.states_.items()}
+
+    def set_states(self, states: Dict[str, torch.Tensor]) -> None:
+        """Replace the named states (the inverse of ``get_states``)."""
+        self.states_ = {name: state.clone() for name, state in states.items()}
+
+    def add(self, name: str, seed: int) -> None:
+        """Create stream ``name`` seeded with ``seed``; names and seeds must be new."""
+        if name in self.states_:
+            raise RuntimeError(f"RNG stream {name!r} already exists; call reset() first")
+        if seed in self.seeds_:
+            raise RuntimeError(f"seed {seed} is already used by another RNG stream; streams need distinct seeds")
+        self.seeds_.add(seed)
+        self.states_[name] = _seeded_state(seed, self.device)
+
+    @contextlib.contextmanager
+    def fork(self, name: str = _MODEL_PARALLEL_RNG_TRACKER_NAME):
+        """Draw from stream ``name`` inside the block; the default stream resumes after it."""
+        if name not in self.states_:
+            raise RuntimeError(
+                f"RNG stream {name!r} does not exist: call "
+                "megatron.core.tensor_parallel.model_parallel_cuda_manual_seed(seed) first "
+                "(megatron.training's initialization does this from --seed)"
+            )
+        device = self.device
+        original = _get_rng_state(device)
+        _set_rng_state(self.states_[name], device)
+        try:
+            yield
+        finally:
+            self.states_[name] = _get_rng_state(device)
+            _set_rng_state(original, device)
+
+
+_RNG_STATE_TRACKER = CudaRNGStatesTracker()
+
+
+def get_cuda_rng_tracker() -> CudaRNGStatesTracker:
+    """The process-wide tracker (Megatron's name; CPU generator when there is no CUDA)."""
+    return _RNG_STATE_TRACKER
+
+
+def model_parallel_cuda_manual_seed(
+    seed: int, tp_rank: Optional[int] = None, ep_rank: Optional[int] = None, etp_rank: Optional[int] = None
+) -> None:
+    """Seed the default generator and the tracker's streams as Megatron does.
+
+    default generator of the tracked device and 'data-parallel-rng': ``seed``;
+    'model-parallel-rng': ``seed + 2718 + tp_rank`` (differs across tensor-parallel ranks);
+    'expert-parallel-rng': ``seed + 1024 + 100 * ep_rank + etp_rank``.
+    A rank left as None is this process's rank in the default ProcessGroups (tp, ep,
+    expt_tp), as Megatron looks it up; 0 when no groups are set up.
+    """
+    if None in (tp_rank, ep_rank, etp_rank):
+        groups = process_groups.default_process_groups()
+        tp_rank = groups.rank("tp") if tp_rank is None else tp_rank
+        ep_rank = groups.rank("ep") if ep_rank is None else ep_rank
+        etp_rank = groups.rank("expt_tp") if etp_rank is None else etp_rank
+    tracker = get_cuda_rng_tracker()
+    tracker.reset()
+    if tracker.device == "cuda":
+        torch.cuda.manual_seed(seed)
+    else:
+        torch.manual_seed(seed)
+    tracker.add(_DATA_PARALLEL_RNG_TRACKER_NAME, seed)
+    tracker.add(_MODEL_PARALLEL_RNG_TRACKER_NAME, seed + _TP_SEED_OFFSET + tp_rank)
+    tracker.add(
+        _EXPERT_PARALLEL_RNG_TRACKER_NAME, seed + _EP_SEED_OFFSET + _EP_RANK_SEED_STRIDE * ep_rank + etp_rank
+    )
+
+
+def _capture_rng() -> Dict[str, Any]:
+    """CPU, CUDA (when present) and tracker states, to replay a forward exactly."""
+    return {
+        "cpu": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "tracker": get_cuda_rng_tracker().get_states(),
+    }
+
+
+def _restore_rng(states: Dict[str, Any]) -> None:
+    torch.set_rng_state(states["cpu"])
+    if states["cuda"] is not None:
+        torch.cuda.set_rng_state(states["cuda"])
+    get_cuda_rng_tracker().set_states(states["tracker"])
+
+
+class CheckpointFunction(torch.autograd.Function):
+    """Run ``function`` without keeping its activations; rerun it in backward.
+
+    Forward saves only the inputs and the RNG states; backward restores those states,
+    reruns ``function`` with grad enabled (so dropout draws the same masks), backpropagates
+    through it and restores the RNG states it found. Parameters used inside get their
+    gradients during that inner backward.
+    """
+
+    @staticmethod
+    def forward(ctx, run_function, distribute_saved_activations, *args):
+        ctx.run_function = run_function
+        ctx.rng_states = _capture_rng()
+        with torch.no_grad():
+            outputs = run_function(*args)
+        tensor_slots = [i for i, arg in enumerate(args) if torch.is_tensor(arg)]
+        ctx.tensor_slots = tensor_slots
+        ctx.other_args = [None if torch.is_tensor(arg) else arg for arg in args]
+        ctx.save_for_backward(*(args[i] for i in tensor_slots))
+        return outputs
+
+    @staticmethod
+    def backward(ctx, *grad_outputs):
+        if not torch.autograd._is_checkpoint_valid():
+            raise RuntimeError(
+                "checkpoint() is incompatible with torch.autograd.grad(); use .backward() instead"
+            )
+        args = list(ctx.other_args)
+        for slot, saved in zip(ctx.tensor_slots, ctx.saved_tensors):
+            detached = saved.detach()
+            detached.requires_grad_(saved.requires_grad)
+            args[slot] = detached
+        found = _capture_rng()
+        _restore_rng(ctx.rng_states)
+        try:
+            with torch.enable_grad():
+                outputs = ctx.run_function(*args)
+        finally:
+            _restore_rng(found)
+        if torch.is_tensor(outputs):
+            outputs = (outputs,)
+        pairs = [
+            (out, grad)
+            for out, grad in zip(outputs, grad_outputs)
+            if torch.is_tensor(out) and out.requires_grad and grad is not None
+        ]
+        if pairs:
+            torch.autograd.backward([p[0] for p in pairs], [p[1] for p in pairs])
+        grads = tuple(arg.grad if torch.is_tensor(arg) else None for arg in args)
+        return (None, None) + grads
+
+
+def checkpoint(function, distribute_saved_activations: bool, *args):
+    """``function(*args)`` with activation recompute (Megatron's ``tensor_parallel.checkpoint``).
+
+    Only the tensors in ``args`` are kept for backward; RNG states (CPU, CUDA, tracker) are
+    replayed so dropout masks in the recompute equal the forward's. At least one tensor in
+    ``args`` must require grad for the backward to run (as with reentrant checkpointing).
+    ``distribute_saved_activations`` (sharding the saved input over tensor-parallel ranks)
+    is not implemented yet and raises NotImplementedError when True.
+    """
+    if distribute_saved_activations:
+        raise NotImplementedError(
+            "distribute_saved_activations=True (--distribute-saved-activations) is not supported "
+            "yet: run without it (saved inputs are then kept whole on every tensor-parallel rank)"
+        )
+    return CheckpointFunction.apply(function, distribute_saved_activations, *args)
