@@ -179,19 +179,7 @@ def _uses_explicit_expert_comm(config: ModelParallelConfig, is_expert: bool) -> 
     return is_expert and (config.tensor_model_parallel_size > 1 or config.expert_model_parallel_size > 1)
 
 
-class _TEStateDictCompat:
-    """Megatron-Core's linears report an (empty) ``_extra_state`` so their state dicts match
-    Transformer Engine's; checkpoints written by Megatron therefore carry
-    ``<name>._extra_state`` keys, which these layers accept and produce."""
-
-    def get_extra_state(self) -> None:
-        return None
-
-    def set_extra_state(self, state) -> None:
-        """Extra state is ignored (nothing to restore)."""
-
-
-class ColumnParallelLinear(_TEStateDictCompat, torch.nn.Module):
+class ColumnParallelLinear(torch.nn.Module):
     """Y = X A^T + b with A split by rows (output features) over the tensor-parallel group.
 
     input [s, b, in] (or [s/tp, b, in] with ``config.sequence_parallel``, all-gathered along
@@ -296,7 +284,7 @@ class ColumnParallelLinear(_TEStateDictCompat, torch.nn.Module):
         )
 
 
-class RowParallelLinear(_TEStateDictCompat, torch.nn.Module):
+class RowParallelLinear(torch.nn.Module):
     """Y = X A^T + b with A split by columns (input features) over the tensor-parallel group.
 
     input [s, b, in/tp] when ``input_is_parallel`` (else [s, b, in], split here); the

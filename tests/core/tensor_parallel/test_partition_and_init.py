@@ -81,7 +81,7 @@ def test_parameter_attributes_follow_megatron():
     out, bias = row(torch.randn(2, 1, 6))
     assert bias is row.bias and out.shape == (2, 1, 4)
     # state-dict keys as Megatron-Core's local linears (Transformer Engine compatible)
-    assert list(col.state_dict()) == ["weight", "bias", "_extra_state"]
+    assert list(col.state_dict()) == ["weight", "bias"]
     col.load_state_dict(col.state_dict())
 
 
