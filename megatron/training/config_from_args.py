@@ -24,6 +24,9 @@ ARG_TO_CONFIG_FIELD: Dict[str, str] = {
     "norm_epsilon": "layernorm_epsilon",
     "apply_layernorm_1p": "layernorm_zero_centered_gamma",
     "num_experts": "num_moe_experts",
+    "decoder_first_pipeline_num_layers": "num_layers_in_first_pipeline_stage",
+    "decoder_last_pipeline_num_layers": "num_layers_in_last_pipeline_stage",
+    "microbatch_group_size_per_virtual_pipeline_stage": "microbatch_group_size_per_vp_stage",
 }
 
 
@@ -123,6 +126,9 @@ def get_ddp_config(args: argparse.Namespace):
         "grad_reduce_in_fp32": getattr(args, "accumulate_allreduce_grads_in_fp32", False),
         "bucket_size": getattr(args, "ddp_bucket_size", None),
         "average_in_collective": getattr(args, "ddp_average_in_collective", False),
-        "check_for_nan_in_grad": getattr(args, "check_for_nan_in_loss_and_grad", True),
+        # The training loop checks losses and gradients on every rank together
+        # (megatron/training/nan_check.py); a per-bucket check that raises on one rank
+        # would leave the others waiting in the reduction.
+        "check_for_nan_in_grad": False,
     }
     return build_config(DistributedDataParallelConfig, args, overrides)

@@ -58,7 +58,7 @@ def check_finite(losses: Iterable[torch.Tensor], model_chunks, iteration: int, c
     if bad_loss:
         what.append(f"NaN/Inf in the loss on rank(s) {bad_loss}")
     if bad_grad:
-        what.append(f"NaN/Inf in the gradients on rank(s) {bad_grad}")
+        what.append(f"NaN/Inf in the gradients on rank(s) {bad_grad} (after the data-parallel reduction)")
     raise NonFiniteError(
         f"iteration {iteration}: {'; '.join(what)}. The optimizer step was not taken. Lower --lr, "
         "check the data, or use --bf16 / fp16 loss scaling; --no-check-for-nan-in-loss-and-grad "

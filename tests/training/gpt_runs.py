@@ -6,7 +6,7 @@ import contextlib
 import io
 import re
 import sys
-from typing import List
+from typing import List, Optional
 
 from tests.multirank import run_on_ranks
 
@@ -33,13 +33,35 @@ def _break_row_parallel_reduction():
     layers.reduce_from_tensor_model_parallel_region = lambda x, group: x
 
 
-def _run_pretrain(rank, world_size, argv, broken=False):
+def nan_loss_on_last_rank_at_iteration_3():
+    """The last rank's third micro-batch loss becomes NaN (a planted fault)."""
+    import pretrain_gpt
+    import torch.distributed as dist
+
+    original = pretrain_gpt.loss_func
+    calls = {"n": 0}
+
+    def loss_func(loss_mask, output_tensor):
+        calls["n"] += 1
+        loss, num_tokens, report = original(loss_mask, output_tensor)
+        if dist.get_rank() == dist.get_world_size() - 1 and calls["n"] == 3:
+            loss = loss * float("nan")
+            report = {k: v * float("nan") for k, v in report.items()}
+        return loss, num_tokens, report
+
+    pretrain_gpt.loss_func = loss_func
+
+
+SETUPS = {"broken_row_parallel": _break_row_parallel_reduction, "nan_loss": nan_loss_on_last_rank_at_iteration_3}
+
+
+def _run_pretrain(rank, world_size, argv, setup=None):
     import pretrain_gpt
     from megatron.core.transformer.enums import ModelType
     from megatron.training.training import pretrain
 
-    if broken:
-        _break_row_parallel_reduction()
+    if setup is not None:
+        SETUPS[setup]()
 
     sys.argv = ["pretrain_gpt.py"] + list(argv)
     out = io.StringIO()
@@ -49,10 +71,14 @@ def _run_pretrain(rank, world_size, argv, broken=False):
     return out.getvalue()
 
 
-def run_gpt(world_size: int, extra: List[str], iters: int = 10, broken: bool = False) -> str:
-    """The log printed by the last rank of a tiny-GPT run (``broken``: with a planted bug)."""
-    argv = TINY_GPT + ["--train-iters", str(iters)] + extra
-    logs = run_on_ranks(_run_pretrain, world_size, args=(argv, broken), timeout=400)
+def run_gpt(world_size: int, extra: List[str], iters: Optional[int] = 10, setup: str = None) -> str:
+    """The log printed by the last rank of a tiny-GPT run; ``setup`` names a fault to plant
+    (a key of SETUPS) before training starts."""
+    if iters is None:  # sample-based: the length comes from --train-samples in ``extra``
+        argv = [a if a != "--lr-warmup-iters" else "--lr-warmup-samples" for a in TINY_GPT] + extra
+    else:
+        argv = TINY_GPT + ["--train-iters", str(iters)] + extra
+    logs = run_on_ranks(_run_pretrain, world_size, args=(argv, setup), timeout=400)
     return logs[-1]
 
 
@@ -62,3 +88,49 @@ def losses(log: str) -> List[float]:
 
 def grad_norms(log: str) -> List[float]:
     return [float(x) for x in GRAD_NORM.findall(log)]
+
+
+_CAPTURED = {}
+
+
+def _capture_model() -> None:
+    """Wrap the training driver's model setup so the trained chunks can be read afterwards."""
+    from megatron.training import training
+
+    original = training.setup_model_and_optimizer
+
+    def capturing(*args, **kwargs):
+        model, optimizer, scheduler = original(*args, **kwargs)
+        _CAPTURED["model"] = model
+        return model, optimizer, scheduler
+
+    training.setup_model_and_optimizer = capturing
+
+
+def _final_params() -> dict:
+    """{param name: fp32 copy} of this rank's chunks, after any pending param all-gather."""
+    out = {}
+    for chunk in _CAPTURED["model"]:
+        if hasattr(chunk, "finish_param_sync"):
+            chunk.finish_param_sync()
+        for name, param in getattr(chunk, "module", chunk).named_parameters():
+            out[name] = param.detach().float().clone()
+    return out
+
+
+def _run_pretrain_with_params(rank, world_size, argv, patch):
+    _capture_model()
+    if patch is not None:
+        patch()
+    log = _run_pretrain(rank, world_size, argv)
+    return log, _final_params()
+
+
+def run_gpt_with_params(world_size: int, extra: List[str], iters: int = 10, patch=None):
+    """(log of the last rank, [per rank {param name: final fp32 value}]) of a tiny-GPT run.
+
+    ``patch``: a module-level function run on every rank before training (to plant a bug).
+    """
+    argv = TINY_GPT + ["--train-iters", str(iters)] + extra
+    results = run_on_ranks(_run_pretrain_with_params, world_size, args=(argv, patch), timeout=400)
+    return results[-1][0], [params for _, params in results]

@@ -62,7 +62,7 @@ def test_gradient_accumulation_equals_bigger_micro_batch():
 
 def test_broken_layer_fails_parity(reference_log):
     """The parity check catches a real bug: a row-parallel layer that skips its all-reduce."""
-    log = run_gpt(2, ["--tensor-model-parallel-size", "2"], iters=3, broken=True)
+    log = run_gpt(2, ["--tensor-model-parallel-size", "2"], iters=3, setup="broken_row_parallel")
     got, ref = losses(log), losses(reference_log)[:3]
     assert len(got) == 3
     assert any(abs(x - y) > 10 * RTOL * abs(y) for x, y in zip(got, ref)), (got, ref)
