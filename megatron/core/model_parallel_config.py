@@ -53,6 +53,18 @@ class ModelParallelConfig:
     params_dtype: torch.dtype = torch.float32
     """Dtype of the model's parameters (float16/bfloat16 with --fp16/--bf16)."""
 
+    pipeline_dtype: Optional[torch.dtype] = None
+    """Dtype of the activations sent between pipeline stages (the params dtype when None)."""
+
+    microbatch_group_size_per_vp_stage: Optional[int] = None
+    """Number of contiguous micro-batches per virtual pipeline stage in the interleaved
+    schedule (--microbatch-group-size-per-virtual-pipeline-stage); None means the
+    pipeline-parallel size."""
+
+    deallocate_pipeline_outputs: bool = False
+    """Free the data of a pipeline stage's output once it has been sent to the next stage
+    (its autograd graph is kept for backward)."""
+
     def __post_init__(self) -> None:
         if self.fp16 and self.bf16:
             raise ValueError("--fp16 and --bf16 cannot both be set: choose one precision")

@@ -357,6 +357,31 @@ def check_pipeline(args: argparse.Namespace) -> None:
                       "add --num-virtual-stages-per-pipeline-rank or drop the flag")
 
 
+def check_interleaved_schedule(args: argparse.Namespace, data_parallel_size: int) -> None:
+    """Micro-batch grouping of the interleaved schedule (megatron-facts section 10):
+    PP <= G <= M, and M % G is 0 or at least PP (else "dependency bubbles")."""
+    if not virtual_pipeline_size(args) or args.rampup_batch_size is not None:
+        return
+    pp = args.pipeline_model_parallel_size
+    gbs = args.global_batch_size or args.micro_batch_size * data_parallel_size
+    m = gbs // (args.micro_batch_size * data_parallel_size)
+    g = args.microbatch_group_size_per_virtual_pipeline_stage or pp
+    flag = "--microbatch-group-size-per-virtual-pipeline-stage"
+    if g < pp:
+        raise invalid(flag, g, f"the interleaved schedule needs a group of at least PP = {pp} micro-batches",
+                      f"use {pp} or more (the default is PP)")
+    if m < g:
+        raise invalid("--global-batch-size", gbs,
+                      f"gives {m} micro-batch(es) per step, fewer than the interleaved schedule's group of {g}",
+                      f"use a global batch size of at least {g * args.micro_batch_size * data_parallel_size} "
+                      f"or a smaller {flag}")
+    if 0 < m % g < pp:
+        raise invalid("--global-batch-size", gbs,
+                      f"gives {m} micro-batches, leaving a last group of {m % g} (fewer than PP = {pp}) "
+                      "in the interleaved schedule, which creates dependency bubbles",
+                      f"use a number of micro-batches divisible by {flag} {g}, or a last group of at least PP")
+
+
 def _accounted(args: argparse.Namespace) -> str:
     extra = [n for n, on in (("embedding", args.account_for_embedding_in_pipeline_split),
                              ("loss", args.account_for_loss_in_pipeline_split)) if on]
@@ -377,6 +402,10 @@ def _check_uneven_pipeline(args: argparse.Namespace, layers: int, first, last) -
     middle_layers = layers - (first or 0) - (last or 0)
     middle_stages = pp - int(first is not None) - int(last is not None)
     vpp = args.num_virtual_stages_per_pipeline_rank or 1
+    for name, value in (("--decoder-first-pipeline-num-layers", first), ("--decoder-last-pipeline-num-layers", last)):
+        if value is not None and value % vpp:
+            raise invalid(name, value, f"the stage's layers must split evenly over its {vpp} virtual stages",
+                          "use a multiple of --num-virtual-stages-per-pipeline-rank")
     if middle_layers < 0 or (middle_stages == 0 and middle_layers) or (
         middle_stages and middle_layers % (middle_stages * vpp)
     ):
@@ -457,5 +486,6 @@ def check_args(args: argparse.Namespace, world_size: int) -> None:
     check_precision(args)
     check_recompute(args)
     check_pipeline(args)
+    check_interleaved_schedule(args, world_size // (tp * pp * cp))
     check_checkpointing(args)
     check_data(args)

@@ -21,7 +21,7 @@ def evaluate(forward_step_func, data_iterator, model, pg: ProcessGroups, eval_it
     for chunk in model:
         chunk.eval()
     sums: Dict[str, torch.Tensor] = {}
-    forward_backward = get_forward_backward_func(pg)
+    forward_backward = get_forward_backward_func(pg, vp_size=len(model))
     with torch.no_grad():
         for _ in range(eval_iters):
             reported = forward_backward(

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
-from typing import Callable, List
+from typing import Callable, List, Optional
 
 import torch
 
 from megatron.core.distributed import DistributedDataParallel
 from megatron.core.optimizer import get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.pipeline_parallel.init_rng import layout_independent_initialization
+from megatron.core.pipeline_parallel.tied_embeddings import sync_tied_embedding_weights
 from megatron.core.process_groups import ProcessGroups
 from megatron.training.config_from_args import (
     core_transformer_config_from_args,
@@ -35,21 +38,56 @@ def _count_parameters(chunks: List[torch.nn.Module]) -> int:
     return sum(p.numel() for m in chunks for p in m.parameters())
 
 
-def get_model(model_provider_func: Callable, pg_collection: ProcessGroups, wrap_with_ddp: bool = True):
-    """Call ``model_provider_func(pre_process, post_process)`` for this pipeline stage.
+def _provider_takes_vp_stage(model_provider_func: Callable) -> bool:
+    try:
+        parameters = inspect.signature(model_provider_func).parameters
+    except (TypeError, ValueError):
+        return False
+    return "vp_stage" in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values())
 
-    Returns a list of model chunks (one without virtual pipelining), moved to the GPU
-    when there is one and wrapped in DistributedDataParallel.
+
+def build_model_chunks(model_provider_func: Callable, pg_collection: ProcessGroups,
+                       vpp: Optional[int]) -> List[torch.nn.Module]:
+    """This rank's model chunks: one, or ``vpp`` for the interleaved schedule.
+
+    Chunk c is virtual stage ``c * PP + pp_rank``; it pre-processes (embedding) only as
+    the very first virtual stage and post-processes (output layer, loss) only as the last.
+    """
+    first, last = pg_collection.is_pipeline_first_stage(), pg_collection.is_pipeline_last_stage()
+    takes_vp_stage = _provider_takes_vp_stage(model_provider_func)
+    if not vpp or vpp == 1:
+        kwargs = {"vp_stage": None} if takes_vp_stage else {}
+        model = model_provider_func(pre_process=first, post_process=last, **kwargs)
+        return model if isinstance(model, list) else [model]
+    if not takes_vp_stage:
+        raise ValueError(
+            f"--num-virtual-stages-per-pipeline-rank {vpp} (or --num-layers-per-virtual-pipeline-stage): "
+            "the model provider must accept a vp_stage argument to build one chunk per virtual stage; "
+            "add vp_stage=None to model_provider(pre_process, post_process)"
+        )
+    return [
+        model_provider_func(pre_process=first and c == 0, post_process=last and c == vpp - 1, vp_stage=c)
+        for c in range(vpp)
+    ]
+
+
+def get_model(model_provider_func: Callable, pg_collection: ProcessGroups, wrap_with_ddp: bool = True):
+    """Call ``model_provider_func(pre_process, post_process[, vp_stage])`` for each chunk.
+
+    Returns the list of this rank's model chunks, moved to the GPU when there is one and
+    wrapped in DistributedDataParallel. With --use-cpu-initialization the weights do not
+    depend on the parallel layout (``pipeline_parallel.init_rng``). Tied input/output
+    embeddings start equal on the first and last stage (``sync_tied_embedding_weights``).
     """
     args = get_args()
-    pre_process = pg_collection.is_pipeline_first_stage()
-    post_process = pg_collection.is_pipeline_last_stage()
-    model = model_provider_func(pre_process=pre_process, post_process=post_process)
-    chunks = model if isinstance(model, list) else [model]
+    init_seed = args.seed if args.use_cpu_initialization else None
+    with layout_independent_initialization(init_seed):
+        chunks = build_model_chunks(model_provider_func, pg_collection,
+                                    getattr(args, "virtual_pipeline_model_parallel_size", None))
     for chunk in chunks:
-        # Megatron's model type is the encoder-or-decoder flag used by pipeline schedules.
         if torch.cuda.is_available():
             chunk.cuda(torch.cuda.current_device())
+    sync_tied_embedding_weights(chunks, pg_collection)
     n_params = _count_parameters(chunks)
     print_rank_0(
         f" > number of parameters on (tensor, pipeline) model parallel rank "
@@ -59,7 +97,11 @@ def get_model(model_provider_func: Callable, pg_collection: ProcessGroups, wrap_
         return chunks
     config = core_transformer_config_from_args(args)
     ddp_config = get_ddp_config(args)
-    wrapped = [DistributedDataParallel(config, ddp_config, chunk, pg_collection=pg_collection) for chunk in chunks]
+    wrapped = [
+        DistributedDataParallel(config, ddp_config, chunk, pg_collection=pg_collection,
+                                disable_bucketing=(index > 0))
+        for index, chunk in enumerate(chunks)
+    ]
     for chunk in wrapped:
         chunk.broadcast_params()
     return wrapped

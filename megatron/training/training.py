@@ -23,7 +23,7 @@ from megatron.training.evaluation import evaluate_and_print_results
 from megatron.training.global_vars import get_args, get_timers
 from megatron.training.initialize import initialize_megatron
 from megatron.training.loss_reduction import reduce_reported_losses
-from megatron.training.model_setup import setup_model_and_optimizer
+from megatron.training.model_setup import setup_model_and_optimizer, unwrap_model
 from megatron.training.nan_check import check_finite
 from megatron.training.rank_print import print_rank_0, print_rank_last
 from megatron.training.training_log import IterationStats, TrainingLogger, memory_report
@@ -53,7 +53,10 @@ def pretrain(train_valid_test_dataset_provider: Callable, model_provider: Callab
     pg = parallel_state.get_process_groups()
     print_rank_0(f"> time to initialize: {time.time() - start:.1f} s")
     model, optimizer, scheduler = setup_model_and_optimizer(model_provider, pg)
-    train_it, valid_it, test_it = build_train_valid_test_data_iterators(train_valid_test_dataset_provider, pg)
+    train_it, valid_it, test_it = (
+        iterators_per_chunk(it, model)
+        for it in build_train_valid_test_data_iterators(train_valid_test_dataset_provider, pg)
+    )
     writers = ScalarWriters(build_tensorboard_writer(args), build_wandb_writer(args))
     iteration = 0
     if args.do_train and not getattr(args, "skip_train", False) and (args.train_iters or args.train_samples):
@@ -76,7 +79,7 @@ def train_step(forward_step_func, data_iterator, model: List[torch.nn.Module], o
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
     timers("forward-backward", log_level=1).start(barrier=args.barrier_with_L1_time)
-    reported = get_forward_backward_func(pg)(
+    reported = get_forward_backward_func(pg, vp_size=len(model))(
         forward_step_func=forward_step_func,
         data_iterator=data_iterator,
         model=model,
@@ -102,6 +105,21 @@ def train_step(forward_step_func, data_iterator, model: List[torch.nn.Module], o
     if update_successful:
         scheduler.step(increment=get_num_microbatches() * args.micro_batch_size * args.data_parallel_size)
     return StepResult(losses, not update_successful, grad_norm, num_zeros)
+
+
+def iterators_per_chunk(iterator, model: List[torch.nn.Module]):
+    """The data iterator as the schedule wants it: itself for one model chunk, else a list
+    with one entry per chunk (interleaved pipeline). Only the chunks that read data -- the
+    one with the embedding and the one with the loss -- get the iterator; the others get
+    None, so every micro-batch is read exactly once per rank."""
+    if len(model) == 1:
+        return iterator
+    return [iterator if _reads_data(chunk) else None for chunk in model]
+
+
+def _reads_data(chunk: torch.nn.Module) -> bool:
+    core = unwrap_model(chunk)
+    return bool(getattr(core, "pre_process", True) or getattr(core, "post_process", True))
 
 
 def _learning_rate(optimizer) -> Optional[float]:

@@ -288,8 +288,8 @@ def test_pipeline_layer_divisibility():
 
 
 def test_virtual_pipeline_rules():
-    args = validated("--num-layers 8 --pipeline-model-parallel-size 2 --num-layers-per-virtual-pipeline-stage 2",
-                     world_size=2)
+    args = validated("--num-layers 8 --pipeline-model-parallel-size 2 --num-layers-per-virtual-pipeline-stage 2 "
+                     "--global-batch-size 4", world_size=2)
     assert args.virtual_pipeline_model_parallel_size == 2
     assert args.microbatch_group_size_per_virtual_pipeline_stage == 2
     one = validated("--num-layers 8 --pipeline-model-parallel-size 2 --num-virtual-stages-per-pipeline-rank 1",

@@ -7,6 +7,8 @@ from typing import Optional
 import torch
 
 from megatron.core import process_groups, tensor_parallel
+from megatron.core.pipeline_parallel.init_rng import initialization_stream
+from megatron.core.pipeline_parallel.layer_split import stage_layers_from_config
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.torch_norm import build_norm
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -43,7 +45,9 @@ class TransformerBlock(torch.nn.Module):
     (the activation received from the previous pipeline stage) and ``hidden_states`` is
     ignored. ``final_layernorm`` exists when ``post_process`` and ``post_layer_norm``.
     ``spec`` is accepted for Megatron-Core signature compatibility and ignored: the
-    layers are always the local (pure PyTorch) ones.
+    layers are always the local (pure PyTorch) ones. ``num_layers`` None: all layers with
+    one pipeline stage, else this stage's (chunk ``vp_stage``'s) share as
+    ``pipeline_parallel.layer_split`` assigns it (``layer_offset`` is then ignored).
     """
 
     def __init__(
@@ -57,6 +61,7 @@ class TransformerBlock(torch.nn.Module):
         num_layers: Optional[int] = None,
         layer_offset: int = 0,
         attn_mask_type: AttnMaskType = AttnMaskType.causal,
+        vp_stage: Optional[int] = None,
     ):
         super().__init__()
         _check_recompute(config)
@@ -64,20 +69,27 @@ class TransformerBlock(torch.nn.Module):
         self.pre_process = pre_process
         self.post_process = post_process
         self.post_layer_norm = post_layer_norm
-        num_layers = config.num_layers if num_layers is None else num_layers
+        groups = process_groups.resolve(pg_collection)
+        if num_layers is None:
+            num_layers, layer_offset = stage_layers_from_config(config, groups.size("pp"), groups.rank("pp"), vp_stage)
         if num_layers < 0 or layer_offset < 0 or layer_offset + num_layers > config.num_layers:
             raise ValueError(
                 f"a block of {num_layers} layers at offset {layer_offset} does not fit in "
                 f"--num-layers {config.num_layers}: check the pipeline layer split"
             )
         self.layer_offset = layer_offset
-        groups = process_groups.resolve(pg_collection)
+        self.vp_stage = vp_stage
         self.layers = torch.nn.ModuleList(
-            TransformerLayer(config, layer_number=layer_offset + i + 1, pg_collection=groups, attn_mask_type=attn_mask_type)
-            for i in range(num_layers)
+            self._build_layer(config, layer_offset + i + 1, groups, attn_mask_type) for i in range(num_layers)
         )
         self.final_layernorm = build_norm(config, config.hidden_size) if post_process and post_layer_norm else None
         self.input_tensor: Optional[torch.Tensor] = None
+
+    @staticmethod
+    def _build_layer(config, layer_number: int, groups, attn_mask_type) -> TransformerLayer:
+        # Layer L's initial weights depend only on L (see pipeline_parallel.init_rng).
+        with initialization_stream(f"layer{layer_number}"):
+            return TransformerLayer(config, layer_number=layer_number, pg_collection=groups, attn_mask_type=attn_mask_type)
 
     def set_input_tensor(self, input_tensor: Optional[torch.Tensor]) -> None:
         """Use ``input_tensor`` [s(/tp), b, h] as this stage's input (pipeline parallelism)."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Optional, Tuple
+from typing import Callable, List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -133,6 +133,90 @@ class TransformerConfig(ModelParallelConfig):
     calculate_per_token_loss: bool = False
     """Average the loss over all tokens of the global batch (--calculate-per-token-loss)."""
 
+    num_layers_in_first_pipeline_stage: Optional[int] = None
+    """Number of transformer layers on the first pipeline stage (--decoder-first-pipeline-num-layers)."""
+
+    num_layers_in_last_pipeline_stage: Optional[int] = None
+    """Number of transformer layers on the last pipeline stage (--decoder-last-pipeline-num-layers)."""
+
+    account_for_embedding_in_pipeline_split: bool = False
+    """Count the embedding as a layer of the first pipeline stage when splitting layers
+    (--account-for-embedding-in-pipeline-split)."""
+
+    account_for_loss_in_pipeline_split: bool = False
+    """Count the loss as a layer of the last pipeline stage when splitting layers
+    (--account-for-loss-in-pipeline-split)."""
+
+    num_moe_experts: Optional[int] = None
+    """Number of experts in each MoE layer (--num-experts); None: dense MLPs only."""
+
+    moe_layer_freq: Union[int, List[int]] = 1
+    """Which layers are MoE (--moe-layer-freq): every N-th layer, or a 0/1 list per layer."""
+
+    moe_ffn_hidden_size: Optional[int] = None
+    """Hidden size of each routed expert's MLP (--moe-ffn-hidden-size); default --ffn-hidden-size."""
+
+    moe_shared_expert_intermediate_size: Optional[int] = None
+    """Hidden size of the shared expert(s) (--moe-shared-expert-intermediate-size); none when None."""
+
+    moe_router_topk: int = 2
+    """Experts each token is routed to (--moe-router-topk)."""
+
+    moe_router_score_function: str = "softmax"
+    """Router score function, softmax or sigmoid (--moe-router-score-function)."""
+
+    moe_router_pre_softmax: bool = False
+    """Softmax over all experts before the top-k selection (--moe-router-pre-softmax)."""
+
+    moe_router_num_groups: Optional[int] = None
+    """Expert groups for group-limited routing (--moe-router-num-groups)."""
+
+    moe_router_group_topk: Optional[int] = None
+    """Groups each token may use with group-limited routing (--moe-router-group-topk)."""
+
+    moe_router_topk_scaling_factor: Optional[float] = None
+    """Scale of the top-k routing probabilities (--moe-router-topk-scaling-factor)."""
+
+    moe_router_enable_expert_bias: bool = False
+    """Aux-loss-free balancing: a per-expert bias added to the scores for selection only,
+    updated after each step from the token counts (--moe-router-enable-expert-bias)."""
+
+    moe_router_bias_update_rate: float = 1e-3
+    """Step of the expert-bias update (--moe-router-bias-update-rate)."""
+
+    moe_router_dtype: Optional[str] = None
+    """Router compute dtype, fp32 or fp64; None: the params dtype (--moe-router-dtype)."""
+
+    moe_router_load_balancing_type: str = "aux_loss"
+    """Load balancing: aux_loss, seq_aux_loss, sinkhorn or none (--moe-router-load-balancing-type)."""
+
+    moe_aux_loss_coeff: float = 0.0
+    """Scale of the load-balancing auxiliary loss (--moe-aux-loss-coeff)."""
+
+    moe_z_loss_coeff: Optional[float] = None
+    """Scale of the router z-loss (--moe-z-loss-coeff); None: no z-loss."""
+
+    moe_input_jitter_eps: Optional[float] = None
+    """Multiplicative uniform jitter of the router input in training (--moe-input-jitter-eps)."""
+
+    moe_token_dispatcher_type: str = "allgather"
+    """How tokens reach their experts: allgather or alltoall (--moe-token-dispatcher-type)."""
+
+    moe_expert_capacity_factor: Optional[float] = None
+    """Expert capacity factor (--moe-expert-capacity-factor); None: dropless."""
+
+    moe_pad_expert_input_to_capacity: bool = False
+    """Pad every expert's input to its capacity (--moe-pad-expert-input-to-capacity)."""
+
+    moe_token_drop_policy: str = "probs"
+    """Which tokens an over-full expert drops: lowest probs or latest position (--moe-token-drop-policy)."""
+
+    moe_grouped_gemm: bool = False
+    """Run the local experts as one grouped GEMM instead of a loop (--moe-grouped-gemm)."""
+
+    moe_per_layer_logging: bool = False
+    """Write the MoE balancing losses of every layer to TensorBoard (--moe-per-layer-logging)."""
+
     def __post_init__(self) -> None:
         super().__post_init__()
         self._check_shape()
@@ -149,6 +233,10 @@ class TransformerConfig(ModelParallelConfig):
             self.output_layer_init_method = scaled_init_method_normal(self.init_method_std, self.num_layers)
         if self.apply_query_key_layer_scaling:
             self.attention_softmax_in_fp32 = True
+        if self.num_moe_experts is not None:
+            from megatron.core.transformer.moe.moe_config_checks import check_moe_config
+
+            check_moe_config(self)
 
     def _check_shape(self) -> None:
         for flag, value in (

@@ -16,6 +16,7 @@ from megatron.core import process_groups, tensor_parallel
 from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 from megatron.core.models.common.language_module.language_module import LanguageModule
+from megatron.core.pipeline_parallel.init_rng import initialization_stream
 from megatron.core.transformer.transformer_block import TransformerBlock
 from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -34,7 +35,8 @@ class GPTModel(LanguageModule):
 
     ``transformer_layer_spec`` is accepted for Megatron-Core signature compatibility and
     ignored (the layers are always the local PyTorch ones). ``num_layers_in_stage`` and
-    ``layer_offset`` select this stage's layers (default: all of them, offset 0).
+    ``layer_offset`` select this stage's layers (default: this pipeline stage's share, or
+    virtual chunk ``vp_stage``'s with the interleaved schedule; all layers without pipelining).
     Rotary position embedding ignores ``position_ids`` (positions are 0..s-1), as
     Megatron's does.
     """
@@ -57,6 +59,7 @@ class GPTModel(LanguageModule):
         pg_collection: Optional[process_groups.ProcessGroups] = None,
         num_layers_in_stage: Optional[int] = None,
         layer_offset: int = 0,
+        vp_stage: Optional[int] = None,
     ):
         super().__init__(config, pg_collection=pg_collection)
         if vocab_size <= 0:
@@ -82,10 +85,12 @@ class GPTModel(LanguageModule):
         self.position_embedding_type = position_embedding_type
         groups = self.pg_collection
 
+        self.vp_stage = vp_stage
         if pre_process:
-            self.embedding = LanguageModelEmbedding(
-                config, vocab_size, max_sequence_length, position_embedding_type, pg_collection=groups
-            )
+            with initialization_stream("embedding"):
+                self.embedding = LanguageModelEmbedding(
+                    config, vocab_size, max_sequence_length, position_embedding_type, pg_collection=groups
+                )
         if position_embedding_type == "rope":
             self.rotary_pos_emb = RotaryEmbedding(
                 config.kv_channels,
@@ -101,8 +106,14 @@ class GPTModel(LanguageModule):
             pg_collection=groups,
             num_layers=num_layers_in_stage,
             layer_offset=layer_offset,
+            vp_stage=vp_stage,
         )
         if post_process:
+            self._build_output_layer(config, vocab_size, pre_process and share_embeddings_and_output_weights)
+        self.setup_embeddings_and_output_layer()
+
+    def _build_output_layer(self, config: TransformerConfig, vocab_size: int, skip_weight: bool) -> None:
+        with initialization_stream("output_layer"):
             self.output_layer = tensor_parallel.ColumnParallelLinear(
                 config.hidden_size,
                 vocab_size,
@@ -111,10 +122,9 @@ class GPTModel(LanguageModule):
                 bias=False,
                 skip_bias_add=False,
                 gather_output=False,
-                skip_weight_param_allocation=pre_process and share_embeddings_and_output_weights,
+                skip_weight_param_allocation=skip_weight,
                 tp_group=self.tp_group,
             )
-        self.setup_embeddings_and_output_layer()
 
     def set_input_tensor(self, input_tensor) -> None:
         """Give the decoder the activation from the previous pipeline stage ([s(/tp), b, h]
