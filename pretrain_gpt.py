@@ -17,7 +17,7 @@ from megatron.training import get_args, get_tokenizer, pretrain, print_rank_0
 from megatron.training.config_from_args import core_transformer_config_from_args
 
 
-def model_provider(pre_process: bool = True, post_process: bool = True) -> GPTModel:
+def model_provider(pre_process: bool = True, post_process: bool = True, vp_stage=None) -> GPTModel:
     """The GPT model of this pipeline stage, shaped by the command line."""
     args = get_args()
     config = core_transformer_config_from_args(args)
@@ -34,16 +34,21 @@ def model_provider(pre_process: bool = True, post_process: bool = True) -> GPTMo
         position_embedding_type=args.position_embedding_type,
         rotary_percent=args.rotary_percent,
         rotary_base=args.rotary_base,
+        vp_stage=vp_stage,
     )
 
 
 _INT_KEYS = ["tokens", "labels", "position_ids"]
 
 
-def get_batch(data_iterator):
-    """This rank's micro-batch: read on tensor-parallel rank 0, broadcast to the others."""
+def get_batch(data_iterator, needs_data=None):
+    """This rank's micro-batch: read on tensor-parallel rank 0, broadcast to the others.
+
+    ``needs_data`` False (a model chunk with neither embedding nor loss) reads nothing."""
     pg = parallel_state.get_process_groups()
-    if not (pg.is_pipeline_first_stage() or pg.is_pipeline_last_stage()):
+    if needs_data is None:
+        needs_data = pg.is_pipeline_first_stage() or pg.is_pipeline_last_stage()
+    if not needs_data:
         return None, None, None, None, None
     data = next(data_iterator) if data_iterator is not None else None
     ints = tensor_parallel.broadcast_data(_INT_KEYS, data, torch.int64, pg.tp)
@@ -76,7 +81,9 @@ def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
 
 def forward_step(data_iterator, model):
     """One micro-batch forward: the per-token losses and the function that reduces them."""
-    tokens, labels, loss_mask, attention_mask, position_ids = get_batch(data_iterator)
+    core = model.module if hasattr(model, "module") else model
+    needs_data = getattr(core, "pre_process", True) or getattr(core, "post_process", True)
+    tokens, labels, loss_mask, attention_mask, position_ids = get_batch(data_iterator, needs_data)
     output_tensor = model(tokens, position_ids, attention_mask, labels=labels)
     return output_tensor, partial(loss_func, loss_mask)
 
