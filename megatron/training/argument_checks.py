@@ -319,6 +319,10 @@ def check_recompute(args: argparse.Namespace) -> None:
             raise invalid("--distribute-saved-activations", True,
                           "needs --tensor-model-parallel-size > 1 and full recompute with a --recompute-method",
                           "add those flags or drop --distribute-saved-activations")
+        if args.sequence_parallel:
+            raise invalid("--distribute-saved-activations", True,
+                          "cannot be combined with --sequence-parallel (the saved input is already split)",
+                          "drop one of the two flags")
 
 
 def check_pipeline(args: argparse.Namespace) -> None:

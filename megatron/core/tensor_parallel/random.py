@@ -15,6 +15,8 @@ from typing import Any, Dict, Optional
 import torch
 
 from megatron.core import process_groups
+from megatron.core.process_groups import group_rank, group_size
+from megatron.core.tensor_parallel.collectives import all_gather_first_dim
 
 _MODEL_PARALLEL_RNG_TRACKER_NAME = "model-parallel-rng"
 _EXPERT_PARALLEL_RNG_TRACKER_NAME = "expert-parallel-rng"
@@ -183,7 +185,10 @@ class CheckpointFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, run_function, distribute_saved_activations, *args):
+    def forward(ctx, run_function, tp_group, *args):
+        """``tp_group`` not None: keep only this rank's 1/tp slice of the first tensor argument
+        (the hidden states, identical on every tensor-parallel rank) and all-gather it back
+        in backward (--distribute-saved-activations)."""
         ctx.run_function = run_function
         ctx.rng_states = _capture_rng()
         with torch.no_grad():
@@ -191,7 +196,12 @@ class CheckpointFunction(torch.autograd.Function):
         tensor_slots = [i for i, arg in enumerate(args) if torch.is_tensor(arg)]
         ctx.tensor_slots = tensor_slots
         ctx.other_args = [None if torch.is_tensor(arg) else arg for arg in args]
-        ctx.save_for_backward(*(args[i] for i in tensor_slots))
+        saved = [args[i] for i in tensor_slots]
+        ctx.tp_group = tp_group
+        if tp_group is not None and saved:
+            ctx.first_shape, ctx.first_requires_grad = saved[0].shape, saved[0].requires_grad
+            saved[0] = _my_flat_slice(saved[0].detach(), tp_group)
+        ctx.save_for_backward(*saved)
         return outputs
 
     @staticmethod
@@ -201,9 +211,14 @@ class CheckpointFunction(torch.autograd.Function):
                 "checkpoint() is incompatible with torch.autograd.grad(); use .backward() instead"
             )
         args = list(ctx.other_args)
-        for slot, saved in zip(ctx.tensor_slots, ctx.saved_tensors):
+        saved_tensors = list(ctx.saved_tensors)
+        requires_grad = [t.requires_grad for t in saved_tensors]
+        if ctx.tp_group is not None and saved_tensors:
+            saved_tensors[0] = _gather_flat_slices(saved_tensors[0], ctx.tp_group, ctx.first_shape)
+            requires_grad[0] = ctx.first_requires_grad
+        for slot, saved, needs_grad in zip(ctx.tensor_slots, saved_tensors, requires_grad):
             detached = saved.detach()
-            detached.requires_grad_(saved.requires_grad)
+            detached.requires_grad_(needs_grad)
             args[slot] = detached
         found = _capture_rng()
         _restore_rng(ctx.rng_states)
@@ -225,18 +240,36 @@ class CheckpointFunction(torch.autograd.Function):
         return (None, None) + grads
 
 
-def checkpoint(function, distribute_saved_activations: bool, *args):
+def _my_flat_slice(tensor: torch.Tensor, group) -> torch.Tensor:
+    """This rank's contiguous 1/world part of ``tensor`` flattened (zero-padded to divide)."""
+    world, rank = group_size(group), group_rank(group)
+    flat = tensor.reshape(-1)
+    per_rank = -(-flat.numel() // world)
+    padded = torch.nn.functional.pad(flat, (0, per_rank * world - flat.numel()))
+    return padded[rank * per_rank : (rank + 1) * per_rank].clone()
+
+
+def _gather_flat_slices(part: torch.Tensor, group, shape) -> torch.Tensor:
+    """Inverse of ``_my_flat_slice`` over the group: the whole tensor of ``shape``."""
+    numel = 1
+    for dim in shape:
+        numel *= dim
+    return all_gather_first_dim(part, group)[:numel].view(shape)
+
+
+def checkpoint(function, distribute_saved_activations: bool, *args, tp_group=None):
     """``function(*args)`` with activation recompute (Megatron's ``tensor_parallel.checkpoint``).
 
     Only the tensors in ``args`` are kept for backward; RNG states (CPU, CUDA, tracker) are
     replayed so dropout masks in the recompute equal the forward's. At least one tensor in
     ``args`` must require grad for the backward to run (as with reentrant checkpointing).
-    ``distribute_saved_activations`` (sharding the saved input over tensor-parallel ranks)
-    is not implemented yet and raises NotImplementedError when True.
+    With ``distribute_saved_activations`` the first tensor argument, which must be the same
+    on every rank of ``tp_group`` (the default tensor-parallel group when None), is stored
+    as one 1/tp slice per rank and all-gathered when the backward recomputes.
     """
+    group = None
     if distribute_saved_activations:
-        raise NotImplementedError(
-            "distribute_saved_activations=True (--distribute-saved-activations) is not supported "
-            "yet: run without it (saved inputs are then kept whole on every tensor-parallel rank)"
-        )
-    return CheckpointFunction.apply(function, distribute_saved_activations, *args)
+        group = tp_group if tp_group is not None else process_groups.default_process_groups().tp
+        if group_size(group) == 1:
+            group = None
+    return CheckpointFunction.apply(function, group, *args)

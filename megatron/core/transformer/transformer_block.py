@@ -70,6 +70,7 @@ class TransformerBlock(torch.nn.Module):
         self.post_process = post_process
         self.post_layer_norm = post_layer_norm
         groups = process_groups.resolve(pg_collection)
+        self.tp_group = groups.tp
         if num_layers is None:
             num_layers, layer_offset = stage_layers_from_config(config, groups.size("pp"), groups.rank("pp"), vp_stage)
         if num_layers < 0 or layer_offset < 0 or layer_offset + num_layers > config.num_layers:
@@ -106,7 +107,9 @@ class TransformerBlock(torch.nn.Module):
         def run(x):
             return self._run_layers(start, end, x, attention_mask, rotary_pos_emb)
 
-        return tensor_parallel.random.checkpoint(run, self.config.distribute_saved_activations, hidden_states)
+        return tensor_parallel.random.checkpoint(
+            run, self.config.distribute_saved_activations, hidden_states, tp_group=self.tp_group
+        )
 
     def _forward_full_recompute(self, hidden_states, attention_mask, rotary_pos_emb):
         n = len(self.layers)

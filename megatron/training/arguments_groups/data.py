@@ -65,6 +65,8 @@ def add_data_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--num-dataset-builder-threads", type=int, default=1, help="Threads building dataset indices.")
     g.add_argument("--no-mmap-bin-files", action="store_false", dest="mmap_bin_files",
                    help="Read .bin files with file reads instead of mmap.")
+    g.add_argument("--allow-ambiguous-pad-tokens", action="store_true",
+                   help="Keep masking pad tokens even when the pad id equals another special id.")
     g.add_argument("--mid-level-dataset-surplus", type=float, default=0.005,
                    help="Extra samples requested from each blended dataset.")
     return parser

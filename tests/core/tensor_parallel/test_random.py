@@ -119,9 +119,3 @@ def test_checkpoint_with_dropout_gives_identical_grads():
     weight = torch.randn(6, 4, generator=torch.Generator().manual_seed(1)).to(DEVICE)
     x = torch.randn(5, 2, 4, generator=torch.Generator().manual_seed(2)).to(DEVICE)
     assert not torch.equal(_block(x, weight, 2.0)[0], plain[0])
-
-
-def test_distribute_saved_activations_is_refused_clearly():
-    x = torch.ones(2, requires_grad=True)
-    with pytest.raises(NotImplementedError, match="distribute-saved-activations"):
-        checkpoint(lambda t: t * 2, True, x)
