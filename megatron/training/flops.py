@@ -8,7 +8,8 @@ def num_floating_point_operations(args, batch_size: int) -> float:
 
     Counts forward + backward (3x) multiply-adds (2x) of the QKV/output projections, the
     MLP, the attention core (QK^T and PV, halved for the causal mask) and the logits
-    over the padded vocabulary, as megatron-facts section 7.3 gives it.
+    over the padded vocabulary, as megatron-facts section 7.3 gives it. MoE layers count
+    top-k routed experts of --moe-ffn-hidden-size plus the shared expert instead of the MLP.
     """
     s = args.seq_length
     L = args.num_layers
@@ -20,8 +21,21 @@ def num_floating_point_operations(args, batch_size: int) -> float:
     d = args.kv_channels
     q = d * n
     gated = 1.5 if getattr(args, "swiglu", False) else 1.0
-    mlp = 12 * L * h * f * gated
+    mlp = 12 * h * gated * _mlp_width_times_layers(args, L, f)
     attn_proj = 12 * L * h * q * (1 + g / n)
     attn_core = 6 * L * q * s
     logits = 6 * h * V
     return float(batch_size) * s * (mlp + attn_proj + attn_core + logits)
+
+
+def _mlp_width_times_layers(args, num_layers: int, ffn: int) -> float:
+    """Sum over layers of the MLP width a token passes through: ffn for dense layers,
+    moe_ffn * topk + shared-expert size for MoE layers (per --moe-layer-freq)."""
+    if not getattr(args, "num_experts", None):
+        return float(num_layers * ffn)
+    from megatron.core.transformer.moe.moe_layer_pattern import moe_layer_pattern
+
+    num_moe = sum(moe_layer_pattern(num_layers, args.moe_layer_freq))
+    moe_ffn = args.moe_ffn_hidden_size or ffn
+    shared = args.moe_shared_expert_intermediate_size or 0
+    return float((num_layers - num_moe) * ffn + num_moe * (moe_ffn * args.moe_router_topk + shared))

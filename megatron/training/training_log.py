@@ -9,7 +9,9 @@ from typing import Dict, Optional
 
 import torch
 
+from megatron.core import parallel_state
 from megatron.training.flops import num_floating_point_operations
+from megatron.training.moe_metrics import collect_moe_metrics
 from megatron.training.rank_print import print_rank_last
 
 
@@ -75,9 +77,14 @@ class TrainingLogger:
 
         ``elapsed_s`` is the wall time since the previous printed line.
         """
+        moe_scalars = {}
+        if getattr(self.args, "num_experts", None):
+            moe = collect_moe_metrics(self.args, parallel_state.get_process_groups())
+            stats.losses = {**stats.losses, **moe["losses"]}
+            moe_scalars = moe["per_layer"]
         self.totals.add(stats)
         self.total_skipped += int(stats.skipped)
-        self._write_scalars(iteration, stats, consumed_samples)
+        self._write_scalars(iteration, stats, consumed_samples, moe_scalars)
         if not self.should_log(iteration, first_of_run):
             return None
         line = self._format(iteration, stats, consumed_samples, elapsed_s)
@@ -120,7 +127,8 @@ class TrainingLogger:
         flops = num_floating_point_operations(self.args, global_batch_size)
         return flops / (ms_per_iter / 1000.0 * 1e12 * self.world_size)
 
-    def _write_scalars(self, iteration: int, stats: IterationStats, consumed_samples: int) -> None:
+    def _write_scalars(self, iteration: int, stats: IterationStats, consumed_samples: int,
+                       extra: Optional[Dict[str, float]] = None) -> None:
         if self.writers is None or not self.writers.active:
             return
         if iteration % self.args.tensorboard_log_interval:
@@ -138,6 +146,7 @@ class TrainingLogger:
             scalars["num-zeros"] = float(stats.num_zeros)
         if stats.params_norm is not None:
             scalars["params-norm"] = stats.params_norm
+        scalars.update(extra or {})
         self.writers.write(scalars, iteration, consumed_samples)
 
 

@@ -3,7 +3,8 @@
 Order: data-parallel sync of each chunk (``finish_grad_sync``); tensor-parallel sum of
 grads of params replicated across tp ranks but fed sequence-sharded inputs
 (``sequence_parallel=True``); sum of tied-embedding grads between the first and last
-pipeline stage (``shared_embedding=True``); and, for per-token loss, division by the
+pipeline stage (``shared_embedding=True``); the aux-loss-free expert-bias update of MoE
+routers (--moe-router-enable-expert-bias); and, for per-token loss, division by the
 global token count.
 """
 
@@ -17,6 +18,7 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from megatron.core import process_groups
 from megatron.core.process_groups import ProcessGroups, group_size
+from megatron.core.transformer.moe.expert_bias import update_router_expert_bias
 
 
 def _grad_of(param: torch.nn.Parameter) -> Optional[torch.Tensor]:
@@ -108,6 +110,7 @@ def finalize_model_grads(
         if hasattr(chunk, "finish_grad_sync"):
             chunk.finish_grad_sync()
     _allreduce_sequence_parallel_grads(model_chunks, pgs.tp)
+    update_router_expert_bias(model_chunks, pgs.dp_cp)
     _allreduce_embedding_grads(model_chunks, pgs.pp, pgs.embd)
     if num_tokens is not None:
         broadcast_from_last_pipeline_stage(num_tokens, pgs.pp)

@@ -1,5 +1,5 @@
 """One pre-norm transformer layer: norm -> self-attention -> bias-dropout-add ->
-norm -> MLP -> bias-dropout-add."""
+norm -> MLP (or MoE layer, per --moe-layer-freq) -> bias-dropout-add."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ from megatron.core import process_groups
 from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.mlp import MLP
+from megatron.core.transformer.moe.moe_layer import MoELayer
+from megatron.core.transformer.moe.moe_layer_pattern import is_moe_layer
 from megatron.core.transformer.torch_norm import build_norm
 from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -54,7 +56,10 @@ class TransformerLayer(torch.nn.Module):
         self.input_layernorm = build_norm(config, config.hidden_size)
         self.self_attention = SelfAttention(config, layer_number, attn_mask_type, pg_collection=groups)
         self.pre_mlp_layernorm = build_norm(config, config.hidden_size)
-        self.mlp = MLP(config, pg_collection=groups)
+        if is_moe_layer(config, layer_number):
+            self.mlp = MoELayer(config, layer_number, pg_collection=groups)
+        else:
+            self.mlp = MLP(config, pg_collection=groups)
 
     def forward(
         self,

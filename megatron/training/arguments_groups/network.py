@@ -130,6 +130,8 @@ def add_moe_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--moe-layer-recompute", action="store_true", help="Recompute MoE layers in backward.")
     g.add_argument("--moe-permute-fusion", action="store_true", help="Fused token permutation.")
     g.add_argument("--moe-use-upcycling", action="store_true", help="Build MoE weights from a dense checkpoint.")
+    g.add_argument("--moe-per-layer-logging", action="store_true",
+                   help="Write the MoE balancing losses and token counts of every layer to TensorBoard.")
     return parser
 
 

@@ -1,7 +1,8 @@
 """Exact conversion between Hugging Face causal-LM state dicts and GPTModel's (TP=1).
 
 Supported: GPT2LMHeadModel ("gpt2"), LlamaForCausalLM ("llama"), MistralForCausalLM
-("mistral") and Qwen2ForCausalLM ("qwen2"). Pure tensor shuffling; nothing here imports
+("mistral"), Qwen2ForCausalLM ("qwen2"), and the mixtures of experts MixtralForCausalLM
+("mixtral") and Qwen3MoeForCausalLM ("qwen3_moe"). Pure tensor shuffling; nothing here imports
 transformers. ``hf_to_megatron`` followed by ``megatron_to_hf`` returns equal tensors
 under the same keys.
 
@@ -14,6 +15,12 @@ Layout facts the conversion relies on:
 - Megatron's gated fc1 is [gate; up].
 - HF ``sliding_window=W`` lets a query see W keys including itself; that is
   Megatron's window (W - 1, 0).
+- MoE layers (transformers 5 layout): ``mlp.gate.weight`` [E, h] is the router;
+  ``mlp.experts.gate_up_proj`` [E, 2f, h] holds each expert's [gate; up] rows, which is
+  Megatron's fc1 of ``mlp.experts.local_experts.{e}``; ``mlp.experts.down_proj`` [E, h, f]
+  its fc2. The transformers 4 layout (``block_sparse_moe.experts.{e}.w1/w3/w2``) is read too.
+- Mixtral renormalizes the top-k softmax probs (Megatron's default top-k-then-softmax);
+  Qwen3-MoE without ``norm_topk_prob`` keeps the full-softmax probs (--moe-router-pre-softmax).
 """
 
 from __future__ import annotations
@@ -24,8 +31,8 @@ from typing import Dict, Tuple
 import torch
 import torch.nn.functional as F
 
-ARCHITECTURES = ("gpt2", "llama", "mistral", "qwen2")
-_LLAMA_FAMILY = ("llama", "mistral", "qwen2")
+ARCHITECTURES = ("gpt2", "llama", "mistral", "qwen2", "mixtral", "qwen3_moe")
+_LLAMA_FAMILY = ("llama", "mistral", "qwen2", "mixtral", "qwen3_moe")
 
 # Non-parameter entries HF may keep in a state dict; they carry no model weights.
 _HF_IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")
@@ -40,6 +47,13 @@ class GPTShape:
     num_query_groups: int
     kv_channels: int
     share_embeddings_and_output_weights: bool
+    num_moe_experts: int = 0
+    moe_layers: Tuple[bool, ...] = ()
+    qk_layernorm: bool = False
+
+    def is_moe(self, layer: int) -> bool:
+        """Whether 0-based ``layer`` is an MoE layer."""
+        return bool(self.moe_layers) and self.moe_layers[layer]
 
 
 def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, shape: GPTShape) -> torch.Tensor:
@@ -163,6 +177,12 @@ def _llama_to_megatron(sd: _Reader, shape: GPTShape) -> Dict[str, torch.Tensor]:
         if any(b is not None for b in biases):
             out[dst + "self_attention.linear_qkv.bias"] = fuse_qkv(*biases, shape)
         out[dst + "self_attention.linear_proj.weight"] = sd.pop(attn + "o_proj.weight")
+        if shape.qk_layernorm:
+            out[dst + "self_attention.q_layernorm.weight"] = sd.pop(attn + "q_norm.weight")
+            out[dst + "self_attention.k_layernorm.weight"] = sd.pop(attn + "k_norm.weight")
+        if shape.is_moe(i):
+            out.update(_hf_experts_to_megatron(sd, src, dst, shape.num_moe_experts))
+            continue
         out[dst + "mlp.linear_fc1.weight"] = torch.cat(
             (sd.pop(src + "mlp.gate_proj.weight"), sd.pop(src + "mlp.up_proj.weight")), dim=0
         )
@@ -190,6 +210,12 @@ def _megatron_to_llama(sd: _Reader, shape: GPTShape) -> Dict[str, torch.Tensor]:
             q, k, v = split_qkv(bias, shape)
             out.update({attn + "q_proj.bias": q, attn + "k_proj.bias": k, attn + "v_proj.bias": v})
         out[attn + "o_proj.weight"] = sd.pop(src + "self_attention.linear_proj.weight")
+        if shape.qk_layernorm:
+            out[attn + "q_norm.weight"] = sd.pop(src + "self_attention.q_layernorm.weight")
+            out[attn + "k_norm.weight"] = sd.pop(src + "self_attention.k_layernorm.weight")
+        if shape.is_moe(i):
+            out.update(_megatron_experts_to_hf(sd, src, dst, shape.num_moe_experts))
+            continue
         gate, up = torch.chunk(sd.pop(src + "mlp.linear_fc1.weight"), 2, dim=0)
         out[dst + "mlp.gate_proj.weight"] = gate.clone()
         out[dst + "mlp.up_proj.weight"] = up.clone()
@@ -197,6 +223,38 @@ def _megatron_to_llama(sd: _Reader, shape: GPTShape) -> Dict[str, torch.Tensor]:
     out["model.norm.weight"] = sd.pop("decoder.final_layernorm.weight")
     out["lm_head.weight"] = _output_weight(sd, out["model.embed_tokens.weight"], shape)
     return out
+
+
+def _hf_experts_to_megatron(sd: _Reader, src: str, dst: str, num_experts: int) -> Dict[str, torch.Tensor]:
+    """One MoE layer's router and experts, HF -> Megatron (SequentialMLP names)."""
+    legacy = sd.pop_optional(src + "block_sparse_moe.gate.weight")
+    if legacy is not None:
+        out = {dst + "mlp.router.weight": legacy}
+        for e in range(num_experts):
+            expert = f"{src}block_sparse_moe.experts.{e}."
+            fc1 = torch.cat((sd.pop(expert + "w1.weight"), sd.pop(expert + "w3.weight")), dim=0)
+            out[f"{dst}mlp.experts.local_experts.{e}.linear_fc1.weight"] = fc1
+            out[f"{dst}mlp.experts.local_experts.{e}.linear_fc2.weight"] = sd.pop(expert + "w2.weight")
+        return out
+    out = {dst + "mlp.router.weight": sd.pop(src + "mlp.gate.weight")}
+    gate_up = sd.pop(src + "mlp.experts.gate_up_proj")
+    down = sd.pop(src + "mlp.experts.down_proj")
+    if gate_up.size(0) != num_experts or down.size(0) != num_experts:
+        raise ValueError(f"{src}mlp.experts holds {gate_up.size(0)} experts, the config says {num_experts}")
+    for e in range(num_experts):
+        out[f"{dst}mlp.experts.local_experts.{e}.linear_fc1.weight"] = gate_up[e].clone()
+        out[f"{dst}mlp.experts.local_experts.{e}.linear_fc2.weight"] = down[e].clone()
+    return out
+
+
+def _megatron_experts_to_hf(sd: _Reader, src: str, dst: str, num_experts: int) -> Dict[str, torch.Tensor]:
+    """One MoE layer's router and experts, Megatron -> HF (transformers 5 fused layout)."""
+    experts = [f"{src}mlp.experts.local_experts.{e}." for e in range(num_experts)]
+    return {
+        dst + "mlp.gate.weight": sd.pop(src + "mlp.router.weight"),
+        dst + "mlp.experts.gate_up_proj": torch.stack([sd.pop(x + "linear_fc1.weight") for x in experts]),
+        dst + "mlp.experts.down_proj": torch.stack([sd.pop(x + "linear_fc2.weight") for x in experts]),
+    }
 
 
 def hf_to_megatron(hf_state_dict: Dict[str, torch.Tensor], arch: str, shape: GPTShape) -> Dict[str, torch.Tensor]:
@@ -264,10 +322,10 @@ def _llama_kwargs(c: dict, arch: str) -> Tuple[dict, dict]:
         raise ValueError(f"{arch} with attention_bias / mlp_bias does not convert: Megatron has no o_proj-only bias")
     heads = c["num_attention_heads"]
     window = None
-    if arch == "mistral" and c.get("sliding_window"):
+    if arch in ("mistral", "mixtral") and c.get("sliding_window"):
         window = (int(c["sliding_window"]) - 1, 0)
-    if arch == "qwen2" and c.get("use_sliding_window"):
-        raise ValueError("qwen2 with use_sliding_window=True (per-layer windows) does not convert")
+    if arch in ("qwen2", "qwen3_moe") and c.get("use_sliding_window"):
+        raise ValueError(f"{arch} with use_sliding_window=True (per-layer windows) does not convert")
     config = dict(
         num_layers=c["num_hidden_layers"],
         hidden_size=c["hidden_size"],
@@ -284,6 +342,8 @@ def _llama_kwargs(c: dict, arch: str) -> Tuple[dict, dict]:
         hidden_dropout=0.0,
         attention_dropout=c.get("attention_dropout", 0.0),
         window_size=window,
+        qk_layernorm=arch == "qwen3_moe",
+        **_moe_kwargs(c, arch),
     )
     model = dict(
         vocab_size=c["vocab_size"],
@@ -293,6 +353,30 @@ def _llama_kwargs(c: dict, arch: str) -> Tuple[dict, dict]:
         share_embeddings_and_output_weights=bool(c.get("tie_word_embeddings", False)),
     )
     return config, model
+
+
+def _qwen3_moe_layers(c: dict) -> list:
+    step, dense = c.get("decoder_sparse_step", 1), set(c.get("mlp_only_layers") or [])
+    return [int(i not in dense and (i + 1) % step == 0) for i in range(c["num_hidden_layers"])]
+
+
+def _moe_kwargs(c: dict, arch: str) -> dict:
+    """TransformerConfig MoE fields of a Mixtral / Qwen3-MoE config (empty otherwise)."""
+    if arch == "mixtral":
+        experts, ffn, pattern, pre_softmax = c["num_local_experts"], c["intermediate_size"], 1, False
+    elif arch == "qwen3_moe":
+        experts, ffn = c.get("num_experts") or c["num_local_experts"], c["moe_intermediate_size"]
+        pattern, pre_softmax = _qwen3_moe_layers(c), not c.get("norm_topk_prob", False)
+    else:
+        return {}
+    return dict(
+        num_moe_experts=experts,
+        moe_ffn_hidden_size=ffn,
+        moe_router_topk=c["num_experts_per_tok"],
+        moe_layer_freq=pattern,
+        moe_router_pre_softmax=pre_softmax,
+        moe_aux_loss_coeff=float(c.get("router_aux_loss_coef") or 0.0),
+    )
 
 
 def gpt_kwargs_from_hf_config(hf_config: dict) -> Tuple[str, dict, dict]:
@@ -312,4 +396,15 @@ def shape_from_kwargs(config_kwargs: dict, model_kwargs: dict) -> GPTShape:
         num_query_groups=config_kwargs.get("num_query_groups") or heads,
         kv_channels=config_kwargs.get("kv_channels") or config_kwargs["hidden_size"] // heads,
         share_embeddings_and_output_weights=model_kwargs["share_embeddings_and_output_weights"],
+        num_moe_experts=config_kwargs.get("num_moe_experts") or 0,
+        moe_layers=_moe_layer_tuple(config_kwargs),
+        qk_layernorm=bool(config_kwargs.get("qk_layernorm", False)),
     )
+
+
+def _moe_layer_tuple(config_kwargs: dict) -> Tuple[bool, ...]:
+    if not config_kwargs.get("num_moe_experts"):
+        return ()
+    from megatron.core.transformer.moe.moe_layer_pattern import moe_layer_pattern
+
+    return tuple(moe_layer_pattern(config_kwargs["num_layers"], config_kwargs.get("moe_layer_freq", 1)))
