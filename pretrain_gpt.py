@@ -10,11 +10,15 @@ from functools import partial
 import torch
 
 from megatron.core import parallel_state, tensor_parallel
-from megatron.core.datasets.gpt_dataset import SPLITS, GPTDatasetConfig, MockGPTDataset
+from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.enums import ModelType
 from megatron.training import get_args, get_tokenizer, pretrain, print_rank_0
 from megatron.training.config_from_args import core_transformer_config_from_args
+from megatron.training.data_iterators import is_dataset_built_on_rank as _built_on
+from megatron.training.datasets.blend_args import get_blend_and_blend_per_split
+from megatron.training.derived_args import DEFAULT_SPLIT
 
 
 def model_provider(pre_process: bool = True, post_process: bool = True, vp_stage=None) -> GPTModel:
@@ -88,25 +92,46 @@ def forward_step(data_iterator, model):
     return output_tensor, partial(loss_func, loss_mask)
 
 
-def train_valid_test_datasets_provider(num_samples):
-    """Datasets for --mock-data (the data pipeline adds --data-path)."""
-    args = get_args()
-    if not args.mock_data:
-        raise ValueError("this build trains on --mock-data only; pass --mock-data")
-    config = GPTDatasetConfig(
+def is_dataset_built_on_rank() -> bool:
+    """Data is read on tensor-parallel rank 0 of the first and last pipeline stages."""
+    return _built_on(parallel_state.get_process_groups())
+
+
+def core_gpt_dataset_config_from_args(args) -> GPTDatasetConfig:
+    """The GPT dataset config the command line describes (--mock-data when no blend)."""
+    blend, blend_per_split = (None, None) if args.mock_data else get_blend_and_blend_per_split(args)
+    return GPTDatasetConfig(
         random_seed=args.seed,
         sequence_length=args.seq_length,
+        blend=blend,
+        blend_per_split=blend_per_split,
+        split=None if blend is None else (args.split or DEFAULT_SPLIT),
+        num_dataset_builder_threads=args.num_dataset_builder_threads,
+        path_to_cache=args.data_cache_path,
+        mmap_bin_files=args.mmap_bin_files,
         tokenizer=get_tokenizer(),
+        mid_level_dataset_surplus=args.mid_level_dataset_surplus,
         reset_position_ids=args.reset_position_ids,
         reset_attention_mask=args.reset_attention_mask,
         eod_mask_loss=args.eod_mask_loss,
-        create_attention_mask=args.reset_attention_mask,
-        mock=True,
+        allow_ambiguous_pad_tokens=getattr(args, "allow_ambiguous_pad_tokens", False),
+        # get_batch only moves a mask when documents are masked from each other; a plain
+        # causal mask is implied, so building one per sample would be wasted work.
+        create_attention_mask=args.reset_attention_mask and args.create_attention_mask_in_dataloader,
     )
-    print_rank_0("> building mock train, validation and test datasets ...")
-    return tuple(
-        MockGPTDataset(n, config, split) if n else None for n, split in zip(num_samples, SPLITS)
-    )
+
+
+def train_valid_test_datasets_provider(train_val_test_num_samples):
+    """Train, validation and test datasets from --data-path (or the per-split paths, or --mock-data)."""
+    args = get_args()
+    config = core_gpt_dataset_config_from_args(args)
+    dataset_type = MockGPTDataset if config.mock else GPTDataset
+    print_rank_0(f"> building train, validation, and test datasets for GPT ({dataset_type.__name__}) ...")
+    datasets = BlendedMegatronDatasetBuilder(
+        dataset_type, train_val_test_num_samples, is_dataset_built_on_rank, config
+    ).build()
+    print_rank_0("> finished creating GPT datasets ...")
+    return tuple(datasets)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -30,6 +30,14 @@ def is_dataset_built_on_rank(pg: ProcessGroups) -> bool:
     return pg.rank("tp") == 0 and (pg.is_pipeline_first_stage() or pg.is_pipeline_last_stage())
 
 
+def _start_position(dataset, consumed: int, dataloader_type: str) -> int:
+    """Where the sampler starts: the consumed-samples count. A validation set read past
+    its end starts over (the cyclic sampler wraps by itself)."""
+    if dataloader_type == "single" and consumed >= len(dataset):
+        return consumed % len(dataset)
+    return consumed
+
+
 def _cyclic(loader):
     while True:
         for batch in loader:
@@ -42,15 +50,19 @@ def build_train_valid_test_data_iterators(datasets_provider: Callable, pg: Proce
     args.consumed_train_samples = getattr(args, "consumed_train_samples", 0)
     args.consumed_valid_samples = getattr(args, "consumed_valid_samples", 0)
     loaders = [None, None, None]
+    num_samples = train_valid_test_num_samples(args)
+    print_rank_0(f" > datasets target sizes (train, valid, test): {num_samples}")
+    # Every rank calls the provider: the dataset builder synchronizes ranks (rank 0 writes
+    # the index caches first) and returns None where is_dataset_built_on_rank is False.
+    datasets = datasets_provider(num_samples)
     if is_dataset_built_on_rank(pg):
-        num_samples = train_valid_test_num_samples(args)
-        print_rank_0(f" > datasets target sizes (train, valid, test): {num_samples}")
-        datasets = datasets_provider(num_samples)
         consumed = [args.consumed_train_samples, args.consumed_valid_samples, 0]
         for i, (ds, start) in enumerate(zip(datasets, consumed)):
+            if ds is None or len(ds) == 0:
+                continue
             loaders[i] = build_pretraining_data_loader(
                 ds,
-                start if ds is None or start < len(ds) else 0,
+                _start_position(ds, start, args.dataloader_type or "single"),
                 micro_batch_size=args.micro_batch_size,
                 data_parallel_rank=pg.rank("dp"),
                 data_parallel_size=pg.size("dp"),
@@ -66,7 +78,10 @@ def build_train_valid_test_data_iterators(datasets_provider: Callable, pg: Proce
     args.do_train, args.do_valid, args.do_test = (bool(f) for f in flags.tolist())
     args.do_valid = args.do_valid and args.eval_iters > 0
     args.do_test = args.do_test and args.eval_iters > 0
-    train = iter(loaders[0]) if loaders[0] is not None else None
+    cyclic = (args.dataloader_type or "single") == "cyclic"
+    train = None
+    if loaders[0] is not None:
+        train = _cyclic(loaders[0]) if cyclic else iter(loaders[0])
     valid = _cyclic(loaders[1]) if loaders[1] is not None else None
     test = _cyclic(loaders[2]) if loaders[2] is not None else None
     return train, valid, test

@@ -52,11 +52,17 @@ class MegatronPretrainingSampler:
 
 
 class MegatronPretrainingRandomSampler:
-    """Epoch-seeded random order (--dataloader-type cyclic); each rank owns a contiguous
-    bucket of the epoch, permuted with ``seed + epoch``."""
+    """Random order (--dataloader-type cyclic), as Megatron's: each data-parallel rank owns
+    a contiguous bucket of ``(total // (mbs * dp)) * mbs`` samples and walks it in a
+    ``torch.randperm`` order seeded with the epoch number. One pass of ``__iter__`` covers
+    the rest of the current epoch; ``consumed_samples`` advances by ``mbs * dp`` per batch,
+    so iterating again (or resuming with the saved count) continues with the next batch.
+    """
 
     def __init__(self, total_samples, consumed_samples, micro_batch_size, data_parallel_rank,
-                 data_parallel_size, seed):
+                 data_parallel_size, seed=None):
+        if not 0 <= data_parallel_rank < data_parallel_size:
+            raise ValueError(f"data_parallel_rank {data_parallel_rank} not in [0, {data_parallel_size})")
         self.total_samples = total_samples
         self.consumed_samples = consumed_samples
         self.micro_batch_size = micro_batch_size
@@ -64,7 +70,6 @@ class MegatronPretrainingRandomSampler:
         self.data_parallel_size = data_parallel_size
         self.block = micro_batch_size * data_parallel_size
         self.last_batch_size = total_samples % self.block
-        self.seed = seed
         if total_samples < self.block:
             raise ValueError(
                 f"dataset of {total_samples} samples is smaller than one global micro-batch "
@@ -76,23 +81,26 @@ class MegatronPretrainingRandomSampler:
 
     def __iter__(self):
         active = self.total_samples - self.last_batch_size
-        while True:
-            epoch = self.consumed_samples // active
-            current = self.consumed_samples % active
-            bucket_size = (self.total_samples // self.block) * self.micro_batch_size
-            bucket_offset = current // self.data_parallel_size
-            start = self.data_parallel_rank * bucket_size
-            g = torch.Generator()
-            g.manual_seed(self.seed + epoch)
-            order = torch.randperm(bucket_size, generator=g).tolist()
-            ids = [start + x for x in order[bucket_offset:]]
-            batch = []
-            for idx in ids:
-                batch.append(idx)
-                if len(batch) == self.micro_batch_size:
-                    self.consumed_samples += self.block
-                    yield batch
-                    batch = []
+        epoch = self.consumed_samples // active
+        current = self.consumed_samples % active
+        if current % self.block:
+            raise ValueError(
+                f"consumed samples {self.consumed_samples} is not a multiple of micro-batch x data-parallel "
+                f"size {self.block}; resume with the count the checkpoint saved"
+            )
+        bucket_size = (self.total_samples // self.block) * self.micro_batch_size
+        bucket_offset = current // self.data_parallel_size
+        start = self.data_parallel_rank * bucket_size
+        g = torch.Generator()
+        g.manual_seed(epoch)
+        order = torch.randperm(bucket_size, generator=g).tolist()
+        batch = []
+        for x in order[bucket_offset:]:
+            batch.append(start + x)
+            if len(batch) == self.micro_batch_size:
+                self.consumed_samples += self.block
+                yield batch
+                batch = []
 
 
 def build_pretraining_data_loader(dataset, consumed_samples, *, micro_batch_size, data_parallel_rank,
@@ -105,7 +113,7 @@ def build_pretraining_data_loader(dataset, consumed_samples, *, micro_batch_size
                                              data_parallel_rank, data_parallel_size)
     elif dataloader_type == "cyclic":
         sampler = MegatronPretrainingRandomSampler(len(dataset), consumed_samples, micro_batch_size,
-                                                   data_parallel_rank, data_parallel_size, seed)
+                                                   data_parallel_rank, data_parallel_size)
     else:
         raise ValueError(f"--dataloader-type {dataloader_type!r} is not supported here; use single or cyclic")
     return torch.utils.data.DataLoader(

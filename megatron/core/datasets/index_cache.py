@@ -1,0 +1,81 @@
+"""On-disk caches of dataset indices: Megatron's file names, atomic writes, mmap loads.
+
+A cache is a set of files ``<directory>/<base>-<name>`` where ``<base>`` is
+``<md5>-<Class>-<split>``: ``description.txt`` plus one ``.npy`` per index. Each file is
+written to a temporary sibling and renamed into place; the description goes last, and a
+cache counts as present only when every file is, so a build that crashed half way is never
+mistaken for a hit (the next run rebuilds it).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from typing import Dict, Sequence
+
+import numpy
+import torch
+
+logger = logging.getLogger(__name__)
+
+DESCRIPTION = "description.txt"
+
+
+def global_rank() -> int:
+    """This process's rank in the default group (0 without torch.distributed)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank()
+    return 0
+
+
+class IndexCache:
+    """The files of one cached index set.
+
+    ``names`` are the index names, e.g. ``["document_index", "sample_index", "shuffle_index"]``.
+    """
+
+    def __init__(self, directory: str, base: str, names: Sequence[str]):
+        self.directory = directory
+        self.base = base
+        self.names = list(names)
+
+    def path(self, affix: str) -> str:
+        """Path of ``<base>-<affix>`` in the cache directory."""
+        return os.path.join(self.directory, f"{self.base}-{affix}")
+
+    def paths(self) -> Dict[str, str]:
+        """Index name -> ``.npy`` path."""
+        return {name: self.path(f"{name}.npy") for name in self.names}
+
+    def hit(self) -> bool:
+        """True when the description and every index file exist."""
+        files = [self.path(DESCRIPTION)] + list(self.paths().values())
+        return all(os.path.isfile(f) for f in files)
+
+    def load(self) -> Dict[str, numpy.ndarray]:
+        """Every index, memory-mapped read-only."""
+        return {name: numpy.load(p, allow_pickle=True, mmap_mode="r") for name, p in self.paths().items()}
+
+    def save(self, description: str, arrays: Dict[str, numpy.ndarray]) -> None:
+        """Write the indices, then the description, each atomically."""
+        os.makedirs(self.directory, exist_ok=True)
+        for name, target in self.paths().items():
+            _atomic_write(target, lambda f, a=arrays[name]: numpy.save(f, a, allow_pickle=True))
+        _atomic_write(self.path(DESCRIPTION), lambda f: f.write(description.encode("utf-8")))
+        logger.info("saved %s indices to %s", self.base, self.directory)
+
+
+def _atomic_write(target: str, write) -> None:
+    directory = os.path.dirname(target) or "."
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(target) + ".", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

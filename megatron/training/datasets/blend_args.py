@@ -1,0 +1,62 @@
+"""The dataset blend(s) named on the command line (megatron-facts section 3.1)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import List, Optional, Tuple
+
+from megatron.core.datasets.blend_spec import Blend, get_blend_from_list
+
+_SPLIT_KEYS = ("train", "valid", "test")
+
+
+def _read_tokens(path: str, flag: str) -> List[str]:
+    try:
+        with open(path, "r", encoding="utf-8") as f:
+            return f.read().split()
+    except OSError as err:
+        raise ValueError(f"{flag} {path!r} cannot be read ({err.strerror}); give an existing file") from err
+
+
+def _per_split_from_json(path: str) -> List[Optional[Blend]]:
+    try:
+        with open(path, "r", encoding="utf-8") as f:
+            spec = json.load(f)
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(
+            f"--per-split-data-args-path {path!r} is not a readable JSON file ({err}); it must hold "
+            '{"train": ..., "valid": ..., "test": ...}'
+        ) from err
+    if not isinstance(spec, dict) or not set(spec) <= set(_SPLIT_KEYS):
+        raise ValueError(
+            f"--per-split-data-args-path {path!r} must be a JSON object with keys among {list(_SPLIT_KEYS)}"
+        )
+    blends = []
+    for key in _SPLIT_KEYS:
+        value = spec.get(key)
+        tokens = value.split() if isinstance(value, str) else value
+        blends.append(get_blend_from_list(tokens))
+    return blends
+
+
+def get_blend_and_blend_per_split(args: argparse.Namespace) -> Tuple[Optional[Blend], Optional[List[Optional[Blend]]]]:
+    """(blend, blend_per_split) from --data-path / --data-args-path or the per-split flags."""
+    use_data_path = args.data_path is not None or getattr(args, "data_args_path", None) is not None
+    use_per_split = getattr(args, "per_split_data_args_path", None) is not None or any(
+        getattr(args, f"{key}_data_path", None) is not None for key in _SPLIT_KEYS
+    )
+    if use_data_path and use_per_split:
+        raise ValueError("--data-path cannot be combined with per-split data paths; give one or the other")
+    blend, blend_per_split = None, None
+    if use_data_path:
+        if args.data_path is not None:
+            blend = get_blend_from_list(args.data_path)
+        else:
+            blend = get_blend_from_list(_read_tokens(args.data_args_path, "--data-args-path"))
+    elif use_per_split:
+        if getattr(args, "per_split_data_args_path", None) is not None:
+            blend_per_split = _per_split_from_json(args.per_split_data_args_path)
+        else:
+            blend_per_split = [get_blend_from_list(getattr(args, f"{key}_data_path", None)) for key in _SPLIT_KEYS]
+    return blend, blend_per_split
