@@ -130,5 +130,6 @@ def get_ddp_config(args: argparse.Namespace):
         # (megatron/training/nan_check.py); a per-bucket check that raises on one rank
         # would leave the others waiting in the reduction.
         "check_for_nan_in_grad": False,
+        "pad_buckets_for_high_nccl_busbw": getattr(args, "ddp_pad_buckets_for_high_nccl_busbw", False),
     }
     return build_config(DistributedDataParallelConfig, args, overrides)

@@ -101,7 +101,7 @@ def _capture_model() -> None:
 
     def capturing(*args, **kwargs):
         model, optimizer, scheduler = original(*args, **kwargs)
-        _CAPTURED["model"] = model
+        _CAPTURED["model"], _CAPTURED["optimizer"] = model, optimizer
         return model, optimizer, scheduler
 
     training.setup_model_and_optimizer = capturing
@@ -123,14 +123,15 @@ def _run_pretrain_with_params(rank, world_size, argv, patch):
     if patch is not None:
         patch()
     log = _run_pretrain(rank, world_size, argv)
-    return log, _final_params()
+    return log, _final_params(), type(_CAPTURED["optimizer"]).__name__
 
 
 def run_gpt_with_params(world_size: int, extra: List[str], iters: int = 10, patch=None):
-    """(log of the last rank, [per rank {param name: final fp32 value}]) of a tiny-GPT run.
+    """A tiny-GPT run: (log of the last rank, [per rank {param name: final fp32 value}],
+    [per rank optimizer class name]).
 
     ``patch``: a module-level function run on every rank before training (to plant a bug).
     """
     argv = TINY_GPT + ["--train-iters", str(iters)] + extra
     results = run_on_ranks(_run_pretrain_with_params, world_size, args=(argv, patch), timeout=400)
-    return results[-1][0], [params for _, params in results]
+    return results[-1][0], [r[1] for r in results], [r[2] for r in results]

@@ -3,10 +3,20 @@
 The wrapped module's params get ``param.main_grad`` views into one flat buffer per
 (param dtype, grad dtype, dense/expert) kind. Backward hooks add each ``param.grad``
 into ``main_grad`` and free ``param.grad``, so micro-batch grads sum in the buffer.
-``finish_grad_sync`` (called by ``finalize_model_grads``) all-reduces the buffers:
-dense params over the data x context parallel group, expert params (attribute
+``finish_grad_sync`` (called by ``finalize_model_grads``) reduces the buffers: dense
+params over the data x context parallel group, expert params (attribute
 ``allreduce=False``) over the expert data-parallel group, averaging by 1/dp_cp unless
-the loss is per token.
+the loss is per token. The reduction is an all-reduce, or with the distributed
+optimizer a reduce-scatter (each dp rank keeps the reduced block it owns); the
+optimizer then calls ``start_param_sync`` to all-gather the updated params. With
+``overlap_param_gather`` that gather is asynchronous and forward pre-hooks wait for
+each bucket just before the first module that uses its params runs; code that reads
+all params outside forward (checkpoint save, a params norm) must call
+``finish_param_sync()`` first (``state_dict()`` does).
+
+Bucket size: as in Megatron, without ``overlap_grad_reduce`` there is one bucket per
+buffer (there is nothing to overlap with); with it the default is
+max(40M, 1M x dp_cp) elements.
 """
 
 from __future__ import annotations
@@ -33,6 +43,18 @@ def broadcast_from_group_rank0(tensor: torch.Tensor, group) -> None:
     if group_size(group) == 1:
         return
     dist.broadcast(tensor, src=dist.get_global_rank(group, 0), group=group)
+
+
+def default_bucket_size(ddp_config: DistributedDataParallelConfig, dp_cp_size: int) -> Optional[int]:
+    """Megatron's rule: one bucket (None) without --overlap-grad-reduce; else
+    --ddp-bucket-size, by default max(40M, 1M x dp_cp) elements."""
+    if not ddp_config.overlap_grad_reduce:
+        if ddp_config.bucket_size is not None:
+            logger.info("--ddp-bucket-size is ignored without --overlap-grad-reduce: one bucket per buffer")
+        return None
+    if ddp_config.bucket_size is not None:
+        return ddp_config.bucket_size
+    return max(40_000_000, 1_000_000 * dp_cp_size)
 
 
 def _is_expert_param(param: torch.nn.Parameter) -> bool:
@@ -65,11 +87,6 @@ class DistributedDataParallel(torch.nn.Module):
         pg_collection: Optional[ProcessGroups] = None,
     ) -> None:
         super().__init__()
-        if ddp_config.use_distributed_optimizer:
-            raise NotImplementedError(
-                "--use-distributed-optimizer is not implemented yet; drop the flag to train with "
-                "replicated optimizer state"
-            )
         self.config = config
         self.ddp_config = ddp_config
         self.module = module
@@ -77,9 +94,9 @@ class DistributedDataParallel(torch.nn.Module):
         self.pg_collection = pgs
         self.dp_cp_group = pgs.dp_cp
         self.expt_dp_group = pgs.expt_dp if pgs.expt_dp is not None else pgs.dp_cp
-        bucket_size = None if disable_bucketing else ddp_config.bucket_size
         self.buffers: List[ParamAndGradBuffer] = []
         self.expert_parallel_buffers: List[ParamAndGradBuffer] = []
+        bucket_size = None if disable_bucketing else default_bucket_size(ddp_config, group_size(self.dp_cp_group))
         self._build_buffers(bucket_size)
         self.param_to_bucket = {}
         for buffer in self.buffers + self.expert_parallel_buffers:
@@ -88,6 +105,9 @@ class DistributedDataParallel(torch.nn.Module):
             param.register_post_accumulate_grad_hook(self._make_grad_hook())
             for param in self.param_to_bucket
         ]
+        self._forward_pre_hook_handles = []
+        if ddp_config.overlap_param_gather:
+            self.enable_forward_pre_hook()
 
     def _scaling(self, expert: bool) -> Tuple[float, object]:
         """(pre-collective grad multiplier, reduce op) for dense or expert buffers."""
@@ -121,11 +141,14 @@ class DistributedDataParallel(torch.nn.Module):
                 bucket_size=bucket_size,
                 overlap_grad_reduce=self.ddp_config.overlap_grad_reduce,
                 check_for_nan_in_grad=self.ddp_config.check_for_nan_in_grad,
+                use_distributed_optimizer=self.ddp_config.use_distributed_optimizer,
+                pad_buckets_for_high_nccl_busbw=self.ddp_config.pad_buckets_for_high_nccl_busbw,
             )
             (self.expert_parallel_buffers if expert else self.buffers).append(buffer)
             logger.info(
-                "DDP grad buffer: %d %s params, %d elements of %s in %d bucket(s), reduced over %s",
-                len(params), "expert" if expert else "dense", buffer.numel, grad_dtype, len(buffer.buckets),
+                "DDP grad buffer: %d %s params, %d elements (%d padded) of %s in %d bucket(s), %s over %s",
+                len(params), "expert" if expert else "dense", buffer.numel_unpadded, buffer.numel, grad_dtype,
+                len(buffer.buckets), "reduce-scattered" if buffer.use_distributed_optimizer else "all-reduced",
                 "expert dp" if expert else "dp x cp",
             )
 
@@ -173,6 +196,41 @@ class DistributedDataParallel(torch.nn.Module):
         for bucket in self._all_buckets():
             bucket.finish_grad_sync()
 
+    def start_param_sync(self, async_op: bool = False) -> None:
+        """Distributed optimizer: all-gather the updated params of every bucket (async
+        with ``async_op``; forward pre-hooks or ``finish_param_sync`` then wait)."""
+        for bucket in self._all_buckets():
+            bucket.start_param_sync(async_op=async_op)
+
+    def finish_param_sync(self) -> None:
+        """Wait for every pending param all-gather (before reading all params)."""
+        for bucket in self._all_buckets():
+            bucket.finish_param_sync()
+
+    def _make_forward_pre_hook(self):
+        """Wait for the all-gather of the buckets of a module's own params before it runs."""
+
+        def hook(module: torch.nn.Module, *unused) -> None:
+            for param in module.parameters(recurse=False):
+                bucket = self.param_to_bucket.get(param)
+                if bucket is not None:
+                    bucket.finish_param_sync()
+
+        return hook
+
+    def enable_forward_pre_hook(self) -> None:
+        """Register the per-module waits used with ``overlap_param_gather``."""
+        if not self._forward_pre_hook_handles:
+            hook = self._make_forward_pre_hook()
+            self._forward_pre_hook_handles = [m.register_forward_pre_hook(hook) for m in self.module.modules()]
+
+    def disable_forward_pre_hook(self) -> None:
+        """Remove the per-module waits, finishing any pending param all-gather."""
+        for handle in self._forward_pre_hook_handles:
+            handle.remove()
+        self._forward_pre_hook_handles = []
+        self.finish_param_sync()
+
     def scale_gradients(self, scaling_factor: float) -> None:
         """Multiply all main grads by ``scaling_factor``."""
         for buffer in self.buffers + self.expert_parallel_buffers:
@@ -192,9 +250,14 @@ class DistributedDataParallel(torch.nn.Module):
             broadcast_from_group_rank0(param.data, group)
 
     def state_dict(self, destination=None, prefix: str = "", keep_vars: bool = False):
+        self.finish_param_sync()
         return self.module.state_dict(destination=destination, prefix=prefix, keep_vars=keep_vars)
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        if assign and self.ddp_config.use_distributed_optimizer:
+            # assign=True would replace the params' storage, cutting them off the param buffer.
+            raise ValueError("load_state_dict(assign=True) is not supported with --use-distributed-optimizer; "
+                             "load with assign=False (copies into the existing params)")
         return self.module.load_state_dict(state_dict, strict=strict, assign=assign)
 
     def sharded_state_dict(self, *args, **kwargs):

@@ -20,13 +20,20 @@ class DistributedDataParallelConfig:
 
     overlap_param_gather: bool = False
     """Overlap the distributed optimizer's param all-gather with the next forward
-    (--overlap-param-gather); needs the distributed optimizer."""
+    (--overlap-param-gather); needs the distributed optimizer and --overlap-grad-reduce."""
 
     use_distributed_optimizer: bool = False
     """Shard optimizer state over data-parallel ranks (--use-distributed-optimizer)."""
 
     bucket_size: Optional[int] = None
-    """Max elements per gradient bucket (--ddp-bucket-size); None: one bucket per buffer."""
+    """Elements per gradient bucket (--ddp-bucket-size); used only with
+    --overlap-grad-reduce, where None means max(40M, 1M x dp) elements. Without overlap
+    there is one bucket per buffer."""
+
+    pad_buckets_for_high_nccl_busbw: bool = False
+    """With the distributed optimizer, pad each bucket to a multiple of lcm(dp, 128, 2**16)
+    instead of lcm(dp, 128): NCCL reaches higher bus bandwidth on such sizes
+    (--ddp-pad-buckets-for-high-nccl-busbw)."""
 
     average_in_collective: bool = False
     """Average inside the collective (ReduceOp.AVG, NCCL only) instead of scaling the
@@ -41,6 +48,11 @@ class DistributedDataParallelConfig:
             raise ValueError(
                 "--overlap-param-gather needs --use-distributed-optimizer (and --overlap-grad-reduce): "
                 "add them or drop --overlap-param-gather"
+            )
+        if self.overlap_param_gather and not self.overlap_grad_reduce:
+            raise ValueError(
+                "--overlap-param-gather needs --overlap-grad-reduce: add --overlap-grad-reduce or drop "
+                "--overlap-param-gather"
             )
         if self.bucket_size is not None and self.bucket_size < 1:
             raise ValueError(f"--ddp-bucket-size must be a positive number of elements, got {self.bucket_size}")

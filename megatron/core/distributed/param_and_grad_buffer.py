@@ -1,39 +1,137 @@
-"""Contiguous gradient storage for data parallelism, split into buckets.
+"""Contiguous parameter and gradient storage for data parallelism, split into buckets.
 
 A ``ParamAndGradBuffer`` owns ONE flat tensor ``grad_data`` for a set of params sharing
 (param dtype, grad dtype, reduction group). Every param gets ``param.main_grad``, a view
 of its slice, into which backward hooks accumulate micro-batch grads. The buffer is cut
-into ``ParamAndGradBucket``s (one bucket unless a bucket size is given); each bucket is
-reduced by one collective, started either explicitly (``start_grad_sync``) or, with
-overlap, as soon as its last grad arrives during the final micro-batch's backward.
+into ``ParamAndGradBucket``s; each bucket is reduced by one collective, started either
+explicitly (``start_grad_sync``) or, with overlap, as soon as its last grad arrives
+during the final micro-batch's backward.
 
-Layout: params are laid out in REVERSE registration order, i.e. roughly the order in
-which backward produces their grads, so that the first bucket fills first. The
-distributed optimizer will later need each bucket padded to a multiple of the dp size
-and a reduce-scatter instead of the all-reduce; both fit in this structure (bucket
-boundaries and the collective function are the only things that change).
+Layout (``compute_buffer_layout``):
+- params are laid out in REVERSE registration order, roughly the order in which backward
+  produces their grads, so that the first bucket fills first;
+- a bucket closes once it holds at least ``bucket_size`` elements; a param is never split
+  across buckets; with the distributed optimizer the tied word embedding
+  (``shared_embedding``) gets a bucket of its own, as in Megatron;
+- with the distributed optimizer, each param starts at a multiple of ``PARAM_ALIGNMENT``
+  elements and each bucket is padded at its end to a multiple of
+  lcm(dp, ``BUCKET_PAD_MULTIPLE``) (lcm(dp, 128, 2**16) with
+  ``pad_buckets_for_high_nccl_busbw``), so that it splits into dp equal, aligned shards.
+  Without it nothing is padded. Padding stays zero in both buffers.
+
+With the distributed optimizer the params' storage moves into a second flat buffer
+``param_data`` of the same layout (``param.data`` becomes a view of it): dp rank r owns
+block r of every bucket; the bucket's grads are reduce-scattered into that block and the
+updated params all-gathered from every rank's block.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Dict, List, Optional, Sequence
+import math
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
 
-from megatron.core.process_groups import group_size
+from megatron.core.distributed.data_parallel_collectives import (
+    all_gather_param_bucket,
+    all_reduce_grad_bucket,
+    reduce_scatter_grad_bucket,
+)
+from megatron.core.process_groups import group_rank, group_size
 
 logger = logging.getLogger(__name__)
 
+PARAM_ALIGNMENT = 64
+"""Elements: with the distributed optimizer every param starts at a multiple of this
+(256-byte aligned in fp32), so every param shard a kernel sees is aligned."""
 
-def all_reduce_grad_bucket(grad_data: torch.Tensor, group, op=None, async_op: bool = False):
-    """Forward: sum (or ``op``) ``grad_data`` in place over ``group``; returns the async
-    handle when ``async_op`` else None. Backward: not differentiable (runs on .main_grad
-    outside autograd). A no-op when the group has one rank."""
-    if group_size(group) == 1:
-        return None
-    return dist.all_reduce(grad_data, op=op or dist.ReduceOp.SUM, group=group, async_op=async_op)
+BUCKET_PAD_MULTIPLE = 128
+"""With the distributed optimizer a bucket's padded size is a multiple of lcm(dp, 128)."""
+
+HIGH_NCCL_BUSBW_PAD_MULTIPLE = 2**16
+"""Extra factor of the bucket padding with --ddp-pad-buckets-for-high-nccl-busbw."""
+
+
+@dataclass(frozen=True)
+class BufferLayout:
+    """Where each param and bucket lives in a flat buffer (all ranges are [start, end)).
+
+    ``param_ranges[i]`` and ``bucket_of_param[i]`` are for the i-th param in buffer order;
+    ``bucket_ranges`` are padded; ``bucket_numel_unpadded[b]`` is the end of bucket b's
+    last param minus the bucket's start.
+    """
+
+    param_ranges: Tuple[Tuple[int, int], ...]
+    bucket_of_param: Tuple[int, ...]
+    bucket_ranges: Tuple[Tuple[int, int], ...]
+    bucket_numel_unpadded: Tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        return self.bucket_ranges[-1][1]
+
+    @property
+    def numel_unpadded(self) -> int:
+        return sum(end - start for start, end in self.param_ranges)
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+def bucket_pad_multiple(dp_size: int, pad_buckets_for_high_nccl_busbw: bool = False) -> int:
+    """The multiple every bucket is padded to with the distributed optimizer."""
+    multiple = math.lcm(dp_size, BUCKET_PAD_MULTIPLE)
+    return math.lcm(multiple, HIGH_NCCL_BUSBW_PAD_MULTIPLE) if pad_buckets_for_high_nccl_busbw else multiple
+
+
+def compute_buffer_layout(
+    numels: Sequence[int],
+    bucket_size: Optional[int],
+    dp_size: int,
+    use_distributed_optimizer: bool,
+    pad_buckets_for_high_nccl_busbw: bool = False,
+    own_bucket: Optional[Sequence[bool]] = None,
+) -> BufferLayout:
+    """Layout of params with ``numels`` (already in buffer order) in one flat buffer.
+
+    ``bucket_size`` None means one bucket. ``own_bucket[i]`` puts param i alone in a
+    bucket (with the distributed optimizer, the tied word embedding: then the first and
+    last pipeline stage shard it identically, so its grads can be all-reduced between
+    the stages after the dp reduce-scatter). See the module docstring for the rules.
+    """
+    if not numels:
+        raise ValueError("a ParamAndGradBuffer needs at least one parameter")
+    multiple = bucket_pad_multiple(dp_size, pad_buckets_for_high_nccl_busbw)
+    own_bucket = list(own_bucket) if own_bucket is not None else [False] * len(numels)
+    param_ranges, bucket_of_param, bucket_ranges, unpadded = [], [], [], []
+    offset = bucket_start = 0
+
+    def close_bucket(end: int) -> int:
+        padded_end = _round_up(end, multiple) if use_distributed_optimizer else end
+        bucket_ranges.append((bucket_start, padded_end))
+        unpadded.append(end - bucket_start)
+        return padded_end
+
+    def bucket_open() -> bool:
+        return bool(bucket_of_param) and bucket_of_param[-1] == len(bucket_ranges)
+
+    for numel, alone in zip(numels, own_bucket):
+        if alone and bucket_open():
+            offset = bucket_start = close_bucket(offset)
+        start = _round_up(offset, PARAM_ALIGNMENT) if use_distributed_optimizer else offset
+        end = start + numel
+        param_ranges.append((start, end))
+        bucket_of_param.append(len(bucket_ranges))
+        offset = end
+        if alone or (bucket_size is not None and end - bucket_start >= bucket_size):
+            offset = bucket_start = close_bucket(end)
+    if bucket_open():
+        close_bucket(offset)
+    return BufferLayout(tuple(param_ranges), tuple(bucket_of_param), tuple(bucket_ranges), tuple(unpadded))
 
 
 def _global_rank() -> int:
@@ -41,18 +139,23 @@ def _global_rank() -> int:
 
 
 class ParamAndGradBucket:
-    """A slice of a buffer reduced by one collective.
+    """A slice of a buffer reduced (and, with the distributed optimizer, gathered) by one
+    collective.
 
-    ``grad_data`` is a 1-D view of the owning buffer's storage; ``offset`` its start in
-    the buffer. ``gradient_scaling_factor`` multiplies the grads before the collective
-    (1/dp to average with a SUM all-reduce; 1.0 for per-token loss or AVG).
+    ``grad_data`` / ``param_data`` are 1-D views of the owning buffer's storage (padding
+    included; ``param_data`` is None without the distributed optimizer); ``offset`` is
+    their start in the buffer. ``gradient_scaling_factor`` multiplies the grads before
+    the collective (1/dp to average with a SUM; 1.0 for per-token loss or AVG). With the
+    distributed optimizer ``grad_shard`` / ``param_shard`` are this dp rank's block.
     """
 
     def __init__(
         self,
         params: Sequence[torch.nn.Parameter],
         grad_data: torch.Tensor,
+        param_data: Optional[torch.Tensor],
         offset: int,
+        numel_unpadded: int,
         bucket_id: int,
         data_parallel_group,
         gradient_scaling_factor: float,
@@ -63,18 +166,28 @@ class ParamAndGradBucket:
         self.params = list(params)
         self.params_set = set(self.params)
         self.grad_data = grad_data
+        self.param_data = param_data
         self.offset = offset
+        self.numel_unpadded = numel_unpadded
         self.bucket_id = bucket_id
         self.data_parallel_group = data_parallel_group
         self.gradient_scaling_factor = gradient_scaling_factor
         self.reduce_op = reduce_op
         self.overlap_grad_reduce = overlap_grad_reduce
         self.check_for_nan_in_grad = check_for_nan_in_grad
+        self.use_distributed_optimizer = param_data is not None
         self.is_last_microbatch = True
+        self.param_gather_handle = None
+        self.grad_shard = self.param_shard = None
+        if self.use_distributed_optimizer:
+            dp, rank = group_size(data_parallel_group), group_rank(data_parallel_group)
+            self.shard_numel = grad_data.numel() // dp
+            block = slice(rank * self.shard_numel, (rank + 1) * self.shard_numel)
+            self.grad_shard, self.param_shard = grad_data[block], param_data[block]
         self.reset()
 
     def reset(self) -> None:
-        """Forget grads seen and any pending collective (after a finished sync)."""
+        """Forget grads seen and any pending grad collective (after a finished sync)."""
         self.params_with_grad = set()
         self.grad_reduce_handle = None
 
@@ -88,16 +201,19 @@ class ParamAndGradBucket:
             )
 
     def start_grad_sync(self) -> None:
-        """Scale this bucket's grads and launch its reduction (async when overlapping)."""
+        """Scale this bucket's grads and launch their reduction (async when overlapping):
+        an all-reduce, or a reduce-scatter into ``grad_shard`` with the distributed optimizer."""
         if self.grad_reduce_handle is not None:
             return
         if self.check_for_nan_in_grad:
             self._check_for_nan()
         if self.gradient_scaling_factor != 1.0:
             self.grad_data.mul_(self.gradient_scaling_factor)
-        handle = all_reduce_grad_bucket(
-            self.grad_data, self.data_parallel_group, op=self.reduce_op, async_op=self.overlap_grad_reduce
-        )
+        group, op, async_op = self.data_parallel_group, self.reduce_op, self.overlap_grad_reduce
+        if self.use_distributed_optimizer:
+            handle = reduce_scatter_grad_bucket(self.grad_data, self.grad_shard, group, op=op, async_op=async_op)
+        else:
+            handle = all_reduce_grad_bucket(self.grad_data, group, op=op, async_op=async_op)
         # A finished synchronous reduction is marked by a sentinel so it is not redone.
         self.grad_reduce_handle = handle if handle is not None else True
 
@@ -118,13 +234,31 @@ class ParamAndGradBucket:
         if len(self.params_with_grad) == len(self.params):
             self.start_grad_sync()
 
+    def start_param_sync(self, async_op: bool = False) -> None:
+        """Distributed optimizer only: all-gather every rank's updated ``param_shard`` into
+        ``param_data`` (the model params). Waits for a gather still pending first."""
+        if not self.use_distributed_optimizer:
+            return
+        self.finish_param_sync()
+        self.param_gather_handle = all_gather_param_bucket(
+            self.param_data, self.param_shard, self.data_parallel_group, async_op=async_op
+        )
+
+    def finish_param_sync(self) -> None:
+        """Wait for this bucket's pending param all-gather, if any."""
+        if self.param_gather_handle is not None:
+            self.param_gather_handle.wait()
+            self.param_gather_handle = None
+
 
 class ParamAndGradBuffer:
-    """Flat grad storage of ``params`` in ``grad_dtype``, split into buckets.
+    """Flat grad (and, with the distributed optimizer, param) storage of ``params``.
 
     After construction every param has ``param.main_grad`` (same shape as the param,
-    dtype ``grad_dtype``) viewing ``grad_data``. ``bucket_size`` (elements) caps each
-    bucket; a param is never split across buckets; None means one bucket.
+    dtype ``grad_dtype``) viewing ``grad_data``; with ``use_distributed_optimizer`` its
+    ``.data`` views ``param_data`` (same dtype as before). ``bucket_size`` (elements)
+    closes a bucket once reached; None means one bucket. ``param_index_map[param]`` is
+    ``(start, end, bucket_id)`` in the buffer.
     """
 
     def __init__(
@@ -137,52 +271,70 @@ class ParamAndGradBuffer:
         bucket_size: Optional[int] = None,
         overlap_grad_reduce: bool = False,
         check_for_nan_in_grad: bool = False,
+        use_distributed_optimizer: bool = False,
+        pad_buckets_for_high_nccl_busbw: bool = False,
     ) -> None:
         if not params:
             raise ValueError("a ParamAndGradBuffer needs at least one parameter")
         self.params = list(params)
         self.grad_dtype = grad_dtype
         self.param_dtype = self.params[0].dtype
+        if any(p.dtype != self.param_dtype for p in self.params):
+            raise ValueError("all params of one ParamAndGradBuffer must share a dtype; group them by dtype")
         self.data_parallel_group = data_parallel_group
+        self.use_distributed_optimizer = use_distributed_optimizer
         order = list(reversed(self.params))
-        self.numel = sum(p.numel() for p in order)
-        self.grad_data = torch.zeros(self.numel, dtype=grad_dtype, device=order[0].device)
-        self.param_index_map: Dict[torch.nn.Parameter, tuple] = {}
-        spans = self._bucket_spans(order, bucket_size)
+        self.layout = compute_buffer_layout(
+            [p.numel() for p in order], bucket_size, group_size(data_parallel_group),
+            use_distributed_optimizer, pad_buckets_for_high_nccl_busbw,
+            own_bucket=[use_distributed_optimizer and getattr(p, "shared_embedding", False) for p in order],
+        )
+        self.numel = self.layout.numel
+        self.numel_unpadded = self.layout.numel_unpadded
+        device = order[0].device
+        self.grad_data = torch.zeros(self.numel, dtype=grad_dtype, device=device)
+        self.param_data = None
+        if use_distributed_optimizer:
+            self.param_data = torch.zeros(self.numel, dtype=self.param_dtype, device=device)
+        self.param_index_map: Dict[torch.nn.Parameter, Tuple[int, int, int]] = {}
+        for p, (start, end), bucket_id in zip(order, self.layout.param_ranges, self.layout.bucket_of_param):
+            self._place(p, start, end)
+            self.param_index_map[p] = (start, end, bucket_id)
         self.buckets: List[ParamAndGradBucket] = []
         self.param_to_bucket: Dict[torch.nn.Parameter, ParamAndGradBucket] = {}
-        offset = 0
-        for bucket_id, bucket_params in enumerate(spans):
-            start = offset
-            for p in bucket_params:
-                end = offset + p.numel()
-                p.main_grad = self.grad_data[offset:end].view(p.shape)
-                self.param_index_map[p] = (offset, end, bucket_id)
-                offset = end
+        self._build_buckets(order, gradient_scaling_factor, reduce_op, overlap_grad_reduce, check_for_nan_in_grad)
+        logger.debug(
+            "param/grad buffer: %d params, %d elements (%d unpadded) of %s in %d bucket(s)",
+            len(order), self.numel, self.numel_unpadded, grad_dtype, len(self.buckets),
+        )
+
+    def _place(self, param: torch.nn.Parameter, start: int, end: int) -> None:
+        """Point ``param.main_grad`` (and ``param.data`` with the distributed optimizer)
+        at its slice of the buffers."""
+        param.main_grad = self.grad_data[start:end].view(param.shape)
+        if self.param_data is not None:
+            self.param_data[start:end].copy_(param.data.reshape(-1))
+            param.data = self.param_data[start:end].view(param.shape)
+
+    def _build_buckets(self, order, scaling, reduce_op, overlap_grad_reduce, check_for_nan_in_grad) -> None:
+        for bucket_id, (start, end) in enumerate(self.layout.bucket_ranges):
+            bucket_params = [p for p, b in zip(order, self.layout.bucket_of_param) if b == bucket_id]
             bucket = ParamAndGradBucket(
-                bucket_params, self.grad_data[start:offset], start, bucket_id, data_parallel_group,
-                gradient_scaling_factor, reduce_op, overlap_grad_reduce, check_for_nan_in_grad,
+                bucket_params,
+                self.grad_data[start:end],
+                None if self.param_data is None else self.param_data[start:end],
+                start,
+                self.layout.bucket_numel_unpadded[bucket_id],
+                bucket_id,
+                self.data_parallel_group,
+                scaling,
+                reduce_op,
+                overlap_grad_reduce,
+                check_for_nan_in_grad,
             )
             self.buckets.append(bucket)
             for p in bucket_params:
                 self.param_to_bucket[p] = bucket
-        logger.debug(
-            "grad buffer: %d params, %d elements of %s in %d bucket(s)", len(order), self.numel, grad_dtype, len(self.buckets)
-        )
-
-    @staticmethod
-    def _bucket_spans(order: List[torch.nn.Parameter], bucket_size: Optional[int]) -> List[List[torch.nn.Parameter]]:
-        if bucket_size is None:
-            return [order]
-        spans: List[List[torch.nn.Parameter]] = [[]]
-        filled = 0
-        for p in order:
-            if spans[-1] and filled + p.numel() > bucket_size:
-                spans.append([])
-                filled = 0
-            spans[-1].append(p)
-            filled += p.numel()
-        return spans
 
     def reset(self) -> None:
         """Zero the grads and forget any bucket state (start of an iteration)."""

@@ -21,6 +21,7 @@ from megatron.core.optimizer.clip_grads import (
     get_grad_norm_fp32,
     grads_are_finite,
 )
+from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 from megatron.core.optimizer.grad_scaler import ConstantGradScaler, DynamicGradScaler, MegatronGradScaler
 from megatron.core.optimizer.optimizer import (
     Float16OptimizerWithFloat16Params,
@@ -32,6 +33,7 @@ from megatron.core.process_groups import ProcessGroups
 
 __all__ = [
     "ConstantGradScaler",
+    "DistributedOptimizer",
     "DynamicGradScaler",
     "Float16OptimizerWithFloat16Params",
     "FP32Optimizer",
@@ -141,14 +143,11 @@ def get_megatron_optimizer(
 ) -> MegatronOptimizer:
     """Build the optimizer for this rank's model chunks (DDP-wrapped or not).
 
-    fp16/bf16 -> ``Float16OptimizerWithFloat16Params`` (fp32 main params; a loss scaler
-    with --fp16 or --loss-scale); otherwise ``FP32Optimizer``.
+    --use-distributed-optimizer -> ``DistributedOptimizer`` (the chunks must be DDP-wrapped
+    with the distributed optimizer; any param dtype); fp16/bf16 ->
+    ``Float16OptimizerWithFloat16Params`` (fp32 main params; a loss scaler with --fp16
+    or --loss-scale); otherwise ``FP32Optimizer``.
     """
-    if config.use_distributed_optimizer:
-        raise NotImplementedError(
-            "--use-distributed-optimizer is not implemented yet; drop the flag to keep the "
-            "optimizer state replicated on every data-parallel rank"
-        )
     if config.lr is None:
         raise ValueError("--lr is required to build the optimizer: pass the peak learning rate, e.g. --lr 3e-4")
     chunks = list(model_chunks) if isinstance(model_chunks, (list, tuple)) else [model_chunks]
@@ -156,8 +155,11 @@ def get_megatron_optimizer(
     if not param_groups:
         raise ValueError("the model has no trainable parameters (all have requires_grad=False)")
     optimizer = _torch_optimizer(config, param_groups)
+    device = param_groups[0]["params"][0].device
+    if config.use_distributed_optimizer:
+        scaler = _grad_scaler(config, device) if (config.fp16 or config.bf16) else None
+        return DistributedOptimizer(optimizer, config, scaler, None, chunks, pg_collection=pg_collection)
     if config.fp16 or config.bf16:
-        device = param_groups[0]["params"][0].device
         return Float16OptimizerWithFloat16Params(
             optimizer, config, _grad_scaler(config, device), pg_collection=pg_collection
         )

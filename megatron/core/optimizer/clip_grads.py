@@ -20,11 +20,13 @@ from megatron.core.process_groups import group_rank, group_size
 
 def all_reduce_grad_stat(stat: torch.Tensor, group, op=None) -> None:
     """Forward: reduce the statistic ``stat`` in place over ``group`` (SUM by default,
-    MAX for the inf-norm and the found-inf flag). Backward: not differentiable. No-op
-    for a 1-rank group."""
-    if group_size(group) == 1:
-        return
-    dist.all_reduce(stat, op=op or dist.ReduceOp.SUM, group=group)
+    MAX for the inf-norm and the found-inf flag). ``group`` may be a tuple of groups
+    reduced one after the other, which reduces over their product (the distributed
+    optimizer's shards: data-parallel, then model-parallel). Backward: not
+    differentiable. No-op for 1-rank groups."""
+    for one in group if isinstance(group, (tuple, list)) else (group,):
+        if group_size(one) > 1:
+            dist.all_reduce(stat, op=op or dist.ReduceOp.SUM, group=one)
 
 
 def param_is_not_shared(param: torch.nn.Parameter) -> bool:

@@ -67,9 +67,43 @@ def _launched(ddp):
     return [b.grad_reduce_handle is not None for buf in ddp.buffers for b in buf.buckets]
 
 
+def _bucket_collectives(rank, world_size, out):
+    """Both paths of the bucket collectives (gloo's fallback and the single-tensor one
+    used on NCCL, which this gloo build also has), sync and async, in place."""
+    from megatron.core.distributed import data_parallel_collectives as collectives
+
+    group = parallel_state.get_process_groups().dp_cp
+    original = collectives.native_single_tensor_collectives
+    try:
+        for native in (False, True):
+            collectives.native_single_tensor_collectives = lambda g, native=native: native
+            for async_op in (False, True):
+                grad = torch.arange(8.0) + 100 * rank
+                shard = grad[rank * 4:(rank + 1) * 4]
+                handle = collectives.reduce_scatter_grad_bucket(grad, shard, group, async_op=async_op)
+                if async_op:
+                    handle.wait()
+                expected = sum(torch.arange(8.0) + 100 * r for r in range(world_size))
+                out[f"reduce_scatter_{native}_{async_op}"] = ([shard], [expected[rank * 4:(rank + 1) * 4]])
+                params = torch.zeros(8)
+                params[rank * 4:(rank + 1) * 4] = rank + 1
+                handle = collectives.all_gather_param_bucket(params, params[rank * 4:(rank + 1) * 4], group,
+                                                             async_op=async_op)
+                if async_op:
+                    handle.wait()
+                out[f"all_gather_{native}_{async_op}"] = ([params], [torch.tensor([1.0] * 4 + [2.0] * 4)])
+    finally:
+        collectives.native_single_tensor_collectives = original
+
+
+COLLECTIVE_CHECKS = [f"{op}_{native}_{async_op}" for op in ("reduce_scatter", "all_gather")
+                     for native in (False, True) for async_op in (False, True)]
+
+
 def _checks(rank, world_size):
     parallel_state.initialize_model_parallel()
     out = {}
+    _bucket_collectives(rank, world_size, out)
     ddp, grads = _train(DistributedDataParallelConfig(), 1, rank)
     out["average"] = (grads, _reference_grads(1, world_size))
     out["grad_is_freed"] = ([p.grad is None for p in ddp.module.parameters()], [True] * 4)
@@ -80,10 +114,11 @@ def _checks(rank, world_size):
     overlap = DistributedDataParallelConfig(overlap_grad_reduce=True, bucket_size=30)
     ddp, grads = _train(overlap, 2, rank, probe=lambda d, m: launched.setdefault(m, _launched(d)))
     out["overlap"] = (grads, _reference_grads(2, world_size))
-    # Reverse order b2, W2, b0, W0 = 3, 24, 8, 48 elements, cap 30: [3+24] [8] [48].
-    out["buckets"] = (len(ddp.buffers[0].buckets), 3)
-    out["no_launch_in_no_sync"] = (launched[0], [False] * 3)
-    out["launch_in_last_backward"] = (launched[1], [True] * 3)
+    # Reverse order b2, W2, b0, W0 = 3, 24, 8, 48 elements; a bucket closes once it
+    # holds >= 30 (Megatron's rule): [3+24+8] [48].
+    out["buckets"] = (len(ddp.buffers[0].buckets), 2)
+    out["no_launch_in_no_sync"] = (launched[0], [False] * 2)
+    out["launch_in_last_backward"] = (launched[1], [True] * 2)
 
     ddp, grads = _train(DistributedDataParallelConfig(grad_reduce_in_fp32=True), 1, rank, dtype=torch.bfloat16)
     out["bf16_fp32_dtype"] = ([g.dtype for g in grads], [torch.float32] * 4)
@@ -121,7 +156,7 @@ def rank_results():
 
 @pytest.mark.parametrize(
     "check",
-    ["average", "accumulate", "overlap", "bf16_fp32_values", "broadcast"],
+    ["average", "accumulate", "overlap", "bf16_fp32_values", "broadcast"] + COLLECTIVE_CHECKS,
 )
 def test_tensors_match_reference(rank_results, check):
     for res in rank_results:

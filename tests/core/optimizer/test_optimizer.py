@@ -175,7 +175,7 @@ def test_param_groups_follow_megatron_defaults():
 
 
 def test_rejections():
-    with pytest.raises(NotImplementedError, match="--use-distributed-optimizer"):
+    with pytest.raises(ValueError, match="--use-distributed-optimizer needs every model chunk wrapped"):
         get_megatron_optimizer(OptimizerConfig(lr=1.0, use_distributed_optimizer=True), _model())
     with pytest.raises(ValueError, match="--lr"):
         get_megatron_optimizer(OptimizerConfig(), _model())
