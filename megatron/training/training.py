@@ -165,6 +165,11 @@ def train(forward_step_func, model, optimizer, scheduler, train_it, valid_it, pg
         if args.exit_interval and iteration % args.exit_interval == 0:
             print_rank_0(f"exiting program at iteration {iteration} (--exit-interval {args.exit_interval})")
             break
+    # With --overlap-param-gather the next step's parameter all-gather is in flight:
+    # finish it so that whatever reads the weights next (evaluation, a checkpoint) sees them.
+    for chunk in model:
+        if hasattr(chunk, "finish_param_sync"):
+            chunk.finish_param_sync()
     args.iteration = iteration
     return iteration
 

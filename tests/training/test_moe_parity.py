@@ -7,21 +7,22 @@ averaging), ~1e-7 relative per step, carried by Adam over the steps; 2e-5 relati
 well above that and far below a routing error (a misrouted token changes the first
 loss by ~1e-3; see tests/core/transformer/moe for the planted permutation bug).
 
---clip-grad 0: the optimizer's global grad norm is not yet summed over expert-parallel
-ranks (each rank holds different experts), so clipping would differ between layouts.
+Clipping stays on (--clip-grad 1.0): the global grad norm sums dense params over the
+model-parallel group and expert params over the expert model-parallel group, so it and
+the clipped steps must equal one process's too.
 """
 
 import re
 
 import pytest
 
-from tests.training.gpt_runs import losses, run_gpt
+from tests.training.gpt_runs import grad_norms, losses, run_gpt
 
 RTOL = 2e-5
 ITERS = 3
 MOE = [
     "--num-experts", "4", "--moe-router-topk", "2", "--moe-aux-loss-coeff", "0.01",
-    "--moe-z-loss-coeff", "0.001", "--clip-grad", "0", "--disable-bias-linear", "--swiglu",
+    "--moe-z-loss-coeff", "0.001", "--disable-bias-linear", "--swiglu",
 ]
 DROP = ["--moe-expert-capacity-factor", "1.0"]
 BALANCING = re.compile(r"load_balancing_loss: ([0-9.E+-]+) \| z_loss: ([0-9.E+-]+)")
@@ -41,6 +42,8 @@ def _close(log, reference):
     assert len(got) == len(ref) == ITERS, (got, ref)
     for i, (x, y) in enumerate(zip(got, ref)):
         assert abs(x - y) <= RTOL * abs(y), f"iteration {i + 1}: {x} vs {y}"
+    got_norm, ref_norm = grad_norms(log), grad_norms(reference)
+    assert len(got_norm) == ITERS and got_norm == pytest.approx(ref_norm, rel=1e-4), (got_norm, ref_norm)
     got_bal, ref_bal = BALANCING.findall(log), BALANCING.findall(reference)
     assert len(got_bal) == len(ref_bal) == ITERS
     for g, r in zip(got_bal, ref_bal):

@@ -94,6 +94,17 @@ def get_grad_norm_fp32(
     return get_grad_norm_tensor(grads_for_norm, norm_type, grad_stats_parallel_group).item()
 
 
+def combined_grad_norm(*parts, norm_type: Union[int, float] = 2) -> float:
+    """Global norm over several (grads_for_norm, grad_stats_parallel_group) parts, such as
+    dense params reduced over the model-parallel group and expert params reduced over the
+    expert model-parallel group. Every rank must pass the same parts (an empty grad list
+    still takes part in its group's reduction)."""
+    norms = torch.stack([get_grad_norm_tensor(grads, norm_type, group) for grads, group in parts])
+    if float(norm_type) == float("inf"):
+        return norms.max().item()
+    return norms.pow(float(norm_type)).sum().pow(1.0 / float(norm_type)).item()
+
+
 def clip_grad_by_total_norm_fp32(
     parameters: Union[torch.nn.Parameter, Iterable[torch.nn.Parameter]],
     max_norm: Union[int, float],

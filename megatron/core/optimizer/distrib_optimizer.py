@@ -152,6 +152,7 @@ class DistributedOptimizer(MegatronOptimizer):
         self.buffers = self._sharded_buffers()
         # The shards are disjoint over dp: sum statistics over dp first, then over mp.
         self.grad_stats_parallel_group = (self.data_parallel_group, pgs.mp)
+        self.expert_grad_stats_parallel_group = (pgs.expt_dp, pgs.tp_ep_pp)
         self.overlap_param_gather = any(
             getattr(getattr(c, "ddp_config", None), "overlap_param_gather", False) for c in self.model_chunks
         )

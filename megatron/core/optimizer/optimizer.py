@@ -24,7 +24,7 @@ from megatron.core import process_groups
 from megatron.core.optimizer.clip_grads import (
     clip_grad_by_total_norm_fp32,
     count_zeros_fp32,
-    get_grad_norm_fp32,
+    combined_grad_norm,
     get_grads_for_norm,
     unscale_and_check_for_nan,
 )
@@ -83,22 +83,34 @@ class MegatronOptimizer(ABC):
         pgs = process_groups.resolve(pg_collection)
         self.tp_group = pgs.tp
         self.grad_stats_parallel_group = pgs.mp
+        # Expert params (allreduce=False) differ over expert-parallel ranks and are
+        # replicated over expert-data-parallel ones: their statistics sum over the expert
+        # tp x ep x pp group, with expert-tp duplicates counted on expert-tp rank 0.
+        self.expert_tp_group = pgs.expt_tp
+        self.expert_grad_stats_parallel_group = pgs.tp_ep_pp
 
     def get_parameters(self) -> List[torch.Tensor]:
         """The params the torch optimizer updates (fp32 main params when mixed precision)."""
         return [p for group in self.optimizer.param_groups for p in group["params"]]
 
     def get_main_grads_for_grad_norm(self) -> List[torch.Tensor]:
-        """Grads counted in the global norm on this rank (no shared, no tp duplicate)."""
-        return get_grads_for_norm(self.get_parameters(), self.tp_group)
+        """Dense grads counted in the global norm on this rank (no shared, no tp duplicate)."""
+        dense = [p for p in self.get_parameters() if getattr(p, "allreduce", True)]
+        return get_grads_for_norm(dense, self.tp_group)
+
+    def get_expert_grads_for_grad_norm(self) -> List[torch.Tensor]:
+        """Expert grads counted in the global norm on this rank (no expert-tp duplicate)."""
+        experts = [p for p in self.get_parameters() if not getattr(p, "allreduce", True)]
+        return get_grads_for_norm(experts, self.expert_tp_group)
 
     def get_grad_stats_parallel_group(self):
         return self.grad_stats_parallel_group
 
     def clip_grad_norm(self, clip_grad: float) -> float:
         """Global grad norm (before clipping); grads are scaled to ``clip_grad`` if larger."""
-        grad_norm = get_grad_norm_fp32(
-            self.get_main_grads_for_grad_norm(), grad_stats_parallel_group=self.grad_stats_parallel_group
+        grad_norm = combined_grad_norm(
+            (self.get_main_grads_for_grad_norm(), self.grad_stats_parallel_group),
+            (self.get_expert_grads_for_grad_norm(), self.expert_grad_stats_parallel_group),
         )
         clip_grad_by_total_norm_fp32(self.get_parameters(), clip_grad, grad_norm)
         return grad_norm

@@ -35,6 +35,8 @@ def add_distributed_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     g.add_argument("--overlap-grad-reduce", action="store_true", help="Overlap gradient reduction with backward.")
     g.add_argument("--ddp-num-buckets", type=int, default=None, help="Number of gradient buckets.")
     g.add_argument("--ddp-bucket-size", type=int, default=None, help="Gradient bucket size (elements).")
+    g.add_argument("--ddp-pad-buckets-for-high-nccl-busbw", action="store_true",
+                   help="Pad distributed-optimizer buckets to a multiple of 2^16 elements for NCCL bus bandwidth.")
     g.add_argument("--ddp-average-in-collective", action="store_true",
                    help="Average gradients inside the collective instead of pre-scaling.")
     g.add_argument("--overlap-param-gather", action="store_true",
