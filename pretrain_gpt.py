@@ -13,6 +13,7 @@ from megatron.core import parallel_state, tensor_parallel
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
 from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer.context_parallel import get_batch_on_this_cp_rank
 from megatron.core.transformer.enums import ModelType
 from megatron.training import get_args, get_tokenizer, pretrain, print_rank_0
 from megatron.training.config_from_args import core_transformer_config_from_args
@@ -64,13 +65,16 @@ def get_batch(data_iterator, needs_data=None):
         masks = tensor_parallel.broadcast_data(["attention_mask"], data, torch.uint8, pg.tp)
         attention_mask = masks["attention_mask"].bool()
     device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
-    return (
-        ints["tokens"].to(device, non_blocking=True),
-        ints["labels"].to(device, non_blocking=True),
-        floats["loss_mask"].to(device, non_blocking=True),
-        None if attention_mask is None else attention_mask.to(device, non_blocking=True),
-        ints["position_ids"].to(device, non_blocking=True),
-    )
+    batch = {
+        "tokens": ints["tokens"].to(device, non_blocking=True),
+        "labels": ints["labels"].to(device, non_blocking=True),
+        "loss_mask": floats["loss_mask"].to(device, non_blocking=True),
+        "attention_mask": None if attention_mask is None else attention_mask.to(device, non_blocking=True),
+        "position_ids": ints["position_ids"].to(device, non_blocking=True),
+    }
+    # Context parallelism: keep this rank's chunks i and 2CP-1-i; positions stay global.
+    batch = get_batch_on_this_cp_rank(batch, pg.cp)
+    return tuple(batch[k] for k in ("tokens", "labels", "loss_mask", "attention_mask", "position_ids"))
 
 
 def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):

@@ -125,6 +125,7 @@ def check_model_shape(args: argparse.Namespace) -> None:
     if args.group_query_attention:
         _check_query_groups(args)
     _check_sequence_lengths(args)
+    _check_context_parallel_attention(args)
     _check_architecture_choices(args)
 
 
@@ -156,6 +157,36 @@ def _check_sequence_lengths(args: argparse.Namespace) -> None:
     if cp > 1 and seq % (2 * cp):
         raise invalid("--seq-length", seq, f"must be a multiple of 2 x --context-parallel-size = {2 * cp}",
                       "pad the sequence length or change the context-parallel size")
+
+
+def _check_context_parallel_attention(args: argparse.Namespace) -> None:
+    """What context-parallel attention supports: comm types, head split, masks."""
+    cp = args.context_parallel_size
+    if cp == 1:
+        return
+    known = ("p2p", "all_gather", "allgather", "a2a", "a2a+p2p")
+    types = list(args.cp_comm_type or ["p2p"])
+    for name in types:
+        if name not in known:
+            raise invalid("--cp-comm-type", name, f"is not one of {', '.join(known)}", "pick one of those")
+    layers = num_layers_of(args)
+    if len(types) > 1 and layers is not None and len(types) != layers:
+        raise invalid("--cp-comm-type", types, f"needs one value or one per layer ({layers})",
+                      "give a single comm type or exactly --num-layers values")
+    sizes = args.hierarchical_context_parallel_sizes
+    if "a2a+p2p" in types and (sizes is None or len(sizes) != 2):
+        raise invalid("--hierarchical-context-parallel-sizes", sizes, "a2a+p2p needs two sizes (a2a, p2p)",
+                      f"pass e.g. --hierarchical-context-parallel-sizes 2 {cp // 2}")
+    heads = args.num_attention_heads // args.tensor_model_parallel_size
+    for name, a2a in (("a2a", cp), ("a2a+p2p", (sizes or [1])[0])):
+        if name in types and heads % a2a:
+            raise invalid("--num-attention-heads", args.num_attention_heads,
+                          f"heads per tensor-parallel rank ({heads}) must be divisible by the all-to-all "
+                          f"context-parallel size {a2a} for --cp-comm-type {name}",
+                          "change the head count, the CP size or the comm type")
+    if args.reset_attention_mask:
+        raise invalid("--reset-attention-mask", True, "is not supported with --context-parallel-size > 1",
+                      "drop --reset-attention-mask or use --context-parallel-size 1")
 
 
 def _check_architecture_choices(args: argparse.Namespace) -> None:

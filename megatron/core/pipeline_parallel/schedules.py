@@ -63,7 +63,7 @@ def _wrapped_attribute(model, name: str):
 
 
 def forward_step(forward_step_func, data_iterator, model, num_microbatches, config, cp_size=1, *,
-                 input_tensor: Optional[torch.Tensor] = None, is_last_stage: bool = True):
+                 input_tensor: Optional[torch.Tensor] = None, is_last_stage: bool = True, cp_group=None):
     """Run one micro-batch forward; return (loss scaled for backward, num_tokens, reported).
 
     Pipeline stages: ``input_tensor`` (the previous stage's activation) is handed to the
@@ -83,7 +83,7 @@ def forward_step(forward_step_func, data_iterator, model, num_microbatches, conf
     if len(outputs) == 3:
         loss, num_tokens, reported = outputs
         if not per_token:
-            loss = loss / num_tokens
+            loss = loss / _context_parallel_token_count(num_tokens, cp_size, cp_group)
             loss = loss * cp_size / num_microbatches
     elif len(outputs) == 2:
         loss, reported = outputs
@@ -95,6 +95,19 @@ def forward_step(forward_step_func, data_iterator, model, num_microbatches, conf
             f"it returned {len(outputs)} values"
         )
     return loss, num_tokens, reported
+
+
+def _context_parallel_token_count(num_tokens: torch.Tensor, cp_size: int, cp_group) -> torch.Tensor:
+    """The micro-batch's token count over all context-parallel ranks (all-reduce over ``cp_group``).
+
+    Forward only (a count, no gradient). Each CP rank holds part of the sequence: dividing
+    its loss sum by the whole sequence's count, times cp, and averaging gradients over
+    dp x cp gives exactly the one-process mean, also when loss masks differ per chunk."""
+    if cp_size == 1 or cp_group is None:
+        return num_tokens
+    total = num_tokens.detach().clone().to(torch.float32)
+    torch.distributed.all_reduce(total, group=cp_group)
+    return total
 
 
 def backward_step(loss: torch.Tensor, grad_scale_func: Optional[Callable]) -> None:
@@ -133,13 +146,15 @@ def forward_backward_no_pipelining(
     iterator = data_iterator[0] if isinstance(data_iterator, list) else data_iterator
     config = _model_config(module)
     cp_size = resolve(pg_collection).size("cp")
+    cp_group = resolve(pg_collection).cp
     no_sync = getattr(module, "no_sync", contextlib.nullcontext)
     reported_list: List[dict] = []
     total_tokens = None  # stays on the loss's device: no host sync per micro-batch
 
     def one(i: int) -> None:
         nonlocal total_tokens
-        loss, num_tokens, reported = forward_step(forward_step_func, iterator, module, num_microbatches, config, cp_size)
+        loss, num_tokens, reported = forward_step(forward_step_func, iterator, module, num_microbatches, config, cp_size,
+                                                 cp_group=cp_group)
         tokens = num_tokens.detach().reshape(()).to(torch.int64)
         total_tokens = tokens if total_tokens is None else total_tokens + tokens
         if not forward_only:
@@ -245,7 +260,7 @@ class _PlanRunner:
         self.num_microbatches, self.config, self.p2p = num_microbatches, config, p2p
         self.forward_only, self.grad_scale_func = forward_only, grad_scale_func
         self.collect_non_loss_data = collect_non_loss_data
-        self.cp_size = pg.size("cp")
+        self.cp_size, self.cp_group = pg.size("cp"), pg.cp
         self.pp_rank, self.pp_size = pg.rank("pp"), pg.size("pp")
         self.deallocate = bool(getattr(config, "deallocate_pipeline_outputs", False))
         n = len(chunks)
@@ -268,7 +283,7 @@ class _PlanRunner:
         last = self.last_virtual(chunk)
         output, tokens, reported = forward_step(
             self.forward_step_func, self.data_iterators[chunk], self.chunks[chunk], self.num_microbatches,
-            self.config, self.cp_size, input_tensor=input_tensor, is_last_stage=last,
+            self.config, self.cp_size, input_tensor=input_tensor, is_last_stage=last, cp_group=self.cp_group,
         )
         if last:
             self.total_tokens += tokens.detach().reshape(()).to(self.total_tokens.device, torch.int64)

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron.core import process_groups, tensor_parallel
+from megatron.core.transformer.context_parallel import ContextParallelAttention, resolve_comm_type
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -108,7 +109,8 @@ class DotProductAttention(torch.nn.Module):
         self.layer_number = max(1, layer_number)
         self.attn_mask_type = attn_mask_type
         self.attention_type = attention_type
-        self.tp_group = process_groups.resolve(pg_collection).tp
+        groups = process_groups.resolve(pg_collection)
+        self.tp_group = groups.tp
         self.backend = resolve_attention_backend(config.attention_backend)
         self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
         self.softmax_scale = 1.0 / math.sqrt(config.kv_channels) if softmax_scale is None else softmax_scale
@@ -116,6 +118,18 @@ class DotProductAttention(torch.nn.Module):
         # multiplied back by it: the same math, but half-precision scores stay in range.
         self.coeff = float(self.layer_number) if config.apply_query_key_layer_scaling else 1.0
         self.window_size = config.window_size
+        self.cp_attention = self._build_context_parallel(config, groups.cp)
+
+    def _build_context_parallel(self, config: TransformerConfig, cp_group):
+        """The context-parallel attention of this layer, or None without context parallelism."""
+        if process_groups.group_size(cp_group) == 1:
+            return None
+        comm_type = resolve_comm_type(getattr(config, "cp_comm_type", None), self.layer_number)
+        causal = self.attn_mask_type in (AttnMaskType.causal, AttnMaskType.padding_causal)
+        return ContextParallelAttention(
+            comm_type, cp_group, causal, self.window_size, self.softmax_scale, self._attend,
+            hierarchical_sizes=getattr(config, "hierarchical_context_parallel_sizes", None),
+        )
 
     def forward(
         self,
@@ -131,6 +145,8 @@ class DotProductAttention(torch.nn.Module):
         if np_ % ng:
             raise ValueError(f"{np_} query heads cannot share {ng} key/value groups: heads must be a multiple")
         dropout_p = self.dropout_p if self.training else 0.0
+        if self.cp_attention is not None:
+            return self._context_parallel(query, key, value, attention_mask, mask_type, dropout_p)
         only_causal = (
             mask_type == AttnMaskType.causal and attention_mask is None and self.window_size is None and sq == sk
         )
@@ -142,6 +158,21 @@ class DotProductAttention(torch.nn.Module):
                 context = self._attend(query, key, value, mask, only_causal, dropout_p)
         else:
             context = self._attend(query, key, value, mask, only_causal, dropout_p)
+        return context.reshape(sq, b, np_ * hn)
+
+    def _context_parallel(self, query, key, value, attention_mask, mask_type, dropout_p):
+        """This rank's rows of attention over the context-parallel sequence -> [sq, b, np * hn]."""
+        if attention_mask is not None or mask_type != self.attn_mask_type:
+            raise ValueError(
+                "an explicit attention mask (--reset-attention-mask) or a per-call mask type is not supported "
+                "with --context-parallel-size > 1: drop --reset-attention-mask or use --context-parallel-size 1"
+            )
+        sq, b, np_, hn = query.shape
+        if dropout_p > 0.0:
+            with tensor_parallel.get_cuda_rng_tracker().fork():
+                context = self.cp_attention(query, key, value, dropout_p)
+        else:
+            context = self.cp_attention(query, key, value, dropout_p)
         return context.reshape(sq, b, np_ * hn)
 
     def _attend(self, query, key, value, mask, is_causal, dropout_p):

@@ -111,6 +111,15 @@ class TransformerConfig(ModelParallelConfig):
     window_size: Optional[Tuple[int, int]] = None
     """Sliding attention window (left, right); (W, 0) for Mistral (--window-size)."""
 
+    cp_comm_type: Optional[Union[str, List[str]]] = None
+    """Context-parallel communication: p2p (default), all_gather, a2a or a2a+p2p; one value
+    for all layers or one per layer (--cp-comm-type)."""
+
+    hierarchical_context_parallel_sizes: Optional[List[int]] = None
+    """Sizes of the hierarchical context-parallel levels, e.g. 2 4: a2a inside groups of 2
+    adjacent CP ranks, p2p across the 4 groups; needed by a2a+p2p
+    (--hierarchical-context-parallel-sizes)."""
+
     attention_backend: str = "auto"
     """Core attention: auto, sdpa (torch scaled_dot_product_attention), unfused
     (reference math), flash, fused or local (--attention-backend)."""

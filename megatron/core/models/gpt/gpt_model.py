@@ -17,6 +17,7 @@ from megatron.core.models.common.embeddings.language_model_embedding import Lang
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 from megatron.core.models.common.language_module.language_module import LanguageModule
 from megatron.core.pipeline_parallel.init_rng import initialization_stream
+from megatron.core.transformer.context_parallel import get_pos_emb_on_this_cp_rank
 from megatron.core.transformer.transformer_block import TransformerBlock
 from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -143,7 +144,12 @@ class GPTModel(LanguageModule):
         if self.config.sequence_parallel:
             # Activations hold s/tp positions here; attention sees the whole sequence.
             seq_len *= process_groups.group_size(self.tp_group)
-        return self.rotary_pos_emb(seq_len, device=reference.device)
+        cp_group = self.pg_collection.cp
+        # Context parallelism: this rank holds chunks of the whole sequence; rotate by
+        # their global positions.
+        seq_len *= process_groups.group_size(cp_group)
+        freqs = self.rotary_pos_emb(seq_len, device=reference.device)
+        return get_pos_emb_on_this_cp_rank(freqs, 0, cp_group)
 
     def forward(
         self,

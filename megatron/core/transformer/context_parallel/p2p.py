@@ -1,0 +1,150 @@
+"""Ring attention (--cp-comm-type p2p): K/V travel around the context-parallel ring.
+
+Each of the n ring members holds its queries and one K/V block. In n steps every member
+sees every K/V block; the next block's send/receive is started before the current block
+is computed, so communication overlaps compute. Partial results merge by log-sum-exp
+(block_math). Blocks that the causal mask (or a sliding window) hides entirely are
+skipped; with the load-balanced split (layout.py) a rank computes, per step after the
+first, either all its queries against the first half of the block, or its second half
+of queries against the whole block, with no mask: equal work on every rank.
+
+The backward is exact and local to the ring: K/V go around again, each block's
+probabilities are recomputed from the saved log-sum-exp, and the block's dK/dV
+accumulator travels with it, arriving home after the last step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List
+
+import torch
+import torch.distributed as dist
+
+from megatron.core.transformer.context_parallel import block_math
+from megatron.core.transformer.context_parallel.layout import Segment
+
+
+@dataclass
+class Ring:
+    """A ring of ``members`` (global ranks, in ring order) inside ``group``.
+
+    ``segments[i]``: the global-position segments of member i's tokens (its queries and
+    its K/V block). ``index``: this process's position in ``members``."""
+
+    group: object
+    members: List[int]
+    index: int
+    segments: List[List[Segment]]
+
+    @property
+    def size(self) -> int:
+        return len(self.members)
+
+
+def ring_send_recv_start(tensor: torch.Tensor, ring: Ring):
+    """Start sending ``tensor`` to the next ring member and receiving the previous one's.
+
+    Forward only (used inside autograd Functions, which route gradients themselves).
+    Returns (receive buffer, requests); call ring_send_recv_wait to finish."""
+    tensor = tensor.contiguous()
+    recv = torch.empty(tensor.shape, dtype=tensor.dtype, device=tensor.device)
+    nxt = ring.members[(ring.index + 1) % ring.size]
+    prv = ring.members[(ring.index - 1) % ring.size]
+    ops = [
+        dist.P2POp(dist.isend, tensor, nxt, ring.group),
+        dist.P2POp(dist.irecv, recv, prv, ring.group),
+    ]
+    return recv, dist.batch_isend_irecv(ops)
+
+
+def ring_send_recv_wait(pending) -> torch.Tensor:
+    """Wait for a ring_send_recv_start exchange; return the received tensor."""
+    recv, requests = pending
+    for request in requests:
+        request.wait()
+    return recv
+
+
+def ring_shift(tensor: torch.Tensor, ring: Ring) -> torch.Tensor:
+    """Send ``tensor`` to the next member and return the previous member's (blocking)."""
+    return ring_send_recv_wait(ring_send_recv_start(tensor, ring))
+
+
+class RingAttentionFunction(torch.autograd.Function):
+    """Exact attention of local queries against all ring members' K/V.
+
+    forward(q [b, ng, g, sq, hn], k, v [b, ng, 1, sk, hn], ring, causal, window, scale,
+    dropout_p) -> out [b, ng, g, sq, hn] (q's dtype). Backward: dq, dk, dv for this
+    member's tensors (dk/dv gathered from every member that used them, via the ring).
+    Dropout masks come from a seed drawn from the current device RNG (the caller forks the
+    tensor-parallel stream) and are redrawn per block in backward."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, ring: Ring, causal: bool, window, scale: float, dropout_p: float = 0.0):
+        seed = int(torch.randint(0, 1 << 62, (1,), device=q.device).item()) if dropout_p > 0.0 else None
+        q32 = q.float()
+        out = torch.zeros_like(q32)
+        lse = torch.full(q32.shape[:-1], -float("inf"), dtype=torch.float32, device=q.device)
+        kv = torch.stack([k, v])
+        mine = ring.segments[ring.index]
+        for step in range(ring.size):
+            pending = ring_send_recv_start(kv, ring) if step < ring.size - 1 else None
+            origin = (ring.index - step) % ring.size
+            plan = block_math.plan_block(mine, ring.segments[origin], causal, window)
+            if plan is not None:
+                mask = block_math.plan_mask(plan, causal, window, q.device)
+                k_blk = block_math.take(kv[0].float(), plan.cols, 3)
+                v_blk = block_math.take(kv[1].float(), plan.cols, 3)
+                dropout = _block_dropout(dropout_p, seed, origin)
+                o, l = block_math.block_forward(block_math.take(q32, plan.rows, 3), k_blk, v_blk, scale, mask, dropout)
+                block_math.merge_into(out, lse, o, l, plan.rows)
+            if pending is not None:
+                kv = ring_send_recv_wait(pending)
+        out = out.to(q.dtype)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.ring, ctx.causal, ctx.window, ctx.scale = ring, causal, window, scale
+        ctx.dropout_p, ctx.seed = dropout_p, seed
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        ring, causal, window, scale = ctx.ring, ctx.causal, ctx.window, ctx.scale
+        q32, dout32 = q.float(), dout.float()
+        delta = (dout32 * out.float()).sum(dim=-1)
+        dq = torch.zeros_like(q32)
+        kv = torch.stack([k, v])
+        dkv = torch.zeros(kv.shape, dtype=torch.float32, device=kv.device)
+        mine = ring.segments[ring.index]
+        for step in range(ring.size):
+            last = step == ring.size - 1
+            pending = None if last else ring_send_recv_start(kv, ring)
+            origin = (ring.index - step) % ring.size
+            plan = block_math.plan_block(mine, ring.segments[origin], causal, window)
+            if plan is not None:
+                mask = block_math.plan_mask(plan, causal, window, q.device)
+                q_b, do_b, lse_b, delta_b = (block_math.take(t, plan.rows, 3) for t in (q32, dout32, lse, delta))
+                k_b, v_b = (block_math.take(t.float(), plan.cols, 3) for t in (kv[0], kv[1]))
+                dropout = _block_dropout(ctx.dropout_p, ctx.seed, origin)
+                dq_b, dk_b, dv_b = block_math.block_backward(q_b, k_b, v_b, do_b, lse_b, delta_b, scale, mask, dropout)
+                block_math.add_into(dq, plan.rows, dq_b, 3)
+                block_math.add_into(dkv[0], plan.cols, dk_b, 3)
+                block_math.add_into(dkv[1], plan.cols, dv_b, 3)
+            # The block's gradient travels on with it; after the last step one more
+            # shift brings every block's gradient back to its owner.
+            dkv = ring_shift(dkv, ring) if ring.size > 1 else dkv
+            if pending is not None:
+                kv = ring_send_recv_wait(pending)
+        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None, None, None
+
+
+def _block_dropout(dropout_p: float, seed, origin: int):
+    """(p, seed of the block from ring member ``origin``), or None without dropout."""
+    return None if seed is None else (dropout_p, seed + 7919 * origin)
+
+
+def ring_attention(q, k, v, ring: Ring, causal: bool, window, scale: float, dropout_p: float = 0.0) -> torch.Tensor:
+    """Grouped q [b, ng, g, sq, hn], k/v [b, ng, 1, sk, hn] -> out like q (see RingAttentionFunction)."""
+    return RingAttentionFunction.apply(q, k, v, ring, causal, window, scale, dropout_p)
+
