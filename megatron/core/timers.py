@@ -98,7 +98,10 @@ class Timers:
         keys = [n for n in names if n in local]
         if not keys:
             return None
-        values = torch.tensor([local[k] for k in keys], dtype=torch.float64)
+        device = "cpu"
+        if dist.is_initialized() and dist.get_backend() != "gloo" and torch.cuda.is_available():
+            device = torch.device("cuda", torch.cuda.current_device())
+        values = torch.tensor([local[k] for k in keys], dtype=torch.float64, device=device)
         if dist.is_initialized() and dist.get_world_size() > 1:
             lo, hi = values.clone(), values.clone()
             dist.all_reduce(lo, op=dist.ReduceOp.MIN)

@@ -12,6 +12,8 @@ from typing import Iterable, List, Optional
 import torch
 import torch.distributed as dist
 
+from megatron.core.tensor_parallel.collectives import comm_device
+
 
 class NonFiniteError(RuntimeError):
     """A NaN or Inf reached the loss or the gradients."""
@@ -42,7 +44,7 @@ def check_finite(losses: Iterable[torch.Tensor], model_chunks, iteration: int, c
     """Raise NonFiniteError on every rank if any rank has a non-finite loss or gradient."""
     loss_flag = _local_loss_flag(list(losses))
     grad_flag = _local_grad_flag(model_chunks) if check_grads else torch.zeros(())
-    device = loss_flag.device if loss_flag.device.type != "cpu" else grad_flag.device
+    device = comm_device(group) if dist.is_initialized() else loss_flag.device
     world = dist.get_world_size(group) if dist.is_initialized() else 1
     rank = dist.get_rank(group) if dist.is_initialized() else 0
     table = torch.zeros(world, 2, device=device)

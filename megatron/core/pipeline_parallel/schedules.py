@@ -87,7 +87,7 @@ def forward_step(forward_step_func, data_iterator, model, num_microbatches, conf
             loss = loss * cp_size / num_microbatches
     elif len(outputs) == 2:
         loss, reported = outputs
-        num_tokens = torch.tensor(0, dtype=torch.int)
+        num_tokens = torch.zeros((), dtype=torch.int, device=loss.device)
         loss = loss * cp_size / num_microbatches
     else:
         raise ValueError(

@@ -81,3 +81,11 @@ def all_gather_last_dim(tensor: torch.Tensor, group) -> torch.Tensor:
     # gather along dim 0 (contiguous blocks), then move the rank axis next to the last dim
     gathered = all_gather_first_dim(tensor.unsqueeze(0), group)
     return torch.cat(gathered.unbind(0), dim=-1).contiguous()
+
+
+def comm_device(group) -> torch.device:
+    """Where buffers for a collective over ``group`` must live: the current GPU for NCCL,
+    the CPU for gloo."""
+    if torch.cuda.is_available() and dist.get_backend(group) != "gloo":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")

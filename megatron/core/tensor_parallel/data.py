@@ -11,16 +11,11 @@ from typing import Dict, List, Mapping, Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from megatron.core.tensor_parallel.collectives import comm_device
+
 from megatron.core.process_groups import group_rank, group_size
 
 _MAX_DATA_DIM = 5
-
-
-def _comm_device(group) -> torch.device:
-    """Where the buffers live: the current GPU for NCCL, CPU for gloo."""
-    if torch.cuda.is_available() and dist.get_backend(group) != "gloo":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
 
 
 def _check_data(keys: Sequence[str], data: Mapping[str, torch.Tensor], datatype: torch.dtype) -> None:
@@ -73,7 +68,7 @@ def broadcast_data(
         _check_data(keys, data, datatype)
     if group_size(tp_group) == 1:
         return {key: data[key] for key in keys}
-    device = _comm_device(tp_group)
+    device = comm_device(tp_group)
     src = dist.get_global_rank(tp_group, 0)
     shapes = _broadcast_sizes(keys, data, tp_group, src, device)
     numels = [shape.numel() for shape in shapes]

@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from megatron.core.process_groups import group_rank, group_size
-from megatron.core.tensor_parallel.collectives import all_gather_first_dim
+from megatron.core.tensor_parallel.collectives import all_gather_first_dim, comm_device
 from megatron.core.tensor_parallel.mappings import (
     gather_from_sequence_parallel_region,
     reduce_scatter_to_sequence_parallel_region,
@@ -83,7 +83,7 @@ def group_members_ep_ranks(ep_rank: int, group) -> List[int]:
     (an all-gather of ``ep_rank``). Backward: not differentiable. Called once, at construction."""
     if group_size(group) == 1:
         return [ep_rank]
-    mine = torch.tensor([ep_rank], dtype=torch.int64)
+    mine = torch.tensor([ep_rank], dtype=torch.int64, device=comm_device(group))
     return [int(v) for v in all_gather_first_dim(mine, group).tolist()]
 
 
