@@ -25,6 +25,7 @@ from megatron.training.initialize import initialize_megatron
 from megatron.training.loss_reduction import reduce_reported_losses
 from megatron.training.model_setup import setup_model_and_optimizer, unwrap_model
 from megatron.training.nan_check import check_finite
+from megatron.training.profiling import StepProfiler
 from megatron.training.rank_print import print_rank_0, print_rank_last
 from megatron.training.training_log import IterationStats, TrainingLogger, memory_report
 from megatron.training.writers import ScalarWriters, build_tensorboard_writer, build_wandb_writer
@@ -138,12 +139,15 @@ def train(forward_step_func, model, optimizer, scheduler, train_it, valid_it, pg
     iteration = getattr(args, "iteration", 0)
     logger = TrainingLogger(args, writers, world_size=args.world_size)
     first_of_run = True
+    profiler = StepProfiler(args, dist.get_rank() if dist.is_initialized() else 0)
     interval_start = time.time()
     print_rank_0("> training ...")
     while _should_continue(args, iteration):
         update_num_microbatches(args.consumed_train_samples, consistency_check=True)
+        profiler.step_begin(iteration + 1)
         result = train_step(forward_step_func, train_it, model, optimizer, scheduler, pg, iteration + 1)
         iteration += 1
+        profiler.step_end(iteration)
         args.consumed_train_samples += get_current_global_batch_size()
         stats = IterationStats(
             losses=result.losses,
