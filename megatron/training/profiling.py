@@ -27,10 +27,22 @@ def _device_time_us(event) -> float:
     return 0.0
 
 
+def _is_kernel(event) -> bool:
+    """Device-side events only: an operator's own entry also carries the time of the kernels
+    it launched, which would count them twice."""
+    device_type = getattr(event, "device_type", None)
+    return device_type is None or "CPU" not in str(device_type)
+
+
 def attention_share(key_averages) -> tuple:
-    """(total device time in ms, attention-kernel time in ms) from ``prof.key_averages()``."""
+    """(total kernel time in ms, attention-kernel time in ms) from ``prof.key_averages()``.
+
+    The total sums kernels on all streams, communication kernels included, so it can exceed
+    the wall time when streams overlap."""
     total = attention = 0.0
     for event in key_averages:
+        if not _is_kernel(event):
+            continue
         t = _device_time_us(event)
         total += t
         if any(m in event.key.lower() for m in ATTENTION_KERNEL_MARKERS):
@@ -85,7 +97,7 @@ class StepProfiler:
         steps = self.end_step - self.start_step + 1
         share = 100.0 * attention_ms / total_ms if total_ms else 0.0
         line = (
-            f"[Rank {self.rank}] profile of iterations {self.start_step}-{self.end_step}: device time "
+            f"[Rank {self.rank}] profile of iterations {self.start_step}-{self.end_step}: kernel time "
             f"{total_ms / steps:.1f} ms/iteration, attention kernels {attention_ms / steps:.1f} ms/iteration "
             f"({share:.1f}%)"
         )
