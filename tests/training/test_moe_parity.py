@@ -66,8 +66,10 @@ def test_reference_logs_balancing_losses_and_drops_change_the_run(references):
         (4, ["--expert-model-parallel-size", "2", "--moe-token-dispatcher-type", "alltoall"], "dropless"),
         (4, ["--expert-model-parallel-size", "2", "--pipeline-model-parallel-size", "2",
              "--moe-token-dispatcher-type", "alltoall"] + DROP, "drop"),
+        (4, ["--expert-model-parallel-size", "2", "--moe-token-dispatcher-type", "alltoall",
+             "--use-distributed-optimizer"], "dropless"),
     ],
-    ids=["ep2xtp2-allgather-drop", "ep2xdp2-alltoall", "ep2xpp2-alltoall-drop"],
+    ids=["ep2xtp2-allgather-drop", "ep2xdp2-alltoall", "ep2xpp2-alltoall-drop", "ep2xdp2-distopt-alltoall"],
 )
 def test_expert_parallel_layout_matches_one_process(references, world, extra, reference):
     _close(_run(world, extra), references[reference])

@@ -114,12 +114,6 @@ class _Shard:
         return self.model_param.main_grad.view(-1)[self.range.param[0]:self.range.param[1]]
 
 
-def _same_ranks(a, b) -> bool:
-    if a is b or not dist.is_initialized():
-        return True
-    return dist.get_process_group_ranks(a) == dist.get_process_group_ranks(b)
-
-
 class DistributedOptimizer(MegatronOptimizer):
     """Megatron's distributed optimizer (see the module docstring).
 
@@ -178,13 +172,8 @@ class DistributedOptimizer(MegatronOptimizer):
                     "--use-distributed-optimizer needs every model chunk wrapped in DistributedDataParallel "
                     "with DistributedDataParallelConfig(use_distributed_optimizer=True)"
                 )
-            for buffer in chunk_buffers:
-                if not _same_ranks(buffer.data_parallel_group, self.data_parallel_group):
-                    raise NotImplementedError(
-                        "--use-distributed-optimizer with expert params reduced over another group than "
-                        "data x context parallel (--expert-model-parallel-size > 1) is not supported yet; "
-                        "drop --use-distributed-optimizer or use --expert-model-parallel-size 1"
-                    )
+            # Each buffer shards over its own group: dense params over data x context
+            # parallel, expert params (expert parallelism > 1) over expert data parallel.
             buffers.extend(chunk_buffers)
         return buffers
 
@@ -339,8 +328,9 @@ class DistributedOptimizer(MegatronOptimizer):
         ``sharding`` map. Collective over the dp group."""
         blocks, scalars = self.get_parameter_state()
         group = self.data_parallel_group
-        buckets = [[{k: all_gather_first_dim(v, group) for k, v in block.items()} for block in buffer]
-                   for buffer in blocks]
+        buckets = [[{k: all_gather_first_dim(v, buffer.data_parallel_group) for k, v in block.items()}
+                    for block in buffer_blocks]
+                   for buffer, buffer_blocks in zip(self.buffers, blocks)]
         if group_size(group) > 1:
             # A rank that owns no param has no step count; take it from one that does.
             local = None if scalars is None else {k: v.cpu() if torch.is_tensor(v) else v for k, v in scalars.items()}
