@@ -40,6 +40,11 @@ def hf_config(name: str):
         "gpt2": lambda: transformers.GPT2Config(activation_function="gelu", **gpt2),
         "gpt2_gelu_new": lambda: transformers.GPT2Config(activation_function="gelu_new", **gpt2),
         "llama": lambda: transformers.LlamaConfig(**llama_like),
+        "llama31": lambda: transformers.LlamaConfig(
+            rope_scaling={"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                          "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+            **llama_like,
+        ),
         "mistral": lambda: transformers.MistralConfig(sliding_window=8, **llama_like),
         "qwen2": lambda: transformers.Qwen2Config(**llama_like),
     }

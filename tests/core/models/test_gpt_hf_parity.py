@@ -16,7 +16,7 @@ from megatron.core.models.gpt.hf_mapping import megatron_to_hf, hf_to_megatron
 from tests.core.models.hf_cases import hf_model, megatron_model, tokens
 
 TOL = dict(atol=1e-5, rtol=1e-5)
-CASES = ["gpt2", "gpt2_gelu_new", "llama", "mistral", "qwen2"]
+CASES = ["gpt2", "gpt2_gelu_new", "llama", "llama31", "mistral", "qwen2"]
 
 
 @pytest.fixture(scope="module")
@@ -101,3 +101,11 @@ def test_off_by_one_window_fails_parity(hf_models):
 def test_exact_gelu_does_not_match_gelu_new(hf_models):
     ours, _, _ = megatron_model(hf_models["gpt2_gelu_new"], config_overrides=dict(openai_gelu=False))
     assert _max_diff(hf_models["gpt2_gelu_new"], ours) > 10 * TOL["atol"]
+
+
+def test_missing_llama31_rope_scaling_fails_parity(hf_models):
+    """Llama 3.1's frequency scaling changes the logits: dropping it must fail the check."""
+    hf = hf_models["llama31"]
+    ours, _, _ = megatron_model(hf, model_overrides={"rope_scaling": False})
+    got, expected = _logits(hf, ours, tokens())
+    assert not torch.allclose(got, expected, **TOL)

@@ -82,3 +82,16 @@ def test_norm_output_dtype_and_sequence_parallel_marker():
     norm = build_norm(config, 8)
     assert all(p.sequence_parallel for p in norm.parameters())
     assert norm(torch.randn(3, 8)).dtype == torch.bfloat16  # fp32 residual in, half out
+
+
+def test_llama3_rope_scaling_regimes():
+    """Short wavelengths kept, long ones stretched 8x, the middle blended (Llama 3.1)."""
+    import math
+
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import llama3_scaled_inv_freq
+
+    f = torch.tensor([2 * math.pi / 100, 2 * math.pi / 4096, 2 * math.pi / 10000])
+    got = llama3_scaled_inv_freq(f, factor=8.0)
+    # middle: smooth = (8192/4096 - 1) / (4 - 1) = 1/3 -> (2/3) f/8 + (1/3) f = f * 10/24
+    expected = torch.tensor([f[0], f[1] * 10 / 24, f[2] / 8])
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=0)

@@ -57,6 +57,8 @@ class GPTModel(LanguageModule):
         rotary_percent: float = 1.0,
         rotary_base: int = 10000,
         seq_len_interpolation_factor: Optional[float] = None,
+        rope_scaling: bool = False,
+        rope_scaling_factor: float = 8.0,
         pg_collection: Optional[process_groups.ProcessGroups] = None,
         num_layers_in_stage: Optional[int] = None,
         layer_offset: int = 0,
@@ -99,6 +101,8 @@ class GPTModel(LanguageModule):
                 rotary_interleaved=config.rotary_interleaved,
                 seq_len_interpolation_factor=seq_len_interpolation_factor,
                 rotary_base=rotary_base,
+                rope_scaling=rope_scaling,
+                rope_scaling_factor=rope_scaling_factor,
             )
         self.decoder = TransformerBlock(
             config,

@@ -278,13 +278,35 @@ def megatron_to_hf(state_dict: Dict[str, torch.Tensor], arch: str, shape: GPTSha
     return out
 
 
+# Llama-3.1 scaling as Megatron implements it (--use-rope-scaling): only the factor is a flag.
+_LLAMA3_FIXED = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
+
+def _rope_params(hf_config: dict) -> dict:
+    return hf_config.get("rope_parameters") or hf_config.get("rope_scaling") or {}
+
+
 def _rope_theta(hf_config: dict) -> float:
-    params = hf_config.get("rope_parameters") or hf_config.get("rope_scaling") or {}
+    params = _rope_params(hf_config)
     rope_type = params.get("rope_type", params.get("type", "default"))
-    if rope_type != "default":
-        raise ValueError(f"HF rope_type {rope_type!r} is not supported yet: only default RoPE converts")
+    if rope_type not in ("default", "llama3"):
+        raise ValueError(f"HF rope_type {rope_type!r} is not supported yet: default and llama3 RoPE convert")
     theta = params.get("rope_theta", hf_config.get("rope_theta"))
     return 10000.0 if theta is None else float(theta)
+
+
+def _rope_scaling_kwargs(hf_config: dict) -> dict:
+    """GPTModel kwargs for HF's llama3 rope type (empty for default RoPE)."""
+    params = _rope_params(hf_config)
+    if params.get("rope_type", params.get("type", "default")) != "llama3":
+        return {}
+    for key, value in _LLAMA3_FIXED.items():
+        if float(params.get(key, value)) != float(value):
+            raise ValueError(
+                f"HF llama3 rope scaling with {key}={params[key]} does not convert: --use-rope-scaling "
+                f"fixes it to {value}"
+            )
+    return {"rope_scaling": True, "rope_scaling_factor": float(params.get("factor", 8.0))}
 
 
 def _gpt2_kwargs(c: dict) -> Tuple[dict, dict]:
@@ -351,6 +373,7 @@ def _llama_kwargs(c: dict, arch: str) -> Tuple[dict, dict]:
         position_embedding_type="rope",
         rotary_base=_rope_theta(c),
         share_embeddings_and_output_weights=bool(c.get("tie_word_embeddings", False)),
+        **_rope_scaling_kwargs(c),
     )
     return config, model
 

@@ -8,6 +8,7 @@ head are rotated; the rest pass through unchanged.
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -30,6 +31,8 @@ class RotaryEmbedding(torch.nn.Module):
         rotary_interleaved: bool = False,
         seq_len_interpolation_factor: Optional[float] = None,
         rotary_base: int = 10000,
+        rope_scaling: bool = False,
+        rope_scaling_factor: float = 8.0,
     ):
         super().__init__()
         if not 0.0 < rotary_percent <= 1.0:
@@ -45,6 +48,8 @@ class RotaryEmbedding(torch.nn.Module):
         self.seq_len_interpolation_factor = seq_len_interpolation_factor
         self.rotary_base = rotary_base
         self.inv_freq = 1.0 / (rotary_base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+        if rope_scaling:
+            self.inv_freq = llama3_scaled_inv_freq(self.inv_freq, rope_scaling_factor)
 
     def forward(self, max_seq_len: int, offset: int = 0, device: Optional[torch.device] = None) -> torch.Tensor:
         if device is None:
@@ -59,6 +64,29 @@ class RotaryEmbedding(torch.nn.Module):
         else:
             emb = torch.cat((freqs, freqs), dim=-1)  # f0 f1 ... f0 f1 ...
         return emb[:, None, None, :]
+
+
+def llama3_scaled_inv_freq(
+    inv_freq: torch.Tensor,
+    factor: float = 8.0,
+    low_freq_factor: float = 1.0,
+    high_freq_factor: float = 4.0,
+    original_max_position_embeddings: int = 8192,
+) -> torch.Tensor:
+    """Llama-3.1 frequency scaling (--use-rope-scaling, --rope-scaling-factor).
+
+    Wavelengths longer than original_max / low_freq_factor are stretched by ``factor``;
+    those shorter than original_max / high_freq_factor are kept; in between, the two are
+    blended linearly in original_max / wavelength.
+    """
+    wavelen = 2 * math.pi / inv_freq
+    low_freq_wavelen = original_max_position_embeddings / low_freq_factor
+    high_freq_wavelen = original_max_position_embeddings / high_freq_factor
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth = (original_max_position_embeddings / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+    return torch.where(medium, blended, scaled)
 
 
 def _rotate_half(x: torch.Tensor, interleaved: bool) -> torch.Tensor:
