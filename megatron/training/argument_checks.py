@@ -487,6 +487,10 @@ def check_checkpointing(args: argparse.Namespace) -> None:
         if args.save_interval and args.save_retain_interval % args.save_interval:
             raise invalid("--save-retain-interval", args.save_retain_interval,
                           f"must be a multiple of --save-interval {args.save_interval}", "use a multiple")
+    _positive("--keep-last-checkpoints", args.keep_last_checkpoints)
+    if args.ckpt_format in ("torch_dcp", "fsdp_dtensor"):
+        raise invalid("--ckpt-format", args.ckpt_format, "is a format of the FSDP code paths, which this framework "
+                      "does not have", "use --ckpt-format torch_dist (the default) or torch")
     if args.async_save and args.ckpt_format == "torch":
         raise invalid("--async-save", True, "is not available for --ckpt-format torch",
                       "use --ckpt-format torch_dist or drop --async-save")

@@ -18,7 +18,10 @@ from megatron.core.num_microbatches_calculator import (
 )
 from megatron.core.pipeline_parallel.schedules import get_forward_backward_func
 from megatron.core.process_groups import ProcessGroups
+from megatron.training.checkpointing import save_checkpoint, wait_for_pending_save
 from megatron.training.data_iterators import build_train_valid_test_data_iterators
+from megatron.training.exit_conditions import ExitConditions
+from megatron.training.flops import num_floating_point_operations
 from megatron.training.evaluation import evaluate_and_print_results
 from megatron.training.global_vars import get_args, get_timers
 from megatron.training.initialize import initialize_megatron
@@ -59,9 +62,22 @@ def pretrain(train_valid_test_dataset_provider: Callable, model_provider: Callab
         for it in build_train_valid_test_data_iterators(train_valid_test_dataset_provider, pg)
     )
     writers = ScalarWriters(build_tensorboard_writer(args), build_wandb_writer(args))
-    iteration = 0
-    if args.do_train and not getattr(args, "skip_train", False) and (args.train_iters or args.train_samples):
-        iteration = train(forward_step_func, model, optimizer, scheduler, train_it, valid_it, pg, writers)
+    iteration = args.iteration
+    exit_conditions = ExitConditions(args, start_time=start)
+    stopped_early = False
+    try:
+        if args.do_train and not getattr(args, "skip_train", False) and (args.train_iters or args.train_samples):
+            iteration, stopped_early = train(forward_step_func, model, optimizer, scheduler, train_it, valid_it,
+                                             pg, writers, exit_conditions)
+        if args.save and iteration != 0 and getattr(args, "last_saved_iteration", None) != iteration:
+            save_checkpoint(iteration, model, optimizer, scheduler, args.num_floating_point_operations_so_far,
+                            args, pg)
+        wait_for_pending_save()
+    finally:
+        exit_conditions.release()
+    if stopped_early:
+        writers.close()
+        return
     if args.do_valid:
         evaluate_and_print_results(f"iteration {iteration} on validation set", forward_step_func, valid_it,
                                    model, pg, iteration, writers)
@@ -130,13 +146,16 @@ def _learning_rate(optimizer) -> Optional[float]:
     return None
 
 
-def train(forward_step_func, model, optimizer, scheduler, train_it, valid_it, pg: ProcessGroups, writers) -> int:
-    """Iterate until --train-iters / --train-samples; return the last iteration."""
+def train(forward_step_func, model, optimizer, scheduler, train_it, valid_it, pg: ProcessGroups, writers,
+          exit_conditions: ExitConditions = None):
+    """Iterate until --train-iters / --train-samples, saving every --save-interval;
+    returns (last iteration, whether an exit condition stopped the run early)."""
     args = get_args()
     timers = get_timers()
     for chunk in model:
         chunk.train()
     iteration = getattr(args, "iteration", 0)
+    args.last_saved_iteration = getattr(args, "last_saved_iteration", None)
     logger = TrainingLogger(args, writers, world_size=args.world_size)
     first_of_run = True
     profiler = StepProfiler(args, dist.get_rank() if dist.is_initialized() else 0)
@@ -166,16 +185,38 @@ def train(forward_step_func, model, optimizer, scheduler, train_it, valid_it, pg
         if args.eval_interval and iteration % args.eval_interval == 0 and args.do_valid:
             evaluate_and_print_results(f"iteration {iteration}", forward_step_func, valid_it, model, pg,
                                        iteration, writers)
-        if args.exit_interval and iteration % args.exit_interval == 0:
-            print_rank_0(f"exiting program at iteration {iteration} (--exit-interval {args.exit_interval})")
-            break
+        args.num_floating_point_operations_so_far += num_floating_point_operations(args, get_current_global_batch_size())
+        if args.save and args.save_interval and iteration % args.save_interval == 0:
+            _save(iteration, model, optimizer, scheduler, pg)
+        reason = exit_conditions.reason(iteration) if exit_conditions is not None else None
+        if reason is not None:
+            if args.save and args.last_saved_iteration != iteration:
+                _save(iteration, model, optimizer, scheduler, pg)
+            wait_for_pending_save()
+            print_rank_0(f"exiting program at iteration {iteration}: {reason}")
+            args.iteration = iteration
+            return iteration, True
+    _finish_param_sync(model)
+    args.iteration = iteration
+    return iteration, False
+
+
+def _finish_param_sync(model) -> None:
     # With --overlap-param-gather the next step's parameter all-gather is in flight:
     # finish it so that whatever reads the weights next (evaluation, a checkpoint) sees them.
     for chunk in model:
         if hasattr(chunk, "finish_param_sync"):
             chunk.finish_param_sync()
-    args.iteration = iteration
-    return iteration
+
+
+def _save(iteration: int, model, optimizer, scheduler, pg: ProcessGroups) -> None:
+    args = get_args()
+    _finish_param_sync(model)
+    timers = get_timers()
+    timers("save-checkpoint", log_level=0).start(barrier=True)
+    save_checkpoint(iteration, model, optimizer, scheduler, args.num_floating_point_operations_so_far, args, pg)
+    timers("save-checkpoint", log_level=0).stop(barrier=True)
+    args.last_saved_iteration = iteration
 
 
 def _should_continue(args, iteration: int) -> bool:

@@ -17,6 +17,9 @@ def add_checkpointing_args(parser: argparse.ArgumentParser) -> argparse.Argument
                    help="Save a checkpoint every this many iterations (needed with --save).")
     g.add_argument("--save-retain-interval", type=int, default=None,
                    help="Keep only checkpoints whose iteration is a multiple of this; delete the others.")
+    g.add_argument("--keep-last-checkpoints", type=int, default=None,
+                   help="After each save, delete committed checkpoints older than the newest N "
+                        "(multiples of --save-retain-interval are kept). Default: keep all.")
     g.add_argument("--no-save-optim", action="store_true", default=None, help="Do not save optimizer state.")
     g.add_argument("--no-save-rng", action="store_true", default=None, help="Do not save RNG state.")
     g.add_argument("--load", type=str, default=None, help="Directory to load a checkpoint from.")

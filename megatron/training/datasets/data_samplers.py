@@ -123,6 +123,10 @@ def build_pretraining_data_loader(dataset, consumed_samples, *, micro_batch_size
         pin_memory=torch.cuda.is_available(),
         persistent_workers=num_workers > 0,
         worker_init_fn=_seed_worker,
+        # Starting an iterator draws a seed from this generator; without its own it would
+        # draw from the global one, which a resumed run has just restored from the
+        # checkpoint (dropout on CPU would no longer continue bit-exactly).
+        generator=torch.Generator().manual_seed(seed),
     )
 
 

@@ -1,0 +1,318 @@
+"""``save_checkpoint`` / ``load_checkpoint``: Megatron's entry points over both formats,
+with the crash-safe publishing of ``directory`` and the integrity checks of ``manifest``.
+
+Save: all ranks agree that the iteration is not already committed, rank 0 makes the
+staging directory, every rank writes its part (in a background thread with
+--async-save, from a CPU snapshot), the ranks' file checksums are gathered, rank 0 writes
+the manifest (and for torch_dist Megatron's ``metadata.json``), renames the directory into
+place, and after every rank has seen the commit, updates the tracker file and removes
+checkpoints beyond --keep-last-checkpoints. Any failure (a full disk) removes the staging
+directory and raises on every rank; the previous checkpoint is untouched.
+
+Load: the tracker (or --ckpt-step) picks the iteration, the files are verified against
+the manifest (split over the ranks), the model/optimizer keys and shapes are compared
+with the checkpoint, and only then is anything read into the model.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from typing import Callable, List, Optional, Tuple
+
+from torch.distributed.checkpoint.api import CheckpointException as WriterException
+
+from megatron.core import parallel_state
+from megatron.core.process_groups import ProcessGroups
+from megatron.training.checkpointing import directory as layout
+from megatron.training.checkpointing import torch_dist_format, torch_format
+from megatron.training.checkpointing.collectives import (
+    all_gather_objects,
+    barrier,
+    broadcast_from_rank0,
+    checkpoint_group,
+    rank_and_world,
+)
+from megatron.training.checkpointing.directory import CheckpointError
+from megatron.training.checkpointing.faults import crash_point
+from megatron.training.checkpointing.manifest import checksums, read_manifest, verify_files, write_manifest
+from megatron.training.checkpointing.run_state import (
+    capture_rng,
+    common_state,
+    describe_layout,
+    parallel_layout,
+    restore_counters,
+    restore_grad_scaler,
+    restore_param_group_hyperparameters,
+    restore_rng,
+)
+from megatron.training.global_vars import get_args
+from megatron.training.rank_print import print_rank_0
+
+logger = logging.getLogger(__name__)
+
+SAVE_FORMATS = (torch_dist_format.FORMAT, torch_format.FORMAT)
+
+
+class _PendingSave:
+    """The background write of --async-save; its error surfaces at the next wait."""
+
+    def __init__(self) -> None:
+        self.thread: Optional[threading.Thread] = None
+        self.error: Optional[BaseException] = None
+
+    def start(self, work: Callable[[], None]) -> None:
+        def run() -> None:
+            try:
+                work()
+            except BaseException as error:  # noqa: BLE001 -- handed to the training thread
+                self.error = error
+
+        self.thread = threading.Thread(target=run, name="checkpoint-writer", daemon=True)
+        self.thread.start()
+
+    def wait(self) -> None:
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise error
+
+
+_PENDING = _PendingSave()
+
+
+def wait_for_pending_save() -> None:
+    """Block until an --async-save write has committed (re-raising its error)."""
+    _PENDING.wait()
+
+
+def _groups(pg: Optional[ProcessGroups]) -> ProcessGroups:
+    return pg if pg is not None else parallel_state.get_process_groups()
+
+
+def save_checkpoint(iteration: int, model: List, optimizer, scheduler, num_floating_point_operations_so_far: float = 0,
+                    args=None, pg: Optional[ProcessGroups] = None) -> bool:
+    """Save under ``args.save``; collective over all ranks. Returns False when a
+    committed checkpoint of this iteration already exists (it is never overwritten)."""
+    args = args if args is not None else get_args()
+    groups = _groups(pg)
+    wait_for_pending_save()
+    rank, _ = rank_and_world()
+    group = checkpoint_group()
+    root = args.save
+    ckpt_format = args.ckpt_format
+    if ckpt_format not in SAVE_FORMATS:
+        raise CheckpointError(f"--ckpt-format {ckpt_format}: saving supports {', '.join(SAVE_FORMATS)}")
+    final = layout.iteration_dir(root, iteration)
+    if broadcast_from_rank0(os.path.isdir(final) if rank == 0 else None, group):
+        print_rank_0(f"  checkpoint {final} already exists: not overwriting a committed checkpoint")
+        return False
+    print_rank_0(f"saving checkpoint at iteration {iteration:7d} to {root} in {ckpt_format} format")
+    start = time.time()
+    if rank == 0:
+        layout.prepare_staging(root, iteration)
+    barrier(group)
+    staging = layout.staging_dir(root, iteration)
+    crash_point("before_shards", rank, iteration)
+    save_optim, save_rng = not args.no_save_optim, not args.no_save_rng
+    background = bool(getattr(args, "async_save", False))
+    if ckpt_format == torch_dist_format.FORMAT:
+        states, scalars = torch_dist_format.gather_optimizer_state(optimizer, save_optim)
+        common = common_state(args, iteration, optimizer, scheduler, num_floating_point_operations_so_far,
+                              save_optim, save_rng, scalars) if rank == 0 else None
+        items = torch_dist_format.build_save_items(model, groups, rank, states, common,
+                                                   capture_rng() if save_rng else None, to_cpu=background)
+        mid_shard = lambda n: crash_point("mid_shard", rank, iteration) if n == 1 else None  # noqa: E731
+        write = lambda: torch_dist_format.write(items, staging, group, mid_shard, rank)  # noqa: E731
+    else:
+        payload = torch_format.build_payload(args, iteration, model, optimizer, scheduler,
+                                             num_floating_point_operations_so_far, save_optim, save_rng, groups)
+        write = lambda: torch_format.write(  # noqa: E731
+            payload, staging, lambda: crash_point("mid_shard", rank, iteration))
+
+    def finish() -> None:
+        _write_and_commit(write, args, root, iteration, rank, group)
+        print_rank_0(f"  successfully saved checkpoint from iteration {iteration:7d} to {root} "
+                     f"({time.time() - start:.1f} s{', in the background' if background else ''})")
+
+    if background:
+        _PENDING.start(finish)
+    else:
+        finish()
+    return True
+
+
+def _write_and_commit(write: Callable[[], List[str]], args, root: str, iteration: int, rank: int, group) -> None:
+    try:
+        sums, error = checksums(layout.staging_dir(root, iteration), write()), None
+    except (Exception, WriterException) as caught:  # noqa: BLE001 -- every rank must learn of it, see below
+        # torch.distributed.checkpoint reports a failed write (a full disk) as a
+        # BaseException subclass, so it needs naming here beside Exception.
+        sums, error = {}, _describe_write_error(caught, rank)
+    crash_point("after_shards", rank, iteration)
+    gathered = all_gather_objects((sums, error), group)
+    errors = list(dict.fromkeys(e for _, e in gathered if e))  # the writer reports a failure on every rank
+    if errors:
+        if rank == 0:
+            import shutil
+
+            shutil.rmtree(layout.staging_dir(root, iteration), ignore_errors=True)
+        previous = layout.read_tracker(root)[0] if os.path.exists(layout.tracker_path(root)) else None
+        raise CheckpointError(
+            f"saving the checkpoint of iteration {iteration} to {root} failed and was discarded "
+            f"({'; '.join(errors[:4])}). {_free_space(root)}The previous checkpoint "
+            f"({'iteration ' + str(previous) if previous is not None else 'none'}) is untouched. "
+            "Free space or point --save elsewhere."
+        )
+    if rank == 0:
+        staging = layout.staging_dir(root, iteration)
+        files = {name: entry for ranks_sums, _ in gathered for name, entry in ranks_sums.items()}
+        if args.ckpt_format == torch_dist_format.FORMAT:
+            files.update(checksums(staging, [torch_dist_format.write_marker(staging)]))
+        write_manifest(staging, args.ckpt_format, iteration, parallel_layout(args), files)
+        layout.commit(root, iteration)
+    barrier(group)
+    crash_point("after_commit", rank, iteration)
+    barrier(group)
+    if rank == 0:
+        layout.write_tracker(root, iteration)
+        removed = layout.remove_old_checkpoints(root, getattr(args, "keep_last_checkpoints", None),
+                                                getattr(args, "save_retain_interval", None), iteration)
+        if removed:
+            print_rank_0(f"  removed old checkpoints of iterations {removed}")
+
+
+def _free_space(root: str) -> str:
+    """A sentence on the space left under ``root``: a full disk often surfaces only as an
+    obscure serializer error ("unexpected pos ..."), which hides the cause."""
+    import shutil
+
+    try:
+        free = shutil.disk_usage(root).free
+    except OSError:
+        return ""
+    return f"Free space left on the file system of {root}: {free / 2**20:.1f} MiB. "
+
+
+def _describe_write_error(caught: BaseException, rank: int) -> str:
+    """``rank N: Type: message`` per failing rank; the collective writer names the ranks
+    that failed (the same on every rank), and its own message carries whole tracebacks."""
+    if isinstance(caught, WriterException):
+        return "; ".join(f"rank {failed}: {type(exc).__name__}: {exc}"
+                         for failed, (exc, _) in sorted(caught.failures.items()))
+    return f"rank {rank}: {type(caught).__name__}: {caught}"
+
+
+def _gather_problems(group) -> Callable[[str], List[str]]:
+    return lambda problem: all_gather_objects(problem, group)
+
+
+def _resolve_load_target(args, rank: int, group) -> Tuple[Optional[str], Optional[int], bool, bool]:
+    """(root, iteration, release, finetune) to load, or (None, ...) to start from scratch."""
+    finetune = bool(args.finetune)
+    for root, pretrained in ((args.load, False), (getattr(args, "pretrained_checkpoint", None), True)):
+        if not root:
+            continue
+
+        def read():
+            try:
+                return layout.read_tracker(root), None
+            except CheckpointError as error:
+                return (None, False), str(error)
+
+        (iteration, release), error = broadcast_from_rank0(read() if rank == 0 else None, group)
+        if error:
+            raise CheckpointError(error)
+        if args.ckpt_step is not None and not pretrained:
+            iteration, release = args.ckpt_step, False
+        if iteration is not None:
+            return root, iteration, release, finetune or pretrained or release
+    if getattr(args, "exit_on_missing_checkpoint", False):
+        raise CheckpointError(f"--load {args.load}: no checkpoint found (no {layout.TRACKER_FILENAME}) and "
+                              "--exit-on-missing-checkpoint is set")
+    print_rank_0(f"WARNING: could not find a checkpoint in --load {args.load} "
+                 f"(no {layout.TRACKER_FILENAME}); training starts from the initial weights")
+    return None, None, False, finetune
+
+
+def _verify(directory: str, rank: int, world: int, group) -> Optional[dict]:
+    manifest = read_manifest(directory)
+    problems = verify_files(directory, manifest, rank, world) if manifest else []
+    gathered = [p for rank_problems in all_gather_objects(problems, group) for p in rank_problems]
+    if gathered:
+        raise CheckpointError(
+            f"checkpoint {directory} is damaged; nothing was loaded:\n  " + "\n  ".join(gathered)
+            + "\nLoad an earlier iteration with --ckpt-step N (committed: "
+            + f"{layout.committed_iterations(os.path.dirname(directory))[-5:]})."
+        )
+    return manifest
+
+
+def load_checkpoint(model: List, optimizer, scheduler, args=None, pg: Optional[ProcessGroups] = None
+                    ) -> Tuple[int, float]:
+    """Load from --load (or --pretrained-checkpoint) into the live model, optimizer and
+    scheduler; set the data position in ``args``. Returns (iteration, FLOPs so far)."""
+    args = args if args is not None else get_args()
+    groups = _groups(pg)
+    rank, world = rank_and_world()
+    group = checkpoint_group()
+    wait_for_pending_save()
+    root, iteration, release, finetune = _resolve_load_target(args, rank, group)
+    if root is None:
+        return 0, 0.0
+    directory = layout.iteration_dir(root, iteration, release)
+    if rank == 0:
+        layout.warn_about_partial_checkpoints(root)
+    if not broadcast_from_rank0(os.path.isdir(directory) if rank == 0 else None, group):
+        raise CheckpointError(
+            f"{directory} does not exist (named by {layout.tracker_path(root)} or --ckpt-step); committed "
+            f"checkpoints in {root}: {layout.committed_iterations(root)[-5:]}. Pass --ckpt-step N for one of them."
+        )
+    manifest = _verify(directory, rank, world, group)
+    load_optim = not args.no_load_optim and not finetune
+    wants_rng = not args.no_load_rng and not finetune
+    print_rank_0(f"loading checkpoint from {root} at iteration {iteration}")
+    if torch_dist_format.is_torch_dist_checkpoint(directory):
+        common = torch_dist_format.read_common(directory, group)
+        load_optim = load_optim and common.get("optimizer_saved", True)
+        load_rng = wants_rng and common.get("rng_saved", True) and _same_layout(common.get("layout"), args)
+        rng = torch_dist_format.load(directory, model, optimizer, groups, rank, load_optim, load_rng, common,
+                                     _gather_problems(group), group)
+        if load_optim:
+            restore_grad_scaler(optimizer, common["optimizer"].get("grad_scaler"))
+            restore_param_group_hyperparameters(optimizer, common["optimizer"].get("param_groups"))
+            if scheduler is not None and common.get("opt_param_scheduler") is not None:
+                scheduler.load_state_dict(common["opt_param_scheduler"])
+    elif torch_format.is_torch_checkpoint(directory):
+        common, rng = torch_format.load(directory, manifest, model, optimizer, groups, args, load_optim,
+                                        _gather_problems(group))
+        load_optim = load_optim and common.get("optimizer") is not None
+        load_rng = wants_rng and rng is not None and _same_layout(common.get("layout"), args)
+        if load_optim and scheduler is not None and common.get("opt_param_scheduler") is not None:
+            scheduler.load_state_dict(common["opt_param_scheduler"])
+    else:
+        raise CheckpointError(f"{directory} is neither a torch_dist checkpoint (no valid metadata.json) nor a "
+                              "torch checkpoint (no mp_rank_* directories)")
+    if not load_optim:
+        # The fp32 main params must start from the loaded weights, not the initial ones.
+        optimizer.reload_model_params()
+    if load_rng and rng is not None:
+        restore_rng(rng)
+    elif wants_rng:
+        print_rank_0("  RNG state not restored (not saved, or the parallel layout changed)")
+    iteration = restore_counters(args, common, finetune)
+    print_rank_0(f"  successfully loaded checkpoint from {root} at iteration {iteration}")
+    return iteration, float(common.get("num_floating_point_operations_so_far", 0.0)) if not finetune else 0.0
+
+
+def _same_layout(saved: Optional[dict], args) -> bool:
+    if not saved:
+        return False
+    same = saved == parallel_layout(args)
+    if not same:
+        print_rank_0(f"  checkpoint layout {describe_layout(saved)}; this run {describe_layout(parallel_layout(args))}")
+    return same

@@ -1,0 +1,164 @@
+"""Megatron's checkpoint directory layout and the crash-safe way we publish into it.
+
+``<root>/iter_0001000/`` holds one checkpoint, ``<root>/latest_checkpointed_iteration.txt``
+names the newest (an iteration number, or ``release`` for ``<root>/release/``).
+
+Publishing (DESIGN.md section 6): every rank writes into the sibling staging directory
+``iter_0001000.partial``; once all data is durable, rank 0 writes the manifest, fsyncs,
+renames the staging directory to ``iter_0001000`` (atomic), and only then replaces the
+tracker file (temporary file + fsync + rename). A crash at any point leaves the previous
+checkpoint and tracker intact; a ``.partial`` directory is never loaded (a later save of
+the same iteration replaces it) and loading warns about it. A committed directory is
+never written into.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+import re
+import shutil
+from typing import List, Optional, Tuple
+
+logger = logging.getLogger(__name__)
+
+TRACKER_FILENAME = "latest_checkpointed_iteration.txt"
+PARTIAL_SUFFIX = ".partial"
+_ITER_DIR = re.compile(r"^iter_(\d{7,})$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be used; the message names the file and the fix."""
+
+
+def iteration_dir(root: str, iteration: Optional[int], release: bool = False) -> str:
+    return os.path.join(root, "release" if release else f"iter_{iteration:07d}")
+
+
+def staging_dir(root: str, iteration: int) -> str:
+    return iteration_dir(root, iteration) + PARTIAL_SUFFIX
+
+
+def tracker_path(root: str) -> str:
+    return os.path.join(root, TRACKER_FILENAME)
+
+
+def fsync_dir(path: str) -> None:
+    """Make a rename or a new entry in ``path`` durable (no-op where unsupported)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_file_atomically(path: str, data: bytes) -> None:
+    """Replace ``path`` with ``data``: temporary file, fsync, rename, fsync the directory."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def read_tracker(root: str) -> Tuple[Optional[int], bool]:
+    """(iteration, is_release) from the tracker file; (None, False) when there is none."""
+    path = tracker_path(root)
+    if not os.path.isfile(path):
+        return None, False
+    with open(path, "rb") as handle:
+        raw = handle.read(64)
+    try:
+        text = raw.decode("ascii").strip()
+    except UnicodeDecodeError:
+        text = None
+    if text == "release":
+        return 0, True
+    if text is None or not text.isdigit():
+        raise CheckpointError(
+            f"{path}: expected an iteration number or 'release', found {raw[:32]!r}. The file is damaged: "
+            f"write the iteration of a committed checkpoint into it (one of {committed_iterations(root)[-5:]}), "
+            "or pass --ckpt-step N"
+        )
+    return int(text), False
+
+
+def write_tracker(root: str, iteration: int) -> None:
+    write_file_atomically(tracker_path(root), f"{iteration}\n".encode("ascii"))
+
+
+def committed_iterations(root: str) -> List[int]:
+    """Iterations with a committed ``iter_XXXXXXX`` directory, ascending."""
+    if not os.path.isdir(root):
+        return []
+    found = []
+    for name in os.listdir(root):
+        match = _ITER_DIR.match(name)
+        if match and os.path.isdir(os.path.join(root, name)):
+            found.append(int(match.group(1)))
+    return sorted(found)
+
+
+def partial_checkpoints(root: str) -> List[str]:
+    return sorted(glob.glob(os.path.join(glob.escape(root), "iter_*" + PARTIAL_SUFFIX)))
+
+
+def warn_about_partial_checkpoints(root: str) -> None:
+    for path in partial_checkpoints(root):
+        logger.warning("skipping %s: an unfinished checkpoint (the save was interrupted); it is never loaded "
+                       "and is replaced when that iteration is saved again", path)
+
+
+def prepare_staging(root: str, iteration: int) -> str:
+    """(rank 0) An empty staging directory for ``iteration``, replacing an interrupted one."""
+    os.makedirs(root, exist_ok=True)
+    path = staging_dir(root, iteration)
+    if os.path.exists(path):
+        shutil.rmtree(path)
+    os.makedirs(path)
+    return path
+
+
+def commit(root: str, iteration: int) -> str:
+    """(rank 0) Publish the staging directory as ``iter_XXXXXXX`` (atomic rename)."""
+    staged, final = staging_dir(root, iteration), iteration_dir(root, iteration)
+    fsync_dir(staged)
+    os.rename(staged, final)
+    fsync_dir(root)
+    return final
+
+
+def remove_old_checkpoints(root: str, keep_last: Optional[int], retain_interval: Optional[int],
+                           protect: int) -> List[int]:
+    """(rank 0, after a commit) Delete committed checkpoints that are neither among the
+    newest ``keep_last`` (--keep-last-checkpoints) nor multiples of ``retain_interval``
+    (--save-retain-interval, which on its own keeps only multiples and the newest).
+    ``protect`` (the one just written) is never deleted. Returns the iterations removed."""
+    if not keep_last and not retain_interval:
+        return []
+    iterations = [i for i in committed_iterations(root) if i != protect]
+    # ``protect`` is one of the newest ``keep_last``; keep the keep_last - 1 before it.
+    kept_newest = set(iterations[max(0, len(iterations) - (keep_last - 1)):]) if keep_last and keep_last > 1 else set()
+    removable = [i for i in iterations
+                 if i not in kept_newest and not (retain_interval and i % retain_interval == 0)]
+    if not keep_last:
+        removable = [i for i in removable if i < protect]
+    for iteration in removable:
+        path = iteration_dir(root, iteration)
+        # Rename first so that a crash mid-delete never leaves a half-deleted iter_ directory.
+        doomed = path + ".deleting"
+        os.rename(path, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
+    return removable

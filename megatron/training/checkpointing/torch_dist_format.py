@@ -1,0 +1,144 @@
+"""``--ckpt-format torch_dist``: one shared directory, every rank writes its own chunks
+(torch.distributed.checkpoint files ``__<rank>_0.distcp`` + ``.metadata``), keys and global
+shapes independent of the parallel layout, so any layout loads it.
+
+Keys: the model's tensors under their global names (``model_sharding``); optimizer
+state in model space, ``optimizer.state.<name>.<model key>`` for ``fp32_param`` and the
+per-element states; ``common_state`` (rank 0's run state); ``rng_state/rank_<r>``.
+``metadata.json`` (Megatron's marker of a distributed checkpoint) is written last.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from megatron.core.dist_checkpointing import (
+    ShardedObject,
+    ShardedTensor,
+    compare_with_checkpoint,
+    load_sharded,
+    read_metadata,
+    save_sharded,
+)
+from megatron.core.dist_checkpointing.model_sharding import TensorPlacement, model_placements
+from megatron.core.optimizer.param_state import empty_model_space_state, load_model_space_state, model_space_state
+from megatron.core.process_groups import ProcessGroups
+from megatron.training.checkpointing.directory import CheckpointError
+
+FORMAT = "torch_dist"
+MARKER_FILENAME = "metadata.json"
+MARKER = {"sharded_backend": "torch_dist", "sharded_backend_version": 1}
+COMMON_KEY = "common_state"
+OPTIMIZER_PREFIX = "optimizer.state."
+
+
+def rng_key(rank: int) -> str:
+    return f"rng_state/rank_{rank}"
+
+
+def is_torch_dist_checkpoint(directory: str) -> bool:
+    path = os.path.join(directory, MARKER_FILENAME)
+    if not os.path.isfile(path):
+        return False
+    try:
+        with open(path) as handle:
+            return json.load(handle).get("sharded_backend") == "torch_dist"
+    except (OSError, ValueError):
+        return False
+
+
+def _placements(model, groups: ProcessGroups) -> List[Tuple[torch.Tensor, TensorPlacement]]:
+    return model_placements(model, groups)
+
+
+def _optimizer_chunks(placements, states) -> List[ShardedTensor]:
+    placement_of = {id(tensor): placement for tensor, placement in placements}
+    chunks = []
+    for param, entry in states.items():
+        placement = placement_of[id(param)]
+        for name, value in entry.items():
+            chunks.extend(placement.shard(value, f"{OPTIMIZER_PREFIX}{name}.{placement.key}"))
+    return chunks
+
+
+def gather_optimizer_state(optimizer, save_optim: bool):
+    """(per-param state, scalars); collective for the distributed optimizer."""
+    if not save_optim:
+        return {}, None
+    return model_space_state(optimizer)
+
+
+def build_save_items(model, groups: ProcessGroups, rank: int, optimizer_states, common: Optional[dict],
+                     rng: Optional[dict], to_cpu: bool) -> Tuple[List[ShardedTensor], List[ShardedObject]]:
+    placements = _placements(model, groups)
+    chunks = [chunk for tensor, placement in placements for chunk in placement.shard(tensor.detach())]
+    chunks.extend(_optimizer_chunks(placements, optimizer_states))
+    if to_cpu:
+        # Background writes need a snapshot: training goes on changing the live tensors.
+        for chunk in chunks:
+            chunk.data = chunk.data.detach().to("cpu", copy=True)
+    objects = []
+    if common is not None:
+        objects.append(ShardedObject(COMMON_KEY, common))
+    if rng is not None:
+        objects.append(ShardedObject(rng_key(rank), rng))
+    return chunks, objects
+
+
+def write(items, directory: str, group, before_write: Optional[Callable[[int], None]], rank: int) -> List[str]:
+    """Write this rank's items; returns the names of the files this rank wrote."""
+    tensors, objects = items
+    save_sharded(tensors, objects, directory, group=group, before_write=before_write)
+    names = [n for n in os.listdir(directory) if n.startswith(f"__{rank}_")]
+    if rank == 0:
+        names.append(".metadata")
+    return names
+
+
+def write_marker(directory: str) -> str:
+    with open(os.path.join(directory, MARKER_FILENAME), "w") as handle:
+        json.dump(MARKER, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    return MARKER_FILENAME
+
+
+def read_common(directory: str, group) -> dict:
+    common = ShardedObject(COMMON_KEY)
+    try:
+        load_sharded([], [common], directory, group=group)
+    except Exception as error:  # noqa: BLE001 -- re-raised with the path
+        raise CheckpointError(f"{directory}: cannot read the checkpoint's common state ({error})") from error
+    return common.value
+
+
+def load(directory: str, model, optimizer, groups: ProcessGroups, rank: int, load_optim: bool,
+         load_rng: bool, common: dict, gather_problems: Callable[[str], List[str]], group) -> Optional[dict]:
+    """Load model (and optimizer) state in place; returns this rank's RNG state or None.
+    Every requested key and shape is checked against the checkpoint before any data is
+    read; ``gather_problems`` combines the ranks' findings so that all ranks stop together."""
+    placements = _placements(model, groups)
+    tensors = [chunk for tensor, placement in placements for chunk in placement.shard(tensor.data)]
+    optimizer_states = empty_model_space_state(optimizer) if load_optim else {}
+    tensors.extend(_optimizer_chunks(placements, optimizer_states))
+    objects = [ShardedObject(rng_key(rank))] if load_rng else []
+    metadata = read_metadata(directory)
+    mismatch = compare_with_checkpoint(tensors, objects, metadata)
+    problems = gather_problems(mismatch.describe() if mismatch else "")
+    if any(problems):
+        details = "\n".join(sorted(set(p for p in problems if p)))
+        raise CheckpointError(
+            f"{directory} does not fit this model; nothing was loaded.\n{details}\n"
+            "Check the model flags (--num-layers, --hidden-size, --ffn-hidden-size, --num-attention-heads, "
+            "--group-query-attention/--num-query-groups, --swiglu, --untie-embeddings-and-output-weights, "
+            "--num-experts ...) against the saving run; load with --no-load-optim if only optimizer keys differ."
+        )
+    load_sharded(tensors, objects, directory, group=group)
+    if load_optim:
+        opt_common = common["optimizer"]
+        load_model_space_state(optimizer, optimizer_states, opt_common["scalars"] or {"has_state": False})
+    return objects[0].value if objects else None

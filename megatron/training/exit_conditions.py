@@ -1,0 +1,74 @@
+"""Stopping a run cleanly: --exit-signal-handler, --exit-duration-in-mins, --exit-interval.
+
+A signal may reach one rank only (a scheduler's SIGTERM to one node), and each rank's
+clock differs: every step the ranks all-reduce (MAX) a "signal seen" flag and a "time is
+up" flag, so all of them stop after the same step. The run then saves a checkpoint (with
+--save) and ends normally: ``pretrain`` returns and the process exits with status 0
+(``EXIT_CODE``), skipping the final evaluation.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron.core.tensor_parallel.collectives import comm_device
+
+EXIT_CODE = 0
+
+
+class SignalFlag:
+    """Records that ``signal_name`` arrived; the handler only sets a flag."""
+
+    def __init__(self, signal_name: str) -> None:
+        self.signum = getattr(signal, signal_name)
+        self.received = False
+        self._previous = signal.signal(self.signum, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.received = True
+
+    def release(self) -> None:
+        signal.signal(self.signum, self._previous)
+
+
+class ExitConditions:
+    """Per-step decision, identical on every rank, of whether to stop and why."""
+
+    def __init__(self, args, start_time: Optional[float] = None) -> None:
+        self.args = args
+        self.start_time = start_time if start_time is not None else time.time()
+        self.signal = SignalFlag(args.exit_signal) if args.exit_signal_handler else None
+
+    def release(self) -> None:
+        if self.signal is not None:
+            self.signal.release()
+            self.signal = None
+
+    def _agreed(self, signal_seen: bool, time_up: bool) -> tuple:
+        if not (dist.is_available() and dist.is_initialized()):
+            return signal_seen, time_up
+        flags = torch.tensor([int(signal_seen), int(time_up)], dtype=torch.int32,
+                             device=comm_device(dist.group.WORLD))
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        return bool(flags[0].item()), bool(flags[1].item())
+
+    def reason(self, iteration: int) -> Optional[str]:
+        """Why to stop after ``iteration`` (collective when a signal handler or a duration
+        limit is set), or None to go on."""
+        args = self.args
+        duration = args.exit_duration_in_mins
+        if self.signal is not None or duration:
+            time_up = bool(duration) and (time.time() - self.start_time) / 60.0 > duration
+            signal_seen, time_up = self._agreed(self.signal is not None and self.signal.received, time_up)
+            if signal_seen:
+                return f"received {args.exit_signal}"
+            if time_up:
+                return f"--exit-duration-in-mins {duration} reached"
+        if args.exit_interval and iteration % args.exit_interval == 0:
+            return f"--exit-interval {args.exit_interval}"
+        return None
