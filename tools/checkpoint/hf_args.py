@@ -1,0 +1,81 @@
+"""Hugging Face ``config.json`` -> the Megatron command-line flags of the same GPT model.
+
+The flags mirror ``megatron.core.models.gpt.hf_mapping.gpt_kwargs_from_hf_config``: the
+model built from them is the one the exact weight mapping expects. The vocabulary comes
+through the NullTokenizer with ``--make-vocab-size-divisible-by 1``, so the padded vocabulary
+is exactly the HF one and the embedding loads without trimming or padding.
+"""
+
+from __future__ import annotations
+
+from typing import List
+
+from megatron.core.models.gpt.hf_mapping import gpt_kwargs_from_hf_config
+
+
+def _number(value) -> str:
+    return repr(float(value)) if not float(value).is_integer() else str(int(value))
+
+
+def _rotary_base(theta: float) -> str:
+    # --rotary-base is an integer flag, as in Megatron.
+    if not float(theta).is_integer():
+        raise ValueError(f"HF rope_theta {theta} is not an integer; --rotary-base takes integers only")
+    return str(int(theta))
+
+
+def _pattern(freq) -> str:
+    return str(freq) if isinstance(freq, int) else "[" + ",".join(str(int(x)) for x in freq) + "]"
+
+
+def model_flags_from_hf_config(hf_config: dict) -> List[str]:
+    """The model-shape flags (no parallelism, tokenizer or run flags) of an HF config."""
+    arch, config, model = gpt_kwargs_from_hf_config(hf_config)
+    flags = [
+        "--num-layers", str(config["num_layers"]),
+        "--hidden-size", str(config["hidden_size"]),
+        "--num-attention-heads", str(config["num_attention_heads"]),
+        "--ffn-hidden-size", str(config["ffn_hidden_size"]),
+        "--max-position-embeddings", str(model["max_sequence_length"]),
+        "--seq-length", str(model["max_sequence_length"]),
+        "--norm-epsilon", _number(config["layernorm_epsilon"]),
+        "--normalization", config["normalization"],
+        "--position-embedding-type", model["position_embedding_type"],
+        "--hidden-dropout", _number(config["hidden_dropout"]),
+        "--attention-dropout", _number(config["attention_dropout"]),
+    ]
+    if not model["share_embeddings_and_output_weights"]:
+        flags.append("--untie-embeddings-and-output-weights")
+    if config.get("openai_gelu"):
+        flags.append("--openai-gelu")
+    if config.get("gated_linear_unit"):
+        flags.append("--swiglu")
+    if not config.get("add_bias_linear", True):
+        flags.append("--disable-bias-linear")
+    if config.get("add_qkv_bias") and not config.get("add_bias_linear", True):
+        flags.append("--add-qkv-bias")
+    if arch != "gpt2":
+        flags += ["--group-query-attention", "--num-query-groups", str(config["num_query_groups"]),
+                  "--kv-channels", str(config["kv_channels"]), "--rotary-base", _rotary_base(model["rotary_base"])]
+    if model.get("rope_scaling"):
+        flags += ["--use-rope-scaling", "--rope-scaling-factor", _number(model["rope_scaling_factor"])]
+    if config.get("window_size"):
+        left, right = config["window_size"]
+        flags += ["--window-size", f"{left},{right}"]
+    if config.get("qk_layernorm"):
+        flags.append("--qk-layernorm")
+    if config.get("num_moe_experts"):
+        flags += ["--num-experts", str(config["num_moe_experts"]),
+                  "--moe-ffn-hidden-size", str(config["moe_ffn_hidden_size"]),
+                  "--moe-router-topk", str(config["moe_router_topk"]),
+                  "--moe-layer-freq", _pattern(config["moe_layer_freq"]),
+                  "--moe-aux-loss-coeff", _number(config["moe_aux_loss_coeff"])]
+        if config.get("moe_router_pre_softmax"):
+            flags.append("--moe-router-pre-softmax")
+    return flags
+
+
+def tokenizer_flags_from_hf_config(hf_config: dict) -> List[str]:
+    """A NullTokenizer of the HF vocabulary size, unpadded at TP=1."""
+    return ["--tokenizer-type", "NullTokenizer", "--vocab-size", str(hf_config["vocab_size"]),
+            "--make-vocab-size-divisible-by", "1"]

@@ -1,0 +1,127 @@
+"""Megatron run arguments -> a Hugging Face ``config.json`` of the same GPT model.
+
+The HF family follows from the arguments (``hf_family``) unless forced with
+--hf-model-type; the config then holds every field transformers needs to build the model
+that ``megatron_to_hf``'s weights fit.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from workers import ConversionError
+
+_ARCHITECTURES = {
+    "gpt2": "GPT2LMHeadModel",
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "mixtral": "MixtralForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
+}
+HF_MODEL_TYPES = tuple(_ARCHITECTURES)
+
+
+def hf_family(args) -> str:
+    """The HF model type that matches the saved run's model flags."""
+    if getattr(args, "num_experts", None):
+        return "qwen3_moe" if getattr(args, "qk_layernorm", False) else "mixtral"
+    if args.swiglu and args.normalization == "RMSNorm" and args.position_embedding_type == "rope":
+        if getattr(args, "window_size", None):
+            return "mistral"
+        return "qwen2" if getattr(args, "add_qkv_bias", False) else "llama"
+    if args.position_embedding_type == "learned_absolute" and args.normalization == "LayerNorm" and not args.swiglu:
+        return "gpt2"
+    raise ConversionError(
+        f"no Hugging Face family matches this model (--normalization {args.normalization}, --position-embedding-type "
+        f"{args.position_embedding_type}, swiglu={args.swiglu}); pass --hf-model-type one of {', '.join(HF_MODEL_TYPES)}")
+
+
+def _require(condition: bool, family: str, what: str) -> None:
+    if not condition:
+        raise ConversionError(f"the checkpoint does not fit the Hugging Face {family} family: {what}")
+
+
+def _tied(args) -> bool:
+    return not args.untie_embeddings_and_output_weights
+
+
+def _gpt2(args, vocab: int) -> dict:
+    _require(args.normalization == "LayerNorm" and args.add_bias_linear and not args.swiglu, "gpt2",
+             "needs LayerNorm, linear biases and a plain GeLU MLP")
+    _require((args.num_query_groups or args.num_attention_heads) == args.num_attention_heads
+             or not args.group_query_attention, "gpt2", "has no grouped-query attention")
+    _require(args.kv_channels * args.num_attention_heads == args.hidden_size, "gpt2", "needs kv_channels = h / heads")
+    return {
+        "n_layer": args.num_layers, "n_embd": args.hidden_size, "n_head": args.num_attention_heads,
+        "n_inner": args.ffn_hidden_size, "n_positions": args.max_position_embeddings, "vocab_size": vocab,
+        "layer_norm_epsilon": args.norm_epsilon,
+        "activation_function": "gelu_new" if args.openai_gelu else "gelu",
+        "resid_pdrop": args.hidden_dropout, "embd_pdrop": args.hidden_dropout, "attn_pdrop": args.attention_dropout,
+        "tie_word_embeddings": _tied(args),
+    }
+
+
+def _llama_like(args, vocab: int, family: str) -> dict:
+    _require(args.swiglu and args.normalization == "RMSNorm" and args.position_embedding_type == "rope"
+             and not args.add_bias_linear, family, "needs --swiglu, RMSNorm, RoPE and --disable-bias-linear")
+    _require(getattr(args, "rotary_percent", 1.0) == 1.0 and not getattr(args, "rotary_interleaved", False),
+             family, "needs full, non-interleaved RoPE")
+    groups = args.num_query_groups if args.group_query_attention else args.num_attention_heads
+    config = {
+        "num_hidden_layers": args.num_layers, "hidden_size": args.hidden_size,
+        "num_attention_heads": args.num_attention_heads, "num_key_value_heads": groups,
+        "head_dim": args.kv_channels, "intermediate_size": args.ffn_hidden_size,
+        "max_position_embeddings": args.max_position_embeddings, "vocab_size": vocab,
+        "rms_norm_eps": args.norm_epsilon, "rope_theta": float(args.rotary_base), "hidden_act": "silu",
+        "attention_dropout": args.attention_dropout, "tie_word_embeddings": _tied(args),
+    }
+    if family in ("llama",):
+        config.update(attention_bias=False, mlp_bias=False)
+    if getattr(args, "use_rope_scaling", False):
+        config["rope_scaling"] = {"rope_type": "llama3", "factor": float(args.rope_scaling_factor),
+                                  "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                  "original_max_position_embeddings": 8192, "rope_theta": float(args.rotary_base)}
+    window = getattr(args, "window_size", None)
+    if family in ("mistral", "mixtral"):
+        config["sliding_window"] = int(window[0]) + 1 if window else None
+    else:
+        _require(not window, family, "has no sliding window (use --hf-model-type mistral)")
+    _require(bool(getattr(args, "add_qkv_bias", False)) == (family == "qwen2"), family,
+             "q/k/v biases exist exactly in qwen2")
+    if family in ("mixtral", "qwen3_moe"):
+        config.update(_moe(args, family))
+    else:
+        _require(not getattr(args, "num_experts", None), family, "is not a mixture of experts")
+    return config
+
+
+def _moe(args, family: str) -> dict:
+    freq = args.moe_layer_freq
+    config = {"num_experts_per_tok": args.moe_router_topk,
+              "router_aux_loss_coef": float(getattr(args, "moe_aux_loss_coeff", 0.0) or 0.0)}
+    if family == "mixtral":
+        _require(freq == 1 and not args.moe_router_pre_softmax, family,
+                 "needs every layer MoE (--moe-layer-freq 1) and top-k-then-softmax routing")
+        config.update(num_local_experts=args.num_experts, intermediate_size=args.moe_ffn_hidden_size)
+        return config
+    pattern = [1] * args.num_layers if freq == 1 else (
+        [int(i % freq == 0) for i in range(args.num_layers)] if isinstance(freq, int) else list(freq))
+    config.update(num_experts=args.num_experts, moe_intermediate_size=args.moe_ffn_hidden_size,
+                  norm_topk_prob=not args.moe_router_pre_softmax, decoder_sparse_step=1,
+                  mlp_only_layers=[i for i, moe in enumerate(pattern) if not moe], use_sliding_window=False)
+    _require(args.qk_layernorm, family, "needs --qk-layernorm")
+    return config
+
+
+def hf_config_from_args(args, vocab_size: int, dtype: torch.dtype, family: Optional[str] = None) -> dict:
+    """The ``config.json`` dict of the HF model equal to the run described by ``args``."""
+    family = family or hf_family(args)
+    if family not in _ARCHITECTURES:
+        raise ConversionError(f"--hf-model-type {family}: use one of {', '.join(HF_MODEL_TYPES)}")
+    body = _gpt2(args, vocab_size) if family == "gpt2" else _llama_like(args, vocab_size, family)
+    body.update(model_type=family, architectures=[_ARCHITECTURES[family]],
+                torch_dtype=str(dtype).replace("torch.", ""), dtype=str(dtype).replace("torch.", ""))
+    return body
