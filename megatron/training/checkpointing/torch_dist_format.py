@@ -15,6 +15,7 @@ import os
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
+from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron.core.dist_checkpointing import (
     ShardedObject,
@@ -111,7 +112,7 @@ def read_common(directory: str, group) -> dict:
     common = ShardedObject(COMMON_KEY)
     try:
         load_sharded([], [common], directory, group=group)
-    except Exception as error:  # noqa: BLE001 -- re-raised with the path
+    except (Exception, CheckpointException) as error:  # noqa: BLE001 -- re-raised with the path
         raise CheckpointError(f"{directory}: cannot read the checkpoint's common state ({error})") from error
     return common.value
 
@@ -137,7 +138,10 @@ def load(directory: str, model, optimizer, groups: ProcessGroups, rank: int, loa
             "--group-query-attention/--num-query-groups, --swiglu, --untie-embeddings-and-output-weights, "
             "--num-experts ...) against the saving run; load with --no-load-optim if only optimizer keys differ."
         )
-    load_sharded(tensors, objects, directory, group=group)
+    try:
+        load_sharded(tensors, objects, directory, group=group)
+    except CheckpointException as error:
+        raise CheckpointError(f"reading {directory} failed: {error}") from error
     if load_optim:
         opt_common = common["optimizer"]
         load_model_space_state(optimizer, optimizer_states, opt_common["scalars"] or {"has_state": False})
