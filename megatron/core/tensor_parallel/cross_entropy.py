@@ -15,14 +15,16 @@ from megatron.core.process_groups import group_rank, group_size
 from megatron.core.tensor_parallel.partition import VocabUtility
 
 
-def _all_reduce_max(tensor: torch.Tensor, group) -> None:
-    """In place: element-wise max over ``group`` (no autograd; used inside a Function)."""
+def all_reduce_max_inplace(tensor: torch.Tensor, group) -> None:
+    """In place: element-wise max over ``group`` (no autograd; for use inside a Function).
+    Backward: none (callers compute their own gradient)."""
     if group_size(group) > 1:
         dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=group)
 
 
-def _all_reduce_sum_inplace(tensor: torch.Tensor, group) -> None:
-    """In place: element-wise sum over ``group`` (no autograd; used inside a Function)."""
+def all_reduce_sum_inplace(tensor: torch.Tensor, group) -> None:
+    """In place: element-wise sum over ``group`` (no autograd; for use inside a Function).
+    Backward: none (callers compute their own gradient)."""
     if group_size(group) > 1:
         dist.all_reduce(tensor, group=group)
 
@@ -37,7 +39,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         input_dtype = vocab_parallel_logits.dtype
         logits = vocab_parallel_logits.float()
         logits_max = logits.max(dim=-1)[0]
-        _all_reduce_max(logits_max, tp_group)
+        all_reduce_max_inplace(logits_max, tp_group)
         # A new fp32 buffer, shifted for a stable exp; the caller's logits stay untouched.
         if logits is vocab_parallel_logits:
             logits = logits - logits_max.unsqueeze(-1)
@@ -60,7 +62,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         sum_exp = exp_logits.view(-1, partition_vocab).sum(dim=-1)
         # one all-reduce carries every per-token sum: [target logit, sum exp (, sum logits)]
         packed = torch.stack([predicted, sum_exp] + ([sum_logits] if sum_logits is not None else []))
-        _all_reduce_sum_inplace(packed, tp_group)
+        all_reduce_sum_inplace(packed, tp_group)
 
         predicted_logit, sum_exp = packed[0], packed[1]
         log_sum_exp = torch.log(sum_exp)

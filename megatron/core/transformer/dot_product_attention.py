@@ -1,8 +1,10 @@
 """Core attention: softmax(q k^T * scale + mask) v, with interchangeable backends.
 
-Backends (--attention-backend): ``sdpa`` uses torch.nn.functional.scaled_dot_product_attention
-(which picks flash / memory-efficient / cuDNN / math kernels itself; grouped-query
-attention goes through ``enable_gqa`` so K/V are never repeated in memory); ``unfused``
+Backends (--attention-backend): ``sdpa`` uses torch.nn.functional.scaled_dot_product_attention,
+on CUDA with the kernel priority cuDNN, flash, memory-efficient, math
+(``fusions/sdpa_backends.py``, logged once); grouped-query attention goes through
+``enable_gqa`` so K/V are not repeated in memory, unless only repeating them lets cuDNN
+run; ``unfused``
 is the explicit reference math with an fp32 softmax, kept as the yardstick every other
 path is tested against. ``auto``, ``flash`` and ``fused`` map to sdpa; ``local`` maps to
 unfused. The choice is logged once per process.
@@ -20,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron.core import process_groups, tensor_parallel
+from megatron.core.fusions.sdpa_backends import repeat_kv_for_cudnn, sdpa_backend_priority
 from megatron.core.transformer.context_parallel import ContextParallelAttention, resolve_comm_type
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -185,16 +188,22 @@ class DotProductAttention(torch.nn.Module):
         q = query.permute(1, 2, 0, 3)  # [b, np, sq, hn]
         k = key.permute(1, 2, 0, 3)
         v = value.permute(1, 2, 0, 3)
-        out = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=None if mask is None else ~mask,  # torch: True = attend
-            dropout_p=dropout_p,
-            is_causal=is_causal,
-            scale=self.softmax_scale,
-            enable_gqa=q.shape[1] != k.shape[1],
-        )
+        attn_mask = None if mask is None else ~mask  # torch: True = attend
+        if repeat_kv_for_cudnn(q, k, v, attn_mask, dropout_p, is_causal):
+            repeats = q.shape[1] // k.shape[1]
+            k = k.repeat_interleave(repeats, dim=1)
+            v = v.repeat_interleave(repeats, dim=1)
+        with sdpa_backend_priority(q.device):
+            out = F.scaled_dot_product_attention(
+                q,
+                k,
+                v,
+                attn_mask=attn_mask,
+                dropout_p=dropout_p,
+                is_causal=is_causal,
+                scale=self.softmax_scale,
+                enable_gqa=q.shape[1] != k.shape[1],
+            )
         return out.permute(2, 0, 1, 3)
 
     def _unfused(self, query, key, value, mask, is_causal, dropout_p):

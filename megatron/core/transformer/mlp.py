@@ -4,6 +4,9 @@ With a gated linear unit (--swiglu) fc1 is twice as wide and its output is [gate
 out = fc2(act(gate) * up). Under tensor parallelism each rank's fc1 shard holds its part
 of gate followed by its part of up (stride-2 partitioning), so the full fc1 weight of a
 TP=1 checkpoint is [gate; up] and resharding splits each half separately.
+
+The fc1 bias is added together with the activation (``fusions.fused_bias_activation``),
+one fused kernel for GeLU and SwiGLU unless --no-bias-gelu-fusion / --no-bias-swiglu-fusion.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron.core import process_groups, tensor_parallel
+from megatron.core.fusions.fused_bias_activation import bias_activation
 from megatron.core.transformer.activations import openai_gelu
 from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -46,6 +50,7 @@ class MLP(torch.nn.Module):
         ffn = config.ffn_hidden_size if ffn_hidden_size is None else ffn_hidden_size
         self.gated = config.gated_linear_unit
         self.activation_func = _activation(config)
+        self.bias_activation_fusion = config.bias_activation_fusion
         self.linear_fc1 = tensor_parallel.ColumnParallelLinear(
             self.input_size,
             2 * ffn if self.gated else ffn,
@@ -70,11 +75,7 @@ class MLP(torch.nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         intermediate, bias = self.linear_fc1(hidden_states)
-        if bias is not None:
-            intermediate = intermediate + bias
-        if self.gated:
-            gate, up = torch.chunk(intermediate, 2, dim=-1)
-            intermediate = self.activation_func(gate) * up
-        else:
-            intermediate = self.activation_func(intermediate)
+        intermediate = bias_activation(
+            intermediate, bias, self.activation_func, self.gated, self.bias_activation_fusion
+        )
         return self.linear_fc2(intermediate)

@@ -3,13 +3,22 @@
 Both keep Megatron-Core's parameter names (``weight``, and ``bias`` for LayerNorm) and
 support ``zero_centered_gamma`` (--apply-layernorm-1p): the stored weight is gamma - 1,
 initialized to zero, which keeps weight decay from pulling gamma towards zero.
+
+With ``fused`` (the config's ``persist_layer_norm``, on unless --no-persist-layer-norm)
+the math runs as one compiled kernel on CUDA (``megatron/core/fusions/fused_norms.py``);
+the eager reference is the same formula.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
+from megatron.core.fusions.fused_norms import (
+    fused_layer_norm,
+    fused_rms_norm,
+    layer_norm_reference,
+    rms_norm_reference,
+)
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 
@@ -23,7 +32,8 @@ def _mark_sequence_parallel(module: torch.nn.Module, sequence_parallel: bool) ->
 
 class _Norm(torch.nn.Module):
     """What both norms share: the ``weight`` (gamma, or gamma - 1 when zero-centered), the
-    epsilon, and the sequence-parallel marking of their parameters."""
+    epsilon, the sequence-parallel marking of their parameters, and whether the fused
+    kernel computes them (``fused``, a plain attribute, not state)."""
 
     def __init__(
         self,
@@ -33,8 +43,10 @@ class _Norm(torch.nn.Module):
         sequence_parallel: bool = False,
         params_dtype: torch.dtype = torch.float32,
         bias: bool = False,
+        fused: bool = False,
     ):
         super().__init__()
+        self.fused = fused
         self.hidden_size = hidden_size
         self.eps = eps
         self.zero_centered_gamma = zero_centered_gamma
@@ -43,10 +55,6 @@ class _Norm(torch.nn.Module):
         if bias:
             self.bias = torch.nn.Parameter(torch.zeros(hidden_size, dtype=params_dtype))
         _mark_sequence_parallel(self, sequence_parallel)
-
-    def _gamma(self) -> torch.Tensor:
-        """gamma in fp32."""
-        return self.weight.float() + 1.0 if self.zero_centered_gamma else self.weight.float()
 
 
 class LayerNorm(_Norm):
@@ -57,12 +65,12 @@ class LayerNorm(_Norm):
     """
 
     def __init__(self, hidden_size: int, eps: float = 1e-5, zero_centered_gamma: bool = False,
-                 sequence_parallel: bool = False, params_dtype: torch.dtype = torch.float32):
-        super().__init__(hidden_size, eps, zero_centered_gamma, sequence_parallel, params_dtype, bias=True)
+                 sequence_parallel: bool = False, params_dtype: torch.dtype = torch.float32, fused: bool = False):
+        super().__init__(hidden_size, eps, zero_centered_gamma, sequence_parallel, params_dtype, bias=True, fused=fused)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.layer_norm(x.float(), (self.hidden_size,), self._gamma(), self.bias.float(), self.eps)
-        return out.to(self.weight.dtype)
+        norm = fused_layer_norm if self.fused else layer_norm_reference
+        return norm(x, self.weight, self.bias, self.eps, self.zero_centered_gamma)
 
 
 class RMSNorm(_Norm):
@@ -72,16 +80,15 @@ class RMSNorm(_Norm):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (normed * self._gamma()).to(self.weight.dtype)
+        norm = fused_rms_norm if self.fused else rms_norm_reference
+        return norm(x, self.weight, self.eps, self.zero_centered_gamma)
 
 
 def build_norm(config: TransformerConfig, hidden_size: int, eps: float | None = None) -> torch.nn.Module:
     """The norm chosen by --normalization, sized ``hidden_size``.
 
     ``eps`` defaults to --norm-epsilon. Weights carry ``sequence_parallel`` from the
-    config.
+    config; ``persist_layer_norm`` selects the fused kernel.
     """
     cls = {"LayerNorm": LayerNorm, "RMSNorm": RMSNorm}.get(config.normalization)
     if cls is None:
@@ -94,4 +101,5 @@ def build_norm(config: TransformerConfig, hidden_size: int, eps: float | None = 
         zero_centered_gamma=config.layernorm_zero_centered_gamma,
         sequence_parallel=config.sequence_parallel,
         params_dtype=config.params_dtype,
+        fused=config.persist_layer_norm,
     )

@@ -124,6 +124,32 @@ class TransformerConfig(ModelParallelConfig):
     """Core attention: auto, sdpa (torch scaled_dot_product_attention), unfused
     (reference math), flash, fused or local (--attention-backend)."""
 
+    bias_activation_fusion: bool = True
+    """Add the fc1 bias and apply GeLU / SwiGLU in one fused kernel on CUDA (off with
+    --no-bias-gelu-fusion / --no-bias-swiglu-fusion). Megatron-Core's dataclass defaults
+    the fusions to False and its flags to on; here both default on, because every fused
+    path is pure PyTorch (torch.compile) with the same math as its reference."""
+
+    bias_dropout_fusion: bool = True
+    """Fuse bias add, dropout and residual add into one kernel on CUDA (off with
+    --no-bias-dropout-fusion)."""
+
+    apply_rope_fusion: bool = True
+    """Apply rotary position embedding with one fused kernel on CUDA (off with --no-rope-fusion)."""
+
+    persist_layer_norm: bool = True
+    """Compute LayerNorm / RMSNorm with one fused kernel on CUDA (off with
+    --no-persist-layer-norm)."""
+
+    cross_entropy_loss_fusion: bool = False
+    """Compute the LM loss with the chunked vocab-parallel cross entropy, which never holds
+    fp32 logits for the whole micro-batch (--cross-entropy-loss-fusion). Off by default,
+    as in Megatron: the flag only turns it on."""
+
+    cross_entropy_fusion_impl: str = "native"
+    """Implementation of --cross-entropy-loss-fusion: native; te (Transformer Engine's
+    kernel in Megatron) also runs the native one here (--cross-entropy-fusion-impl)."""
+
     recompute_granularity: Optional[str] = None
     """None, 'selective' or 'full' (--recompute-granularity)."""
 
@@ -262,6 +288,10 @@ class TransformerConfig(ModelParallelConfig):
             )
         if self.normalization not in ("LayerNorm", "RMSNorm"):
             raise ValueError(f"--normalization must be LayerNorm or RMSNorm, got {self.normalization!r}")
+        if self.cross_entropy_fusion_impl not in ("native", "te"):
+            raise ValueError(
+                f"--cross-entropy-fusion-impl must be native or te, got {self.cross_entropy_fusion_impl!r}"
+            )
         if self.window_size is not None and (len(self.window_size) != 2 or self.window_size[0] < 0):
             raise ValueError(f"--window-size must be two non-negative integers (left, right), got {self.window_size}")
 

@@ -1,14 +1,17 @@
 """One pre-norm transformer layer: norm -> self-attention -> bias-dropout-add ->
-norm -> MLP (or MoE layer, per --moe-layer-freq) -> bias-dropout-add."""
+norm -> MLP (or MoE layer, per --moe-layer-freq) -> bias-dropout-add.
+
+Bias-dropout-add is one fused kernel unless --no-bias-dropout-fusion
+(``fusions.fused_bias_dropout_add``)."""
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 from megatron.core import process_groups
+from megatron.core.fusions.fused_bias_dropout_add import get_bias_dropout_add
 from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.mlp import MLP
@@ -16,19 +19,6 @@ from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.moe.moe_layer_pattern import is_moe_layer
 from megatron.core.transformer.torch_norm import build_norm
 from megatron.core.transformer.transformer_config import TransformerConfig
-
-
-def bias_dropout_add(
-    x_with_bias: Tuple[torch.Tensor, Optional[torch.Tensor]],
-    residual: torch.Tensor,
-    prob: float,
-    training: bool,
-) -> torch.Tensor:
-    """residual + dropout(x + bias); the sum takes the wider dtype (an fp32 residual stays fp32)."""
-    x, bias = x_with_bias
-    if bias is not None:
-        x = x + bias
-    return residual + F.dropout(x, p=prob, training=training)
 
 
 class TransformerLayer(torch.nn.Module):
@@ -68,12 +58,13 @@ class TransformerLayer(torch.nn.Module):
         rotary_pos_emb=None,
     ):
         post_ln_residual = self.config.apply_residual_connection_post_layernorm
+        bias_dropout_add_fn = get_bias_dropout_add(self.training, self.config.bias_dropout_fusion)
         normed = self.input_layernorm(hidden_states)
         residual = normed if post_ln_residual else hidden_states
         attention_out = self.self_attention(normed, attention_mask=attention_mask, rotary_pos_emb=rotary_pos_emb)
-        hidden_states = bias_dropout_add(attention_out, residual, self.hidden_dropout, self.training)
+        hidden_states = bias_dropout_add_fn(attention_out, residual, self.hidden_dropout)
 
         normed = self.pre_mlp_layernorm(hidden_states)
         residual = normed if post_ln_residual else hidden_states
-        hidden_states = bias_dropout_add(self.mlp(normed), residual, self.hidden_dropout, self.training)
+        hidden_states = bias_dropout_add_fn(self.mlp(normed), residual, self.hidden_dropout)
         return hidden_states, None

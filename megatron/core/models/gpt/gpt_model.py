@@ -8,11 +8,13 @@ layer spec, so checkpoints map one to one.
 
 from __future__ import annotations
 
+import logging
 from typing import Optional
 
 import torch
 
 from megatron.core import process_groups, tensor_parallel
+from megatron.core.fusions.fused_cross_entropy import fused_vocab_parallel_cross_entropy
 from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 from megatron.core.models.common.language_module.language_module import LanguageModule
@@ -20,6 +22,8 @@ from megatron.core.pipeline_parallel.init_rng import initialization_stream
 from megatron.core.transformer.context_parallel import get_pos_emb_on_this_cp_rank
 from megatron.core.transformer.transformer_block import TransformerBlock
 from megatron.core.transformer.transformer_config import TransformerConfig
+
+logger = logging.getLogger(__name__)
 
 _POSITION_TYPES = ("learned_absolute", "rope", "none")
 
@@ -115,6 +119,8 @@ class GPTModel(LanguageModule):
         )
         if post_process:
             self._build_output_layer(config, vocab_size, pre_process and share_embeddings_and_output_weights)
+            if config.cross_entropy_loss_fusion and config.cross_entropy_fusion_impl == "te":
+                logger.info("--cross-entropy-fusion-impl te: using the native chunked cross entropy (no Transformer Engine needed)")
         self.setup_embeddings_and_output_layer()
 
     def _build_output_layer(self, config: TransformerConfig, vocab_size: int, skip_weight: bool) -> None:
@@ -130,6 +136,18 @@ class GPTModel(LanguageModule):
                 skip_weight_param_allocation=skip_weight,
                 tp_group=self.tp_group,
             )
+
+    def compute_language_model_loss(self, labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """Per-token cross entropy: labels [b, s], logits [s, b, V/tp] -> loss [b, s] fp32.
+
+        With --cross-entropy-loss-fusion the loss is computed in chunks of tokens from the
+        logits in their own dtype (fp32 math per chunk, no fp32 copy of all logits; see
+        ``fusions/fused_cross_entropy.py``); otherwise the reference path of the base class.
+        """
+        if not self.config.cross_entropy_loss_fusion:
+            return super().compute_language_model_loss(labels, logits)
+        loss = fused_vocab_parallel_cross_entropy(logits, labels.transpose(0, 1).contiguous(), self.tp_group)
+        return loss.transpose(0, 1).contiguous()
 
     def set_input_tensor(self, input_tensor) -> None:
         """Give the decoder the activation from the previous pipeline stage ([s(/tp), b, h]

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron.core import tensor_parallel
+from megatron.core.fusions.fused_bias_activation import bias_activation
 from megatron.core.pipeline_parallel.init_rng import initialization_stream
 from megatron.core.transformer.activations import openai_gelu
 
@@ -27,13 +28,6 @@ def _activation(config):
     if config.openai_gelu and config.activation_func is F.gelu:
         return openai_gelu
     return config.activation_func
-
-
-def _glu(intermediate: torch.Tensor, gated: bool, act) -> torch.Tensor:
-    if gated:
-        gate, up = torch.chunk(intermediate, 2, dim=-1)
-        return act(gate) * up
-    return act(intermediate)
 
 
 class ExpertMLP(torch.nn.Module):
@@ -45,6 +39,7 @@ class ExpertMLP(torch.nn.Module):
         ffn = config.moe_ffn_hidden_size
         self.gated = config.gated_linear_unit
         self.activation_func = _activation(config)
+        self.bias_activation_fusion = config.bias_activation_fusion
         self.linear_fc1 = tensor_parallel.ColumnParallelLinear(
             config.hidden_size, 2 * ffn if self.gated else ffn, config=config, init_method=config.init_method,
             bias=config.add_bias_linear, gather_output=False, skip_bias_add=True,
@@ -61,7 +56,7 @@ class ExpertMLP(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         intermediate = F.linear(x, self.linear_fc1.weight, self.linear_fc1.bias)
-        intermediate = _glu(intermediate, self.gated, self.activation_func)
+        intermediate = bias_activation(intermediate, None, self.activation_func, self.gated, self.bias_activation_fusion)
         return F.linear(intermediate, self.linear_fc2.weight, self.linear_fc2.bias)
 
 
@@ -152,7 +147,9 @@ class GroupedMLP(SequentialMLP):
         intermediate = _grouped_linear(expert_input, fc1, counts)
         if first.linear_fc1.bias is not None:
             intermediate = intermediate + _row_bias(torch.stack([e.linear_fc1.bias for e in self.local_experts]), counts)
-        intermediate = _glu(intermediate, first.gated, first.activation_func)
+        intermediate = bias_activation(
+            intermediate, None, first.activation_func, first.gated, first.bias_activation_fusion
+        )
         out = _grouped_linear(intermediate, fc2, counts)
         if first.linear_fc2.bias is not None:
             out = out + _row_bias(torch.stack([e.linear_fc2.bias for e in self.local_experts]), counts)

@@ -13,6 +13,8 @@ from typing import Optional
 
 import torch
 
+from megatron.core.fusions.fused_rope import fused_rope, rope_reference
+
 
 class RotaryEmbedding(torch.nn.Module):
     """Frequencies for RoPE.
@@ -89,14 +91,6 @@ def llama3_scaled_inv_freq(
     return torch.where(medium, blended, scaled)
 
 
-def _rotate_half(x: torch.Tensor, interleaved: bool) -> torch.Tensor:
-    if interleaved:
-        x1, x2 = x[..., 0::2], x[..., 1::2]
-        return torch.stack((-x2, x1), dim=-1).flatten(-2)
-    x1, x2 = torch.chunk(x, 2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
 def apply_rotary_pos_emb(
     t: torch.Tensor,
     freqs: torch.Tensor,
@@ -104,21 +98,18 @@ def apply_rotary_pos_emb(
     *,
     rotary_interleaved: Optional[bool] = None,
     mscale: float = 1.0,
+    fused: Optional[bool] = None,
 ) -> torch.Tensor:
     """Rotate ``t`` [s, b, n, d] by angles ``freqs`` [s, 1, 1, rot_dim]; returns [s, b, n, d].
 
     Only the first rot_dim dims of each head rotate. ``rotary_interleaved`` defaults to
     ``config.rotary_interleaved`` (False without a config). cos/sin are taken in fp32 and
-    cast to t's dtype before multiplying.
+    cast to t's dtype before multiplying. ``fused`` (default: ``config.apply_rope_fusion``,
+    False without a config) runs the same math as one compiled kernel on CUDA.
     """
     if rotary_interleaved is None:
         rotary_interleaved = bool(getattr(config, "rotary_interleaved", False))
-    rot_dim = freqs.shape[-1]
-    t_rot, t_pass = t[..., :rot_dim], t[..., rot_dim:]
-    freqs = freqs[: t.shape[0]]
-    cos = (torch.cos(freqs) * mscale).to(t.dtype)
-    sin = (torch.sin(freqs) * mscale).to(t.dtype)
-    t_rot = t_rot * cos + _rotate_half(t_rot, rotary_interleaved) * sin
-    if t_pass.shape[-1] == 0:
-        return t_rot
-    return torch.cat((t_rot, t_pass), dim=-1)
+    if fused is None:
+        fused = bool(getattr(config, "apply_rope_fusion", False))
+    rope = fused_rope if fused else rope_reference
+    return rope(t, freqs, rotary_interleaved, mscale)

@@ -1,0 +1,54 @@
+"""The MLP's activation step, fused where a fused kernel exists.
+
+``bias_activation`` is what MLPs and experts call: it adds the fc1 bias and applies the
+(gated) activation, through ``bias_gelu`` / ``bias_swiglu`` when the switch is on and
+the activation is one of theirs, and through the plain reference otherwise.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from megatron.core.fusions.fused_bias_gelu import bias_gelu
+from megatron.core.fusions.fused_bias_swiglu import bias_swiglu
+from megatron.core.transformer.activations import openai_gelu
+
+
+def bias_activation_reference(
+    x: torch.Tensor, bias: Optional[torch.Tensor], activation: Callable, gated: bool
+) -> torch.Tensor:
+    """activation(x + bias), or activation(gate) * up for a gated unit ([gate; up] = x + bias)."""
+    if bias is not None:
+        x = x + bias
+    if gated:
+        gate, up = torch.chunk(x, 2, dim=-1)
+        return activation(gate) * up
+    return activation(x)
+
+
+def _gelu_approximation(activation: Callable) -> Optional[str]:
+    if activation is F.gelu:
+        return "none"
+    if activation is openai_gelu:
+        return "tanh"
+    return None
+
+
+def bias_activation(
+    x: torch.Tensor, bias: Optional[torch.Tensor], activation: Callable, gated: bool, fused: bool
+) -> torch.Tensor:
+    """x [..., f] (or [..., 2f] gated), bias or None -> [..., f].
+
+    ``fused`` is the config's ``bias_activation_fusion``. GeLU (exact or tanh) and gated
+    SiLU (SwiGLU) have fused kernels; other activations take the reference path.
+    """
+    if fused:
+        if gated and activation is F.silu:
+            return bias_swiglu(x, bias)
+        approximate = _gelu_approximation(activation)
+        if not gated and approximate is not None:
+            return bias_gelu(x, bias, approximate)
+    return bias_activation_reference(x, bias, activation, gated)
