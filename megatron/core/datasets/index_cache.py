@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from typing import Dict, Sequence
 
 import numpy
 import torch
+
+from megatron.core.durable_files import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -61,21 +62,6 @@ class IndexCache:
         """Write the indices, then the description, each atomically."""
         os.makedirs(self.directory, exist_ok=True)
         for name, target in self.paths().items():
-            _atomic_write(target, lambda f, a=arrays[name]: numpy.save(f, a, allow_pickle=True))
-        _atomic_write(self.path(DESCRIPTION), lambda f: f.write(description.encode("utf-8")))
+            atomic_write(target, lambda f, a=arrays[name]: numpy.save(f, a, allow_pickle=True))
+        atomic_write(self.path(DESCRIPTION), lambda f: f.write(description.encode("utf-8")))
         logger.info("saved %s indices to %s", self.base, self.directory)
-
-
-def _atomic_write(target: str, write) -> None:
-    directory = os.path.dirname(target) or "."
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(target) + ".", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise

@@ -33,6 +33,8 @@ from typing import Iterable, Optional, Tuple, Type, Union
 
 import numpy
 
+from megatron.core.durable_files import fsync_directory
+
 logger = logging.getLogger(__name__)
 
 _INDEX_HEADER = b"MMIDIDX\x00\x00"
@@ -447,20 +449,6 @@ def _temporary_path(path: str) -> str:
     return f"{path}.tmp.{os.getpid()}.{uuid.uuid4().hex[:8]}"
 
 
-def _fsync_directory(path: str) -> None:
-    """Make renames in the directory of ``path`` durable (best effort: not every OS allows it)."""
-    try:
-        fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def write_index(idx_file, dtype, sequence_lengths: numpy.ndarray, document_indices: numpy.ndarray,
                 sequence_modes: Optional[numpy.ndarray] = None) -> None:
     """Write a ``.idx`` to the binary file object ``idx_file``; pointers are derived from the lengths.
@@ -627,7 +615,7 @@ class IndexedDatasetBuilder:
                 if os.path.exists(path):
                     os.remove(path)
             raise
-        _fsync_directory(idx_path)
+        fsync_directory(os.path.dirname(os.path.abspath(idx_path)))
 
     def abort(self) -> None:
         """Discard what was written: close and delete the temporary ``.bin``."""

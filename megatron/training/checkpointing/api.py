@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import threading
 import time
 from typing import Callable, List, Optional, Tuple
@@ -158,10 +159,8 @@ def _write_and_commit(write: Callable[[], List[str]], args, root: str, iteration
     errors = list(dict.fromkeys(e for _, e in gathered if e))  # the writer reports a failure on every rank
     if errors:
         if rank == 0:
-            import shutil
-
             shutil.rmtree(layout.staging_dir(root, iteration), ignore_errors=True)
-        previous = layout.read_tracker(root)[0] if os.path.exists(layout.tracker_path(root)) else None
+        previous = layout.read_tracker(root)[0]
         raise CheckpointError(
             f"saving the checkpoint of iteration {iteration} to {root} failed and was discarded "
             f"({'; '.join(errors[:4])}). {_free_space(root)}The previous checkpoint "
@@ -189,8 +188,6 @@ def _write_and_commit(write: Callable[[], List[str]], args, root: str, iteration
 def _free_space(root: str) -> str:
     """A sentence on the space left under ``root``: a full disk often surfaces only as an
     obscure serializer error ("unexpected pos ..."), which hides the cause."""
-    import shutil
-
     try:
         free = shutil.disk_usage(root).free
     except OSError:

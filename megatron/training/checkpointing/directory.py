@@ -21,6 +21,8 @@ import re
 import shutil
 from typing import List, Optional, Tuple
 
+from megatron.core.durable_files import atomic_write, fsync_directory
+
 logger = logging.getLogger(__name__)
 
 TRACKER_FILENAME = "latest_checkpointed_iteration.txt"
@@ -42,35 +44,6 @@ def staging_dir(root: str, iteration: int) -> str:
 
 def tracker_path(root: str) -> str:
     return os.path.join(root, TRACKER_FILENAME)
-
-
-def fsync_dir(path: str) -> None:
-    """Make a rename or a new entry in ``path`` durable (no-op where unsupported)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def write_file_atomically(path: str, data: bytes) -> None:
-    """Replace ``path`` with ``data``: temporary file, fsync, rename, fsync the directory."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    try:
-        with open(tmp, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
 def read_tracker(root: str) -> Tuple[Optional[int], bool]:
@@ -96,7 +69,7 @@ def read_tracker(root: str) -> Tuple[Optional[int], bool]:
 
 
 def write_tracker(root: str, iteration: int) -> None:
-    write_file_atomically(tracker_path(root), f"{iteration}\n".encode("ascii"))
+    atomic_write(tracker_path(root), lambda handle: handle.write(f"{iteration}\n".encode("ascii")))
 
 
 def committed_iterations(root: str) -> List[int]:
@@ -134,9 +107,9 @@ def prepare_staging(root: str, iteration: int) -> str:
 def commit(root: str, iteration: int) -> str:
     """(rank 0) Publish the staging directory as ``iter_XXXXXXX`` (atomic rename)."""
     staged, final = staging_dir(root, iteration), iteration_dir(root, iteration)
-    fsync_dir(staged)
+    fsync_directory(staged)
     os.rename(staged, final)
-    fsync_dir(root)
+    fsync_directory(root)
     return final
 
 

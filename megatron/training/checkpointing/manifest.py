@@ -17,7 +17,8 @@ from typing import Dict, List, Optional
 
 import torch
 
-from megatron.training.checkpointing.directory import CheckpointError, write_file_atomically
+from megatron.core.durable_files import atomic_write
+from megatron.training.checkpointing.directory import CheckpointError
 
 MANIFEST_FILENAME = "manifest.json"
 MANIFEST_VERSION = 1
@@ -61,8 +62,8 @@ def write_manifest(directory: str, ckpt_format: str, iteration: int, layout: dic
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "files": dict(sorted(files.items())),
     }
-    write_file_atomically(os.path.join(directory, MANIFEST_FILENAME),
-                          json.dumps(manifest, indent=1).encode("utf-8"))
+    data = json.dumps(manifest, indent=1).encode("utf-8")
+    atomic_write(os.path.join(directory, MANIFEST_FILENAME), lambda handle: handle.write(data))
 
 
 def read_manifest(directory: str) -> Optional[dict]:

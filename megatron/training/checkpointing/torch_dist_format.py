@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Tuple
 
-import torch
 from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron.core.dist_checkpointing import (
@@ -25,7 +24,7 @@ from megatron.core.dist_checkpointing import (
     read_metadata,
     save_sharded,
 )
-from megatron.core.dist_checkpointing.model_sharding import TensorPlacement, model_placements
+from megatron.core.dist_checkpointing.model_sharding import model_placements
 from megatron.core.optimizer.param_state import empty_model_space_state, load_model_space_state, model_space_state
 from megatron.core.process_groups import ProcessGroups
 from megatron.training.checkpointing.directory import CheckpointError
@@ -52,10 +51,6 @@ def is_torch_dist_checkpoint(directory: str) -> bool:
         return False
 
 
-def _placements(model, groups: ProcessGroups) -> List[Tuple[torch.Tensor, TensorPlacement]]:
-    return model_placements(model, groups)
-
-
 def _optimizer_chunks(placements, states) -> List[ShardedTensor]:
     placement_of = {id(tensor): placement for tensor, placement in placements}
     chunks = []
@@ -75,7 +70,7 @@ def gather_optimizer_state(optimizer, save_optim: bool):
 
 def build_save_items(model, groups: ProcessGroups, rank: int, optimizer_states, common: Optional[dict],
                      rng: Optional[dict], to_cpu: bool) -> Tuple[List[ShardedTensor], List[ShardedObject]]:
-    placements = _placements(model, groups)
+    placements = model_placements(model, groups)
     chunks = [chunk for tensor, placement in placements for chunk in placement.shard(tensor.detach())]
     chunks.extend(_optimizer_chunks(placements, optimizer_states))
     if to_cpu:
@@ -122,7 +117,7 @@ def load(directory: str, model, optimizer, groups: ProcessGroups, rank: int, loa
     """Load model (and optimizer) state in place; returns this rank's RNG state or None.
     Every requested key and shape is checked against the checkpoint before any data is
     read; ``gather_problems`` combines the ranks' findings so that all ranks stop together."""
-    placements = _placements(model, groups)
+    placements = model_placements(model, groups)
     tensors = [chunk for tensor, placement in placements for chunk in placement.shard(tensor.data)]
     optimizer_states = empty_model_space_state(optimizer) if load_optim else {}
     tensors.extend(_optimizer_chunks(placements, optimizer_states))
