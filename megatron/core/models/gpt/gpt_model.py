@@ -14,7 +14,6 @@ from typing import Optional
 import torch
 
 from megatron.core import process_groups, tensor_parallel
-from megatron.core.fusions.fused_cross_entropy import fused_vocab_parallel_cross_entropy
 from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 from megatron.core.models.common.language_module.language_module import LanguageModule
@@ -136,18 +135,6 @@ class GPTModel(LanguageModule):
                 skip_weight_param_allocation=skip_weight,
                 tp_group=self.tp_group,
             )
-
-    def compute_language_model_loss(self, labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        """Per-token cross entropy: labels [b, s], logits [s, b, V/tp] -> loss [b, s] fp32.
-
-        With --cross-entropy-loss-fusion the loss is computed in chunks of tokens from the
-        logits in their own dtype (fp32 math per chunk, no fp32 copy of all logits; see
-        ``fusions/fused_cross_entropy.py``); otherwise the reference path of the base class.
-        """
-        if not self.config.cross_entropy_loss_fusion:
-            return super().compute_language_model_loss(labels, logits)
-        loss = fused_vocab_parallel_cross_entropy(logits, labels.transpose(0, 1).contiguous(), self.tp_group)
-        return loss.transpose(0, 1).contiguous()
 
     def set_input_tensor(self, input_tensor) -> None:
         """Give the decoder the activation from the previous pipeline stage ([s(/tp), b, h]

@@ -7,6 +7,7 @@ from typing import Optional
 import torch
 
 from megatron.core import process_groups, tensor_parallel
+from megatron.core.fusions.fused_cross_entropy import fused_vocab_parallel_cross_entropy
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 
@@ -27,9 +28,15 @@ class LanguageModule(torch.nn.Module):
         """Per-token cross entropy: labels [b, s], logits [s, b, V/tp] -> loss [b, s].
 
         The softmax runs over the vocab shards of the tensor-parallel group (full logits
-        are never gathered); logits are upcast to fp32 unless --fp16-lm-cross-entropy.
+        are never gathered). With --cross-entropy-loss-fusion the loss is computed in
+        chunks of tokens from the logits in their own dtype (fp32 math per chunk, no fp32
+        copy of all logits; ``fusions/fused_cross_entropy.py``); otherwise logits are
+        upcast to fp32 unless --fp16-lm-cross-entropy.
         """
         labels = labels.transpose(0, 1).contiguous()  # [s, b]
+        if getattr(self.config, "cross_entropy_loss_fusion", False):
+            loss = fused_vocab_parallel_cross_entropy(logits, labels, self.tp_group)
+            return loss.transpose(0, 1).contiguous()
         if not getattr(self, "fp16_lm_cross_entropy", False):
             logits = logits.float()
         loss = tensor_parallel.vocab_parallel_cross_entropy(logits, labels, self.tp_group)
