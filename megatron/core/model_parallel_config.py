@@ -65,6 +65,15 @@ class ModelParallelConfig:
     """Free the data of a pipeline stage's output once it has been sent to the next stage
     (its autograd graph is kept for backward)."""
 
+    gradient_accumulation_fusion: bool = False
+    """Tensor-parallel linears add their weight gradient straight into ``param.main_grad``
+    inside the GEMM (--no-gradient-accumulation-fusion turns it off; Megatron's default is on)."""
+
+    tp_comm_overlap: bool = False
+    """With sequence parallelism, decompose the tensor-parallel all-gather / reduce-scatter
+    around the linears into ring steps overlapped with the GEMM of each sequence block
+    (--tp-comm-overlap)."""
+
     def __post_init__(self) -> None:
         if self.fp16 and self.bf16:
             raise ValueError("--fp16 and --bf16 cannot both be set: choose one precision")

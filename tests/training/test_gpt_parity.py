@@ -42,12 +42,13 @@ def test_single_process_loss_falls(reference_log):
         (2, []),  # data parallel 2
         (4, ["--tensor-model-parallel-size", "2"]),  # TP2 x DP2
         (2, ["--tensor-model-parallel-size", "2", "--sequence-parallel"]),
+        (2, ["--tensor-model-parallel-size", "2", "--sequence-parallel", "--tp-comm-overlap"]),
         (1, ["--recompute-activations"]),
         (1, ["--recompute-granularity", "full", "--recompute-method", "block", "--recompute-num-layers", "1"]),
         (2, ["--tensor-model-parallel-size", "2", "--recompute-granularity", "full", "--recompute-method",
              "uniform", "--recompute-num-layers", "1", "--distribute-saved-activations"]),
     ],
-    ids=["tp2", "dp2", "tp2xdp2", "tp2-sp", "selective-recompute", "full-block-recompute",
+    ids=["tp2", "dp2", "tp2xdp2", "tp2-sp", "tp2-sp-comm-overlap", "selective-recompute", "full-block-recompute",
          "tp2-full-uniform-recompute-distributed"],
 )
 def test_parallel_layout_matches_single_process(reference_log, world, extra):

@@ -12,6 +12,8 @@ every build has. ``native_single_tensor_collectives`` is the one switch between 
 
 from __future__ import annotations
 
+from typing import Optional, Tuple
+
 import torch
 import torch.distributed as dist
 
@@ -38,23 +40,40 @@ def all_reduce_sum(tensor: torch.Tensor, group) -> torch.Tensor:
 
 def all_gather_first_dim(tensor: torch.Tensor, group) -> torch.Tensor:
     """Concatenate every rank's ``tensor`` along dim 0 in rank order: [n, ...] -> [n*world, ...]."""
+    out, work = all_gather_first_dim_async(tensor, group)
+    if work is not None:
+        work.wait()
+    return out
+
+
+def all_gather_first_dim_async(tensor: torch.Tensor, group) -> Tuple[torch.Tensor, Optional[dist.Work]]:
+    """``all_gather_first_dim`` started asynchronously: (output, work to wait on, or None
+    when nothing is in flight). On gloo it completes before returning."""
     world = group_size(group)
     if world == 1:
-        return tensor
+        return tensor, None
     tensor = tensor.contiguous()
     out = torch.empty((world * tensor.size(0),) + tuple(tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
     if native_single_tensor_collectives(group):
-        _ALL_GATHER_SINGLE(out, tensor, group=group)
-    else:
-        dist.all_gather(list(out.chunk(world, dim=0)), tensor, group=group)
-    return out
+        return out, _ALL_GATHER_SINGLE(out, tensor, group=group, async_op=True)
+    dist.all_gather(list(out.chunk(world, dim=0)), tensor, group=group)
+    return out, None
 
 
 def reduce_scatter_first_dim(tensor: torch.Tensor, group) -> torch.Tensor:
     """Sum over ``group``, keep this rank's block of dim 0: [n*world, ...] -> [n, ...]."""
+    out, work = reduce_scatter_first_dim_async(tensor, group)
+    if work is not None:
+        work.wait()
+    return out
+
+
+def reduce_scatter_first_dim_async(tensor: torch.Tensor, group) -> Tuple[torch.Tensor, Optional[dist.Work]]:
+    """``reduce_scatter_first_dim`` started asynchronously: (output, work or None); on gloo
+    it completes before returning."""
     world = group_size(group)
     if world == 1:
-        return tensor
+        return tensor, None
     if tensor.size(0) % world:
         raise ValueError(
             f"reduce-scatter along dim 0 needs a first dimension divisible by the group size: "
@@ -66,11 +85,10 @@ def reduce_scatter_first_dim(tensor: torch.Tensor, group) -> torch.Tensor:
         out = torch.empty(
             (tensor.size(0) // world,) + tuple(tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device
         )
-        _REDUCE_SCATTER_SINGLE(out, tensor, group=group)
-        return out
+        return out, _REDUCE_SCATTER_SINGLE(out, tensor, group=group, async_op=True)
     # gloo: reduce everything, keep our block (world times the traffic; CPU runs are tiny)
     total = all_reduce_sum(tensor, group)
-    return total.chunk(world, dim=0)[group_rank(group)].contiguous()
+    return total.chunk(world, dim=0)[group_rank(group)].contiguous(), None
 
 
 def all_gather_last_dim(tensor: torch.Tensor, group) -> torch.Tensor:

@@ -17,9 +17,8 @@ from torch.nn.parameter import Parameter
 from megatron.core import process_groups
 from megatron.core.model_parallel_config import ModelParallelConfig
 from megatron.core.process_groups import group_rank, group_size
-from megatron.core.tensor_parallel.collectives import all_gather_first_dim, reduce_scatter_first_dim
+from megatron.core.tensor_parallel.linear_with_comm import column_parallel_matmul, row_parallel_matmul
 from megatron.core.tensor_parallel.mappings import (
-    copy_to_tensor_model_parallel_region,
     gather_from_tensor_model_parallel_region,
     reduce_from_tensor_model_parallel_region,
     reduce_scatter_to_sequence_parallel_region,
@@ -139,33 +138,6 @@ def _new_weight(
     return weight, master
 
 
-class _SequenceParallelLinear(torch.autograd.Function):
-    """Forward: all-gather the input along dim 0 ([s/tp, b, in] -> [s, b, in]), then linear.
-    Backward: reduce-scatter the input gradient along dim 0; the weight gradient uses the
-    input all-gathered again. Only this rank's shard is saved, which is the point of
-    sequence parallelism (gathering outside the Function would keep the full input)."""
-
-    @staticmethod
-    def forward(ctx, input_, weight, bias, group):
-        ctx.group, ctx.has_bias = group, bias is not None
-        ctx.save_for_backward(input_, weight)
-        return F.linear(all_gather_first_dim(input_, group), weight, bias)
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        input_, weight = ctx.saved_tensors
-        grad_input = grad_weight = grad_bias = None
-        if ctx.needs_input_grad[0]:
-            grad_input = reduce_scatter_first_dim(grad_output.matmul(weight), ctx.group)
-        grad_2d = grad_output.reshape(-1, grad_output.size(-1))
-        if ctx.needs_input_grad[1]:
-            total_input = all_gather_first_dim(input_, ctx.group)
-            grad_weight = grad_2d.t().matmul(total_input.reshape(-1, total_input.size(-1)))
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_bias = grad_2d.sum(dim=0)
-        return grad_input, grad_weight, grad_bias, None
-
-
 def _resolve_tp_group(tp_group, is_expert: bool):
     """The group to split over: given, else the default's tp (expt_tp for experts)."""
     if tp_group is not None:
@@ -265,10 +237,13 @@ class ColumnParallelLinear(torch.nn.Module):
         bias = None if self.skip_bias_add else self.bias
         if self.explicit_expert_comm:
             output_parallel = F.linear(input_, weight, bias)
-        elif self.sequence_parallel:
-            output_parallel = _SequenceParallelLinear.apply(input_, weight, bias, self.tp_group)
         else:
-            output_parallel = F.linear(copy_to_tensor_model_parallel_region(input_, self.tp_group), weight, bias)
+            # the accumulation fusion only for the layer's own weight: a weight passed in (the
+            # tied output layer) also gets the embedding lookup's gradient through .grad
+            output_parallel = column_parallel_matmul(
+                input_, weight, bias, self.tp_group, self.sequence_parallel, self.config.tp_comm_overlap,
+                self.config.gradient_accumulation_fusion and weight is self.weight,
+            )
         gather = self.gather_output if runtime_gather_output is None else runtime_gather_output
         if gather and not self.explicit_expert_comm:
             output = gather_from_tensor_model_parallel_region(output_parallel, self.tp_group)
@@ -344,8 +319,10 @@ class RowParallelLinear(torch.nn.Module):
             input_parallel = input_
         else:
             input_parallel = scatter_to_tensor_model_parallel_region(input_, self.tp_group)
-        output_parallel = F.linear(input_parallel, self.weight)
-        if self.explicit_expert_comm:
+        fuse = self.config.gradient_accumulation_fusion and not self.explicit_expert_comm
+        ring = self.sequence_parallel and self.config.tp_comm_overlap and not self.explicit_expert_comm
+        output_parallel = row_parallel_matmul(input_parallel, self.weight, self.tp_group, ring, fuse)
+        if self.explicit_expert_comm or ring:
             output = output_parallel
         elif self.sequence_parallel:
             output = reduce_scatter_to_sequence_parallel_region(output_parallel, self.tp_group)
