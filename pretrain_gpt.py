@@ -59,13 +59,17 @@ def get_batch(data_iterator, needs_data=None):
     if not needs_data:
         return None, None, None, None, None
     data = next(data_iterator) if data_iterator is not None else None
-    ints = tensor_parallel.broadcast_data(_INT_KEYS, data, torch.int64, pg.tp)
-    floats = tensor_parallel.broadcast_data(["loss_mask"], data, torch.float32, pg.tp)
-    attention_mask = None
     args = get_args()
+    # Shapes from the arguments: no size round trip through the host per micro-batch.
+    mbs, seq = args.micro_batch_size, args.seq_length
+    shapes = {"tokens": (mbs, seq), "labels": (mbs, seq), "position_ids": (mbs, seq), "loss_mask": (mbs, seq),
+              "attention_mask": (mbs, 1, seq, seq)}
+    ints = tensor_parallel.broadcast_data(_INT_KEYS, data, torch.int64, pg.tp, shapes)
+    floats = tensor_parallel.broadcast_data(["loss_mask"], data, torch.float32, pg.tp, shapes)
+    attention_mask = None
     if args.reset_attention_mask:
         # Only a document mask needs to travel; a plain causal mask is implied.
-        masks = tensor_parallel.broadcast_data(["attention_mask"], data, torch.uint8, pg.tp)
+        masks = tensor_parallel.broadcast_data(["attention_mask"], data, torch.uint8, pg.tp, shapes)
         attention_mask = masks["attention_mask"].bool()
     device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
     batch = {

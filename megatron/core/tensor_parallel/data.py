@@ -53,7 +53,8 @@ def _broadcast_sizes(keys: Sequence[str], data, group, src: int, device: torch.d
 
 
 def broadcast_data(
-    keys: Sequence[str], data: Optional[Mapping[str, torch.Tensor]], datatype: torch.dtype, tp_group
+    keys: Sequence[str], data: Optional[Mapping[str, torch.Tensor]], datatype: torch.dtype, tp_group,
+    shapes: Optional[Mapping[str, Sequence[int]]] = None,
 ) -> Dict[str, torch.Tensor]:
     """Tensors ``data[key]`` of tp rank 0, delivered to every rank of ``tp_group``.
 
@@ -61,24 +62,39 @@ def broadcast_data(
     other ranks it is ignored (may be None). Returns {key: tensor} on every rank, on the
     current GPU for NCCL and on CPU for gloo. ``tp_group=None`` means one rank: the data
     is returned as is.
+
+    ``shapes`` ({key: shape}, known to every rank, e.g. [micro-batch, sequence]) skips the
+    size broadcast, whose round trip through the host would wait for all queued GPU work
+    each micro-batch; rank 0 checks its data against them. Rank 0's tensors go to the GPU
+    with ``non_blocking`` copies, asynchronous when the data loader pinned them.
     """
     if group_rank(tp_group) == 0:
         if data is None:
             raise ValueError("broadcast_data: tensor-parallel rank 0 must pass the data dict, got None")
         _check_data(keys, data, datatype)
+        if shapes is not None:
+            for key in keys:
+                if tuple(data[key].shape) != tuple(shapes[key]):
+                    raise ValueError(
+                        f"broadcast_data: {key!r} has shape {tuple(data[key].shape)}, the other ranks expect "
+                        f"{tuple(shapes[key])} (the micro-batch and sequence shape from the arguments)"
+                    )
     if group_size(tp_group) == 1:
         return {key: data[key] for key in keys}
     device = comm_device(tp_group)
     src = dist.get_global_rank(tp_group, 0)
-    shapes = _broadcast_sizes(keys, data, tp_group, src, device)
-    numels = [shape.numel() for shape in shapes]
+    if shapes is None:
+        sizes = _broadcast_sizes(keys, data, tp_group, src, device)
+    else:
+        sizes = [torch.Size(shapes[key]) for key in keys]
+    numels = [size.numel() for size in sizes]
     if group_rank(tp_group) == 0:
-        flat = torch.cat([data[key].contiguous().view(-1) for key in keys]).to(device)
+        flat = torch.cat([data[key].to(device, non_blocking=True).reshape(-1) for key in keys])
     else:
         flat = torch.empty(sum(numels), dtype=datatype, device=device)
     dist.broadcast(flat, src, group=tp_group)
     output, offset = {}, 0
-    for key, shape, numel in zip(keys, shapes, numels):
-        output[key] = flat.narrow(0, offset, numel).view(shape)
+    for key, size, numel in zip(keys, sizes, numels):
+        output[key] = flat.narrow(0, offset, numel).view(size)
         offset += numel
     return output

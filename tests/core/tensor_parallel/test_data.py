@@ -50,3 +50,24 @@ def test_single_rank_returns_the_data():
     data = _batch(0)
     out = broadcast_data(KEYS, data, torch.int64, None)
     assert all(torch.equal(out[k], data[k]) for k in KEYS)
+
+
+SHAPES = {"tokens": (2, 5), "labels": (2, 5, 1), "scalar": ()}
+
+
+def _broadcast_with_shapes_on_rank(rank, world, shapes):
+    groups = parallel_state.initialize_model_parallel(2)
+    data = _batch(0) if parallel_state.get_tensor_model_parallel_rank() == 0 else None
+    return broadcast_data(KEYS, data, torch.int64, groups.tp, shapes)
+
+
+def test_broadcast_with_known_shapes_skips_the_size_exchange():
+    for received in run_on_ranks(_broadcast_with_shapes_on_rank, 2, args=(SHAPES,)):
+        for key in KEYS:
+            assert torch.equal(received[key], _batch(0)[key]), key
+
+
+def test_known_shapes_that_do_not_match_the_data_are_refused():
+    wrong = dict(SHAPES, tokens=(2, 6))
+    with pytest.raises(ValueError, match=r"'tokens' has shape \(2, 5\), the other ranks expect \(2, 6\)"):
+        broadcast_data(KEYS, _batch(0), torch.int64, None, wrong)

@@ -52,17 +52,29 @@ class RotaryEmbedding(torch.nn.Module):
         self.inv_freq = 1.0 / (rotary_base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
         if rope_scaling:
             self.inv_freq = llama3_scaled_inv_freq(self.inv_freq, rope_scaling_factor)
+        # device -> angles of positions [0, n): built once per device and sliced, because
+        # building them copies inv_freq from host memory, which waits for queued GPU work
+        self._tables: dict = {}
 
     def forward(self, max_seq_len: int, offset: int = 0, device: Optional[torch.device] = None) -> torch.Tensor:
         if device is None:
             device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        device = torch.device(device)
+        table = self._tables.get(device)
+        if table is None or table.size(0) < offset + max_seq_len:
+            table = self._angles(offset + max_seq_len, device)
+            self._tables[device] = table
+        return table[offset:offset + max_seq_len]
+
+    def _angles(self, num_positions: int, device: torch.device) -> torch.Tensor:
+        """[num_positions, 1, 1, dim] angles of positions 0 .. num_positions-1."""
         inv_freq = self.inv_freq.to(device)
-        seq = torch.arange(max_seq_len, device=device, dtype=torch.float32) + offset
+        seq = torch.arange(num_positions, device=device, dtype=torch.float32)
         if self.seq_len_interpolation_factor is not None:
             seq = seq / self.seq_len_interpolation_factor
         freqs = torch.outer(seq, inv_freq)  # [s, dim/2]
         if self.rotary_interleaved:
-            emb = torch.stack((freqs, freqs), dim=-1).reshape(max_seq_len, -1)  # f0 f0 f1 f1 ...
+            emb = torch.stack((freqs, freqs), dim=-1).reshape(num_positions, -1)  # f0 f0 f1 f1 ...
         else:
             emb = torch.cat((freqs, freqs), dim=-1)  # f0 f1 ... f0 f1 ...
         return emb[:, None, None, :]
