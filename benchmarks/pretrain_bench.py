@@ -4,6 +4,7 @@
     python benchmarks/pretrain_bench.py --configs llama-1.6b --recompute full --mbs 4 --gbs 64
     python benchmarks/pretrain_bench.py --configs llama3-8b --nproc 8 --tp 2 --distributed-optimizer --overlap
     python benchmarks/pretrain_bench.py --configs tiny --cpu          # whole driver on CPU, seconds
+    python benchmarks/pretrain_bench.py --configs gpt-350m --profile  # + where the GPU time goes
 
 For each configuration this launches ``pretrain_gpt.py`` (plain ``python`` for one process,
 ``torchrun`` for more) on mock data, reads Megatron's iteration log lines, drops the first
@@ -11,6 +12,11 @@ For each configuration this launches ``pretrain_gpt.py`` (plain ``python`` for o
 MFU against the dense bf16 peak, peak memory and the backends the run logged. FLOPs are the
 ones the log line uses (megatron/training/flops.py); the driver computes them exactly from the
 same flags, so a CPU run, whose log rounds its TFLOP/s to 0.0, still gets a real figure.
+
+With ``--profile`` each run also profiles two iterations with torch.profiler (or the ones
+``--profile-steps S:E`` names) and the report ends with the device-time breakdown each run
+logged; the profiled iterations and the one after them (which writes the trace) are left out of
+the timing averages.
 """
 
 from __future__ import annotations
@@ -139,6 +145,14 @@ def pretrain_flags(cfg: BenchConfig, layout: Layout, seq: int, mbs: int, gbs: in
     return flags + layout.flags() + list(extra)
 
 
+def profile_flags(steps: Sequence[int], trace_dir: Path) -> List[str]:
+    """pretrain_gpt.py flags that profile iterations ``steps`` = (first, last) with torch.profiler,
+    writing the trace and the breakdown JSON to ``trace_dir``."""
+    first, last = steps
+    return ["--profile", "--use-pytorch-profiler", "--profile-step-start", str(first),
+            "--profile-step-end", str(last), "--tensorboard-dir", str(trace_dir)]
+
+
 def launch_command(nproc: int, flags: Sequence[str]) -> List[str]:
     script = str(REPO / "pretrain_gpt.py")
     if nproc == 1:
@@ -174,6 +188,8 @@ _MEMORY = re.compile(
     r"max allocated: ([0-9.]+) \| reserved: ([0-9.]+) \| max reserved: ([0-9.]+)")
 _LOGGER_MESSAGE = re.compile(r"\] INFO [\w.]+: (.*)$")
 _BACKEND_WORDS = re.compile(r"backend|fused|fusion|kernel|compile", re.IGNORECASE)
+# The profiler's summary line and breakdown block (megatron/training/profiling.py).
+_PROFILE = re.compile(r"\[Rank \d+\] profile( of iterations \d+-\d+:| \|)")
 
 
 @dataclass
@@ -200,6 +216,7 @@ class ParsedLog:
     max_allocated_mb: Optional[float] = None
     max_reserved_mb: Optional[float] = None
     backends: List[str] = field(default_factory=list)
+    profile: List[str] = field(default_factory=list)
 
 
 def parse_log(text: str) -> ParsedLog:
@@ -214,20 +231,27 @@ def parse_log(text: str) -> ParsedLog:
             out.max_allocated_mb = max(out.max_allocated_mb or 0.0, float(mem.group(4)))
             out.max_reserved_mb = max(out.max_reserved_mb or 0.0, float(mem.group(6)))
             continue
+        prof = _PROFILE.search(raw)
+        if prof:
+            out.profile.append(raw[prof.start():].rstrip())
+            continue
         msg = _LOGGER_MESSAGE.search(raw)
         if msg and _BACKEND_WORDS.search(msg.group(1)) and msg.group(1) not in out.backends:
             out.backends.append(msg.group(1).strip())
     return out
 
 
-def steady_state(lines: Sequence[IterationLine], warmup: int):
+def steady_state(lines: Sequence[IterationLine], warmup: int, exclude: Optional[Sequence[int]] = None):
     """(mean ms/iter, mean logged TFLOP/s, iterations measured) over the iterations after the
     first ``warmup``. A line reports the mean of the iterations since the previous line, so
-    only lines whose whole interval lies past the warmup count, weighted by interval length."""
+    only lines whose whole interval lies past the warmup count, weighted by interval length.
+    ``exclude`` = (first, last) drops, in the same way, every line whose interval contains one
+    of those iterations (the profiled ones, which the profiler slows down)."""
     total_ms, total_iters, tflops_weighted, tflops_iters, previous = 0.0, 0, 0.0, 0, 0
     for line in lines:
         span = line.iteration - previous
-        if previous >= warmup and span > 0:
+        overlaps = exclude is not None and previous < exclude[1] and line.iteration >= exclude[0]
+        if previous >= warmup and span > 0 and not overlaps:
             total_ms += line.ms_per_iter * span
             total_iters += span
             if line.tflops is not None:
@@ -264,6 +288,7 @@ class Row:
     max_reserved_gb: Optional[float] = None
     backends: str = "default"
     final_loss: Optional[float] = None
+    profile: List[str] = field(default_factory=list)
     log_file: str = ""
     command: List[str] = field(default_factory=list)
 
@@ -280,9 +305,10 @@ def describe_layout(layout: Layout) -> str:
     return " ".join(parts)
 
 
-def fill_row(row: Row, log_text: str, flops: float, warmup: int) -> Row:
+def fill_row(row: Row, log_text: str, flops: float, warmup: int, exclude: Optional[Sequence[int]] = None) -> Row:
     parsed = parse_log(log_text)
-    ms, tflops_logged, measured = steady_state(parsed.lines, warmup)
+    ms, tflops_logged, measured = steady_state(parsed.lines, warmup, exclude)
+    row.profile = parsed.profile
     if parsed.lines:
         row.final_loss = parsed.lines[-1].loss
     if parsed.backends:
@@ -291,7 +317,8 @@ def fill_row(row: Row, log_text: str, flops: float, warmup: int) -> Row:
         row.max_allocated_gb = parsed.max_allocated_mb / 1024.0
         row.max_reserved_gb = parsed.max_reserved_mb / 1024.0
     if ms is None or ms <= 0:
-        row.status = row.status if row.status != "ok" else f"no iteration lines past warmup {warmup}"
+        outside = f" outside the profiled iterations {exclude[0]}-{exclude[1]}" if exclude else ""
+        row.status = row.status if row.status != "ok" else f"no iteration lines past warmup {warmup}{outside}"
         return row
     seconds = ms / 1000.0
     row.iters_measured, row.ms_per_iter, row.tflops_logged = measured, ms, tflops_logged
@@ -314,7 +341,10 @@ def run_one(name: str, opts) -> Row:
     try:
         per_step = mbs * layout.dp  # a global batch is a whole number of micro-batches per DP rank
         gbs = opts.gbs or -(-cfg.gbs // per_step) * per_step
-        flags = pretrain_flags(cfg, layout, seq, mbs, gbs, opts.iters, opts.log_interval, opts.cpu, shlex.split(opts.extra))
+        extra = shlex.split(opts.extra)
+        if opts.profile_steps:  # before --extra, so raw flags still win
+            extra = profile_flags(opts.profile_steps, Path(opts.log_dir) / f"profile_{name}") + extra
+        flags = pretrain_flags(cfg, layout, seq, mbs, gbs, opts.iters, opts.log_interval, opts.cpu, extra)
         flops, seq, gbs = run_shape(flags, nproc)
         cmd = launch_command(nproc, flags)
         row = Row(name, describe_layout(layout), seq, mbs, gbs, nproc, log_file=str(log_path), command=cmd)
@@ -327,7 +357,9 @@ def run_one(name: str, opts) -> Row:
     if rc != 0:
         row.status = f"exit code {rc}: see {log_path}"
         print("\n".join(text.splitlines()[-15:]), file=sys.stderr)
-    return fill_row(row, text, flops, opts.warmup)
+    # The iteration after the window is out too: it carries the writing of the trace.
+    exclude = None if opts.profile_steps is None else (opts.profile_steps[0], opts.profile_steps[1] + 1)
+    return fill_row(row, text, flops, opts.warmup, exclude)
 
 
 def _stream(cmd: Sequence[str], log_path: Path, quiet: bool):
@@ -419,6 +451,13 @@ def parse_cli(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--json", default=None, help="write the environment and rows to this JSON file")
     p.add_argument("--log-dir", default=None, help="where each run's full log goes (default: a temporary directory)")
     p.add_argument("--quiet", action="store_true", help="do not echo the runs' iteration lines")
+    p.add_argument("--profile", action="store_true",
+                   help="profile iterations warmup+2 and warmup+3 with torch.profiler, print where the device "
+                        "time goes, and leave them and the next one (trace writing) out of the averages; trace in "
+                        "<log dir>/profile_<config>")
+    p.add_argument("--profile-steps", default=None, metavar="S:E",
+                   help="profile iterations S to E (1-based, inclusive) instead of warmup+2 to warmup+3; "
+                        "implies --profile")
     opts = p.parse_args(argv)
     small = opts.cpu
     opts.iters = opts.iters or (6 if small else 30)
@@ -426,6 +465,7 @@ def parse_cli(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     opts.log_interval = opts.log_interval or (1 if small else 5)
     if opts.warmup >= opts.iters:
         p.error(f"--warmup {opts.warmup} leaves nothing to measure out of --iters {opts.iters}; lower --warmup")
+    opts.profile_steps = _profile_steps(p, opts)
     names = SINGLE_GPU_CONFIGS if opts.configs == "all" else [n.strip() for n in opts.configs.split(",") if n.strip()]
     unknown = [n for n in names if n not in CONFIGS]
     if unknown:
@@ -434,6 +474,25 @@ def parse_cli(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     opts.log_dir = opts.log_dir or tempfile.mkdtemp(prefix="pretrain-bench-")
     Path(opts.log_dir).mkdir(parents=True, exist_ok=True)
     return opts
+
+
+def _profile_steps(p: argparse.ArgumentParser, opts) -> Optional[tuple]:
+    """(first, last) profiled iteration, or None without --profile / --profile-steps."""
+    if opts.profile_steps is None:
+        if not opts.profile:
+            return None
+        first, last = opts.warmup + 2, opts.warmup + 3
+        if last > opts.iters:
+            p.error(f"--profile profiles iterations {first}-{last} (--warmup {opts.warmup} + 2 and + 3), past "
+                    f"--iters {opts.iters}; raise --iters or pick them with --profile-steps S:E")
+        return first, last
+    match = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", opts.profile_steps)
+    if not match:
+        p.error(f"--profile-steps {opts.profile_steps!r}: expected S:E, two iteration numbers such as 12:13")
+    first, last = int(match.group(1)), int(match.group(2))
+    if not 1 <= first <= last <= opts.iters:
+        p.error(f"--profile-steps {opts.profile_steps}: need 1 <= S <= E <= --iters {opts.iters}")
+    return first, last
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -445,6 +504,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for r in rows:
         print(f"{r.config}: backends: {r.backends}")
     print(table(rows))
+    if opts.profile_steps:
+        first, last = opts.profile_steps
+        for r in rows:
+            print(f"\n== {r.config}: profile of iterations {first}-{last} (left out of the table; trace and "
+                  f"JSON in {Path(opts.log_dir) / f'profile_{r.config}'})")
+            print("\n".join(r.profile) if r.profile else "   no profile lines in the log: see " + (r.log_file or "-"))
     if opts.json:
         Path(opts.json).write_text(json.dumps({"environment": env, "peak_tflops": PEAK_TFLOPS,
                                                "rows": [asdict(r) for r in rows]}, indent=2))

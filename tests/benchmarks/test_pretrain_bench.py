@@ -119,3 +119,37 @@ def test_tiny_config_runs_end_to_end_on_cpu(tmp_path):
     assert report["environment"]["device"] == "cpu" and report["environment"]["torch"]
     last_lines = proc.stdout.strip().splitlines()[-2:]
     assert last_lines[0].split()[:3] == ["config", "layout", "seq"] and last_lines[1].startswith("tiny")
+
+
+def test_profile_flags_and_profiled_iterations_left_out(monkeypatch, tmp_path):
+    opts = bench.parse_cli(["--configs", "tiny", "--cpu", "--profile", "--log-dir", str(tmp_path)])
+    assert opts.profile_steps == (4, 5)  # warmup 2 + 2, + 3
+    assert bench.parse_cli(["--configs", "tiny", "--cpu", "--profile-steps", "3:3",
+                            "--log-dir", str(tmp_path)]).profile_steps == (3, 3)
+    for bad in (["--profile-steps", "5"], ["--profile-steps", "5:4"], ["--profile-steps", "6:7"],
+                ["--profile", "--warmup", "4"]):
+        with pytest.raises(SystemExit):
+            bench.parse_cli(["--configs", "tiny", "--cpu", "--log-dir", str(tmp_path)] + bad)
+
+    iteration = REAL_ITERATION_LINE.replace("5/       6", "{}/       6").replace("88.0", "{}")
+    log = "\n".join([iteration.format(1, "500.0"), iteration.format(2, "40.0"), iteration.format(3, "30.0"), iteration.format(4, "90.0"),
+                     ("[Rank 0] profile of iterations 4-5: kernel time 1.0 ms/iteration, attention kernels 0.2 "
+                      "ms/iteration (20.0%)"),
+                     "[Rank 0] profile | GPU busy 80.0% of wall, idle 0.2 ms/iteration",
+                     iteration.format(5, "900.0"), iteration.format(6, "7000.0"), iteration.format(7, "60.0")])
+    launched = []
+
+    def fake_stream(cmd, log_path, quiet):
+        launched.append(cmd)
+        return 0, log
+
+    monkeypatch.setattr(bench, "_stream", fake_stream)
+    row = bench.run_one("tiny", opts)
+    flags = " ".join(launched[0])
+    assert "--profile --use-pytorch-profiler --profile-step-start 4 --profile-step-end 5" in flags
+    assert f"--tensorboard-dir {tmp_path / 'profile_tiny'}" in flags
+    # Iterations 4 and 5 were profiled and 6 wrote the trace: only 3 and 7 are averaged.
+    assert (row.iters_measured, row.ms_per_iter) == (2, 45.0)
+    assert row.profile == log.splitlines()[4:6]
+    ms, _, measured = bench.steady_state(bench.parse_log(log).lines, warmup=2)
+    assert measured == 5 and ms == pytest.approx((30 + 90 + 900 + 7000 + 60) / 5)
