@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.gpu_parallel.launch import losses, run_pretrain
+from tests.gpu_parallel.launch import REFERENCE_PATH, llama_flags, losses, run_pretrain
 
 STEPS = 50
 STEP_RTOL = 0.02
@@ -34,21 +34,9 @@ TAIL_RTOL = 0.005
 MIN_FALL_NATS = 2.0
 TIMEOUT_S = 600  # the fast path compiles its fused regions on the first step
 
-MODEL = [
-    "--num-layers", "4", "--hidden-size", "512", "--num-attention-heads", "8",
-    "--group-query-attention", "--num-query-groups", "4", "--ffn-hidden-size", "1408",
-    "--swiglu", "--normalization", "RMSNorm", "--position-embedding-type", "rope",
-    "--disable-bias-linear", "--untie-embeddings-and-output-weights",
-    "--seq-length", "512", "--max-position-embeddings", "512",
-    "--tokenizer-type", "NullTokenizer", "--vocab-size", "8192", "--mock-data",
-    "--micro-batch-size", "4", "--global-batch-size", "16", "--train-iters", str(STEPS),
-    "--lr", "1e-3", "--min-lr", "1e-4", "--lr-decay-style", "cosine", "--lr-warmup-iters", "5",
-    "--hidden-dropout", "0", "--attention-dropout", "0", "--bf16",
-    "--log-interval", "1", "--eval-iters", "0", "--use-cpu-initialization",
-]
-REFERENCE_PATH = [
-    "--no-bias-swiglu-fusion", "--no-bias-dropout-fusion", "--no-rope-fusion",
-    "--no-persist-layer-norm", "--no-bias-gelu-fusion",
+MODEL = llama_flags(hidden=512, ffn=1408, seq=512, vocab=8192, mbs=4, gbs=16) + [
+    "--train-iters", str(STEPS), "--lr", "1e-3", "--min-lr", "1e-4", "--lr-decay-style", "cosine",
+    "--lr-warmup-iters", "5", "--bf16",
 ]
 VARIANTS = {
     "fast": [],

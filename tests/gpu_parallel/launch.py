@@ -29,6 +29,11 @@ REPO = Path(__file__).resolve().parents[2]
 TIMEOUT_S = 300
 TAIL_LINES = 40
 CPU_MODE_ENV = "MEGATRON_GPU_TESTS_ON_CPU"
+# The unfused reference path of every fused region (no compile time).
+REFERENCE_PATH = [
+    "--no-bias-swiglu-fusion", "--no-bias-dropout-fusion", "--no-rope-fusion",
+    "--no-persist-layer-norm", "--no-bias-gelu-fusion",
+]
 CPU_FLAGS = [("--distributed-backend", "gloo"), ("--num-workers", "0"), ("--use-cpu-initialization",)]
 _LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK")
 _LAUNCHER_PREFIXES = ("MASTER_", "SLURM_", "TORCHELASTIC_", "OMPI_", "PMI_")
@@ -36,6 +41,23 @@ _LAUNCHER_PREFIXES = ("MASTER_", "SLURM_", "TORCHELASTIC_", "OMPI_", "PMI_")
 
 class PretrainFailed(AssertionError):
     """pretrain_gpt.py exited non-zero or ran past its timeout."""
+
+
+def llama_flags(hidden: int, ffn: int, seq: int, vocab: int, mbs: int, gbs: int) -> list[str]:
+    """A 4-layer LLaMA-style GPT (8 heads in 4 query groups, SwiGLU, RMSNorm, RoPE, no
+    biases, untied embeddings) on mock data, dropout off, logging every iteration, with the
+    same initial weights for every layout (--use-cpu-initialization)."""
+    return [
+        "--num-layers", "4", "--hidden-size", str(hidden), "--num-attention-heads", "8",
+        "--group-query-attention", "--num-query-groups", "4", "--ffn-hidden-size", str(ffn),
+        "--swiglu", "--normalization", "RMSNorm", "--position-embedding-type", "rope",
+        "--disable-bias-linear", "--untie-embeddings-and-output-weights",
+        "--seq-length", str(seq), "--max-position-embeddings", str(seq),
+        "--tokenizer-type", "NullTokenizer", "--vocab-size", str(vocab), "--mock-data",
+        "--micro-batch-size", str(mbs), "--global-batch-size", str(gbs),
+        "--hidden-dropout", "0", "--attention-dropout", "0",
+        "--log-interval", "1", "--eval-iters", "0", "--use-cpu-initialization",
+    ]
 
 
 def cpu_mode() -> bool:

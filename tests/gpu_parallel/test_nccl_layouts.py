@@ -38,7 +38,7 @@ from collections.abc import Sequence
 import pytest
 import torch
 
-from tests.gpu_parallel.launch import grad_norms, losses, run_pretrain
+from tests.gpu_parallel.launch import REFERENCE_PATH, grad_norms, llama_flags, losses, run_pretrain
 
 ITERS = 10
 LOSS_RTOL = 1e-4
@@ -46,22 +46,7 @@ GRAD_NORM_RTOL = 1e-3
 GRAD_NORM_PRINT_STEP = 1e-3  # the log prints grad norms with 3 decimals
 OTHER_SEED = "1235"  # the default --seed is 1234
 
-MODEL = [
-    "--num-layers", "4", "--hidden-size", "128", "--num-attention-heads", "8",
-    "--group-query-attention", "--num-query-groups", "4", "--ffn-hidden-size", "352",
-    "--swiglu", "--normalization", "RMSNorm", "--position-embedding-type", "rope",
-    "--disable-bias-linear", "--untie-embeddings-and-output-weights",
-    "--seq-length", "128", "--max-position-embeddings", "128",
-    "--tokenizer-type", "NullTokenizer", "--vocab-size", "1024", "--mock-data",
-    "--micro-batch-size", "2", "--global-batch-size", "16", "--lr", "1e-3",
-    "--hidden-dropout", "0", "--attention-dropout", "0",
-    "--log-interval", "1", "--eval-iters", "0",
-    "--use-cpu-initialization",
-]
-REFERENCE_PATH = [
-    "--no-bias-swiglu-fusion", "--no-bias-dropout-fusion", "--no-rope-fusion",
-    "--no-persist-layer-norm", "--no-bias-gelu-fusion",
-]
+MODEL = llama_flags(hidden=128, ffn=352, seq=128, vocab=1024, mbs=2, gbs=16) + ["--lr", "1e-3"]
 MOE = ["--num-experts", "4", "--moe-router-topk", "2", "--moe-aux-loss-coeff", "0.01"]
 FP32_ENV = {"NVIDIA_TF32_OVERRIDE": "0"}
 
