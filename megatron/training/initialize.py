@@ -14,6 +14,7 @@ from megatron.core import parallel_state
 from megatron.core.num_microbatches_calculator import init_num_microbatches_calculator
 from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 from megatron.training.arguments import parse_args, validate_args
+from megatron.training.checkpointing.checkpoint_args import load_args_from_checkpoint
 from megatron.training.distributed_env import detect_distributed_env, export_env
 from megatron.training.global_vars import get_args, set_global_variables, set_timers, set_tokenizer
 from megatron.core.timers import Timers
@@ -29,6 +30,8 @@ def initialize_megatron(extra_args_provider=None, args_defaults=None, ignore_unk
     denv = detect_distributed_env()
     export_env(denv)
     args = parsed_args if parsed_args is not None else parse_args(extra_args_provider, ignore_unknown_args)
+    if getattr(args, "use_checkpoint_args", False):
+        args, _ = load_args_from_checkpoint(args)
     args = validate_args(args, args_defaults or {})
     set_global_variables(args)
     _setup_logging(args)
