@@ -497,6 +497,9 @@ def check_checkpointing(args: argparse.Namespace) -> None:
     if args.ckpt_convert_format is not None and args.ckpt_convert_save is None:
         raise invalid("--ckpt-convert-format", args.ckpt_convert_format, "needs an output directory",
                       "add --ckpt-convert-save DIR")
+    if args.ckpt_convert_format is not None and args.load is None:
+        raise invalid("--ckpt-convert-format", args.ckpt_convert_format, "converts the checkpoint under --load",
+                      "add --load DIR")
 
 
 def check_data(args: argparse.Namespace) -> None:

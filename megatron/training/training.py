@@ -18,7 +18,7 @@ from megatron.core.num_microbatches_calculator import (
 )
 from megatron.core.pipeline_parallel.schedules import get_forward_backward_func
 from megatron.core.process_groups import ProcessGroups
-from megatron.training.checkpointing import save_checkpoint, wait_for_pending_save
+from megatron.training.checkpointing import convert_checkpoint_format, save_checkpoint, wait_for_pending_save
 from megatron.training.data_iterators import build_train_valid_test_data_iterators
 from megatron.training.exit_conditions import ExitConditions
 from megatron.training.flops import num_floating_point_operations
@@ -57,6 +57,10 @@ def pretrain(train_valid_test_dataset_provider: Callable, model_provider: Callab
     pg = parallel_state.get_process_groups()
     print_rank_0(f"> time to initialize: {time.time() - start:.1f} s")
     model, optimizer, scheduler = setup_model_and_optimizer(model_provider, pg)
+    if args.ckpt_convert_format is not None:
+        target = convert_checkpoint_format(model, optimizer, scheduler, args, pg)
+        print_rank_0(f"> saved iteration {args.iteration} of {args.load} as {args.ckpt_convert_format} in {target}")
+        return
     train_it, valid_it, test_it = (
         iterators_per_chunk(it, model)
         for it in build_train_valid_test_data_iterators(train_valid_test_dataset_provider, pg)

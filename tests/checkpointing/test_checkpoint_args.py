@@ -81,3 +81,22 @@ def test_missing_load_or_checkpoint(tmp_path, caplog):
     with pytest.raises(CheckpointError, match="--exit-on-missing-checkpoint"):
         load_args_from_checkpoint(_args(["--use-checkpoint-args", "--load", str(tmp_path),
                                          "--exit-on-missing-checkpoint"]))
+
+
+def test_ckpt_convert_format_saves_the_loaded_state_in_the_other_format(saved, tmp_path):
+    """--ckpt-convert-format torch: the torch_dist checkpoint of iteration 3 is written again
+    as Megatron's torch format under <--ckpt-convert-save>/torch, and resuming from either
+    gives the same losses."""
+    out = tmp_path / "converted"
+    log = run_gpt(1, LLAMA + ["--load", str(saved), "--ckpt-convert-format", "torch",
+                              "--ckpt-convert-save", str(out)], iters=5)
+    assert losses(log) == []  # converted and exited, no training
+    assert (out / "torch" / "iter_0000003" / "mp_rank_00" / "model_optim_rng.pt").is_file()
+    assert (out / "torch" / "latest_checkpointed_iteration.txt").read_text().strip() == "3"
+    from_converted = _resume(out / "torch", LLAMA + ["--ckpt-format", "torch"])
+    assert from_converted == _resume(saved, LLAMA)
+    with pytest.raises(ValueError, match="--ckpt-convert-format.*add --load DIR"):
+        validate_args(_args(["--ckpt-convert-format", "torch", "--ckpt-convert-save", str(out), "--num-layers", "2",
+                             "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "32",
+                             "--max-position-embeddings", "32",
+                             "--micro-batch-size", "2"]), world_size=1, rank=0)

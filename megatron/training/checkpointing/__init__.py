@@ -1,6 +1,11 @@
 """Checkpoints: Megatron's directory layout and flags, crash-safe, verified, reshardable."""
 
-from megatron.training.checkpointing.api import load_checkpoint, save_checkpoint, wait_for_pending_save
+from megatron.training.checkpointing.api import (
+    convert_checkpoint_format,
+    load_checkpoint,
+    save_checkpoint,
+    wait_for_pending_save,
+)
 from megatron.training.checkpointing.directory import CheckpointError
 
-__all__ = ["CheckpointError", "load_checkpoint", "save_checkpoint", "wait_for_pending_save"]
+__all__ = ["CheckpointError", "convert_checkpoint_format", "load_checkpoint", "save_checkpoint", "wait_for_pending_save"]

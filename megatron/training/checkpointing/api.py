@@ -313,3 +313,18 @@ def _same_layout(saved: Optional[dict], args) -> bool:
     if not same:
         print_rank_0(f"  checkpoint layout {describe_layout(saved)}; this run {describe_layout(parallel_layout(args))}")
     return same
+
+
+def convert_checkpoint_format(model: List, optimizer, scheduler, args, pg: Optional[ProcessGroups] = None) -> str:
+    """--ckpt-convert-format: save the loaded state again, in that format, under
+    ``<--ckpt-convert-save>/<format>`` at the loaded iteration; returns that directory."""
+    target = os.path.join(args.ckpt_convert_save, args.ckpt_convert_format)
+    saved_root, saved_format = args.save, args.ckpt_format
+    args.save, args.ckpt_format = target, args.ckpt_convert_format
+    try:
+        save_checkpoint(args.iteration, model, optimizer, scheduler, args.num_floating_point_operations_so_far,
+                        args, pg)
+        wait_for_pending_save()
+    finally:
+        args.save, args.ckpt_format = saved_root, saved_format
+    return target
