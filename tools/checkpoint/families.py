@@ -50,7 +50,8 @@ def _gpt_core_to_hf(state_dict: Dict[str, torch.Tensor], args, hf_model_type: Op
         num_moe_experts=args.num_experts or 0, moe_layers=_moe_layers(args),
         qk_layernorm=bool(getattr(args, "qk_layernorm", False)),
     )
-    weights = megatron_to_hf(state_dict, config["model_type"], shape)
+    # experts as HF checkpoint files hold them (what save_pretrained writes, every reader loads)
+    weights = megatron_to_hf(state_dict, config["model_type"], shape, expert_layout="files")
     if shape.share_embeddings_and_output_weights:
         # transformers ties lm_head to the embedding on load and does not store it.
         weights.pop("lm_head.weight", None)

@@ -196,7 +196,7 @@ def _llama_to_megatron(sd: _Reader, shape: GPTShape) -> Dict[str, torch.Tensor]:
     return out
 
 
-def _megatron_to_llama(sd: _Reader, shape: GPTShape) -> Dict[str, torch.Tensor]:
+def _megatron_to_llama(sd: _Reader, shape: GPTShape, arch: str, expert_layout: str) -> Dict[str, torch.Tensor]:
     out = {"model.embed_tokens.weight": sd.pop("embedding.word_embeddings.weight")}
     for i in range(shape.num_layers):
         src, dst = f"decoder.layers.{i}.", f"model.layers.{i}."
@@ -214,7 +214,7 @@ def _megatron_to_llama(sd: _Reader, shape: GPTShape) -> Dict[str, torch.Tensor]:
             out[attn + "q_norm.weight"] = sd.pop(src + "self_attention.q_layernorm.weight")
             out[attn + "k_norm.weight"] = sd.pop(src + "self_attention.k_layernorm.weight")
         if shape.is_moe(i):
-            out.update(_megatron_experts_to_hf(sd, src, dst, shape.num_moe_experts))
+            out.update(_megatron_experts_to_hf(sd, src, dst, shape.num_moe_experts, arch, expert_layout))
             continue
         gate, up = torch.chunk(sd.pop(src + "mlp.linear_fc1.weight"), 2, dim=0)
         out[dst + "mlp.gate_proj.weight"] = gate.clone()
@@ -226,7 +226,10 @@ def _megatron_to_llama(sd: _Reader, shape: GPTShape) -> Dict[str, torch.Tensor]:
 
 
 def _hf_experts_to_megatron(sd: _Reader, src: str, dst: str, num_experts: int) -> Dict[str, torch.Tensor]:
-    """One MoE layer's router and experts, HF -> Megatron (SequentialMLP names)."""
+    """One MoE layer's router and experts, HF -> Megatron (SequentialMLP names). Reads the
+    three layouts HF weights come in: Mixtral's files (block_sparse_moe.experts.E.w1/w3/w2),
+    per-expert files (mlp.experts.E.gate_proj/up_proj/down_proj, as transformers 5 saves
+    Qwen3-MoE), and transformers 5's in-memory fused tensors (mlp.experts.gate_up_proj)."""
     legacy = sd.pop_optional(src + "block_sparse_moe.gate.weight")
     if legacy is not None:
         out = {dst + "mlp.router.weight": legacy}
@@ -237,7 +240,14 @@ def _hf_experts_to_megatron(sd: _Reader, src: str, dst: str, num_experts: int) -
             out[f"{dst}mlp.experts.local_experts.{e}.linear_fc2.weight"] = sd.pop(expert + "w2.weight")
         return out
     out = {dst + "mlp.router.weight": sd.pop(src + "mlp.gate.weight")}
-    gate_up = sd.pop(src + "mlp.experts.gate_up_proj")
+    gate_up = sd.pop_optional(src + "mlp.experts.gate_up_proj")
+    if gate_up is None:
+        for e in range(num_experts):
+            expert = f"{src}mlp.experts.{e}."
+            fc1 = torch.cat((sd.pop(expert + "gate_proj.weight"), sd.pop(expert + "up_proj.weight")), dim=0)
+            out[f"{dst}mlp.experts.local_experts.{e}.linear_fc1.weight"] = fc1
+            out[f"{dst}mlp.experts.local_experts.{e}.linear_fc2.weight"] = sd.pop(expert + "down_proj.weight")
+        return out
     down = sd.pop(src + "mlp.experts.down_proj")
     if gate_up.size(0) != num_experts or down.size(0) != num_experts:
         raise ValueError(f"{src}mlp.experts holds {gate_up.size(0)} experts, the config says {num_experts}")
@@ -247,14 +257,32 @@ def _hf_experts_to_megatron(sd: _Reader, src: str, dst: str, num_experts: int) -
     return out
 
 
-def _megatron_experts_to_hf(sd: _Reader, src: str, dst: str, num_experts: int) -> Dict[str, torch.Tensor]:
-    """One MoE layer's router and experts, Megatron -> HF (transformers 5 fused layout)."""
+def _megatron_experts_to_hf(sd: _Reader, src: str, dst: str, num_experts: int, arch: str,
+                            expert_layout: str) -> Dict[str, torch.Tensor]:
+    """One MoE layer's router and experts, Megatron -> HF: transformers 5's in-memory fused
+    tensors (``expert_layout="fused"``) or the per-expert files its save_pretrained writes
+    and every HF reader loads (``"files"``: Mixtral's block_sparse_moe w1/w3/w2, else
+    mlp.experts.E.gate_proj/up_proj/down_proj)."""
     experts = [f"{src}mlp.experts.local_experts.{e}." for e in range(num_experts)]
-    return {
-        dst + "mlp.gate.weight": sd.pop(src + "mlp.router.weight"),
-        dst + "mlp.experts.gate_up_proj": torch.stack([sd.pop(x + "linear_fc1.weight") for x in experts]),
-        dst + "mlp.experts.down_proj": torch.stack([sd.pop(x + "linear_fc2.weight") for x in experts]),
-    }
+    router = sd.pop(src + "mlp.router.weight")
+    if expert_layout == "fused":
+        return {
+            dst + "mlp.gate.weight": router,
+            dst + "mlp.experts.gate_up_proj": torch.stack([sd.pop(x + "linear_fc1.weight") for x in experts]),
+            dst + "mlp.experts.down_proj": torch.stack([sd.pop(x + "linear_fc2.weight") for x in experts]),
+        }
+    if expert_layout != "files":
+        raise ValueError(f"expert_layout must be 'fused' or 'files', got {expert_layout!r}")
+    mixtral = arch == "mixtral"
+    out = {dst + ("block_sparse_moe.gate.weight" if mixtral else "mlp.gate.weight"): router}
+    names = ("w1", "w3", "w2") if mixtral else ("gate_proj", "up_proj", "down_proj")
+    for e, x in enumerate(experts):
+        prefix = f"{dst}block_sparse_moe.experts.{e}." if mixtral else f"{dst}mlp.experts.{e}."
+        gate, up = torch.chunk(sd.pop(x + "linear_fc1.weight"), 2, dim=0)
+        out[prefix + names[0] + ".weight"] = gate.clone()
+        out[prefix + names[1] + ".weight"] = up.clone()
+        out[prefix + names[2] + ".weight"] = sd.pop(x + "linear_fc2.weight")
+    return out
 
 
 def hf_to_megatron(hf_state_dict: Dict[str, torch.Tensor], arch: str, shape: GPTShape) -> Dict[str, torch.Tensor]:
@@ -269,11 +297,15 @@ def hf_to_megatron(hf_state_dict: Dict[str, torch.Tensor], arch: str, shape: GPT
     return out
 
 
-def megatron_to_hf(state_dict: Dict[str, torch.Tensor], arch: str, shape: GPTShape) -> Dict[str, torch.Tensor]:
-    """GPTModel state dict at TP=1 -> HF state dict (with ``lm_head.weight`` also when tied)."""
+def megatron_to_hf(state_dict: Dict[str, torch.Tensor], arch: str, shape: GPTShape,
+                   expert_layout: str = "fused") -> Dict[str, torch.Tensor]:
+    """GPTModel state dict at TP=1 -> HF state dict (with ``lm_head.weight`` also when tied).
+    ``expert_layout``: MoE experts as transformers' in-memory fused tensors ("fused", what
+    ``model.state_dict()`` holds) or as the per-expert tensors of HF checkpoint files ("files")."""
     _check_arch(arch)
     reader = _Reader({k: v for k, v in state_dict.items() if not k.endswith("._extra_state")})
-    out = _megatron_to_gpt2(reader, shape) if arch == "gpt2" else _megatron_to_llama(reader, shape)
+    out = (_megatron_to_gpt2(reader, shape) if arch == "gpt2"
+           else _megatron_to_llama(reader, shape, arch, expert_layout))
     reader.finish()
     return out
 
