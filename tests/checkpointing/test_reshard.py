@@ -32,6 +32,10 @@ RINGS = {
     # query attention, then TP 2 -> 1. bf16 rounds each layout's partial sums differently.
     "dp_distopt_swiglu_gqa_bf16": (["--bf16", "--swiglu", "--group-query-attention", "--num-query-groups", "2"],
                                    [(1, []), (2, DIST_OPT), (2, TP2)], 1e-4),
+    # MoE: EP 1 -> 2 (each rank holds half the experts under their global numbers), then
+    # EP 2 -> DP 2 with the distributed optimizer (every rank all experts), then back to 1.
+    "moe_ep_distopt_fp32": (["--num-experts", "4", "--moe-router-topk", "2"],
+                            [(1, []), (2, ["--expert-model-parallel-size", "2"]), (2, DIST_OPT)], 1e-5),
 }
 
 Ring = Tuple[List[CkptRun], float]
