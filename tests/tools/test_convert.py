@@ -123,6 +123,32 @@ def test_reshard_torch_format_tp1_to_tp2_and_back(tmp_path):
     assert abs(tp1_loss - tp2_loss) < 1e-4 * max(1.0, abs(tp1_loss))
 
 
+@pytest.mark.parametrize(
+    "target, run_flags, rank_dirs, common",
+    [
+        (["--target-pipeline-parallel-size", "2"], ["--pipeline-model-parallel-size", "2"],
+         ["mp_rank_00_000", "mp_rank_00_001"], []),
+        (["--target-expert-parallel-size", "2"], ["--expert-model-parallel-size", "2"],
+         ["mp_rank_00_000", "mp_rank_00_001"], ["--num-experts", "4", "--moe-router-topk", "2"]),
+    ],
+    ids=["pp2", "moe-ep2"],
+)
+def test_reshard_torch_format_to_pipeline_and_expert_parallel(tmp_path, target, run_flags, rank_dirs, common):
+    """PP and EP targets: Megatron's rank directories (mp_rank_TT_PPP, or _EEE for experts),
+    and a run in the target layout loads them with the source's first loss."""
+    from tests.training.gpt_runs import losses, run_gpt
+
+    src, out = str(tmp_path / "src"), str(tmp_path / "out")
+    run_gpt(1, common + ["--save", src, "--save-interval", "3", "--ckpt-format", "torch"], iters=3)
+    _convert("--load-dir", src, "--save-dir", out, "--saver-ckpt-format", "torch", *target)
+    files = sorted(glob.glob(os.path.join(out, "iter_0000003", "mp_rank_*", "model_optim_rng.pt")))
+    assert [os.path.basename(os.path.dirname(f)) for f in files] == rank_dirs
+    resume = common + ["--no-load-optim", "--no-load-rng", "--ckpt-format", "torch"]
+    first = losses(run_gpt(1, ["--load", src] + resume, iters=4))[0]
+    converted = losses(run_gpt(2, ["--load", out] + run_flags + resume, iters=4))[0]
+    assert abs(first - converted) < 1e-4 * max(1.0, abs(first))
+
+
 def test_bad_inputs_give_clear_errors(tmp_path, capsys):
     with pytest.raises(SystemExit):
         convert.main(["--model-type", "GPT", "--save-dir", str(tmp_path / "x")])
