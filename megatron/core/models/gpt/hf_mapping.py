@@ -225,35 +225,34 @@ def _megatron_to_llama(sd: _Reader, shape: GPTShape, arch: str, expert_layout: s
     return out
 
 
+# HF per-expert file layouts: (router key, expert prefix, (gate, up, down) names) after the layer prefix.
+_MIXTRAL_EXPERT_FILES = ("block_sparse_moe.gate.weight", "block_sparse_moe.experts.{}.", ("w1", "w3", "w2"))
+_EXPERT_FILES = ("mlp.gate.weight", "mlp.experts.{}.", ("gate_proj", "up_proj", "down_proj"))
+
+
 def _hf_experts_to_megatron(sd: _Reader, src: str, dst: str, num_experts: int) -> Dict[str, torch.Tensor]:
     """One MoE layer's router and experts, HF -> Megatron (SequentialMLP names). Reads the
     three layouts HF weights come in: Mixtral's files (block_sparse_moe.experts.E.w1/w3/w2),
     per-expert files (mlp.experts.E.gate_proj/up_proj/down_proj, as transformers 5 saves
     Qwen3-MoE), and transformers 5's in-memory fused tensors (mlp.experts.gate_up_proj)."""
-    legacy = sd.pop_optional(src + "block_sparse_moe.gate.weight")
-    if legacy is not None:
-        out = {dst + "mlp.router.weight": legacy}
+    fused = src + "mlp.experts.gate_up_proj"
+    if fused in sd.remaining:
+        out = {dst + "mlp.router.weight": sd.pop(src + "mlp.gate.weight")}
+        gate_up, down = sd.pop(fused), sd.pop(src + "mlp.experts.down_proj")
+        if gate_up.size(0) != num_experts or down.size(0) != num_experts:
+            raise ValueError(f"{src}mlp.experts holds {gate_up.size(0)} experts, the config says {num_experts}")
         for e in range(num_experts):
-            expert = f"{src}block_sparse_moe.experts.{e}."
-            fc1 = torch.cat((sd.pop(expert + "w1.weight"), sd.pop(expert + "w3.weight")), dim=0)
-            out[f"{dst}mlp.experts.local_experts.{e}.linear_fc1.weight"] = fc1
-            out[f"{dst}mlp.experts.local_experts.{e}.linear_fc2.weight"] = sd.pop(expert + "w2.weight")
+            out[f"{dst}mlp.experts.local_experts.{e}.linear_fc1.weight"] = gate_up[e].clone()
+            out[f"{dst}mlp.experts.local_experts.{e}.linear_fc2.weight"] = down[e].clone()
         return out
-    out = {dst + "mlp.router.weight": sd.pop(src + "mlp.gate.weight")}
-    gate_up = sd.pop_optional(src + "mlp.experts.gate_up_proj")
-    if gate_up is None:
-        for e in range(num_experts):
-            expert = f"{src}mlp.experts.{e}."
-            fc1 = torch.cat((sd.pop(expert + "gate_proj.weight"), sd.pop(expert + "up_proj.weight")), dim=0)
-            out[f"{dst}mlp.experts.local_experts.{e}.linear_fc1.weight"] = fc1
-            out[f"{dst}mlp.experts.local_experts.{e}.linear_fc2.weight"] = sd.pop(expert + "down_proj.weight")
-        return out
-    down = sd.pop(src + "mlp.experts.down_proj")
-    if gate_up.size(0) != num_experts or down.size(0) != num_experts:
-        raise ValueError(f"{src}mlp.experts holds {gate_up.size(0)} experts, the config says {num_experts}")
+    mixtral = src + _MIXTRAL_EXPERT_FILES[0] in sd.remaining
+    router, expert, (gate, up, down) = _MIXTRAL_EXPERT_FILES if mixtral else _EXPERT_FILES
+    out = {dst + "mlp.router.weight": sd.pop(src + router)}
     for e in range(num_experts):
-        out[f"{dst}mlp.experts.local_experts.{e}.linear_fc1.weight"] = gate_up[e].clone()
-        out[f"{dst}mlp.experts.local_experts.{e}.linear_fc2.weight"] = down[e].clone()
+        prefix = src + expert.format(e)
+        fc1 = torch.cat((sd.pop(f"{prefix}{gate}.weight"), sd.pop(f"{prefix}{up}.weight")), dim=0)
+        out[f"{dst}mlp.experts.local_experts.{e}.linear_fc1.weight"] = fc1
+        out[f"{dst}mlp.experts.local_experts.{e}.linear_fc2.weight"] = sd.pop(f"{prefix}{down}.weight")
     return out
 
 
@@ -273,11 +272,10 @@ def _megatron_experts_to_hf(sd: _Reader, src: str, dst: str, num_experts: int, a
         }
     if expert_layout != "files":
         raise ValueError(f"expert_layout must be 'fused' or 'files', got {expert_layout!r}")
-    mixtral = arch == "mixtral"
-    out = {dst + ("block_sparse_moe.gate.weight" if mixtral else "mlp.gate.weight"): router}
-    names = ("w1", "w3", "w2") if mixtral else ("gate_proj", "up_proj", "down_proj")
+    router_key, expert, names = _MIXTRAL_EXPERT_FILES if arch == "mixtral" else _EXPERT_FILES
+    out = {dst + router_key: router}
     for e, x in enumerate(experts):
-        prefix = f"{dst}block_sparse_moe.experts.{e}." if mixtral else f"{dst}mlp.experts.{e}."
+        prefix = dst + expert.format(e)
         gate, up = torch.chunk(sd.pop(x + "linear_fc1.weight"), 2, dim=0)
         out[prefix + names[0] + ".weight"] = gate.clone()
         out[prefix + names[1] + ".weight"] = up.clone()
