@@ -19,6 +19,7 @@ from megatron.training import get_args, get_tokenizer, pretrain, print_rank_0
 from megatron.training.config_from_args import core_transformer_config_from_args
 from megatron.training.data_iterators import is_dataset_built_on_rank as _built_on
 from megatron.training.datasets.blend_args import get_blend_and_blend_per_split
+from megatron.training.initialize import shutdown_megatron
 from megatron.training.derived_args import DEFAULT_SPLIT
 
 
@@ -147,3 +148,4 @@ def train_valid_test_datasets_provider(train_val_test_num_samples):
 
 if __name__ == "__main__":
     pretrain(train_valid_test_datasets_provider, model_provider, ModelType.encoder_or_decoder, forward_step)
+    shutdown_megatron()

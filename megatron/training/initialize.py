@@ -134,3 +134,14 @@ def set_random_seed(seed: int, data_parallel_random_init: bool = False) -> None:
         ep_rank=groups.rank("ep"),
         etp_rank=groups.rank("expt_tp"),
     )
+
+
+def shutdown_megatron() -> None:
+    """End a script's run: every rank reaches this point, then the parallel groups and the
+    default process group are destroyed. Left to interpreter exit, gloo's worker threads
+    can be torn down while still joinable, which aborts the process (status 134) after a
+    run that otherwise succeeded."""
+    parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
