@@ -30,7 +30,7 @@ ATTENTION_KERNEL_MARKERS = ("sdpa", "flash", "fmha", "attention")
 # fused ops (_to_copy). Extend by adding fragments or categories here.
 KERNEL_CATEGORIES: Tuple[Tuple[str, Tuple[str, ...]], ...] = (
     ("communication", ("nccl",)),
-    ("attention", ("sdpa", "flash", "fmha", "attention", "attn", "cudnn")),
+    ("attention", ATTENTION_KERNEL_MARKERS + ("attn", "cudnn")),
     ("gemm", ("gemm", "xmma", "cutlass", "sm90_", "sm80_", "cublas", "ampere_", "nvjet", "gemv", "matmul")),
     ("optimizer", ("multi_tensor", "foreach", "adam")),
     ("softmax/cross-entropy", ("log_softmax", "softmax", "nll", "cross_entropy")),

@@ -201,16 +201,13 @@ class _ColumnParallelMatmul(torch.autograd.Function):
         input_, weight = ctx.saved_tensors
         group = ctx.group
         grad_output = grad_output.contiguous()
-        gather_work = None
-        total_input = input_
+        total_input, gather_work = input_, None
         if ctx.sequence_parallel and ctx.needs_input_grad[1]:
             total_input, gather_work = all_gather_first_dim_async(input_, group)  # runs during dgrad
         grad_input = reduce_work = None
         if ctx.needs_input_grad[0]:
             grad_input = grad_output.matmul(weight)
             if ctx.sequence_parallel:
-                _wait(gather_work)
-                gather_work = None
                 grad_input, reduce_work = reduce_scatter_first_dim_async(grad_input, group)
             elif group_size(group) > 1:
                 reduce_work = dist.all_reduce(grad_input, group=group, async_op=True)
