@@ -26,9 +26,11 @@ import json
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
@@ -353,8 +355,10 @@ def run_one(name: str, opts) -> Row:
         return Row(name, f"tp{layout.tp} pp{layout.pp} cp{layout.cp} nproc{nproc}", seq, mbs, opts.gbs or cfg.gbs,
                    nproc, status=f"invalid: {err}")
     print(f"== {name}: {row.layout}, seq {seq}, mbs {mbs}, gbs {gbs}  (log: {log_path})", flush=True)
-    rc, text = _stream(cmd, log_path, opts.quiet)
-    if rc != 0:
+    rc, text = _stream(cmd, log_path, opts.quiet, opts.timeout)
+    if rc == TIMED_OUT:
+        row.status = f"stopped after --timeout {opts.timeout:g} s: see {log_path}"
+    elif rc != 0:
         row.status = f"exit code {rc}: see {log_path}"
         print("\n".join(text.splitlines()[-15:]), file=sys.stderr)
     # The iteration after the window is out too: it carries the writing of the trace.
@@ -362,18 +366,34 @@ def run_one(name: str, opts) -> Row:
     return fill_row(row, text, flops, opts.warmup, exclude)
 
 
-def _stream(cmd: Sequence[str], log_path: Path, quiet: bool):
-    """Run ``cmd`` from the repository root, saving its output and echoing iteration lines."""
+TIMED_OUT = "timed out"
+
+
+def _stream(cmd: Sequence[str], log_path: Path, quiet: bool, timeout: Optional[float] = None):
+    """Run ``cmd`` from the repository root, saving its output and echoing iteration lines.
+    Returns (exit code, output); the code is TIMED_OUT when the run outlived ``timeout``
+    seconds, and then its whole process group (torchrun and every worker) was killed, so
+    the GPUs are free for the next run and the lines logged so far are still measured."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
     chunks = []
     with open(log_path, "w") as log, subprocess.Popen(
-            cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1) as proc:
-        for raw in proc.stdout:
-            log.write(raw)
-            chunks.append(raw)
-            if not quiet and (_ITERATION.search(raw) or _MEMORY.search(raw) or "Error" in raw):
-                print("   " + raw.rstrip()[:220], flush=True)
-    return proc.returncode, "".join(chunks)
+            cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+            start_new_session=True) as proc:
+        timer = threading.Timer(timeout, os.killpg, (proc.pid, signal.SIGKILL)) if timeout else None
+        if timer is not None:
+            timer.start()
+        try:
+            for raw in proc.stdout:
+                log.write(raw)
+                chunks.append(raw)
+                if not quiet and (_ITERATION.search(raw) or _MEMORY.search(raw) or "Error" in raw):
+                    print("   " + raw.rstrip()[:220], flush=True)
+        finally:
+            if timer is not None:
+                timer.cancel()
+    # A killed group ends with -SIGKILL; a run that finished just before the timer is not "timed out".
+    timed_out = timer is not None and not timer.is_alive() and proc.returncode == -signal.SIGKILL
+    return (TIMED_OUT if timed_out else proc.returncode), "".join(chunks)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -451,6 +471,9 @@ def parse_cli(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--json", default=None, help="write the environment and rows to this JSON file")
     p.add_argument("--log-dir", default=None, help="where each run's full log goes (default: a temporary directory)")
     p.add_argument("--quiet", action="store_true", help="do not echo the runs' iteration lines")
+    p.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+                   help="stop a run (its whole process group) after this many seconds; the iterations it "
+                        "logged past the warmup are still measured and its status says it was stopped")
     p.add_argument("--profile", action="store_true",
                    help="profile iterations warmup+2 and warmup+3 with torch.profiler, print where the device "
                         "time goes, and leave them and the next one (trace writing) out of the averages; trace in "

@@ -7,6 +7,7 @@ import importlib.util
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -139,7 +140,7 @@ def test_profile_flags_and_profiled_iterations_left_out(monkeypatch, tmp_path):
                      iteration.format(5, "900.0"), iteration.format(6, "7000.0"), iteration.format(7, "60.0")])
     launched = []
 
-    def fake_stream(cmd, log_path, quiet):
+    def fake_stream(cmd, log_path, quiet, timeout=None):
         launched.append(cmd)
         return 0, log
 
@@ -153,3 +154,28 @@ def test_profile_flags_and_profiled_iterations_left_out(monkeypatch, tmp_path):
     assert row.profile == log.splitlines()[4:6]
     ms, _, measured = bench.steady_state(bench.parse_log(log).lines, warmup=2)
     assert measured == 5 and ms == pytest.approx((30 + 90 + 900 + 7000 + 60) / 5)
+
+
+def test_timeout_kills_the_whole_run_and_keeps_its_output(tmp_path):
+    """--timeout: a run that outlives it is stopped with its children (a torchrun's workers
+    would otherwise hold the GPUs), reports TIMED_OUT and keeps the lines it logged."""
+    pid_file = tmp_path / "child.pid"
+    script = ("import subprocess, sys, time\n"
+              "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+              f"open({str(pid_file)!r}, 'w').write(str(child.pid))\n"
+              "print('iteration line before the timeout', flush=True)\n"
+              "time.sleep(60)\n")
+    start = time.monotonic()
+    rc, text = bench._stream([sys.executable, "-c", script], tmp_path / "run.log", quiet=True, timeout=3)
+    assert rc == bench.TIMED_OUT
+    assert time.monotonic() - start < 30
+    assert "iteration line before the timeout" in text
+    child = int(pid_file.read_text())
+    for _ in range(50):  # the kernel reaps the orphaned child shortly after the kill
+        if not Path(f"/proc/{child}").exists() or "Z" in Path(f"/proc/{child}/stat").read_text().split()[2]:
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError(f"child process {child} of the timed-out run is still alive")
+    rc, text = bench._stream([sys.executable, "-c", "print('done')"], tmp_path / "ok.log", quiet=True, timeout=30)
+    assert (rc, text.strip()) == (0, "done")
