@@ -4,10 +4,14 @@
 #   dp  gpt-1.7b, seq 4096: one GPU vs data parallel over all GPUs with the distributed
 #       optimizer and overlapped reduce-scatter / all-gather (weak scaling: 16 micro-batches
 #       of 2 per GPU per step)
-#   tp  llama-1.6b, seq 4096: one GPU vs TP=NGPU with sequence parallelism, without and with
-#       --tp-comm-overlap, and with CUDA_DEVICE_MAX_CONNECTIONS=1
-#   8b  Llama-3-8B shape, seq 8192, over all GPUs: the layouts that fit
-# Usage: bash benchmarks/scaling_bench.sh dp tp      (ITERS / WARMUP override the run length)
+#   tp  llama-1.6b, seq 4096, no recompute: one GPU vs TP = each of TP_SIZES (default: all
+#       GPUs) with sequence parallelism, plain and with --tp-comm-overlap and
+#       CUDA_DEVICE_MAX_CONNECTIONS=1; a TP group smaller than the GPUs runs on that many
+#   8b  Llama-3-8B shape, seq 8192, micro-batch 1, GBS_8B (16) sequences per step, over all
+#       GPUs: the layouts LAYOUTS_8B names (default: all of dp dp-block8 dp-full tp2 tp2-overlap
+#       tpall pp2)
+# Usage: bash benchmarks/scaling_bench.sh dp tp      (ITERS / WARMUP override the run length,
+#        RUN_TIMEOUT stops one run after that many seconds, keeping what it measured)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 PYTHONUNBUFFERED=1
@@ -23,7 +27,7 @@ bench() {  # bench NAME pretrain_bench-args...
   local name=$1; shift
   echo "== $name"
   if ! python3 benchmarks/pretrain_bench.py --quiet --iters "$ITERS" --warmup "$WARMUP" --log-interval 1 \
-      --json "$OUTDIR/$name.json" --log-dir "$OUTDIR/logs_$name" "$@" > "$OUTDIR/$name.txt" 2>&1; then
+      ${RUN_TIMEOUT:+--timeout "$RUN_TIMEOUT"} --json "$OUTDIR/$name.json" --log-dir "$OUTDIR/logs_$name" "$@" > "$OUTDIR/$name.txt" 2>&1; then
     status=1
     tail -n 4 "$OUTDIR"/logs_"$name"/* 2>/dev/null | cut -c1-300
   fi
@@ -38,17 +42,38 @@ for section in "$@"; do
       ;;
     tp)
       bench llama16b-1gpu --configs llama-1.6b --nproc 1 --recompute none
-      bench llama16b-tp$NGPU --configs llama-1.6b --nproc "$NGPU" --tp "$NGPU" --recompute none
-      bench llama16b-tp$NGPU-commoverlap --configs llama-1.6b --nproc "$NGPU" --tp "$NGPU" --recompute none \
-        --extra="--tp-comm-overlap"
-      CUDA_DEVICE_MAX_CONNECTIONS=1 bench llama16b-tp$NGPU-commoverlap-1conn --configs llama-1.6b \
-        --nproc "$NGPU" --tp "$NGPU" --recompute none --extra="--tp-comm-overlap"
+      for tp in ${TP_SIZES:-$NGPU}; do
+        bench llama16b-tp$tp --configs llama-1.6b --nproc "$tp" --tp "$tp" --recompute none
+        CUDA_DEVICE_MAX_CONNECTIONS=1 bench llama16b-tp$tp-commoverlap-1conn --configs llama-1.6b \
+          --nproc "$tp" --tp "$tp" --recompute none --extra="--tp-comm-overlap"
+      done
       ;;
     8b)
-      bench llama3-8b-tp$NGPU-selective --configs llama3-8b --nproc "$NGPU" --tp "$NGPU" --gbs 16 \
-        --recompute selective --extra="--tp-comm-overlap"
-      bench llama3-8b-dp$NGPU-distopt-full --configs llama3-8b --nproc "$NGPU" --gbs 16 \
-        --distributed-optimizer --overlap --recompute full
+      # Model state alone is ~16 bytes/parameter before sharding: the layouts shard it with the
+      # distributed optimizer (DP), tensor or pipeline parallelism; expandable segments keep
+      # the allocator from fragmenting the last few GB.
+      B8=(--configs llama3-8b --nproc "$NGPU" --gbs "${GBS_8B:-16}" --mbs 1)
+      DISTOPT=(--distributed-optimizer --overlap)
+      BLOCK8="--recompute-granularity full --recompute-method block --recompute-num-layers 8"
+      for layout in ${LAYOUTS_8B:-dp dp-block8 dp-full tp2 tp2-overlap tpall pp2}; do
+        case $layout in
+          dp) PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True bench llama3-8b-dp$NGPU-distopt "${B8[@]}" \
+                "${DISTOPT[@]}" --recompute none ;;
+          dp-block8) PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True bench llama3-8b-dp$NGPU-distopt-block8 \
+                "${B8[@]}" "${DISTOPT[@]}" --recompute none --extra="$BLOCK8" ;;
+          dp-full) bench llama3-8b-dp$NGPU-distopt-full "${B8[@]}" "${DISTOPT[@]}" --recompute full ;;
+          tp2) PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True bench llama3-8b-tp2dp$((NGPU / 2))-distopt \
+                "${B8[@]}" --tp 2 "${DISTOPT[@]}" --recompute none ;;
+          tp2-overlap) CUDA_DEVICE_MAX_CONNECTIONS=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True \
+                bench llama3-8b-tp2dp$((NGPU / 2))-distopt-commoverlap "${B8[@]}" --tp 2 "${DISTOPT[@]}" \
+                --recompute none --extra="--tp-comm-overlap" ;;
+          tpall) PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True bench llama3-8b-tp$NGPU "${B8[@]}" \
+                --tp "$NGPU" --recompute none ;;
+          pp2) PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True bench llama3-8b-pp2dp$((NGPU / 2))-distopt \
+                "${B8[@]}" --pp 2 "${DISTOPT[@]}" --recompute none ;;
+          *) echo "unknown LAYOUTS_8B entry $layout (dp dp-block8 dp-full tp2 tp2-overlap tpall pp2)"; status=1 ;;
+        esac
+      done
       ;;
     *) echo "unknown section $section (dp, tp, 8b)"; exit 2 ;;
   esac
