@@ -61,6 +61,16 @@ class ModelParallelConfig:
     schedule (--microbatch-group-size-per-virtual-pipeline-stage); None means the
     pipeline-parallel size."""
 
+    overlap_p2p_comm: bool = False
+    """Interleaved pipeline: post each send/receive of activations or gradients without waiting
+    and wait only before the next compute step of the same flow, so transfers run behind the
+    other flow's compute (--overlap-p2p-communication, Megatron's default with VPP)."""
+
+    batch_p2p_comm: bool = True
+    """Megatron's switch between batched and single send/receive calls. Exchanges here are
+    always posted as one batch; kept for compatibility, and it may not be set together with
+    ``overlap_p2p_comm`` (Megatron's rule)."""
+
     deallocate_pipeline_outputs: bool = False
     """Free the data of a pipeline stage's output once it has been sent to the next stage
     (its autograd graph is kept for backward)."""

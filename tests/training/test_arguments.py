@@ -295,6 +295,12 @@ def test_virtual_pipeline_rules():
     one = validated("--num-layers 8 --pipeline-model-parallel-size 2 --num-virtual-stages-per-pipeline-rank 1",
                     world_size=2)
     assert one.virtual_pipeline_model_parallel_size is None and one.overlap_p2p_comm is False
+    # The schedule reads the p2p overlap from the model config: on with VPP (the default), off without.
+    from megatron.training.config_from_args import core_transformer_config_from_args
+    for parsed, overlap in ((args, True), (one, False)):
+        parsed.params_dtype = torch.float32
+        config = core_transformer_config_from_args(parsed)
+        assert (config.overlap_p2p_comm, config.batch_p2p_comm) == (overlap, not overlap)
     rejects("--num-layers 8 --pipeline-model-parallel-size 2 --num-layers-per-virtual-pipeline-stage 3",
             "--num-layers-per-virtual-pipeline-stage", world_size=2, value=3)
     rejects("--num-layers 8 --pipeline-model-parallel-size 2 --num-virtual-stages-per-pipeline-rank 3",

@@ -6,7 +6,8 @@ chunk c to the first rank's chunk c + 1). Every message is one tensor of the agr
 shape ``[s / (cp * (tp if SP)), micro_batch_size, hidden]`` and dtype.
 
 All sends and receives of one exchange go out together through
-``torch.distributed.batch_isend_irecv`` (works on gloo and nccl), activation flow first
+``torch.distributed.batch_isend_irecv`` (works on gloo and nccl; ``post_exchange`` returns
+before they complete, for the overlapped interleaved schedule), activation flow first
 (send to next, receive from previous) and gradient flow second (send to previous, receive
 from next), on every rank, so that two stages that are each other's previous and next
 match messages in the same order. None of these functions is differentiable: the
@@ -55,30 +56,33 @@ def _check_outgoing(tensor: torch.Tensor, cfg: P2PConfig, what: str) -> torch.Te
     return tensor.detach().contiguous()
 
 
-def _batched_p2p(ops: Sequence[dist.P2POp]) -> None:
-    """Post ``ops`` together and wait for all of them (forward: the transfers;
-    backward: none)."""
-    if not ops:
-        return
-    for request in dist.batch_isend_irecv(list(ops)):
-        request.wait()
+class PendingExchange:
+    """The requests of one posted exchange. ``wait()`` before using what it received; it
+    also holds the sent tensors until then (NCCL reads them on its own stream).
+
+    On NCCL, waiting only makes the current CUDA stream wait for the transfers (the host
+    goes on); on gloo it blocks until they are done."""
+
+    def __init__(self, requests: Sequence[object] = (), buffers: Sequence[torch.Tensor] = ()):
+        self._requests = list(requests)
+        self._buffers = list(buffers)  # the posted tensors, alive until the transfers are done
+
+    def wait(self) -> None:
+        for request in self._requests:
+            request.wait()
+        self._requests, self._buffers = [], []
 
 
-def exchange_with_neighbours(
+def post_exchange(
     cfg: P2PConfig,
     send_next: Optional[torch.Tensor] = None,
     send_prev: Optional[torch.Tensor] = None,
     recv_prev: bool = False,
     recv_next: bool = False,
-) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """One batched exchange; returns ``(from_prev, from_next)``.
-
-    Forward direction of the pipeline: ``send_next`` (this stage's output activation) goes
-    to the next stage; ``from_prev`` is the previous stage's activation, returned as a leaf
-    with ``requires_grad=True`` so that backward fills its ``.grad``. Backward direction:
-    ``send_prev`` (the gradient w.r.t. this stage's input) goes to the previous stage;
-    ``from_next`` is the gradient w.r.t. this stage's output. Not differentiable itself.
-    """
+) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], PendingExchange]:
+    """Post one batched exchange without waiting; returns ``(from_prev, from_next, pending)``.
+    The received tensors hold their data only after ``pending.wait()``. Arguments and
+    results as in ``exchange_with_neighbours``."""
     ops: List[dist.P2POp] = []
     from_prev = from_next = None
     group = cfg.pp_group
@@ -92,7 +96,26 @@ def exchange_with_neighbours(
     if recv_next:
         from_next = _empty(cfg, requires_grad=False)
         ops.append(dist.P2POp(dist.irecv, from_next, _peer(group, 1), group))
-    _batched_p2p(ops)
+    return from_prev, from_next, PendingExchange(dist.batch_isend_irecv(ops) if ops else (), [op.tensor for op in ops])
+
+
+def exchange_with_neighbours(
+    cfg: P2PConfig,
+    send_next: Optional[torch.Tensor] = None,
+    send_prev: Optional[torch.Tensor] = None,
+    recv_prev: bool = False,
+    recv_next: bool = False,
+) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """One batched exchange, waited for; returns ``(from_prev, from_next)``.
+
+    Forward direction of the pipeline: ``send_next`` (this stage's output activation) goes
+    to the next stage; ``from_prev`` is the previous stage's activation, returned as a leaf
+    with ``requires_grad=True`` so that backward fills its ``.grad``. Backward direction:
+    ``send_prev`` (the gradient w.r.t. this stage's input) goes to the previous stage;
+    ``from_next`` is the gradient w.r.t. this stage's output. Not differentiable itself.
+    """
+    from_prev, from_next, pending = post_exchange(cfg, send_next, send_prev, recv_prev, recv_next)
+    pending.wait()
     return from_prev, from_next
 
 

@@ -16,6 +16,15 @@ Interleaved 1F1B (VPP chunks): micro-batches go through the chunks in groups of 
 0..G-1 on chunk 0, then on chunk 1, ..., then the next group; backwards follow the same
 table with the chunks reversed. Warmup = ``(PP - r - 1) * 2 + (VPP - 1) * G`` forwards,
 capped at ``M * VPP``. Requires ``PP <= G <= M`` and ``M % G`` either 0 or at least PP.
+
+With p2p overlap (``overlap_p2p``, Megatron's ``--overlap-p2p-communication``, interleaved
+only) no exchange mixes the two flows: each steady-state round becomes forward, activation
+exchange (send the output, receive the next input), backward, gradient exchange (send the
+input gradient, receive the next output gradient), and every other exchange that carries
+both flows is split into its activation part followed by its gradient part. The executor
+then posts an exchange without waiting and waits only before the next compute step of the
+same flow, so the activation exchange travels during the backward and the gradient
+exchange during the next forward.
 """
 
 from __future__ import annotations
@@ -50,6 +59,22 @@ class Exchange:
 
     def empty(self) -> bool:
         return self.send_next is None and self.send_prev is None and self.recv_prev is None and self.recv_next is None
+
+    @property
+    def activation_flow(self) -> bool:
+        """Whether it sends an activation to the next stage or receives one from the previous."""
+        return self.send_next is not None or self.recv_prev is not None
+
+    @property
+    def gradient_flow(self) -> bool:
+        """Whether it sends a gradient to the previous stage or receives one from the next."""
+        return self.send_prev is not None or self.recv_next is not None
+
+    def split_by_flow(self) -> List["Exchange"]:
+        """[activation part, gradient part], the empty ones left out."""
+        parts = [Exchange(send_next=self.send_next, recv_prev=self.recv_prev),
+                 Exchange(send_prev=self.send_prev, recv_next=self.recv_next)]
+        return [part for part in parts if not part.empty()]
 
 
 Action = Union[Step, Exchange]
@@ -160,7 +185,8 @@ class _Interleaved:
         return upstream_chunk + (1 if forward else -1)
 
 
-def _plan_interleaved(pp: int, rank: int, m: int, vpp: int, group_size: int, forward_only: bool) -> List[Action]:
+def _plan_interleaved(pp: int, rank: int, m: int, vpp: int, group_size: int, forward_only: bool,
+                      overlap_p2p: bool = False) -> List[Action]:
     t = _Interleaved(pp, rank, m, vpp, group_size)
     total = t.total
     warmup = total if forward_only else num_warmup_microbatches(pp, rank, m, vpp, group_size)
@@ -176,11 +202,16 @@ def _plan_interleaved(pp: int, rank: int, m: int, vpp: int, group_size: int, for
         plan.append(Exchange(send_next=t.forward_output(k), recv_prev=recv_prev, recv_next=recv_next))
     for k in range(remaining):
         fk = k + warmup
-        plan.append(Step("F", t.microbatch(fk), t.chunk(fk, True)))
-        plan.append(Step("B", t.microbatch(k), t.chunk(k, False)))
         recv_prev = None if k == remaining - 1 else t.incoming(fk, True)
-        plan.append(Exchange(send_next=t.forward_output(fk), send_prev=t.backward_output(k),
-                             recv_prev=recv_prev, recv_next=t.incoming(k, False)))
+        forward = Step("F", t.microbatch(fk), t.chunk(fk, True))
+        backward = Step("B", t.microbatch(k), t.chunk(k, False))
+        activations = Exchange(send_next=t.forward_output(fk), recv_prev=recv_prev)
+        gradients = Exchange(send_prev=t.backward_output(k), recv_next=t.incoming(k, False))
+        if overlap_p2p:  # the activations travel during the backward
+            plan += [forward, activations, backward, gradients]
+        else:
+            plan += [forward, backward, Exchange(send_next=activations.send_next, send_prev=gradients.send_prev,
+                                                 recv_prev=activations.recv_prev, recv_next=gradients.recv_next)]
     if forward_only:
         return plan
     if all_warmup:
@@ -193,27 +224,37 @@ def _plan_interleaved(pp: int, rank: int, m: int, vpp: int, group_size: int, for
 
 
 def pipeline_plan(pp: int, rank: int, num_microbatches: int, vpp: Optional[int] = None,
-                  group_size: Optional[int] = None, forward_only: bool = False) -> List[Action]:
+                  group_size: Optional[int] = None, forward_only: bool = False,
+                  overlap_p2p: bool = False) -> List[Action]:
     """Steps and exchanges of stage ``rank``, in order (empty exchanges dropped).
 
     ``vpp`` None or 1: 1F1B; otherwise interleaved with groups of ``group_size``
-    (default PP), which must satisfy ``check_microbatch_group``.
+    (default PP), which must satisfy ``check_microbatch_group``. ``overlap_p2p``: no
+    exchange mixes activations and gradients (see the module docstring); interleaved only,
+    as in Megatron.
     """
     if pp < 1 or not 0 <= rank < pp:
         raise ValueError(f"pipeline rank {rank} is outside a pipeline of {pp} stage(s)")
     if num_microbatches < 1:
         raise ValueError(f"the pipeline needs at least one micro-batch, got {num_microbatches}")
     if not vpp or vpp == 1:
+        if overlap_p2p:
+            raise ValueError("the 1F1B schedule does not overlap p2p communication (Megatron's rule): "
+                             "use the interleaved schedule (--num-virtual-stages-per-pipeline-rank) or "
+                             "--no-overlap-p2p-communication")
         plan = _plan_1f1b(pp, rank, num_microbatches, forward_only)
     else:
         group_size = pp if group_size is None else group_size
         check_microbatch_group(pp, num_microbatches, group_size)
-        plan = _plan_interleaved(pp, rank, num_microbatches, vpp, group_size, forward_only)
+        plan = _plan_interleaved(pp, rank, num_microbatches, vpp, group_size, forward_only, overlap_p2p)
+        if overlap_p2p:
+            plan = [part for a in plan for part in (a.split_by_flow() if isinstance(a, Exchange) else [a])]
     return [a for a in plan if not (isinstance(a, Exchange) and a.empty())]
 
 
 def schedule_table(pp: int, rank: int, num_microbatches: int, vpp: Optional[int] = None,
-                   group_size: Optional[int] = None, forward_only: bool = False) -> List[Tuple[str, int, int]]:
+                   group_size: Optional[int] = None, forward_only: bool = False,
+                   overlap_p2p: bool = False) -> List[Tuple[str, int, int]]:
     """The compute order of stage ``rank``: ``[(kind 'F'|'B', microbatch, chunk), ...]``."""
-    plan = pipeline_plan(pp, rank, num_microbatches, vpp, group_size, forward_only)
+    plan = pipeline_plan(pp, rank, num_microbatches, vpp, group_size, forward_only, overlap_p2p)
     return [(a.kind, a.microbatch, a.chunk) for a in plan if isinstance(a, Step)]

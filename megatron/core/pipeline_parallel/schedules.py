@@ -11,6 +11,8 @@ stages return ``[]``); every stage runs the order ``schedule_table.pipeline_plan
 it, hands received activations to its chunk through ``set_input_tensor``, frees each
 output's data once sent (``deallocate_output_tensor``, when
 ``config.deallocate_pipeline_outputs``) and calls ``finalize_model_grads_func`` at the end.
+With ``config.overlap_p2p_comm`` (interleaved only) an exchange is not waited for where it
+is posted but before the next compute step of its flow, so transfers run behind compute.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 import torch
 
-from megatron.core.pipeline_parallel.p2p_communication import P2PConfig, exchange_with_neighbours
+from megatron.core.pipeline_parallel.p2p_communication import P2PConfig, PendingExchange, post_exchange
 from megatron.core.pipeline_parallel.schedule_table import Exchange, pipeline_plan
 from megatron.core.process_groups import ProcessGroups, resolve
 from megatron.core.transformer.moe.moe_utils import set_aux_loss_scale
@@ -255,7 +257,7 @@ class _PlanRunner:
     """Executes one rank's ``pipeline_plan`` with real tensors (see schedule_table)."""
 
     def __init__(self, *, forward_step_func, data_iterators, chunks, num_microbatches, config, pg,
-                 p2p: P2PConfig, forward_only, grad_scale_func, collect_non_loss_data):
+                 p2p: P2PConfig, forward_only, grad_scale_func, collect_non_loss_data, overlap_p2p: bool = False):
         self.forward_step_func, self.data_iterators, self.chunks = forward_step_func, data_iterators, chunks
         self.num_microbatches, self.config, self.p2p = num_microbatches, config, p2p
         self.forward_only, self.grad_scale_func = forward_only, grad_scale_func
@@ -271,6 +273,17 @@ class _PlanRunner:
         self.input_grads: Dict[Tuple[int, int], torch.Tensor] = {}
         self.reported: List[dict] = []
         self.total_tokens = torch.zeros((), dtype=torch.int64, device=p2p.device)
+        # overlap_p2p: exchanges posted but not yet waited for, per flow (the plan keeps the
+        # flows in separate exchanges); each is waited for before the next compute step of
+        # its flow, which may use what it received.
+        self.overlap_p2p = overlap_p2p
+        self.in_flight: Dict[str, List[PendingExchange]] = {"F": [], "B": []}
+
+    def wait_in_flight(self, kind: str) -> None:
+        """Wait for the exchanges of flow ``kind`` ('F' activations, 'B' gradients)."""
+        for pending in self.in_flight[kind]:
+            pending.wait()
+        self.in_flight[kind].clear()
 
     def first_virtual(self, chunk: int) -> bool:
         return self.pp_rank == 0 and chunk == 0
@@ -279,6 +292,7 @@ class _PlanRunner:
         return self.pp_rank == self.pp_size - 1 and chunk == len(self.chunks) - 1
 
     def forward(self, mb: int, chunk: int) -> None:
+        self.wait_in_flight("F")
         input_tensor = None if self.first_virtual(chunk) else self.inputs[chunk].popleft()
         last = self.last_virtual(chunk)
         output, tokens, reported = forward_step(
@@ -295,6 +309,7 @@ class _PlanRunner:
             self.saved[(mb, chunk)] = (input_tensor, output)
 
     def backward(self, mb: int, chunk: int) -> None:
+        self.wait_in_flight("B")
         output_grad = None if self.last_virtual(chunk) else self.grads[chunk].popleft()
         input_tensor, output = self.saved.pop((mb, chunk))
         input_grad = backward_step_pipeline(input_tensor, output, output_grad,
@@ -305,10 +320,15 @@ class _PlanRunner:
     def exchange(self, action: Exchange) -> None:
         send_next = self.to_send.pop(action.send_next) if action.send_next is not None else None
         send_prev = self.input_grads.pop(action.send_prev) if action.send_prev is not None else None
-        from_prev, from_next = exchange_with_neighbours(
+        from_prev, from_next, pending = post_exchange(
             self.p2p, send_next=send_next, send_prev=send_prev,
             recv_prev=action.recv_prev is not None, recv_next=action.recv_next is not None,
         )
+        if self.overlap_p2p:
+            self.in_flight["F" if action.activation_flow else "B"].append(pending)
+        else:
+            pending.wait()
+        # The transfer reads its own reference to the storage: the output's can go now.
         deallocate_output_tensor(send_next, self.deallocate and not self.forward_only)
         if action.recv_prev is not None:
             self.inputs[action.recv_prev].append(from_prev)
@@ -329,6 +349,8 @@ class _PlanRunner:
                         gate.release(action.chunk)
                     self.backward(action.microbatch, action.chunk)
         finally:
+            self.wait_in_flight("F")
+            self.wait_in_flight("B")
             gate.release_all()
 
 
@@ -344,13 +366,17 @@ def _run_pipelined(*, forward_step_func, data_iterator, model, num_microbatches,
     pg = resolve(pg_collection)
     config = _model_config(chunks[0])
     group_size = getattr(config, "microbatch_group_size_per_vp_stage", None) if interleaved else None
+    overlap_p2p = bool(getattr(config, "overlap_p2p_comm", False))
+    if overlap_p2p and interleaved and getattr(config, "batch_p2p_comm", False):
+        raise ValueError("overlap_p2p_comm and batch_p2p_comm cannot both be set (Megatron's rule): set "
+                         "batch_p2p_comm=False; the overlapped exchanges are still posted as batches")
     plan = pipeline_plan(pg.size("pp"), pg.rank("pp"), num_microbatches, len(chunks) if interleaved else None,
-                         group_size, forward_only)
+                         group_size, forward_only, overlap_p2p)
     runner = _PlanRunner(
         forward_step_func=forward_step_func, data_iterators=iterators, chunks=chunks,
         num_microbatches=num_microbatches, config=config, pg=pg,
         p2p=_p2p_config(config, pg, seq_length, micro_batch_size), forward_only=forward_only,
-        grad_scale_func=grad_scale_func, collect_non_loss_data=collect_non_loss_data,
+        grad_scale_func=grad_scale_func, collect_non_loss_data=collect_non_loss_data, overlap_p2p=overlap_p2p,
     )
     runner.run(plan)
     if not forward_only and finalize_model_grads_func is not None:

@@ -37,10 +37,16 @@ def _ops(rank, pp, ex, by_direction=False):
     return ops
 
 
-def simulate(pp, m, vpp=None, group_size=None, forward_only=False, plans=None, by_direction=False):
-    """Run the plans; return {rank: [(kind, mb, chunk), ...]} in execution order."""
+def simulate(pp, m, vpp=None, group_size=None, forward_only=False, plans=None, by_direction=False,
+             overlap_p2p=False):
+    """Run the plans; return {rank: [(kind, mb, chunk), ...]} in execution order.
+
+    An exchange blocks its rank until it completes. With ``overlap_p2p`` the executor only
+    posts it and waits later, but its communication stream still runs the exchanges one
+    after the other in plan order, so they complete in the same order as here: a plan that
+    cannot deadlock here cannot deadlock there."""
     vpp_n = vpp or 1
-    plans = plans or [pipeline_plan(pp, r, m, vpp, group_size, forward_only) for r in range(pp)]
+    plans = plans or [pipeline_plan(pp, r, m, vpp, group_size, forward_only, overlap_p2p) for r in range(pp)]
     pos = [0] * pp
     posted = [None] * pp  # per rank: list of (op, channel index) of the current exchange
     sent = defaultdict(list)  # (src, dst) -> messages
