@@ -185,6 +185,7 @@ _ITERATION = re.compile(r"\biteration\s+(\d+)/\s*(\d+) \|")
 _MS = re.compile(r"elapsed time per iteration \(ms\): ([0-9.]+)")
 _TFLOPS = re.compile(r"throughput per GPU \(TFLOP/s/GPU\): ([0-9.]+)")
 _LOSS = re.compile(r"lm loss: ([0-9.Ee+-]+|nan|inf)")
+_SKIPPED = re.compile(r"number of skipped iterations: +(\d+)")
 _MEMORY = re.compile(
     r"\[Rank (\d+)\] \(after (\d+) iterations\) memory \(MB\) \| allocated: ([0-9.]+) \| "
     r"max allocated: ([0-9.]+) \| reserved: ([0-9.]+) \| max reserved: ([0-9.]+)")
@@ -200,6 +201,7 @@ class IterationLine:
     ms_per_iter: float
     tflops: Optional[float]
     loss: Optional[float]
+    skipped: int = 0  # iterations of the line's interval whose optimizer step was skipped
 
 
 def parse_iteration_line(line: str) -> Optional[IterationLine]:
@@ -207,9 +209,10 @@ def parse_iteration_line(line: str) -> Optional[IterationLine]:
     it, ms = _ITERATION.search(line), _MS.search(line)
     if not it or not ms:
         return None
-    tflops, loss = _TFLOPS.search(line), _LOSS.search(line)
+    tflops, loss, skipped = _TFLOPS.search(line), _LOSS.search(line), _SKIPPED.search(line)
     return IterationLine(int(it.group(1)), float(ms.group(1)),
-                         float(tflops.group(1)) if tflops else None, float(loss.group(1)) if loss else None)
+                         float(tflops.group(1)) if tflops else None, float(loss.group(1)) if loss else None,
+                         int(skipped.group(1)) if skipped else 0)
 
 
 @dataclass
@@ -290,6 +293,9 @@ class Row:
     max_reserved_gb: Optional[float] = None
     backends: str = "default"
     final_loss: Optional[float] = None
+    # Measured iterations that skipped the optimizer step (non-finite gradients): they are
+    # cheaper than a real step, so a non-zero count flatters the row.
+    skipped_iters: int = 0
     profile: List[str] = field(default_factory=list)
     log_file: str = ""
     command: List[str] = field(default_factory=list)
@@ -313,6 +319,11 @@ def fill_row(row: Row, log_text: str, flops: float, warmup: int, exclude: Option
     row.profile = parsed.profile
     if parsed.lines:
         row.final_loss = parsed.lines[-1].loss
+    previous = 0
+    for line in parsed.lines:  # the same intervals steady_state averages
+        if previous >= warmup:
+            row.skipped_iters += line.skipped
+        previous = line.iteration
     if parsed.backends:
         row.backends = "; ".join(parsed.backends)
     if parsed.max_allocated_mb is not None:
@@ -436,10 +447,10 @@ def _fmt_small(value, scale: float = 1.0, suffix: str = "") -> str:
 
 def table(rows: Sequence[Row]) -> str:
     header = ["config", "layout", "seq", "mbs", "gbs", "ms/iter", "tok/s", "tok/s/GPU", "TFLOP/s/GPU",
-              "MFU", "max alloc GB", "status"]
+              "MFU", "max alloc GB", "skipped", "status"]
     body = [[r.config, r.layout, str(r.seq), str(r.mbs), str(r.gbs), _fmt(r.ms_per_iter, ".1f"),
              _fmt(r.tokens_per_s, ",.0f"), _fmt(r.tokens_per_s_per_gpu, ",.0f"), _fmt_small(r.tflops_per_gpu),
-             _fmt_small(r.mfu, 100.0, "%"), _fmt(r.max_allocated_gb, ".1f"), r.status]
+             _fmt_small(r.mfu, 100.0, "%"), _fmt(r.max_allocated_gb, ".1f"), str(r.skipped_iters), r.status]
             for r in rows]
     widths = [max(len(row[i]) for row in [header] + body) for i in range(len(header))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in [header] + body)

@@ -89,6 +89,7 @@ for path in sorted(pathlib.Path(sys.argv[1]).glob("*.json")):
             continue
         fmt = lambda key, spec, scale=1.0: "-" if r[key] is None else format(scale * r[key], spec)
         print(f"{path.stem:44s} {fmt('ms_per_iter', '9.1f')} {fmt('tokens_per_s_per_gpu', '9.0f')} "
-              f"{fmt('tflops_per_gpu', '7.1f')} {fmt('mfu', '5.1f', 100.0)}% {fmt('max_allocated_gb', '6.1f')}")
+              f"{fmt('tflops_per_gpu', '7.1f')} {fmt('mfu', '5.1f', 100.0)}% {fmt('max_allocated_gb', '6.1f')}"
+              + (f"  ({r['skipped_iters']} measured iterations skipped the optimizer step)" if r.get("skipped_iters") else ""))
 EOF
 exit $status

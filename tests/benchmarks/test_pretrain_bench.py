@@ -41,8 +41,20 @@ bench = _load_bench()
 
 def test_parses_a_real_iteration_line():
     line = bench.parse_iteration_line(REAL_ITERATION_LINE)
-    assert (line.iteration, line.ms_per_iter, line.tflops, line.loss) == (5, 88.0, 0.0, 6.111650)
+    assert (line.iteration, line.ms_per_iter, line.tflops, line.loss, line.skipped) == (5, 88.0, 0.0, 6.111650, 0)
     assert bench.parse_iteration_line(REAL_BACKEND_LINE) is None
+
+
+def test_measured_iterations_that_skipped_the_step_are_counted():
+    """A skipped optimizer step (non-finite grads) is cheaper than a real one: the row counts
+    those inside the measured window, not those of the warmup."""
+    skipped = REAL_ITERATION_LINE.replace("skipped iterations:   0", "skipped iterations:   {}")
+    iteration = skipped.replace("5/       6", "{}/       6")
+    log = "\n".join(iteration.format(i, n) for i, n in [(1, 1), (2, 0), (3, 2), (4, 0)])
+    row = bench.Row("tiny", "tp1", 32, 2, 4, 1)
+    bench.fill_row(row, log, flops=1e9, warmup=1)
+    assert row.skipped_iters == 2 and row.status == "ok"
+    assert " skipped " in bench.table([row]).splitlines()[0]
 
 
 def test_parses_the_memory_report_the_training_loop_prints(monkeypatch):
