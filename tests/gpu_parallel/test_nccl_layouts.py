@@ -76,6 +76,8 @@ LAYOUTS: dict[str, tuple] = {
     "tp2xpp2": (4, TP2 + PP2, "dense"),
     "pp2xdp2": (4, PP2, "dense"),
     "tp2-spxcp2": (4, TP2 + SP + CP2, "dense"),
+    "pp2-interleaved-vpp2xdp2-distopt-overlap": (
+        4, PP2 + ["--num-virtual-stages-per-pipeline-rank", "2"] + DISTOPT + OVERLAP, "dense"),
 }
 
 
@@ -158,7 +160,9 @@ def test_two_gpu_layout_matches_one_gpu(references, name):
 @pytest.mark.parametrize("name", _params(4))
 def test_four_gpu_layout_matches_one_gpu(references, name):
     """Each combined 4-GPU layout (TP x DP with the distributed optimizer, TP x PP, PP x DP,
-    TP-SP x CP) gives the one-GPU losses and grad norms over 10 fp32 iterations."""
+    TP-SP x CP, interleaved PP with overlapped p2p x DP with the distributed optimizer and
+    overlapped grad reduce / param gather) gives the one-GPU losses and grad norms over 10
+    fp32 iterations."""
     check_layout(name, references[LAYOUTS[name][2]])
 
 
