@@ -348,9 +348,10 @@ class _PlanRunner:
                     if last_backward.get(action.chunk) == i:
                         gate.release(action.chunk)
                     self.backward(action.microbatch, action.chunk)
-        finally:
+            # Not in ``finally``: after an error the peers may never complete them.
             self.wait_in_flight("F")
             self.wait_in_flight("B")
+        finally:
             gate.release_all()
 
 
