@@ -11,6 +11,7 @@ from megatron.core.num_microbatches_calculator import get_num_microbatches
 from megatron.core.pipeline_parallel.schedules import get_forward_backward_func
 from megatron.core.process_groups import ProcessGroups
 from megatron.training.global_vars import get_args
+from megatron.training.housekeeping import empty_unused_memory
 from megatron.training.loss_reduction import reduce_reported_losses
 from megatron.training.rank_print import print_rank_last
 
@@ -34,6 +35,7 @@ def evaluate(forward_step_func, data_iterator, model, pg: ProcessGroups, eval_it
                 forward_only=True,
                 pg_collection=pg,
             )
+            empty_unused_memory(args, level=1)
             if pg.is_pipeline_last_stage():
                 for key, value in reduce_reported_losses(reported, pg, keep_sum_and_count=True).items():
                     sums[key] = sums.get(key, torch.zeros_like(value)) + value

@@ -50,6 +50,9 @@ def initialize_megatron(extra_args_provider=None, args_defaults=None, ignore_unk
         getattr(args, "decrease_batch_size_if_needed", False),
     )
     set_random_seed(args.seed, getattr(args, "data_parallel_random_init", False))
+    if getattr(args, "disable_bf16_reduced_precision_matmul", False):
+        # cuBLAS may otherwise accumulate bf16 GEMMs with reduced-precision reductions.
+        torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False
     return args
 
 

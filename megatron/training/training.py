@@ -24,10 +24,12 @@ from megatron.training.exit_conditions import ExitConditions
 from megatron.training.flops import num_floating_point_operations
 from megatron.training.evaluation import evaluate_and_print_results
 from megatron.training.global_vars import get_args, get_timers
+from megatron.training.housekeeping import ManualGC, empty_unused_memory
 from megatron.training.initialize import initialize_megatron
 from megatron.training.loss_reduction import reduce_reported_losses
 from megatron.training.model_setup import setup_model_and_optimizer, unwrap_model
 from megatron.training.nan_check import check_finite
+from megatron.training.params_norm import params_l2_norm
 from megatron.training.profiling import StepProfiler
 from megatron.training.rank_print import print_rank_0, print_rank_last
 from megatron.training.training_log import IterationStats, TrainingLogger, memory_report
@@ -113,6 +115,7 @@ def train_step(forward_step_func, data_iterator, model: List[torch.nn.Module], o
         pg_collection=pg,
     )
     timers("forward-backward", log_level=1).stop()
+    empty_unused_memory(args, level=1)
     if args.check_for_nan_in_loss_and_grad:
         # Local micro-batch losses, before any reduction, so the message names the rank
         # that produced the bad value. With fp16 dynamic loss scaling an overflow is
@@ -123,6 +126,7 @@ def train_step(forward_step_func, data_iterator, model: List[torch.nn.Module], o
     timers("optimizer", log_level=1).start(barrier=args.barrier_with_L1_time)
     update_successful, grad_norm, num_zeros = optimizer.step()
     timers("optimizer", log_level=1).stop()
+    empty_unused_memory(args, level=2)
     if update_successful:
         scheduler.step(increment=get_num_microbatches() * args.micro_batch_size * args.data_parallel_size)
     return StepResult(losses, not update_successful, grad_norm, num_zeros)
@@ -163,46 +167,61 @@ def train(forward_step_func, model, optimizer, scheduler, train_it, valid_it, pg
     logger = TrainingLogger(args, writers, world_size=args.world_size)
     first_of_run = True
     profiler = StepProfiler(args, dist.get_rank() if dist.is_initialized() else 0)
+    manual_gc = ManualGC(args)
     interval_start = time.time()
     print_rank_0("> training ...")
-    while _should_continue(args, iteration):
-        update_num_microbatches(args.consumed_train_samples, consistency_check=True)
-        profiler.step_begin(iteration + 1)
-        result = train_step(forward_step_func, train_it, model, optimizer, scheduler, pg, iteration + 1)
-        iteration += 1
-        profiler.step_end(iteration)
-        args.consumed_train_samples += get_current_global_batch_size()
-        stats = IterationStats(
-            losses=result.losses,
-            skipped=result.skipped,
-            grad_norm=result.grad_norm,
-            num_zeros=result.num_zeros,
-            learning_rate=_learning_rate(optimizer),
-            loss_scale=float(optimizer.get_loss_scale()),
-            global_batch_size=get_current_global_batch_size(),
-        )
-        line = logger.record(iteration, stats, args.consumed_train_samples, time.time() - interval_start, first_of_run)
-        if line is not None:
-            _after_log(args, timers, iteration, first_of_run)
-            interval_start = time.time()
-        first_of_run = False
-        if args.eval_interval and iteration % args.eval_interval == 0 and args.do_valid:
-            evaluate_and_print_results(f"iteration {iteration}", forward_step_func, valid_it, model, pg,
-                                       iteration, writers)
-        args.num_floating_point_operations_so_far += num_floating_point_operations(args, get_current_global_batch_size())
-        if args.save and args.save_interval and iteration % args.save_interval == 0:
-            _save(iteration, model, optimizer, scheduler, pg)
-        reason = exit_conditions.reason(iteration) if exit_conditions is not None else None
-        if reason is not None:
-            if args.save and args.last_saved_iteration != iteration:
+    manual_gc.start()
+    try:
+        while _should_continue(args, iteration):
+            update_num_microbatches(args.consumed_train_samples, consistency_check=True)
+            profiler.step_begin(iteration + 1)
+            result = train_step(forward_step_func, train_it, model, optimizer, scheduler, pg, iteration + 1)
+            iteration += 1
+            profiler.step_end(iteration)
+            args.consumed_train_samples += get_current_global_batch_size()
+            params_norm = None
+            if args.log_params_norm and (first_of_run or iteration % args.log_interval == 0):
+                _finish_param_sync(model)  # the norm reads the updated weights
+                params_norm = params_l2_norm(model, pg)
+            stats = IterationStats(
+                losses=result.losses,
+                skipped=result.skipped,
+                grad_norm=result.grad_norm,
+                num_zeros=result.num_zeros,
+                learning_rate=_learning_rate(optimizer),
+                loss_scale=float(optimizer.get_loss_scale()),
+                global_batch_size=get_current_global_batch_size(),
+                params_norm=params_norm,
+            )
+            line = logger.record(iteration, stats, args.consumed_train_samples, time.time() - interval_start,
+                                 first_of_run)
+            if line is not None:
+                _after_log(args, timers, iteration, first_of_run)
+                interval_start = time.time()
+            first_of_run = False
+            manual_gc.after_iteration(iteration)
+            if args.eval_interval and iteration % args.eval_interval == 0 and args.do_valid:
+                manual_gc.at_evaluation()
+                evaluate_and_print_results(f"iteration {iteration}", forward_step_func, valid_it, model, pg,
+                                           iteration, writers)
+                manual_gc.at_evaluation()
+            args.num_floating_point_operations_so_far += num_floating_point_operations(
+                args, get_current_global_batch_size())
+            if args.save and args.save_interval and iteration % args.save_interval == 0:
                 _save(iteration, model, optimizer, scheduler, pg)
-            wait_for_pending_save()
-            print_rank_0(f"exiting program at iteration {iteration}: {reason}")
-            args.iteration = iteration
-            return iteration, True
-    _finish_param_sync(model)
-    args.iteration = iteration
-    return iteration, False
+            reason = exit_conditions.reason(iteration) if exit_conditions is not None else None
+            if reason is not None:
+                if args.save and args.last_saved_iteration != iteration:
+                    _save(iteration, model, optimizer, scheduler, pg)
+                wait_for_pending_save()
+                print_rank_0(f"exiting program at iteration {iteration}: {reason}")
+                args.iteration = iteration
+                return iteration, True
+        _finish_param_sync(model)
+        args.iteration = iteration
+        return iteration, False
+    finally:
+        manual_gc.stop()
 
 
 def _finish_param_sync(model) -> None:

@@ -138,7 +138,7 @@ class TrainingLogger:
             scalars["learning-rate"] = stats.learning_rate
         for key, value in stats.losses.items():
             scalars[key] = float(value)
-        if not getattr(self.args, "no_log_loss_scale_to_tensorboard", False):
+        if getattr(self.args, "log_loss_scale_to_tensorboard", True):  # --no-log-loss-scale-to-tensorboard
             scalars["loss-scale"] = stats.loss_scale
         if stats.grad_norm is not None:
             scalars["grad-norm"] = stats.grad_norm

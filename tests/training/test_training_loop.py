@@ -74,3 +74,12 @@ def test_tensorboard_receives_the_logged_scalars(tmp_path):
     logged = [float(f"{v:.6E}") for v in losses(log)]
     written = [float(f"{e.value:.6E}") for e in acc.Scalars("lm loss")]
     assert written == pytest.approx(logged, rel=1e-6)
+
+
+def test_no_log_loss_scale_to_tensorboard_leaves_it_out(tmp_path):
+    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    run_gpt(1, ["--tensorboard-dir", str(tmp_path), "--no-log-loss-scale-to-tensorboard"], iters=3)
+    acc = event_accumulator.EventAccumulator(str(tmp_path))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert "lm loss" in tags and "loss-scale" not in tags
