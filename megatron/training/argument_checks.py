@@ -54,10 +54,6 @@ def check_parallel_layout(args: argparse.Namespace, world_size: int) -> None:
     if ep > 1 and args.num_experts % ep:
         raise invalid("--num-experts", args.num_experts, f"not divisible by --expert-model-parallel-size {ep}",
                       "use a number of experts that is a multiple of the expert-parallel size")
-    dp = world_size // (tp * pp * cp)
-    if (dp * cp) % args.num_distributed_optimizer_instances:
-        raise invalid("--num-distributed-optimizer-instances", args.num_distributed_optimizer_instances,
-                      f"must divide DP x CP = {dp * cp}", "choose a divisor of the data-parallel size")
     if args.hierarchical_context_parallel_sizes and math.prod(args.hierarchical_context_parallel_sizes) != cp:
         raise invalid("--hierarchical-context-parallel-sizes", args.hierarchical_context_parallel_sizes,
                       f"their product must equal --context-parallel-size {cp}", "fix the sizes")
@@ -68,7 +64,7 @@ def check_parallel_layout(args: argparse.Namespace, world_size: int) -> None:
 
 
 def _check_communication_features(args: argparse.Namespace) -> None:
-    if args.overlap_param_gather and not (args.use_distributed_optimizer or args.use_megatron_fsdp):
+    if args.overlap_param_gather and not args.use_distributed_optimizer:
         raise invalid("--overlap-param-gather", True, "needs the distributed optimizer",
                       "add --use-distributed-optimizer or drop --overlap-param-gather")
     if args.overlap_param_gather and not args.overlap_grad_reduce:
@@ -81,24 +77,6 @@ def _check_communication_features(args: argparse.Namespace) -> None:
     if args.tp_comm_overlap and not (args.sequence_parallel and args.tensor_model_parallel_size > 1):
         raise invalid("--tp-comm-overlap", True, "needs --sequence-parallel with --tensor-model-parallel-size > 1",
                       "add --sequence-parallel and TP > 1, or drop --tp-comm-overlap")
-    if args.use_torch_fsdp2:
-        _check_torch_fsdp2(args)
-
-
-def _check_torch_fsdp2(args: argparse.Namespace) -> None:
-    rules = (
-        (args.pipeline_model_parallel_size == 1, "--pipeline-model-parallel-size", "use PP = 1"),
-        (args.expert_model_parallel_size == 1, "--expert-model-parallel-size", "use EP = 1"),
-        (not args.use_distributed_optimizer, "--use-distributed-optimizer", "drop --use-distributed-optimizer"),
-        (not args.gradient_accumulation_fusion, "--no-gradient-accumulation-fusion",
-         "add --no-gradient-accumulation-fusion"),
-        (args.ckpt_format in ("torch_dist", "torch_dcp"), "--ckpt-format", "use torch_dist or torch_dcp"),
-        (args.untie_embeddings_and_output_weights, "--untie-embeddings-and-output-weights", "add that flag"),
-        (not args.fp16, "--fp16", "use --bf16"),
-    )
-    for ok, flag, fix in rules:
-        if not ok:
-            raise invalid("--use-torch-fsdp2", True, f"is not compatible with the setting of {flag}", fix)
 
 
 def check_model_shape(args: argparse.Namespace) -> None:
@@ -237,6 +215,9 @@ def check_training_schedule(args: argparse.Namespace) -> None:
                       "use iteration-based or sample-based training, not both")
     _positive("--train-iters", args.train_iters)
     _positive("--train-samples", args.train_samples)
+    if args.manual_gc_interval < 0:
+        raise invalid("--manual-gc-interval", args.manual_gc_interval, "must be >= 0",
+                      "pass the number of iterations between collections, or 0 for none during training")
     if args.train_iters is not None:
         for flag, value, unset in (("--lr-decay-samples", args.lr_decay_samples, None),
                                    ("--lr-warmup-samples", args.lr_warmup_samples, 0),
@@ -307,9 +288,6 @@ def check_precision(args: argparse.Namespace) -> None:
     if args.fp32_residual_connection and not (args.fp16 or args.bf16):
         raise invalid("--fp32-residual-connection", True, "needs --fp16 or --bf16",
                       "add a reduced precision or drop the flag (fp32 training keeps fp32 residuals anyway)")
-    if args.grad_reduce_in_bf16 and args.accumulate_allreduce_grads_in_fp32:
-        raise invalid("--grad-reduce-in-bf16", True, "contradicts --accumulate-allreduce-grads-in-fp32",
-                      "keep one of the two")
     if args.loss_scale is not None and args.loss_scale <= 0:
         raise invalid("--loss-scale", args.loss_scale, "must be positive", "pass a positive scale or drop it")
     for flag, value in (("--initial-loss-scale", args.initial_loss_scale), ("--min-loss-scale", args.min_loss_scale)):

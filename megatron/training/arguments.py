@@ -6,13 +6,16 @@ the derived values in ``derived_args``. ``--yaml-cfg`` is not supported.
 
 Unknown or misspelled flags exit with status 2 and name the nearest valid flags, unless
 ``ignore_unknown_args``. Abbreviations are refused (``allow_abbrev=False``, as in Megatron),
-so ``--num-layer`` is an error rather than a silent prefix match.
+so ``--num-layer`` is an error rather than a silent prefix match. Megatron flags that are
+parsed but not implemented are refused or reported, never ignored silently
+(``unimplemented_flags``).
 """
 
 from __future__ import annotations
 
 import argparse
 import difflib
+import logging
 import os
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -20,6 +23,9 @@ from megatron.training.argument_checks import check_args
 from megatron.training.arguments_groups import add_megatron_arguments
 from megatron.training.arguments_groups.config_help import fill_help_from_config
 from megatron.training.derived_args import apply_defaults, derive_args
+from megatron.training.unimplemented_flags import check_unimplemented
+
+logger = logging.getLogger(__name__)
 
 ExtraArgsProvider = Callable[[argparse.ArgumentParser], argparse.ArgumentParser]
 
@@ -91,6 +97,9 @@ def validate_args(
         rank = rank if rank is not None else _env_int("RANK", 0)
     args.rank = rank
     apply_defaults(args, defaults)
+    without_effect = check_unimplemented(args, build_parser().parse_known_args([])[0])
+    if without_effect and rank == 0:
+        logger.warning("these flags have no effect here:\n  %s", "\n  ".join(without_effect))
     check_args(args, world_size)
     return derive_args(args, world_size, rank)
 

@@ -1,0 +1,137 @@
+"""Megatron flags that are parsed here but not acted on, and what happens when one is set.
+
+Megatron users bring scripts full of flags, so the parser accepts all of Megatron's. A flag
+that is not implemented must still never be ignored silently:
+
+- REFUSED: the flag changes what is trained, evaluated or stored (the model, the data, the
+  numerics, the checkpoints). Setting it to anything but Megatron's default is an error
+  that names the flag and says what to do instead.
+- WITHOUT_EFFECT: the flag only tunes speed, memory or logging. Setting it is accepted and
+  rank 0 logs one warning listing every such flag with what happens instead, so scripts
+  run unchanged and nobody is surprised.
+
+Flags of model families that pretrain_gpt.py does not build (BERT/T5 masking, T5 decoder
+depth) are ignored by GPT training here exactly as by Megatron's pretrain_gpt.py, and are
+not listed.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Dict, List, Tuple
+
+# dest: (flag, what is missing, what to do instead)
+REFUSED: Dict[str, Tuple[str, str, str]] = {
+    "fp8": ("--fp8-format", "fp8 training is not implemented (it needs Transformer Engine here)",
+            "train in bf16 (--bf16) and drop the fp8 flags"),
+    "fp8_param_gather": ("--fp8-param-gather", "fp8 training is not implemented",
+                         "drop --fp8-param-gather"),
+    "grad_reduce_in_bf16": ("--grad-reduce-in-bf16", "gradients are accumulated and reduced in fp32 here",
+                            "drop --grad-reduce-in-bf16"),
+    "num_distributed_optimizer_instances": (
+        "--num-distributed-optimizer-instances", "only one distributed-optimizer instance (sharding over all "
+        "data-parallel ranks) is implemented", "drop the flag or set it to 1"),
+    "use_torch_fsdp2": ("--use-torch-fsdp2", "FSDP2 is not implemented",
+                        "use --use-distributed-optimizer (sharded optimizer state, ZeRO-1)"),
+    "use_megatron_fsdp": ("--use-megatron-fsdp", "Megatron-FSDP is not implemented",
+                          "use --use-distributed-optimizer (sharded optimizer state, ZeRO-1)"),
+    "window_attn_skip_freq": ("--window-attn-skip-freq", "mixing sliding-window and full-attention layers is "
+                              "not implemented", "drop it: --window-size applies to every layer"),
+    "embedding_init_method_std": ("--embedding-init-method-std", "a separate initialization std for the "
+                                  "embeddings is not implemented", "drop it: --init-method-std applies to all weights"),
+    "deterministic_mode": ("--deterministic-mode", "bit-reproducible kernels are not enforced",
+                           "drop it; runs are reproducible to rounding (same seed, same layout)"),
+    "iterations_to_skip": ("--iterations-to-skip", "skipping chosen iterations is not implemented",
+                           "drop it"),
+    "full_validation": ("--full-validation", "validation over the whole validation set is not implemented",
+                        "set --eval-iters to the number of validation batches you want"),
+    "dist_ckpt_strictness": ("--dist-ckpt-strictness", "the loader always fails on missing or mis-shaped "
+                             "tensors and accepts unexpected ones (Megatron's default, assume_ok_unexpected)",
+                             "drop the flag"),
+    "non_persistent_save_interval": ("--non-persistent-save-interval", "non-persistent checkpoints are not "
+                                     "implemented", "use --save-interval"),
+    "non_persistent_ckpt_type": ("--non-persistent-ckpt-type", "non-persistent checkpoints are not implemented",
+                                 "use --save-interval"),
+    "non_persistent_global_ckpt_dir": ("--non-persistent-global-ckpt-dir", "non-persistent checkpoints are "
+                                       "not implemented", "use --save"),
+    "load_main_params_from_ckpt": ("--load-main-params-from-ckpt", "loading fp32 main parameters separately "
+                                   "is not implemented", "drop it: --load restores them with the optimizer state"),
+    "moe_use_upcycling": ("--moe-use-upcycling", "upcycling a dense checkpoint into MoE is not implemented",
+                          "drop it"),
+    "lazy_mpu_init": ("--lazy-mpu-init", "deferring model-parallel initialization is not implemented",
+                      "drop it"),
+    "fake_process_group": ("--fake-process-group", "the fake process group is not implemented",
+                           "run on real ranks (the CPU gloo backend runs anywhere)"),
+}
+
+# dest: (flag, what happens instead)
+WITHOUT_EFFECT: Dict[str, Tuple[str, str]] = {
+    "use_flash_attn": ("--use-flash-attn", "attention runs through torch SDPA, which picks cuDNN or flash kernels"),
+    "masked_softmax_fusion": ("--no-masked-softmax-fusion", "attention runs through torch SDPA (no separate softmax)"),
+    "transformer_impl": ("--transformer-impl", "the local PyTorch layers are always used (as with local)"),
+    "recompute_modules": ("--recompute-modules", "selective recompute covers core attention only"),
+    "moe_layer_recompute": ("--moe-layer-recompute", "MoE layers recompute only under --recompute-granularity full"),
+    "moe_shared_expert_overlap": ("--moe-shared-expert-overlap", "shared experts run in order with the routed ones"),
+    "moe_permute_fusion": ("--moe-permute-fusion", "token permutation runs unfused"),
+    "check_for_spiky_loss": ("--check-for-spiky-loss", "only NaN/Inf losses and gradients are checked"),
+    "check_for_large_grads": ("--check-for-large-grads", "only NaN/Inf losses and gradients are checked"),
+    "check_weight_hash_across_dp_replicas_interval": (
+        "--check-weight-hash-across-dp-replicas-interval", "weights are not hashed across data-parallel replicas"),
+    "rerun_mode": ("--rerun-mode", "there is no rerun state machine; NaN/Inf stop the run before the step"),
+    "auto_detect_ckpt_format": ("--auto-detect-ckpt-format", "the format is always detected when loading"),
+    "use_dist_ckpt_deprecated": ("--use-dist-ckpt", "deprecated in Megatron too: --ckpt-format chooses the format"),
+    "dist_ckpt_format_deprecated": ("--dist-ckpt-format", "deprecated in Megatron too: --ckpt-format chooses"),
+    "ckpt_fully_parallel_save": ("--no-ckpt-fully-parallel-save", "every rank writes its own shards"),
+    "ckpt_fully_parallel_load": ("--ckpt-fully-parallel-load", "every rank reads its own shards"),
+    "save_tokenizer_assets": ("--no-save-tokenizer-assets", "tokenizer files are not copied into checkpoints"),
+    "overlap_p2p_communication_warmup_flush": (
+        "--overlap-p2p-communication-warmup-flush", "with --overlap-p2p-communication warmup and flush "
+        "exchanges are already waited for only before the step that needs them"),
+    "align_param_gather": ("--no-align-param-gather", "each model chunk starts its parameter all-gather itself"),
+    "overlap_param_gather_with_optimizer_step": (
+        "--overlap-param-gather-with-optimizer-step", "the parameter all-gather overlaps the next forward"),
+    "ddp_num_buckets": ("--ddp-num-buckets", "buckets are sized by --ddp-bucket-size"),
+    "scatter_gather_tensors_in_pipeline": (
+        "--no-scatter-gather-tensors-in-pipeline", "stages exchange whole [s/(cp*(tp if SP)), b, h] tensors"),
+    "use_ring_exchange_p2p": ("--use-ring-exchange-p2p", "pipeline exchanges use batched isend/irecv"),
+    "nccl_communicator_config_path": ("--nccl-communicator-config-path", "NCCL communicators use NCCL's "
+                                      "defaults and the NCCL_* environment variables"),
+    "enable_gloo_process_groups": ("--disable-gloo-process-groups", "no gloo twins of the groups are created anyway"),
+    "use_sharp": ("--use-sharp", "set NCCL_COLLNET_ENABLE=1 in the environment instead"),
+    "log_progress": ("--log-progress", "no progress.txt is written"),
+    "log_energy": ("--log-energy", "energy is not logged"),
+    "log_timers_to_tensorboard": ("--log-timers-to-tensorboard", "timers go to the log only"),
+    "log_memory_to_tensorboard": ("--log-memory-to-tensorboard", "memory goes to the log only"),
+    "log_world_size_to_tensorboard": ("--log-world-size-to-tensorboard", "the world size goes to the log only"),
+    "fp8_recipe": ("--fp8-recipe", "fp8 training is not implemented (--fp8-format is refused)"),
+}
+
+
+# Flags of model families pretrain_gpt.py does not build; GPT training ignores them, as
+# Megatron's does.
+OTHER_MODEL_FAMILIES: Dict[str, str] = {
+    "mask_prob": "BERT/T5 masking", "short_seq_prob": "BERT/T5 sample lengths",
+    "decoder_num_layers": "T5 decoder depth",
+}
+
+# Values that mean what this framework does anyway.
+_SAME_AS_HERE = {"recompute_modules": (["core_attn"],), "transformer_impl": ("local",)}
+
+
+def _is_set(dest: str, value, default) -> bool:
+    if value == default or value in _SAME_AS_HERE.get(dest, ()):
+        return False
+    return not (value in (None, [], (), False) and default in (None, [], (), False))
+
+
+def check_unimplemented(args: argparse.Namespace, defaults: argparse.Namespace) -> List[str]:
+    """Raise ValueError for a REFUSED flag set to anything but its default; return one line
+    per WITHOUT_EFFECT flag that is set (``--flag: what happens instead``)."""
+    from megatron.training.argument_checks import invalid  # the house error format
+
+    for dest, (flag, missing, fix) in REFUSED.items():
+        value = getattr(args, dest, None)
+        if _is_set(dest, value, getattr(defaults, dest, None)):
+            raise invalid(flag, value, f"is not supported: {missing}", fix)
+    return [f"{flag}: {instead}" for dest, (flag, instead) in WITHOUT_EFFECT.items()
+            if _is_set(dest, getattr(args, dest, None), getattr(defaults, dest, None))]
