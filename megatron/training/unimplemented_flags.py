@@ -37,8 +37,6 @@ REFUSED: Dict[str, Tuple[str, str, str]] = {
                           "use --use-distributed-optimizer (sharded optimizer state, ZeRO-1)"),
     "window_attn_skip_freq": ("--window-attn-skip-freq", "mixing sliding-window and full-attention layers is "
                               "not implemented", "drop it: --window-size applies to every layer"),
-    "embedding_init_method_std": ("--embedding-init-method-std", "a separate initialization std for the "
-                                  "embeddings is not implemented", "drop it: --init-method-std applies to all weights"),
     "deterministic_mode": ("--deterministic-mode", "bit-reproducible kernels are not enforced",
                            "drop it; runs are reproducible to rounding (same seed, same layout)"),
     "iterations_to_skip": ("--iterations-to-skip", "skipping chosen iterations is not implemented",

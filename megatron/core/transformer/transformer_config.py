@@ -102,6 +102,14 @@ class TransformerConfig(ModelParallelConfig):
     output_layer_init_method: Optional[Callable] = None
     """Initializer of output projections; default scaled by 1/sqrt(2 num_layers)."""
 
+    embedding_init_method_std: Optional[float] = None
+    """Std of the embeddings' normal initializer (--embedding-init-method-std); None: the
+    embeddings use ``init_method``."""
+
+    embedding_init_method: Optional[Callable] = None
+    """Initializer of the word, position and token-type embeddings; default
+    N(0, embedding_init_method_std^2), or ``init_method`` without that std."""
+
     apply_query_key_layer_scaling: bool = False
     """Scale attention scores by 1/layer_number, softmax in fp32."""
 
@@ -266,6 +274,9 @@ class TransformerConfig(ModelParallelConfig):
             self.init_method = init_method_normal(self.init_method_std)
         if self.output_layer_init_method is None:
             self.output_layer_init_method = scaled_init_method_normal(self.init_method_std, self.num_layers)
+        if self.embedding_init_method is None:
+            self.embedding_init_method = (self.init_method if self.embedding_init_method_std is None
+                                          else init_method_normal(self.embedding_init_method_std))
         if self.apply_query_key_layer_scaling:
             self.attention_softmax_in_fp32 = True
         if self.num_moe_experts is not None:

@@ -49,7 +49,7 @@ class LanguageModelEmbedding(torch.nn.Module):
         self.word_embeddings = tensor_parallel.VocabParallelEmbedding(
             num_embeddings=vocab_size,
             embedding_dim=config.hidden_size,
-            init_method=config.init_method,
+            init_method=config.embedding_init_method,
             config=config,
             tp_group=self.tp_group,
         )
@@ -59,12 +59,12 @@ class LanguageModelEmbedding(torch.nn.Module):
             )
             if config.perform_initialization:
                 with torch.no_grad():
-                    config.init_method(self.position_embeddings.weight)
+                    config.embedding_init_method(self.position_embeddings.weight)
         if num_tokentypes > 0:
             self.tokentype_embeddings = torch.nn.Embedding(num_tokentypes, config.hidden_size, dtype=config.params_dtype)
             if config.perform_initialization:
                 with torch.no_grad():
-                    config.init_method(self.tokentype_embeddings.weight)
+                    config.embedding_init_method(self.tokentype_embeddings.weight)
         else:
             self.tokentype_embeddings = None
         self.embedding_dropout = torch.nn.Dropout(config.hidden_dropout)
