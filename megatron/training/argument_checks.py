@@ -74,6 +74,11 @@ def _check_communication_features(args: argparse.Namespace) -> None:
     ):
         raise invalid("--overlap-param-gather-with-optimizer-step", True,
                       "needs --use-distributed-optimizer and --overlap-param-gather", "add both flags")
+    if args.ddp_num_buckets is not None:
+        _positive("--ddp-num-buckets", args.ddp_num_buckets)
+        if args.ddp_bucket_size is not None:
+            raise invalid("--ddp-num-buckets", args.ddp_num_buckets, "cannot be combined with --ddp-bucket-size",
+                          "size the buckets with one of the two")
     if args.tp_comm_overlap and not (args.sequence_parallel and args.tensor_model_parallel_size > 1):
         raise invalid("--tp-comm-overlap", True, "needs --sequence-parallel with --tensor-model-parallel-size > 1",
                       "add --sequence-parallel and TP > 1, or drop --tp-comm-overlap")

@@ -118,13 +118,20 @@ def get_megatron_optimizer_config(args: argparse.Namespace):
     return build_config(OptimizerConfig, args)
 
 
-def get_ddp_config(args: argparse.Namespace):
-    """``megatron.core.distributed.DistributedDataParallelConfig`` from ``args``."""
+def get_ddp_config(args: argparse.Namespace, num_parameters: Optional[int] = None):
+    """``megatron.core.distributed.DistributedDataParallelConfig`` from ``args``.
+
+    ``num_parameters`` (this rank's) turns --ddp-num-buckets N into buckets of
+    ceil(num_parameters / N) elements."""
     from megatron.core.distributed import DistributedDataParallelConfig
 
+    bucket_size = getattr(args, "ddp_bucket_size", None)
+    num_buckets = getattr(args, "ddp_num_buckets", None)
+    if num_buckets is not None and num_parameters is not None:
+        bucket_size = max(1, -(-num_parameters // num_buckets))
     overrides = {
         "grad_reduce_in_fp32": getattr(args, "accumulate_allreduce_grads_in_fp32", False),
-        "bucket_size": getattr(args, "ddp_bucket_size", None),
+        "bucket_size": bucket_size,
         "average_in_collective": getattr(args, "ddp_average_in_collective", False),
         # The training loop checks losses and gradients on every rank together
         # (megatron/training/nan_check.py); a per-bucket check that raises on one rank

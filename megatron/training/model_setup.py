@@ -97,7 +97,7 @@ def get_model(model_provider_func: Callable, pg_collection: ProcessGroups, wrap_
     if not wrap_with_ddp:
         return chunks
     config = core_transformer_config_from_args(args)
-    ddp_config = get_ddp_config(args)
+    ddp_config = get_ddp_config(args, num_parameters=n_params)
     wrapped = [
         DistributedDataParallel(config, ddp_config, chunk, pg_collection=pg_collection,
                                 disable_bucketing=(index > 0))

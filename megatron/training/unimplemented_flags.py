@@ -88,7 +88,6 @@ WITHOUT_EFFECT: Dict[str, Tuple[str, str]] = {
     "align_param_gather": ("--no-align-param-gather", "each model chunk starts its parameter all-gather itself"),
     "overlap_param_gather_with_optimizer_step": (
         "--overlap-param-gather-with-optimizer-step", "the parameter all-gather overlaps the next forward"),
-    "ddp_num_buckets": ("--ddp-num-buckets", "buckets are sized by --ddp-bucket-size"),
     "scatter_gather_tensors_in_pipeline": (
         "--no-scatter-gather-tensors-in-pipeline", "stages exchange whole [s/(cp*(tp if SP)), b, h] tensors"),
     "use_ring_exchange_p2p": ("--use-ring-exchange-p2p", "pipeline exchanges use batched isend/irecv"),
