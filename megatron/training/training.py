@@ -172,8 +172,13 @@ def train(forward_step_func, model, optimizer, scheduler, train_it, valid_it, pg
     print_rank_0("> training ...")
     manual_gc.start()
     try:
+        skip = set(args.iterations_to_skip or ())
         while _should_continue(args, iteration):
             update_num_microbatches(args.consumed_train_samples, consistency_check=True)
+            if iteration + 1 in skip:
+                iteration += 1
+                _skip_iteration(iteration, train_it, model)
+                continue
             profiler.step_begin(iteration + 1)
             result = train_step(forward_step_func, train_it, model, optimizer, scheduler, pg, iteration + 1)
             iteration += 1
@@ -222,6 +227,23 @@ def train(forward_step_func, model, optimizer, scheduler, train_it, valid_it, pg
         return iteration, False
     finally:
         manual_gc.stop()
+
+
+def _skip_iteration(iteration: int, train_it, model: List[torch.nn.Module]) -> None:
+    """--iterations-to-skip: read and drop the iteration's global batch, as its training step
+    would have read it (on the ranks and model chunks that read data, one sample batch per
+    micro-batch), so later iterations get the same data as without the skip. No forward, no
+    update, no learning-rate step, no log line (Megatron's behaviour)."""
+    args = get_args()
+    iterators = train_it if isinstance(train_it, list) else [train_it] * len(model)
+    readers = {id(it): it for it, chunk in zip(iterators, model) if it is not None and _reads_data(chunk)}
+    for _ in range(get_num_microbatches()):
+        for data_iterator in readers.values():
+            next(data_iterator)
+    batch = get_current_global_batch_size()
+    args.consumed_train_samples += batch
+    args.skipped_train_samples = getattr(args, "skipped_train_samples", 0) + batch
+    print_rank_0(f" skipped iteration {iteration} (--iterations-to-skip): its {batch} samples were read and dropped")
 
 
 def _finish_param_sync(model) -> None:

@@ -39,8 +39,6 @@ REFUSED: Dict[str, Tuple[str, str, str]] = {
                               "not implemented", "drop it: --window-size applies to every layer"),
     "deterministic_mode": ("--deterministic-mode", "bit-reproducible kernels are not enforced",
                            "drop it; runs are reproducible to rounding (same seed, same layout)"),
-    "iterations_to_skip": ("--iterations-to-skip", "skipping chosen iterations is not implemented",
-                           "drop it"),
     "full_validation": ("--full-validation", "validation over the whole validation set is not implemented",
                         "set --eval-iters to the number of validation batches you want"),
     "dist_ckpt_strictness": ("--dist-ckpt-strictness", "the loader always fails on missing or mis-shaped "
