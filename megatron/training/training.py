@@ -184,20 +184,8 @@ def train(forward_step_func, model, optimizer, scheduler, train_it, valid_it, pg
             iteration += 1
             profiler.step_end(iteration)
             args.consumed_train_samples += get_current_global_batch_size()
-            params_norm = None
-            if args.log_params_norm and (first_of_run or iteration % args.log_interval == 0):
-                _finish_param_sync(model)  # the norm reads the updated weights
-                params_norm = params_l2_norm(model, pg)
-            stats = IterationStats(
-                losses=result.losses,
-                skipped=result.skipped,
-                grad_norm=result.grad_norm,
-                num_zeros=result.num_zeros,
-                learning_rate=_learning_rate(optimizer),
-                loss_scale=float(optimizer.get_loss_scale()),
-                global_batch_size=get_current_global_batch_size(),
-                params_norm=params_norm,
-            )
+            logged = first_of_run or iteration % args.log_interval == 0
+            stats = _iteration_stats(result, optimizer, model, pg, logged)
             line = logger.record(iteration, stats, args.consumed_train_samples, time.time() - interval_start,
                                  first_of_run)
             if line is not None:
@@ -227,6 +215,25 @@ def train(forward_step_func, model, optimizer, scheduler, train_it, valid_it, pg
         return iteration, False
     finally:
         manual_gc.stop()
+
+
+def _iteration_stats(result: StepResult, optimizer, model, pg: ProcessGroups, logged: bool) -> IterationStats:
+    """What the logger gets for one step; the parameter norm (--log-params-norm) only on the
+    iterations whose line is printed."""
+    params_norm = None
+    if get_args().log_params_norm and logged:
+        _finish_param_sync(model)  # the norm reads the updated weights
+        params_norm = params_l2_norm(model, pg)
+    return IterationStats(
+        losses=result.losses,
+        skipped=result.skipped,
+        grad_norm=result.grad_norm,
+        num_zeros=result.num_zeros,
+        learning_rate=_learning_rate(optimizer),
+        loss_scale=float(optimizer.get_loss_scale()),
+        global_batch_size=get_current_global_batch_size(),
+        params_norm=params_norm,
+    )
 
 
 def _skip_iteration(iteration: int, train_it, model: List[torch.nn.Module]) -> None:
