@@ -52,28 +52,26 @@ for section in "$@"; do
       # Model state alone is ~16 bytes/parameter before sharding: the layouts shard it with the
       # distributed optimizer (DP), tensor or pipeline parallelism; expandable segments keep
       # the allocator from fragmenting the last few GB.
+      alloc_conf=${PYTORCH_CUDA_ALLOC_CONF-}
+      export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
       B8=(--configs llama3-8b --nproc "$NGPU" --gbs "${GBS_8B:-16}" --mbs 1)
       DISTOPT=(--distributed-optimizer --overlap)
       BLOCK8="--recompute-granularity full --recompute-method block --recompute-num-layers 8"
       for layout in ${LAYOUTS_8B:-dp dp-block8 dp-full tp2 tp2-overlap tpall pp2}; do
         case $layout in
-          dp) PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True bench llama3-8b-dp$NGPU-distopt "${B8[@]}" \
-                "${DISTOPT[@]}" --recompute none ;;
-          dp-block8) PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True bench llama3-8b-dp$NGPU-distopt-block8 \
-                "${B8[@]}" "${DISTOPT[@]}" --recompute none --extra="$BLOCK8" ;;
+          dp) bench llama3-8b-dp$NGPU-distopt "${B8[@]}" "${DISTOPT[@]}" --recompute none ;;
+          dp-block8) bench llama3-8b-dp$NGPU-distopt-block8 "${B8[@]}" "${DISTOPT[@]}" --recompute none \
+                --extra="$BLOCK8" ;;
           dp-full) bench llama3-8b-dp$NGPU-distopt-full "${B8[@]}" "${DISTOPT[@]}" --recompute full ;;
-          tp2) PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True bench llama3-8b-tp2dp$((NGPU / 2))-distopt \
-                "${B8[@]}" --tp 2 "${DISTOPT[@]}" --recompute none ;;
-          tp2-overlap) CUDA_DEVICE_MAX_CONNECTIONS=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True \
-                bench llama3-8b-tp2dp$((NGPU / 2))-distopt-commoverlap "${B8[@]}" --tp 2 "${DISTOPT[@]}" \
-                --recompute none --extra="--tp-comm-overlap" ;;
-          tpall) PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True bench llama3-8b-tp$NGPU "${B8[@]}" \
-                --tp "$NGPU" --recompute none ;;
-          pp2) PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True bench llama3-8b-pp2dp$((NGPU / 2))-distopt \
-                "${B8[@]}" --pp 2 "${DISTOPT[@]}" --recompute none ;;
+          tp2) bench llama3-8b-tp2dp$((NGPU / 2))-distopt "${B8[@]}" --tp 2 "${DISTOPT[@]}" --recompute none ;;
+          tp2-overlap) CUDA_DEVICE_MAX_CONNECTIONS=1 bench llama3-8b-tp2dp$((NGPU / 2))-distopt-commoverlap \
+                "${B8[@]}" --tp 2 "${DISTOPT[@]}" --recompute none --extra="--tp-comm-overlap" ;;
+          tpall) bench llama3-8b-tp$NGPU "${B8[@]}" --tp "$NGPU" --recompute none ;;
+          pp2) bench llama3-8b-pp2dp$((NGPU / 2))-distopt "${B8[@]}" --pp 2 "${DISTOPT[@]}" --recompute none ;;
           *) echo "unknown LAYOUTS_8B entry $layout (dp dp-block8 dp-full tp2 tp2-overlap tpall pp2)"; status=1 ;;
         esac
       done
+      PYTORCH_CUDA_ALLOC_CONF=$alloc_conf
       ;;
     *) echo "unknown section $section (dp, tp, 8b)"; exit 2 ;;
   esac
