@@ -16,7 +16,7 @@ from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 from megatron.training.arguments import parse_args, validate_args
 from megatron.training.checkpointing.checkpoint_args import load_args_from_checkpoint
 from megatron.training.distributed_env import detect_distributed_env, export_env
-from megatron.training.global_vars import get_args, set_global_variables, set_timers, set_tokenizer
+from megatron.training.global_vars import set_global_variables, set_timers, set_tokenizer
 from megatron.core.timers import Timers
 from megatron.training.rank_print import print_rank_0
 from megatron.training.tokenizer import build_tokenizer, vocab_size_with_padding

@@ -7,7 +7,7 @@ collective) and the message names the ranks, the iteration and what was bad.
 
 from __future__ import annotations
 
-from typing import Iterable, List, Optional
+from typing import Iterable, List
 
 import torch
 import torch.distributed as dist

@@ -119,6 +119,7 @@ def _new_weight(
     config: ModelParallelConfig,
     init_method: Callable,
     tp_group,
+    *,
     is_expert: bool,
     keep_master: bool,
 ) -> Tuple[Parameter, Optional[torch.Tensor]]:
@@ -202,7 +203,7 @@ class ColumnParallelLinear(torch.nn.Module):
         else:
             self.weight, self.master_weight = _new_weight(
                 (self.output_size_per_partition, input_size), (output_size, input_size), 0, stride,
-                config, init_method, self.tp_group, is_expert, keep_master_weight_for_test,
+                config, init_method, self.tp_group, is_expert=is_expert, keep_master=keep_master_weight_for_test,
             )
             setattr(self.weight, "allreduce", not (is_expert and config.expert_model_parallel_size > 1))
         if bias:
@@ -241,8 +242,10 @@ class ColumnParallelLinear(torch.nn.Module):
             # the accumulation fusion only for the layer's own weight: a weight passed in (the
             # tied output layer) also gets the embedding lookup's gradient through .grad
             output_parallel = column_parallel_matmul(
-                input_, weight, bias, self.tp_group, self.sequence_parallel, self.config.tp_comm_overlap,
-                self.config.gradient_accumulation_fusion and weight is self.weight,
+                input_, weight, bias, self.tp_group,
+                sequence_parallel=self.sequence_parallel,
+                tp_comm_overlap=self.config.tp_comm_overlap,
+                fuse_accumulation=self.config.gradient_accumulation_fusion and weight is self.weight,
             )
         gather = self.gather_output if runtime_gather_output is None else runtime_gather_output
         if gather and not self.explicit_expert_comm:
@@ -304,7 +307,7 @@ class RowParallelLinear(torch.nn.Module):
             )
         self.weight, self.master_weight = _new_weight(
             (output_size, self.input_size_per_partition), (output_size, input_size), 1, stride,
-            config, init_method, self.tp_group, is_expert, keep_master_weight_for_test,
+            config, init_method, self.tp_group, is_expert=is_expert, keep_master=keep_master_weight_for_test,
         )
         setattr(self.weight, "allreduce", not (is_expert and config.expert_model_parallel_size > 1))
         if bias:
@@ -321,7 +324,9 @@ class RowParallelLinear(torch.nn.Module):
             input_parallel = scatter_to_tensor_model_parallel_region(input_, self.tp_group)
         fuse = self.config.gradient_accumulation_fusion and not self.explicit_expert_comm
         ring = self.sequence_parallel and self.config.tp_comm_overlap and not self.explicit_expert_comm
-        output_parallel = row_parallel_matmul(input_parallel, self.weight, self.tp_group, ring, fuse)
+        output_parallel = row_parallel_matmul(
+            input_parallel, self.weight, self.tp_group, reduce_scatter_by_ring=ring, fuse_accumulation=fuse
+        )
         if self.explicit_expert_comm or ring:
             output = output_parallel
         elif self.sequence_parallel:
@@ -370,7 +375,7 @@ class VocabParallelEmbedding(torch.nn.Module):
         self.num_embeddings_per_partition = self.vocab_end_index - self.vocab_start_index
         self.weight, _ = _new_weight(
             (self.num_embeddings_per_partition, embedding_dim), (num_embeddings, embedding_dim), 0, 1,
-            config, init_method, self.tp_group, False, False,
+            config, init_method, self.tp_group, is_expert=False, keep_master=False,
         )
 
     def forward(self, input_: torch.Tensor) -> torch.Tensor:

@@ -222,7 +222,7 @@ class _ColumnParallelMatmul(torch.autograd.Function):
         return grad_input, grad_weight, grad_bias, None, None, None, None
 
 
-def column_parallel_matmul(input_: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], group,
+def column_parallel_matmul(input_: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], group, *,
                            sequence_parallel: bool, tp_comm_overlap: bool,
                            fuse_accumulation: bool) -> torch.Tensor:
     """The column-parallel layer's output [s, b, out/tp] from input [s, b, in]
@@ -265,7 +265,7 @@ class _RowParallelMatmul(torch.autograd.Function):
         return grad_input, grad_weight, None, None, None
 
 
-def row_parallel_matmul(input_: torch.Tensor, weight: torch.Tensor, group, reduce_scatter_by_ring: bool,
+def row_parallel_matmul(input_: torch.Tensor, weight: torch.Tensor, group, *, reduce_scatter_by_ring: bool,
                         fuse_accumulation: bool) -> torch.Tensor:
     """input [s, b, in/tp] @ W^T: the partial products [s, b, out], or with
     ``reduce_scatter_by_ring`` their sequence-parallel sum [s/tp, b, out]."""

@@ -20,6 +20,9 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.torch_norm import build_norm
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+# core attention's q/k/v differ per tensor-parallel rank, so recompute keeps them whole there
+_KEEP_WHOLE_ON_EACH_RANK = False
+
 
 class SelfAttention(torch.nn.Module):
     """Multi-head / grouped-query self-attention of one transformer layer.
@@ -108,7 +111,7 @@ class SelfAttention(torch.nn.Module):
         def run(q, k, v):
             return self.core_attention(q, k, v, attention_mask, attn_mask_type=attn_mask_type)
 
-        return tensor_parallel.random.checkpoint(run, False, query, key, value)
+        return tensor_parallel.random.checkpoint(run, _KEEP_WHOLE_ON_EACH_RANK, query, key, value)
 
     def forward(
         self,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections import defaultdict, deque
 
-from megatron.core.pipeline_parallel.schedule_table import Exchange, Step, pipeline_plan
+from megatron.core.pipeline_parallel.schedule_table import Step, pipeline_plan
 
 
 class PlanError(AssertionError):
@@ -131,6 +131,12 @@ def simulate(pp, m, vpp=None, group_size=None, forward_only=False, plans=None, b
                 progress = True
     if any(pos[r] < len(plans[r]) for r in range(pp)):
         raise PlanError(f"deadlock at positions {pos} of {[len(p) for p in plans]}")
+    _check_all_consumed(pp, m, vpp_n, forward_only, done_f, done_b, act_q, grad_q)
+    return executed
+
+
+def _check_all_consumed(pp, m, vpp_n, forward_only, done_f, done_b, act_q, grad_q):
+    """Every forward (and backward) ran once and no message was left unread."""
     expected = {(r, mb, c) for r in range(pp) for mb in range(m) for c in range(vpp_n)}
     if done_f != expected:
         raise PlanError("missing forwards")
@@ -139,4 +145,3 @@ def simulate(pp, m, vpp=None, group_size=None, forward_only=False, plans=None, b
     for r in range(pp):
         if any(act_q[r][c] or grad_q[r][c] for c in range(vpp_n)):
             raise PlanError(f"rank {r}: unconsumed messages")
-    return executed

@@ -133,7 +133,7 @@ def check_column(results, key):
 
 
 def check_row(results, key):
-    ref, world = _reference_linear(), len(results)
+    ref = _reference_linear()
     for rank, res in enumerate(results):
         r = res[key]
         _close(r["y"], ref["y"], f"{key} output rank {rank}")

@@ -104,7 +104,8 @@ def _run(recompute):
     weight = torch.randn(6, 4, generator=torch.Generator().manual_seed(1)).to(DEVICE).requires_grad_()
     x = torch.randn(5, 2, 4, generator=torch.Generator().manual_seed(2)).to(DEVICE).requires_grad_()
     wrapped = lambda x_: _block(x_, weight, 2.0)
-    out, total = checkpoint(wrapped, False, x) if recompute else wrapped(x)
+    distribute_saved_activations = False
+    out, total = checkpoint(wrapped, distribute_saved_activations, x) if recompute else wrapped(x)
     (out.square().sum() + total).backward()
     return out.detach(), x.grad, weight.grad, _draw()
 

@@ -9,7 +9,7 @@ because the values are produced deep inside the model and read by the training l
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import torch
 import torch.distributed as dist
