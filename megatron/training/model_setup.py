@@ -11,7 +11,7 @@ import torch
 from megatron.core.distributed import DistributedDataParallel
 from megatron.core.optimizer import get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-from megatron.core.pipeline_parallel.init_rng import layout_independent_initialization
+from megatron.core.transformer.init_rng import layout_independent_initialization
 from megatron.core.pipeline_parallel.tied_embeddings import sync_tied_embedding_weights
 from megatron.core.process_groups import ProcessGroups
 from megatron.training.checkpointing import load_checkpoint
@@ -77,7 +77,7 @@ def get_model(model_provider_func: Callable, pg_collection: ProcessGroups, wrap_
 
     Returns the list of this rank's model chunks, moved to the GPU when there is one and
     wrapped in DistributedDataParallel. With --use-cpu-initialization the weights do not
-    depend on the parallel layout (``pipeline_parallel.init_rng``). Tied input/output
+    depend on the parallel layout (``transformer.init_rng``). Tied input/output
     embeddings start equal on the first and last stage (``sync_tied_embedding_weights``).
     """
     args = get_args()

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from megatron.core import tensor_parallel
 from megatron.core.fusions.fused_bias_activation import bias_activation
-from megatron.core.pipeline_parallel.init_rng import initialization_stream
+from megatron.core.transformer.init_rng import initialization_stream
 from megatron.core.transformer.activations import openai_gelu
 
 

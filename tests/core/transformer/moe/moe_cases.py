@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from megatron.core.pipeline_parallel.init_rng import initialization_stream, layout_independent_initialization
+from megatron.core.transformer.init_rng import initialization_stream, layout_independent_initialization
 from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.transformer_config import TransformerConfig
