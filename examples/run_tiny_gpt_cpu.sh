@@ -56,6 +56,7 @@ else
          "(pip install tensorboard to get them)"
 fi
 
+# ${LOGS[@]+...} below: an empty array under set -u is an error in bash 3.2 (macOS's).
 ARGS=(
     --num-layers 2 --hidden-size 128 --num-attention-heads 4
     --seq-length 128 --max-position-embeddings 128
@@ -66,7 +67,7 @@ ARGS=(
     --log-interval 10 --num-workers 0 --distributed-backend gloo
     --data-path "${PREFIX}_text_document" --split 98,2,0 --data-cache-path "$RUN_DIR/cache" "${TOK[@]}"
     --save "$RUN_DIR/checkpoints" --load "$RUN_DIR/checkpoints" --save-interval 40
-    "${LOGS[@]}"
+    ${LOGS[@]+"${LOGS[@]}"}
 )
 
 LOG=$RUN_DIR/train.log
