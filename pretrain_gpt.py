@@ -1,6 +1,7 @@
 """Pretrain a GPT (and LLaMA/Mistral/Qwen-style) language model.
 
     torchrun --nproc-per-node N pretrain_gpt.py <Megatron-LM flags>
+    torchrun --nproc-per-node N --no-python megatron-pretrain-gpt <Megatron-LM flags>   (installed)
 """
 
 from __future__ import annotations
@@ -146,6 +147,11 @@ def train_valid_test_datasets_provider(train_val_test_num_samples):
     return tuple(datasets)
 
 
-if __name__ == "__main__":
+def main() -> None:
+    """Train with the command line's flags (also the ``megatron-pretrain-gpt`` command)."""
     pretrain(train_valid_test_datasets_provider, model_provider, ModelType.encoder_or_decoder, forward_step)
     shutdown_megatron()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,5 +1,10 @@
 #!/usr/bin/env bash
-# Install what the test suite needs (if missing) and run every test.
+# Install what the test suite needs (if missing) and run the tests: every test, or what the
+# arguments name (they go to pytest as they are: files, -k, -m, ...).
+#
+#   bash tests/run_all.sh                               # the whole suite
+#   bash tests/run_all.sh tests/tools/test_convert.py -x
+#
 # Works on a fresh machine with only Python and pip.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -9,4 +14,7 @@ if ! "$PY" -c "import torch" >/dev/null 2>&1; then
     "$PY" -m pip install --quiet "torch==2.13.0"
 fi
 "$PY" -m pip install --quiet -e ".[test]"
-exec "$PY" -m pytest -q -p no:cacheprovider tests "$@"
+if [ $# -eq 0 ]; then
+    set -- tests
+fi
+exec "$PY" -m pytest -q -p no:cacheprovider "$@"

@@ -107,9 +107,16 @@ def main(argv: Optional[List[str]] = None) -> str:
     return summary
 
 
-if __name__ == "__main__":
+def cli() -> int:
+    """The command line (also the ``megatron-convert-checkpoint`` command): exit status 0, or 1
+    with the message of a conversion error."""
     try:
         main()
     except ConversionError as error:
         print(f"error: {error}", file=sys.stderr)
-        sys.exit(1)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

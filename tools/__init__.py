@@ -1,0 +1,1 @@
+"""Command-line tools: data preprocessing, dataset merge and verification, checkpoint conversion."""

@@ -1,0 +1,1 @@
+"""Offline checkpoint conversion (convert.py) and its loaders, savers and workers."""
