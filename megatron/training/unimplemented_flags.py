@@ -10,6 +10,10 @@ that is not implemented must still never be ignored silently:
   rank 0 logs one warning listing every such flag with what happens instead, so scripts
   run unchanged and nobody is surprised.
 
+Megatron flags the argument groups do not define at all (other model families, kernel
+libraries, monitors, old spellings) are registered by ``flag_table`` with the same two
+outcomes; together these are the one table behind docs/flags.md.
+
 Flags of model families that pretrain_gpt.py does not build (BERT/T5 masking, T5 decoder
 depth) are ignored by GPT training here exactly as by Megatron's pretrain_gpt.py, and are
 not listed.
@@ -120,13 +124,16 @@ def _is_set(dest: str, value, default) -> bool:
 
 
 def check_unimplemented(args: argparse.Namespace, defaults: argparse.Namespace) -> List[str]:
-    """Raise ValueError for a REFUSED flag set to anything but its default; return one line
-    per WITHOUT_EFFECT flag that is set (``--flag: what happens instead``)."""
+    """Raise ValueError for a REFUSED flag set to anything but its default, or a refused
+    flag of the flag table that was given; return one line per WITHOUT_EFFECT or no-effect
+    table flag that is set (``--flag: what happens instead``)."""
     from megatron.training.argument_checks import invalid  # the house error format
+    from megatron.training.flag_table import check_table_flags
 
     for dest, (flag, missing, fix) in REFUSED.items():
         value = getattr(args, dest, None)
         if _is_set(dest, value, getattr(defaults, dest, None)):
             raise invalid(flag, value, f"is not supported: {missing}", fix)
-    return [f"{flag}: {instead}" for dest, (flag, instead) in WITHOUT_EFFECT.items()
-            if _is_set(dest, getattr(args, dest, None), getattr(defaults, dest, None))]
+    lines = [f"{flag}: {instead}" for dest, (flag, instead) in WITHOUT_EFFECT.items()
+             if _is_set(dest, getattr(args, dest, None), getattr(defaults, dest, None))]
+    return lines + check_table_flags(args)
