@@ -420,7 +420,7 @@ def table_dest(flag: str) -> str:
 def add_table_flags(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Register every table flag whose option string the parser does not define yet."""
     actions = {opt: action for action in parser._actions for opt in action.option_strings}
-    group = parser.add_argument_group("Megatron-LM flags without machinery here (see docs/flags.md)")
+    group = parser.add_argument_group("Megatron-LM flags without machinery here (no effect or refused)")
     for flag, entry in TABLE.items():
         if flag in actions:
             continue  # the real definition wins
