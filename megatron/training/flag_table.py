@@ -372,12 +372,6 @@ _refuse("token dropping is chosen by a capacity factor", "use --moe-expert-capac
         "--moe-token-dropping", legacy=True)
 _refuse("the old spelling was removed from Megatron-LM", "use --expert-tensor-parallel-size",
         "--moe-extended-tp", legacy=True)
-_refuse("no such flag in Megatron-LM: the overlap is on by default with virtual pipeline stages",
-        "drop it (--no-overlap-p2p-communication turns the overlap off)", "--overlap-p2p-communication",
-        legacy=True)
-_refuse("no such flag in Megatron-LM: gradient accumulation fusion is on by default",
-        "drop it (--no-gradient-accumulation-fusion turns the fusion off)", "--gradient-accumulation-fusion",
-        legacy=True)
 _no_effect("the local DDP with contiguous gradient buffers is always used (old Megatron choice)",
            "--DDP-impl --use-contiguous-buffers-in-local-ddp --no-contiguous-buffers-in-local-ddp",
            legacy=True, same_as_here=("local",))
