@@ -19,7 +19,7 @@ from typing import Iterable, List, Tuple
 
 from megatron.training.arguments import build_parser
 from megatron.training.flag_table import ALIAS, NO_EFFECT, TABLE, is_table_action
-from megatron.training.unimplemented_flags import OTHER_MODEL_FAMILIES, REFUSED, WITHOUT_EFFECT
+from megatron.training.unimplemented_flags import OTHER_MODEL_FAMILIES, REFUSED, WITHOUT_EFFECT, status_note
 
 PAGE = Path(__file__).resolve().parents[1] / "docs" / "flags.md"
 
@@ -62,7 +62,11 @@ def _default(action: argparse.Action) -> str:
 
 
 def _help(action: argparse.Action) -> str:
+    """The help as --help shows it, less the status note (the status column says it)."""
     text = action.help or ""
+    note = status_note(action.dest)
+    if note and text.endswith(note.replace("%", "%%")):
+        text = text[: -len(note.replace("%", "%%"))].rstrip()
     if "%(" in text:
         text = text % {**vars(action), "prog": "pretrain_gpt.py"}
     return text.replace("%%", "%")

@@ -24,7 +24,7 @@ from megatron.training.arguments_groups import add_megatron_arguments
 from megatron.training.arguments_groups.config_help import fill_help_from_config
 from megatron.training.derived_args import apply_defaults, derive_args
 from megatron.training.flag_table import add_table_flags
-from megatron.training.unimplemented_flags import check_unimplemented
+from megatron.training.unimplemented_flags import annotate_help, check_unimplemented
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +40,7 @@ def build_parser(extra_args_provider: Optional[ExtraArgsProvider] = None) -> arg
     if extra_args_provider is not None:
         parser = extra_args_provider(parser)
         fill_help_from_config(parser)
+    annotate_help(parser)
     return add_table_flags(parser)
 
 

@@ -22,7 +22,7 @@ not listed.
 from __future__ import annotations
 
 import argparse
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 # dest: (flag, what is missing, what to do instead)
 REFUSED: Dict[str, Tuple[str, str, str]] = {
@@ -115,6 +115,27 @@ OTHER_MODEL_FAMILIES: Dict[str, str] = {
 
 # Values that mean what this framework does anyway.
 _SAME_AS_HERE = {"recompute_modules": (["core_attn"],), "transformer_impl": ("local",)}
+
+
+def status_note(dest: str) -> Optional[str]:
+    """What --help adds to the help of a flag parsed here but not acted on, or None."""
+    if dest in REFUSED:
+        return f"Refused here unless left at its default: {REFUSED[dest][1]}."
+    if dest in WITHOUT_EFFECT:
+        return f"No effect here: {WITHOUT_EFFECT[dest][1]}."
+    return None
+
+
+def annotate_help(parser: argparse.ArgumentParser) -> None:
+    """Append ``status_note`` to the help of every flag it applies to, so that --help never
+    promises what the flag does in Megatron-LM when it does something else here."""
+    for action in parser._actions:
+        note = status_note(action.dest)
+        if note is None or not action.help:
+            continue
+        note = note.replace("%", "%%")  # help strings are argparse format strings
+        if not action.help.endswith(note):
+            action.help = f"{action.help} {note}"
 
 
 def _is_set(dest: str, value, default) -> bool:
