@@ -372,6 +372,25 @@ _refuse("token dropping is chosen by a capacity factor", "use --moe-expert-capac
         "--moe-token-dropping", legacy=True)
 _refuse("the old spelling was removed from Megatron-LM", "use --expert-tensor-parallel-size",
         "--moe-extended-tp", legacy=True)
+_refuse("the old spelling was removed from Megatron-LM", "use --recompute-granularity",
+        "--checkpoint-granularity", legacy=True)
+_refuse("the old spelling was removed from Megatron-LM", "use --recompute-method", "--checkpoint-method",
+        legacy=True)
+_refuse("the old spelling was removed from Megatron-LM", "use --norm-epsilon", "--layernorm-epsilon", legacy=True)
+_refuse("fp8 training is not implemented", "train in bf16 (--bf16)", "--fp8-e4m3 --fp8-hybrid", legacy=True)
+_refuse("FSDP is not implemented (the old name of --use-megatron-fsdp)", "use --use-distributed-optimizer",
+        "--use-custom-fsdp", legacy=True)
+_refuse("a separate encoder parallel layout (T5, multimodal) is not available", "drop the flag",
+        "--encoder-pipeline-model-parallel-size --encoder-tensor-model-parallel-size "
+        "--pipeline-model-parallel-split-rank", legacy=True)
+_refuse("the legacy tokenizer system was removed (Megatron-LM did too)", "drop the flag; --tokenizer-type "
+        "selects the tokenizer", "--legacy-tokenizer", legacy=True)
+_no_effect("the local rank comes from the LOCAL_RANK environment variable (torchrun, slurm)",
+           "--local_rank", legacy=True)
+_no_effect("removed from Megatron-LM: query-key layer scaling is off unless --apply-query-key-layer-scaling",
+           "--no-query-key-layer-scaling", legacy=True)
+_no_effect("removed from Megatron-LM: the learning rate and the batch size are always written to TensorBoard",
+           "--no-log-learnig-rate-to-tensorboard --log-batch-size-to-tensorboard", legacy=True)
 _no_effect("the local DDP with contiguous gradient buffers is always used (old Megatron choice)",
            "--DDP-impl --use-contiguous-buffers-in-local-ddp --no-contiguous-buffers-in-local-ddp",
            legacy=True, same_as_here=("local",))
