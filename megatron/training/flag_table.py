@@ -44,9 +44,15 @@ class TableFlag:
     instead: str = ""
     legacy: bool = False  # not in Megatron-LM HEAD's parser; a spelling from older releases
     same_as_here: Tuple[str, ...] = ()
+    section: str = ""  # the heading it is listed under in --help and docs/flags.md
 
 
 TABLE: Dict[str, TableFlag] = {}
+_SECTIONS: List[str] = []  # in order; the table below is written section by section
+
+
+def _section(title: str) -> None:
+    _SECTIONS.append(title)
 
 
 def _add(status: str, reason: str, instead: str, flags: str, *, legacy: bool = False,
@@ -54,7 +60,7 @@ def _add(status: str, reason: str, instead: str, flags: str, *, legacy: bool = F
     for flag in flags.split():
         if flag in TABLE:
             raise ValueError(f"{flag} is listed twice in the flag table")
-        TABLE[flag] = TableFlag(flag, status, reason, instead, legacy, same_as_here)
+        TABLE[flag] = TableFlag(flag, status, reason, instead, legacy, same_as_here, _SECTIONS[-1])
 
 
 def _refuse(reason: str, instead: str, flags: str, **kw) -> None:
@@ -70,7 +76,7 @@ def _family(family: str, flags: str, **kw) -> None:
          flags, **kw)
 
 
-# --- Model families not built yet -------------------------------------------------------
+_section("Model families not built yet")
 _family("BERT model", "--bert-embedder-type --bert-load --bert-no-binary-head --output-bert-embeddings")
 _family("ICT/biencoder retriever model (BERT based)",
         "--biencoder-projection-dim --biencoder-shared-query-context-model --ict-head-size --ict-load "
@@ -147,7 +153,7 @@ _family("reinforcement-learning (GRPO) trainer",
         "--rl-use-sequence-packing --no-rl-use-sequence-packing --rl-verify-model-weights-swap "
         "--no-rl-verify-model-weights-swap")
 
-# --- Model architecture options not implemented --------------------------------------------
+_section("Model architecture options not implemented")
 _GPT_OPTIONS = "use the architecture flags listed in docs/flags.md as implemented"
 _refuse("multi-latent attention (MLA) is not implemented", _GPT_OPTIONS,
         "--multi-latent-attention --kv-lora-rank --q-lora-rank --qk-head-dim --qk-pos-emb-head-dim "
@@ -173,7 +179,7 @@ _refuse("this architecture option is not implemented", _GPT_OPTIONS,
         "--moe-shared-expert-glu-interleave-size --moe-single-grouped-weight --moe-single-grouped-bias")
 _refuse("only the vanilla softmax is implemented", "drop the flag", "--softmax-type", same_as_here=("vanilla",))
 
-# --- Optimization and numerics --------------------------------------------------------------
+_section("Optimization and numerics")
 _refuse("the Muon optimizer is not implemented", "use --optimizer adam",
         "--muon-coefficient-type --muon-extra-scale-factor --muon-fp32-matmul-prec --muon-momentum "
         "--muon-nesterov --muon-no-split-qkv --muon-num-ns-steps --muon-scalar-optimizer --muon-scale-mode "
@@ -204,7 +210,7 @@ _no_effect("fp8 training is not implemented (--fp8-format is refused), so fp8 re
            "--te-precision-config-file --moe-router-padding-for-fp8 --moe-router-padding-for-quantization "
            "--reuse-grad-buf-for-mxfp8-param-ag")
 
-# --- Data and evaluation ---------------------------------------------------------------------
+_section("Data and evaluation")
 _refuse("fill-in-the-middle (FIM) datasets are not implemented", "drop the --fim-* flags",
         "--fim-data --fim-eod-token --fim-fragment-rate --fim-middle-token --fim-no-prefix --fim-pad-token "
         "--fim-prefix-token --fim-rate --fim-split-sample --fim-spm-rate --fim-suffix-token")
@@ -241,7 +247,7 @@ _refuse("Megatron's YAML configuration files are not read here", "write the flag
 _no_effect("the dataset index is built and cached as Megatron does; this loading shortcut is not needed",
            "--dataloader-defer-npy-index-mmap --dataloader-fast-cache-load --per-dataset-sequences-path")
 
-# --- Checkpoints -----------------------------------------------------------------------------
+_section("Checkpoints")
 _refuse("non-persistent (local) checkpoints are not implemented", "use --save-interval",
         "--non-persistent-local-ckpt-algo --non-persistent-local-ckpt-dir --replication --replication-factor "
         "--replication-jump")
@@ -259,7 +265,7 @@ _no_effect("every rank writes and reads its own shards with torch.distributed.ch
 _no_effect("paths are read through the local file system (no multi-storage client)",
            "--enable-msc --disable-msc --object-storage-cache-path")
 
-# --- Kernels, memory and communication tuning ----------------------------------------------
+_section("Kernels, memory and communication tuning")
 _no_effect("CUDA graphs are not captured; the training step runs eagerly",
            "--cuda-graph-impl --cuda-graph-modules --cuda-graph-scope --cuda-graph-warmup-steps "
            "--enable-cuda-graph --external-cuda-graph --optimizer-cuda-graph --delay-offload-until-cuda-graph")
@@ -315,7 +321,7 @@ _no_effect("offloading is not implemented (--optimizer-cpu-offload is refused), 
            "--fine-grained-offloading-max-inflight-offloads --offload-modules --activation-offload-fraction "
            "--min-offloaded-tensor-size --delta-offload-bytes-across-pp-ranks")
 
-# --- Monitoring, fault tolerance, debugging ------------------------------------------------
+_section("Monitoring, fault tolerance, debugging")
 _no_effect("external monitors (one-logger, OpenTelemetry, straggler detection, config logger) are not built in",
            "--no-one-logger --one-logger-async --one-logger-project --one-logger-run-name --app-tag-run-name "
            "--app-tag-run-version --otel-enabled --otel-service-name --otel-span-groups --log-straggler "
@@ -351,7 +357,7 @@ _no_effect("this debugging dump or extra metric is not written",
            "--moe-routing-trace-dump-weights --moe-routing-trace-max-training-iters --moe-routing-trace-path "
            "--test-mode")
 
-# --- Spellings from older releases and deprecated flags -----------------------------------
+_section("Spellings from older releases and deprecated flags")
 _no_effect("models are always built the Megatron-Core way", "--use-mcore-models")
 _refuse("Megatron's legacy models were removed (Megatron-LM did too)", "drop the flag", "--use-legacy-models",
         legacy=True)
@@ -405,7 +411,7 @@ _no_effect("old data flags: datasets are read with memory maps in Megatron's .bi
 _no_effect("old spelling; output tensors are freed after they are sent", "--deallocate-pipeline-outputs",
            legacy=True)
 
-# --- Other spellings of implemented switches -----------------------------------------------
+_section("Other spellings of implemented switches")
 _add(ALIAS, "same as --no-log-loss-scale-to-tensorboard", "--no-log-loss-scale-to-tensorboard",
      "--disable-log-loss-scale-to-tensorboard")
 _add(ALIAS, "same as --no-manual-gc-eval", "--no-manual-gc-eval", "--disable-manual-gc-eval")
@@ -433,10 +439,13 @@ def table_dest(flag: str) -> str:
 def add_table_flags(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Register every table flag whose option string the parser does not define yet."""
     actions = {opt: action for action in parser._actions for opt in action.option_strings}
-    group = parser.add_argument_group("Megatron-LM flags without machinery here (no effect or refused)")
+    groups = {}
     for flag, entry in TABLE.items():
         if flag in actions:
             continue  # the real definition wins
+        if entry.section not in groups:
+            groups[entry.section] = parser.add_argument_group(f"Other Megatron-LM flags: {entry.section.lower()}")
+        group = groups[entry.section]
         if entry.status == ALIAS:
             target = actions[entry.instead]
             group.add_argument(flag, action="store_false", dest=target.dest, help=entry.reason)
