@@ -3,7 +3,8 @@
 - every `--flag` the README and docs/ mention is an option of pretrain_gpt.py or of the tool,
   benchmark or launcher the text is about, and none is a flag this framework refuses outside
   the pages that list refused flags;
-- every complete pretrain_gpt.py command line in them parses and validates for its world size;
+- every complete pretrain_gpt.py command line in them parses and validates for its world size,
+  and their preprocess_data.py and convert.py command lines parse;
 - the multi-node recipes, with the overrides docs/multinode.md shows, validate.
 """
 
@@ -112,3 +113,27 @@ def test_multinode_recipes_with_the_documented_overrides_validate(tmp_path, scri
     argv = _recipe_flags(tmp_path, script, env, extra)
     assert argv[-4:] == extra
     parse_and_validate(argv, world_size=world_size, rank=0)
+
+
+def _tool_commands(script):
+    """Argument lists of every ``python <script> ...`` line in the docs (continuations joined)."""
+    for page in PAGES:
+        for line in re.sub(r"\\\n\s*", " ", page.read_text()).splitlines():
+            head, found, args = line.partition(f"python {script} ")
+            if found and "<" not in args:
+                yield page.name, shlex.split(args.split("#")[0])
+
+
+def test_tool_command_lines_in_the_docs_parse(monkeypatch):
+    from tools import preprocess_data
+    from tools.checkpoint import convert
+
+    monkeypatch.syspath_prepend(str(REPO / "tools" / "checkpoint"))  # where convert.py finds its plugins
+    checked = 0
+    for name, argv in _tool_commands("tools/preprocess_data.py"):
+        preprocess_data.get_parser().parse_args(argv)
+        checked += 1
+    for name, argv in _tool_commands("tools/checkpoint/convert.py"):
+        convert.parse(argv)
+        checked += 1
+    assert checked >= 4
