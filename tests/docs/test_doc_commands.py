@@ -130,10 +130,10 @@ def test_tool_command_lines_in_the_docs_parse(monkeypatch):
 
     monkeypatch.syspath_prepend(str(REPO / "tools" / "checkpoint"))  # where convert.py finds its plugins
     checked = 0
-    for name, argv in _tool_commands("tools/preprocess_data.py"):
+    for _page, argv in _tool_commands("tools/preprocess_data.py"):
         preprocess_data.get_parser().parse_args(argv)
         checked += 1
-    for name, argv in _tool_commands("tools/checkpoint/convert.py"):
+    for _page, argv in _tool_commands("tools/checkpoint/convert.py"):
         convert.parse(argv)
         checked += 1
     assert checked >= 4
