@@ -13,6 +13,7 @@ to use instead).
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 from typing import Iterable, List, Tuple
@@ -120,7 +121,14 @@ def render() -> str:
     parts.append(f"In all: {counts['implemented']} implemented, {counts['no effect']} accepted with no effect, "
                  f"{counts['refused']} refused, {counts['ignored']} ignored by GPT training "
                  "(one row per flag; a row lists every spelling of that flag).\n")
+    titles = [section.splitlines()[0][3:] for section in sections]
+    parts.append("Sections: " + ", ".join(f"[{title}](#{_anchor(title)})" for title in titles) + ".\n")
     return "\n".join(parts + sections)
+
+
+def _anchor(title: str) -> str:
+    """The fragment a Markdown renderer gives the heading ``title`` (GitHub's rule)."""
+    return re.sub(r"[^a-z0-9 _-]", "", title.lower()).replace(" ", "-")
 
 
 def main(argv=None) -> int:
