@@ -302,8 +302,10 @@ _no_effect("gradients are accumulated and reduced in fp32 main_grad buffers here
            "--no-gradient-reduce-div-fusion")
 _no_effect("data-parallel buckets and groups are laid out as described in docs/parallelism.md",
            "--no-align-grad-reduce --disable-align-grad-reduce --no-use-layer-wise-param-layout "
-           "--create-all-gather-group --sharp-enabled-group --pipeline-model-parallel-comm-backend "
-           "--train-sync-interval --distributed-timeout-seconds-after-init")
+           "--create-all-gather-group --sharp-enabled-group")
+_no_effect("pipeline exchanges use the --distributed-backend groups", "--pipeline-model-parallel-comm-backend")
+_no_effect("--distributed-timeout-minutes applies for the whole run", "--distributed-timeout-seconds-after-init")
+_no_effect("the host-device synchronisation of the training loop is not tunable here", "--train-sync-interval")
 _no_effect("FSDP is not implemented (--use-torch-fsdp2 and --use-megatron-fsdp are refused)",
            "--data-parallel-sharding-strategy --outer-dp-sharding-strategy --enable-full-sharding-in-hsdp "
            "--torch-fsdp2-no-reshard-after-forward --no-strict-fsdp-dtensor-load --disable-strict-fsdp-dtensor-load "
