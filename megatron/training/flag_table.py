@@ -395,6 +395,8 @@ _refuse("the legacy tokenizer system was removed (Megatron-LM did too)", "drop t
         "selects the tokenizer", "--legacy-tokenizer", legacy=True)
 _no_effect("the local rank comes from the LOCAL_RANK environment variable (torchrun, slurm)",
            "--local_rank", legacy=True)
+_no_effect("old spelling: level-1 timers wait at a barrier unless --no-barrier-with-level-1-timing",
+           "--barrier-with-L1-time", legacy=True)
 _no_effect("removed from Megatron-LM: query-key layer scaling is off unless --apply-query-key-layer-scaling",
            "--no-query-key-layer-scaling", legacy=True)
 _no_effect("removed from Megatron-LM: the learning rate and the batch size are always written to TensorBoard",
