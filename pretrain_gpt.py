@@ -13,6 +13,7 @@ import torch
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
+from megatron.core.datasets.gpt_masks import document_causal_mask
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.context_parallel import get_batch_on_this_cp_rank
 from megatron.core.transformer.enums import ModelType
@@ -68,11 +69,8 @@ def get_batch(data_iterator, needs_data=None):
               "attention_mask": (mbs, 1, seq, seq)}
     ints = tensor_parallel.broadcast_data(_INT_KEYS, data, torch.int64, pg.tp, shapes)
     floats = tensor_parallel.broadcast_data(["loss_mask"], data, torch.float32, pg.tp, shapes)
-    attention_mask = None
-    if args.reset_attention_mask:
-        # Only a document mask needs to travel; a plain causal mask is implied.
-        masks = tensor_parallel.broadcast_data(["attention_mask"], data, torch.uint8, pg.tp, shapes)
-        attention_mask = masks["attention_mask"].bool()
+    # Only a document mask is needed; a plain causal mask is implied.
+    attention_mask = _document_mask(data, ints["tokens"], pg.tp, shapes) if args.reset_attention_mask else None
     device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
     batch = {
         "tokens": ints["tokens"].to(device, non_blocking=True),
@@ -84,6 +82,18 @@ def get_batch(data_iterator, needs_data=None):
     # Context parallelism: keep this rank's chunks i and 2CP-1-i; positions stay global.
     batch = get_batch_on_this_cp_rank(batch, pg.cp)
     return tuple(batch[k] for k in ("tokens", "labels", "loss_mask", "attention_mask", "position_ids"))
+
+
+def _document_mask(data, tokens: torch.Tensor, tp_group, shapes) -> torch.Tensor:
+    """bool [b, 1, s, s] (True = masked) for --reset-attention-mask: the data loader's mask,
+    moved as bytes (the broadcast carries no bool), or, with
+    --no-create-attention-mask-in-dataloader, built here from the broadcast tokens."""
+    if not get_args().create_attention_mask_in_dataloader:
+        return document_causal_mask(tokens, get_tokenizer().eod)
+    if data is not None:
+        data = {"attention_mask": data["attention_mask"].to(torch.uint8)}
+    masks = tensor_parallel.broadcast_data(["attention_mask"], data, torch.uint8, tp_group, shapes)
+    return masks["attention_mask"].bool()
 
 
 def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):

@@ -8,7 +8,7 @@
 #              bash examples/multinode/pretrain_gpt_torchrun_multinode.sh
 #
 # Any arguments are appended to pretrain_gpt.py's flags; a flag given again wins, so
-#   ... pretrain_gpt_torchrun_multinode.sh --train-iters 100 --tensor-model-parallel-size 2
+#   ... pretrain_gpt_torchrun_multinode.sh --train-iters 300 --tensor-model-parallel-size 2
 # changes the length and layout without editing the script.
 #
 # Environment (defaults in brackets):

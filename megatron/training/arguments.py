@@ -8,7 +8,7 @@ Unknown or misspelled flags exit with status 2 and name the nearest valid flags,
 ``ignore_unknown_args``. Abbreviations are refused (``allow_abbrev=False``, as in Megatron),
 so ``--num-layer`` is an error rather than a silent prefix match. Megatron flags that are
 parsed but not implemented are refused or reported, never ignored silently
-(``unimplemented_flags``).
+(``unimplemented_flags``, ``flag_table``).
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ from megatron.training.argument_checks import check_args
 from megatron.training.arguments_groups import add_megatron_arguments
 from megatron.training.arguments_groups.config_help import fill_help_from_config
 from megatron.training.derived_args import apply_defaults, derive_args
-from megatron.training.unimplemented_flags import check_unimplemented
+from megatron.training.flag_table import add_table_flags
+from megatron.training.unimplemented_flags import annotate_help, check_unimplemented
 
 logger = logging.getLogger(__name__)
 
@@ -31,13 +32,16 @@ ExtraArgsProvider = Callable[[argparse.ArgumentParser], argparse.ArgumentParser]
 
 
 def build_parser(extra_args_provider: Optional[ExtraArgsProvider] = None) -> argparse.ArgumentParser:
-    """The full Megatron parser, plus the script's own flags from ``extra_args_provider``."""
+    """The full Megatron parser, plus the script's own flags from ``extra_args_provider``, plus
+    the flag table's entries for every Megatron flag neither of them defines (last, so a real
+    definition always wins)."""
     parser = argparse.ArgumentParser(description="Megatron-LM Arguments", allow_abbrev=False)
     parser = add_megatron_arguments(parser)
     if extra_args_provider is not None:
         parser = extra_args_provider(parser)
         fill_help_from_config(parser)
-    return parser
+    annotate_help(parser)
+    return add_table_flags(parser)
 
 
 def suggest_flags(parser: argparse.ArgumentParser, unknown: str, limit: int = 3) -> List[str]:

@@ -30,11 +30,12 @@ def initialize_megatron(extra_args_provider=None, args_defaults=None, ignore_unk
     denv = detect_distributed_env()
     export_env(denv)
     args = parsed_args if parsed_args is not None else parse_args(extra_args_provider, ignore_unknown_args)
+    # Logging first, so that the values taken from a checkpoint and the flag warnings show.
+    _setup_logging(args, denv.rank)
     if getattr(args, "use_checkpoint_args", False):
         args, _ = load_args_from_checkpoint(args)
     args = validate_args(args, args_defaults or {})
     set_global_variables(args)
-    _setup_logging(args)
     tokenizer = build_tokenizer(args)
     set_tokenizer(tokenizer)
     # Megatron's scripts read the padded size from args; it is derived here, once.
@@ -56,13 +57,13 @@ def initialize_megatron(extra_args_provider=None, args_defaults=None, ignore_unk
     return args
 
 
-def _setup_logging(args) -> None:
+def _setup_logging(args, rank: int) -> None:
     level = getattr(args, "logging_level", None)
     logging.basicConfig(
         level=level if level is not None else logging.INFO,
         format="[%(asctime)s] %(levelname)s %(name)s: %(message)s",
     )
-    if args.rank != 0 and level is None:
+    if rank != 0 and level is None:
         # One rank's informational messages are enough; warnings still come from all.
         logging.getLogger("megatron").setLevel(logging.WARNING)
 

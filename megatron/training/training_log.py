@@ -10,9 +10,29 @@ from typing import Dict, Optional
 import torch
 
 from megatron.core import parallel_state
+from megatron.core.num_microbatches_calculator import build_num_microbatches_calculator
 from megatron.training.flops import num_floating_point_operations
 from megatron.training.moe_metrics import collect_moe_metrics
 from megatron.training.rank_print import print_rank_last
+
+
+def total_train_iterations(args) -> int:
+    """--train-iters, or the iterations --train-samples takes: the training loop adds the
+    current global batch (ramp-up included) until the samples are consumed. The log line
+    prints it after the slash, as Megatron prints the derived total."""
+    if args.train_iters or not args.train_samples:
+        return args.train_iters or 0
+    if args.rampup_batch_size is None and not args.decrease_batch_size_if_needed:
+        return -(-args.train_samples // args.global_batch_size)
+    calculator = build_num_microbatches_calculator(
+        args.rank, args.rampup_batch_size, args.global_batch_size, args.micro_batch_size,
+        args.data_parallel_size, args.decrease_batch_size_if_needed)
+    iterations, consumed = 0, 0
+    while consumed < args.train_samples:
+        calculator.update(consumed, consistency_check=False)
+        consumed += calculator.get_current_global_batch_size()
+        iterations += 1
+    return iterations
 
 
 @dataclass
@@ -67,6 +87,7 @@ class TrainingLogger:
         self.total_skipped = 0
         self.total_nan = 0
         self.memory_reported = False
+        self.total_iterations = total_train_iterations(args)
 
     def should_log(self, iteration: int, first_of_run: bool) -> bool:
         return first_of_run or iteration % self.args.log_interval == 0
@@ -99,7 +120,7 @@ class TrainingLogger:
         ms_per_iter = elapsed_s * 1000.0 / n_iters
         parts = [
             f" [{datetime.now().strftime('%Y-%m-%d %H:%M:%S.%f')}]"
-            f" iteration {iteration:8d}/{args.train_iters or 0:8d} |",
+            f" iteration {iteration:8d}/{self.total_iterations:8d} |",
             f" consumed samples: {consumed_samples:12d} |",
             f" elapsed time per iteration (ms): {ms_per_iter:.1f} |",
         ]

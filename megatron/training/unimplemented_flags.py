@@ -10,6 +10,10 @@ that is not implemented must still never be ignored silently:
   rank 0 logs one warning listing every such flag with what happens instead, so scripts
   run unchanged and nobody is surprised.
 
+Megatron flags the argument groups do not define at all (other model families, kernel
+libraries, monitors, old spellings) are registered by ``flag_table`` with the same two
+outcomes; together these are the one table behind docs/flags.md.
+
 Flags of model families that pretrain_gpt.py does not build (BERT/T5 masking, T5 decoder
 depth) are ignored by GPT training here exactly as by Megatron's pretrain_gpt.py, and are
 not listed.
@@ -18,7 +22,7 @@ not listed.
 from __future__ import annotations
 
 import argparse
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 # dest: (flag, what is missing, what to do instead)
 REFUSED: Dict[str, Tuple[str, str, str]] = {
@@ -113,6 +117,27 @@ OTHER_MODEL_FAMILIES: Dict[str, str] = {
 _SAME_AS_HERE = {"recompute_modules": (["core_attn"],), "transformer_impl": ("local",)}
 
 
+def status_note(dest: str) -> Optional[str]:
+    """What --help adds to the help of a flag parsed here but not acted on, or None."""
+    if dest in REFUSED:
+        return f"Refused here unless left at its default: {REFUSED[dest][1]}."
+    if dest in WITHOUT_EFFECT:
+        return f"No effect here: {WITHOUT_EFFECT[dest][1]}."
+    return None
+
+
+def annotate_help(parser: argparse.ArgumentParser) -> None:
+    """Append ``status_note`` to the help of every flag it applies to, so that --help never
+    promises what the flag does in Megatron-LM when it does something else here."""
+    for action in parser._actions:
+        note = status_note(action.dest)
+        if note is None or not action.help:
+            continue
+        note = note.replace("%", "%%")  # help strings are argparse format strings
+        if not action.help.endswith(note):
+            action.help = f"{action.help} {note}"
+
+
 def _is_set(dest: str, value, default) -> bool:
     if value == default or value in _SAME_AS_HERE.get(dest, ()):
         return False
@@ -120,13 +145,16 @@ def _is_set(dest: str, value, default) -> bool:
 
 
 def check_unimplemented(args: argparse.Namespace, defaults: argparse.Namespace) -> List[str]:
-    """Raise ValueError for a REFUSED flag set to anything but its default; return one line
-    per WITHOUT_EFFECT flag that is set (``--flag: what happens instead``)."""
+    """Raise ValueError for a REFUSED flag set to anything but its default, or a refused
+    flag of the flag table that was given; return one line per WITHOUT_EFFECT or no-effect
+    table flag that is set (``--flag: what happens instead``)."""
     from megatron.training.argument_checks import invalid  # the house error format
+    from megatron.training.flag_table import check_table_flags
 
     for dest, (flag, missing, fix) in REFUSED.items():
         value = getattr(args, dest, None)
         if _is_set(dest, value, getattr(defaults, dest, None)):
             raise invalid(flag, value, f"is not supported: {missing}", fix)
-    return [f"{flag}: {instead}" for dest, (flag, instead) in WITHOUT_EFFECT.items()
-            if _is_set(dest, getattr(args, dest, None), getattr(defaults, dest, None))]
+    lines = [f"{flag}: {instead}" for dest, (flag, instead) in WITHOUT_EFFECT.items()
+             if _is_set(dest, getattr(args, dest, None), getattr(defaults, dest, None))]
+    return lines + check_table_flags(args)

@@ -56,6 +56,7 @@ def test_sizes_fill_only_what_is_unset_and_switches_are_forced(saved, caplog):
     assert args.tensor_model_parallel_size == 1  # parallel sizes only on request
     assert saved_args.hidden_size == 64
     assert "normalization = 'RMSNorm'" in caplog.text
+    assert "rotary_base = 10000" in caplog.text  # taken, though equal to the command line's default
     validate_args(args, world_size=1, rank=0)
 
 

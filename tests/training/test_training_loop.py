@@ -47,12 +47,14 @@ def test_rampup_batch_size_grows_global_batch():
     consumed = [int(LOG_LINE.match(line).group(3)) for line in _log_lines(log)]
     assert batches == [4, 4, 4, 4, 8, 8], batches
     assert consumed == [4, 8, 12, 16, 24, 32], consumed
+    assert {int(LOG_LINE.match(line).group(2)) for line in _log_lines(log)} == {6}  # the derived total
 
 
 def test_train_samples_sets_the_length():
     log = run_gpt(1, ["--train-samples", "24"], iters=None)
     lines = _log_lines(log)
     assert int(LOG_LINE.match(lines[-1]).group(3)) == 24 and len(lines) == 3
+    assert [int(LOG_LINE.match(line).group(2)) for line in lines] == [3, 3, 3]  # not "/ 0"
 
 
 def test_nan_loss_stops_before_the_step_naming_rank_and_iteration():

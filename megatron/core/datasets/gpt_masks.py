@@ -44,3 +44,18 @@ def get_ltor_masks_and_position_ids(
             allowed &= doc_ids.unsqueeze(1) == doc_ids.unsqueeze(0)
         attention_mask = (~allowed).unsqueeze(0)
     return attention_mask, loss_mask, position_ids
+
+
+def document_causal_mask(tokens: torch.Tensor, eod_token: int) -> torch.Tensor:
+    """The attention mask of a batch ``tokens`` [b, s] whose documents must not see each
+    other: bool [b, 1, s, s], True = masked (later positions, and other documents).
+
+    The same mask ``get_ltor_masks_and_position_ids`` builds per sample with
+    ``reset_attention_mask``, for callers that build it after the data loader
+    (--no-create-attention-mask-in-dataloader): the EOD belongs to the document it ends.
+    """
+    eod = (tokens == eod_token).long()
+    doc_ids = torch.cumsum(eod, dim=1) - eod  # EODs strictly before each position
+    index = torch.arange(tokens.shape[1], device=tokens.device)
+    allowed = (index.unsqueeze(1) >= index.unsqueeze(0)) & (doc_ids.unsqueeze(2) == doc_ids.unsqueeze(1))
+    return (~allowed).unsqueeze(1)

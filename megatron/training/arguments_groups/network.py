@@ -78,8 +78,8 @@ def add_transformer_impl_args(parser: argparse.ArgumentParser) -> argparse.Argum
     g = parser.add_argument_group(title="transformer-engine")
     g.add_argument("--transformer-impl", type=str, default="transformer_engine",
                    choices=["transformer_engine", "local", "inference_optimized"],
-                   help="Layer implementation. transformer_engine is used when Transformer Engine is "
-                        "installed; otherwise the pure-PyTorch 'local' modules are used (one log line says which).")
+                   help="Layer implementation. The pure-PyTorch 'local' layers are always used here, whatever "
+                        "the value (Transformer Engine is never imported).")
     g.add_argument("--spec", type=str, nargs="*", default=None,
                    help="'<module> <function>' returning a ModuleSpec, or 'local'.")
     g.add_argument("--fp8-format", type=str, default=None, dest="fp8", choices=["e4m3", "hybrid"],

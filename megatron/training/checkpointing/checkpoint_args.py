@@ -115,7 +115,8 @@ def load_args_from_checkpoint(args: argparse.Namespace) -> Tuple[argparse.Namesp
         value = getattr(saved, name)
         if value is None or (not forced and getattr(args, name) is not None):
             continue
-        if getattr(args, name) != value:
-            logger.info("--use-checkpoint-args: %s = %r from %s", name, value, directory)
+        # Every value taken is logged, also one equal to what the command line said: the
+        # user sees the whole architecture that came from the checkpoint.
+        logger.info("--use-checkpoint-args: %s = %r from %s", name, value, directory)
         setattr(args, name, value)
     return args, saved
