@@ -49,7 +49,9 @@ class Violation:
 
 def python_files(root: Path) -> Iterator[Path]:
     for path in sorted(root.rglob("*.py")):
-        if not SKIPPED_DIRS.intersection(path.relative_to(root).parts):
+        parts = path.relative_to(root).parts
+        # hidden folders (.git, .venv, local scratch) are not the project's sources
+        if not SKIPPED_DIRS.intersection(parts) and not any(p.startswith(".") for p in parts[:-1]):
             yield path
 
 
