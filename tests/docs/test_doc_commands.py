@@ -31,6 +31,8 @@ LAUNCHER_OPTIONS = {  # torchrun, srun and sbatch options used in the docs
     "--rdzv-endpoint", "--rdzv-id", "--standalone", "--max-restarts", "--nodes", "--ntasks-per-node",
     "--gpus-per-node", "--gpus-per-task", "--gpu-bind", "--cpus-per-task", "--signal",
 }
+# Options of other programs the docs show: pip, python -m build, tensorboard, torchrun --no-python.
+EXTERNAL_OPTIONS = {"--index-url", "--sdist", "--logdir", "--no-python"}
 FLAG = re.compile(r"(?<![\w-])--[a-zA-Z0-9][a-zA-Z0-9_-]*[a-zA-Z0-9](?![\w-])")
 
 
@@ -48,7 +50,7 @@ def _tool_options():
     # The benchmark scripts build their parsers inside main(): read their option strings.
     for script in (REPO / "benchmarks").glob("*.py"):
         options |= set(re.findall(r'add_argument\(\s*"(--[\w-]+)"', script.read_text()))
-    return options | LAUNCHER_OPTIONS
+    return options | LAUNCHER_OPTIONS | EXTERNAL_OPTIONS
 
 
 def test_every_flag_in_the_docs_exists_and_is_not_refused():
