@@ -32,7 +32,9 @@ ExtraArgsProvider = Callable[[argparse.ArgumentParser], argparse.ArgumentParser]
 
 def build_parser(extra_args_provider: Optional[ExtraArgsProvider] = None) -> argparse.ArgumentParser:
     """The full Megatron parser, plus the script's own flags from ``extra_args_provider``."""
-    parser = argparse.ArgumentParser(description="Megatron-LM Arguments", allow_abbrev=False)
+    # Every flag's help ends with its default, so --help answers "what if I leave it out".
+    parser = argparse.ArgumentParser(description="Megatron-LM Arguments", allow_abbrev=False,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser = add_megatron_arguments(parser)
     if extra_args_provider is not None:
         parser = extra_args_provider(parser)
