@@ -164,9 +164,9 @@ def dry_run_report(args, model_provider: Callable) -> str:
     return "\n".join(lines)
 
 
-def dry_run(args, model_provider: Callable, args_defaults: Optional[Dict] = None) -> str:
-    """Validate ``args`` (parsed, not yet validated) for the planned world, print the report
-    on rank 0 (other ranks of a launcher print nothing) and return it."""
+def prepare_args(args, args_defaults: Optional[Dict] = None):
+    """Validate ``args`` (parsed, not yet validated) for --dry-run-world-size ranks (default
+    WORLD_SIZE, else 1), install them as the global args and set the padded vocabulary."""
     from megatron.training.tokenizer import build_tokenizer, vocab_size_with_padding
 
     if dist.is_initialized():
@@ -180,6 +180,13 @@ def dry_run(args, model_provider: Callable, args_defaults: Optional[Dict] = None
     tokenizer = build_tokenizer(args)
     set_tokenizer(tokenizer)
     args.padded_vocab_size = vocab_size_with_padding(tokenizer.vocab_size, args)
+    return args
+
+
+def dry_run(args, model_provider: Callable, args_defaults: Optional[Dict] = None) -> str:
+    """Plan the run ``args`` (parsed, not yet validated) describe, print the report on rank 0
+    (other ranks of a launcher print nothing) and return it."""
+    args = prepare_args(args, args_defaults)
     report = dry_run_report(args, model_provider)
     if int(os.getenv("RANK", "0") or 0) == 0:
         print(report, flush=True)

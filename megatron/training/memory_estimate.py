@@ -109,14 +109,18 @@ def _tokens(args) -> float:
     return args.seq_length / args.context_parallel_size * args.micro_batch_size
 
 
-def layer_activation_bytes(args) -> float:
-    """Bytes one transformer layer keeps for backward per micro-batch, without recompute.
+def layer_activation_bytes(args, selective: bool = False) -> float:
+    """Bytes one transformer layer keeps for backward per micro-batch, without recompute
+    or with ``selective`` (core attention) recompute.
 
     Saved tensors (elements per token): the two norms' inputs and outputs (4h/sp, the
-    outputs being the QKV and FC1 inputs), q/k/v for attention (n d + 2 g d)/tp, the
-    attention output (input of the output projection, n d/tp), FC1's output
+    outputs being the QKV and FC1 inputs; the fused CUDA norms keep no fp32 copy), the QKV
+    output (n d + 2 g d)/tp (q, k, v are views of it), with rotary embeddings the rotated
+    q and k, (n d + g d)/tp, the attention output (input of the output projection, n d/tp), FC1's output
     (f/tp, 2f/tp gated), the activation's output (FC2's input, f/tp; gated adds the
-    silu output, f/tp), and one byte per element of each dropout mask.
+    silu output, f/tp), and one byte per element of each dropout mask; in fp32, the norms'
+    1/rms (2/sp) and attention's log-sum-exp (n/tp), which selective recompute does not keep
+    (its checkpoint's inputs, q/k/v, and output, the projection's input, are kept anyway).
     """
     tp, sp, a = args.tensor_model_parallel_size, _sp(args), activation_bytes(args)
     h, f = args.hidden_size, args.ffn_hidden_size
@@ -125,8 +129,13 @@ def layer_activation_bytes(args) -> float:
     gated = getattr(args, "swiglu", False)
     norms = 4 * h / sp
     attention = (n * d + 2 * g * d + n * d) / tp
+    if getattr(args, "position_embedding_type", None) in ("rope", "yarn", "mrope"):
+        # the rotated q and k are new tensors; v stays a view that keeps the QKV output alive
+        attention += (n * d + g * d) / tp
     mlp = (4 * f if gated else 2 * f) / tp
-    per_token = a * (norms + attention + mlp)
+    per_token = a * (norms + attention + mlp) + 8 / sp  # + the norms' fp32 1/rms per token
+    if not selective:
+        per_token += 4 * n / tp  # attention's fp32 log-sum-exp, dropped by selective recompute
     if getattr(args, "hidden_dropout", 0) > 0:
         per_token += 2 * h / sp  # two bool masks
     return per_token * _tokens(args)
@@ -172,7 +181,7 @@ def in_flight_microbatches(args, pp_rank: int, num_chunks: int) -> int:
 
 def _chunk_layers_bytes(args, num_layers: int, recompute: Optional[str]) -> tuple:
     """(bytes kept per micro-batch, bytes of the one recomputed group alive during backward)."""
-    full = layer_activation_bytes(args)
+    full = layer_activation_bytes(args, selective=recompute == "selective")
     if recompute != "full" or num_layers == 0:
         return num_layers * full, 0.0
     group = max(1, getattr(args, "recompute_num_layers", None) or 1)
@@ -185,8 +194,8 @@ def _chunk_layers_bytes(args, num_layers: int, recompute: Optional[str]) -> tupl
 
 def activation_memory(args, chunks: Sequence[ChunkShape], pp_rank: int, recompute: Optional[str]) -> float:
     """Peak activation bytes of a rank holding ``chunks``; ``recompute`` None, "selective"
-    (core attention only: with SDPA it keeps the same tensors, so the same number) or "full"
-    (with --recompute-method/--recompute-num-layers)."""
+    (core attention only: with SDPA that saves only the log-sum-exp) or "full" (with
+    --recompute-method/--recompute-num-layers)."""
     if not chunks:
         return 0.0
     kept, recomputed = zip(*(_chunk_layers_bytes(args, c.num_layers, recompute) for c in chunks))

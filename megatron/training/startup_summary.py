@@ -65,21 +65,23 @@ def summary_lines(args, total_params: int, embedding_params: int, rank_params: i
 
 
 def log_startup_summary(args, model: List[torch.nn.Module], pg: ProcessGroups, model_provider=None) -> Optional[str]:
-    """Log the summary on rank 0 (every rank computes its own estimate; the one logged is
-    rank 0's: the first pipeline stage, which holds the most micro-batches in flight).
-    ``model_provider`` lets the total be counted on the meta device; without it the total
-    is this rank's count times the model-parallel size (exact only without PP and TP)."""
+    """Log the summary on rank 0, for rank 0: the first pipeline stage, which holds the most
+    micro-batches in flight (--dry-run reports every stage). ``model_provider`` lets the total
+    be counted on the meta device; without it (or if that fails) the total shown is rank 0's."""
     from megatron.training.model_census import chunk_shapes, count_full_model, rank_params
 
+    if args.rank != 0:
+        return None
     params = rank_params(model)
+    total, embedding = params.total, 0
     if model_provider is not None:
-        total, embedding = count_full_model(model_provider)
-    else:
-        total, embedding = params.total, 0
+        try:
+            total, embedding = count_full_model(model_provider)
+        except Exception as err:  # a provider that cannot build on the meta device: the summary must not stop the run
+            logger.debug("model not counted on the meta device: %s", err)
     pp_rank = pg.rank("pp")
     estimate = estimate_memory(args, params, chunk_shapes(model), pp_rank)
     position = f"rank {args.rank} (tp {pg.rank('tp')}, pp {pp_rank})"
     text = "\n".join(summary_lines(args, total, embedding, params.total, position, estimate))
-    if args.rank == 0:
-        logger.info(text)
+    logger.info(text)
     return text
