@@ -116,8 +116,10 @@ def _ranks_text(ranks: List[int]) -> str:
 
 def stage_report(args, plan: StagePlan) -> List[str]:
     est = stage_estimates(args, plan)
-    layers = ", ".join(str(c.num_layers) for c in plan.chunks)
-    holds = [f"{layers} layer{'s' if layers != '1' else ''}"]
+    n_layers = sum(c.num_layers for c in plan.chunks)
+    holds = [f"{n_layers} layer{'s' if n_layers != 1 else ''}"]
+    if len(plan.chunks) > 1:
+        holds[0] += f" in {len(plan.chunks)} virtual chunks ({' + '.join(str(c.num_layers) for c in plan.chunks)})"
     if any(c.pre_process for c in plan.chunks):
         holds.append("embedding")
     if any(c.post_process for c in plan.chunks):

@@ -65,29 +65,36 @@ def _real_counts(args, pp_rank, world):
     from megatron.training.model_setup import build_model_chunks
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
-    layout = parallel_state.build_layout(world, args.tensor_model_parallel_size,
-                                         args.pipeline_model_parallel_size)
+    sizes = dict(tensor_model_parallel_size=args.tensor_model_parallel_size,
+                 pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+                 expert_model_parallel_size=args.expert_model_parallel_size)
+    layout = parallel_state.build_layout(world, **sizes)
     rank = parallel_state.layout_groups(layout)["pp"][0][pp_rank]
     dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world)
     try:
-        pg = parallel_state.initialize_model_parallel(args.tensor_model_parallel_size,
-                                                      args.pipeline_model_parallel_size)
-        model_parallel_cuda_manual_seed(1234, tp_rank=pg.rank("tp"))
+        pg = parallel_state.initialize_model_parallel(**sizes)
+        model_parallel_cuda_manual_seed(1234, tp_rank=pg.rank("tp"), ep_rank=pg.rank("ep"),
+                                        etp_rank=pg.rank("expt_tp"))
         chunks = build_model_chunks(pretrain_gpt.model_provider, pg, None)
         assert all(p.device.type == "cpu" for c in chunks for p in c.parameters())
-        return rank_params(chunks).total
+        return rank_params(chunks)
     finally:
         parallel_state.destroy_model_parallel()
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("tp,pp,extra", [(1, 1, []), (2, 2, []), (2, 2, ["--untie-embeddings-and-output-weights"])])
+MOE = ["--num-experts", "4", "--expert-model-parallel-size", "2", "--moe-router-topk", "2"]
+
+
+@pytest.mark.parametrize("tp,pp,extra", [(1, 1, []), (2, 2, []), (2, 2, ["--untie-embeddings-and-output-weights"]),
+                                         (1, 2, MOE)])
 def test_parameter_counts_equal_the_built_model(tp, pp, extra):
     world = tp * pp * 2
     _, args = _dry_run(TINY + extra + ["--tensor-model-parallel-size", str(tp),
                                        "--pipeline-model-parallel-size", str(pp), "--dry-run-world-size", str(world)])
     plans = plan_stages(args, __import__("pretrain_gpt").model_provider)
-    assert [p.params.total for p in plans] == [_real_counts(args, r, world) for r in range(pp)]
+    assert [p.params for p in plans] == [_real_counts(args, r, world) for r in range(pp)]
+    assert all(p.params.expert > 0 for p in plans) == ("--num-experts" in extra)
 
 
 def test_numbers_scale_with_tp_dp_distributed_optimizer_and_recompute():
