@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-import pretrain_bench  # noqa: E402  (the reference configurations and their flags)
+import pretrain_bench  # the reference configurations and their flags
 
 RESULT = "MEMORY_CHECK_RESULT "
 GiB = float(1 << 30)

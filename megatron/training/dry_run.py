@@ -16,7 +16,6 @@ import os
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional
 
-import torch
 import torch.distributed as dist
 
 from megatron.core import parallel_state
