@@ -164,7 +164,8 @@ def num_microbatches(args) -> int:
 
 
 def in_flight_microbatches(args, pp_rank: int, num_chunks: int) -> int:
-    """Chunk-micro-batches whose activations a rank holds at its peak.
+    """Chunk-micro-batches whose activations a rank holds at its peak (the closed form of
+    what ``peak_in_flight_bytes`` finds by walking the schedule, for the default group size).
 
     No pipeline: 1 (each micro-batch runs forward and backward before the next).
     1F1B: pp - pp_rank (the warm-up forwards plus one), at most the micro-batch count.
@@ -192,6 +193,24 @@ def _chunk_layers_bytes(args, num_layers: int, recompute: Optional[str]) -> tupl
     return groups * layer_input_bytes(args), min(group, num_layers) * full
 
 
+def peak_in_flight_bytes(args, pp_rank: int, kept_per_chunk: Sequence[float]) -> float:
+    """The most activation bytes alive at once on ``pp_rank``, walking the rank's own pipeline
+    schedule (``schedule_table``: a forward of chunk c adds ``kept_per_chunk[c]``, its
+    backward frees it). Without a pipeline, one micro-batch at a time."""
+    from megatron.core.pipeline_parallel.schedule_table import schedule_table
+
+    pp = args.pipeline_model_parallel_size
+    if pp == 1:
+        return float(sum(kept_per_chunk))
+    vpp = len(kept_per_chunk) if len(kept_per_chunk) > 1 else None
+    group = getattr(args, "microbatch_group_size_per_virtual_pipeline_stage", None) if vpp else None
+    live = peak = 0.0
+    for kind, _, chunk in schedule_table(pp, pp_rank, num_microbatches(args), vpp, group):
+        live += kept_per_chunk[chunk] if kind == "F" else -kept_per_chunk[chunk]
+        peak = max(peak, live)
+    return peak
+
+
 def activation_memory(args, chunks: Sequence[ChunkShape], pp_rank: int, recompute: Optional[str]) -> float:
     """Peak activation bytes of a rank holding ``chunks``; ``recompute`` None, "selective"
     (core attention only: with SDPA that saves only the log-sum-exp) or "full" (with
@@ -199,8 +218,7 @@ def activation_memory(args, chunks: Sequence[ChunkShape], pp_rank: int, recomput
     if not chunks:
         return 0.0
     kept, recomputed = zip(*(_chunk_layers_bytes(args, c.num_layers, recompute) for c in chunks))
-    per_chunk = sum(kept) / len(chunks)
-    total = in_flight_microbatches(args, pp_rank, len(chunks)) * per_chunk + max(recomputed)
+    total = peak_in_flight_bytes(args, pp_rank, kept) + max(recomputed)
     if any(c.post_process for c in chunks):
         # the loss runs forward then backward at once: one micro-batch of the head at a time
         total += output_layer_bytes(args) + logits_transient_bytes(args)

@@ -89,6 +89,20 @@ def test_pipeline_in_flight_micro_batches():
     assert in_flight_microbatches(_args(), 0, 1) == 1
 
 
+def test_schedule_walk_agrees_with_the_closed_form():
+    """Equal chunks: the peak found by walking each rank's schedule is the in-flight count
+    times one chunk's activations; unequal chunks weigh each chunk by its own size."""
+    from megatron.training.memory_estimate import peak_in_flight_bytes
+
+    args = _args("--pipeline-model-parallel-size", "4", world=4, gbs=16)
+    for chunks in (1, 2):
+        for rank in range(4):
+            assert peak_in_flight_bytes(args, rank, [10.0] * chunks) == 10.0 * in_flight_microbatches(args, rank, chunks)
+    # last rank, interleaved: 4 warm-up forwards of chunk 0 (micro-batches 0-3), then chunk 1
+    # of micro-batch 0 before the first backward
+    assert peak_in_flight_bytes(args, 3, [10.0, 30.0]) == 4 * 10.0 + 30.0
+
+
 def test_last_stage_adds_the_loss_head():
     args = _args()
     body = activation_memory(args, [ChunkShape(4, True, False)], 0, None)
