@@ -114,3 +114,32 @@ def test_startup_summary_names_shape_layout_precision_flops_and_memory():
     assert "bf16 params, fp32 grads, fp32 main params, adam optimizer (distributed optimizer)" in text
     assert "FLOPs per iteration: " in text
     assert "weights 2.00 GiB | grads 4.00 GiB | optimizer 3.0 MiB | activations 1.00 GiB | total 7.00 GiB" in text
+
+
+def test_cumulative_throughput_counts_from_the_first_job_with_the_same_gpus(tmp_path, monkeypatch):
+    """A resumed job: job throughput from its own start, cumulative from the earlier job's
+    `Starting job` line (same GPU count); a job on another GPU count is not the start."""
+    import argparse
+    import time as time_module
+    from datetime import datetime, timedelta
+
+    from megatron.training import progress_log
+
+    now = datetime(2026, 1, 2, 12, 0, 0)
+    earlier = (now - timedelta(seconds=1000)).strftime("%Y-%m-%d %H:%M:%S")
+    even_earlier = (now - timedelta(seconds=5000)).strftime("%Y-%m-%d %H:%M:%S")
+    (tmp_path / "progress.txt").write_text(
+        f"{even_earlier}\tJob ID: 1\t# GPUs: 4\tStarting job\tFloating-point operations: 0.000000e+00\n"
+        f"{earlier}\tJob ID: 2\t# GPUs: 2\tStarting job\tFloating-point operations: 1.000000e+15\n")
+    clock = {"t": now.timestamp()}
+    monkeypatch.setattr(time_module, "time", lambda: clock["t"])
+    args = argparse.Namespace(log_progress=True, save=str(tmp_path), world_size=2, seq_length=1000,
+                              num_floating_point_operations_so_far=3e15)
+    log = progress_log.ProgressLog(args)
+    clock["t"] += 100.0
+    log.saved_checkpoint(10, 5e15, consumed_samples=2_000_000)
+    fields = (tmp_path / "progress.txt").read_text().splitlines()[-1].split("\t")
+    # job: 2e15 FLOPs / 100 s / 2 GPUs; cumulative: 4e15 FLOPs / 1100 s / 2 GPUs
+    assert fields[5] == "Job throughput: 10.0 TFLOP/s/GPU"
+    assert fields[6] == f"Cumulative throughput: {4e15 / 1100 / 2 / 1e12:.1f} TFLOP/s/GPU"
+    assert fields[8] == "Tokens (in billions): 2.00"
