@@ -35,7 +35,9 @@ def build_parser(extra_args_provider: Optional[ExtraArgsProvider] = None) -> arg
     """The full Megatron parser, plus the script's own flags from ``extra_args_provider``, plus
     the flag table's entries for every Megatron flag neither of them defines (last, so a real
     definition always wins)."""
-    parser = argparse.ArgumentParser(description="Megatron-LM Arguments", allow_abbrev=False)
+    # Every flag's help ends with its default, so --help answers "what if I leave it out".
+    parser = argparse.ArgumentParser(description="Megatron-LM Arguments", allow_abbrev=False,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser = add_megatron_arguments(parser)
     if extra_args_provider is not None:
         parser = extra_args_provider(parser)

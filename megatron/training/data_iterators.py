@@ -16,9 +16,15 @@ from megatron.training.rank_print import print_rank_0
 def train_valid_test_num_samples(args):
     """Samples each split must provide (megatron-facts section 3.1).
 
-    With no --eval-interval, validation runs only once, after training.
+    With no --eval-interval, validation runs only once, after training. An evaluation-only
+    run (--skip-train without --train-iters/--train-samples) asks for no training samples.
     """
-    train = args.train_samples if args.train_samples else args.train_iters * args.global_batch_size
+    if args.train_samples:
+        train = args.train_samples
+    elif args.train_iters:
+        train = args.train_iters * args.global_batch_size
+    else:
+        train = 0
     evals = 1 if not args.eval_interval else (args.train_iters or 0) // args.eval_interval + 1
     valid = evals * args.eval_iters * args.global_batch_size
     test = args.eval_iters * args.global_batch_size

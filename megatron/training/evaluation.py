@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 from typing import Dict
 
 import torch
@@ -14,17 +15,36 @@ from megatron.training.global_vars import get_args
 from megatron.training.housekeeping import empty_unused_memory
 from megatron.training.loss_reduction import reduce_reported_losses
 from megatron.training.rank_print import print_rank_last
+from megatron.training.training_log import format_duration
 
 
-def evaluate(forward_step_func, data_iterator, model, pg: ProcessGroups, eval_iters: int) -> Dict[str, float]:
-    """Average each reported loss over ``eval_iters`` global batches, without gradients."""
+def progress_every(eval_iters: int) -> int:
+    """Evaluation batches between progress lines: about ten lines per evaluation."""
+    return max(1, eval_iters // 10)
+
+
+def progress_line(label: str, done: int, eval_iters: int, elapsed_s: float) -> str:
+    """`` evaluating validation: 20/100 batches | elapsed: 12.3 s | ETA: 0:00:48 |``"""
+    eta = elapsed_s / done * (eval_iters - done) if done else 0.0
+    return (f" evaluating {label}: {done}/{eval_iters} batches | elapsed: {elapsed_s:.1f} s |"
+            f" ETA: {format_duration(eta)} |")
+
+
+def evaluate(forward_step_func, data_iterator, model, pg: ProcessGroups, eval_iters: int,
+             label: str = "validation") -> Dict[str, float]:
+    """Average each reported loss over ``eval_iters`` global batches, without gradients.
+
+    Prints a progress line (``progress_line``) every ``progress_every(eval_iters)`` batches
+    and after the last one, so a long evaluation is not silent."""
     args = get_args()
+    start = time.time()
+    every = progress_every(eval_iters)
     for chunk in model:
         chunk.eval()
     sums: Dict[str, torch.Tensor] = {}
     forward_backward = get_forward_backward_func(pg, vp_size=len(model))
     with torch.no_grad():
-        for _ in range(eval_iters):
+        for step in range(1, eval_iters + 1):
             reported = forward_backward(
                 forward_step_func=forward_step_func,
                 data_iterator=data_iterator,
@@ -40,6 +60,8 @@ def evaluate(forward_step_func, data_iterator, model, pg: ProcessGroups, eval_it
                 for key, value in reduce_reported_losses(reported, pg, keep_sum_and_count=True).items():
                     sums[key] = sums.get(key, torch.zeros_like(value)) + value
             args.consumed_valid_samples += args.global_batch_size
+            if step % every == 0 or step == eval_iters:
+                print_rank_last(progress_line(label, step, eval_iters, time.time() - start))
     for chunk in model:
         chunk.train()
     return {key: float(v[0] / v[1]) for key, v in sums.items()}
@@ -49,7 +71,7 @@ def evaluate_and_print_results(prefix: str, forward_step_func, data_iterator, mo
                                writers=None, eval_iters: int = None, label: str = "validation") -> Dict[str, float]:
     """Run ``evaluate`` and print the dashed block Megatron prints."""
     args = get_args()
-    results = evaluate(forward_step_func, data_iterator, model, pg, eval_iters or args.eval_iters)
+    results = evaluate(forward_step_func, data_iterator, model, pg, eval_iters or args.eval_iters, label)
     line = f" {label} loss at {prefix} | "
     for key, value in results.items():
         ppl = math.exp(min(20.0, value))

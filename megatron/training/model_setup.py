@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import logging
 from typing import Callable, List, Optional
@@ -150,8 +151,17 @@ def setup_model_and_optimizer(model_provider_func: Callable, pg_collection: Proc
     """(model chunks, optimizer, scheduler) for this rank."""
     args = get_args()
     model = get_model(model_provider_func, pg_collection)
-    optimizer = get_megatron_optimizer(get_megatron_optimizer_config(args), model)
-    scheduler = get_optimizer_param_scheduler(optimizer, args)
+    optimizer_config = get_megatron_optimizer_config(args)
+    if getattr(args, "skip_train", False):
+        # Evaluation only: the optimizer exists so that --load restores a training checkpoint
+        # as it is, but it never steps, so neither --lr nor a schedule horizon is needed.
+        if optimizer_config.lr is None:
+            optimizer_config = dataclasses.replace(optimizer_config, lr=0.0)
+        optimizer = get_megatron_optimizer(optimizer_config, model)
+        scheduler = None
+    else:
+        optimizer = get_megatron_optimizer(optimizer_config, model)
+        scheduler = get_optimizer_param_scheduler(optimizer, args)
     # Loaded here, before the data iterators are built: they start at the checkpoint's
     # consumed-sample count.
     args.iteration, args.num_floating_point_operations_so_far = 0, 0.0

@@ -19,7 +19,9 @@ from megatron.core.num_microbatches_calculator import (
 from megatron.core.pipeline_parallel.schedules import get_forward_backward_func
 from megatron.core.process_groups import ProcessGroups
 from megatron.training.checkpointing import convert_checkpoint_format, save_checkpoint, wait_for_pending_save
+from megatron.training.arguments import parse_args
 from megatron.training.data_iterators import build_train_valid_test_data_iterators
+from megatron.training.dry_run import dry_run
 from megatron.training.exit_conditions import ExitConditions
 from megatron.training.flops import num_floating_point_operations
 from megatron.training.evaluation import evaluate_and_print_results
@@ -31,7 +33,9 @@ from megatron.training.model_setup import setup_model_and_optimizer, unwrap_mode
 from megatron.training.nan_check import check_finite
 from megatron.training.params_norm import params_l2_norm
 from megatron.training.profiling import StepProfiler
+from megatron.training.progress_log import ProgressLog
 from megatron.training.rank_print import print_rank_0, print_rank_last
+from megatron.training.startup_summary import log_startup_summary
 from megatron.training.training_log import IterationStats, TrainingLogger, memory_report
 from megatron.training.writers import ScalarWriters, build_tensorboard_writer, build_wandb_writer
 
@@ -54,11 +58,16 @@ def pretrain(train_valid_test_dataset_provider: Callable, model_provider: Callab
     ``train_valid_test_dataset_provider(num_samples)`` returns three datasets.
     """
     start = time.time()
-    initialize_megatron(extra_args_provider, args_defaults, ignore_unknown_args)
+    parsed = parse_args(extra_args_provider, ignore_unknown_args)
+    if parsed.dry_run:
+        dry_run(parsed, model_provider, args_defaults)
+        return
+    initialize_megatron(extra_args_provider, args_defaults, ignore_unknown_args, parsed_args=parsed)
     args = get_args()
     pg = parallel_state.get_process_groups()
     print_rank_0(f"> time to initialize: {time.time() - start:.1f} s")
     model, optimizer, scheduler = setup_model_and_optimizer(model_provider, pg)
+    log_startup_summary(args, model, pg, model_provider)
     if args.ckpt_convert_format is not None:
         target = convert_checkpoint_format(model, optimizer, scheduler, args, pg)
         print_rank_0(f"> saved iteration {args.iteration} of {args.load} as {args.ckpt_convert_format} in {target}")
@@ -68,20 +77,27 @@ def pretrain(train_valid_test_dataset_provider: Callable, model_provider: Callab
         for it in build_train_valid_test_data_iterators(train_valid_test_dataset_provider, pg)
     )
     writers = ScalarWriters(build_tensorboard_writer(args), build_wandb_writer(args))
+    progress = ProgressLog(args)
     iteration = args.iteration
     exit_conditions = ExitConditions(args, start_time=start)
     stopped_early = False
     try:
-        if args.do_train and not getattr(args, "skip_train", False) and (args.train_iters or args.train_samples):
+        if args.skip_train:
+            print_rank_0("> skipping training (--skip-train): evaluation only")
+        elif args.do_train and (args.train_iters or args.train_samples):
             iteration, stopped_early = train(forward_step_func, model, optimizer, scheduler, train_it, valid_it,
-                                             pg, writers, exit_conditions)
-        if args.save and iteration != 0 and getattr(args, "last_saved_iteration", None) != iteration:
+                                             pg, writers, exit_conditions, progress)
+        if (args.save and not args.skip_train and iteration != 0
+                and getattr(args, "last_saved_iteration", None) != iteration):
             save_checkpoint(iteration, model, optimizer, scheduler, args.num_floating_point_operations_so_far,
                             args, pg)
+            progress.saved_checkpoint(iteration, args.num_floating_point_operations_so_far,
+                                      args.consumed_train_samples)
         wait_for_pending_save()
     finally:
         exit_conditions.release()
     if stopped_early:
+        progress.exiting()
         writers.close()
         return
     if args.do_valid:
@@ -90,6 +106,7 @@ def pretrain(train_valid_test_dataset_provider: Callable, model_provider: Callab
     if args.do_test:
         evaluate_and_print_results(f"iteration {iteration} on test set", forward_step_func, test_it,
                                    model, pg, iteration, writers, label="test")
+    progress.exiting()
     writers.close()
 
 
@@ -155,7 +172,7 @@ def _learning_rate(optimizer) -> Optional[float]:
 
 
 def train(forward_step_func, model, optimizer, scheduler, train_it, valid_it, pg: ProcessGroups, writers,
-          exit_conditions: ExitConditions = None):
+          exit_conditions: ExitConditions = None, progress: Optional[ProgressLog] = None):
     """Iterate until --train-iters / --train-samples, saving every --save-interval;
     returns (last iteration, whether an exit condition stopped the run early)."""
     args = get_args()
@@ -164,7 +181,7 @@ def train(forward_step_func, model, optimizer, scheduler, train_it, valid_it, pg
         chunk.train()
     iteration = getattr(args, "iteration", 0)
     args.last_saved_iteration = getattr(args, "last_saved_iteration", None)
-    logger = TrainingLogger(args, writers, world_size=args.world_size)
+    logger = TrainingLogger(args, writers, world_size=args.world_size, timers=timers)
     first_of_run = True
     profiler = StepProfiler(args, dist.get_rank() if dist.is_initialized() else 0)
     manual_gc = ManualGC(args)
@@ -201,11 +218,11 @@ def train(forward_step_func, model, optimizer, scheduler, train_it, valid_it, pg
             args.num_floating_point_operations_so_far += num_floating_point_operations(
                 args, get_current_global_batch_size())
             if args.save and args.save_interval and iteration % args.save_interval == 0:
-                _save(iteration, model, optimizer, scheduler, pg)
+                _save(iteration, model, optimizer, scheduler, pg, progress)
             reason = exit_conditions.reason(iteration) if exit_conditions is not None else None
             if reason is not None:
                 if args.save and args.last_saved_iteration != iteration:
-                    _save(iteration, model, optimizer, scheduler, pg)
+                    _save(iteration, model, optimizer, scheduler, pg, progress)
                 wait_for_pending_save()
                 print_rank_0(f"exiting program at iteration {iteration}: {reason}")
                 args.iteration = iteration
@@ -261,7 +278,8 @@ def _finish_param_sync(model) -> None:
             chunk.finish_param_sync()
 
 
-def _save(iteration: int, model, optimizer, scheduler, pg: ProcessGroups) -> None:
+def _save(iteration: int, model, optimizer, scheduler, pg: ProcessGroups,
+          progress: Optional[ProgressLog] = None) -> None:
     args = get_args()
     _finish_param_sync(model)
     timers = get_timers()
@@ -269,6 +287,8 @@ def _save(iteration: int, model, optimizer, scheduler, pg: ProcessGroups) -> Non
     save_checkpoint(iteration, model, optimizer, scheduler, args.num_floating_point_operations_so_far, args, pg)
     timers("save-checkpoint", log_level=0).stop(barrier=True)
     args.last_saved_iteration = iteration
+    if progress is not None:
+        progress.saved_checkpoint(iteration, args.num_floating_point_operations_so_far, args.consumed_train_samples)
 
 
 def _should_continue(args, iteration: int) -> bool:

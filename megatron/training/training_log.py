@@ -79,10 +79,11 @@ class IntervalTotals:
 class TrainingLogger:
     """Prints the iteration line every --log-interval iterations (and for the first one)."""
 
-    def __init__(self, args, writers=None, world_size: int = 1):
+    def __init__(self, args, writers=None, world_size: int = 1, timers=None):
         self.args = args
         self.writers = writers
         self.world_size = world_size
+        self.timers = timers
         self.totals = IntervalTotals()
         self.total_skipped = 0
         self.total_nan = 0
@@ -109,6 +110,7 @@ class TrainingLogger:
         if not self.should_log(iteration, first_of_run):
             return None
         line = self._format(iteration, stats, consumed_samples, elapsed_s)
+        self._write_interval_scalars(iteration, stats, consumed_samples, elapsed_s)
         self.total_nan += self.totals.nan
         self.totals.reset()
         print_rank_last(line)
@@ -142,7 +144,17 @@ class TrainingLogger:
             parts.append(f" params norm: {stats.params_norm:.3f} |")
         parts.append(f" number of skipped iterations: {t.skipped:3d} |")
         parts.append(f" number of nan iterations: {t.nan:3d} |")
+        # Beyond Megatron's line, appended so that parsers of its fields keep working.
+        tokens_per_s = self.tokens_per_second(stats.global_batch_size, ms_per_iter)
+        parts.append(f" tokens per second: {tokens_per_s:.0f} |")
+        parts.append(f" tokens per second per GPU: {tokens_per_s / max(1, self.world_size):.0f} |")
+        eta = eta_seconds(args, iteration, consumed_samples, stats.global_batch_size, ms_per_iter)
+        if eta is not None:
+            parts.append(f" ETA: {format_duration(eta)} |")
         return "".join(parts)
+
+    def tokens_per_second(self, global_batch_size: int, ms_per_iter: float) -> float:
+        return global_batch_size * self.args.seq_length / max(ms_per_iter / 1000.0, 1e-9)
 
     def tflops(self, global_batch_size: int, ms_per_iter: float) -> float:
         flops = num_floating_point_operations(self.args, global_batch_size)
@@ -167,8 +179,69 @@ class TrainingLogger:
             scalars["num-zeros"] = float(stats.num_zeros)
         if stats.params_norm is not None:
             scalars["params-norm"] = stats.params_norm
+        if getattr(self.args, "log_world_size_to_tensorboard", False):
+            scalars["world-size"] = float(self.world_size)
+        if getattr(self.args, "log_memory_to_tensorboard", False):
+            scalars.update(memory_scalars())
         scalars.update(extra or {})
         self.writers.write(scalars, iteration, consumed_samples)
+
+    def _write_interval_scalars(self, iteration: int, stats: IterationStats, consumed_samples: int,
+                                elapsed_s: float) -> None:
+        """Scalars measured over a log interval, written when the line is printed (as Megatron
+        does): iteration time and timers (--log-timers-to-tensorboard), throughput
+        (--log-throughput)."""
+        if self.writers is None or not self.writers.active:
+            return
+        n_iters = max(1, self.totals.advanced + self.totals.skipped)
+        ms_per_iter = elapsed_s * 1000.0 / n_iters
+        scalars: Dict[str, float] = {}
+        if self.args.log_timers_to_tensorboard:
+            scalars["iteration-time"] = ms_per_iter / 1000.0
+            if self.timers is not None:
+                for name, ms in self.timers.elapsed_ms(TIMERS_TO_WRITE, reset=False, normalizer=n_iters).items():
+                    scalars[f"{name}-time"] = ms
+        if self.args.log_throughput:
+            scalars["throughput"] = self.tflops(stats.global_batch_size, ms_per_iter)
+            scalars["tokens-per-second"] = self.tokens_per_second(stats.global_batch_size, ms_per_iter)
+            scalars["tokens-per-second-per-gpu"] = scalars["tokens-per-second"] / max(1, self.world_size)
+        if scalars:
+            self.writers.write(scalars, iteration, consumed_samples)
+
+
+# The timers the training step runs (level 1); written in ms per iteration.
+TIMERS_TO_WRITE = ["forward-backward", "optimizer"]
+
+
+def eta_seconds(args, iteration: int, consumed_samples: int, global_batch_size: int,
+                ms_per_iter: float) -> Optional[float]:
+    """Seconds to the end of training at the current pace; None when the end is unknown."""
+    if args.train_iters:
+        remaining = max(0, args.train_iters - iteration)
+    elif getattr(args, "train_samples", None):
+        remaining = math.ceil(max(0, args.train_samples - consumed_samples) / max(1, global_batch_size))
+    else:
+        return None
+    return remaining * ms_per_iter / 1000.0
+
+
+def format_duration(seconds: float) -> str:
+    """``H:MM:SS`` (hours grow past 24: ``31:05:00``)."""
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def memory_scalars() -> Dict[str, float]:
+    """Megatron's mem-* TensorBoard scalars from the CUDA caching allocator; none on CPU."""
+    if not torch.cuda.is_available():
+        return {}
+    stats = torch.cuda.memory_stats()
+    return {
+        "mem-reserved-bytes": float(stats.get("reserved_bytes.all.current", 0)),
+        "mem-allocated-bytes": float(stats.get("allocated_bytes.all.current", 0)),
+        "mem-max-allocated-bytes": float(stats.get("allocated_bytes.all.peak", 0)),
+        "mem-allocated-count": float(stats.get("allocation.all.current", 0)),
+    }
 
 
 def memory_report(rank: int, iteration: int) -> Optional[str]:

@@ -97,11 +97,7 @@ WITHOUT_EFFECT: Dict[str, Tuple[str, str]] = {
                                       "defaults and the NCCL_* environment variables"),
     "enable_gloo_process_groups": ("--disable-gloo-process-groups", "no gloo twins of the groups are created anyway"),
     "use_sharp": ("--use-sharp", "set NCCL_COLLNET_ENABLE=1 in the environment instead"),
-    "log_progress": ("--log-progress", "no progress.txt is written"),
     "log_energy": ("--log-energy", "energy is not logged"),
-    "log_timers_to_tensorboard": ("--log-timers-to-tensorboard", "timers go to the log only"),
-    "log_memory_to_tensorboard": ("--log-memory-to-tensorboard", "memory goes to the log only"),
-    "log_world_size_to_tensorboard": ("--log-world-size-to-tensorboard", "the world size goes to the log only"),
     "fp8_recipe": ("--fp8-recipe", "fp8 training is not implemented (--fp8-format is refused)"),
 }
 

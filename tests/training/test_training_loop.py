@@ -19,7 +19,11 @@ LOG_LINE = re.compile(
     r" loss scale: [0-9.]+ \|"
     r" grad norm: [0-9.]+ \|"
     r" number of skipped iterations: +\d+ \|"
-    r" number of nan iterations: +\d+ \|$"
+    r" number of nan iterations: +\d+ \|"
+    # beyond Megatron's fields, appended at the end
+    r" tokens per second: \d+ \|"
+    r" tokens per second per GPU: \d+ \|"
+    r" ETA: \d+:\d\d:\d\d \|$"
 )
 
 

@@ -77,10 +77,10 @@ def test_refused_flag_is_an_error_naming_it(dest):
 
 def test_flags_without_effect_are_reported_once_and_accepted(caplog):
     with caplog.at_level(logging.WARNING):
-        parse_and_validate(BASE + ["--use-flash-attn", "--log-progress", "--use-sharp"])
+        parse_and_validate(BASE + ["--use-flash-attn", "--log-energy", "--use-sharp"])
     warnings = [r.getMessage() for r in caplog.records if "no effect here" in r.getMessage()]
     assert len(warnings) == 1
-    for flag in ("--use-flash-attn", "--log-progress", "--use-sharp"):
+    for flag in ("--use-flash-attn", "--log-energy", "--use-sharp"):
         assert flag in warnings[0]
 
 

@@ -68,6 +68,9 @@ def copy_tensor_model_parallel_attributes(destination_tensor: torch.Tensor, sour
 
 
 def _param_device(config: ModelParallelConfig) -> torch.device:
+    if torch.get_default_device().type == "meta":
+        # Built under ``with torch.device("meta")`` to count and plan (the dry run): shapes only.
+        return torch.device("meta")
     if torch.cuda.is_available() and not config.use_cpu_initialization:
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
