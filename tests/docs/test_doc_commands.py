@@ -78,7 +78,9 @@ def _commands(text):
             continue  # a placeholder: not a complete command
         nproc = re.search(r"--nproc-per-node[ =](\d+)", head)
         nnodes = re.search(r"--nnodes[ =](\d+)", head)
-        yield shlex.split(flags), int(nproc.group(1) if nproc else 1) * int(nnodes.group(1) if nnodes else 1)
+        planned = re.search(r"--dry-run-world-size[ =](\d+)", flags)  # a dry run plans for N ranks
+        world = int(nproc.group(1) if nproc else 1) * int(nnodes.group(1) if nnodes else 1)
+        yield shlex.split(flags), int(planned.group(1)) if planned else world
 
 
 def test_complete_pretrain_gpt_commands_in_the_docs_validate():
