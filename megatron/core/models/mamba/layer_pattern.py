@@ -67,7 +67,7 @@ def allocate_layers(num_layers: int, attention_ratio: float, mlp_ratio: float,
     n_mlp = round(num_layers * mlp_ratio)
     if n_mlp > 0:
         n_mamba -= n_mlp
-        ratio = n_mamba / (n_mamba + n_mlp)
+        ratio = n_mamba / n_mlp  # Mamba layers per MLP layer
         x = ratio
         for i in range(num_layers):
             if layers[i] == MAMBA:
@@ -99,3 +99,25 @@ def stage_segment(pattern: str, pp_size: int, pp_rank: int) -> tuple:
         raise ValueError(f"--hybrid-layer-pattern {pattern!r} has an empty pipeline segment")
     offset = sum(len(seg) for seg in segments[:pp_rank])
     return segments[pp_rank], offset
+
+
+def resolve_layer_pattern(num_layers: int, hybrid_layer_pattern: Optional[str], attention_ratio: float = 0.0,
+                          mlp_ratio: float = 0.0, override_pattern: Optional[str] = None) -> str:
+    """The pattern the flags describe: --hybrid-layer-pattern when given (its layer count
+    must equal --num-layers), else the older flags' allocation."""
+    if hybrid_layer_pattern is None:
+        return allocate_layers(num_layers, attention_ratio, mlp_ratio, override_pattern)
+    if override_pattern is not None or attention_ratio or mlp_ratio:
+        raise ValueError("--hybrid-layer-pattern cannot be combined with --hybrid-override-pattern, "
+                         "--hybrid-attention-ratio or --hybrid-mlp-ratio: give only the pattern")
+    layers = len("".join(parse_pattern(hybrid_layer_pattern)))
+    if layers != num_layers:
+        raise ValueError(f"--hybrid-layer-pattern {hybrid_layer_pattern!r} has {layers} layers but --num-layers is "
+                         f"{num_layers}: make them agree")
+    return hybrid_layer_pattern
+
+
+def count_layers(pattern: str) -> dict:
+    """{symbol: how many layers of that kind} over the whole pattern."""
+    layers = "".join(parse_pattern(pattern))
+    return {symbol: layers.count(symbol) for symbol in LAYER_SYMBOLS}
