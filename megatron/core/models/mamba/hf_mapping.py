@@ -54,6 +54,11 @@ def megatron_to_hf(state_dict: Dict[str, torch.Tensor], num_layers: int, tied: b
     return out
 
 
+def _float(value) -> float:
+    """A number of a config dict; transformers writes infinity to JSON as {"__float__": "Infinity"}."""
+    return float(value["__float__"]) if isinstance(value, dict) else float(value)
+
+
 def mamba_kwargs_from_hf_config(c: dict) -> Tuple[dict, dict, dict]:
     """(TransformerConfig kwargs, MambaConfig kwargs, MambaModel kwargs) of a Mamba2Config dict."""
     for key, supported, why in (("use_bias", False, "projection biases"), ("use_conv_bias", True, "a conv1d without bias"),
@@ -69,7 +74,8 @@ def mamba_kwargs_from_hf_config(c: dict) -> Tuple[dict, dict, dict]:
     mamba_kwargs = dict(
         mamba_state_dim=c["state_size"], mamba_head_dim=c["head_dim"], mamba_num_groups=c["n_groups"],
         mamba_num_heads=c["num_heads"], expand=c["expand"], d_conv=c["conv_kernel"], chunk_size=c["chunk_size"],
-        dt_limit=tuple(c.get("time_step_limit", (0.0, float("inf")))), norm_eps=c["layer_norm_epsilon"],
+        dt_limit=tuple(_float(x) for x in c.get("time_step_limit", (0.0, float("inf")))),
+        norm_eps=c["layer_norm_epsilon"],
     )
     model_kwargs = dict(vocab_size=c["vocab_size"], hybrid_layer_pattern="M" * layers,
                         share_embeddings_and_output_weights=bool(c.get("tie_word_embeddings", False)),
