@@ -48,10 +48,12 @@ def test_hf_import_export_round_trip_is_exact(tmp_path):
         torch.testing.assert_close(reloaded(ids).logits, original(ids).logits, rtol=0, atol=0)
 
 
-def test_hybrid_checkpoint_refuses_mamba2_export(tmp_path):
-    from tests.training.mamba_runs import run_hybrid
+def test_hybrid_pattern_refuses_mamba2_export():
+    from argparse import Namespace
 
-    src = str(tmp_path / "src")
-    run_hybrid(1, ["--save", src, "--save-interval", "3"], iters=3)
+    from family_mamba import mamba_core_to_hf
+
+    args = Namespace(num_layers=4, hybrid_layer_pattern="M-*M", hybrid_attention_ratio=0.0, hybrid_mlp_ratio=0.0,
+                     hybrid_override_pattern=None)
     with pytest.raises(ConversionError, match="only Mamba-only models export"):
-        _convert("--loader", "core", "--saver", "hf", "--load-dir", src, "--save-dir", str(tmp_path / "out"))
+        mamba_core_to_hf({}, args, None, torch.float32, 96)

@@ -104,3 +104,4 @@ def test_causal_conv1d_is_causal_and_matches_definition():
     x2[:, :, 6:] += 1.0
     torch.testing.assert_close(causal_conv1d_reference(x2, w, bias)[:, :, :6], out[:, :, :6])
     torch.testing.assert_close(causal_conv1d_reference(x, w, bias, "silu"), torch.nn.functional.silu(out))
+
