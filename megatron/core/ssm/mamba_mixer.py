@@ -32,7 +32,7 @@ from torch.nn.parameter import Parameter
 
 from megatron.core import process_groups, tensor_parallel
 from megatron.core.process_groups import group_rank, group_size
-from megatron.core.ssm.causal_conv1d import causal_conv1d_reference
+from megatron.core.ssm.causal_conv1d import causal_conv1d
 from megatron.core.ssm.mamba_config import MambaConfig
 from megatron.core.ssm.ssd import ssd_scan
 from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
@@ -162,9 +162,7 @@ class MambaMixer(torch.nn.Module):
         zxbcdt = zxbcdt.transpose(0, 1)  # [b, s, proj/tp]: the scan runs batch first
         b, s, _ = zxbcdt.shape
         z, xbc, dt = self._split_projection(zxbcdt)
-        xbc = causal_conv1d_reference(
-            xbc.transpose(1, 2), self.conv1d.weight.squeeze(1), self.conv1d.bias, activation="silu"
-        ).transpose(1, 2)
+        xbc = causal_conv1d(xbc, self.conv1d.weight.squeeze(1), self.conv1d.bias, activation="silu")
         bc = self.ngroups_local * self.d_state
         x, B, C = torch.split(xbc, [self.d_inner_local, bc, bc], dim=-1)
         dt = F.softplus(dt.float() + self.dt_bias.float())

@@ -12,7 +12,7 @@ import torch
 from megatron.core.models.mamba import MambaModel
 from megatron.core.models.mamba.hf_mapping import hf_to_megatron, mamba_kwargs_from_hf_config, megatron_to_hf
 from megatron.core.ssm import mamba_mixer
-from megatron.core.ssm.causal_conv1d import causal_conv1d_reference
+from megatron.core.ssm.causal_conv1d import causal_conv1d
 from megatron.core.ssm.mamba_config import MambaConfig
 from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -86,14 +86,14 @@ def _assert_differs(hf, ours):
 
 
 def test_planted_conv_not_causal_fails(hf_untied, monkeypatch):
-    def leaky(x, weight, bias=None, activation=None):
+    def leaky(x_bld, weight, bias=None, activation=None):
         # Centered padding: each output also sees future positions.
         k = weight.shape[1]
-        out = torch.nn.functional.conv1d(torch.nn.functional.pad(x, (k // 2, k - 1 - k // 2)), weight[:, None], bias,
-                                         groups=weight.shape[0])
-        return torch.nn.functional.silu(out)
+        x = torch.nn.functional.pad(x_bld.transpose(1, 2), (k // 2, k - 1 - k // 2))
+        out = torch.nn.functional.conv1d(x, weight[:, None], bias, groups=weight.shape[0])
+        return torch.nn.functional.silu(out).transpose(1, 2)
 
-    monkeypatch.setattr(mamba_mixer, "causal_conv1d_reference", leaky)
+    monkeypatch.setattr(mamba_mixer, "causal_conv1d", leaky)
     _assert_differs(hf_untied, _ours(hf_untied))
 
 
@@ -120,6 +120,6 @@ def test_chunk_size_does_not_change_logits(hf_untied):
     torch.testing.assert_close(a, b, **TOL)
 
 
-def test_causal_conv_reference_is_the_one_used():
+def test_causal_conv_entry_is_the_one_used():
     # Guards the monkeypatch above: the mixer must call the module-level name.
-    assert mamba_mixer.causal_conv1d_reference is causal_conv1d_reference
+    assert mamba_mixer.causal_conv1d is causal_conv1d
