@@ -83,6 +83,16 @@ def _segsum(a: torch.Tensor) -> torch.Tensor:
     return sums.masked_fill(~causal, float("-inf"))
 
 
+def _segsum_from_cumsum(a_cum: torch.Tensor) -> torch.Tensor:
+    """[..., q] cumulative sums -> [..., q, q]: a_cum[i] - a_cum[j] for j <= i, -inf above
+    the diagonal. Within one chunk the difference of cumsums is accurate enough (fp32
+    compute, chunk-length sums) and needs no [q, q] cumsum."""
+    diff = a_cum[..., :, None] - a_cum[..., None, :]
+    q = a_cum.shape[-1]
+    causal = torch.tril(torch.ones(q, q, dtype=torch.bool, device=a_cum.device))
+    return diff.masked_fill(~causal, float("-inf"))
+
+
 def ssd_chunked(
     x: torch.Tensor,
     dt: torch.Tensor,
@@ -105,33 +115,35 @@ def ssd_chunked(
         # dt = 0 on padded positions: decay exp(0) = 1 and no input, the state passes through.
         x, dt = F.pad(x, (0, 0, 0, 0, 0, pad)), F.pad(dt, (0, 0, 0, pad))
         B, C = F.pad(B, (0, 0, 0, 0, 0, pad)), F.pad(C, (0, 0, 0, 0, 0, pad))
-    c, q = (l + pad) // chunk_size, chunk_size
-    x_c = x.reshape(b, c, q, h, p)
-    B_c = _heads_from_groups(B, h).reshape(b, c, q, h, -1)
-    C_c = _heads_from_groups(C, h).reshape(b, c, q, h, -1)
-    a_bhcq = (dt * A).reshape(b, c, q, h).permute(0, 3, 1, 2)
-    dt_c = dt.reshape(b, c, q, h)
-    a_cum = torch.cumsum(a_bhcq, dim=-1)
+    c, q, g = (l + pad) // chunk_size, chunk_size, B.shape[2]
+    r = h // g  # heads per group: heads are viewed as [g, r], head i = (i // r, i % r)
+    x_c = x.reshape(b, c, q, g, r, p)
+    B_c = B.reshape(b, c, q, g, -1)
+    C_c = C.reshape(b, c, q, g, -1)
+    dt_c = dt.reshape(b, c, q, g, r)
+    a_cum = torch.cumsum((dt * A).reshape(b, c, q, g, r).permute(0, 3, 4, 1, 2), dim=-1)  # [b, g, r, c, q]
 
-    # 1. Inside each chunk: y_i = sum_{j<=i} (C_i . B_j) exp(a_{j+1..i}) dt_j x_j.
-    decay_bhcqq = torch.exp(_segsum(a_bhcq))
-    scores = torch.einsum("bcihn,bcjhn->bhcij", C_c, B_c) * decay_bhcqq
-    y_diag = torch.einsum("bhcij,bcjh,bcjhp->bcihp", scores, dt_c, x_c)
+    # 1. Inside each chunk: y_i = sum_{j<=i} (C_i . B_j) exp(a_{j+1..i}) dt_j x_j. C.B is
+    #    computed once per group, not per head.
+    cb = torch.einsum("bcign,bcjgn->bgcij", C_c, B_c)
+    scores = cb[:, :, None] * torch.exp(_segsum_from_cumsum(a_cum))  # [b, g, r, c, q, q]
+    y_diag = torch.einsum("bgrcij,bcjgr,bcjgrp->bcigrp", scores, dt_c, x_c)
 
     # 2. The state each chunk leaves behind, from its own inputs only.
-    decay_to_end = torch.exp(a_cum[..., -1:] - a_cum)  # [b, h, c, q]
-    chunk_states = torch.einsum("bcjhn,bhcj,bcjh,bcjhp->bchpn", B_c, decay_to_end, dt_c, x_c)
+    decay_to_end = torch.exp(a_cum[..., -1:] - a_cum)  # [b, g, r, c, q]
+    chunk_states = torch.einsum("bcjgn,bgrcj,bcjgr,bcjgrp->bcgrpn", B_c, decay_to_end, dt_c, x_c)
 
     # 3. Carry states across chunks: state entering chunk k (k = 0 is the initial state).
+    n = B.shape[-1]
     if initial_states is None:
-        initial_states = x.new_zeros(b, h, p, B_c.shape[-1])
-    states = torch.cat([initial_states[:, None], chunk_states], dim=1)  # [b, c+1, h, p, n]
-    chunk_decay = torch.exp(_segsum(F.pad(a_cum[..., -1], (1, 0))))  # [b, h, c+1, c+1]
-    states = torch.einsum("bhzc,bchpn->bzhpn", chunk_decay, states)
-    entering, final = states[:, :-1], states[:, -1]
+        initial_states = x.new_zeros(b, h, p, n)
+    states = torch.cat([initial_states.reshape(b, 1, g, r, p, n), chunk_states], dim=1)  # [b, c+1, g, r, p, n]
+    chunk_decay = torch.exp(_segsum(F.pad(a_cum[..., -1], (1, 0))))  # [b, g, r, c+1, c+1]
+    states = torch.einsum("bgrzc,bcgrpn->bzgrpn", chunk_decay, states)
+    entering, final = states[:, :-1], states[:, -1].reshape(b, h, p, n)
 
     # 4. What the entering state contributes at each position of the chunk.
-    y_off = torch.einsum("bcihn,bchpn,bhci->bcihp", C_c, entering, torch.exp(a_cum))
+    y_off = torch.einsum("bcign,bcgrpn,bgrci->bcigrp", C_c, entering, torch.exp(a_cum))
     y = (y_diag + y_off).reshape(b, c * q, h, p)[:, :l]
     if D is not None:
         y = y + x_in * D[:, None]

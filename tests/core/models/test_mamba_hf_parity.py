@@ -106,11 +106,17 @@ def test_planted_dt_bias_dropped_fails(hf_untied):
 
 
 def test_planted_group_mapping_off_fails(hf_untied, monkeypatch):
-    from megatron.core.ssm import ssd_reference
+    original = mamba_mixer.ssd_scan
 
-    # Interleaved instead of contiguous: head i reads group i % g.
-    monkeypatch.setattr(ssd_reference, "_heads_from_groups",
-                        lambda t, heads: t.repeat(1, 1, heads // t.shape[2], 1))
+    def interleaved(x, dt, A, B, C, chunk_size, D):
+        # Head i reads group i % g instead of i // (h / g): scan the heads in an order
+        # that makes the contiguous mapping interleaved, then put them back.
+        h, g = x.shape[2], B.shape[2]
+        perm = torch.arange(h).reshape(h // g, g).t().reshape(-1)
+        y = original(x[:, :, perm], dt[:, :, perm], A[perm], B, C, chunk_size, D[perm])
+        return y[:, :, torch.argsort(perm)]
+
+    monkeypatch.setattr(mamba_mixer, "ssd_scan", interleaved)
     _assert_differs(hf_untied, _ours(hf_untied))
 
 

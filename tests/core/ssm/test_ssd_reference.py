@@ -48,7 +48,7 @@ def test_initial_states_continue_a_split_sequence(chunk):
 
 
 def test_group_mapping_is_contiguous():
-    """Head i reads group i // (h/g): swapping two groups' B changes exactly their heads."""
+    """Head i reads group i // (h/g): changing group 1's B changes exactly heads 2 and 3."""
     x, dt, A, B, C, D = _inputs(h=4, g=2)
     y = ssd_chunked(x, dt, A, B, C, 4, D)
     B2 = B.clone()
