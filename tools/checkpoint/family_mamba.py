@@ -1,8 +1,9 @@
-"""--model-type Mamba: Hugging Face ``Mamba2ForCausalLM`` import and export, and resharding
-of hybrid checkpoints (built by pretrain_hybrid.py's model provider).
+"""--model-type Mamba: Hugging Face import and export of ``Mamba2ForCausalLM`` (Mamba layers
+only) and ``NemotronHForCausalLM`` (hybrids of Mamba, attention and squared-ReLU MLP layers),
+and resharding of hybrid checkpoints (built by pretrain_hybrid.py's model provider).
 
-Export needs a pattern of Mamba layers only (``Mamba2ForCausalLM`` has no attention or MLP
-layers); a hybrid checkpoint still reshards between layouts.
+Export picks mamba2 for a pattern of Mamba layers only and nemotron_h otherwise
+(``--hf-model-type`` chooses explicitly).
 """
 
 from __future__ import annotations
@@ -26,8 +27,10 @@ def mamba_hf_flags(hf_config: dict) -> List[str]:
     from hf_args import tokenizer_flags_from_hf_config
     from megatron.core.models.mamba.hf_mapping import mamba_kwargs_from_hf_config
 
+    if hf_config.get("model_type") == "nemotron_h":
+        return _nemotron_h_flags(hf_config) + tokenizer_flags_from_hf_config(hf_config)
     if hf_config.get("model_type") != "mamba2":
-        raise ConversionError(f"--model-type Mamba imports Mamba2 models, got model_type "
+        raise ConversionError(f"--model-type Mamba imports mamba2 and nemotron_h models, got model_type "
                               f"{hf_config.get('model_type')!r}")
     try:
         config, mamba, model = mamba_kwargs_from_hf_config(hf_config)
@@ -54,9 +57,40 @@ def mamba_hf_flags(hf_config: dict) -> List[str]:
     return flags + tokenizer_flags_from_hf_config(hf_config)
 
 
+def _nemotron_h_flags(hf_config: dict) -> List[str]:
+    from megatron.core.models.mamba.hf_mapping_nemotron_h import nemotron_h_kwargs_from_hf_config
+
+    try:
+        config, mamba, model = nemotron_h_kwargs_from_hf_config(hf_config)
+    except ValueError as error:
+        raise ConversionError(str(error)) from None
+    if mamba["dt_limit"] != (0.0, float("inf")) or mamba["d_conv"] != 4:
+        raise ConversionError("NemotronH config: only conv_kernel 4 and no time_step_limit map to Megatron's flags")
+    seq = str(model["max_sequence_length"])
+    flags = [
+        "--num-layers", str(config["num_layers"]), "--hidden-size", str(config["hidden_size"]),
+        "--num-attention-heads", str(config["num_attention_heads"]), "--group-query-attention",
+        "--num-query-groups", str(config["num_query_groups"]), "--kv-channels", str(config["kv_channels"]),
+        "--ffn-hidden-size", str(config["ffn_hidden_size"]), "--squared-relu",
+        "--normalization", "RMSNorm", "--norm-epsilon", _number(config["layernorm_epsilon"]), "--disable-bias-linear",
+        "--position-embedding-type", "none", "--max-position-embeddings", seq, "--seq-length", seq,
+        "--hidden-dropout", "0", "--attention-dropout", "0",
+        "--hybrid-layer-pattern", model["hybrid_layer_pattern"],
+        "--mamba-state-dim", str(mamba["mamba_state_dim"]), "--mamba-head-dim", str(mamba["mamba_head_dim"]),
+        "--mamba-num-groups", str(mamba["mamba_num_groups"]), "--mamba-num-heads", str(mamba["mamba_num_heads"]),
+    ]
+    if not model["share_embeddings_and_output_weights"]:
+        flags.append("--untie-embeddings-and-output-weights")
+    return flags
+
+
 def mamba_hf_to_core(weights: Dict[str, torch.Tensor], hf_config: dict) -> Dict[str, torch.Tensor]:
     from megatron.core.models.mamba.hf_mapping import hf_to_megatron
 
+    if hf_config.get("model_type") == "nemotron_h":
+        from megatron.core.models.mamba import hf_mapping_nemotron_h
+
+        return hf_mapping_nemotron_h.hf_to_megatron(weights, hf_config)
     return hf_to_megatron(weights, hf_config["num_hidden_layers"], bool(hf_config.get("tie_word_embeddings", False)))
 
 
@@ -78,16 +112,15 @@ def mamba_core_to_hf(state_dict: Dict[str, torch.Tensor], args, hf_model_type: O
                      vocab_size: int) -> Tuple[Dict[str, torch.Tensor], dict]:
     from megatron.core.models.mamba.hf_mapping import megatron_to_hf
 
-    if hf_model_type not in (None, "mamba2"):
-        raise ConversionError(f"--hf-model-type {hf_model_type}: Mamba checkpoints export as mamba2 only")
+    if hf_model_type not in (None, "mamba2", "nemotron_h"):
+        raise ConversionError(f"--hf-model-type {hf_model_type}: Mamba checkpoints export as mamba2 or nemotron_h")
     pattern = _pattern(args)
-    if set(pattern) != {"M"}:
-        raise ConversionError(f"layer pattern {pattern!r}: only Mamba-only models export to Mamba2ForCausalLM "
-                              "(it has no attention or MLP layers)")
     if args.normalization != "RMSNorm" or args.add_bias_linear:
-        raise ConversionError("Mamba2ForCausalLM needs --normalization RMSNorm and --disable-bias-linear")
+        raise ConversionError("Mamba2 and NemotronH need --normalization RMSNorm and --disable-bias-linear")
     tied = not args.untie_embeddings_and_output_weights
     heads = args.mamba_num_heads or 2 * args.hidden_size // args.mamba_head_dim
+    if hf_model_type == "nemotron_h" or set(pattern) != {"M"}:
+        return _export_nemotron_h(state_dict, args, pattern, heads, tied, dtype, vocab_size)
     config = {
         "architectures": ["Mamba2ForCausalLM"], "model_type": "mamba2", "vocab_size": vocab_size,
         "hidden_size": args.hidden_size, "num_hidden_layers": args.num_layers, "state_size": args.mamba_state_dim,
@@ -99,6 +132,40 @@ def mamba_core_to_hf(state_dict: Dict[str, torch.Tensor], args, hf_model_type: O
         "torch_dtype": str(dtype).replace("torch.", ""),
     }
     weights = megatron_to_hf(state_dict, args.num_layers, tied)
+    if tied:
+        weights.pop("lm_head.weight", None)  # transformers ties it on load
+    return {k: v.to(dtype) for k, v in weights.items()}, config
+
+
+_BLOCK_TYPES = {"M": "linear_attention", "*": "full_attention", "-": "mlp"}
+
+
+def _export_nemotron_h(state_dict, args, pattern: str, heads: int, tied: bool, dtype: torch.dtype,
+                       vocab_size: int) -> Tuple[Dict[str, torch.Tensor], dict]:
+    from megatron.core.models.mamba import hf_mapping_nemotron_h
+
+    if set(pattern) - set(_BLOCK_TYPES):
+        raise ConversionError(f"layer pattern {pattern!r}: NemotronH export maps M, * and - layers only")
+    if "-" in pattern and not args.squared_relu:
+        raise ConversionError("NemotronH MLPs use squared ReLU: only --squared-relu hybrids export to nemotron_h")
+    if "*" in pattern and args.position_embedding_type != "none":
+        raise ConversionError("NemotronH attention has no position embedding: only --position-embedding-type none "
+                              "exports to nemotron_h")
+    groups = args.num_query_groups if args.group_query_attention else args.num_attention_heads
+    config = {
+        "architectures": ["NemotronHForCausalLM"], "model_type": "nemotron_h", "vocab_size": vocab_size,
+        "hidden_size": args.hidden_size, "layers_block_type": [_BLOCK_TYPES[s] for s in pattern],
+        "num_hidden_layers": len(pattern), "num_attention_heads": args.num_attention_heads,
+        "num_key_value_heads": groups, "head_dim": args.kv_channels, "intermediate_size": args.ffn_hidden_size,
+        "max_position_embeddings": args.max_position_embeddings, "mlp_hidden_act": "relu2", "mlp_bias": False,
+        "attention_bias": False, "ssm_state_size": args.mamba_state_dim, "mamba_num_heads": heads,
+        "mamba_head_dim": args.mamba_head_dim, "n_groups": args.mamba_num_groups, "conv_kernel": 4,
+        "expand": _expand(heads * args.mamba_head_dim, args.hidden_size), "chunk_size": 128,
+        "use_conv_bias": True, "use_bias": False, "mamba_proj_bias": False, "mamba_hidden_act": "silu",
+        "layer_norm_epsilon": args.norm_epsilon, "residual_in_fp32": False, "tie_word_embeddings": tied,
+        "torch_dtype": str(dtype).replace("torch.", ""),
+    }
+    weights = hf_mapping_nemotron_h.megatron_to_hf(state_dict, config, prefix=hf_mapping_nemotron_h.FILE_PREFIX)
     if tied:
         weights.pop("lm_head.weight", None)  # transformers ties it on load
     return {k: v.to(dtype) for k, v in weights.items()}, config
