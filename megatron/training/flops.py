@@ -11,6 +11,10 @@ def num_floating_point_operations(args, batch_size: int) -> float:
     over the padded vocabulary, as megatron-facts section 7.3 gives it. MoE layers count
     top-k routed experts of --moe-ffn-hidden-size plus the shared expert instead of the MLP.
     """
+    if getattr(args, "is_hybrid_model", False):  # partial namespaces (tests, tools) have no such flag
+        from megatron.training.hybrid_flops import hybrid_num_floating_point_operations
+
+        return hybrid_num_floating_point_operations(args, batch_size)
     s = args.seq_length
     L = args.num_layers
     h = args.hidden_size

@@ -68,8 +68,15 @@ def _moe_layers(args) -> Tuple[bool, ...]:
 
 GPT = Family("GPT", "pretrain_gpt:model_provider", _gpt_hf_flags, _gpt_hf_to_core, _gpt_core_to_hf)
 
-FAMILIES: Dict[str, Family] = {"GPT": GPT}
-PLANNED = ("BERT", "T5", "Mamba", "Retro")
+
+def _mamba() -> Family:
+    from family_mamba import mamba_core_to_hf, mamba_hf_flags, mamba_hf_to_core
+
+    return Family("Mamba", "pretrain_hybrid:model_provider", mamba_hf_flags, mamba_hf_to_core, mamba_core_to_hf)
+
+
+FAMILIES: Dict[str, Family] = {"GPT": GPT, "Mamba": _mamba()}
+PLANNED = ("BERT", "T5", "Retro")
 
 
 def family(model_type: str) -> Family:

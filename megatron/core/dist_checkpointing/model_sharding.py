@@ -10,7 +10,8 @@ Tensor-parallel params (``tensor_model_parallel`` with ``partition_dim`` and
 ``partition_stride``) are chunks of the full tensor. A stride-s param holds s pieces
 along its partition dim, piece j of rank r at global offset j * G/s + r * L/s (G global,
 L local size): for a gated MLP's fc1 the full tensor is [gate_all ; up_all], as in
-Megatron's torch_dist checkpoints. The word embedding and the output layer may differ in
+Megatron's torch_dist checkpoints. A param with ``partition_sizes`` is a concatenation of
+unequal parts, each split over the ranks (the Mamba mixer's fused weights). The word embedding and the output layer may differ in
 their padded vocabulary size between layouts; they load where the two overlap.
 """
 
@@ -87,6 +88,20 @@ def _is_expert(name: str) -> bool:
     return ".experts.local_experts." in name
 
 
+def _part_pieces(name: str, local: int, sizes, world: int, rank: int) -> Tuple[Tuple[int, int, int], ...]:
+    """Pieces of a concatenation of unequal parts, each split separately over the ranks
+    (``partition_sizes`` = the local part sizes, e.g. the Mamba in-projection's
+    [z ; x ; B ; C ; dt]): local part j sits at sum(sizes[:j]), globally at
+    world * sum(sizes[:j]) + rank * sizes[j]."""
+    if sum(sizes) != local:
+        raise ValueError(f"{name}: partition_sizes {tuple(sizes)} do not add up to the local size {local}")
+    pieces, start = [], 0
+    for part in sizes:
+        pieces.append((start, part, world * start + rank * part))
+        start += part
+    return tuple(pieces)
+
+
 def tensor_placement(name: str, tensor: torch.Tensor, groups: ProcessGroups) -> TensorPlacement:
     """The placement of a param or buffer named ``name`` (global name) on this rank."""
     key = _TIED_EMBEDDING_KEY if getattr(tensor, "shared_embedding", False) else name
@@ -97,12 +112,16 @@ def tensor_placement(name: str, tensor: torch.Tensor, groups: ProcessGroups) -> 
     if not getattr(tensor, "tensor_model_parallel", False) or size == 1 or tensor.dim() == 0:
         return TensorPlacement(key, shape, 0, ((0, shape[0] if shape else 1, 0),), allow_mismatch)
     dim = int(getattr(tensor, "partition_dim"))
+    global_shape = list(shape)
+    global_shape[dim] = shape[dim] * size
+    sizes = getattr(tensor, "partition_sizes", None)
+    if sizes:
+        return TensorPlacement(key, tuple(global_shape), dim, _part_pieces(name, shape[dim], sizes, size, rank),
+                               allow_mismatch)
     stride = int(getattr(tensor, "partition_stride", 1) or 1)
     local = shape[dim]
     if local % stride:
         raise ValueError(f"{name}: local size {local} along dim {dim} is not divisible by its stride {stride}")
-    global_shape = list(shape)
-    global_shape[dim] = local * size
     piece = local // stride
     pieces = tuple((j * piece, piece, j * (global_shape[dim] // stride) + rank * piece) for j in range(stride))
     return TensorPlacement(key, tuple(global_shape), dim, pieces, allow_mismatch)

@@ -9,6 +9,7 @@ from megatron.training.arguments_groups.config_help import fill_help_from_config
 from megatron.training.arguments_groups.data import add_data_args, add_tokenizer_args, add_validation_args
 from megatron.training.arguments_groups.distributed import add_distributed_args
 from megatron.training.arguments_groups.dry_run_args import add_dry_run_args
+from megatron.training.arguments_groups.hybrid import add_hybrid_args
 from megatron.training.arguments_groups.logging_args import add_logging_args, add_rerun_args
 from megatron.training.arguments_groups.network import add_moe_args, add_network_size_args, add_transformer_impl_args
 from megatron.training.arguments_groups.precision import add_mixed_precision_args
@@ -36,6 +37,7 @@ GROUP_ADDERS = (
     add_transformer_impl_args,
     add_rerun_args,
     add_dry_run_args,
+    add_hybrid_args,
 )
 
 

@@ -1,0 +1,178 @@
+"""Mamba-2 and hybrid speed on one GPU: the SSD scan against cuDNN attention, and ~1.3B
+models (hybrid, pure Mamba-2, transformer) at growing sequence lengths.
+
+    python benchmarks/mamba_bench.py                       # everything, one table at the end
+    python benchmarks/mamba_bench.py --only kernel         # SSD fwd+bwd vs causal SDPA at seq 4096
+    python benchmarks/mamba_bench.py --only models --seqs 4096 16384 --iters 12 --timeout 900
+
+Every measurement runs in its own process with a timeout (an out-of-memory or a hang costs
+one row, not the run). The model rows launch pretrain_hybrid.py / pretrain_gpt.py on mock
+data, bf16, with the same tokens per step at every sequence length (micro-batch = tokens /
+seq), and read Megatron's iteration log lines (the first --warmup iterations dropped).
+TFLOP/s are the log line's (hybrid FLOPs: megatron/training/hybrid_flops.py) and MFU is
+against the dense bf16 peak of DESIGN.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from pretrain_bench import PEAK_TFLOPS, TIMED_OUT, _stream, environment, parse_log, steady_state  # noqa: E402
+
+HIDDEN, VOCAB = 2048, 50304
+_COMMON = [
+    "--hidden-size", str(HIDDEN), "--num-attention-heads", "16", "--kv-channels", "128",
+    "--normalization", "RMSNorm", "--disable-bias-linear", "--untie-embeddings-and-output-weights",
+    "--bf16", "--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", str(VOCAB - 1),
+    "--lr", "1e-4", "--log-interval", "1", "--log-throughput", "--eval-iters", "0",
+    "--hidden-dropout", "0", "--attention-dropout", "0", "--num-workers", "1",
+]
+_MAMBA = ["--is-hybrid-model", "--position-embedding-type", "none", "--mamba-state-dim", "128",
+          "--mamba-head-dim", "64", "--mamba-num-groups", "8", "--squared-relu", "--ffn-hidden-size", "8192"]
+# ~1.3B each at hidden 2048 (embeddings included): 40 hybrid layers with 3 attention layers
+# (~8%, Megatron's recommended ratio) and 17 MLP layers; 40 Mamba-2 layers; 24 transformer layers.
+MODELS: Dict[str, tuple] = {
+    "hybrid-1.3b": ("pretrain_hybrid.py", _MAMBA + ["--num-layers", "40", "--hybrid-attention-ratio", "0.08",
+                                                    "--hybrid-mlp-ratio", "0.42"]),
+    "mamba2-1.3b": ("pretrain_hybrid.py", _MAMBA + ["--num-layers", "40", "--hybrid-layer-pattern", "M" * 40]),
+    "transformer-1.3b": ("pretrain_gpt.py", ["--num-layers", "24", "--ffn-hidden-size", "8192",
+                                             "--position-embedding-type", "rope"]),
+}
+
+
+def kernel_bench(seq: int = 4096, batch: int = 4, repeats: int = 20) -> dict:
+    """SSD scan fwd+bwd (width 2048: 32 heads of 64, 8 groups, state 128) vs cuDNN causal SDPA
+    (width 2048: 16 heads of 128), bf16, milliseconds per fwd+bwd. Runs in this process."""
+    import torch
+
+    from megatron.core.ssm.ssd import ssd_scan
+
+    dev, bf16 = "cuda", torch.bfloat16
+    torch.manual_seed(0)
+    x = torch.randn(batch, seq, 32, 64, device=dev, dtype=bf16, requires_grad=True)
+    dt = torch.nn.functional.softplus(torch.randn(batch, seq, 32, device=dev) - 3).requires_grad_()
+    A = (-torch.rand(32, device=dev) * 4).requires_grad_()
+    B = torch.randn(batch, seq, 8, 128, device=dev, dtype=bf16, requires_grad=True)
+    C = torch.randn(batch, seq, 8, 128, device=dev, dtype=bf16, requires_grad=True)
+    q, k, v = (torch.randn(batch, 16, seq, 128, device=dev, dtype=bf16, requires_grad=True) for _ in range(3))
+
+    def ssd_step():
+        ssd_scan(x, dt, A, B, C, 128).sum().backward()
+
+    def sdpa_step():
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+            torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward()
+
+    out = {}
+    for name, step in (("ssd_ms", ssd_step), ("cudnn_sdpa_ms", sdpa_step)):
+        for _ in range(3):  # compile and autotune outside the timing
+            step()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        start.record()
+        for _ in range(repeats):
+            step()
+        end.record()
+        torch.cuda.synchronize()
+        out[name] = start.elapsed_time(end) / repeats
+    # Causal attention FLOPs (fwd+bwd, halved for the mask) of the same width: a yardstick.
+    out["sdpa_tflops"] = 3 * 2 * 2 * batch * seq * seq * 2048 / 2 / out["cudnn_sdpa_ms"] / 1e9
+    return out
+
+
+def model_row(name: str, seq: int, tokens: int, iters: int, warmup: int, timeout: float, extra: List[str]) -> dict:
+    script, flags = MODELS[name]
+    mbs = max(1, tokens // seq)
+    argv = flags + _COMMON + extra + [
+        "--seq-length", str(seq), "--max-position-embeddings", str(seq), "--micro-batch-size", str(mbs),
+        "--global-batch-size", str(mbs), "--train-iters", str(iters), "--lr-warmup-iters", "0",
+    ]
+    log_path = Path(tempfile.gettempdir()) / f"mamba_bench_{name}_{seq}.log"
+    rc, text = _stream([sys.executable, str(REPO / script), *argv], log_path, quiet=True, timeout=timeout)
+    ms, tflops, measured = steady_state(parse_log(text).lines, warmup)
+    row = {"model": name, "seq": seq, "mbs": mbs, "ms_per_iter": ms, "tflops": tflops, "log": str(log_path)}
+    if ms:
+        row["tokens_per_s"] = mbs * seq / (ms / 1000.0)
+    row["status"] = "ok" if ms else ("timed out" if rc == TIMED_OUT else "out of memory" if "OutOfMemory" in text
+                                     else f"failed (exit {rc})")
+    return row
+
+
+def _in_subprocess(args: Sequence[str], timeout: float) -> Optional[dict]:
+    """Run this script with ``args`` in a child process; its last stdout line is JSON."""
+    try:
+        done = subprocess.run([sys.executable, __file__, *args], cwd=REPO, capture_output=True, text=True,
+                              timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"status": "timed out"}
+    lines = done.stdout.strip().splitlines()
+    try:
+        return json.loads(lines[-1])
+    except (IndexError, json.JSONDecodeError):
+        return {"status": f"failed (exit {done.returncode}): {done.stderr.strip().splitlines()[-1:]}"}
+
+
+def _fmt(value, spec: str) -> str:
+    return format(value, spec) if isinstance(value, (int, float)) else "-"
+
+
+def report(kernel: Optional[dict], rows: List[dict]) -> str:
+    lines = [f"environment: {json.dumps(environment())}"]
+    if kernel is not None:
+        lines.append(f"SSD scan fwd+bwd (seq 4096, width 2048, state 128): {_fmt(kernel.get('ssd_ms'), '.2f')} ms; "
+                     f"cuDNN causal SDPA fwd+bwd (16 x 128): {_fmt(kernel.get('cudnn_sdpa_ms'), '.2f')} ms "
+                     f"({_fmt(kernel.get('sdpa_tflops'), '.0f')} TFLOP/s) {kernel.get('status', '')}")
+    lines.append("| model | seq | mbs | ms/iter | tokens/s | TFLOP/s | MFU | vs transformer | status |")
+    lines.append("|---|---|---|---|---|---|---|---|---|")
+    base = {r["seq"]: r.get("tokens_per_s") for r in rows if r["model"] == "transformer-1.3b"}
+    for r in rows:
+        tps, ref = r.get("tokens_per_s"), base.get(r["seq"])
+        ratio = f"{tps / ref:.2f}x" if tps and ref else "-"
+        mfu = f"{100 * r['tflops'] / PEAK_TFLOPS:.1f}%" if r.get("tflops") else "-"
+        lines.append(f"| {r['model']} | {r['seq']} | {r['mbs']} | {_fmt(r.get('ms_per_iter'), '.1f')} | "
+                     f"{_fmt(tps, ',.0f')} | {_fmt(r.get('tflops'), '.1f')} | {mfu} | {ratio} | {r['status']} |")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--only", choices=("kernel", "models"), default=None)
+    p.add_argument("--seqs", type=int, nargs="+", default=[4096, 16384, 65536])
+    p.add_argument("--tokens", type=int, default=65536, help="Tokens per step at every sequence length.")
+    p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--timeout", type=float, default=1200.0, help="Seconds per measurement (its own process).")
+    p.add_argument("--extra", default="", help="More flags for every model run, e.g. '--recompute-granularity full "
+                   "--recompute-method uniform --recompute-num-layers 1'.")
+    p.add_argument("--_kernel_child", action="store_true", help=argparse.SUPPRESS)
+    opts = p.parse_args(argv)
+    if opts._kernel_child:
+        print(json.dumps(kernel_bench()))
+        return 0
+    kernel = None if opts.only == "models" else _in_subprocess(["--_kernel_child"], opts.timeout)
+    rows = []
+    if opts.only != "kernel":
+        for seq in opts.seqs:
+            for name in opts.models:
+                rows.append(model_row(name, seq, opts.tokens, opts.iters, opts.warmup, opts.timeout,
+                                      opts.extra.split()))
+                print(json.dumps(rows[-1]), flush=True)
+    print(report(kernel, rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

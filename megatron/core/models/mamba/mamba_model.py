@@ -1,0 +1,115 @@
+"""MambaModel: embedding -> hybrid stack (layers from the pattern) -> final norm -> output layer.
+
+The embedding, the output layer, the tied-weight handling and the loss are GPT's
+(``LanguageModule``, ``LanguageModelEmbedding``). Attention layers in the pattern use
+rotary positions with --position-embedding-type rope; the default is none (Mamba layers
+need no positions).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from megatron.core import process_groups, tensor_parallel
+from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding
+from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+from megatron.core.models.common.language_module.language_module import LanguageModule
+from megatron.core.models.mamba.hybrid_stack import HybridStack
+from megatron.core.pipeline_parallel.init_rng import initialization_stream
+from megatron.core.ssm.mamba_config import MambaConfig
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+_POSITION_TYPES = ("none", "rope")
+
+
+class MambaModel(LanguageModule):
+    """Hybrid language model (one pipeline stage of it when pre/post_process are not both set).
+
+    forward(input_ids [b, s], position_ids, attention_mask, decoder_input=None, labels=None)
+    has GPTModel's contract: hidden states [s(/tp), b, h] when not post_process, logits
+    [b, s, V/tp] without labels, per-token fp32 loss [b, s] with labels. The attention mask
+    (None or bool [b or 1, 1, s, s], True = masked) reaches only the attention layers.
+    """
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        mamba_config: MambaConfig,
+        hybrid_layer_pattern: str,
+        vocab_size: int,
+        max_sequence_length: int = 0,
+        pre_process: bool = True,
+        post_process: bool = True,
+        fp16_lm_cross_entropy: bool = False,
+        parallel_output: bool = True,
+        share_embeddings_and_output_weights: bool = False,
+        position_embedding_type: str = "none",
+        rotary_percent: float = 1.0,
+        rotary_base: int = 10000,
+        pg_collection: Optional[process_groups.ProcessGroups] = None,
+    ):
+        super().__init__(config, pg_collection=pg_collection)
+        if vocab_size <= 0:
+            raise ValueError(f"MambaModel needs vocab_size > 0 (the padded vocabulary), got {vocab_size}")
+        if position_embedding_type not in _POSITION_TYPES:
+            raise ValueError(f"--position-embedding-type {position_embedding_type!r} is not supported for hybrid "
+                             f"models: use {' or '.join(_POSITION_TYPES)}")
+        self.vocab_size, self.max_sequence_length = vocab_size, max_sequence_length
+        self.pre_process, self.post_process = pre_process, post_process
+        self.fp16_lm_cross_entropy, self.parallel_output = fp16_lm_cross_entropy, parallel_output
+        self.share_embeddings_and_output_weights = share_embeddings_and_output_weights
+        self.position_embedding_type = position_embedding_type
+        self.hybrid_layer_pattern = hybrid_layer_pattern
+        groups = self.pg_collection
+        if pre_process:
+            with initialization_stream("embedding"):
+                self.embedding = LanguageModelEmbedding(config, vocab_size, max_sequence_length,
+                                                        position_embedding_type, pg_collection=groups)
+        if position_embedding_type == "rope":
+            self.rotary_pos_emb = RotaryEmbedding(config.kv_channels, rotary_percent,
+                                                  rotary_interleaved=config.rotary_interleaved, rotary_base=rotary_base)
+        self.decoder = HybridStack(config, mamba_config, hybrid_layer_pattern, pre_process=pre_process,
+                                   post_process=post_process, pg_collection=groups)
+        if post_process:
+            with initialization_stream("output_layer"):
+                self.output_layer = tensor_parallel.ColumnParallelLinear(
+                    config.hidden_size, vocab_size, config=config, init_method=config.init_method, bias=False,
+                    skip_bias_add=False, gather_output=False,
+                    skip_weight_param_allocation=pre_process and share_embeddings_and_output_weights,
+                    tp_group=self.tp_group,
+                )
+        self.setup_embeddings_and_output_layer()
+
+    def set_input_tensor(self, input_tensor) -> None:
+        """Give the stack the activation from the previous pipeline stage."""
+        if isinstance(input_tensor, (list, tuple)):
+            if len(input_tensor) != 1:
+                raise ValueError(f"MambaModel takes one input tensor per stage, got {len(input_tensor)}")
+            input_tensor = input_tensor[0]
+        self.decoder.set_input_tensor(input_tensor)
+
+    def _rotary_freqs(self, decoder_input: Optional[torch.Tensor]):
+        if self.position_embedding_type != "rope":
+            return None
+        reference = decoder_input if decoder_input is not None else self.decoder.input_tensor
+        seq_len = reference.size(0)
+        if self.config.sequence_parallel:
+            seq_len *= process_groups.group_size(self.tp_group)
+        return self.rotary_pos_emb(seq_len, device=reference.device)
+
+    def forward(self, input_ids, position_ids=None, attention_mask=None, decoder_input=None, labels=None):
+        if decoder_input is None and self.pre_process:
+            decoder_input = self.embedding(input_ids, position_ids)
+        hidden_states = self.decoder(decoder_input, attention_mask=attention_mask,
+                                     rotary_pos_emb=self._rotary_freqs(decoder_input))
+        if not self.post_process:
+            return hidden_states
+        output_weight = self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else None
+        logits, _ = self.output_layer(hidden_states, weight=output_weight)
+        if labels is not None:
+            return self.compute_language_model_loss(labels, logits)
+        if not self.parallel_output:
+            logits = tensor_parallel.gather_from_tensor_model_parallel_region(logits, self.tp_group)
+        return logits.transpose(0, 1).contiguous()

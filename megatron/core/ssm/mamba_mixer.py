@@ -1,0 +1,180 @@
+"""The Mamba-2 mixer: in-projection, depthwise causal conv1d, SSD scan, gated RMSNorm,
+out-projection. Parameter names and layouts are Megatron-Core's (and Hugging Face
+``Mamba2Mixer``'s), so checkpoints map one to one:
+
+  in_proj.weight   [2*d_inner + 2*G*N + H, hidden]   rows [z ; x ; B ; C ; dt]
+  conv1d.weight    [d_inner + 2*G*N, 1, d_conv]      channels [x ; B ; C]
+  conv1d.bias      [d_inner + 2*G*N]
+  dt_bias, A_log, D  [H]
+  norm.weight      [d_inner]                         gated RMSNorm, one norm per group
+  out_proj.weight  [hidden, d_inner]
+
+(H heads of P channels, d_inner = H*P, G groups, N state dim.)
+
+Tensor parallelism splits heads and groups: rank r holds heads [r*H/tp, (r+1)*H/tp) and
+groups [r*G/tp, (r+1)*G/tp), i.e. its block of each of z, x, B, C, dt. The in-projection
+is column parallel and the out-projection row parallel (with sequence parallelism, the
+sequence is all-gathered before the one and reduce-scattered after the other); everything
+in between is local to the rank. A fused weight is therefore a concatenation of separately
+split parts: it carries ``partition_sizes`` (the local part sizes) so checkpoints store
+the TP=1 layout whatever the tensor-parallel size. Weights are drawn full and then sliced,
+so every tensor-parallel size starts from the same model.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch.nn.parameter import Parameter
+
+from megatron.core import process_groups, tensor_parallel
+from megatron.core.process_groups import group_rank, group_size
+from megatron.core.ssm.causal_conv1d import causal_conv1d
+from megatron.core.ssm.mamba_config import MambaConfig
+from megatron.core.ssm.ssd import ssd_scan
+from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+
+def _rank_block(full: torch.Tensor, sizes: Sequence[int], rank: int, world: int) -> torch.Tensor:
+    """Concatenation of this rank's block of each dim-0 part of ``full`` (parts ``sizes``)."""
+    parts = torch.split(full, list(sizes), dim=0)
+    return torch.cat([p.chunk(world, dim=0)[rank] for p in parts], dim=0)
+
+
+def _mark_split(param: torch.Tensor, local_sizes: Optional[List[int]] = None) -> None:
+    set_tensor_model_parallel_attributes(param, True, 0, 1)
+    if local_sizes is not None and len(local_sizes) > 1:
+        setattr(param, "partition_sizes", tuple(local_sizes))
+
+
+def gated_rms_norm(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, groups: int, eps: float) -> torch.Tensor:
+    """weight * rmsnorm(y * silu(z)), the RMS taken over each of ``groups`` equal slices of
+    the last dim. The gate comes before the norm, as in Megatron's and Hugging Face's
+    Mamba-2 (``norm_before_gate=False``). Computed in fp32, returned in y's dtype."""
+    gated = y.float() * F.silu(z.float())
+    shape = gated.shape
+    grouped = gated.view(*shape[:-1], groups, shape[-1] // groups)
+    grouped = grouped * torch.rsqrt(grouped.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * grouped.view(shape).to(y.dtype)
+
+
+class _DepthwiseConv1d(torch.nn.Module):
+    """Holds ``weight`` [channels, 1, k] and ``bias`` [channels] (nn.Conv1d's names)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor):
+        super().__init__()
+        self.weight = Parameter(weight)
+        self.bias = Parameter(bias)
+
+
+class _GatedNorm(torch.nn.Module):
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.weight = Parameter(weight)
+
+
+class MambaMixer(torch.nn.Module):
+    """forward(hidden_states [s(/tp), b, h]) -> (output [s(/tp), b, h], None).
+
+    The output is not yet added to the residual (the layer does that)."""
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        mamba_config: MambaConfig,
+        pg_collection: Optional[process_groups.ProcessGroups] = None,
+    ):
+        super().__init__()
+        self.config, self.mamba_config = config, mamba_config
+        self.tp_group = process_groups.resolve(pg_collection).tp
+        tp, rank = group_size(self.tp_group), group_rank(self.tp_group)
+        mamba_config.validate(config.hidden_size, tp)
+        hidden = config.hidden_size
+        self.d_inner = mamba_config.inner_size(hidden)
+        self.nheads = mamba_config.num_heads(hidden)
+        self.headdim, self.ngroups, self.d_state = mamba_config.mamba_head_dim, mamba_config.mamba_num_groups, mamba_config.mamba_state_dim
+        self.nheads_local, self.ngroups_local = self.nheads // tp, self.ngroups // tp
+        self.d_inner_local = self.d_inner // tp
+        bc = self.ngroups * self.d_state
+        proj_sizes = [self.d_inner, self.d_inner, bc, bc, self.nheads]
+        conv_sizes = [self.d_inner, bc, bc]
+        self.conv_dim_local = sum(conv_sizes) // tp
+
+        self.in_proj = tensor_parallel.ColumnParallelLinear(
+            hidden, sum(proj_sizes), config=config, init_method=config.init_method, bias=False,
+            gather_output=False, skip_bias_add=True, tp_group=self.tp_group,
+        )
+        full = self._draw_full_params(sum(proj_sizes), sum(conv_sizes))
+        dtype, device = config.params_dtype, self.in_proj.weight.device
+        with torch.no_grad():
+            self.in_proj.weight.copy_(_rank_block(full["in_proj"], proj_sizes, rank, tp))
+        setattr(self.in_proj.weight, "partition_sizes", tuple(s // tp for s in proj_sizes))
+
+        def local(name, sizes):
+            return _rank_block(full[name], sizes, rank, tp).to(device=device, dtype=dtype)
+
+        self.conv1d = _DepthwiseConv1d(local("conv_weight", conv_sizes), local("conv_bias", conv_sizes))
+        self.dt_bias = Parameter(local("dt_bias", [self.nheads]))
+        self.A_log = Parameter(local("A_log", [self.nheads]))
+        self.D = Parameter(local("D", [self.nheads]))
+        self.norm = _GatedNorm(torch.ones(self.d_inner_local, device=device, dtype=dtype))
+        conv_local = [s // tp for s in conv_sizes]
+        for param, sizes in ((self.conv1d.weight, conv_local), (self.conv1d.bias, conv_local), (self.dt_bias, None),
+                             (self.A_log, None), (self.D, None), (self.norm.weight, None)):
+            _mark_split(param, sizes)
+        for param in (self.dt_bias, self.A_log, self.D):
+            # Megatron keeps these out of weight decay: they are not weights of a linear map.
+            setattr(param, "_no_weight_decay", True)
+
+        self.out_proj = tensor_parallel.RowParallelLinear(
+            self.d_inner, hidden, config=config, init_method=config.output_layer_init_method, bias=False,
+            input_is_parallel=True, skip_bias_add=True, tp_group=self.tp_group,
+        )
+
+    def _draw_full_params(self, proj_rows: int, conv_dim: int) -> dict:
+        """The full (TP=1) initial values, drawn in a fixed order from the CPU generator."""
+        cfg, k = self.mamba_config, self.mamba_config.d_conv
+        in_proj = torch.empty(proj_rows, self.config.hidden_size)
+        self.config.init_method(in_proj)
+        # nn.Conv1d's default init: uniform(+-1/sqrt(fan_in)), fan_in = k for a depthwise conv.
+        bound = 1.0 / math.sqrt(k)
+        conv_weight = torch.empty(conv_dim, 1, k).uniform_(-bound, bound)
+        conv_bias = torch.empty(conv_dim).uniform_(-bound, bound)
+        # dt log-uniform in [dt_min, dt_max] (floored); dt_bias is its softplus inverse.
+        log_lo, log_hi = math.log(cfg.dt_min), math.log(cfg.dt_max)
+        dt = torch.exp(torch.rand(self.nheads) * (log_hi - log_lo) + log_lo).clamp(min=cfg.dt_init_floor)
+        dt_bias = dt + torch.log(-torch.expm1(-dt))
+        A = torch.empty(self.nheads).uniform_(*cfg.A_init_range)
+        return {"in_proj": in_proj, "conv_weight": conv_weight, "conv_bias": conv_bias, "dt_bias": dt_bias,
+                "A_log": torch.log(A), "D": torch.ones(self.nheads)}
+
+    def _split_projection(self, zxbcdt: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        bc = self.ngroups_local * self.d_state
+        z, xbc, dt = torch.split(zxbcdt, [self.d_inner_local, self.d_inner_local + 2 * bc, self.nheads_local], dim=-1)
+        return z, xbc, dt
+
+    def forward(self, hidden_states: torch.Tensor) -> Tuple[torch.Tensor, None]:
+        zxbcdt, _ = self.in_proj(hidden_states)  # [s, b, proj/tp]
+        zxbcdt = zxbcdt.transpose(0, 1)  # [b, s, proj/tp]: the scan runs batch first
+        b, s, _ = zxbcdt.shape
+        z, xbc, dt = self._split_projection(zxbcdt)
+        xbc = causal_conv1d(xbc, self.conv1d.weight.squeeze(1), self.conv1d.bias, activation="silu")
+        bc = self.ngroups_local * self.d_state
+        x, B, C = torch.split(xbc, [self.d_inner_local, bc, bc], dim=-1)
+        dt = F.softplus(dt.float() + self.dt_bias.float())
+        lo, hi = self.mamba_config.dt_limit
+        if (lo, hi) != (0.0, float("inf")):
+            dt = dt.clamp(min=lo, max=hi)
+        A = -torch.exp(self.A_log.float())
+        y = ssd_scan(
+            x.reshape(b, s, self.nheads_local, self.headdim), dt, A,
+            B.reshape(b, s, self.ngroups_local, self.d_state), C.reshape(b, s, self.ngroups_local, self.d_state),
+            self.mamba_config.chunk_size, self.D,
+        ).reshape(b, s, self.d_inner_local)
+        y = gated_rms_norm(y, z, self.norm.weight, self.ngroups_local, self.mamba_config.norm_eps)
+        out, _ = self.out_proj(y.transpose(0, 1).contiguous())
+        return out, None

@@ -1,0 +1,67 @@
+"""Pretrain a Mamba-2 or hybrid (Mamba + attention + MLP/MoE) language model.
+
+    torchrun --nproc-per-node N pretrain_hybrid.py --hybrid-layer-pattern "M-M*-M-M-" <Megatron-LM flags>
+
+The layer kinds come from --hybrid-layer-pattern (or the older --hybrid-attention-ratio /
+--hybrid-mlp-ratio / --hybrid-override-pattern); the mixer shape from --mamba-*. Data,
+batches and the loss are GPT's: the same datasets, the same forward step.
+"""
+
+from __future__ import annotations
+
+from megatron.core.models.mamba import MambaModel
+from megatron.core.models.mamba.layer_pattern import stage_segment
+from megatron.core.ssm.mamba_config import MambaConfig
+from megatron.core.transformer.enums import ModelType
+from megatron.training import get_args, pretrain, print_rank_0
+from megatron.training.config_from_args import build_config, core_transformer_config_from_args
+from megatron.training.hybrid_flops import hybrid_layer_pattern_of
+from megatron.training.initialize import shutdown_megatron
+from pretrain_gpt import forward_step, train_valid_test_datasets_provider
+
+# The hybrid FLOP count in the log line; Mamba layers need no position embedding.
+HYBRID_DEFAULTS = {"is_hybrid_model": True}
+
+
+def check_hybrid_layout(args) -> str:
+    """The layer pattern, after refusing layouts the hybrid model does not support."""
+    if args.context_parallel_size > 1:
+        raise ValueError(f"--context-parallel-size {args.context_parallel_size} is not supported for hybrid models: "
+                         "a Mamba layer would need its state passed between context-parallel ranks; use 1")
+    if args.virtual_pipeline_model_parallel_size is not None:
+        raise ValueError("the interleaved (virtual) pipeline is not supported for hybrid models: "
+                         "drop --num-virtual-stages-per-pipeline-rank / --num-layers-per-virtual-pipeline-stage")
+    if args.position_embedding_type not in ("none", "rope"):
+        raise ValueError(f"--position-embedding-type {args.position_embedding_type} is not supported for hybrid "
+                         "models: pass --position-embedding-type none (or rope for the attention layers)")
+    pattern = hybrid_layer_pattern_of(args)
+    stage_segment(pattern, args.pipeline_model_parallel_size, 0)  # refuses a cut that does not fit the stages
+    return pattern
+
+
+def model_provider(pre_process: bool = True, post_process: bool = True, vp_stage=None) -> MambaModel:
+    """The hybrid model of this pipeline stage, shaped by the command line."""
+    args = get_args()
+    pattern = check_hybrid_layout(args)
+    print_rank_0(f"building hybrid model, layer pattern {pattern} ...")
+    return MambaModel(
+        config=core_transformer_config_from_args(args),
+        mamba_config=build_config(MambaConfig, args),
+        hybrid_layer_pattern=pattern,
+        vocab_size=args.padded_vocab_size,
+        max_sequence_length=args.max_position_embeddings,
+        pre_process=pre_process,
+        post_process=post_process,
+        fp16_lm_cross_entropy=args.fp16_lm_cross_entropy,
+        parallel_output=True,
+        share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
+        position_embedding_type=args.position_embedding_type,
+        rotary_percent=args.rotary_percent,
+        rotary_base=args.rotary_base,
+    )
+
+
+if __name__ == "__main__":
+    pretrain(train_valid_test_datasets_provider, model_provider, ModelType.encoder_or_decoder, forward_step,
+             args_defaults=HYBRID_DEFAULTS)
+    shutdown_megatron()
