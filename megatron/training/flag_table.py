@@ -84,11 +84,13 @@ _family("ICT/biencoder retriever model (BERT based)",
         "--use-one-sent-docs --retriever-report-topk-accuracies --retriever-score-scaling "
         "--indexer-batch-size --indexer-log-interval --sample-rate")
 _family("T5 model", "--relative-attention-max-distance --relative-attention-num-buckets")
-_family("Mamba/hybrid model",
-        "--hybrid-layer-pattern --hybrid-override-pattern --is-hybrid-model --mamba-head-dim "
-        "--mamba-num-groups --mamba-num-heads --mamba-state-dim --disable-mamba-mem-eff-path "
-        "--mamba-inference-conv-states-dtype --mamba-inference-ssm-states-dtype "
-        "--mamba-training-ssm-states-dtype --mtp-hybrid-override-pattern")
+_no_effect("the Mamba mixer has one path here (the chunked SSD scan, compiled on GPU)",
+           "--disable-mamba-mem-eff-path")
+_refuse("Mamba state dtypes other than the model's are not implemented",
+        "leave them unset: states are kept in the parameters' dtype",
+        "--mamba-inference-conv-states-dtype --mamba-inference-ssm-states-dtype --mamba-training-ssm-states-dtype")
+_refuse("multi-token prediction is not implemented", "drop the flag",
+        "--mtp-hybrid-override-pattern")
 _family("linear-attention (gated delta net) hybrid model",
         "--linear-attention-freq --linear-conv-kernel-dim --linear-key-head-dim --linear-num-key-heads "
         "--linear-num-value-heads --linear-value-head-dim --gdp-cutedsl-kernel "
