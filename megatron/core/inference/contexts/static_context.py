@@ -1,0 +1,79 @@
+"""The KV cache of one fixed batch of sequences that all advance together.
+
+Every sequence of the batch holds the same number of cached positions (the engine feeds
+prompts of different lengths token by token until each has its own prompt in, as
+Megatron's static engine does), so one offset describes the whole batch and no padding
+ever enters the cache.
+
+Layout per layer (this rank's heads only): key and value [max_sequence_length, b, ng, hn],
+sequence first like the activations. ``ng`` is the number of key/value groups on this
+tensor-parallel rank, so grouped-query models cache ``ng`` heads, not ``np``.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional, Tuple
+
+import torch
+
+
+class StaticInferenceContext:
+    """KV cache of ``max_batch_size`` sequences of up to ``max_sequence_length`` tokens.
+
+    A model forward with this context appends the new keys/values of each layer at
+    ``sequence_len_offset`` and attends to everything cached so far; the caller advances
+    the offset with ``increment`` once the forward is done. ``window_size`` (the model's
+    ``config.window_size``, (left, right) or None) lets attention read only the keys some
+    query of this step can still see: a query at position p sees keys p-left .. p.
+    """
+
+    def __init__(self, max_batch_size: int, max_sequence_length: int, window_size: Optional[Tuple[int, int]] = None):
+        if max_batch_size < 1 or max_sequence_length < 1:
+            raise ValueError(
+                f"an inference context needs max_batch_size >= 1 and max_sequence_length >= 1, got "
+                f"{max_batch_size} and {max_sequence_length}"
+            )
+        self.max_batch_size = max_batch_size
+        self.max_sequence_length = max_sequence_length
+        self.window_size = window_size
+        self.sequence_len_offset = 0
+        self.key_value_memory_dict: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def reset(self) -> None:
+        """Forget the cached positions (the buffers are kept for the next batch)."""
+        self.sequence_len_offset = 0
+
+    def increment(self, num_tokens: int) -> None:
+        """Advance past the ``num_tokens`` positions the last forward appended."""
+        self.sequence_len_offset += num_tokens
+
+    def _buffers(self, layer_number: int, key: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        _, b, ng, hn = key.shape
+        if b > self.max_batch_size:
+            raise ValueError(f"a batch of {b} sequences does not fit an inference context of max_batch_size {self.max_batch_size}")
+        buffers = self.key_value_memory_dict.get(layer_number)
+        if buffers is None or buffers[0].shape[1:] != (b, ng, hn) or buffers[0].dtype != key.dtype:
+            shape = (self.max_sequence_length, b, ng, hn)
+            buffers = (torch.empty(shape, dtype=key.dtype, device=key.device), torch.empty(shape, dtype=key.dtype, device=key.device))
+            self.key_value_memory_dict[layer_number] = buffers
+        return buffers
+
+    def append_key_value(self, layer_number: int, key: torch.Tensor, value: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Store key/value [sq, b, ng, hn] of layer ``layer_number`` at the current offset and
+        return the keys/values this step attends to, [sk, b, ng, hn], ending with the new ones."""
+        start = self.sequence_len_offset
+        end = start + key.shape[0]
+        if end > self.max_sequence_length:
+            raise ValueError(
+                f"generation reached {end} tokens, beyond the inference context's max_sequence_length "
+                f"{self.max_sequence_length}: ask for fewer tokens or raise --inference-max-seq-length"
+            )
+        cache_k, cache_v = self._buffers(layer_number, key)
+        cache_k[start:end] = key
+        cache_v[start:end] = value
+        first = 0
+        if self.window_size is not None and self.window_size[0] >= 0:
+            # Keys older than the window of this step's first query are masked for every
+            # query; leave them out (attention builds its mask from the key count).
+            first = max(0, start - self.window_size[0])
+        return cache_k[first:end], cache_v[first:end]

@@ -1,0 +1,5 @@
+"""Generation loops over a model (``StaticInferenceEngine``: one fixed batch at a time)."""
+
+from megatron.core.inference.engines.static_engine import StaticInferenceEngine
+
+__all__ = ["StaticInferenceEngine"]
