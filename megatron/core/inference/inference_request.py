@@ -29,7 +29,7 @@ class GenerationResult:
     model's own distribution (log-softmax of the logits, before temperature or top-k/p)
     and None unless ``return_log_probs``. ``finish_reason``: "length" (the token budget is
     used up), "stop" (a stop token, kept as the last generated token, or a stop string,
-    named in ``stop_string``).
+    named in ``stop_string``), "cancelled" (the caller gave up on it).
     """
 
     prompt_tokens: List[int]

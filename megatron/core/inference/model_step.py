@@ -46,6 +46,7 @@ class ModelStep:
         self.is_last_stage = self.pp_rank == self.pp_size - 1
         self.hidden_size = config.hidden_size
         self.parallel_output = getattr(model, "parallel_output", False)
+        self.model_parallel = self.tp_size > 1 or self.pp_size > 1
 
     def _p2p(self, batch: int, seq: int, device: torch.device) -> P2PConfig:
         dtype = next(self.model.parameters()).dtype
@@ -71,4 +72,13 @@ class ModelStep:
             dist.broadcast(values, dist.get_global_rank(self.tp_group, 0), group=self.tp_group)
         if self.pp_size > 1:
             dist.broadcast(values, dist.get_global_rank(self.pp_group, self.pp_size - 1), group=self.pp_group)
+        return values
+
+    def share_from_first_rank(self, values: torch.Tensor) -> torch.Tensor:
+        """``values`` as the first stage's first tensor-parallel rank (the one that talks to
+        clients) has them, on every rank (in place)."""
+        if self.tp_size > 1 and self.is_first_stage:
+            dist.broadcast(values, dist.get_global_rank(self.tp_group, 0), group=self.tp_group)
+        if self.pp_size > 1:
+            dist.broadcast(values, dist.get_global_rank(self.pp_group, 0), group=self.pp_group)
         return values

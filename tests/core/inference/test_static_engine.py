@@ -140,3 +140,17 @@ def test_requests_beyond_the_limits_are_refused(models):
         engine.generate([InferenceRequest([1], _greedy(1))] * 3)
     with pytest.raises(ValueError, match="at least one token"):
         InferenceRequest([], _greedy(1))
+
+
+def test_streaming_callback_and_cancellation(models):
+    _, ours = models["llama"]
+    engine = StaticInferenceEngine(ours, 2, 32)
+    prompt = tokens(1, 4, seed=5)[0].tolist()
+    seen = []
+    requests = [InferenceRequest(prompt, _greedy(10)), InferenceRequest(prompt, _greedy(10))]
+    # request 1 is given up once it has 3 tokens; request 0 runs to the end
+    results = engine.generate(
+        requests, on_token=lambda i, t: seen.append((i, t)), cancelled=lambda: [False, sum(i == 1 for i, _ in seen) >= 3]
+    )
+    assert [t for i, t in seen if i == 0] == results[0].generated_tokens and len(results[0].generated_tokens) == 10
+    assert results[1].finish_reason == "cancelled" and results[1].generated_tokens == results[0].generated_tokens[:3]

@@ -95,16 +95,34 @@ class StaticInferenceEngine:
                 raise ValueError("stop strings need an engine built with a detokenize function")
 
     @torch.no_grad()
-    def generate(self, requests: Sequence[InferenceRequest]) -> List[GenerationResult]:
+    def generate(
+        self,
+        requests: Sequence[InferenceRequest],
+        on_token: Optional[Callable[[int, int], None]] = None,
+        cancelled: Optional[Callable[[], Sequence[bool]]] = None,
+    ) -> List[GenerationResult]:
+        """Run ``requests`` to completion. ``on_token(index, token)`` sees every generated
+        token as soon as it is chosen (for streaming). ``cancelled()`` -> one bool per request,
+        asked before every forward on the first model-parallel rank (its answer is shared with
+        the others): a cancelled request stops with finish_reason "cancelled"."""
         self._check(requests)
         was_training = self.model.training
         self.model.eval()
         try:
-            return self._generate(list(requests))
+            return self._generate(list(requests), on_token, cancelled)
         finally:
             self.model.train(was_training)
 
-    def _generate(self, requests: List[InferenceRequest]) -> List[GenerationResult]:
+    def _cancel(self, rows: List[_Row], cancelled) -> None:
+        flags = torch.zeros(len(rows), dtype=torch.float64, device=self.device)
+        if cancelled is not None:
+            flags[:] = torch.tensor([float(bool(c)) for c in cancelled()], dtype=torch.float64)
+        flags = self.step.share_from_first_rank(flags)
+        for row, flag in zip(rows, flags.tolist()):
+            if flag and not row.done:
+                row.done, row.finish_reason = True, "cancelled"
+
+    def _generate(self, requests: List[InferenceRequest], on_token=None, cancelled=None) -> List[GenerationResult]:
         rows = [_Row(r, self.device) for r in requests]
         max_total = max(max(row.total_len for row in rows), 1)
         tokens = torch.zeros(len(rows), max_total, dtype=torch.long, device=self.device)
@@ -114,12 +132,16 @@ class StaticInferenceEngine:
         context = StaticInferenceContext(len(rows), max_total, self.window_size)
         prev, cur = 0, min(row.prompt_len for row in rows)
         while not all(row.done for row in rows):
+            if cancelled is not None or self.step.model_parallel:
+                self._cancel(rows, cancelled)
+                if all(row.done for row in rows):
+                    break
             positions = torch.arange(prev, cur, device=self.device).expand(len(rows), -1)
             logits = self.step(tokens[:, prev:cur], positions, context)
             context.increment(cur - prev)
             decided = self._decide(logits, tokens, prev, cur, rows, want_log_probs, max_total)
             decided = self.step.share_from_last_stage(decided)
-            self._record(decided, tokens, prev, cur, rows, want_log_probs, max_total)
+            self._record(decided, tokens, prev, cur, rows, want_log_probs, max_total, on_token)
             prev, cur = cur, cur + 1
         return [row.result() for row in rows]
 
@@ -144,7 +166,7 @@ class StaticInferenceEngine:
             decided[:, 1:] = torch.gather(log_probs, 2, targets[:, :, None])[:, :, 0].to(torch.float64)
         return decided
 
-    def _record(self, decided, tokens, prev, cur, rows, want_log_probs, max_total) -> None:
+    def _record(self, decided, tokens, prev, cur, rows, want_log_probs, max_total, on_token) -> None:
         values = decided.cpu()
         if cur < max_total:
             tokens[:, cur] = decided[:, 0].to(torch.long)
@@ -155,6 +177,8 @@ class StaticInferenceEngine:
                 continue
             if row.prompt_len <= cur < row.total_len:
                 self._append(row, int(values[i, 0]))
+                if on_token is not None:
+                    on_token(i, row.generated[-1])
             if cur + 1 >= row.total_len:
                 row.done = True
 
