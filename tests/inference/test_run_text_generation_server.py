@@ -12,7 +12,6 @@ import sys
 import time
 
 import pytest
-import requests
 import torch
 
 from tests.inference.conftest import free_port
@@ -20,6 +19,7 @@ from tests.inference.conftest import free_port
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.join(REPO, "tools", "checkpoint"))
 
+requests = pytest.importorskip("requests")
 pytest.importorskip("uvicorn")
 pytest.importorskip("safetensors")
 

@@ -11,10 +11,10 @@ import threading
 import time
 
 import pytest
-import requests
 
 from megatron.core.inference import InferenceRequest, SamplingParams
 
+requests = pytest.importorskip("requests")
 openai = pytest.importorskip("openai")
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

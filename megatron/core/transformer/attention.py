@@ -28,7 +28,8 @@ class SelfAttention(torch.nn.Module):
     attention_mask (None or bool [b or 1, 1, s, s], True = masked),
     rotary_pos_emb (None, freqs [s, 1, 1, d_rot], or a (q_freqs, k_freqs) pair),
     inference_context (None in training; during generation a KV cache from
-    ``megatron.core.inference.contexts`` that returns all keys/values so far))
+    ``megatron.core.inference.contexts`` that stores the new keys/values and attends over
+    the cached ones))
     -> (output [s(/tp), b, h], bias [h] or None). The bias of ``linear_proj`` is returned
     unadded so the layer can fuse bias + dropout + residual.
     """
@@ -126,8 +127,9 @@ class SelfAttention(torch.nn.Module):
             query = apply_rotary_pos_emb(query, q_freqs, self.config)
             key = apply_rotary_pos_emb(key, k_freqs, self.config)
         if inference_context is not None:
-            # Generation: attend to this step's keys/values after the cached ones
-            # (megatron.core.inference owns the cache; see its contexts).
-            key, value = inference_context.append_key_value(self.layer_number, key, value)
-        context = self._core_attention(query, key, value, attention_mask, attn_mask_type)
+            # Generation: the context (megatron.core.inference) stores this step's keys and
+            # values and runs core attention over everything cached for each sequence.
+            context = inference_context.attend(self.layer_number, query, key, value, self._core_attention)
+        else:
+            context = self._core_attention(query, key, value, attention_mask, attn_mask_type)
         return self.linear_proj(context)

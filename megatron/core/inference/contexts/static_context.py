@@ -58,6 +58,19 @@ class StaticInferenceContext:
             self.key_value_memory_dict[layer_number] = buffers
         return buffers
 
+    def rotary_freqs(self, rotary_pos_emb, seq_len: int, device: torch.device) -> torch.Tensor:
+        """Rotary angles [seq_len, 1, 1, d] of the positions this forward feeds."""
+        return rotary_pos_emb(seq_len, offset=self.sequence_len_offset, device=device)
+
+    def attend(self, layer_number: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+               core_attention) -> torch.Tensor:
+        """Called by each attention layer: cache key/value [sq, b, ng, hn] and return
+        ``core_attention(query, keys, values, mask, mask_type)`` over all cached positions,
+        [sq, b, np * hn]. The causal mask of a query block after ``sk - sq`` cached keys
+        (and the sliding window) comes from core attention itself."""
+        key, value = self.append_key_value(layer_number, key, value)
+        return core_attention(query, key, value, None, None)
+
     def append_key_value(self, layer_number: int, key: torch.Tensor, value: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Store key/value [sq, b, ng, hn] of layer ``layer_number`` at the current offset and
         return the keys/values this step attends to, [sk, b, ng, hn], ending with the new ones."""

@@ -43,9 +43,9 @@ class GPTModel(LanguageModule):
     virtual chunk ``vp_stage``'s with the interleaved schedule; all layers without pipelining).
     Rotary position embedding ignores ``position_ids`` (positions are 0..s-1), as
     Megatron's does. ``inference_context`` (a KV cache from ``megatron.core.inference``)
-    makes this call continue the cached sequence: its tokens sit at positions
-    ``inference_context.sequence_len_offset`` onwards (pass matching ``position_ids`` for
-    learned absolute positions).
+    makes this call continue the cached sequences: it gives the rotary angles of the new
+    tokens' positions (pass the same positions as ``position_ids`` for learned absolute
+    positions).
     """
 
     def __init__(
@@ -154,9 +154,8 @@ class GPTModel(LanguageModule):
         reference = decoder_input if decoder_input is not None else self.decoder.input_tensor
         seq_len = reference.size(0)
         if inference_context is not None:
-            # Generation feeds the tokens after the cached ones: rotate by their positions.
-            offset = inference_context.sequence_len_offset
-            return self.rotary_pos_emb(seq_len, offset=offset, device=reference.device)
+            # Generation feeds the tokens after the cached ones: the context knows their positions.
+            return inference_context.rotary_freqs(self.rotary_pos_emb, seq_len, reference.device)
         if self.config.sequence_parallel:
             # Activations hold s/tp positions here; attention sees the whole sequence.
             seq_len *= process_groups.group_size(self.tp_group)
