@@ -11,9 +11,12 @@ The application servers (Megatron's ``PUT /api``, the OpenAI-compatible routes) 
 ``detokenize`` callable used for stop strings.
 """
 
-from megatron.core.inference.contexts import StaticInferenceContext
-from megatron.core.inference.engines import StaticInferenceEngine
+from megatron.core.inference.contexts import DynamicInferenceContext, StaticInferenceContext
+from megatron.core.inference.engines import DynamicInferenceEngine, StaticInferenceEngine
 from megatron.core.inference.inference_request import GenerationResult, InferenceRequest
 from megatron.core.inference.sampling_params import SamplingParams
 
-__all__ = ["GenerationResult", "InferenceRequest", "SamplingParams", "StaticInferenceContext", "StaticInferenceEngine"]
+__all__ = [
+    "DynamicInferenceContext", "DynamicInferenceEngine", "GenerationResult", "InferenceRequest", "SamplingParams",
+    "StaticInferenceContext", "StaticInferenceEngine",
+]

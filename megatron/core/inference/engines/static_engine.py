@@ -22,34 +22,10 @@ import torch
 from megatron.core.inference.contexts import StaticInferenceContext
 from megatron.core.inference.inference_request import GenerationResult, InferenceRequest
 from megatron.core.inference.model_step import ModelStep
-from megatron.core.inference.sampling import make_generator, sample_batch
+from megatron.core.inference.engines.request_state import RequestState
+from megatron.core.inference.sampling import sample_batch
 
 logger = logging.getLogger(__name__)
-
-
-class _Row:
-    """The progress of one request of the batch."""
-
-    def __init__(self, request: InferenceRequest, device: torch.device):
-        self.request = request
-        self.params = request.sampling_params
-        self.prompt_len = len(request.prompt_tokens)
-        self.total_len = self.prompt_len + self.params.num_tokens_to_generate
-        self.generator = make_generator(self.params, device)
-        self.generated: List[int] = []
-        self.log_probs: List[float] = []  # of positions 1, 2, ... in order
-        self.done = self.params.num_tokens_to_generate == 0 and self.prompt_len <= 1
-        self.finish_reason = "length"
-        self.stop_string: Optional[str] = None
-
-    def result(self) -> GenerationResult:
-        prompt_lps = gen_lps = None
-        if self.params.return_log_probs:
-            prompt_lps = self.log_probs[: self.prompt_len - 1]
-            gen_lps = self.log_probs[self.prompt_len - 1 : self.prompt_len - 1 + len(self.generated)]
-        return GenerationResult(
-            list(self.request.prompt_tokens), list(self.generated), prompt_lps, gen_lps, self.finish_reason, self.stop_string
-        )
 
 
 class StaticInferenceEngine:
@@ -113,7 +89,7 @@ class StaticInferenceEngine:
         finally:
             self.model.train(was_training)
 
-    def _cancel(self, rows: List[_Row], cancelled) -> None:
+    def _cancel(self, rows: List[RequestState], cancelled) -> None:
         flags = torch.zeros(len(rows), dtype=torch.float64, device=self.device)
         if cancelled is not None:
             flags[:] = torch.tensor([float(bool(c)) for c in cancelled()], dtype=torch.float64)
@@ -123,7 +99,7 @@ class StaticInferenceEngine:
                 row.done, row.finish_reason = True, "cancelled"
 
     def _generate(self, requests: List[InferenceRequest], on_token=None, cancelled=None) -> List[GenerationResult]:
-        rows = [_Row(r, self.device) for r in requests]
+        rows = [RequestState(r, self.device) for r in requests]
         max_total = max(max(row.total_len for row in rows), 1)
         tokens = torch.zeros(len(rows), max_total, dtype=torch.long, device=self.device)
         for i, row in enumerate(rows):
@@ -176,20 +152,8 @@ class StaticInferenceEngine:
             if row.done:
                 continue
             if row.prompt_len <= cur < row.total_len:
-                self._append(row, int(values[i, 0]))
+                row.append(int(values[i, 0]), self.detokenize)
                 if on_token is not None:
                     on_token(i, row.generated[-1])
             if cur + 1 >= row.total_len:
                 row.done = True
-
-    def _append(self, row: _Row, token: int) -> None:
-        row.generated.append(token)
-        if token in row.params.stop_token_ids:
-            row.done, row.finish_reason = True, "stop"
-            return
-        if row.params.stop_strings:
-            text = self.detokenize(row.generated)
-            for stop in row.params.stop_strings:
-                if stop in text:
-                    row.done, row.finish_reason, row.stop_string = True, "stop", stop
-                    return
