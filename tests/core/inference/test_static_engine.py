@@ -154,3 +154,38 @@ def test_streaming_callback_and_cancellation(models):
     )
     assert [t for i, t in seen if i == 0] == results[0].generated_tokens and len(results[0].generated_tokens) == 10
     assert results[1].finish_reason == "cancelled" and results[1].generated_tokens == results[0].generated_tokens[:3]
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_fixed_shape_decoding_equals_the_sliced_cache(models, name):
+    """The CUDA-graph form of the cache (whole cache read under a mask, offset in a tensor)
+    computes the logits of the ordinary form, here eagerly on CPU."""
+    _, ours = models[name]
+    ids = tokens(2, 16, seed=4)
+    with torch.no_grad():
+        full = ours(ids, None, None)
+        context = StaticInferenceContext(2, 16)
+        ours(ids[:, :5], torch.arange(5).expand(2, -1), None, inference_context=context)
+        context.increment(5)
+        context.use_fixed_shapes(torch.device("cpu"))
+        for p in range(5, 16):
+            got = ours(ids[:, p:p + 1], torch.full((2, 1), p), None, inference_context=context)
+            context.increment(1)
+            torch.testing.assert_close(got, full[:, p:p + 1], **TOL)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graph_decoding_equals_eager_on_gpu(models):
+    _, ours = models["llama"]
+    model = ours.cuda()
+    prompts = [tokens(1, n, seed=n)[0].tolist() for n in (3, 9, 6)]
+    params = SamplingParams(top_k=1, num_tokens_to_generate=16, return_log_probs=True)
+    requests = [InferenceRequest(p, params) for p in prompts]
+    eager = StaticInferenceEngine(model, 4, 32).generate(requests)
+    graphed_engine = StaticInferenceEngine(model, 4, 32, use_cuda_graphs=True)
+    assert graphed_engine.use_cuda_graphs
+    for got, expected in zip(graphed_engine.generate(requests), eager):
+        assert got.generated_tokens == expected.generated_tokens
+        torch.testing.assert_close(torch.tensor(got.generated_log_probs), torch.tensor(expected.generated_log_probs),
+                                   atol=1e-4, rtol=1e-4)

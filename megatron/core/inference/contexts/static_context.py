@@ -16,6 +16,8 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
+from megatron.core.transformer.enums import AttnMaskType
+
 
 class StaticInferenceContext:
     """KV cache of ``max_batch_size`` sequences of up to ``max_sequence_length`` tokens.
@@ -25,6 +27,11 @@ class StaticInferenceContext:
     the offset with ``increment`` once the forward is done. ``window_size`` (the model's
     ``config.window_size``, (left, right) or None) lets attention read only the keys some
     query of this step can still see: a query at position p sees keys p-left .. p.
+
+    ``use_fixed_shapes()`` switches to the form a CUDA graph can capture: the offset lives
+    in a device tensor (``offset_tensor``), new keys/values are scattered at it, and
+    attention reads the whole ``max_sequence_length`` cache under a mask of the positions
+    not yet reached, so every step has the same shapes and addresses (no sliding window).
     """
 
     def __init__(self, max_batch_size: int, max_sequence_length: int, window_size: Optional[Tuple[int, int]] = None):
@@ -38,7 +45,13 @@ class StaticInferenceContext:
         self.window_size = window_size
         self.sequence_len_offset = 0
         self.key_value_memory_dict: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}
+        self.offset_tensor: Optional[torch.Tensor] = None
 
+    def use_fixed_shapes(self, device: torch.device) -> None:
+        """Keep the offset in a device tensor from now on (see the class docstring)."""
+        if self.window_size is not None:
+            raise ValueError("fixed-shape (CUDA graph) decoding does not support a sliding window (--window-size)")
+        self.offset_tensor = torch.tensor([self.sequence_len_offset], dtype=torch.long, device=device)
     def reset(self) -> None:
         """Forget the cached positions (the buffers are kept for the next batch)."""
         self.sequence_len_offset = 0
@@ -46,6 +59,8 @@ class StaticInferenceContext:
     def increment(self, num_tokens: int) -> None:
         """Advance past the ``num_tokens`` positions the last forward appended."""
         self.sequence_len_offset += num_tokens
+        if self.offset_tensor is not None:
+            self.offset_tensor.fill_(self.sequence_len_offset)
 
     def _buffers(self, layer_number: int, key: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         _, b, ng, hn = key.shape
@@ -54,12 +69,17 @@ class StaticInferenceContext:
         buffers = self.key_value_memory_dict.get(layer_number)
         if buffers is None or buffers[0].shape[1:] != (b, ng, hn) or buffers[0].dtype != key.dtype:
             shape = (self.max_sequence_length, b, ng, hn)
-            buffers = (torch.empty(shape, dtype=key.dtype, device=key.device), torch.empty(shape, dtype=key.dtype, device=key.device))
+            # Zeros, not empty: fixed-shape decoding reads unwritten slots (masked), and a
+            # NaN there would survive the mask (0 x NaN in probs @ values).
+            buffers = (torch.zeros(shape, dtype=key.dtype, device=key.device), torch.zeros(shape, dtype=key.dtype, device=key.device))
             self.key_value_memory_dict[layer_number] = buffers
         return buffers
 
     def rotary_freqs(self, rotary_pos_emb, seq_len: int, device: torch.device) -> torch.Tensor:
         """Rotary angles [seq_len, 1, 1, d] of the positions this forward feeds."""
+        if self.offset_tensor is not None:
+            table = rotary_pos_emb(self.max_sequence_length, device=device)
+            return table[self.offset_tensor + torch.arange(seq_len, device=device)]
         return rotary_pos_emb(seq_len, offset=self.sequence_len_offset, device=device)
 
     def attend(self, layer_number: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -68,8 +88,20 @@ class StaticInferenceContext:
         ``core_attention(query, keys, values, mask, mask_type)`` over all cached positions,
         [sq, b, np * hn]. The causal mask of a query block after ``sk - sq`` cached keys
         (and the sliding window) comes from core attention itself."""
+        if self.offset_tensor is not None:
+            return self._attend_fixed_shapes(layer_number, query, key, value, core_attention)
         key, value = self.append_key_value(layer_number, key, value)
         return core_attention(query, key, value, None, None)
+
+    def _attend_fixed_shapes(self, layer_number, query, key, value, core_attention) -> torch.Tensor:
+        cache_k, cache_v = self._buffers(layer_number, key)
+        positions = self.offset_tensor + torch.arange(key.shape[0], device=key.device)  # [sq]
+        cache_k.index_copy_(0, positions, key)
+        cache_v.index_copy_(0, positions, value)
+        key_positions = torch.arange(self.max_sequence_length, device=key.device)
+        # True = masked: keys after each query's own position (unwritten or stale slots included)
+        mask = (key_positions[None, :] > positions[:, None]).view(1, 1, key.shape[0], self.max_sequence_length)
+        return core_attention(query, cache_k, cache_v, mask, AttnMaskType.padding)
 
     def append_key_value(self, layer_number: int, key: torch.Tensor, value: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Store key/value [sq, b, ng, hn] of layer ``layer_number`` at the current offset and

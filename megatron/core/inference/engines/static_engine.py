@@ -20,6 +20,7 @@ from typing import Callable, List, Optional, Sequence
 import torch
 
 from megatron.core.inference.contexts import StaticInferenceContext
+from megatron.core.inference.cuda_graphs import DecodeGraph, decode_graph_supported
 from megatron.core.inference.inference_request import GenerationResult, InferenceRequest
 from megatron.core.inference.model_step import ModelStep
 from megatron.core.inference.engines.request_state import RequestState
@@ -34,7 +35,8 @@ class StaticInferenceEngine:
     ``max_batch_size`` and ``max_sequence_length`` bound one call (prompt + generated
     tokens of the longest request); ``vocab_size`` is the tokenizer's (the model's padded
     vocabulary entries beyond it are never chosen nor scored); ``detokenize`` (token ids
-    -> text) is needed only for stop strings.
+    -> text) is needed only for stop strings. ``use_cuda_graphs`` replays each decode step
+    from a CUDA graph (``cuda_graphs``) where the model allows it; eager otherwise.
     """
 
     def __init__(
@@ -44,9 +46,17 @@ class StaticInferenceEngine:
         max_sequence_length: int,
         vocab_size: Optional[int] = None,
         detokenize: Optional[Callable[[Sequence[int]], str]] = None,
+        use_cuda_graphs: bool = False,
     ):
         self.model = model
         self.step = ModelStep(model)
+        self.use_cuda_graphs = False
+        if use_cuda_graphs:
+            reason = decode_graph_supported(model, self.step.model_parallel)
+            if reason is None:
+                self.use_cuda_graphs = True
+            else:
+                logger.warning("CUDA graphs of the decode step are off: %s; decoding eagerly", reason)
         self.max_batch_size = max_batch_size
         self.max_sequence_length = max_sequence_length
         self.vocab_size = vocab_size
@@ -107,13 +117,20 @@ class StaticInferenceEngine:
         want_log_probs = any(row.params.return_log_probs for row in rows)
         context = StaticInferenceContext(len(rows), max_total, self.window_size)
         prev, cur = 0, min(row.prompt_len for row in rows)
+        graph = None
         while not all(row.done for row in rows):
             if cancelled is not None or self.step.model_parallel:
                 self._cancel(rows, cancelled)
                 if all(row.done for row in rows):
                     break
             positions = torch.arange(prev, cur, device=self.device).expand(len(rows), -1)
-            logits = self.step(tokens[:, prev:cur], positions, context)
+            if self.use_cuda_graphs and cur - prev == 1:
+                if graph is None:
+                    context.use_fixed_shapes(self.device)
+                    graph = DecodeGraph(self.model, context, tokens[:, prev:cur], positions)
+                logits = graph(tokens[:, prev:cur], positions).float()
+            else:
+                logits = self.step(tokens[:, prev:cur], positions, context)
             context.increment(cur - prev)
             decided = self._decide(logits, tokens, prev, cur, rows, want_log_probs, max_total)
             decided = self.step.share_from_last_stage(decided)
