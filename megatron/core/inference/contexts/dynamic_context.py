@@ -34,6 +34,7 @@ class DynamicInferenceContext:
         self.pools: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}
         self._plan: List[Tuple[int, int, int]] = []
         self.position_ids: Optional[torch.Tensor] = None
+        self.materialize_only_last_token_logits = False  # packed sequences: every run's last token is needed
 
     # --- blocks ---------------------------------------------------------------------------
     def blocks_needed(self, sequence_id: int, length: int) -> int:

@@ -46,6 +46,8 @@ class StaticInferenceContext:
         self.sequence_len_offset = 0
         self.key_value_memory_dict: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}
         self.offset_tensor: Optional[torch.Tensor] = None
+        # The model computes logits of the last position only (no log-probs wanted).
+        self.materialize_only_last_token_logits = False
 
     def use_fixed_shapes(self, device: torch.device) -> None:
         """Keep the offset in a device tensor from now on (see the class docstring)."""

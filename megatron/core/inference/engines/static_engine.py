@@ -116,6 +116,7 @@ class StaticInferenceEngine:
             tokens[i, : row.prompt_len] = torch.tensor(row.request.prompt_tokens, dtype=torch.long)
         want_log_probs = any(row.params.return_log_probs for row in rows)
         context = StaticInferenceContext(len(rows), max_total, self.window_size)
+        context.materialize_only_last_token_logits = not want_log_probs
         prev, cur = 0, min(row.prompt_len for row in rows)
         graph = None
         while not all(row.done for row in rows):
