@@ -79,7 +79,8 @@ def main(argv=None) -> None:
     model = load_model_for_inference(model_provider, args)
     tokenizer = get_tokenizer()
     engine = StaticInferenceEngine(model, args.inference_max_requests, _max_sequence_length(args),
-                                   vocab_size=tokenizer.vocab_size, detokenize=tokenizer.detokenize)
+                                   vocab_size=tokenizer.vocab_size, detokenize=tokenizer.detokenize,
+                                   use_cuda_graphs=args.decode_only_cuda_graphs)
     try:
         if args.prompts:
             _run_prompts(args, engine, tokenizer)

@@ -32,6 +32,9 @@ def add_text_generate_args(parser: argparse.ArgumentParser) -> argparse.Argument
                        help="Most prompts one request may carry (Megatron's limit is 128).")
     group.add_argument("--max-request-body-bytes", type=int, default=8 * 1024 * 1024,
                        help="Larger request bodies are refused with HTTP 413.")
+    group.add_argument("--decode-only-cuda-graphs", action="store_true",
+                       help="Replay each decode step from a CUDA graph (one GPU, dense models without a sliding "
+                            "window; others decode eagerly with a warning).")
     group.add_argument("--served-model-name", type=str, default=None,
                        help="Model id of the OpenAI-compatible routes (default: the --load directory's name).")
     return parser
