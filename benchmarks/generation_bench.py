@@ -156,11 +156,11 @@ def main(argv=None) -> list:
     for batch in args.batch_sizes:
         prompts = torch.randint(0, SHAPES[args.shape]["vocab_size"], (batch, args.prompt_len),
                                 generator=torch.Generator().manual_seed(batch)).to(device)
-        runs = [("ours eager", lambda: time_ours(ours, prompts, args.new_tokens, False, args.repeats))]
+        runs = [("ours eager", lambda p=prompts: time_ours(ours, p, args.new_tokens, False, args.repeats))]
         if device.type == "cuda":
-            runs.append(("ours cuda-graphs", lambda: time_ours(ours, prompts, args.new_tokens, True, args.repeats)))
+            runs.append(("ours cuda-graphs", lambda p=prompts: time_ours(ours, p, args.new_tokens, True, args.repeats)))
         if not args.no_hf:
-            runs.append(("hf dynamic", lambda: time_hf(hf, prompts, args.new_tokens, False, args.repeats)))
+            runs.append(("hf dynamic", lambda p=prompts: time_hf(hf, p, args.new_tokens, False, args.repeats)))
         tokens = {}
         for name, run in runs:
             prefill_s, total_s, tokens[name] = run()

@@ -19,7 +19,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch.distributed as dist  # noqa: E402
 
-from megatron.core.inference import InferenceRequest, SamplingParams, StaticInferenceEngine  # noqa: E402
+from megatron.core.inference import (  # noqa: E402
+    DynamicInferenceEngine,
+    InferenceRequest,
+    SamplingParams,
+    StaticInferenceEngine,
+)
+from megatron.inference.dynamic_service import DynamicGenerationService  # noqa: E402
 from megatron.inference.model_loading import load_model_for_inference  # noqa: E402
 from megatron.inference.rank_roles import Leader, follow  # noqa: E402
 from megatron.inference.server_args import add_text_generate_args, check_text_generate_args  # noqa: E402
@@ -37,6 +43,24 @@ def _max_sequence_length(args) -> int:
         # Learned positions end at --max-position-embeddings.
         return min(args.inference_max_seq_length, args.max_position_embeddings)
     return args.inference_max_seq_length
+
+
+def _kv_blocks(args, model, block_size: int) -> int:
+    """Blocks of --inference-dynamic-batching-buffer-size-gb for this model's KV cache."""
+    config = model.config
+    itemsize = next(model.parameters()).element_size()
+    per_block = 2 * config.num_layers * block_size * config.num_query_groups * config.kv_channels * itemsize
+    return max(1, int(args.inference_dynamic_batching_buffer_size_gb * 1024**3 // per_block))
+
+
+def _engine(args, model, tokenizer):
+    common = dict(vocab_size=tokenizer.vocab_size, detokenize=tokenizer.detokenize)
+    if args.inference_dynamic_batching:
+        block = args.inference_dynamic_batching_block_size
+        return DynamicInferenceEngine(model, args.inference_max_requests, _kv_blocks(args, model, block), block,
+                                      args.inference_dynamic_batching_max_tokens, _max_sequence_length(args), **common)
+    return StaticInferenceEngine(model, args.inference_max_requests, _max_sequence_length(args),
+                                 use_cuda_graphs=args.decode_only_cuda_graphs, **common)
 
 
 def _run_prompts(args, engine, tokenizer) -> None:
@@ -60,7 +84,10 @@ def _serve(args, engine, tokenizer) -> None:
                            max_tokens_to_oom=args.max_tokens_to_oom, max_body_bytes=args.max_request_body_bytes)
     name = args.served_model_name or (os.path.basename(os.path.normpath(args.load)) if args.load else "megatron")
     leader = Leader() if args.world_size > 1 else None
-    service = TextGenerationService(engine, tokenizer, limits, model_name=name, leader=leader)
+    if args.inference_dynamic_batching:
+        service = DynamicGenerationService(engine, tokenizer, limits, model_name=name)
+    else:
+        service = TextGenerationService(engine, tokenizer, limits, model_name=name, leader=leader)
     try:
         logger.info("serving on http://%s:%d", args.host, args.port)
         uvicorn.run(build_app(service), host=args.host, port=args.port, log_level="info")
@@ -78,9 +105,7 @@ def main(argv=None) -> None:
     check_text_generate_args(args)
     model = load_model_for_inference(model_provider, args)
     tokenizer = get_tokenizer()
-    engine = StaticInferenceEngine(model, args.inference_max_requests, _max_sequence_length(args),
-                                   vocab_size=tokenizer.vocab_size, detokenize=tokenizer.detokenize,
-                                   use_cuda_graphs=args.decode_only_cuda_graphs)
+    engine = _engine(args, model, tokenizer)
     try:
         if args.prompts:
             _run_prompts(args, engine, tokenizer)

@@ -14,7 +14,7 @@ import logging
 import threading
 import time
 import uuid
-from typing import AsyncIterator, List
+from typing import AsyncIterator, List, Optional
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -50,7 +50,8 @@ def _sse(payload) -> str:
     return f"data: {json.dumps(payload)}\n\n"
 
 
-def _chunk(kind: str, ident: str, model: str, index: int, text: str = None, finish=None, role: bool = False) -> dict:
+def _chunk(kind: str, ident: str, model: str, index: int, text: Optional[str] = None, finish=None,
+           role: bool = False) -> dict:
     if kind == "chat":
         delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})
         choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}

@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import time
 import uuid
-from typing import List, Optional
+from typing import List
 
 from megatron.core.inference import GenerationResult, InferenceRequest, SamplingParams
 from megatron.inference.errors import RequestError

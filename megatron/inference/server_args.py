@@ -35,6 +35,14 @@ def add_text_generate_args(parser: argparse.ArgumentParser) -> argparse.Argument
     group.add_argument("--decode-only-cuda-graphs", action="store_true",
                        help="Replay each decode step from a CUDA graph (one GPU, dense models without a sliding "
                             "window; others decode eagerly with a warning).")
+    group.add_argument("--inference-dynamic-batching", action="store_true",
+                       help="Continuous batching: requests join the running batch (one rank only).")
+    group.add_argument("--inference-dynamic-batching-block-size", type=int, default=256,
+                       help="Positions per KV-cache block of dynamic batching.")
+    group.add_argument("--inference-dynamic-batching-buffer-size-gb", type=float, default=40.0,
+                       help="Memory of the paged KV cache of dynamic batching, in GB.")
+    group.add_argument("--inference-dynamic-batching-max-tokens", type=int, default=2048,
+                       help="Tokens one dynamic-batching step may feed (decode tokens + prompt chunks).")
     group.add_argument("--served-model-name", type=str, default=None,
                        help="Model id of the OpenAI-compatible routes (default: the --load directory's name).")
     return parser
@@ -46,6 +54,12 @@ def check_text_generate_args(args: argparse.Namespace) -> None:
                  "max_prompts_per_request", "max_request_body_bytes"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.inference_dynamic_batching and args.world_size > 1:
+        raise ValueError("--inference-dynamic-batching runs on one rank for now: drop it, or serve with "
+                         "tensor and pipeline parallel sizes 1")
+    if args.inference_dynamic_batching_block_size < 1 or args.inference_dynamic_batching_max_tokens < 1:
+        raise ValueError("--inference-dynamic-batching-block-size and --inference-dynamic-batching-max-tokens "
+                         "must be >= 1")
     if args.max_batch_size is not None:
         raise ValueError("--max-batch-size is deprecated and not supported: use --inference-max-requests")
     if getattr(args, "virtual_pipeline_model_parallel_size", None):

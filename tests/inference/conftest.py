@@ -79,20 +79,32 @@ class RunningServer:
         self.thread.join(timeout=10)
 
 
-@pytest.fixture(scope="session")
-def server(hf_tokenizer_dir):
+@pytest.fixture(scope="session", params=["static", "dynamic"])
+def server(request, hf_tokenizer_dir):
+    """The server with the static engine (one request at a time) and with continuous
+    batching (requests join a running batch). ``reference`` is a separate static engine on
+    the same model, for expected answers computed without HTTP."""
     pytest.importorskip("fastapi")
     pytest.importorskip("uvicorn")
+    from megatron.core.inference import DynamicInferenceEngine
     from megatron.inference.app import build_app
+    from megatron.inference.dynamic_service import DynamicGenerationService
     from megatron.inference.text_service import ServingLimits, TextGenerationService
     from megatron.training.tokenizer.huggingface_tokenizer import HuggingFaceTokenizer
 
     tokenizer = HuggingFaceTokenizer(str(hf_tokenizer_dir))
     model = tiny_gpt(50304)
-    engine = StaticInferenceEngine(model, 4, MAX_SEQ, vocab_size=tokenizer.vocab_size, detokenize=tokenizer.detokenize)
+    common = dict(vocab_size=tokenizer.vocab_size, detokenize=tokenizer.detokenize)
     limits = ServingLimits(max_prompts=6, max_sequence_length=MAX_SEQ, max_tokens_to_oom=4 * MAX_SEQ,
                            max_body_bytes=64 * 1024)
-    service = TextGenerationService(engine, tokenizer, limits, model_name="tiny-gpt")
+    if request.param == "static":
+        service = TextGenerationService(StaticInferenceEngine(model, 4, MAX_SEQ, **common), tokenizer, limits,
+                                        model_name="tiny-gpt")
+    else:
+        engine = DynamicInferenceEngine(model, 4, num_blocks=80, block_size=8, max_tokens_per_step=32,
+                                        max_sequence_length=MAX_SEQ, **common)
+        service = DynamicGenerationService(engine, tokenizer, limits, model_name="tiny-gpt")
     running = RunningServer(service, build_app(service))
+    running.reference = StaticInferenceEngine(model, 1, MAX_SEQ, **common)
     yield running
     running.stop()

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -20,9 +19,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 def _alone(server, text, n):
-    """Greedy tokens of ``text`` straight from the engine (no HTTP)."""
+    """Greedy tokens of ``text`` from the reference engine (no HTTP)."""
     prompt = server.service.tokenize(text)
-    result = server.service.engine.generate([InferenceRequest(prompt, SamplingParams(top_k=1, num_tokens_to_generate=n))])
+    result = server.reference.generate([InferenceRequest(prompt, SamplingParams(top_k=1, num_tokens_to_generate=n))])
     return prompt, result[0].generated_tokens
 
 
@@ -68,7 +67,7 @@ def test_openai_completions_chat_and_streaming(server):
 
     messages = [{"role": "user", "content": "Hi there"}]
     chat_prompt = server.service.chat_prompt(messages)
-    result = server.service.engine.generate([InferenceRequest(chat_prompt, SamplingParams(top_k=1, num_tokens_to_generate=5))])
+    result = server.reference.generate([InferenceRequest(chat_prompt, SamplingParams(top_k=1, num_tokens_to_generate=5))])
     expected_chat = server.service.continuation_text(chat_prompt, result[0].generated_tokens)
     chat = client.chat.completions.create(model="tiny-gpt", messages=messages, max_tokens=5, temperature=0)
     assert chat.choices[0].message.content == expected_chat and chat.choices[0].message.role == "assistant"
@@ -133,7 +132,7 @@ class _SlowStep:
 
 
 def test_client_disconnecting_mid_stream_frees_the_engine(server, monkeypatch):
-    monkeypatch.setattr(server.service.engine, "step", _SlowStep(server.service.engine.step))
+    monkeypatch.setattr(server.service.engine, "model_step", _SlowStep(server.service.engine.model_step))
     before = requests.get(server.url + "/health", timeout=10).json()["cancelled_requests"]
     body = {"prompt": "Hello", "max_tokens": 60, "temperature": 0, "stream": True}
     with requests.post(server.url + "/v1/completions", json=body, stream=True, timeout=60) as response:

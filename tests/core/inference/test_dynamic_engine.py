@@ -74,3 +74,20 @@ def test_a_full_pool_makes_requests_wait_for_blocks():
         assert results[request_id].generated_tokens == static.generate([request])[0].generated_tokens
     with pytest.raises(ValueError, match="more KV blocks than the pool has"):
         engine.add_request(InferenceRequest([1] * 20, SamplingParams(num_tokens_to_generate=10)))
+
+
+def test_cancel_and_abort_return_the_blocks():
+    model, _, _ = megatron_model(hf_model("llama"))
+    engine = DynamicInferenceEngine(model, max_requests=2, num_blocks=12, block_size=4, max_tokens_per_step=8,
+                                    max_sequence_length=32)
+    params = SamplingParams(top_k=1, num_tokens_to_generate=10)
+    first, second, third = (engine.add_request(InferenceRequest([1, 2, 3], params)) for _ in range(3))
+    engine.step()  # the first two run, the third waits for a slot
+    engine.cancel(first)
+    engine.cancel(third)  # never admitted
+    finished = dict(engine.step())
+    assert finished[first].finish_reason == "cancelled" and finished[third].finish_reason == "cancelled"
+    assert len(finished[first].generated_tokens) == 1 and finished[third].generated_tokens == []
+    assert engine.running == [second]
+    engine.abort_all()
+    assert not engine.has_unfinished_requests() and sorted(engine.context.free_blocks) == list(range(12))

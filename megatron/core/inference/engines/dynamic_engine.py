@@ -52,7 +52,7 @@ class DynamicInferenceEngine:
         if max_requests < 1 or max_tokens_per_step < 1:
             raise ValueError(f"max_requests and max_tokens_per_step must be >= 1, got {max_requests}, {max_tokens_per_step}")
         self.model = model
-        self.step_fn = ModelStep(model)
+        self.model_step = ModelStep(model)
         self.device = next(model.parameters()).device
         self.context = DynamicInferenceContext(num_blocks, block_size, model.config.window_size)
         self.max_requests = max_requests
@@ -64,6 +64,18 @@ class DynamicInferenceEngine:
         self.running: List[int] = []
         self.states: Dict[int, _Running] = {}
         self._ids = itertools.count()
+        # Sees (request id, token) for every generated token as it is chosen (streaming).
+        self.on_token: Optional[Callable[[int, int], None]] = None
+
+    @property
+    def max_batch_size(self) -> int:
+        return self.max_requests
+
+    def cancel(self, request_id: int) -> None:
+        """Stop a request: it finishes at the next ``step`` with finish_reason "cancelled"."""
+        state = self.states.get(request_id)
+        if state is not None and not state.done:
+            state.done, state.finish_reason = True, "cancelled"
 
     def add_request(self, request: InferenceRequest) -> int:
         total = len(request.prompt_tokens) + request.sampling_params.num_tokens_to_generate
@@ -79,6 +91,14 @@ class DynamicInferenceEngine:
         self.waiting.append(request_id)
         return request_id
 
+    def abort_all(self) -> None:
+        """Drop every request and return all blocks (after a failed step)."""
+        for request_id in list(self.running):
+            self.context.release(request_id)
+        self.waiting.clear()
+        self.running.clear()
+        self.states.clear()
+
     def has_unfinished_requests(self) -> bool:
         return bool(self.waiting or self.running)
 
@@ -87,12 +107,12 @@ class DynamicInferenceEngine:
         budget, plan = self.max_tokens_per_step, []
         for request_id in self.running:  # decoding requests first: one token each
             state = self.states[request_id]
-            if state.cached >= state.prompt_len and budget > 0:
+            if state.cached >= state.prompt_len and budget > 0 and not state.done:
                 plan.append((request_id, state.cached, 1))
                 budget -= 1
         for request_id in self.running:  # then the prefill chunks already under way
             state = self.states[request_id]
-            if state.cached < state.prompt_len and budget > 0:
+            if state.cached < state.prompt_len and budget > 0 and not state.done:
                 n = min(len(state.tokens) - state.cached, budget)
                 plan.append((request_id, state.cached, n))
                 budget -= n
@@ -112,15 +132,18 @@ class DynamicInferenceEngine:
     def step(self) -> List[Tuple[int, GenerationResult]]:
         """One forward over the scheduled tokens; returns the requests that finished."""
         self.model.eval()
+        finished = []
+        for request_id in [r for r in self.waiting if self.states[r].done]:  # cancelled before admission
+            self.waiting.remove(request_id)
+            finished.append((request_id, self.states.pop(request_id).result()))
         plan = self._schedule()
         if plan:
             tokens = torch.tensor([t for rid, start, n in plan for t in self.states[rid].tokens[start:start + n]],
                                   dtype=torch.long, device=self.device).unsqueeze(0)
             positions = self.context.begin_step(plan, self.device)
-            logits = self.step_fn(tokens, positions, self.context)
-            decided = self.step_fn.share_from_last_stage(self._decide(logits, plan))
+            logits = self.model_step(tokens, positions, self.context)
+            decided = self.model_step.share_from_last_stage(self._decide(logits, plan))
             self._record(decided, plan)
-        finished = []
         for request_id in list(self.running):
             state = self.states[request_id]
             if state.finished:
@@ -173,6 +196,8 @@ class DynamicInferenceEngine:
                 token = int(values[at])
                 state.tokens.append(token)
                 state.append(token, self.detokenize)
+                if self.on_token is not None:
+                    self.on_token(rid, token)
             at += 1 + n
 
     def generate(self, requests: Sequence[InferenceRequest]) -> List[GenerationResult]:

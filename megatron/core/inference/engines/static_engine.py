@@ -49,10 +49,10 @@ class StaticInferenceEngine:
         use_cuda_graphs: bool = False,
     ):
         self.model = model
-        self.step = ModelStep(model)
+        self.model_step = ModelStep(model)
         self.use_cuda_graphs = False
         if use_cuda_graphs:
-            reason = decode_graph_supported(model, self.step.model_parallel)
+            reason = decode_graph_supported(model, self.model_step.model_parallel)
             if reason is None:
                 self.use_cuda_graphs = True
             else:
@@ -103,7 +103,7 @@ class StaticInferenceEngine:
         flags = torch.zeros(len(rows), dtype=torch.float64, device=self.device)
         if cancelled is not None:
             flags[:] = torch.tensor([float(bool(c)) for c in cancelled()], dtype=torch.float64)
-        flags = self.step.share_from_first_rank(flags)
+        flags = self.model_step.share_from_first_rank(flags)
         for row, flag in zip(rows, flags.tolist()):
             if flag and not row.done:
                 row.done, row.finish_reason = True, "cancelled"
@@ -120,7 +120,7 @@ class StaticInferenceEngine:
         prev, cur = 0, min(row.prompt_len for row in rows)
         graph = None
         while not all(row.done for row in rows):
-            if cancelled is not None or self.step.model_parallel:
+            if cancelled is not None or self.model_step.model_parallel:
                 self._cancel(rows, cancelled)
                 if all(row.done for row in rows):
                     break
@@ -131,10 +131,10 @@ class StaticInferenceEngine:
                     graph = DecodeGraph(self.model, context, tokens[:, prev:cur], positions)
                 logits = graph(tokens[:, prev:cur], positions).float()
             else:
-                logits = self.step(tokens[:, prev:cur], positions, context)
+                logits = self.model_step(tokens[:, prev:cur], positions, context)
             context.increment(cur - prev)
             decided = self._decide(logits, tokens, prev, cur, rows, want_log_probs, max_total)
-            decided = self.step.share_from_last_stage(decided)
+            decided = self.model_step.share_from_last_stage(decided)
             self._record(decided, tokens, prev, cur, rows, want_log_probs, max_total, on_token)
             prev, cur = cur, cur + 1
         return [row.result() for row in rows]
