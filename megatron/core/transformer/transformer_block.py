@@ -44,8 +44,9 @@ class TransformerBlock(torch.nn.Module):
     inference_context=None (a KV cache during generation)) -> [s(/tp), b, h]. When not
     ``pre_process`` the input comes from ``set_input_tensor`` (the activation received
     from the previous pipeline stage) and ``hidden_states`` is ignored. ``final_layernorm``
-    exists when ``post_process`` and ``post_layer_norm``. ``spec`` is accepted for Megatron-Core signature compatibility and ignored: the
-    layers are always the local (pure PyTorch) ones. ``num_layers`` None: all layers with
+    exists when ``post_process`` and ``post_layer_norm``. ``spec`` is accepted for
+    Megatron-Core signature compatibility and ignored: the layers are always the local
+    (pure PyTorch) ones. ``num_layers`` None: all layers with
     one pipeline stage, else this stage's (chunk ``vp_stage``'s) share as
     ``pipeline_parallel.layer_split`` assigns it (``layer_offset`` is then ignored).
     """
