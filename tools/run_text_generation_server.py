@@ -27,7 +27,7 @@ from megatron.core.inference import (  # noqa: E402
 )
 from megatron.inference.dynamic_service import DynamicGenerationService  # noqa: E402
 from megatron.inference.model_loading import load_model_for_inference  # noqa: E402
-from megatron.inference.rank_roles import Leader, follow  # noqa: E402
+from megatron.inference.rank_roles import Leader, follow, ignore_stop_signals  # noqa: E402
 from megatron.inference.server_args import add_text_generate_args, check_text_generate_args  # noqa: E402
 from megatron.inference.text_service import ServingLimits, TextGenerationService  # noqa: E402
 from megatron.training import get_tokenizer  # noqa: E402
@@ -88,6 +88,10 @@ def _serve(args, engine, tokenizer) -> None:
         service = DynamicGenerationService(engine, tokenizer, limits, model_name=name)
     else:
         service = TextGenerationService(engine, tokenizer, limits, model_name=name, leader=leader)
+    # uvicorn handles SIGINT/SIGTERM while it serves, then restores the previous handlers and
+    # raises the signal again: ignored, so that this rank stops the followers and shuts down
+    # with them instead of dying on the spot.
+    ignore_stop_signals()
     try:
         logger.info("serving on http://%s:%d", args.host, args.port)
         uvicorn.run(build_app(service), host=args.host, port=args.port, log_level="info")

@@ -7,6 +7,7 @@ object), 1 = exit. All ranks then run the engine on the same batch together.
 from __future__ import annotations
 
 import logging
+import signal
 
 import torch
 import torch.distributed as dist
@@ -39,8 +40,22 @@ class Leader:
         _broadcast_command(EXIT)
 
 
+def ignore_stop_signals() -> None:
+    """From now on ignore SIGINT and SIGTERM in this process. torchrun (and a terminal's
+    Ctrl-C) signal every rank, and torchrun signals again while they wind down; the
+    followers leave stopping to rank 0, which stops serving, broadcasts exit and then shuts
+    down with them, so no rank dies inside a collective the others wait on."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def follow(engine) -> None:
     """Every rank but 0: run each batch rank 0 announces until it says exit."""
+    ignore_stop_signals()
+    _follow(engine)
+
+
+def _follow(engine) -> None:
     while True:
         command = _broadcast_command(GENERATE)
         if command == EXIT:
