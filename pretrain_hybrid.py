@@ -61,7 +61,12 @@ def model_provider(pre_process: bool = True, post_process: bool = True, vp_stage
     )
 
 
-if __name__ == "__main__":
+def main() -> None:
+    """Train with the command line's flags (also the ``megatron-pretrain-hybrid`` command)."""
     pretrain(train_valid_test_datasets_provider, model_provider, ModelType.encoder_or_decoder, forward_step,
              args_defaults=HYBRID_DEFAULTS)
     shutdown_megatron()
+
+
+if __name__ == "__main__":
+    main()

@@ -7,9 +7,7 @@ As in Megatron-LM, this runs pretrain_hybrid.py unchanged (same flags, same mode
 
 from __future__ import annotations
 
-import os
-import runpy
+from pretrain_hybrid import main
 
 if __name__ == "__main__":
-    runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), "pretrain_hybrid.py"),
-                   run_name="__main__")
+    main()

@@ -29,7 +29,10 @@ class SelfAttention(torch.nn.Module):
 
     forward(hidden_states [s, b, h] (or [s/tp, b, h] under sequence parallelism),
     attention_mask (None or bool [b or 1, 1, s, s], True = masked),
-    rotary_pos_emb (None, freqs [s, 1, 1, d_rot], or a (q_freqs, k_freqs) pair))
+    rotary_pos_emb (None, freqs [s, 1, 1, d_rot], or a (q_freqs, k_freqs) pair),
+    inference_context (None in training; during generation a KV cache from
+    ``megatron.core.inference.contexts`` that stores the new keys/values and attends over
+    the cached ones))
     -> (output [s(/tp), b, h], bias [h] or None). The bias of ``linear_proj`` is returned
     unadded so the layer can fuse bias + dropout + residual.
     """
@@ -119,11 +122,17 @@ class SelfAttention(torch.nn.Module):
         attention_mask: Optional[torch.Tensor] = None,
         rotary_pos_emb=None,
         attn_mask_type: Optional[AttnMaskType] = None,
+        inference_context=None,
     ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         query, key, value = self.get_query_key_value_tensors(hidden_states)
         if rotary_pos_emb is not None:
             q_freqs, k_freqs = rotary_pos_emb if isinstance(rotary_pos_emb, tuple) else (rotary_pos_emb, rotary_pos_emb)
             query = apply_rotary_pos_emb(query, q_freqs, self.config)
             key = apply_rotary_pos_emb(key, k_freqs, self.config)
-        context = self._core_attention(query, key, value, attention_mask, attn_mask_type)
+        if inference_context is not None:
+            # Generation: the context (megatron.core.inference) stores this step's keys and
+            # values and runs core attention over everything cached for each sequence.
+            context = inference_context.attend(self.layer_number, query, key, value, self._core_attention)
+        else:
+            context = self._core_attention(query, key, value, attention_mask, attn_mask_type)
         return self.linear_proj(context)

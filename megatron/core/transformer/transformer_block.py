@@ -40,12 +40,13 @@ def _check_recompute(config: TransformerConfig) -> None:
 class TransformerBlock(torch.nn.Module):
     """Layers ``offset+1 .. offset+num_layers`` (1-based, global numbering) and the final norm.
 
-    forward(hidden_states [s(/tp), b, h], attention_mask=None, rotary_pos_emb=None)
-    -> [s(/tp), b, h]. When not ``pre_process`` the input comes from ``set_input_tensor``
-    (the activation received from the previous pipeline stage) and ``hidden_states`` is
-    ignored. ``final_layernorm`` exists when ``post_process`` and ``post_layer_norm``.
-    ``spec`` is accepted for Megatron-Core signature compatibility and ignored: the
-    layers are always the local (pure PyTorch) ones. ``num_layers`` None: all layers with
+    forward(hidden_states [s(/tp), b, h], attention_mask=None, rotary_pos_emb=None,
+    inference_context=None (a KV cache during generation)) -> [s(/tp), b, h]. When not
+    ``pre_process`` the input comes from ``set_input_tensor`` (the activation received
+    from the previous pipeline stage) and ``hidden_states`` is ignored. ``final_layernorm``
+    exists when ``post_process`` and ``post_layer_norm``. ``spec`` is accepted for
+    Megatron-Core signature compatibility and ignored: the layers are always the local
+    (pure PyTorch) ones. ``num_layers`` None: all layers with
     one pipeline stage, else this stage's (chunk ``vp_stage``'s) share as
     ``pipeline_parallel.layer_split`` assigns it (``layer_offset`` is then ignored).
     """
@@ -96,9 +97,11 @@ class TransformerBlock(torch.nn.Module):
         """Use ``input_tensor`` [s(/tp), b, h] as this stage's input (pipeline parallelism)."""
         self.input_tensor = input_tensor
 
-    def _run_layers(self, start: int, end: int, hidden_states, attention_mask, rotary_pos_emb):
+    def _run_layers(self, start: int, end: int, hidden_states, attention_mask, rotary_pos_emb, inference_context=None):
         for layer in self.layers[start:end]:
-            hidden_states, _ = layer(hidden_states, attention_mask=attention_mask, rotary_pos_emb=rotary_pos_emb)
+            hidden_states, _ = layer(
+                hidden_states, attention_mask=attention_mask, rotary_pos_emb=rotary_pos_emb, inference_context=inference_context
+            )
         return hidden_states
 
     def _checkpointed(self, start: int, end: int, hidden_states, attention_mask, rotary_pos_emb):
@@ -132,6 +135,7 @@ class TransformerBlock(torch.nn.Module):
         hidden_states: Optional[torch.Tensor],
         attention_mask: Optional[torch.Tensor] = None,
         rotary_pos_emb=None,
+        inference_context=None,
     ) -> torch.Tensor:
         if not self.pre_process:
             hidden_states = self.input_tensor
@@ -146,7 +150,9 @@ class TransformerBlock(torch.nn.Module):
         if full_recompute:
             hidden_states = self._forward_full_recompute(hidden_states, attention_mask, rotary_pos_emb)
         else:
-            hidden_states = self._run_layers(0, len(self.layers), hidden_states, attention_mask, rotary_pos_emb)
+            hidden_states = self._run_layers(
+                0, len(self.layers), hidden_states, attention_mask, rotary_pos_emb, inference_context
+            )
         if self.final_layernorm is not None:
             hidden_states = self.final_layernorm(hidden_states)
         return hidden_states

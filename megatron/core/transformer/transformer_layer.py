@@ -22,8 +22,8 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 
 class TransformerLayer(torch.nn.Module):
-    """forward(hidden_states [s(/tp), b, h], attention_mask=None, rotary_pos_emb=None)
-    -> (hidden_states [s(/tp), b, h], context=None).
+    """forward(hidden_states [s(/tp), b, h], attention_mask=None, rotary_pos_emb=None,
+    inference_context=None (a KV cache during generation)) -> (hidden_states [s(/tp), b, h], context=None).
 
     ``layer_number`` is 1-based and global (it includes the pipeline stage's offset);
     attention uses it for --apply-query-key-layer-scaling. With
@@ -56,12 +56,15 @@ class TransformerLayer(torch.nn.Module):
         hidden_states: torch.Tensor,
         attention_mask: Optional[torch.Tensor] = None,
         rotary_pos_emb=None,
+        inference_context=None,
     ):
         post_ln_residual = self.config.apply_residual_connection_post_layernorm
         bias_dropout_add_fn = get_bias_dropout_add(self.training, self.config.bias_dropout_fusion)
         normed = self.input_layernorm(hidden_states)
         residual = normed if post_ln_residual else hidden_states
-        attention_out = self.self_attention(normed, attention_mask=attention_mask, rotary_pos_emb=rotary_pos_emb)
+        attention_out = self.self_attention(
+            normed, attention_mask=attention_mask, rotary_pos_emb=rotary_pos_emb, inference_context=inference_context
+        )
         hidden_states = bias_dropout_add_fn(attention_out, residual, self.hidden_dropout)
 
         normed = self.pre_mlp_layernorm(hidden_states)

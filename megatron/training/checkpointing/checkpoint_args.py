@@ -45,6 +45,8 @@ FORCED = (
     "num_experts", "moe_layer_freq", "moe_ffn_hidden_size", "moe_router_topk", "moe_token_dispatcher_type",
     "moe_router_pre_softmax", "moe_grouped_gemm", "moe_shared_expert_intermediate_size",
     "tokenizer_type", "make_vocab_size_divisible_by",
+    # not in Megatron's list, but a sliding-window model without its window computes other logits
+    "window_size",
 )
 MODEL_PARALLEL = (
     # the virtual stages as a count: saved (validated) arguments hold both forms

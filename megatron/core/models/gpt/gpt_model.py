@@ -32,7 +32,7 @@ class GPTModel(LanguageModule):
 
     forward(input_ids [b, s], position_ids [b, s] or None, attention_mask None or bool
     [b or 1, 1, s, s] (True = masked; the causal mask is always applied), decoder_input=None,
-    labels=None):
+    labels=None, inference_context=None):
       - not post_process: the hidden states [s(/tp), b, h] for the next stage;
       - labels None: logits [b, s, V/tp] (full V when parallel_output=False);
       - labels [b, s]: per-token loss [b, s] in fp32.
@@ -42,7 +42,10 @@ class GPTModel(LanguageModule):
     ``layer_offset`` select this stage's layers (default: this pipeline stage's share, or
     virtual chunk ``vp_stage``'s with the interleaved schedule; all layers without pipelining).
     Rotary position embedding ignores ``position_ids`` (positions are 0..s-1), as
-    Megatron's does.
+    Megatron's does. ``inference_context`` (a KV cache from ``megatron.core.inference``)
+    makes this call continue the cached sequences: it gives the rotary angles of the new
+    tokens' positions (pass the same positions as ``position_ids`` for learned absolute
+    positions).
     """
 
     def __init__(
@@ -145,11 +148,14 @@ class GPTModel(LanguageModule):
             input_tensor = input_tensor[0]
         self.decoder.set_input_tensor(input_tensor)
 
-    def _rotary_freqs(self, decoder_input: Optional[torch.Tensor]):
+    def _rotary_freqs(self, decoder_input: Optional[torch.Tensor], inference_context=None):
         if self.position_embedding_type != "rope":
             return None
         reference = decoder_input if decoder_input is not None else self.decoder.input_tensor
         seq_len = reference.size(0)
+        if inference_context is not None:
+            # Generation feeds the tokens after the cached ones: the context knows their positions.
+            return inference_context.rotary_freqs(self.rotary_pos_emb, seq_len, reference.device)
         if self.config.sequence_parallel:
             # Activations hold s/tp positions here; attention sees the whole sequence.
             seq_len *= process_groups.group_size(self.tp_group)
@@ -167,13 +173,18 @@ class GPTModel(LanguageModule):
         attention_mask: Optional[torch.Tensor] = None,
         decoder_input: Optional[torch.Tensor] = None,
         labels: Optional[torch.Tensor] = None,
+        inference_context=None,
     ) -> torch.Tensor:
         if decoder_input is None and self.pre_process:
             decoder_input = self.embedding(input_ids, position_ids)
-        rotary_pos_emb = self._rotary_freqs(decoder_input)
-        hidden_states = self.decoder(decoder_input, attention_mask=attention_mask, rotary_pos_emb=rotary_pos_emb)
+        rotary_pos_emb = self._rotary_freqs(decoder_input, inference_context)
+        hidden_states = self.decoder(
+            decoder_input, attention_mask=attention_mask, rotary_pos_emb=rotary_pos_emb, inference_context=inference_context
+        )
         if not self.post_process:
             return hidden_states
+        if inference_context is not None and inference_context.materialize_only_last_token_logits:
+            hidden_states = hidden_states[-1:]  # generation without log-probs needs the next token only
         output_weight = self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else None
         logits, _ = self.output_layer(hidden_states, weight=output_weight)  # [s, b, V/tp]
         if labels is not None:

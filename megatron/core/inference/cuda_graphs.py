@@ -1,0 +1,58 @@
+"""The decode step of the static engine as one CUDA graph.
+
+A decode step (one token per sequence) has the same shapes at every position once the KV
+cache is read whole under a mask (``StaticInferenceContext.use_fixed_shapes``). The graph
+is captured on the first decode step of a ``generate`` call, after two warm-up runs on a
+side stream (they write the same keys/values the real step writes), and replayed for the
+others: the host launches one graph instead of hundreds of kernels, which is what bounds
+small-batch decoding. Eager execution stays the reference (``use_cuda_graphs=False``).
+
+Supported: one rank (no tensor/pipeline parallelism), dense models (MoE routing has
+data-dependent shapes), no sliding window. ``decode_graph_supported`` says why not.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+
+def decode_graph_supported(model: torch.nn.Module, model_parallel: bool) -> Optional[str]:
+    """None when the decode step can be captured, else the reason it cannot."""
+    config = model.config
+    if not torch.cuda.is_available() or next(model.parameters()).device.type != "cuda":
+        return "the model is not on a CUDA device"
+    if model_parallel:
+        return "tensor or pipeline parallelism"
+    if getattr(config, "num_moe_experts", None):
+        return "MoE layers (data-dependent shapes)"
+    if config.window_size is not None:
+        return "a sliding window (--window-size)"
+    return None
+
+
+class DecodeGraph:
+    """forward(tokens [b, 1], positions [b, 1]) -> logits [b, 1, V] of one decode step,
+    replayed from a graph bound to ``context``'s buffers (valid for this context only)."""
+
+    def __init__(self, model: torch.nn.Module, context, tokens: torch.Tensor, positions: torch.Tensor):
+        self.model = model
+        self.context = context
+        self.tokens = tokens.clone()
+        self.positions = positions.clone()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream), torch.no_grad():
+            for _ in range(2):
+                model(self.tokens, self.positions, None, inference_context=context)
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph), torch.no_grad():
+            self.logits = model(self.tokens, self.positions, None, inference_context=context)
+
+    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        self.tokens.copy_(tokens)
+        self.positions.copy_(positions)
+        self.graph.replay()
+        return self.logits

@@ -1,0 +1,177 @@
+"""Generation for one fixed batch of requests with a KV cache (Megatron's static engine).
+
+The batch advances together. The first forward (prefill) runs every prompt's first
+``min(prompt lengths)`` tokens at once; each later forward (decode) feeds one token per
+sequence: the next prompt token for a sequence still inside its prompt, else the token
+just chosen for it. So every sequence sits at the same position, no padding enters the
+KV cache, and a batch of prompts of different lengths gives each prompt what it would
+give alone (up to the float rounding of batched matmuls).
+
+Every rank of the model-parallel group runs ``generate`` with the same requests; the
+last pipeline stage chooses the tokens and ``ModelStep.share_from_last_stage`` hands them
+to all ranks. Results are complete on every rank.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable, List, Optional, Sequence
+
+import torch
+
+from megatron.core.inference.contexts import StaticInferenceContext
+from megatron.core.inference.cuda_graphs import DecodeGraph, decode_graph_supported
+from megatron.core.inference.inference_request import GenerationResult, InferenceRequest
+from megatron.core.inference.model_step import ModelStep
+from megatron.core.inference.engines.request_state import RequestState
+from megatron.core.inference.sampling import sample_batch
+
+logger = logging.getLogger(__name__)
+
+
+class StaticInferenceEngine:
+    """generate(requests) -> one GenerationResult per request, in order.
+
+    ``max_batch_size`` and ``max_sequence_length`` bound one call (prompt + generated
+    tokens of the longest request); ``vocab_size`` is the tokenizer's (the model's padded
+    vocabulary entries beyond it are never chosen nor scored); ``detokenize`` (token ids
+    -> text) is needed only for stop strings. ``use_cuda_graphs`` replays each decode step
+    from a CUDA graph (``cuda_graphs``) where the model allows it; eager otherwise.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        max_batch_size: int,
+        max_sequence_length: int,
+        vocab_size: Optional[int] = None,
+        detokenize: Optional[Callable[[Sequence[int]], str]] = None,
+        use_cuda_graphs: bool = False,
+    ):
+        self.model = model
+        self.model_step = ModelStep(model)
+        self.use_cuda_graphs = False
+        if use_cuda_graphs:
+            reason = decode_graph_supported(model, self.model_step.model_parallel)
+            if reason is None:
+                self.use_cuda_graphs = True
+            else:
+                logger.warning("CUDA graphs of the decode step are off: %s; decoding eagerly", reason)
+        self.max_batch_size = max_batch_size
+        self.max_sequence_length = max_sequence_length
+        self.vocab_size = vocab_size
+        self.detokenize = detokenize
+        self.window_size = model.config.window_size
+        self.device = next(model.parameters()).device
+
+    def _check(self, requests: Sequence[InferenceRequest]) -> None:
+        if not requests:
+            raise ValueError("generate needs at least one request")
+        if len(requests) > self.max_batch_size:
+            raise ValueError(f"{len(requests)} requests exceed the engine's max_batch_size {self.max_batch_size}")
+        for i, request in enumerate(requests):
+            total = len(request.prompt_tokens) + request.sampling_params.num_tokens_to_generate
+            if total > self.max_sequence_length:
+                raise ValueError(
+                    f"request {i}: {len(request.prompt_tokens)} prompt tokens + "
+                    f"{request.sampling_params.num_tokens_to_generate} to generate exceed the maximum sequence "
+                    f"length {self.max_sequence_length}"
+                )
+            if request.sampling_params.stop_strings and self.detokenize is None:
+                raise ValueError("stop strings need an engine built with a detokenize function")
+
+    @torch.no_grad()
+    def generate(
+        self,
+        requests: Sequence[InferenceRequest],
+        on_token: Optional[Callable[[int, int], None]] = None,
+        cancelled: Optional[Callable[[], Sequence[bool]]] = None,
+    ) -> List[GenerationResult]:
+        """Run ``requests`` to completion. ``on_token(index, token)`` sees every generated
+        token as soon as it is chosen (for streaming). ``cancelled()`` -> one bool per request,
+        asked before every forward on the first model-parallel rank (its answer is shared with
+        the others): a cancelled request stops with finish_reason "cancelled"."""
+        self._check(requests)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            return self._generate(list(requests), on_token, cancelled)
+        finally:
+            self.model.train(was_training)
+
+    def _cancel(self, rows: List[RequestState], cancelled) -> None:
+        flags = torch.zeros(len(rows), dtype=torch.float64, device=self.device)
+        if cancelled is not None:
+            flags[:] = torch.tensor([float(bool(c)) for c in cancelled()], dtype=torch.float64)
+        flags = self.model_step.share_from_first_rank(flags)
+        for row, flag in zip(rows, flags.tolist()):
+            if flag and not row.done:
+                row.done, row.finish_reason = True, "cancelled"
+
+    def _generate(self, requests: List[InferenceRequest], on_token=None, cancelled=None) -> List[GenerationResult]:
+        rows = [RequestState(r, self.device) for r in requests]
+        max_total = max(max(row.total_len for row in rows), 1)
+        tokens = torch.zeros(len(rows), max_total, dtype=torch.long, device=self.device)
+        for i, row in enumerate(rows):
+            tokens[i, : row.prompt_len] = torch.tensor(row.request.prompt_tokens, dtype=torch.long)
+        want_log_probs = any(row.params.return_log_probs for row in rows)
+        context = StaticInferenceContext(len(rows), max_total, self.window_size)
+        context.materialize_only_last_token_logits = not want_log_probs
+        prev, cur = 0, min(row.prompt_len for row in rows)
+        graph = None
+        while not all(row.done for row in rows):
+            if cancelled is not None or self.model_step.model_parallel:
+                self._cancel(rows, cancelled)
+                if all(row.done for row in rows):
+                    break
+            positions = torch.arange(prev, cur, device=self.device).expand(len(rows), -1)
+            if self.use_cuda_graphs and cur - prev == 1:
+                if graph is None:
+                    context.use_fixed_shapes(self.device)
+                    graph = DecodeGraph(self.model, context, tokens[:, prev:cur], positions)
+                logits = graph(tokens[:, prev:cur], positions).float()
+            else:
+                logits = self.model_step(tokens[:, prev:cur], positions, context)
+            context.increment(cur - prev)
+            decided = self._decide(logits, tokens, prev, cur, rows, want_log_probs, max_total)
+            decided = self.model_step.share_from_last_stage(decided)
+            self._record(decided, tokens, prev, cur, rows, want_log_probs, max_total, on_token)
+            prev, cur = cur, cur + 1
+        return [row.result() for row in rows]
+
+    def _decide(self, logits, tokens, prev, cur, rows, want_log_probs, max_total) -> torch.Tensor:
+        """float64 [b, 1 + n]: column 0 the token at position ``cur`` (when cur < max_total),
+        then (with log-probs) the log-probs of positions prev+1 .. min(cur, max_total - 1)."""
+        n_scored = min(cur, max_total - 1) - prev if want_log_probs else 0
+        decided = torch.zeros(len(rows), 1 + n_scored, dtype=torch.float64, device=self.device)
+        if logits is None:
+            return decided  # not the last pipeline stage: filled by the broadcast
+        if self.vocab_size is not None:
+            logits = logits[..., : self.vocab_size]
+        next_tokens = torch.zeros(len(rows), dtype=torch.long, device=self.device)
+        if cur < max_total:
+            sampling = [row.prompt_len <= cur < row.total_len and not row.done for row in rows]
+            sampled = sample_batch(logits[:, -1], [r.params for r in rows], [r.generator for r in rows], sampling)
+            next_tokens = torch.where(torch.tensor(sampling, device=self.device), sampled, tokens[:, cur])
+        decided[:, 0] = next_tokens.to(torch.float64)
+        if n_scored:
+            targets = torch.cat([tokens[:, prev + 1 : cur], next_tokens[:, None]], dim=1)[:, :n_scored]
+            log_probs = torch.log_softmax(logits[:, :n_scored], dim=-1)
+            decided[:, 1:] = torch.gather(log_probs, 2, targets[:, :, None])[:, :, 0].to(torch.float64)
+        return decided
+
+    def _record(self, decided, tokens, prev, cur, rows, want_log_probs, max_total, on_token) -> None:
+        values = decided.cpu()
+        if cur < max_total:
+            tokens[:, cur] = decided[:, 0].to(torch.long)
+        for i, row in enumerate(rows):
+            if want_log_probs:
+                row.log_probs.extend(values[i, 1:].tolist())
+            if row.done:
+                continue
+            if row.prompt_len <= cur < row.total_len:
+                row.append(int(values[i, 0]), self.detokenize)
+                if on_token is not None:
+                    on_token(i, row.generated[-1])
+            if cur + 1 >= row.total_len:
+                row.done = True

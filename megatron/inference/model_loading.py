@@ -1,0 +1,44 @@
+"""This rank's model for serving: built from the command line, weights from --load.
+
+Any checkpoint this project saves loads into any serving layout (tensor/pipeline sizes
+may differ from training's: the checkpoint loader reshards). Hugging Face models are
+served after ``tools/checkpoint/convert.py --loader hf`` has written them as a checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+import torch
+
+from megatron.core import parallel_state
+from megatron.training.checkpointing import load_checkpoint
+from megatron.training.model_setup import get_model
+
+logger = logging.getLogger(__name__)
+
+
+class _NoOptimizer:
+    """Stands in for the optimizer at load time: serving keeps no optimizer state."""
+
+    def reload_model_params(self) -> None:
+        pass
+
+
+def load_model_for_inference(model_provider: Callable, args) -> torch.nn.Module:
+    """The model of this rank (one chunk), in eval mode and in --bf16 / --fp16 precision."""
+    groups = parallel_state.get_process_groups()
+    chunks = get_model(model_provider, groups, wrap_with_ddp=False)
+    if len(chunks) != 1:
+        raise ValueError("the text generation server needs one model chunk per rank: drop the virtual pipeline flags")
+    if args.load:
+        load_checkpoint(chunks, _NoOptimizer(), None, args, groups)
+    else:
+        logger.warning("no --load given: serving randomly initialized weights")
+    model = chunks[0]
+    if args.bf16:
+        model = model.to(torch.bfloat16)
+    elif args.fp16:
+        model = model.to(torch.float16)
+    return model.eval()

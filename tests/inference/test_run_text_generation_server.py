@@ -1,0 +1,76 @@
+"""tools/run_text_generation_server.py end to end: a Hugging Face model imported by the
+converter, served from its checkpoint with --use-checkpoint-args (model shape and
+tokenizer from the checkpoint), answers PUT /api with exactly HF ``generate``'s greedy
+tokens, and stops cleanly on SIGINT."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from tests.inference.conftest import free_port
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.join(REPO, "tools", "checkpoint"))
+
+requests = pytest.importorskip("requests")
+pytest.importorskip("uvicorn")
+pytest.importorskip("safetensors")
+
+
+def _wait_until_up(process, url: str) -> None:
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"the server exited with {process.returncode}:\n{process.stdout.read()}")
+        try:
+            if requests.get(url + "/health", timeout=2).ok:
+                return
+        except requests.ConnectionError:
+            time.sleep(0.2)
+    raise AssertionError("the server did not come up in 120 s")
+
+
+def test_served_hf_checkpoint_generates_like_transformers(tmp_path):
+    import convert
+    from tests.core.models.hf_cases import hf_model
+
+    hf = hf_model("mistral")  # sliding window 8, shorter than prompt + output
+    hf.save_pretrained(str(tmp_path / "hf"), safe_serialization=True)
+    convert.main(["--model-type", "GPT", "--loader", "hf", "--saver", "core", "--load-dir", str(tmp_path / "hf"),
+                  "--save-dir", str(tmp_path / "core")])
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    process = subprocess.Popen(
+        [sys.executable, os.path.join(REPO, "tools", "run_text_generation_server.py"), "--load", str(tmp_path / "core"),
+         "--use-checkpoint-args", "--host", "127.0.0.1", "--port", str(port), "--inference-max-seq-length", "32"],
+        cwd=str(tmp_path), env=dict(os.environ, PYTHONPATH=REPO), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        _wait_until_up(process, url)
+        prompt = [5, 17, 3, 99, 42, 8]
+        reply = requests.put(url + "/api", json={"prompts": [" ".join(map(str, prompt))], "tokens_to_generate": 20,
+                                                 "top_k": 1}, timeout=60)
+        assert reply.status_code == 200, reply.text
+        expected = hf.generate(torch.tensor([prompt]), max_new_tokens=20, do_sample=False, eos_token_id=None,
+                               pad_token_id=0)[0].tolist()
+        assert reply.json()["tokens"][0] == expected
+        chat = requests.post(url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "1 2"}]},
+                             timeout=60)
+        assert chat.status_code == 400 and "chat template" in chat.json()["message"]
+        assert [m["id"] for m in requests.get(url + "/v1/models", timeout=10).json()["data"]] == ["core"]
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            output, _ = process.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            raise
+    assert process.returncode == 0, output
