@@ -46,12 +46,15 @@ class StepResult:
 
 def pretrain(train_valid_test_dataset_provider: Callable, model_provider: Callable, model_type,
              forward_step_func: Callable, process_non_loss_data_func=None, extra_args_provider=None,
-             args_defaults=None, ignore_unknown_args: bool = False, **unused) -> None:
+             args_defaults=None, ignore_unknown_args: bool = False,
+             num_floating_point_operations_func: Optional[Callable] = None, **unused) -> None:
     """Megatron's entry point: initialize, build, train, evaluate.
 
     ``model_provider(pre_process, post_process)`` builds this stage's model;
     ``forward_step_func(data_iterator, model)`` returns ``(output, loss_func)``;
     ``train_valid_test_dataset_provider(num_samples)`` returns three datasets.
+    ``num_floating_point_operations_func(args, batch_size)`` is the model family's FLOP count
+    per iteration (default: the dense GPT formula), for the throughput log and the total.
     """
     start = time.time()
     initialize_megatron(extra_args_provider, args_defaults, ignore_unknown_args)
@@ -74,7 +77,8 @@ def pretrain(train_valid_test_dataset_provider: Callable, model_provider: Callab
     try:
         if args.do_train and not getattr(args, "skip_train", False) and (args.train_iters or args.train_samples):
             iteration, stopped_early = train(forward_step_func, model, optimizer, scheduler, train_it, valid_it,
-                                             pg, writers, exit_conditions)
+                                             pg, writers, exit_conditions,
+                                             flops_func=num_floating_point_operations_func)
         if args.save and iteration != 0 and getattr(args, "last_saved_iteration", None) != iteration:
             save_checkpoint(iteration, model, optimizer, scheduler, args.num_floating_point_operations_so_far,
                             args, pg)
@@ -155,7 +159,7 @@ def _learning_rate(optimizer) -> Optional[float]:
 
 
 def train(forward_step_func, model, optimizer, scheduler, train_it, valid_it, pg: ProcessGroups, writers,
-          exit_conditions: ExitConditions = None):
+          exit_conditions: ExitConditions = None, flops_func: Optional[Callable] = None):
     """Iterate until --train-iters / --train-samples, saving every --save-interval;
     returns (last iteration, whether an exit condition stopped the run early)."""
     args = get_args()
@@ -164,7 +168,8 @@ def train(forward_step_func, model, optimizer, scheduler, train_it, valid_it, pg
         chunk.train()
     iteration = getattr(args, "iteration", 0)
     args.last_saved_iteration = getattr(args, "last_saved_iteration", None)
-    logger = TrainingLogger(args, writers, world_size=args.world_size)
+    flops_func = flops_func or num_floating_point_operations
+    logger = TrainingLogger(args, writers, world_size=args.world_size, flops_func=flops_func)
     first_of_run = True
     profiler = StepProfiler(args, dist.get_rank() if dist.is_initialized() else 0)
     manual_gc = ManualGC(args)
@@ -198,7 +203,7 @@ def train(forward_step_func, model, optimizer, scheduler, train_it, valid_it, pg
                 evaluate_and_print_results(f"iteration {iteration}", forward_step_func, valid_it, model, pg,
                                            iteration, writers)
                 manual_gc.at_evaluation()
-            args.num_floating_point_operations_so_far += num_floating_point_operations(
+            args.num_floating_point_operations_so_far += flops_func(
                 args, get_current_global_batch_size())
             if args.save and args.save_interval and iteration % args.save_interval == 0:
                 _save(iteration, model, optimizer, scheduler, pg)
