@@ -6,7 +6,7 @@ import contextlib
 import io
 import re
 import sys
-from typing import List
+from typing import List, Tuple
 
 from tests.multirank import run_on_ranks
 
@@ -45,17 +45,27 @@ def _run_pretrain(rank, world_size, argv):
     from megatron.training.flops import bert_floating_point_operations
     from megatron.training.training import pretrain
 
+    recorded = []
+    original = pretrain_bert.loss_func
+
+    def recording_loss_func(*args):
+        loss, report = original(*args)
+        recorded.append(float(loss.detach()).hex())
+        return loss, report
+
+    pretrain_bert.loss_func = recording_loss_func
     sys.argv = ["pretrain_bert.py"] + list(argv)
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         pretrain(pretrain_bert.train_valid_test_datasets_provider, pretrain_bert.model_provider,
                  ModelType.encoder_or_decoder, pretrain_bert.forward_step,
                  num_floating_point_operations_func=bert_floating_point_operations)
-    return out.getvalue()
+    return out.getvalue(), recorded
 
 
-def run_bert(world_size: int, argv: List[str]) -> str:
-    """The log printed by the last rank of a BERT run."""
+def run_bert(world_size: int, argv: List[str]) -> Tuple[str, List[str]]:
+    """(the log printed by the last rank of a BERT run, that rank's micro-batch losses as
+    float.hex in order)."""
     return run_on_ranks(_run_pretrain, world_size, args=(argv,), timeout=400)[-1]
 
 

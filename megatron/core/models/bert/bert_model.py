@@ -116,13 +116,29 @@ class BertModel(LanguageModule):
             attn_mask_type=AttnMaskType.padding, vp_stage=vp_stage,
         )
         if post_process:
-            with initialization_stream("bert_heads"):
-                self._build_heads(config, vocab_size)
+            self._build_heads(config, vocab_size)
         self.setup_embeddings_and_output_layer()
 
     def _build_heads(self, config: TransformerConfig, vocab_size: int) -> None:
+        # One initialization stream per head: a head's weights must not depend on whether
+        # the output layer allocates its own (tied) weight, which differs across layouts.
         if self.add_lm_head:
-            self.lm_head = BertLMHead(config.hidden_size, config)
+            with initialization_stream("lm_head"):
+                self.lm_head = BertLMHead(config.hidden_size, config)
+            self._build_output_layer(config, vocab_size)
+        if self.add_pooler:
+            with initialization_stream("pooler"):
+                self.pooler = Pooler(config.hidden_size, config, self.tp_group)
+        if self.add_binary_head:
+            with initialization_stream("binary_head"):
+                self.binary_head = torch.nn.Linear(config.hidden_size, 2, dtype=config.params_dtype)
+                if config.perform_initialization:
+                    with torch.no_grad():
+                        config.init_method(self.binary_head.weight)
+                        self.binary_head.bias.zero_()
+
+    def _build_output_layer(self, config: TransformerConfig, vocab_size: int) -> None:
+        with initialization_stream("output_layer"):
             self.output_layer = tensor_parallel.ColumnParallelLinear(
                 config.hidden_size,
                 vocab_size,
@@ -134,14 +150,6 @@ class BertModel(LanguageModule):
                 skip_weight_param_allocation=self.pre_process and self.share_embeddings_and_output_weights,
                 tp_group=self.tp_group,
             )
-        if self.add_pooler:
-            self.pooler = Pooler(config.hidden_size, config, self.tp_group)
-        if self.add_binary_head:
-            self.binary_head = torch.nn.Linear(config.hidden_size, 2, dtype=config.params_dtype)
-            if config.perform_initialization:
-                with torch.no_grad():
-                    config.init_method(self.binary_head.weight)
-                    self.binary_head.bias.zero_()
 
     def set_input_tensor(self, input_tensor) -> None:
         """Give the encoder the activation from the previous pipeline stage ([s(/tp), b, h]
