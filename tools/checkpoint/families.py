@@ -22,6 +22,8 @@ class Family:
     hf_to_core: Optional[Callable[[Dict[str, torch.Tensor], dict], Dict[str, torch.Tensor]]]
     # (core state dict, run args, forced HF model type, dtype, vocab) -> (HF state dict, config.json)
     core_to_hf: Optional[Callable[..., Tuple[Dict[str, torch.Tensor], dict]]]
+    # (HF directory, run args): writes the tokenizer files of an export, if the family has any
+    write_tokenizer: Optional[Callable[[str, object], None]] = None
 
 
 def _gpt_hf_flags(hf_config: dict) -> List[str]:
@@ -68,8 +70,16 @@ def _moe_layers(args) -> Tuple[bool, ...]:
 
 GPT = Family("GPT", "pretrain_gpt:model_provider", _gpt_hf_flags, _gpt_hf_to_core, _gpt_core_to_hf)
 
-FAMILIES: Dict[str, Family] = {"GPT": GPT}
-PLANNED = ("BERT", "T5", "Mamba", "Retro")
+
+def _bert() -> Family:
+    from bert_family import bert_core_to_hf, bert_hf_flags, bert_hf_to_core, write_bert_tokenizer
+
+    return Family("BERT", "pretrain_bert:model_provider", bert_hf_flags, bert_hf_to_core, bert_core_to_hf,
+                  write_bert_tokenizer)
+
+
+FAMILIES: Dict[str, Family] = {"GPT": GPT, "BERT": _bert()}
+PLANNED = ("T5", "Mamba", "Retro")
 
 
 def family(model_type: str) -> Family:
