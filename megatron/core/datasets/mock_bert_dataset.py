@@ -1,9 +1,10 @@
 """--mock-data for BERT: a synthetic sentence-level corpus run through the real BERT dataset.
 
-``MockBERTLowLevelDataset`` has 10,000 documents of 2-8 sentences of 4-47 tokens (a fixed
+``MockBERTLowLevelDataset`` has 10,000 documents of 8-48 sentences of 4-47 tokens (a fixed
 ``numpy.random.default_rng(0)`` draws the shape); sentence i holds ids drawn by
 ``default_rng(i)`` from the tokenizer's ordinary vocabulary (no bracketed special tokens,
-no ``##`` continuations), so samples are reproducible and cheap to make.
+no ``##`` continuations), so samples are reproducible and cheap to make. Documents of ~700
+tokens on average fill samples of --seq-length 512 as real text does.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ class MockBERTLowLevelDataset:
 
     def __init__(self, tokenizer):
         rng = numpy.random.default_rng(seed=0)
-        sentences_per_document = rng.integers(2, 9, size=_NUM_DOCUMENTS)
+        sentences_per_document = rng.integers(8, 49, size=_NUM_DOCUMENTS)
         self.document_indices = numpy.concatenate(([0], numpy.cumsum(sentences_per_document))).astype(numpy.int64)
         self.sequence_lengths = rng.integers(4, 48, size=int(self.document_indices[-1])).astype(numpy.int32)
         words = [i for i, token in sorted(tokenizer.inv_vocab.items())
