@@ -16,6 +16,7 @@ implements it here (the C++ standard's engine; tested against its required 10000
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import numpy
@@ -100,7 +101,8 @@ def _short_sequence_ratio(probability: float) -> int:
         # as the unsigned modulus: a draw is still made for every sample, and it is
         # practically never short.
         return 2**31
-    return int(round(1.0 / probability))
+    # C's round() takes halves away from zero (Python's round() would take them to even).
+    return int(math.floor(1.0 / probability + 0.5))
 
 
 def _target_length(ratio: int, max_length: int, draws: _MT19937Stream) -> int:
