@@ -36,6 +36,7 @@ def model_provider(pre_process: bool = True, post_process: bool = True, vp_stage
     Token types: 2 with the binary head (Megatron's rule) and always with the post-LayerNorm
     (Hugging Face) layout, whose checkpoints always carry them."""
     args = get_args()
+    _check_pipeline_layout(args)
     config = core_transformer_config_from_args(args)
     num_tokentypes = 2 if args.bert_binary_head or args.transformer_block_type == "post_ln" else 0
     print_rank_0("building BERT model ...")
@@ -53,6 +54,19 @@ def model_provider(pre_process: bool = True, post_process: bool = True, vp_stage
         add_binary_head=args.bert_binary_head,
         vp_stage=vp_stage,
     )
+
+
+def _check_pipeline_layout(args) -> None:
+    # Every stage's attention needs the padding mask, but the data iterators feed only the
+    # first and last pipeline stages (and one iterator per rank): a middle stage or a
+    # middle virtual chunk would have no mask.
+    if args.pipeline_model_parallel_size > 2 or args.virtual_pipeline_model_parallel_size:
+        raise ValueError(
+            f"pretrain_bert.py supports --pipeline-model-parallel-size 1 or 2 without virtual stages, got "
+            f"{args.pipeline_model_parallel_size} (virtual: {args.virtual_pipeline_model_parallel_size}): BERT's "
+            "padding mask is needed on every stage and only the first and last stages read data; use at most 2 "
+            "pipeline stages and no --num-layers-per-virtual-pipeline-stage / --num-virtual-stages-per-pipeline-rank"
+        )
 
 
 _KEYS = ["text", "types", "labels", "is_random", "loss_mask", "padding_mask"]
