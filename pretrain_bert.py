@@ -23,7 +23,6 @@ from megatron.core.models.bert import BertModel
 from megatron.core.transformer.enums import ModelType
 from megatron.training import get_args, get_tokenizer, pretrain, print_rank_0
 from megatron.training.config_from_args import core_transformer_config_from_args
-from megatron.training.data_iterators import is_dataset_built_on_rank as _built_on
 from megatron.training.datasets.blend_args import get_blend_and_blend_per_split
 from megatron.training.derived_args import DEFAULT_SPLIT
 from megatron.training.flops import bert_floating_point_operations
@@ -57,26 +56,22 @@ def model_provider(pre_process: bool = True, post_process: bool = True, vp_stage
 
 
 def _check_pipeline_layout(args) -> None:
-    # Every stage's attention needs the padding mask, but the data iterators feed only the
-    # first and last pipeline stages (and one iterator per rank): a middle stage or a
-    # middle virtual chunk would have no mask.
-    if args.pipeline_model_parallel_size > 2 or args.virtual_pipeline_model_parallel_size:
+    # Every stage's attention needs the padding mask, so every stage reads the micro-batch;
+    # the interleaved schedule gives a rank one data iterator, which its chunks cannot share.
+    if args.virtual_pipeline_model_parallel_size:
         raise ValueError(
-            f"pretrain_bert.py supports --pipeline-model-parallel-size 1 or 2 without virtual stages, got "
-            f"{args.pipeline_model_parallel_size} (virtual: {args.virtual_pipeline_model_parallel_size}): BERT's "
-            "padding mask is needed on every stage and only the first and last stages read data; use at most 2 "
-            "pipeline stages and no --num-layers-per-virtual-pipeline-stage / --num-virtual-stages-per-pipeline-rank"
+            f"pretrain_bert.py does not support virtual pipeline stages (got {args.virtual_pipeline_model_parallel_size}):"
+            " every BERT chunk needs the padding mask and a rank has one data iterator; drop "
+            "--num-layers-per-virtual-pipeline-stage / --num-virtual-stages-per-pipeline-rank"
         )
 
 
 _KEYS = ["text", "types", "labels", "is_random", "loss_mask", "padding_mask"]
 
 
-def get_batch(data_iterator, needs_data: bool = True):
+def get_batch(data_iterator):
     """This rank's micro-batch, read on tensor-parallel rank 0 and broadcast to the others:
-    (tokens, types, sentence_order, loss_mask, lm_labels, padding_mask), or Nones."""
-    if not needs_data:
-        return (None,) * 6
+    (tokens, types, sentence_order, loss_mask, lm_labels, padding_mask)."""
     pg = parallel_state.get_process_groups()
     args = get_args()
     data = next(data_iterator) if data_iterator is not None else None
@@ -104,9 +99,8 @@ def loss_func(loss_mask: torch.Tensor, sentence_order: torch.Tensor, output_tens
 def forward_step(data_iterator, model):
     """One micro-batch forward: (lm losses, sop logits) and the function that reduces them."""
     args = get_args()
-    core = model.module if hasattr(model, "module") else model
-    needs_data = getattr(core, "pre_process", True) or getattr(core, "post_process", True)
-    tokens, types, sentence_order, loss_mask, lm_labels, padding_mask = get_batch(data_iterator, needs_data)
+    # Every stage reads the micro-batch: its attention needs the padding mask.
+    tokens, types, sentence_order, loss_mask, lm_labels, padding_mask = get_batch(data_iterator)
     if not (args.bert_binary_head or args.transformer_block_type == "post_ln"):
         types = None
     output_tensor = model(tokens, padding_mask, tokentype_ids=types, lm_labels=lm_labels)
@@ -114,8 +108,9 @@ def forward_step(data_iterator, model):
 
 
 def is_dataset_built_on_rank() -> bool:
-    """Data is read on tensor-parallel rank 0 of the first and last pipeline stages."""
-    return _built_on(parallel_state.get_process_groups())
+    """Data is read on tensor-parallel rank 0 of every pipeline stage: each stage's
+    attention needs the padding mask (as in Megatron's pretrain_bert)."""
+    return parallel_state.get_process_groups().rank("tp") == 0
 
 
 def bert_dataset_config_from_args(args) -> BERTMaskedWordPieceDatasetConfig:

@@ -28,12 +28,11 @@ def test_loss_is_masked_lm_mean_plus_sentence_order_loss():
     torch.testing.assert_close(loss, lm)
 
 
-@pytest.mark.parametrize("pp, vpp", [(4, None), (2, 2)])
-def test_pipeline_layouts_without_data_on_every_stage_are_refused(pp, vpp):
-    args = Namespace(pipeline_model_parallel_size=pp, virtual_pipeline_model_parallel_size=vpp)
-    with pytest.raises(ValueError, match="--pipeline-model-parallel-size"):
-        pretrain_bert._check_pipeline_layout(args)
-    pretrain_bert._check_pipeline_layout(Namespace(pipeline_model_parallel_size=2,
+def test_virtual_pipeline_stages_are_refused():
+    with pytest.raises(ValueError, match="--num-virtual-stages-per-pipeline-rank"):
+        pretrain_bert._check_pipeline_layout(Namespace(pipeline_model_parallel_size=2,
+                                                       virtual_pipeline_model_parallel_size=2))
+    pretrain_bert._check_pipeline_layout(Namespace(pipeline_model_parallel_size=4,
                                                    virtual_pipeline_model_parallel_size=None))
 
 
