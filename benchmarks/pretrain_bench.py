@@ -5,6 +5,7 @@
     python benchmarks/pretrain_bench.py --configs llama3-8b --nproc 8 --tp 2 --distributed-optimizer --overlap
     python benchmarks/pretrain_bench.py --configs tiny --cpu          # whole driver on CPU, seconds
     python benchmarks/pretrain_bench.py --configs gpt-350m --profile  # + where the GPU time goes
+    python benchmarks/pretrain_bench.py --configs bert-large          # pretrain_bert.py; not in "all"
 
 For each configuration this launches ``pretrain_gpt.py`` (plain ``python`` for one process,
 ``torchrun`` for more) on mock data, reads Megatron's iteration log lines, drops the first
@@ -59,6 +60,7 @@ class BenchConfig:
     nproc: int = 1  # processes the default layout needs; "all" runs the one-process ones
     recompute: str = "none"
     note: str = ""
+    family: str = "gpt"  # "bert": pretrain_bert.py with a generated WordPiece vocabulary
 
 
 CONFIGS: Dict[str, BenchConfig] = {
@@ -82,11 +84,27 @@ CONFIGS: Dict[str, BenchConfig] = {
                   "--rotary-base", "500000"],
         vocab_size=128256, seq=8192, mbs=1, gbs=64, nproc=8, recompute="selective",
         note="needs 8 GPUs: pass --distributed-optimizer and a --tp that fits"),
+    "bert-large": BenchConfig(
+        ["--num-layers", "24", "--hidden-size", "1024", "--num-attention-heads", "16"],
+        vocab_size=30522, seq=512, mbs=16, gbs=64, family="bert",
+        note="BERT-large, binary head, padding-mask attention"),
     "tiny": BenchConfig(
         ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4"],
         vocab_size=512, seq=128, mbs=2, gbs=4, note="CPU smoke test of the driver"),
 }
-SINGLE_GPU_CONFIGS = [name for name, c in CONFIGS.items() if c.nproc == 1 and name != "tiny"]
+SINGLE_GPU_CONFIGS = [name for name, c in CONFIGS.items() if c.nproc == 1 and name != "tiny" and c.family == "gpt"]
+_SCRIPTS = {"gpt": "pretrain_gpt.py", "bert": "pretrain_bert.py"}
+
+
+def _tokenizer_flags(cfg: BenchConfig) -> List[str]:
+    if cfg.family != "bert":
+        return ["--tokenizer-type", "NullTokenizer", "--vocab-size", str(cfg.vocab_size)]
+    # BERT's mock data needs [CLS]/[SEP]/[MASK]/[PAD]: a WordPiece vocabulary of the same size.
+    path = Path(tempfile.gettempdir()) / f"bench_wordpiece_{cfg.vocab_size}.txt"
+    if not path.exists():
+        specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+        path.write_text("\n".join(specials + [f"w{i}" for i in range(cfg.vocab_size - len(specials))]) + "\n")
+    return ["--tokenizer-type", "BertWordPieceLowerCase", "--vocab-file", str(path)]
 
 # ---------------------------------------------------------------------------------------------
 # Command line of one run
@@ -139,7 +157,7 @@ def pretrain_flags(cfg: BenchConfig, layout: Layout, seq: int, mbs: int, gbs: in
         "--seq-length", str(seq), "--max-position-embeddings", str(seq),
         "--micro-batch-size", str(mbs), "--global-batch-size", str(gbs),
         "--train-iters", str(iters), "--lr", "3e-4", "--lr-warmup-iters", "0",
-        "--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", str(cfg.vocab_size),
+        "--mock-data", *_tokenizer_flags(cfg),
         "--hidden-dropout", "0", "--attention-dropout", "0",
         "--log-interval", str(log_interval), "--log-throughput", "--eval-iters", "0",
     ]
@@ -155,26 +173,27 @@ def profile_flags(steps: Sequence[int], trace_dir: Path) -> List[str]:
             "--profile-step-end", str(last), "--tensorboard-dir", str(trace_dir)]
 
 
-def launch_command(nproc: int, flags: Sequence[str]) -> List[str]:
-    script = str(REPO / "pretrain_gpt.py")
+def launch_command(nproc: int, flags: Sequence[str], family: str = "gpt") -> List[str]:
+    script = str(REPO / _SCRIPTS[family])
     if nproc == 1:
         return [sys.executable, script, *flags]
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
             script, *flags]
 
 
-def run_shape(flags: Sequence[str], world_size: int):
+def run_shape(flags: Sequence[str], world_size: int, family: str = "gpt"):
     """(FLOPs of one iteration, sequence length, global batch size) of the run these flags
     describe, by the project's own argument parsing: the FLOPs are what the log line divides
     by time, and --extra may have changed the shape."""
     sys.path.insert(0, str(REPO))
     from megatron.training.arguments import parse_and_validate
-    from megatron.training.flops import num_floating_point_operations
+    from megatron.training.flops import bert_floating_point_operations, num_floating_point_operations
     from megatron.training.tokenizer import build_tokenizer, vocab_size_with_padding
 
     args = parse_and_validate(list(flags), world_size=world_size, rank=0)
     args.padded_vocab_size = vocab_size_with_padding(build_tokenizer(args).vocab_size, args)
-    return num_floating_point_operations(args, args.global_batch_size), args.seq_length, args.global_batch_size
+    count = bert_floating_point_operations if family == "bert" else num_floating_point_operations
+    return count(args, args.global_batch_size), args.seq_length, args.global_batch_size
 
 
 # ---------------------------------------------------------------------------------------------
@@ -358,8 +377,8 @@ def run_one(name: str, opts) -> Row:
         if opts.profile_steps:  # before --extra, so raw flags still win
             extra = profile_flags(opts.profile_steps, Path(opts.log_dir) / f"profile_{name}") + extra
         flags = pretrain_flags(cfg, layout, seq, mbs, gbs, opts.iters, opts.log_interval, opts.cpu, extra)
-        flops, seq, gbs = run_shape(flags, nproc)
-        cmd = launch_command(nproc, flags)
+        flops, seq, gbs = run_shape(flags, nproc, cfg.family)
+        cmd = launch_command(nproc, flags, cfg.family)
         row = Row(name, describe_layout(layout), seq, mbs, gbs, nproc, log_file=str(log_path), command=cmd)
     except ValueError as err:
         print(f"== {name}: skipped: {err}", file=sys.stderr, flush=True)

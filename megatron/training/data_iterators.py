@@ -61,7 +61,10 @@ def build_train_valid_test_data_iterators(datasets_provider: Callable, pg: Proce
     # Every rank calls the provider: the dataset builder synchronizes ranks (rank 0 writes
     # the index caches first) and returns None where is_dataset_built_on_rank is False.
     datasets = datasets_provider(num_samples)
-    if is_dataset_built_on_rank(pg):
+    # A loader wherever the provider built datasets on a tensor-parallel rank 0: the first
+    # and last stages for GPT, every stage for families whose middle stages need data too
+    # (BERT's padding mask).
+    if pg.rank("tp") == 0 and any(ds is not None for ds in datasets):
         consumed = [args.consumed_train_samples, args.consumed_valid_samples, 0]
         for i, (ds, start) in enumerate(zip(datasets, consumed)):
             if ds is None or len(ds) == 0:

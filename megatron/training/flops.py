@@ -1,4 +1,4 @@
-"""Model FLOPs per iteration, by Megatron-LM's current formula (dense GPT)."""
+"""Model FLOPs per iteration: Megatron-LM's current formula (dense GPT), and BERT's."""
 
 from __future__ import annotations
 
@@ -43,3 +43,25 @@ def _mlp_width_times_layers(args, num_layers: int, ffn: int) -> float:
     moe_ffn = args.moe_ffn_hidden_size or ffn
     shared = args.moe_shared_expert_intermediate_size or 0
     return float((num_layers - num_moe) * ffn + num_moe * (moe_ffn * args.moe_router_topk + shared))
+
+
+def bert_floating_point_operations(args, batch_size: int) -> float:
+    """FLOPs of one BERT training iteration over ``batch_size`` sequences of args.seq_length.
+
+    The GPT terms with the attention core counted in full (bidirectional: no causal
+    halving), plus the LM head's dense layer over every token and, with the binary head,
+    the pooler and binary head once per sequence. Forward + backward (3x), multiply-add (2x).
+    """
+    s, L, h = args.seq_length, args.num_layers, args.hidden_size
+    q = args.kv_channels * args.num_attention_heads
+    g = args.num_query_groups if getattr(args, "group_query_attention", False) else args.num_attention_heads
+    gated = 1.5 if getattr(args, "swiglu", False) else 1.0
+    per_token = (
+        12 * h * gated * _mlp_width_times_layers(args, L, args.ffn_hidden_size)
+        + 12 * L * h * q * (1 + g / args.num_attention_heads)
+        + 12 * L * q * s
+        + 6 * h * h
+        + 6 * h * args.padded_vocab_size
+    )
+    per_sequence = 6 * (h * h + 2 * h) if args.bert_binary_head else 0
+    return float(batch_size) * (s * per_token + per_sequence)

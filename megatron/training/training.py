@@ -50,12 +50,15 @@ class StepResult:
 
 def pretrain(train_valid_test_dataset_provider: Callable, model_provider: Callable, model_type,
              forward_step_func: Callable, process_non_loss_data_func=None, extra_args_provider=None,
-             args_defaults=None, ignore_unknown_args: bool = False, **unused) -> None:
+             args_defaults=None, ignore_unknown_args: bool = False,
+             num_floating_point_operations_func: Optional[Callable] = None, **unused) -> None:
     """Megatron's entry point: initialize, build, train, evaluate.
 
     ``model_provider(pre_process, post_process)`` builds this stage's model;
     ``forward_step_func(data_iterator, model)`` returns ``(output, loss_func)``;
     ``train_valid_test_dataset_provider(num_samples)`` returns three datasets.
+    ``num_floating_point_operations_func(args, batch_size)`` is the model family's FLOP count
+    per iteration (default: the dense GPT formula), for the throughput log and the total.
     """
     start = time.time()
     parsed = parse_args(extra_args_provider, ignore_unknown_args)
@@ -86,7 +89,8 @@ def pretrain(train_valid_test_dataset_provider: Callable, model_provider: Callab
             print_rank_0("> skipping training (--skip-train): evaluation only")
         elif args.do_train and (args.train_iters or args.train_samples):
             iteration, stopped_early = train(forward_step_func, model, optimizer, scheduler, train_it, valid_it,
-                                             pg, writers, exit_conditions, progress)
+                                             pg, writers, exit_conditions, progress,
+                                             flops_func=num_floating_point_operations_func)
         if (args.save and not args.skip_train and iteration != 0
                 and getattr(args, "last_saved_iteration", None) != iteration):
             save_checkpoint(iteration, model, optimizer, scheduler, args.num_floating_point_operations_so_far,
@@ -172,7 +176,8 @@ def _learning_rate(optimizer) -> Optional[float]:
 
 
 def train(forward_step_func, model, optimizer, scheduler, train_it, valid_it, pg: ProcessGroups, writers,
-          exit_conditions: ExitConditions = None, progress: Optional[ProgressLog] = None):
+          exit_conditions: ExitConditions = None, progress: Optional[ProgressLog] = None,
+          flops_func: Optional[Callable] = None):
     """Iterate until --train-iters / --train-samples, saving every --save-interval;
     returns (last iteration, whether an exit condition stopped the run early)."""
     args = get_args()
@@ -181,7 +186,8 @@ def train(forward_step_func, model, optimizer, scheduler, train_it, valid_it, pg
         chunk.train()
     iteration = getattr(args, "iteration", 0)
     args.last_saved_iteration = getattr(args, "last_saved_iteration", None)
-    logger = TrainingLogger(args, writers, world_size=args.world_size, timers=timers)
+    flops_func = flops_func or num_floating_point_operations
+    logger = TrainingLogger(args, writers, world_size=args.world_size, timers=timers, flops_func=flops_func)
     first_of_run = True
     profiler = StepProfiler(args, dist.get_rank() if dist.is_initialized() else 0)
     manual_gc = ManualGC(args)
@@ -215,7 +221,7 @@ def train(forward_step_func, model, optimizer, scheduler, train_it, valid_it, pg
                 evaluate_and_print_results(f"iteration {iteration}", forward_step_func, valid_it, model, pg,
                                            iteration, writers)
                 manual_gc.at_evaluation()
-            args.num_floating_point_operations_so_far += num_floating_point_operations(
+            args.num_floating_point_operations_so_far += flops_func(
                 args, get_current_global_batch_size())
             if args.save and args.save_interval and iteration % args.save_interval == 0:
                 _save(iteration, model, optimizer, scheduler, pg, progress)

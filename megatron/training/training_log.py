@@ -79,8 +79,9 @@ class IntervalTotals:
 class TrainingLogger:
     """Prints the iteration line every --log-interval iterations (and for the first one)."""
 
-    def __init__(self, args, writers=None, world_size: int = 1, timers=None):
+    def __init__(self, args, writers=None, world_size: int = 1, timers=None, flops_func=None):
         self.args = args
+        self.flops_func = flops_func or num_floating_point_operations
         self.writers = writers
         self.world_size = world_size
         self.timers = timers
@@ -157,7 +158,7 @@ class TrainingLogger:
         return global_batch_size * self.args.seq_length / max(ms_per_iter / 1000.0, 1e-9)
 
     def tflops(self, global_batch_size: int, ms_per_iter: float) -> float:
-        flops = num_floating_point_operations(self.args, global_batch_size)
+        flops = self.flops_func(self.args, global_batch_size)
         return flops / (ms_per_iter / 1000.0 * 1e12 * self.world_size)
 
     def _write_scalars(self, iteration: int, stats: IterationStats, consumed_samples: int,

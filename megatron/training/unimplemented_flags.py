@@ -107,6 +107,7 @@ WITHOUT_EFFECT: Dict[str, Tuple[str, str]] = {
 OTHER_MODEL_FAMILIES: Dict[str, str] = {
     "mask_prob": "BERT/T5 masking", "short_seq_prob": "BERT/T5 sample lengths",
     "decoder_num_layers": "T5 decoder depth",
+    "bert_load": "ICT/REALM initialization from a BERT checkpoint",
 }
 
 # Values that mean what this framework does anyway.

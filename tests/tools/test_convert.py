@@ -159,6 +159,6 @@ def test_bad_inputs_give_clear_errors(tmp_path, capsys):
     with pytest.raises(ConversionError, match="config.json"):
         _convert("--loader", "hf", "--load-dir", str(tmp_path / "empty"), "--save-dir", str(tmp_path / "z"))
     with pytest.raises(ConversionError, match="not supported yet"):
-        convert.main(["--model-type", "BERT", "--load-dir", str(tmp_path), "--save-dir", str(tmp_path / "w")])
+        convert.main(["--model-type", "T5", "--load-dir", str(tmp_path), "--save-dir", str(tmp_path / "w")])
     with pytest.raises(ConversionError, match="latest_checkpointed_iteration"):
         _convert("--load-dir", str(tmp_path / "empty"), "--save-dir", str(tmp_path / "v"))

@@ -40,7 +40,8 @@ def _base_parser(add_help: bool) -> argparse.ArgumentParser:
         description="Convert checkpoints between parallel layouts, formats and Hugging Face. Only the model "
                     "weights, the iteration and the run arguments are kept; optimizer and RNG states are dropped.",
         add_help=add_help, allow_abbrev=False)
-    parser.add_argument("--model-type", required=True, help="Model family: GPT or Mamba (hybrid models; BERT, T5: not supported yet).")
+    parser.add_argument("--model-type", required=True,
+                        help="Model family: GPT, BERT or Mamba (hybrid models; T5: not supported yet).")
     parser.add_argument("--loader", default="core", help="Source kind: core (alias mcore, megatron) or hf.")
     parser.add_argument("--saver", default="core", help="Target kind: core (alias mcore, megatron) or hf.")
     parser.add_argument("--load-dir", required=True, help="Checkpoint root (--save of a run) or Hugging Face directory.")

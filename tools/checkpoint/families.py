@@ -22,6 +22,8 @@ class Family:
     hf_to_core: Optional[Callable[[Dict[str, torch.Tensor], dict], Dict[str, torch.Tensor]]]
     # (core state dict, run args, forced HF model type, dtype, vocab) -> (HF state dict, config.json)
     core_to_hf: Optional[Callable[..., Tuple[Dict[str, torch.Tensor], dict]]]
+    # (HF directory, run args): writes the tokenizer files of an export, if the family has any
+    write_tokenizer: Optional[Callable[[str, object], None]] = None
 
 
 def _gpt_hf_flags(hf_config: dict) -> List[str]:
@@ -75,8 +77,15 @@ def _mamba() -> Family:
     return Family("Mamba", "pretrain_hybrid:model_provider", mamba_hf_flags, mamba_hf_to_core, mamba_core_to_hf)
 
 
-FAMILIES: Dict[str, Family] = {"GPT": GPT, "Mamba": _mamba()}
-PLANNED = ("BERT", "T5", "Retro")
+def _bert() -> Family:
+    from bert_family import bert_core_to_hf, bert_hf_flags, bert_hf_to_core, write_bert_tokenizer
+
+    return Family("BERT", "pretrain_bert:model_provider", bert_hf_flags, bert_hf_to_core, bert_core_to_hf,
+                  write_bert_tokenizer)
+
+
+FAMILIES: Dict[str, Family] = {"GPT": GPT, "BERT": _bert(), "Mamba": _mamba()}
+PLANNED = ("T5", "Retro")
 
 
 def family(model_type: str) -> Family:

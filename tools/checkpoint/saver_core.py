@@ -87,7 +87,7 @@ def _import_hf(source: HFSource, args, workdir: str, target: tuple) -> None:
     # Pad the vocabulary once, here, to a multiple of the target TP: the rows then split evenly.
     padded = math.ceil(vocab / tp) * tp
     state_dict = source.family.hf_to_core(read_weights(source.hf_dir), source.config)
-    for key in ("embedding.word_embeddings.weight", "output_layer.weight"):
+    for key in ("embedding.word_embeddings.weight", "output_layer.weight", "output_layer.bias"):
         if key in state_dict:
             state_dict[key] = _pad_rows(state_dict[key], padded)
     state_path = os.path.join(workdir, "imported_state.pt")

@@ -14,6 +14,7 @@ import os
 import torch
 
 from core_checkpoint import worker_args
+from bert_family import ARCHITECTURES as BERT_ARCHITECTURES
 from hf_config import HF_MODEL_TYPES
 from hf_files import write_model
 from reshard import TORCH, layout_free
@@ -28,7 +29,7 @@ def add_arguments(parser) -> None:
     group.add_argument("--hf-dtype", choices=tuple(DTYPES), default=None,
                        help="dtype of the exported weights (default: bfloat16 for a --bf16 run, float16 for "
                             "--fp16, else float32).")
-    group.add_argument("--hf-model-type", choices=HF_MODEL_TYPES, default=None,
+    group.add_argument("--hf-model-type", choices=HF_MODEL_TYPES + BERT_ARCHITECTURES, default=None,
                        help="Force the Hugging Face family instead of deriving it from the saved run's flags.")
 
 
@@ -41,7 +42,7 @@ def _dtype(args, saved_args) -> torch.dtype:
 
 
 def _trim_vocab(state_dict: dict, vocab: int) -> None:
-    for key in ("embedding.word_embeddings.weight", "output_layer.weight"):
+    for key in ("embedding.word_embeddings.weight", "output_layer.weight", "output_layer.bias"):
         if key in state_dict:
             if state_dict[key].size(0) < vocab:
                 raise ConversionError(f"--true-vocab-size {vocab} exceeds the checkpoint's "
@@ -71,4 +72,6 @@ def save_checkpoint(source, args, workdir: str) -> str:
     dtype = _dtype(args, checkpoint.args)
     weights, config = model_family.core_to_hf(result["model"], checkpoint.args, args.hf_model_type, dtype, vocab)
     write_model(args.save_dir, config, weights)
+    if model_family.write_tokenizer is not None:
+        model_family.write_tokenizer(args.save_dir, checkpoint.args)
     return f"{args.save_dir} (Hugging Face {config['model_type']}, {config['torch_dtype']}, vocabulary {vocab})"

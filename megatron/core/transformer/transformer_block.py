@@ -44,9 +44,11 @@ class TransformerBlock(torch.nn.Module):
     inference_context=None (a KV cache during generation)) -> [s(/tp), b, h]. When not
     ``pre_process`` the input comes from ``set_input_tensor`` (the activation received
     from the previous pipeline stage) and ``hidden_states`` is ignored. ``final_layernorm``
-    exists when ``post_process`` and ``post_layer_norm``. ``spec`` is accepted for
-    Megatron-Core signature compatibility and ignored: the layers are always the local
-    (pure PyTorch) ones. ``num_layers`` None: all layers with
+    exists when ``post_process`` and ``post_layer_norm`` (pre-norm stacks only); a post-norm
+    stack (``transformer_block_type='post_ln'``) instead normalizes its input on the first
+    stage (``initial_layernorm``). ``spec`` is accepted for Megatron-Core signature
+    compatibility and ignored: the layers are always the local (pure PyTorch) ones.
+    ``num_layers`` None: all layers with
     one pipeline stage, else this stage's (chunk ``vp_stage``'s) share as
     ``pipeline_parallel.layer_split`` assigns it (``layer_offset`` is then ignored).
     """
@@ -84,7 +86,11 @@ class TransformerBlock(torch.nn.Module):
         self.layers = torch.nn.ModuleList(
             self._build_layer(config, layer_offset + i + 1, groups, attn_mask_type) for i in range(num_layers)
         )
-        self.final_layernorm = build_norm(config, config.hidden_size) if post_process and post_layer_norm else None
+        post_ln = config.transformer_block_type == "post_ln"
+        self.initial_layernorm = build_norm(config, config.hidden_size) if post_ln and pre_process else None
+        self.final_layernorm = (
+            build_norm(config, config.hidden_size) if post_process and post_layer_norm and not post_ln else None
+        )
         self.input_tensor: Optional[torch.Tensor] = None
 
     @staticmethod
@@ -144,6 +150,8 @@ class TransformerBlock(torch.nn.Module):
                 "TransformerBlock got no input: pass hidden_states on the first pipeline stage, "
                 "or call set_input_tensor(...) on later stages"
             )
+        if self.initial_layernorm is not None:
+            hidden_states = self.initial_layernorm(hidden_states)
         full_recompute = (
             self.config.recompute_granularity == "full" and self.training and torch.is_grad_enabled()
         )

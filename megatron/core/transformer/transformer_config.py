@@ -65,6 +65,13 @@ class TransformerConfig(ModelParallelConfig):
     apply_residual_connection_post_layernorm: bool = False
     """Take the residual after the norm instead of before it."""
 
+    transformer_block_type: str = "pre_ln"
+    """Where each layer's norms sit (NeMo's name): ``pre_ln`` (Megatron's, the default)
+    normalizes the input of attention and MLP and ends the stack with a final norm;
+    ``post_ln`` (the original BERT, Hugging Face's ``BertModel``) normalizes the embeddings
+    (``initial_layernorm``) and each sub-layer's output after its residual add
+    (``post_att_layernorm``, ``post_mlp_layernorm``), with no final norm."""
+
     layernorm_epsilon: float = 1e-5
     """Epsilon of the norms (--norm-epsilon)."""
 
@@ -299,6 +306,10 @@ class TransformerConfig(ModelParallelConfig):
             )
         if self.normalization not in ("LayerNorm", "RMSNorm"):
             raise ValueError(f"--normalization must be LayerNorm or RMSNorm, got {self.normalization!r}")
+        if self.transformer_block_type not in ("pre_ln", "post_ln"):
+            raise ValueError(
+                f"transformer_block_type must be pre_ln or post_ln, got {self.transformer_block_type!r}"
+            )
         if self.cross_entropy_fusion_impl not in ("native", "te"):
             raise ValueError(
                 f"--cross-entropy-fusion-impl must be native or te, got {self.cross_entropy_fusion_impl!r}"

@@ -1,6 +1,10 @@
 """One pre-norm transformer layer: norm -> self-attention -> bias-dropout-add ->
 norm -> MLP (or MoE layer, per --moe-layer-freq) -> bias-dropout-add.
 
+With ``transformer_block_type='post_ln'`` (the original BERT) the norms move after the
+residual adds instead: self-attention -> bias-dropout-add -> post_att_layernorm -> MLP ->
+bias-dropout-add -> post_mlp_layernorm.
+
 Bias-dropout-add is one fused kernel unless --no-bias-dropout-fusion
 (``fusions.fused_bias_dropout_add``)."""
 
@@ -43,9 +47,15 @@ class TransformerLayer(torch.nn.Module):
         self.layer_number = layer_number
         self.hidden_dropout = config.hidden_dropout if hidden_dropout is None else hidden_dropout
         groups = process_groups.resolve(pg_collection)
-        self.input_layernorm = build_norm(config, config.hidden_size)
+        self.post_ln = config.transformer_block_type == "post_ln"
+        # Post-norm layers hold no pre-norms (identity, no parameters), as NeMo's do.
+        pre_norm = torch.nn.Identity if self.post_ln else (lambda: build_norm(config, config.hidden_size))
+        self.input_layernorm = pre_norm()
         self.self_attention = SelfAttention(config, layer_number, attn_mask_type, pg_collection=groups)
-        self.pre_mlp_layernorm = build_norm(config, config.hidden_size)
+        self.pre_mlp_layernorm = pre_norm()
+        if self.post_ln:
+            self.post_att_layernorm = build_norm(config, config.hidden_size)
+            self.post_mlp_layernorm = build_norm(config, config.hidden_size)
         if is_moe_layer(config, layer_number):
             self.mlp = MoELayer(config, layer_number, pg_collection=groups)
         else:
@@ -66,8 +76,12 @@ class TransformerLayer(torch.nn.Module):
             normed, attention_mask=attention_mask, rotary_pos_emb=rotary_pos_emb, inference_context=inference_context
         )
         hidden_states = bias_dropout_add_fn(attention_out, residual, self.hidden_dropout)
+        if self.post_ln:
+            hidden_states = self.post_att_layernorm(hidden_states)
 
         normed = self.pre_mlp_layernorm(hidden_states)
         residual = normed if post_ln_residual else hidden_states
         hidden_states = bias_dropout_add_fn(self.mlp(normed), residual, self.hidden_dropout)
+        if self.post_ln:
+            hidden_states = self.post_mlp_layernorm(hidden_states)
         return hidden_states, None

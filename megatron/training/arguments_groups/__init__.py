@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from megatron.training.arguments_groups.bert import add_bert_args
 from megatron.training.arguments_groups.checkpointing import add_checkpointing_args
 from megatron.training.arguments_groups.config_help import fill_help_from_config
 from megatron.training.arguments_groups.data import add_data_args, add_tokenizer_args, add_validation_args
@@ -38,6 +39,7 @@ GROUP_ADDERS = (
     add_rerun_args,
     add_dry_run_args,
     add_hybrid_args,
+    add_bert_args,
 )
 
 

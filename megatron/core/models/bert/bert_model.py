@@ -1,0 +1,204 @@
+"""BertModel: embedding (with token types) -> bidirectional TransformerBlock -> LM head
+(dense + GeLU + norm, output layer tied to the word embeddings with its own bias) and,
+optionally, a pooler over [CLS] feeding the binary (NSP / sentence-order) head.
+
+Parameter names follow Megatron-Core's local BERT spec (``encoder.*``, ``lm_head.dense``,
+``lm_head.layer_norm``, ``pooler.dense``, ``binary_head``), so checkpoints map one to one;
+the post-norm variant (``transformer_block_type='post_ln'``) uses NeMo's names
+(``encoder.initial_layernorm``, ``post_att_layernorm``, ``post_mlp_layernorm``).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from megatron.core import process_groups, tensor_parallel
+from megatron.core.models.bert.bert_lm_head import BertLMHead
+from megatron.core.models.bert.pooler import Pooler
+from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding
+from megatron.core.models.common.language_module.language_module import LanguageModule
+from megatron.core.pipeline_parallel.init_rng import initialization_stream
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.transformer_block import TransformerBlock
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+
+def bert_padding_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """[b, s] with 1 for real tokens, 0 for padding -> bool [b, 1, 1, s], True = masked key.
+
+    Only keys are masked: every query, padded or not, attends to the real tokens. Real
+    tokens see exactly what Megatron's [b, 1, s, s] mask shows them; padded positions get
+    a finite output (instead of a softmax over nothing) that the loss mask ignores.
+    """
+    if attention_mask.dim() != 2:
+        raise ValueError(f"BertModel takes a [b, s] padding mask (1 = token, 0 = padding), got {tuple(attention_mask.shape)}")
+    return (attention_mask < 0.5).unsqueeze(1).unsqueeze(1)
+
+
+class BertModel(LanguageModule):
+    """Encoder-only masked language model (one pipeline stage of it when pre/post_process
+    are not both set).
+
+    forward(input_ids [b, s], attention_mask [b, s] (1 = token, 0 = padding),
+    tokentype_ids [b, s] or None, lm_labels [b, s] or None):
+      - not post_process: the hidden states [s(/tp), b, h] for the next stage;
+      - else (lm, binary_logits): lm is the per-token loss [b, s] (fp32) with lm_labels,
+        else the logits [b, s, V/tp] (full V when parallel_output=False); binary_logits
+        [b, 2], or None without the binary head.
+
+    ``num_tokentypes`` is 2 with the binary head and 0 without it in Megatron's script.
+    ``add_lm_head=False`` / ``add_pooler`` (default: ``add_binary_head``) build the heads of
+    Hugging Face's ``BertModel`` (pooler, no LM head) or ``BertForMaskedLM`` (LM head only).
+    ``return_embeddings`` makes forward return the last hidden states [b, s, h] instead
+    (the post-norm stack's output, or the final norm's).
+    """
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        num_tokentypes: int = 0,
+        transformer_layer_spec=None,
+        vocab_size: int = 0,
+        max_sequence_length: int = 0,
+        pre_process: bool = True,
+        post_process: bool = True,
+        fp16_lm_cross_entropy: bool = False,
+        parallel_output: bool = True,
+        share_embeddings_and_output_weights: bool = True,
+        position_embedding_type: str = "learned_absolute",
+        add_binary_head: bool = True,
+        add_lm_head: bool = True,
+        add_pooler: Optional[bool] = None,
+        return_embeddings: bool = False,
+        pg_collection: Optional[process_groups.ProcessGroups] = None,
+        vp_stage: Optional[int] = None,
+    ):
+        super().__init__(config, pg_collection=pg_collection)
+        if vocab_size <= 0:
+            raise ValueError(f"BertModel needs vocab_size > 0 (the padded vocabulary), got {vocab_size}")
+        if position_embedding_type != "learned_absolute" or max_sequence_length <= 0:
+            raise ValueError(
+                "BertModel uses learned absolute positions: --position-embedding-type must be learned_absolute "
+                f"(got {position_embedding_type!r}) and --max-position-embeddings > 0 (got {max_sequence_length})"
+            )
+        if process_groups.group_size(self.pg_collection.cp) > 1:
+            raise ValueError(
+                "BERT does not support --context-parallel-size > 1 (its padding mask is not split over "
+                "context-parallel ranks): use --context-parallel-size 1"
+            )
+        self.transformer_layer_spec = transformer_layer_spec
+        self.vocab_size = vocab_size
+        self.max_sequence_length = max_sequence_length
+        self.pre_process = pre_process
+        self.post_process = post_process
+        self.fp16_lm_cross_entropy = fp16_lm_cross_entropy
+        self.parallel_output = parallel_output
+        self.share_embeddings_and_output_weights = share_embeddings_and_output_weights and add_lm_head
+        self.position_embedding_type = position_embedding_type
+        self.add_binary_head = add_binary_head
+        self.add_lm_head = add_lm_head
+        self.add_pooler = add_binary_head if add_pooler is None else add_pooler
+        if add_binary_head and not self.add_pooler:
+            raise ValueError("BertModel's binary head reads the pooler: add_binary_head needs add_pooler")
+        self.return_embeddings = return_embeddings
+        self.vp_stage = vp_stage
+        groups = self.pg_collection
+        if pre_process:
+            with initialization_stream("embedding"):
+                self.embedding = LanguageModelEmbedding(
+                    config, vocab_size, max_sequence_length, position_embedding_type,
+                    num_tokentypes=num_tokentypes, pg_collection=groups,
+                )
+        self.encoder = TransformerBlock(
+            config, pre_process=pre_process, post_process=post_process, pg_collection=groups,
+            attn_mask_type=AttnMaskType.padding, vp_stage=vp_stage,
+        )
+        if post_process:
+            self._build_heads(config, vocab_size)
+        self.setup_embeddings_and_output_layer()
+
+    def _build_heads(self, config: TransformerConfig, vocab_size: int) -> None:
+        # One initialization stream per head: a head's weights must not depend on whether
+        # the output layer allocates its own (tied) weight, which differs across layouts.
+        if self.add_lm_head:
+            with initialization_stream("lm_head"):
+                self.lm_head = BertLMHead(config.hidden_size, config)
+            self._build_output_layer(config, vocab_size)
+        if self.add_pooler:
+            with initialization_stream("pooler"):
+                self.pooler = Pooler(config.hidden_size, config, self.tp_group)
+        if self.add_binary_head:
+            with initialization_stream("binary_head"):
+                self.binary_head = torch.nn.Linear(config.hidden_size, 2, dtype=config.params_dtype)
+                if config.perform_initialization:
+                    with torch.no_grad():
+                        config.init_method(self.binary_head.weight)
+                        self.binary_head.bias.zero_()
+
+    def _build_output_layer(self, config: TransformerConfig, vocab_size: int) -> None:
+        with initialization_stream("output_layer"):
+            self.output_layer = tensor_parallel.ColumnParallelLinear(
+                config.hidden_size,
+                vocab_size,
+                config=config,
+                init_method=config.init_method,
+                bias=True,
+                skip_bias_add=False,
+                gather_output=False,
+                skip_weight_param_allocation=self.pre_process and self.share_embeddings_and_output_weights,
+                tp_group=self.tp_group,
+            )
+
+    def set_input_tensor(self, input_tensor) -> None:
+        """Give the encoder the activation from the previous pipeline stage ([s(/tp), b, h]
+        or a one-element list of it)."""
+        if isinstance(input_tensor, (list, tuple)):
+            if len(input_tensor) != 1:
+                raise ValueError(f"BertModel takes one input tensor per stage, got {len(input_tensor)}")
+            input_tensor = input_tensor[0]
+        self.encoder.set_input_tensor(input_tensor)
+
+    def forward(
+        self,
+        input_ids: Optional[torch.Tensor],
+        attention_mask: torch.Tensor,
+        tokentype_ids: Optional[torch.Tensor] = None,
+        lm_labels: Optional[torch.Tensor] = None,
+        inference_params=None,
+    ):
+        encoder_input = self.embedding(input_ids, None, tokentype_ids) if self.pre_process else None
+        hidden_states = self.encoder(encoder_input, attention_mask=bert_padding_mask(attention_mask))
+        if not self.post_process:
+            return hidden_states
+        if self.return_embeddings:
+            return self._gathered(hidden_states).transpose(0, 1).contiguous()
+        binary_logits = self.binary_head(self.pooler(hidden_states, 0)) if self.add_binary_head else None
+        if not self.add_lm_head:
+            return None, binary_logits
+        return self._lm_output(hidden_states, lm_labels), binary_logits
+
+    def pooled_output(self, input_ids, attention_mask, tokentype_ids=None) -> torch.Tensor:
+        """The pooler's output [b, h] (one-stage models with a pooler only)."""
+        if not (self.pre_process and self.post_process and self.add_pooler):
+            raise ValueError("pooled_output needs a one-stage BertModel built with a pooler")
+        hidden_states = self.encoder(self.embedding(input_ids, None, tokentype_ids), bert_padding_mask(attention_mask))
+        return self.pooler(hidden_states, 0)
+
+    def _gathered(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if self.config.sequence_parallel:
+            return tensor_parallel.gather_from_sequence_parallel_region(
+                hidden_states, self.tp_group, tensor_parallel_output_grad=False
+            )
+        return hidden_states
+
+    def _lm_output(self, hidden_states: torch.Tensor, lm_labels: Optional[torch.Tensor]) -> torch.Tensor:
+        hidden_states = self.lm_head(hidden_states)
+        output_weight = self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else None
+        logits, _ = self.output_layer(hidden_states, weight=output_weight)  # [s, b, V/tp]
+        if lm_labels is not None:
+            return self.compute_language_model_loss(lm_labels, logits)
+        if not self.parallel_output:
+            logits = tensor_parallel.gather_from_tensor_model_parallel_region(logits, self.tp_group)
+        return logits.transpose(0, 1).contiguous()

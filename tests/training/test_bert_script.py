@@ -1,0 +1,48 @@
+"""pretrain_bert.py's pieces without a run: Megatron's BERT loss and its report, the
+pipeline layouts it refuses, and the BERT FLOP count."""
+
+from argparse import Namespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import pretrain_bert
+from megatron.training.flops import bert_floating_point_operations, num_floating_point_operations
+
+
+def test_loss_is_masked_lm_mean_plus_sentence_order_loss():
+    torch.manual_seed(0)
+    lm_losses = torch.rand(2, 8)
+    loss_mask = torch.zeros(2, 8)
+    loss_mask[0, 1] = loss_mask[1, 3] = loss_mask[1, 4] = 1
+    sop_logits, order = torch.randn(2, 2), torch.tensor([1, 0])
+    loss, report = pretrain_bert.loss_func(loss_mask, order, (lm_losses, sop_logits))
+    lm = (lm_losses[0, 1] + lm_losses[1, 3] + lm_losses[1, 4]) / 3
+    sop = F.cross_entropy(sop_logits, order)
+    torch.testing.assert_close(report["lm loss"], lm)
+    torch.testing.assert_close(report["sop loss"], sop)
+    torch.testing.assert_close(loss, lm + sop)
+    loss, report = pretrain_bert.loss_func(loss_mask, order, (lm_losses, None))
+    assert set(report) == {"lm loss"}
+    torch.testing.assert_close(loss, lm)
+
+
+def test_virtual_pipeline_stages_are_refused():
+    with pytest.raises(ValueError, match="--num-virtual-stages-per-pipeline-rank"):
+        pretrain_bert._check_pipeline_layout(Namespace(pipeline_model_parallel_size=2,
+                                                       virtual_pipeline_model_parallel_size=2))
+    pretrain_bert._check_pipeline_layout(Namespace(pipeline_model_parallel_size=4,
+                                                   virtual_pipeline_model_parallel_size=None))
+
+
+def test_bert_flops_count_the_full_attention_core_and_the_heads():
+    args = Namespace(seq_length=128, num_layers=2, hidden_size=64, num_attention_heads=4, kv_channels=16,
+                     ffn_hidden_size=256, padded_vocab_size=512, group_query_attention=False, swiglu=False,
+                     num_experts=None, bert_binary_head=True)
+    s, L, h = 128, 2, 64
+    # GPT's count halves the attention core (causal); BERT's is bidirectional and adds the
+    # LM-head dense layer per token and the pooler + binary head per sequence.
+    extra_per_token = 6 * L * h * s + 6 * h * h
+    assert bert_floating_point_operations(args, 4) == pytest.approx(
+        num_floating_point_operations(args, 4) + 4 * s * extra_per_token + 4 * 6 * (h * h + 2 * h), rel=1e-12)
