@@ -77,7 +77,7 @@ def _family(family: str, flags: str, **kw) -> None:
 
 
 _section("Model families not built yet")
-_family("BERT model", "--bert-embedder-type --bert-load --bert-no-binary-head --output-bert-embeddings")
+_family("BERT embedder (retrieval)", "--bert-embedder-type --output-bert-embeddings")
 _family("ICT/biencoder retriever model (BERT based)",
         "--biencoder-projection-dim --biencoder-shared-query-context-model --ict-head-size --ict-load "
         "--block-data-path --evidence-data-path --embedding-path --titles-data-path --query-in-block-prob "
@@ -107,35 +107,41 @@ _family("vision/multimodal model",
         "--dino-warmup-teacher-temp --dino-warmup-teacher-temp-epochs --swin-backbone-type "
         "--vision-backbone-type --vision-pretraining --vision-pretraining-type --mask-factor --mask-type "
         "--iter-per-epoch --mrope-section")
-_family("inference server (text generation)",
-        "--enable-chunked-prefill --flash-decode --decode-only-cuda-graphs --num-speculative-tokens "
-        "--use-legacy-static-engine --mlp-chunks-for-prefill --nccl-all-reduce-for-prefill "
-        "--max-tokens-to-oom --moe-pad-experts-for-cuda-graph-inference --inference-rng-tracker "
-        "--inference-batch-times-seqlen-threshold --inference-coordinator-port "
+_refuse("this text-generation option is not implemented by tools/run_text_generation_server.py",
+        "see docs/inference.md for the server's options",
+        "--enable-chunked-prefill --flash-decode --num-speculative-tokens --use-legacy-static-engine "
+        "--mlp-chunks-for-prefill --nccl-all-reduce-for-prefill --moe-pad-experts-for-cuda-graph-inference "
+        "--inference-rng-tracker --inference-batch-times-seqlen-threshold --inference-coordinator-port "
         "--inference-cuda-graph-all-prefills --inference-cuda-graph-max-tokens --inference-cuda-graph-scope "
         "--inference-disable-ep-consensus --no-inference-disable-ep-consensus "
-        "--inference-disable-triton-nvls-kernels --inference-dynamic-batching "
-        "--inference-dynamic-batching-async-sched-mode --inference-dynamic-batching-block-size "
-        "--inference-dynamic-batching-buffer-size-gb --inference-dynamic-batching-cuda-graph-mixed-prefill-count "
-        "--inference-dynamic-batching-cuda-graph-sizing-distribution --inference-dynamic-batching-logprobs-mode "
-        "--inference-dynamic-batching-mamba-memory-ratio --inference-dynamic-batching-max-requests "
-        "--inference-dynamic-batching-max-tokens --inference-dynamic-batching-num-cuda-graphs "
+        "--inference-disable-triton-nvls-kernels --inference-dynamic-batching-async-sched-mode "
+        "--inference-dynamic-batching-cuda-graph-mixed-prefill-count "
+        "--inference-dynamic-batching-cuda-graph-sizing-distribution "
+        "--inference-dynamic-batching-logprobs-mode --inference-dynamic-batching-mamba-memory-ratio "
+        "--inference-dynamic-batching-max-requests --inference-dynamic-batching-num-cuda-graphs "
         "--inference-dynamic-batching-paused-buffer-size-gb --inference-dynamic-batching-prefix-caching "
         "--no-inference-dynamic-batching-prefix-caching "
         "--inference-dynamic-batching-prefix-caching-coordinator-policy "
         "--inference-dynamic-batching-prefix-caching-eviction-policy "
         "--inference-dynamic-batching-prefix-caching-mamba-gb "
-        "--inference-dynamic-batching-prefix-caching-routing-alpha --inference-dynamic-batching-sampling-backend "
+        "--inference-dynamic-batching-prefix-caching-routing-alpha "
+        "--inference-dynamic-batching-sampling-backend "
         "--inference-dynamic-batching-track-generated-token-events "
         "--inference-dynamic-batching-track-paused-request-events "
         "--inference-dynamic-batching-unified-memory-level --inference-fuse-tp-communication "
-        "--inference-grouped-gemm-backend --inference-logging-step-interval --inference-max-requests "
-        "--inference-max-seq-length --inference-moe-disable-fused-quant-kernels "
-        "--inference-moe-token-dispatcher-type --inference-shards --inference-text-gen-server-logging "
-        "--no-inference-text-gen-server-logging --inference-use-synchronous-zmq-collectives "
-        "--no-inference-use-synchronous-zmq-collectives --inference-wandb-logging --no-inference-wandb-logging "
-        "--use-same-sampling-seed-across-dp-ranks")
-_family("inference server (text generation)", "--max-batch-size --inference-max-batch-size", legacy=True)
+        "--inference-grouped-gemm-backend --inference-logging-step-interval "
+        "--inference-moe-disable-fused-quant-kernels --inference-moe-token-dispatcher-type --inference-shards "
+        "--inference-text-gen-server-logging --no-inference-text-gen-server-logging "
+        "--inference-use-synchronous-zmq-collectives --no-inference-use-synchronous-zmq-collectives "
+        "--inference-wandb-logging --no-inference-wandb-logging --use-same-sampling-seed-across-dp-ranks")
+_no_effect("read by tools/run_text_generation_server.py (the text-generation server), not by training",
+           "--decode-only-cuda-graphs --inference-dynamic-batching --inference-dynamic-batching-block-size "
+           "--inference-dynamic-batching-buffer-size-gb --inference-dynamic-batching-max-tokens "
+           "--inference-max-requests --inference-max-seq-length --max-tokens-to-oom")
+_no_effect("read by tools/run_text_generation_server.py (the text-generation server), not by training",
+           "--max-batch-size", legacy=True)
+_refuse("this text-generation option is not implemented by tools/run_text_generation_server.py",
+        "use --max-batch-size with the server", "--inference-max-batch-size", legacy=True)
 _family("reinforcement-learning (GRPO) trainer",
         "--perform-rl-step --langrl-env-config --refit-method --grpo-clamp-eps-lower --grpo-clamp-eps-upper "
         "--grpo-entropy-term-weight --grpo-filter-groups-with-same-reward --grpo-group-size --grpo-iterations "

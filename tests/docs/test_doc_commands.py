@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 import shlex
@@ -46,6 +47,9 @@ def _tool_options():
     for module in (loader_core, loader_hf, saver_core, saver_hf):
         parsers.append(convert._base_parser(False))
         module.add_arguments(parsers[-1])
+    from megatron.inference.server_args import add_text_generate_args
+
+    parsers.append(add_text_generate_args(argparse.ArgumentParser()))
     options = {opt for p in parsers for a in p._actions for opt in a.option_strings}
     # The benchmark scripts build their parsers inside main(): read their option strings.
     for script in (REPO / "benchmarks").glob("*.py"):

@@ -69,15 +69,15 @@ def test_flags_named_in_reasons_and_fixes_exist():
 
 def test_a_real_definition_wins_over_the_table():
     def provider(parser):
-        parser.add_argument("--bert-load", type=str, default=None)
+        parser.add_argument("--bert-embedder-type", type=str, default=None)
         return parser
 
-    action = _options(build_parser(provider))["--bert-load"]
-    assert not is_table_action(action) and action.dest == "bert_load"
-    assert is_table_action(_options(build_parser())["--bert-load"])
+    action = _options(build_parser(provider))["--bert-embedder-type"]
+    assert not is_table_action(action) and action.dest == "bert_embedder_type"
+    assert is_table_action(_options(build_parser())["--bert-embedder-type"])
 
 
-@pytest.mark.parametrize("flag", ["--checkpoint-activations", "--bert-load", "--yaml-cfg", "--max-batch-size",
+@pytest.mark.parametrize("flag", ["--checkpoint-activations", "--bert-embedder-type", "--yaml-cfg", "--inference-max-batch-size",
                                   "--fim-rate", "--optimizer-cpu-offload"])
 def test_refused_table_flag_names_itself_the_reason_and_the_fix(flag):
     entry = TABLE[flag]

@@ -10,7 +10,7 @@ the post-norm variant (``transformer_block_type='post_ln'``) uses NeMo's names
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 
