@@ -22,10 +22,8 @@ from typing import Dict, List, Tuple
 
 # dest: (flag, what is missing, what to do instead)
 REFUSED: Dict[str, Tuple[str, str, str]] = {
-    "fp8": ("--fp8-format", "fp8 training is not implemented (it needs Transformer Engine here)",
-            "train in bf16 (--bf16) and drop the fp8 flags"),
-    "fp8_param_gather": ("--fp8-param-gather", "fp8 training is not implemented",
-                         "drop --fp8-param-gather"),
+    "fp8_param_gather": ("--fp8-param-gather", "FP8 weights are not gathered in FP8 (the FP8 linears quantize "
+                         "the gathered high-precision weights)", "drop --fp8-param-gather"),
     "grad_reduce_in_bf16": ("--grad-reduce-in-bf16", "gradients are accumulated and reduced in fp32 here",
                             "drop --grad-reduce-in-bf16"),
     "num_distributed_optimizer_instances": (
@@ -98,7 +96,6 @@ WITHOUT_EFFECT: Dict[str, Tuple[str, str]] = {
     "log_timers_to_tensorboard": ("--log-timers-to-tensorboard", "timers go to the log only"),
     "log_memory_to_tensorboard": ("--log-memory-to-tensorboard", "memory goes to the log only"),
     "log_world_size_to_tensorboard": ("--log-world-size-to-tensorboard", "the world size goes to the log only"),
-    "fp8_recipe": ("--fp8-recipe", "fp8 training is not implemented (--fp8-format is refused)"),
 }
 
 

@@ -12,6 +12,7 @@ runs exactly as without FP8.
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 from typing import Iterator, Optional
 
@@ -21,7 +22,9 @@ from megatron.core.fp8.gemm import select_backend
 from megatron.core.fp8.recipe import Fp8Recipe
 from megatron.core.fp8.scaling import Fp8Scaling
 
+logger = logging.getLogger(__name__)
 _building = threading.local()
+_logged = set()
 
 
 def layer_runs_in_fp8(config, layer_number: int) -> bool:
@@ -56,5 +59,10 @@ def new_linear_scaling(device: torch.device, is_expert: bool) -> Optional[Fp8Sca
     recipe = getattr(_building, "recipe", None)
     if recipe is None or is_expert:
         return None
-    select_backend(device, recipe.emulation)
+    backend = select_backend(device, recipe.emulation)
+    if (recipe, backend) not in _logged:
+        _logged.add((recipe, backend))
+        how = "torch._scaled_mm" if backend == "scaled_mm" else "an fp32 emulation (slow)"
+        logger.info("FP8 backend: transformer-layer GEMMs in FP8 (format %s, recipe %s) through %s",
+                    recipe.fmt, recipe.recipe, how)
     return Fp8Scaling(recipe, device=device)
