@@ -24,7 +24,7 @@ import torch
 
 from megatron.core.fp8.gemm import fp8_gemm_nt, select_backend
 from megatron.core.fp8.recipe import GRAD_OUTPUT, INPUT, WEIGHT, Fp8Recipe
-from megatron.core.fp8.scaling import Fp8Scaling, quantize
+from megatron.core.fp8.scaling import Fp8Scaling, quantize_fused as quantize
 from megatron.core.process_groups import group_size
 from megatron.core.tensor_parallel.mappings import (
     copy_to_tensor_model_parallel_region,

@@ -23,12 +23,15 @@ group holds the same scaling state: the state is replicated and reshards trivial
 
 from __future__ import annotations
 
+import logging
 from typing import Optional
 
 import torch
 import torch.distributed as dist
 
 from megatron.core.fp8.recipe import NUM_SLOTS, Fp8Recipe
+
+logger = logging.getLogger(__name__)
 
 
 def fp8_max(dtype: torch.dtype) -> float:
@@ -63,6 +66,30 @@ def quantize(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.
     """
     limit = fp8_max(dtype)
     return (x.float() * scale).clamp_(-limit, limit).to(dtype)
+
+
+_compiled_quantize = None  # torch.compile(quantize) once it has worked; False once it has failed
+
+
+def quantize_fused(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``quantize``, on CUDA as one fused kernel (torch.compile) instead of four passes
+    (upcast, multiply, clamp, cast); the same elementwise fp32 math, so the same bits. Falls
+    back to ``quantize``, with one warning, where torch.compile does not work."""
+    global _compiled_quantize
+    if x.device.type != "cuda" or _compiled_quantize is False:
+        return quantize(x, scale, dtype)
+    try:
+        if _compiled_quantize is None:
+            compiled = torch.compile(quantize, dynamic=True)
+            result = compiled(x, scale, dtype)
+            _compiled_quantize = compiled
+            return result
+        return _compiled_quantize(x, scale, dtype)
+    except Exception as err:  # any compile failure: the eager path gives the same result
+        _compiled_quantize = False
+        logger.warning("FP8 quantization: torch.compile failed (%s: %s); quantizing in eager mode (slower)",
+                       type(err).__name__, err)
+        return quantize(x, scale, dtype)
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

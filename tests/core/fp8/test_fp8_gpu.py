@@ -74,3 +74,18 @@ def test_fp8_linear_tracks_bf16(recipe):
     for name, a, b in (("y", y, yb), ("dx", xr.grad, xb.grad), ("dw", wr.grad, wb.grad)):
         err = _rel_err(a.float(), b.float())
         assert err < 0.1, f"{name}: relative error {err:.4f} of FP8 against bf16"
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_fused_quantize_equals_eager(dtype):
+    """The torch.compile'd cast does the same fp32 elementwise math: the same bits,
+    saturation included (inputs up to 1e6 times the scale's range)."""
+    import megatron.core.fp8.scaling as scaling
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    x = torch.randn(1000, 3000, device="cuda").to(torch.bfloat16) * 1000
+    scale = torch.tensor(3.7, device="cuda")
+    fused = scaling.quantize_fused(x, scale, dtype)
+    assert scaling._compiled_quantize not in (None, False), "torch.compile fell back to eager"
+    assert torch.equal(fused.view(torch.uint8), scaling.quantize(x, scale, dtype).view(torch.uint8))
