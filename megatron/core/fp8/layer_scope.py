@@ -54,12 +54,14 @@ def new_linear_scaling(device: torch.device, is_expert: bool) -> Optional[Fp8Sca
     """The FP8 scaling state for a linear being built now, or None when it runs without FP8.
 
     Refuses (ValueError) a device without FP8 GEMMs here, at model construction, rather
-    than at the first step.
+    than at the first step. The device checked is the GPU when there is one, whatever
+    ``device`` the weights start on (--use-cpu-initialization builds them on CPU first).
     """
     recipe = getattr(_building, "recipe", None)
     if recipe is None or is_expert:
         return None
-    backend = select_backend(device, recipe.emulation)
+    run_on = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else device
+    backend = select_backend(run_on, recipe.emulation)
     if (recipe, backend) not in _logged:
         _logged.add((recipe, backend))
         how = "torch._scaled_mm" if backend == "scaled_mm" else "an fp32 emulation (slow)"

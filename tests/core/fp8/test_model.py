@@ -160,3 +160,10 @@ def test_tensor_and_sequence_parallel_equal_one_process():
                                    msg=lambda m: f"rank {rank}: {m}")
         torch.testing.assert_close(result["scale"], single["scale"], rtol=1e-3, atol=0)
     assert torch.equal(results[0]["history"], results[1]["history"])
+
+
+def test_fp8_on_cpu_without_emulation_is_refused_when_the_model_is_built():
+    if torch.cuda.is_available():
+        pytest.skip("checks the CPU refusal")
+    with pytest.raises(ValueError, match="--fp8-format needs a CUDA GPU with FP8 GEMMs.*--fp8-emulation"):
+        _build(_config(fp8="hybrid"))
