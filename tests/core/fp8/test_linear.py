@@ -83,3 +83,29 @@ def test_cpu_without_emulation_is_refused():
     with pytest.raises(ValueError, match="needs a CUDA GPU with FP8 GEMMs.*--fp8-emulation"):
         select_backend(torch.device("cpu"), emulation=False)
     assert select_backend(torch.device("cpu"), emulation=True) == EMULATION
+
+
+def test_scaled_mm_operands_and_scales_match_the_emulation_on_cpu():
+    """torch._scaled_mm has a CPU kernel in recent torch: the operand layouts (row-major
+    first, column-major second, transposed copies for dgrad and wgrad) and the scales
+    (dequantization scales 1/scale) the FP8 GPU path passes are checked here against the
+    emulation. Both accumulate the same FP8 products in fp32; only the summation order may
+    differ, hence the tolerance of a few fp32 ulps of the outputs' size."""
+    from megatron.core.fp8.gemm import SCALED_MM
+    from megatron.core.fp8.scaling import Fp8Scaling
+
+    probe = torch.zeros(16, 16).to(torch.float8_e4m3fn)
+    try:
+        torch._scaled_mm(probe, probe.t(), scale_a=torch.tensor(1.0), scale_b=torch.tensor(1.0),
+                         out_dtype=torch.float32)
+    except (RuntimeError, NotImplementedError):
+        pytest.skip("this torch has no CPU torch._scaled_mm")
+    results = {}
+    for backend in (SCALED_MM, EMULATION):
+        x = _randn(1, 4, 8, 32).requires_grad_()
+        w = _randn(2, 48, 32, scale=0.05).requires_grad_()
+        y = fp8_linear(x, w, Fp8Scaling(Fp8Recipe(recipe="tensorwise")), backend=backend)
+        y.backward(_randn(3, 4, 8, 48, scale=1e-3))
+        results[backend] = (y.detach(), x.grad, w.grad)
+    for name, a, b in zip(("y", "dx", "dw"), results[SCALED_MM], results[EMULATION]):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6 * b.abs().max().item(), msg=lambda m: f"{name}: {m}")
