@@ -6,6 +6,7 @@
     python benchmarks/pretrain_bench.py --configs tiny --cpu          # whole driver on CPU, seconds
     python benchmarks/pretrain_bench.py --configs gpt-350m --profile  # + where the GPU time goes
     python benchmarks/pretrain_bench.py --configs bert-large          # pretrain_bert.py; not in "all"
+    python benchmarks/pretrain_bench.py --configs gpt-1.7b,llama-1.6b --fp8 tensorwise  # bf16 and FP8 rows
 
 For each configuration this launches ``pretrain_gpt.py`` (plain ``python`` for one process,
 ``torchrun`` for more) on mock data, reads Megatron's iteration log lines, drops the first
@@ -361,25 +362,28 @@ def fill_row(row: Row, log_text: str, flops: float, warmup: int, exclude: Option
     return row
 
 
-def run_one(name: str, opts) -> Row:
+def run_one(name: str, opts, fp8: Optional[str] = None) -> Row:
     """Launch one configuration and measure it; a layout the flags reject becomes the row's
-    status (the other configurations still run)."""
+    status (the other configurations still run). ``fp8``: an FP8 recipe to train with."""
     cfg = CONFIGS[name]
     nproc = 1 if opts.cpu else (opts.nproc or cfg.nproc)
     recompute = opts.recompute or cfg.recompute
     layout = Layout(nproc, opts.tp, opts.pp, opts.vpp, opts.cp, opts.distributed_optimizer, recompute, opts.overlap)
     seq, mbs = opts.seq or cfg.seq, opts.mbs or cfg.mbs
-    log_path = Path(opts.log_dir) / f"{name}.log"
+    log_path = Path(opts.log_dir) / f"{name}{'-fp8-' + fp8 if fp8 else ''}.log"
     try:
         per_step = mbs * layout.dp  # a global batch is a whole number of micro-batches per DP rank
         gbs = opts.gbs or -(-cfg.gbs // per_step) * per_step
         extra = shlex.split(opts.extra)
+        if fp8:  # before --extra, so raw flags still win
+            extra = ["--fp8-format", "hybrid", "--fp8-recipe", fp8] + (["--fp8-emulation"] if opts.cpu else []) + extra
         if opts.profile_steps:  # before --extra, so raw flags still win
             extra = profile_flags(opts.profile_steps, Path(opts.log_dir) / f"profile_{name}") + extra
         flags = pretrain_flags(cfg, layout, seq, mbs, gbs, opts.iters, opts.log_interval, opts.cpu, extra)
         flops, seq, gbs = run_shape(flags, nproc, cfg.family)
         cmd = launch_command(nproc, flags, cfg.family)
-        row = Row(name, describe_layout(layout), seq, mbs, gbs, nproc, log_file=str(log_path), command=cmd)
+        row = Row(name + (f" fp8-{fp8}" if fp8 else ""), describe_layout(layout), seq, mbs, gbs, nproc,
+                  log_file=str(log_path), command=cmd)
     except ValueError as err:
         print(f"== {name}: skipped: {err}", file=sys.stderr, flush=True)
         return Row(name, f"tp{layout.tp} pp{layout.pp} cp{layout.cp} nproc{nproc}", seq, mbs, opts.gbs or cfg.gbs,
@@ -497,6 +501,8 @@ def parse_cli(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=None, help="iterations left out of the averages (default 10; --cpu 2)")
     p.add_argument("--log-interval", type=int, default=None, help="--log-interval (default 5; --cpu 1)")
     p.add_argument("--extra", default="", help='raw pretrain_gpt.py flags appended last, so they win; write --extra="--flag value"')
+    p.add_argument("--fp8", choices=["delayed", "tensorwise"], default=None,
+                   help="also run each config with --fp8-format hybrid --fp8-recipe RECIPE; prints FP8/bf16 speedups")
     p.add_argument("--cpu", action="store_true", help="one process on CPU over gloo, fp32 (only sensible for tiny)")
     p.add_argument("--json", default=None, help="write the environment and rows to this JSON file")
     p.add_argument("--log-dir", default=None, help="where each run's full log goes (default: a temporary directory)")
@@ -551,12 +557,18 @@ def _profile_steps(p: argparse.ArgumentParser, opts) -> Optional[tuple]:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     opts = parse_cli(argv)
     env = environment()
-    rows = [run_one(name, opts) for name in opts.names]
+    rows = [run_one(name, opts, fp8) for name in opts.names for fp8 in [None] + ([opts.fp8] if opts.fp8 else [])]
     print()
     print(" | ".join(f"{k} {v}" for k, v in env.items()))
     for r in rows:
         print(f"{r.config}: backends: {r.backends}")
     print(table(rows))
+    if opts.fp8:
+        by_name = {r.config: r for r in rows}
+        for name in opts.names:
+            base, fast = by_name.get(name), by_name.get(f"{name} fp8-{opts.fp8}")
+            if base and fast and base.tokens_per_s and fast.tokens_per_s:
+                print(f"{name}: FP8 ({opts.fp8}) / bf16 tokens/s = {fast.tokens_per_s / base.tokens_per_s:.2f}x")
     if opts.profile_steps:
         first, last = opts.profile_steps
         for r in rows:

@@ -211,10 +211,8 @@ _refuse("MoE routing with this option is not implemented", "drop the flag",
         "--moe-router-quantile-balancing-ema --moe-enable-routing-replay --moe-upcycling-granularity")
 _refuse("MoE token dispatch runs in the activation dtype here", "drop the flag",
         "--moe-dispatch-fwd-dtype --moe-combine-bwd-dtype")
-_no_effect("fp8 training is not implemented (--fp8-format is refused), so fp8 recipe details do nothing",
-           "--fp8-amax-compute-algo --fp8-amax-history-len --fp8-interval --fp8-margin --fp8-output-proj "
-           "--fp8-quantizer-factory --no-fp8-wgrad --disable-fp8-wgrad --keep-fp8-transpose-cache "
-           "--first-last-layers-bf16 --num-layers-at-start-in-bf16 --num-layers-at-end-in-bf16 "
+_no_effect("Transformer Engine FP8 details with no counterpart in the FP8 linears here (docs/fp8.md)",
+           "--fp8-interval --fp8-output-proj --fp8-quantizer-factory --disable-fp8-wgrad --keep-fp8-transpose-cache "
            "--te-precision-config-file --moe-router-padding-for-fp8 --moe-router-padding-for-quantization "
            "--reuse-grad-buf-for-mxfp8-param-ag")
 
@@ -393,7 +391,8 @@ _refuse("the old spelling was removed from Megatron-LM", "use --recompute-granul
 _refuse("the old spelling was removed from Megatron-LM", "use --recompute-method", "--checkpoint-method",
         legacy=True)
 _refuse("the old spelling was removed from Megatron-LM", "use --norm-epsilon", "--layernorm-epsilon", legacy=True)
-_refuse("fp8 training is not implemented", "train in bf16 (--bf16)", "--fp8-e4m3 --fp8-hybrid", legacy=True)
+_refuse("the old spelling was removed from Megatron-LM", "use --fp8-format e4m3 or --fp8-format hybrid",
+        "--fp8-e4m3 --fp8-hybrid", legacy=True)
 _refuse("FSDP is not implemented (the old name of --use-megatron-fsdp)", "use --use-distributed-optimizer",
         "--use-custom-fsdp", legacy=True)
 _refuse("a separate encoder parallel layout (T5, multimodal) is not available", "drop the flag",

@@ -26,10 +26,8 @@ from typing import Dict, List, Optional, Tuple
 
 # dest: (flag, what is missing, what to do instead)
 REFUSED: Dict[str, Tuple[str, str, str]] = {
-    "fp8": ("--fp8-format", "fp8 training is not implemented (it needs Transformer Engine here)",
-            "train in bf16 (--bf16) and drop the fp8 flags"),
-    "fp8_param_gather": ("--fp8-param-gather", "fp8 training is not implemented",
-                         "drop --fp8-param-gather"),
+    "fp8_param_gather": ("--fp8-param-gather", "FP8 weights are not gathered in FP8 (the FP8 linears quantize "
+                         "the gathered high-precision weights)", "drop --fp8-param-gather"),
     "grad_reduce_in_bf16": ("--grad-reduce-in-bf16", "gradients are accumulated and reduced in fp32 here",
                             "drop --grad-reduce-in-bf16"),
     "num_distributed_optimizer_instances": (
@@ -98,7 +96,6 @@ WITHOUT_EFFECT: Dict[str, Tuple[str, str]] = {
     "enable_gloo_process_groups": ("--disable-gloo-process-groups", "no gloo twins of the groups are created anyway"),
     "use_sharp": ("--use-sharp", "set NCCL_COLLNET_ENABLE=1 in the environment instead"),
     "log_energy": ("--log-energy", "energy is not logged"),
-    "fp8_recipe": ("--fp8-recipe", "fp8 training is not implemented (--fp8-format is refused)"),
 }
 
 

@@ -15,6 +15,9 @@ import torch.nn.functional as F
 from torch.nn.parameter import Parameter
 
 from megatron.core import process_groups
+import megatron.core.fp8.linear as fp8_linear  # a module reference: fp8.linear imports tensor_parallel too
+from megatron.core.fp8.gemm import select_backend
+from megatron.core.fp8.layer_scope import new_linear_scaling
 from megatron.core.model_parallel_config import ModelParallelConfig
 from megatron.core.process_groups import group_rank, group_size
 from megatron.core.tensor_parallel.linear_with_comm import column_parallel_matmul, row_parallel_matmul
@@ -217,6 +220,8 @@ class ColumnParallelLinear(torch.nn.Module):
             setattr(self.bias, "allreduce", not (is_expert and config.expert_model_parallel_size > 1))
         else:
             self.register_parameter("bias", None)
+        # FP8 scaling state inside an FP8 transformer layer (megatron.core.fp8), else None
+        self.fp8 = new_linear_scaling(_param_device(config), is_expert)
 
     def _check_weight(self, weight: Optional[torch.Tensor]) -> torch.Tensor:
         if weight is None:
@@ -241,6 +246,12 @@ class ColumnParallelLinear(torch.nn.Module):
         bias = None if self.skip_bias_add else self.bias
         if self.explicit_expert_comm:
             output_parallel = F.linear(input_, weight, bias)
+        elif self.fp8 is not None:
+            output_parallel = fp8_linear.fp8_column_parallel(
+                input_, weight, bias, self.fp8, self.tp_group, sequence_parallel=self.sequence_parallel,
+                fuse_accumulation=self.config.gradient_accumulation_fusion and weight is self.weight,
+                backend=select_backend(weight.device, self.fp8.recipe.emulation),
+            )
         else:
             # the accumulation fusion only for the layer's own weight: a weight passed in (the
             # tied output layer) also gets the embedding lookup's gradient through .grad
@@ -319,6 +330,8 @@ class RowParallelLinear(torch.nn.Module):
             setattr(self.bias, "allreduce", not (is_expert and config.expert_model_parallel_size > 1))
         else:
             self.register_parameter("bias", None)
+        # FP8 scaling state inside an FP8 transformer layer (megatron.core.fp8), else None
+        self.fp8 = new_linear_scaling(_param_device(config), is_expert)
 
     def forward(self, input_: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         if self.input_is_parallel:
@@ -327,9 +340,16 @@ class RowParallelLinear(torch.nn.Module):
             input_parallel = scatter_to_tensor_model_parallel_region(input_, self.tp_group)
         fuse = self.config.gradient_accumulation_fusion and not self.explicit_expert_comm
         ring = self.sequence_parallel and self.config.tp_comm_overlap and not self.explicit_expert_comm
-        output_parallel = row_parallel_matmul(
-            input_parallel, self.weight, self.tp_group, reduce_scatter_by_ring=ring, fuse_accumulation=fuse
-        )
+        if self.fp8 is not None:
+            ring = False  # the FP8 partial products are reduced by the plain mappings below
+            output_parallel = fp8_linear.fp8_row_parallel(
+                input_parallel, self.weight, self.fp8, self.tp_group, fuse_accumulation=fuse,
+                backend=select_backend(self.weight.device, self.fp8.recipe.emulation),
+            )
+        else:
+            output_parallel = row_parallel_matmul(
+                input_parallel, self.weight, self.tp_group, reduce_scatter_by_ring=ring, fuse_accumulation=fuse
+            )
         if self.explicit_expert_comm or ring:
             output = output_parallel
         elif self.sequence_parallel:

@@ -9,6 +9,7 @@ from typing import Callable, List, Optional, Tuple, Union
 import torch
 import torch.nn.functional as F
 
+from megatron.core.fp8.recipe import check_fp8_config
 from megatron.core.model_parallel_config import ModelParallelConfig
 
 
@@ -267,9 +268,41 @@ class TransformerConfig(ModelParallelConfig):
     moe_per_layer_logging: bool = False
     """Write the MoE balancing losses of every layer to TensorBoard (--moe-per-layer-logging)."""
 
+    fp8: Optional[str] = None
+    """FP8 format of the transformer layers' GEMMs (--fp8-format): e4m3, or hybrid (e4m3
+    forward, e5m2 gradients); None trains without FP8. See docs/fp8.md."""
+
+    fp8_recipe: str = "delayed"
+    """FP8 scaling recipe (--fp8-recipe): delayed (amax history) or tensorwise (current scaling)."""
+
+    fp8_margin: int = 0
+    """FP8 scales are backed off by 2^margin (--fp8-margin)."""
+
+    fp8_amax_history_len: int = 1
+    """Amaxes kept per tensor for delayed scaling (--fp8-amax-history-len)."""
+
+    fp8_amax_compute_algo: str = "most_recent"
+    """Amax the delayed scale is computed from: most_recent or max over the history (--fp8-amax-compute-algo)."""
+
+    fp8_wgrad: bool = True
+    """Weight-gradient GEMMs in FP8; False keeps them in high precision (--no-fp8-wgrad)."""
+
+    fp8_emulation: bool = False
+    """Emulate the FP8 GEMMs in fp32 where the device has none, e.g. CPU (--fp8-emulation; slow, for debugging)."""
+
+    first_last_layers_bf16: bool = False
+    """Keep the first and last transformer layers out of FP8 (--first-last-layers-bf16)."""
+
+    num_layers_at_start_in_bf16: int = 1
+    """Layers at the start kept out of FP8 with first_last_layers_bf16 (--num-layers-at-start-in-bf16)."""
+
+    num_layers_at_end_in_bf16: int = 1
+    """Layers at the end kept out of FP8 with first_last_layers_bf16 (--num-layers-at-end-in-bf16)."""
+
     def __post_init__(self) -> None:
         super().__post_init__()
         self._check_shape()
+        check_fp8_config(self)
         if self.ffn_hidden_size is None:
             self.ffn_hidden_size = 4 * self.hidden_size
         if self.kv_channels is None:

@@ -74,7 +74,7 @@ def add_network_size_args(parser: argparse.ArgumentParser) -> argparse.ArgumentP
 
 
 def add_transformer_impl_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Which module implementation builds the layers, and fp8 (Transformer Engine) flags."""
+    """Which module implementation builds the layers (the fp8 flags are in the precision group)."""
     g = parser.add_argument_group(title="transformer-engine")
     g.add_argument("--transformer-impl", type=str, default="transformer_engine",
                    choices=["transformer_engine", "local", "inference_optimized"],
@@ -82,11 +82,6 @@ def add_transformer_impl_args(parser: argparse.ArgumentParser) -> argparse.Argum
                         "the value (Transformer Engine is never imported).")
     g.add_argument("--spec", type=str, nargs="*", default=None,
                    help="'<module> <function>' returning a ModuleSpec, or 'local'.")
-    g.add_argument("--fp8-format", type=str, default=None, dest="fp8", choices=["e4m3", "hybrid"],
-                   help="FP8 format for Transformer Engine GEMMs; off when not given.")
-    g.add_argument("--fp8-recipe", type=str, default="delayed",
-                   choices=["delayed", "tensorwise", "mxfp8", "blockwise", "custom"], help="FP8 scaling recipe.")
-    g.add_argument("--fp8-param-gather", action="store_true", help="Keep and all-gather params in FP8.")
     return parser
 
 

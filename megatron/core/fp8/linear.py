@@ -1,0 +1,113 @@
+"""The FP8 linear: y = x W^T with x and W in e4m3, gradients in e5m2 (hybrid) or e4m3.
+
+forward   y = Q(x) Q(W)^T                       (Q: quantize with the slot's scale)
+backward  dgrad = Q(dy) Q(W)                     (the FP8 copies saved by the forward)
+          wgrad = Q(dy)^T Q(x)                   (or dy^T x in high precision, --no-fp8-wgrad)
+
+Only the FP8 copies of x and W are kept for the backward (half the bytes of bf16), except
+with --no-fp8-wgrad, which keeps x itself. With gradient-accumulation fusion the weight
+gradient is added into the fp32 ``weight.main_grad`` and an empty placeholder is returned
+(``weight.grad_added_to_main_grad`` set), as the bf16 linears do.
+
+``fp8_column_parallel`` and ``fp8_row_parallel`` wrap it with the tensor-parallel
+communication of the two parallel linears: the column layer all-gathers a sequence-parallel
+input in high precision and quantizes the gathered input (no FP8 all-gather); the row
+layer's caller reduces the partial products as in bf16. The ring overlap of
+``--tp-comm-overlap`` is not used by the FP8 linears.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from megatron.core.fp8.gemm import fp8_gemm_nt, select_backend
+from megatron.core.fp8.recipe import GRAD_OUTPUT, INPUT, WEIGHT, Fp8Recipe
+from megatron.core.fp8.scaling import Fp8Scaling, quantize_fused as quantize
+from megatron.core.process_groups import group_size
+from megatron.core.tensor_parallel.mappings import (
+    copy_to_tensor_model_parallel_region,
+    gather_from_sequence_parallel_region,
+)
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1, t.size(-1))
+
+
+class _Fp8LinearFunction(torch.autograd.Function):
+    """x [..., K] @ W[N, K]^T -> [..., N] through FP8 GEMMs; see the module docstring."""
+
+    @staticmethod
+    def forward(ctx, x, weight, scaling, backend, amax_group, fuse_accumulation):
+        recipe: Fp8Recipe = scaling.recipe
+        x2 = _flat(x)
+        x_scale = scaling.scale_for(x2, INPUT, amax_group)
+        w_scale = scaling.scale_for(weight, WEIGHT, amax_group)
+        x_q = quantize(x2, x_scale, recipe.forward_dtype)
+        w_q = quantize(weight, w_scale, recipe.forward_dtype)
+        out = fp8_gemm_nt(x_q, x_scale, w_q, w_scale, x.dtype, backend)
+        ctx.scaling, ctx.backend, ctx.amax_group = scaling, backend, amax_group
+        ctx.fuse_accumulation, ctx.input_shape = fuse_accumulation, x.shape
+        ctx.weight = weight  # for main_grad; the values come from w_q
+        ctx.save_for_backward(x_q, x_scale, w_q, w_scale, None if recipe.wgrad else x2)
+        return out.view(*x.shape[:-1], weight.size(0))
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        x_q, x_scale, w_q, w_scale, x_high = ctx.saved_tensors
+        scaling: Fp8Scaling = ctx.scaling
+        weight = ctx.weight
+        g2 = _flat(grad_output)
+        g_scale = scaling.scale_for(g2, GRAD_OUTPUT, ctx.amax_group)
+        g_q = quantize(g2, g_scale, scaling.recipe.grad_dtype)
+        grad_input = grad_weight = None
+        if ctx.needs_input_grad[0]:
+            grad_input = fp8_gemm_nt(g_q, g_scale, w_q.t(), w_scale, grad_output.dtype, ctx.backend)
+            grad_input = grad_input.view(ctx.input_shape)
+        if ctx.needs_input_grad[1]:
+            main_grad = getattr(weight, "main_grad", None) if ctx.fuse_accumulation else None
+            out_dtype = main_grad.dtype if main_grad is not None else weight.dtype
+            if x_high is None:
+                grad_weight = fp8_gemm_nt(g_q.t(), g_scale, x_q.t(), x_scale, out_dtype, ctx.backend)
+            else:
+                grad_weight = g2.t().matmul(x_high).to(out_dtype)
+            if main_grad is not None:
+                main_grad.add_(grad_weight)
+                weight.grad_added_to_main_grad = True
+                grad_weight = torch.empty_like(weight)
+        return grad_input, grad_weight, None, None, None, None
+
+
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scaling: Fp8Scaling, *, amax_group=None,
+               fuse_accumulation: bool = False, backend: Optional[str] = None) -> torch.Tensor:
+    """x [..., K] @ weight[N, K]^T in FP8 -> [..., N] in x's dtype. ``amax_group``: the
+    group the amaxes are reduced over; ``backend``: default chosen from the weight's device."""
+    if backend is None:
+        backend = select_backend(weight.device, scaling.recipe.emulation)
+    return _Fp8LinearFunction.apply(x, weight, scaling, backend, amax_group, fuse_accumulation)
+
+
+def fp8_column_parallel(input_: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                        scaling: Fp8Scaling, group, *, sequence_parallel: bool, fuse_accumulation: bool,
+                        backend: str) -> torch.Tensor:
+    """The column-parallel linear's output [s, b, out/tp] from [s, b, in] ([s/tp, b, in]
+    with ``sequence_parallel``), the GEMM in FP8."""
+    if sequence_parallel:
+        total_input = gather_from_sequence_parallel_region(input_, group)
+    elif group_size(group) > 1:
+        total_input = copy_to_tensor_model_parallel_region(input_, group)
+    else:
+        total_input = input_
+    output = fp8_linear(total_input, weight, scaling, amax_group=group, fuse_accumulation=fuse_accumulation,
+                        backend=backend)
+    return output if bias is None else output + bias
+
+
+def fp8_row_parallel(input_: torch.Tensor, weight: torch.Tensor, scaling: Fp8Scaling, group, *,
+                     fuse_accumulation: bool, backend: str) -> torch.Tensor:
+    """The row-parallel linear's partial products [s, b, out] from [s, b, in/tp], in FP8
+    (the caller reduces them)."""
+    return fp8_linear(input_, weight, scaling, amax_group=group, fuse_accumulation=fuse_accumulation,
+                      backend=backend)

@@ -1,0 +1,147 @@
+"""Per-tensor FP8 scaling: amax, scale, and the delayed-scaling amax history.
+
+A tensor x is cast to FP8 as ``q = fp8(clamp(x * scale, -fp8_max, fp8_max))`` and read
+back as ``q / scale``. The scale maps the tensor's absolute maximum (amax) onto the
+format's largest value, backed off by 2^margin:
+
+    scale = (fp8_max / amax) / 2^margin
+
+kept at its previous value when amax is 0 (nothing to scale) or not finite (the previous
+scale is the best guess; the NaN check reports the non-finite amax itself).
+
+- ``tensorwise`` (current scaling): the scale comes from this tensor's own amax.
+- ``delayed``: the scale comes from the amax history of earlier calls (``max`` over the
+  history, or its ``most_recent`` entry), so quantizing needs no extra pass over the
+  tensor before the cast. This call's amax then enters the history and the scale is
+  recomputed for the next call. History row 0 collects the current call's amax; after the
+  update the rows roll down by one and row 0 is cleared, so a history of length L holds
+  this call and the L-1 before it when the scale is computed.
+
+Amaxes are reduced (max) over the linear's tensor-parallel group, so every rank of the
+group holds the same scaling state: the state is replicated and reshards trivially.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron.core.fp8.recipe import NUM_SLOTS, Fp8Recipe
+
+logger = logging.getLogger(__name__)
+
+
+def fp8_max(dtype: torch.dtype) -> float:
+    """Largest finite value of an FP8 dtype (448 for e4m3fn, 57344 for e5m2)."""
+    return float(torch.finfo(dtype).max)
+
+
+def tensor_amax(x: torch.Tensor) -> torch.Tensor:
+    """max |x| as a float32 scalar tensor (NaN if x holds a NaN)."""
+    return x.detach().abs().amax().float()
+
+
+def compute_scale(amax: torch.Tensor, fmt_max: float, margin: int, previous: torch.Tensor) -> torch.Tensor:
+    """(fmt_max / amax) / 2^margin, or ``previous`` where amax is 0 or not finite."""
+    # a true division: ``float / tensor`` would compute fmt_max * (1 / amax), one rounding more
+    scale = torch.full_like(amax, fmt_max).div(amax).div(2.0 ** margin)
+    scale = torch.where(amax > 0.0, scale, previous)
+    return torch.where(torch.isfinite(amax), scale, previous)
+
+
+def reduce_amax(amax: torch.Tensor, group) -> torch.Tensor:
+    """The max of ``amax`` over ``group`` (no-op without a group of more than one rank)."""
+    if group is not None and dist.is_initialized() and dist.get_world_size(group) > 1:
+        dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=group)
+    return amax
+
+
+def quantize(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x * scale saturated to the format's range and cast to ``dtype`` (an FP8 dtype).
+
+    Saturating first matters: e4m3fn has no infinity, so an out-of-range cast gives NaN.
+    """
+    limit = fp8_max(dtype)
+    return (x.float() * scale).clamp_(-limit, limit).to(dtype)
+
+
+_compiled_quantize = None  # torch.compile(quantize) once it has worked; False once it has failed
+
+
+def quantize_fused(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``quantize``, on CUDA as one fused kernel (torch.compile) instead of four passes
+    (upcast, multiply, clamp, cast); the same elementwise fp32 math, so the same bits. Falls
+    back to ``quantize``, with one warning, where torch.compile does not work."""
+    global _compiled_quantize
+    if x.device.type != "cuda" or _compiled_quantize is False:
+        return quantize(x, scale, dtype)
+    try:
+        if _compiled_quantize is None:
+            compiled = torch.compile(quantize, dynamic=True)
+            result = compiled(x, scale, dtype)
+            _compiled_quantize = compiled
+            return result
+        return _compiled_quantize(x, scale, dtype)
+    except Exception as err:  # any compile failure: the eager path gives the same result
+        _compiled_quantize = False
+        logger.warning("FP8 quantization: torch.compile failed (%s: %s); quantizing in eager mode (slower)",
+                       type(err).__name__, err)
+        return quantize(x, scale, dtype)
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """q / scale in float32, computed as q * (1 / scale) as the FP8 GEMM applies it."""
+    return q.float() * scale.reciprocal()
+
+
+class Fp8Scaling(torch.nn.Module):
+    """The scaling state of one FP8 linear: slots input, weight, output gradient.
+
+    Buffers (saved in checkpoints, replicated over the tensor-parallel group):
+    ``amax_history`` [amax_history_len, 3] float32, ``scale`` [3] float32 (the scale the
+    next call uses under ``delayed``; the last one used under ``tensorwise``).
+    """
+
+    def __init__(self, recipe: Fp8Recipe, device: Optional[torch.device] = None) -> None:
+        super().__init__()
+        self.recipe = recipe
+        self.register_buffer("amax_history", torch.zeros(recipe.amax_history_len, NUM_SLOTS, device=device))
+        self.register_buffer("scale", torch.ones(NUM_SLOTS, device=device))
+
+    @torch.no_grad()
+    def scale_for(self, x: torch.Tensor, slot: int, group=None) -> torch.Tensor:
+        """The scale to quantize ``x`` with (a float32 scalar), updating the state."""
+        fmt_max = fp8_max(self.recipe.dtype(slot))
+        amax = reduce_amax(tensor_amax(x).to(self.scale.device), group)
+        if self.recipe.recipe == "tensorwise":
+            scale = compute_scale(amax, fmt_max, self.recipe.margin, torch.ones_like(amax))
+            self.amax_history[0, slot] = amax
+            self.scale[slot] = scale
+            return scale
+        scale = self.scale[slot].clone()
+        history = self.amax_history[:, slot]
+        history[0] = amax
+        window = history.amax() if self.recipe.amax_compute_algo == "max" else history[0]
+        self.scale[slot] = compute_scale(window, fmt_max, self.recipe.margin, scale)
+        if history.numel() > 1:
+            history.copy_(torch.roll(history, 1))
+            history[0] = 0.0
+        return scale
+
+    def extra_repr(self) -> str:
+        r = self.recipe
+        return (f"format={r.fmt}, recipe={r.recipe}, margin={r.margin}, amax_history_len={r.amax_history_len}, "
+                f"amax_compute_algo={r.amax_compute_algo}, wgrad={r.wgrad}")
+
+
+def fp8_state_is_finite(modules) -> bool:
+    """False if any FP8 scale or recorded amax under ``modules`` is NaN or Inf (a NaN/Inf
+    activation or gradient reached an FP8 linear, or a scale overflowed)."""
+    tensors = [t for module in modules for m in module.modules() if isinstance(m, Fp8Scaling)
+               for t in (m.amax_history, m.scale)]
+    if not tensors:
+        return True
+    return bool(torch.isfinite(torch.stack([t.float().sum() for t in tensors])).all())
