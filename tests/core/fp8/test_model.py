@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron.core.dist_checkpointing.model_sharding import global_tensor_names
-from megatron.core.fp8.layer_scope import fp8_layer_scope, layer_runs_in_fp8
+from megatron.core.fp8.layer_scope import layer_runs_in_fp8
 from megatron.core.fp8.scaling import Fp8Scaling
 from megatron.core.models.gpt import GPTModel
 from megatron.core.tensor_parallel import ColumnParallelLinear
