@@ -142,13 +142,14 @@ def stage_report(args, plan: StagePlan) -> List[str]:
     ]
 
 
-def dry_run_report(args, model_provider: Callable) -> str:
-    """The whole report for validated ``args`` (with padded_vocab_size set)."""
+def dry_run_report(args, model_provider: Callable, flops_func: Optional[Callable] = None) -> str:
+    """The whole report for validated ``args`` (with padded_vocab_size set); ``flops_func`` is the
+    family's FLOP count (default: the dense GPT formula)."""
     from megatron.training.flops import num_floating_point_operations
 
     total, embedding = count_full_model(model_provider)
     plans = plan_stages(args, model_provider)
-    flops = num_floating_point_operations(args, args.global_batch_size)
+    flops = (flops_func or num_floating_point_operations)(args, args.global_batch_size)
     recompute = configured_recompute(args) or "none"
     lines = [
         f"dry run: planned for {args.world_size} rank(s); nothing was allocated or run",
@@ -184,11 +185,12 @@ def prepare_args(args, args_defaults: Optional[Dict] = None):
     return args
 
 
-def dry_run(args, model_provider: Callable, args_defaults: Optional[Dict] = None) -> str:
+def dry_run(args, model_provider: Callable, args_defaults: Optional[Dict] = None,
+            flops_func: Optional[Callable] = None) -> str:
     """Plan the run ``args`` (parsed, not yet validated) describe, print the report on rank 0
     (other ranks of a launcher print nothing) and return it."""
     args = prepare_args(args, args_defaults)
-    report = dry_run_report(args, model_provider)
+    report = dry_run_report(args, model_provider, flops_func)
     if int(os.getenv("RANK", "0") or 0) == 0:
         print(report, flush=True)
     return report

@@ -50,8 +50,8 @@ def describe_precision(args) -> str:
 
 
 def summary_lines(args, total_params: int, embedding_params: int, rank_params: int, position: str,
-                  estimate: MemoryEstimate) -> List[str]:
-    flops = num_floating_point_operations(args, args.global_batch_size)
+                  estimate: MemoryEstimate, flops_func=None) -> List[str]:
+    flops = (flops_func or num_floating_point_operations)(args, args.global_batch_size)
     return [
         "run summary:",
         f"  model: {describe_model(args)}",
@@ -64,7 +64,8 @@ def summary_lines(args, total_params: int, embedding_params: int, rank_params: i
     ]
 
 
-def log_startup_summary(args, model: List[torch.nn.Module], pg: ProcessGroups, model_provider=None) -> Optional[str]:
+def log_startup_summary(args, model: List[torch.nn.Module], pg: ProcessGroups, model_provider=None,
+                        flops_func=None) -> Optional[str]:
     """Log the summary on rank 0, for rank 0: the first pipeline stage, which holds the most
     micro-batches in flight (--dry-run reports every stage). ``model_provider`` lets the total
     be counted on the meta device; without it (or if that fails) the total shown is rank 0's."""
@@ -82,6 +83,6 @@ def log_startup_summary(args, model: List[torch.nn.Module], pg: ProcessGroups, m
     pp_rank = pg.rank("pp")
     estimate = estimate_memory(args, params, chunk_shapes(model), pp_rank)
     position = f"rank {args.rank} (tp {pg.rank('tp')}, pp {pp_rank})"
-    text = "\n".join(summary_lines(args, total, embedding, params.total, position, estimate))
+    text = "\n".join(summary_lines(args, total, embedding, params.total, position, estimate, flops_func))
     logger.info(text)
     return text

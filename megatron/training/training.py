@@ -63,14 +63,14 @@ def pretrain(train_valid_test_dataset_provider: Callable, model_provider: Callab
     start = time.time()
     parsed = parse_args(extra_args_provider, ignore_unknown_args)
     if parsed.dry_run:
-        dry_run(parsed, model_provider, args_defaults)
+        dry_run(parsed, model_provider, args_defaults, num_floating_point_operations_func)
         return
     initialize_megatron(extra_args_provider, args_defaults, ignore_unknown_args, parsed_args=parsed)
     args = get_args()
     pg = parallel_state.get_process_groups()
     print_rank_0(f"> time to initialize: {time.time() - start:.1f} s")
     model, optimizer, scheduler = setup_model_and_optimizer(model_provider, pg)
-    log_startup_summary(args, model, pg, model_provider)
+    log_startup_summary(args, model, pg, model_provider, num_floating_point_operations_func)
     if args.ckpt_convert_format is not None:
         target = convert_checkpoint_format(model, optimizer, scheduler, args, pg)
         print_rank_0(f"> saved iteration {args.iteration} of {args.load} as {args.ckpt_convert_format} in {target}")
