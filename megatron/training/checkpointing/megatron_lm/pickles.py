@@ -48,6 +48,9 @@ DCP_METADATA_ALLOWED: Dict[Name, Any] = {
 }
 DCP_METADATA_ALLOWED.update(TORCH_TENSORS)
 DCP_METADATA_ALLOWED[("torch.serialization", "_get_layout")] = torch.serialization._get_layout
+# the checkpoint id (a path) in the storage metadata of newer torch versions
+DCP_METADATA_ALLOWED[("pathlib", "PosixPath")] = pathlib.PurePosixPath
+DCP_METADATA_ALLOWED[("pathlib", "WindowsPath")] = pathlib.PureWindowsPath
 
 
 def megatron_stand_in(module: str, name: str) -> Optional[type]:
