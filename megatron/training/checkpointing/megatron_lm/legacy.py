@@ -183,7 +183,8 @@ def load(directory: str, model, groups: ProcessGroups, gather_problems: Callable
     copies, problems = _copy_chunks(full, model, groups)
     gathered = [p for p in gather_problems("\n".join(problems)) if p]
     if gathered:
-        details = "\n".join(sorted(set("\n".join(gathered).splitlines())))
+        lines = sorted(set("\n".join(gathered).splitlines()))
+        details = "\n".join(lines[:20] + ([f"... and {len(lines) - 20} more"] if len(lines) > 20 else []))
         raise CheckpointError(
             f"{directory} (a Megatron-LM torch checkpoint) does not fit this model; nothing was loaded.\n"
             f"{details}\nPass the saving run's model flags, or --use-checkpoint-args to take them from it."

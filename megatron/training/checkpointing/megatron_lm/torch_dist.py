@@ -93,12 +93,14 @@ def load_requests(directory: str, model, groups: ProcessGroups, args) -> Tuple[L
     """This rank's chunks as Megatron keys, and what does not fit the checkpoint."""
     metadata = read_metadata(directory)
     saved = metadata.state_dict_metadata
-    requests, problems = [], []
+    requests, problems, missing = [], [], set()
     for tensor, placement in model_placements(model, groups):
         candidates = keys.megatron_keys(placement.key, args.num_layers, getattr(args, "num_experts", None))
         chosen = _choose(placement.key, candidates, metadata)
         if chosen is None:
-            problems.append(f"missing from the checkpoint: {placement.key} (Megatron key {candidates[0].key})")
+            if candidates[0].key not in missing:  # one line per Megatron key, not per layer or expert
+                missing.add(candidates[0].key)
+                problems.append(f"missing from the checkpoint: {candidates[0].key} (ours: {placement.key})")
             continue
         for chunk in placement.shard(tensor.data):
             request = _with_axes(chunk, chosen)
@@ -118,7 +120,8 @@ def load(directory: str, model, groups: ProcessGroups, args, gather_problems: Ca
     requests, problems = load_requests(directory, model, groups, args)
     gathered = [p for p in gather_problems("\n".join(problems)) if p]
     if gathered:
-        details = "\n".join(sorted(set("\n".join(gathered).splitlines())))
+        lines = sorted(set("\n".join(gathered).splitlines()))
+        details = "\n".join(lines[:20] + ([f"... and {len(lines) - 20} more"] if len(lines) > 20 else []))
         raise CheckpointError(
             f"{directory} (a Megatron-LM torch_dist checkpoint) does not fit this model; nothing was loaded.\n"
             f"{details}\nPass the saving run's model flags, or --use-checkpoint-args to take them from it."
