@@ -146,6 +146,9 @@ def merged_state(directory: str) -> Tuple[Dict[str, torch.Tensor], dict]:
                     raise CheckpointError(f"{path} is missing: the checkpoint's args say TP={tp} PP={pp} EP={ep}")
                 state = head if path == first_file(directory) else _load(path)
                 chunk_keys = sorted(k for k in state if re.fullmatch(r"model\d*", k))
+                if any(k.startswith("language_model.") for c in chunk_keys for k in state[c]):
+                    raise CheckpointError(f"{path} holds a pre-Core Megatron model (language_model.*), which is not "
+                                          "supported; convert it to a Megatron-Core checkpoint with Megatron-LM first")
                 offsets = offsets or _stage_offsets(saved, pp, len(chunk_keys))
                 for v, chunk_key in enumerate(chunk_keys):
                     for key, tensor in state[chunk_key].items():
