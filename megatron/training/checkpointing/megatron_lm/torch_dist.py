@@ -44,7 +44,12 @@ def is_megatron_torch_dist(directory: str) -> bool:
         return False
     if os.path.isfile(os.path.join(directory, COMMON_FILE)):
         return True
-    return COMMON_KEY in read_metadata(directory).state_dict_metadata
+    # The key is a plain string in the pickled .metadata: found without unpickling anything.
+    try:
+        with open(os.path.join(directory, ".metadata"), "rb") as handle:
+            return COMMON_KEY.encode() in handle.read()
+    except OSError:
+        return False
 
 
 def read_common(directory: str) -> dict:
