@@ -110,7 +110,9 @@ def _rank_model(truth: dict, t: int, p: int, e: int, tp: int, pp: int, ep: int, 
                     continue
                 rest = f"mlp.experts.local_experts.{int(expert.group(1)) % per_rank}.{expert.group(2)}"
             key = f"decoder.layers.{i % per_stage}.{_megatron_name(rest) if te_names else rest}"
-        elif key.startswith("embedding.") and p != 0 or key.startswith(("decoder.final", "output_layer")) and p != pp - 1:
+        elif key.startswith("embedding.") and p != 0:
+            continue
+        elif key.startswith(("decoder.final", "output_layer")) and p != pp - 1:
             continue
         out[key] = _shard(key, tensor, t, tp).clone()
         if key.endswith("linear_fc1.weight"):

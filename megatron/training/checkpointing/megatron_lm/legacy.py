@@ -41,7 +41,8 @@ _COLUMNS = ("linear_proj.weight", "linear_fc2.weight")
 
 
 def is_megatron_legacy(directory: str) -> bool:
-    return torch_format.is_torch_checkpoint(directory) and not os.path.isfile(os.path.join(directory, MANIFEST_FILENAME))
+    ours = os.path.isfile(os.path.join(directory, MANIFEST_FILENAME))
+    return torch_format.is_torch_checkpoint(directory) and not ours
 
 
 def _load(path: str) -> dict:
@@ -122,10 +123,11 @@ def _merge(name: str, shards: List[torch.Tensor], gated: bool) -> torch.Tensor:
 
 def merged_state(directory: str) -> Tuple[Dict[str, torch.Tensor], dict]:
     """(full tensors under our global names, the first rank's file without its model)."""
-    head = _load(first_file(directory))
+    head_path = first_file(directory)
+    head = _load(head_path)
     saved = head.get("args")
     if saved is None:
-        raise CheckpointError(f"{first_file(directory)}: no 'args' entry; not a Megatron-LM checkpoint file")
+        raise CheckpointError(f"{head_path}: no 'args' entry; not a Megatron-LM checkpoint file")
     if float(head.get("checkpoint_version", 0)) < 2.0:
         raise CheckpointError(f"{directory}: checkpoint_version {head.get('checkpoint_version')} (QKV in the pre-2.0 "
                               "row order) is not supported; re-save it with a current Megatron-LM")
@@ -144,7 +146,7 @@ def merged_state(directory: str) -> Tuple[Dict[str, torch.Tensor], dict]:
                 path = os.path.join(directory, torch_format.rank_dir_name(t, p, e, pp, ep), torch_format.MODEL_FILENAME)
                 if not os.path.isfile(path):
                     raise CheckpointError(f"{path} is missing: the checkpoint's args say TP={tp} PP={pp} EP={ep}")
-                state = head if path == first_file(directory) else _load(path)
+                state = head if path == head_path else _load(path)
                 chunk_keys = sorted(k for k in state if re.fullmatch(r"model\d*", k))
                 if any(k.startswith("language_model.") for c in chunk_keys for k in state[c]):
                     raise CheckpointError(f"{path} holds a pre-Core Megatron model (language_model.*), which is not "
@@ -159,7 +161,9 @@ def merged_state(directory: str) -> Tuple[Dict[str, torch.Tensor], dict]:
     return full, {k: v for k, v in head.items() if not re.fullmatch(r"model\d*", k)}
 
 
-def _copy_chunks(full: Dict[str, torch.Tensor], model, groups: ProcessGroups) -> Tuple[List[Callable[[], None]], List[str]]:
+def _copy_chunks(full: Dict[str, torch.Tensor], model, groups: ProcessGroups
+                 ) -> Tuple[List[Callable[[], None]], List[str]]:
+    """(the copies of this rank's chunks out of ``full``, what does not fit); copies nothing yet."""
     copies, problems = [], []
     for tensor, placement in model_placements(model, groups):
         source = full.get(placement.key)

@@ -110,7 +110,8 @@ def load_requests(directory: str, model, groups: ProcessGroups, args) -> Tuple[L
         for chunk in placement.shard(tensor.data):
             request = _with_axes(chunk, chosen)
             size = tuple(saved[chosen.key].size)
-            if size != request.global_shape and not (request.allow_shape_mismatch and len(size) == len(request.global_shape)):
+            padded_vocab = request.allow_shape_mismatch and len(size) == len(request.global_shape)
+            if size != request.global_shape and not padded_vocab:
                 problems.append(f"{chosen.key}: checkpoint {size}, this model {request.global_shape}")
                 break
             requests.append(request)
