@@ -18,7 +18,9 @@ from torch.distributed.checkpoint import DefaultSavePlanner
 from megatron.core.models.gpt import GPTModel
 from megatron.core.process_groups import ProcessGroups
 from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.dist_checkpointing import save_sharded
 from megatron.training.checkpointing import megatron_lm
+from megatron.training.checkpointing.megatron_lm import torch_dist
 from megatron.training.checkpointing.directory import CheckpointError
 
 LAYERS, EXPERTS = 2, 4
@@ -26,14 +28,14 @@ TE_NORMS = {"input_layernorm.": "self_attention.linear_qkv.layer_norm_",
             "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_"}
 
 
-def _model(kind: str, seed: int) -> GPTModel:
+def _model(kind: str, seed: int, moe_layer_freq: int = 1) -> GPTModel:
     torch.manual_seed(seed)
     common = dict(num_layers=LAYERS, hidden_size=64, num_attention_heads=4, num_query_groups=2, kv_channels=16,
                   gated_linear_unit=True, activation_func=F.silu, add_bias_linear=False, normalization="RMSNorm",
                   use_cpu_initialization=True)
     if kind == "moe":
-        common.update(num_moe_experts=EXPERTS, moe_router_topk=2, moe_ffn_hidden_size=32,
-                      moe_shared_expert_intermediate_size=32, qk_layernorm=True)
+        common.update(num_moe_experts=EXPERTS, moe_router_topk=2, moe_ffn_hidden_size=32, ffn_hidden_size=48,
+                      moe_shared_expert_intermediate_size=32, qk_layernorm=True, moe_layer_freq=moe_layer_freq)
     else:
         common.update(ffn_hidden_size=96)
     return GPTModel(TransformerConfig(**common), vocab_size=128, max_sequence_length=32,
@@ -172,3 +174,27 @@ def test_a_mismatched_model_is_refused_before_any_weight_changes(tmp_path):
                        r"missing from the checkpoint: decoder.layers.mlp.experts.experts.linear_fc1.weight"):
         megatron_lm.load(str(tmp_path), [model], ProcessGroups(), _args("moe"), lambda p: [p], None)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("freq, expected", [
+    (1, ["decoder.layers.mlp.experts.experts.linear_fc1.weight", "decoder.layers.mlp.linear_fc1.layer_norm_weight"]),
+    (2, ["decoder.layers.0.mlp.experts.experts.linear_fc1.weight", "decoder.layers.1.mlp.linear_fc1.weight"]),
+])
+def test_megatron_layout_writer_stacks_only_homogeneous_layers_and_round_trips(tmp_path, freq, expected):
+    """MoE in every layer: stacked keys; MoE every 2nd layer: per-layer keys (Megatron's
+    rule for non-homogeneous stacks). Either reads back exactly."""
+    truth = _model("moe", seed=0, moe_layer_freq=freq)
+    args = _args("moe")
+    args.moe_layer_freq = freq
+    tensors, objects = torch_dist.build_save_items([truth], ProcessGroups(), 0, args, 3, 0.0, to_cpu=False)
+    assert set(expected) <= {t.key for t in tensors}
+    assert f"decoder.layers.{'' if freq == 1 else '0.'}mlp.experts.experts.linear_fc1._extra_state/shard_" \
+        f"{'0.3_2.4' if freq == 1 else '3_4'}" in {o.key for o in objects}
+    save_sharded(tensors, objects, str(tmp_path))
+    with open(os.path.join(tmp_path, "metadata.json"), "w") as handle:
+        json.dump({"sharded_backend": "torch_dist", "sharded_backend_version": 1}, handle)
+    model = _model("moe", seed=1, moe_layer_freq=freq)
+    common = megatron_lm.load(str(tmp_path), [model], ProcessGroups(), args, lambda p: [p], None)
+    assert common["iteration"] == 3
+    for key, tensor in truth.state_dict().items():
+        assert torch.equal(model.state_dict()[key], tensor), key
