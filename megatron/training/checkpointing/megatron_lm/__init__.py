@@ -18,9 +18,6 @@ from megatron.training.checkpointing.megatron_lm import legacy, run_args, torch_
 
 logger = logging.getLogger(__name__)
 
-FLAG = "--ckpt-megatron-lm-layout"
-
-
 def is_megatron_checkpoint(directory: str) -> bool:
     """Whether ``directory`` (an ``iter_*`` directory) was written in Megatron-LM's layout."""
     return torch_dist.is_megatron_torch_dist(directory) or legacy.is_megatron_legacy(directory)
@@ -50,4 +47,4 @@ def load(directory: str, model, groups: ProcessGroups, args, gather_problems: Ca
     return common
 
 
-__all__ = ["FLAG", "is_megatron_checkpoint", "legacy", "load", "read_saved_args", "run_args", "torch_dist"]
+__all__ = ["is_megatron_checkpoint", "legacy", "load", "read_saved_args", "run_args", "torch_dist"]
