@@ -77,10 +77,15 @@ def _stacked(truth: dict) -> dict:
     return out
 
 
-def _write_torch_dist(directory: str, truth: dict, args) -> None:
+def _write_torch_dist(directory: str, truth: dict, args, common_file: bool = False) -> None:
+    """``common_file``: the common state in ``common.pt`` (Megatron-Core <= 0.18), not in the distcp files."""
     state = _stacked(truth)
-    state["common_state/shard_0_1"] = [{"args": args, "checkpoint_version": 3.0, "iteration": 7,
-                                        "num_floating_point_operations_so_far": 0.0}]
+    common = {"args": args, "checkpoint_version": 3.0, "iteration": 7, "num_floating_point_operations_so_far": 0.0}
+    if common_file:
+        os.makedirs(directory, exist_ok=True)
+        torch.save(common, os.path.join(directory, "common.pt"))
+    else:
+        state["common_state/shard_0_1"] = [common]
     dcp.save(state, checkpoint_id=directory, planner=DefaultSavePlanner(flatten_state_dict=False), no_dist=True)
     with open(os.path.join(directory, "metadata.json"), "w") as handle:
         json.dump({"sharded_backend": "torch_dist", "sharded_backend_version": 1}, handle)
@@ -145,10 +150,10 @@ def _load_and_compare(directory: str, kind: str, truth: dict) -> dict:
     return common
 
 
-@pytest.mark.parametrize("kind", ["llama", "moe"])
-def test_torch_dist_stacked_layout_loads_exactly(tmp_path, kind):
+@pytest.mark.parametrize("kind, common_file", [("llama", False), ("moe", False), ("llama", True)])
+def test_torch_dist_stacked_layout_loads_exactly(tmp_path, kind, common_file):
     truth = _model(kind, seed=0).state_dict()
-    _write_torch_dist(str(tmp_path), truth, _args(kind))
+    _write_torch_dist(str(tmp_path), truth, _args(kind), common_file)
     common = _load_and_compare(str(tmp_path), kind, truth)
     assert common["iteration"] == 7 and common["args"].consumed_train_samples == 64
 
