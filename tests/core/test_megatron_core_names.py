@@ -53,3 +53,25 @@ def test_wrapped_model_config_and_init_methods():
     torch.manual_seed(0)
     utils.scaled_init_method_normal(0.02, 8)(weight)
     assert abs(weight.std().item() - 0.02 / 4) < 5e-4
+
+
+def test_module_spec_builds_classes_imports_pairs_and_returns_functions():
+    from megatron.core.transformer.spec_utils import ModuleSpec, build_module, get_module
+
+    linear = build_module(ModuleSpec(module=torch.nn.Linear, params={"bias": False}), 4, 3)
+    assert isinstance(linear, torch.nn.Linear) and linear.bias is None and linear.weight.shape == (3, 4)
+    # call-site kwargs win over the spec's params
+    assert build_module(ModuleSpec(module=torch.nn.Linear, params={"bias": False}), 4, 3, bias=True).bias is not None
+    assert isinstance(build_module(ModuleSpec(module=("torch.nn", "GELU"))), torch.nn.GELU)
+    assert get_module(("torch.nn.functional", "gelu")) is torch.nn.functional.gelu
+    assert build_module(ModuleSpec(module=torch.nn.functional.gelu)) is torch.nn.functional.gelu
+
+    class WithSubmodules(torch.nn.Module):
+        def __init__(self, submodules, width=2):
+            super().__init__()
+            self.inner = build_module(submodules, width, width)
+
+    built = build_module(ModuleSpec(module=WithSubmodules, submodules=ModuleSpec(module=torch.nn.Linear)), width=5)
+    assert built.inner.weight.shape == (5, 5)
+    with pytest.raises(TypeError, match="building Linear from its ModuleSpec"):
+        build_module(ModuleSpec(module=torch.nn.Linear, params={"no_such": 1}), 2, 2)
