@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 from typing import Callable, List, Optional, Tuple
 
-import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
