@@ -85,7 +85,8 @@ def _with_axes(chunk: ShardedTensor, key: keys.MegatronKey) -> ShardedTensor:
                          tuple(i for i, _ in key.axes) + chunk.global_offset, chunk.allow_shape_mismatch)
 
 
-def _choose(name: str, candidates: List[keys.MegatronKey], metadata: Metadata) -> Optional[keys.MegatronKey]:
+def _choose(candidates: List[keys.MegatronKey], metadata: Metadata) -> Optional[keys.MegatronKey]:
+    """The first candidate key the checkpoint holds as a tensor."""
     saved = metadata.state_dict_metadata
     for candidate in candidates:
         if isinstance(saved.get(candidate.key), TensorStorageMetadata):
@@ -100,7 +101,7 @@ def load_requests(directory: str, model, groups: ProcessGroups, args) -> Tuple[L
     requests, problems, missing = [], [], set()
     for tensor, placement in model_placements(model, groups):
         candidates = keys.megatron_keys(placement.key, args.num_layers, getattr(args, "num_experts", None))
-        chosen = _choose(placement.key, candidates, metadata)
+        chosen = _choose(candidates, metadata)
         if chosen is None:
             if candidates[0].key not in missing:  # one line per Megatron key, not per layer or expert
                 missing.add(candidates[0].key)
