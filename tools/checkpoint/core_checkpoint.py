@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from megatron.training.checkpointing import directory as layout
-from megatron.training.checkpointing import torch_dist_format, torch_format
+from megatron.training.checkpointing import megatron_lm, torch_dist_format, torch_format
 from megatron.training.checkpointing.directory import CheckpointError
 
 from workers import ConversionError
@@ -50,6 +50,11 @@ def open_core_checkpoint(root: str) -> CoreCheckpoint:
         raise ConversionError(f"--load-dir {root}: no {layout.TRACKER_FILENAME}; point --load-dir at a --save "
                               "directory of a training run")
     directory = layout.iteration_dir(root, iteration, release)
+    if megatron_lm.is_megatron_checkpoint(directory):
+        # Written by Megatron-LM (either format): the workers' load reads it in any layout.
+        ckpt_format = torch_dist_format.FORMAT if megatron_lm.torch_dist.is_megatron_torch_dist(directory) \
+            else torch_format.FORMAT
+        return CoreCheckpoint(root, ckpt_format, iteration, megatron_lm.read_saved_args(directory))
     if torch_dist_format.is_torch_dist_checkpoint(directory):
         with warnings.catch_warnings():
             # Read from this single process on purpose; torch warns that no group exists.

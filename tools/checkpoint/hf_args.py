@@ -48,6 +48,8 @@ def model_flags_from_hf_config(hf_config: dict) -> List[str]:
         flags.append("--untie-embeddings-and-output-weights")
     if config.get("openai_gelu"):
         flags.append("--openai-gelu")
+    if config.get("bias_activation_fusion") is False:
+        flags.append("--no-bias-gelu-fusion")  # exact GeLU; the fused one is the tanh approximation
     if config.get("gated_linear_unit"):
         flags.append("--swiglu")
     if not config.get("add_bias_linear", True):

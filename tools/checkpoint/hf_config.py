@@ -58,7 +58,7 @@ def _gpt2(args, vocab: int) -> dict:
         "n_layer": args.num_layers, "n_embd": args.hidden_size, "n_head": args.num_attention_heads,
         "n_inner": args.ffn_hidden_size, "n_positions": args.max_position_embeddings, "vocab_size": vocab,
         "layer_norm_epsilon": args.norm_epsilon,
-        "activation_function": "gelu_new" if args.openai_gelu else "gelu",
+        "activation_function": "gelu_new" if args.openai_gelu or args.bias_gelu_fusion else "gelu",
         "resid_pdrop": args.hidden_dropout, "embd_pdrop": args.hidden_dropout, "attn_pdrop": args.attention_dropout,
         "tie_word_embeddings": _tied(args),
     }

@@ -3,6 +3,12 @@
 ``bias_activation`` is what MLPs and experts call: it adds the fc1 bias and applies the
 (gated) activation, through ``bias_gelu`` / ``bias_swiglu`` when the switch is on and
 the activation is one of theirs, and through the plain reference otherwise.
+
+As in Megatron-LM, the switch changes GeLU itself: with ``bias_activation_fusion`` on
+(``--bias-gelu-fusion``, the default whenever the linears have biases) ``F.gelu`` is
+computed with the tanh approximation, which is what Megatron's fused bias-GeLU (and
+bias-GeGLU) kernel computes; with it off, GeLU is exact (erf). Checkpoints trained by
+Megatron-LM with the default flags therefore give the same outputs here.
 """
 
 from __future__ import annotations
@@ -30,9 +36,8 @@ def bias_activation_reference(
 
 
 def _gelu_approximation(activation: Callable) -> Optional[str]:
-    if activation is F.gelu:
-        return "none"
-    if activation is openai_gelu:
+    """The GeLU variant the fused path computes (Megatron's fused GeLU is the tanh one)."""
+    if activation is F.gelu or activation is openai_gelu:
         return "tanh"
     return None
 
@@ -51,4 +56,6 @@ def bias_activation(
         approximate = _gelu_approximation(activation)
         if not gated and approximate is not None:
             return bias_gelu(x, bias, approximate)
+        if gated and approximate is not None:
+            return bias_activation_reference(x, bias, openai_gelu, gated)
     return bias_activation_reference(x, bias, activation, gated)

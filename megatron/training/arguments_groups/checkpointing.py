@@ -44,6 +44,10 @@ def add_checkpointing_args(parser: argparse.ArgumentParser) -> argparse.Argument
     g.add_argument("--ckpt-format", type=str, default="torch_dist", choices=CKPT_FORMATS,
                    help="Format to save in and to expect on load.")
     g.add_argument("--auto-detect-ckpt-format", action="store_true", help="Detect the format of the loaded checkpoint.")
+    g.add_argument("--ckpt-megatron-lm-layout", action="store_true",
+                   help="Save checkpoints in Megatron-LM's own key layout (torch_dist: layers stacked, its "
+                        "common_state; torch: its per-rank names and extra state), model weights only, so that "
+                        "Megatron-LM loads them. Loading recognizes Megatron-LM checkpoints without this flag.")
     g.add_argument("--use-dist-ckpt", action="store_true", dest="use_dist_ckpt_deprecated",
                    help="Deprecated no-op: use --ckpt-format.")
     g.add_argument("--dist-ckpt-format", type=str, default=None, dest="dist_ckpt_format_deprecated",

@@ -28,7 +28,7 @@ from torch.distributed.checkpoint.api import CheckpointException as WriterExcept
 from megatron.core import parallel_state
 from megatron.core.process_groups import ProcessGroups
 from megatron.training.checkpointing import directory as layout
-from megatron.training.checkpointing import torch_dist_format, torch_format
+from megatron.training.checkpointing import megatron_lm, torch_dist_format, torch_format
 from megatron.training.checkpointing.collectives import (
     all_gather_objects,
     barrier,
@@ -121,14 +121,25 @@ def save_checkpoint(iteration: int, model: List, optimizer, scheduler, num_float
     crash_point("before_shards", rank, iteration)
     save_optim, save_rng = not args.no_save_optim, not args.no_save_rng
     background = bool(getattr(args, "async_save", False))
-    if ckpt_format == torch_dist_format.FORMAT:
+    megatron_layout = bool(getattr(args, "ckpt_megatron_lm_layout", False))
+    if megatron_layout:
+        print_rank_0("  in Megatron-LM's key layout (--ckpt-megatron-lm-layout): model weights only")
+    if ckpt_format == torch_dist_format.FORMAT and megatron_layout:
+        items = megatron_lm.torch_dist.build_save_items(model, groups, rank, args, iteration,
+                                                        num_floating_point_operations_so_far, to_cpu=background)
+    elif ckpt_format == torch_dist_format.FORMAT:
         states, scalars = torch_dist_format.gather_optimizer_state(optimizer, save_optim)
         common = common_state(args, iteration, optimizer, scheduler, num_floating_point_operations_so_far,
                               save_optim, save_rng, scalars) if rank == 0 else None
         items = torch_dist_format.build_save_items(model, groups, rank, states, common,
                                                    capture_rng() if save_rng else None, to_cpu=background)
+    if ckpt_format == torch_dist_format.FORMAT:
         mid_shard = lambda n: crash_point("mid_shard", rank, iteration) if n == 1 else None  # noqa: E731
         write = lambda: torch_dist_format.write(items, staging, group, mid_shard, rank)  # noqa: E731
+    elif megatron_layout:
+        payload = megatron_lm.legacy.build_payload(args, iteration, model, num_floating_point_operations_so_far, groups)
+        write = lambda: torch_format.write(  # noqa: E731
+            payload, staging, lambda: crash_point("mid_shard", rank, iteration))
     else:
         payload = torch_format.build_payload(args, iteration, model, optimizer, scheduler,
                                              num_floating_point_operations_so_far, save_optim, save_rng, groups)
@@ -273,7 +284,12 @@ def load_checkpoint(model: List, optimizer, scheduler, args=None, pg: Optional[P
     load_optim = not args.no_load_optim and not finetune
     wants_rng = not args.no_load_rng and not finetune
     print_rank_0(f"loading checkpoint from {root} at iteration {iteration}")
-    if torch_dist_format.is_torch_dist_checkpoint(directory):
+    if megatron_lm.is_megatron_checkpoint(directory):
+        common = megatron_lm.load(directory, model, groups, args, _gather_problems(group), group)
+        load_optim, load_rng, rng = False, False, None
+        print_rank_0("  a checkpoint in Megatron-LM's layout: model weights loaded; its optimizer and RNG states "
+                     "are not read (training continues with a fresh optimizer)")
+    elif torch_dist_format.is_torch_dist_checkpoint(directory):
         common = torch_dist_format.read_common(directory, group)
         load_optim = load_optim and common.get("optimizer_saved", True)
         load_rng = wants_rng and common.get("rng_saved", True) and _same_layout(common.get("layout"), args)

@@ -26,6 +26,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
+from megatron.training.checkpointing import megatron_lm
 from megatron.training.checkpointing.directory import CheckpointError, iteration_dir, read_tracker
 from megatron.training.checkpointing.torch_dist_format import is_torch_dist_checkpoint, read_common
 from megatron.training.checkpointing.torch_format import MODEL_FILENAME
@@ -67,8 +68,11 @@ def _checkpoint_dir(args: argparse.Namespace) -> Optional[str]:
 
 
 def read_saved_args(directory: str) -> argparse.Namespace:
-    """The arguments saved with the checkpoint in ``directory`` (torch_dist or torch format)."""
-    if is_torch_dist_checkpoint(directory):
+    """The arguments saved with the checkpoint in ``directory`` (torch_dist or torch format,
+    ours or Megatron-LM's)."""
+    if megatron_lm.is_megatron_checkpoint(directory):
+        saved = megatron_lm.read_saved_args(directory)
+    elif is_torch_dist_checkpoint(directory):
         saved = read_common(directory, None).get("args")
     else:
         files = sorted(glob.glob(os.path.join(directory, "mp_rank_*", MODEL_FILENAME)))

@@ -355,6 +355,8 @@ def _gpt2_kwargs(c: dict) -> Tuple[dict, dict]:
         add_bias_linear=True,
         activation_func=F.gelu,
         openai_gelu=act != "gelu",
+        # exact GeLU: the fused bias-GeLU computes the tanh approximation (as Megatron's)
+        bias_activation_fusion=act != "gelu",
         hidden_dropout=c.get("resid_pdrop", 0.1),
         attention_dropout=c.get("attn_pdrop", 0.1),
     )
