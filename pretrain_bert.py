@@ -151,7 +151,12 @@ def train_valid_test_datasets_provider(train_val_test_num_samples):
     return tuple(datasets)
 
 
-if __name__ == "__main__":
+def main() -> None:
+    """Train with the command line's flags (also the ``megatron-pretrain-bert`` command)."""
     pretrain(train_valid_test_datasets_provider, model_provider, ModelType.encoder_or_decoder, forward_step,
              num_floating_point_operations_func=bert_floating_point_operations)
     shutdown_megatron()
+
+
+if __name__ == "__main__":
+    main()

@@ -13,7 +13,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 DATA = REPO / "examples" / "data"
-COMMANDS = ["megatron-pretrain-gpt", "megatron-pretrain-mamba", "megatron-pretrain-hybrid",
+COMMANDS = ["megatron-pretrain-gpt", "megatron-pretrain-bert", "megatron-pretrain-mamba", "megatron-pretrain-hybrid",
             "megatron-preprocess-data", "megatron-convert-checkpoint", "megatron-merge-datasets",
             "megatron-verify-dataset", "megatron-text-generation-server", "megatron-text-generation-cli"]
 _LEFT_BEHIND = shutil.ignore_patterns(".git", "build", "dist", "*.egg-info", "runs", "__pycache__", "*.pyc")
