@@ -8,6 +8,7 @@ Asks for a prompt and a number of tokens, sends ``PUT http://<host:port>/api`` a
 
 from __future__ import annotations
 
+import argparse
 import ast
 import json
 import sys
@@ -29,12 +30,15 @@ def _put(url: str, payload: dict):
             return err.code, {"message": body}
 
 
+def get_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Interactive client of the text generation server: asks for a "
+                                                 "prompt and a number of tokens and prints the server's text.")
+    parser.add_argument("address", metavar="host:port", help="where tools/run_text_generation_server.py listens")
+    return parser
+
+
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1:
-        print("usage: text_generation_cli.py <host:port>", file=sys.stderr)
-        return 2
-    url = f"http://{argv[0]}/api"
+    url = f"http://{get_parser().parse_args(argv).address}/api"
     while True:
         try:
             sentence = input("Enter prompt: ")

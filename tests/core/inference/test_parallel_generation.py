@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.inference import InferenceRequest, SamplingParams, StaticInferenceEngine
 from megatron.core.models.gpt import GPTModel
-from megatron.core.pipeline_parallel.init_rng import layout_independent_initialization
+from megatron.core.transformer.init_rng import layout_independent_initialization
 from megatron.core.transformer.transformer_config import TransformerConfig
 from tests.multirank import run_on_ranks
 

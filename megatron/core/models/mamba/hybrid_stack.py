@@ -10,7 +10,7 @@ import torch
 from megatron.core import process_groups, tensor_parallel
 from megatron.core.models.mamba.hybrid_layers import AttentionLayer, MLPLayer
 from megatron.core.models.mamba.layer_pattern import ATTENTION, MAMBA, MLP, MOE, parse_pattern, stage_segment
-from megatron.core.pipeline_parallel.init_rng import initialization_stream
+from megatron.core.transformer.init_rng import initialization_stream
 from megatron.core.ssm.mamba_config import MambaConfig
 from megatron.core.ssm.mamba_layer import MambaLayer
 from megatron.core.transformer.torch_norm import build_norm
@@ -61,7 +61,7 @@ class HybridStack(torch.nn.Module):
         self.layer_pattern, self.layer_offset = segment, offset
         layers = []
         for i, symbol in enumerate(segment):
-            # Layer L's initial weights depend only on L (see pipeline_parallel.init_rng).
+            # Layer L's initial weights depend only on L (see transformer.init_rng).
             with initialization_stream(f"layer{offset + i + 1}"):
                 layers.append(build_hybrid_layer(symbol, config, mamba_config, offset + i + 1, groups))
         self.layers = torch.nn.ModuleList(layers)

@@ -17,7 +17,7 @@ from megatron.core.models.common.embeddings.language_model_embedding import Lang
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 from megatron.core.models.common.language_module.language_module import LanguageModule
 from megatron.core.models.mamba.hybrid_stack import HybridStack
-from megatron.core.pipeline_parallel.init_rng import initialization_stream
+from megatron.core.transformer.init_rng import initialization_stream
 from megatron.core.ssm.mamba_config import MambaConfig
 from megatron.core.transformer.transformer_config import TransformerConfig
 
