@@ -2,7 +2,8 @@
 
 Flag names, defaults and meanings are Megatron's, so launch scripts run unchanged. The flags
 live in ``arguments_groups`` (one module per group), the checks in ``argument_checks`` and
-the derived values in ``derived_args``. ``--yaml-cfg`` is not supported.
+the derived values in ``derived_args``. ``--yaml-cfg FILE`` replaces the command line
+with Megatron's YAML config (``yaml_config``).
 
 Unknown or misspelled flags exit with status 2 and name the nearest valid flags, unless
 ``ignore_unknown_args``. Abbreviations are refused (``allow_abbrev=False``, as in Megatron),
@@ -74,6 +75,10 @@ def parse_args(
     namespace, unknown = parser.parse_known_args(args)
     if unknown and not ignore_unknown_args:
         parser.error(_unknown_args_message(parser, unknown))
+    if namespace.yaml_cfg is not None:
+        from megatron.training.yaml_config import apply_yaml
+
+        namespace = apply_yaml(parser, namespace, namespace.yaml_cfg)
     return namespace
 
 

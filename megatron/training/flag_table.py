@@ -242,8 +242,6 @@ _refuse("an explicit pipeline layout string is not implemented",
         "use --decoder-first-pipeline-num-layers / --decoder-last-pipeline-num-layers",
         "--pipeline-model-parallel-layout")
 _refuse("this option is not implemented", "drop the flag", "--use-gigatoken --output-logit-dtype")
-_refuse("Megatron's YAML configuration files are not read here", "write the flags on the command line",
-        "--yaml-cfg")
 _no_effect("the dataset index is built and cached as Megatron does; this loading shortcut is not needed",
            "--dataloader-defer-npy-index-mmap --dataloader-fast-cache-load --per-dataset-sequences-path")
 

@@ -101,6 +101,8 @@ def add_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     g.add_argument("--profile-step-end", type=int, default=12, help="Last profiled step.")
     g.add_argument("--use-pytorch-profiler", action="store_true", help="Use torch.profiler instead of nsys ranges.")
     g.add_argument("--profile-ranks", nargs="+", type=int, default=[0], help="Global ranks to profile.")
+    g.add_argument("--yaml-cfg", type=str, default=None,
+                   help="Megatron YAML config file; its values replace the command line's (needs PyYAML).")
     return parser
 
 
