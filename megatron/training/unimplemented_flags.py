@@ -30,8 +30,6 @@ REFUSED: Dict[str, Tuple[str, str, str]] = {
             "train in bf16 (--bf16) and drop the fp8 flags"),
     "fp8_param_gather": ("--fp8-param-gather", "fp8 training is not implemented",
                          "drop --fp8-param-gather"),
-    "grad_reduce_in_bf16": ("--grad-reduce-in-bf16", "gradients are accumulated and reduced in fp32 here",
-                            "drop --grad-reduce-in-bf16"),
     "num_distributed_optimizer_instances": (
         "--num-distributed-optimizer-instances", "only one distributed-optimizer instance (sharding over all "
         "data-parallel ranks) is implemented", "drop the flag or set it to 1"),

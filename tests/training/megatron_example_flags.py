@@ -126,7 +126,6 @@ LLAMA3_8B_FP8 = ExampleScript(
     dropped={
         # The --fp8-amax-* recipe details stay: they are accepted (with no effect) without fp8.
         "--fp8-format": (1, FP8_NEEDS_GPU), "--fp8-param-gather": (0, FP8_NEEDS_GPU),
-        "--grad-reduce-in-bf16": (0, "gradients are reduced in fp32 here (bf16 reduction is not implemented)"),
     },
 )
 
