@@ -24,6 +24,7 @@ from megatron.training.argument_checks import check_args
 from megatron.training.arguments_groups import add_megatron_arguments
 from megatron.training.arguments_groups.config_help import fill_help_from_config
 from megatron.training.derived_args import apply_defaults, derive_args
+from megatron.training.deterministic import check_deterministic
 from megatron.training.flag_table import add_table_flags
 from megatron.training.unimplemented_flags import annotate_help, check_unimplemented
 
@@ -110,6 +111,7 @@ def validate_args(
     if without_effect and rank == 0:
         logger.warning("these flags have no effect here:\n  %s", "\n  ".join(without_effect))
     check_args(args, world_size)
+    check_deterministic(args)
     return derive_args(args, world_size, rank)
 
 

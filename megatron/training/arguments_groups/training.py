@@ -92,7 +92,8 @@ def add_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     g.add_argument("--empty-unused-memory-level", type=int, default=0, choices=[0, 1, 2],
                    help="Call torch.cuda.empty_cache(): 0 never, 1 after each step, 2 also after evaluation.")
     g.add_argument("--calculate-per-token-loss", action="store_true", help=None)
-    g.add_argument("--deterministic-mode", action="store_true", help="Use deterministic algorithms only.")
+    g.add_argument("--deterministic-mode", action="store_true",
+                   help="Bit-identical reruns: deterministic algorithms only; sets NCCL_ALGO, CUBLAS_WORKSPACE_CONFIG.")
     g.add_argument("--iterations-to-skip", nargs="+", type=int, default=[], help="Iterations whose batch is skipped.")
     g.add_argument("--check-weight-hash-across-dp-replicas-interval", type=int, default=None,
                    help="Compare weight hashes across data-parallel replicas every this many steps.")
