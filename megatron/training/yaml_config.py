@@ -120,7 +120,7 @@ def _convert(action: argparse.Action, value: Any) -> Any:
     return action.type(value) if isinstance(value, str) else value
 
 
-def _refuse(path: str, shown: str, value: Any, why: str) -> ValueError:
+def _unmappable(path: str, shown: str, value: Any, why: str) -> ValueError:
     return ValueError(f"--yaml-cfg {path}: key {shown} = {value!r} {why}")
 
 
@@ -128,16 +128,18 @@ def apply_yaml(parser: argparse.ArgumentParser, given: argparse.Namespace, path:
     """A namespace of the parser's defaults with the YAML file's values set."""
     dests = {a.dest: a for a in parser._actions if not is_table_action(a) and a.dest != "help"}
     args = parser.parse_known_args([])[0]
-    ignored = sorted(k for k, v in vars(given).items() if k != "yaml_cfg" and v != getattr(args, k, None))
+    flag_of = {a.dest: a.option_strings[0] for a in parser._actions if a.option_strings}
+    ignored = sorted(flag_of[k] for k, v in vars(given).items()
+                     if k in flag_of and k != "yaml_cfg" and v != getattr(args, k, None))
     if ignored:
-        logger.warning("--yaml-cfg %s replaces the command line; ignoring: %s", path, ", ".join(ignored))
+        logger.warning("--yaml-cfg %s replaces the command line; ignoring: %s", path, " ".join(ignored))
     table_given: List[Tuple[str, tuple]] = []
     for name, (shown, value) in read_yaml(path).items():
         name = RENAMED.get(name, name)
         flag = "--" + name.replace("_", "-")
         if name == "activation_func":
             if value not in ACTIVATIONS:
-                raise _refuse(path, shown, value, f"is not one of {', '.join(ACTIVATIONS)}")
+                raise _unmappable(path, shown, value, f"is not one of {', '.join(ACTIVATIONS)}")
             for dest, v in ACTIVATIONS[value].items():
                 setattr(args, dest, v)
         elif name in dests:
@@ -145,17 +147,17 @@ def apply_yaml(parser: argparse.ArgumentParser, given: argparse.Namespace, path:
                 value = value.split()
             setattr(args, name, _convert(dests[name], value))
         elif flag in TABLE:
-            if value not in (None, False):
-                table_given.append((flag, () if value is True else tuple(str(v) for v in
-                                                                         (value if isinstance(value, list) else [value]))))
+            if value not in (None, False):  # off: nothing asked of the missing machinery
+                values = value if isinstance(value, list) else [] if value is True else [value]
+                table_given.append((flag, tuple(str(v) for v in values)))
         elif name in NOT_FLAGS:
             accepted = NOT_FLAGS[name]
             if value is not None and accepted is not ANY and value != accepted:
                 wanted = "null" if accepted is None else repr(accepted)
-                raise _refuse(path, shown, value, f"is not supported: this field is fixed here (use {wanted} or "
+                raise _unmappable(path, shown, value, f"is not supported: this field is fixed here (use {wanted} or "
                                                   "remove the key)")
         elif value is not None:
-            raise _refuse(path, shown, value, "names no Megatron argument known here; check its spelling or "
+            raise _unmappable(path, shown, value, "names no Megatron argument known here; check its spelling or "
                                               "remove the key")
     setattr(args, GIVEN_ATTR, table_given)
     args.yaml_cfg = path

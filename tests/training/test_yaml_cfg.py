@@ -51,7 +51,7 @@ def test_yaml_replaces_the_command_line(tmp_path, monkeypatch, caplog):
     with caplog.at_level(logging.WARNING):
         args = parse_args(args=["--yaml-cfg", path, "--num-layers", "7"])
     assert (args.num_layers, args.hidden_size, args.micro_batch_size) == (2, 64, 2)
-    assert "num_layers" in caplog.text  # the ignored command-line flag is named
+    assert "ignoring: --num-layers" in caplog.text  # the ignored command-line flag is named
     assert args.swiglu is True and args.bf16 is True
     assert args.norm_epsilon == 1e-6
     assert args.lr == 2.5e-4 and args.min_lr == 1e-5  # YAML reads 1e-5 as a string
