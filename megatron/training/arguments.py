@@ -25,6 +25,7 @@ from megatron.training.arguments_groups import add_megatron_arguments
 from megatron.training.arguments_groups.config_help import fill_help_from_config
 from megatron.training.derived_args import apply_defaults, derive_args
 from megatron.training.deterministic import check_deterministic
+from megatron.training.eval_batches import eval_batches
 from megatron.training.flag_table import add_table_flags
 from megatron.training.unimplemented_flags import annotate_help, check_unimplemented
 
@@ -112,7 +113,9 @@ def validate_args(
         logger.warning("these flags have no effect here:\n  %s", "\n  ".join(without_effect))
     check_args(args, world_size)
     check_deterministic(args)
-    return derive_args(args, world_size, rank)
+    args = derive_args(args, world_size, rank)
+    eval_batches(args, args.data_parallel_size)  # refused here, before anything is built
+    return args
 
 
 def parse_and_validate(

@@ -7,9 +7,9 @@ from typing import Dict
 
 import torch
 
-from megatron.core.num_microbatches_calculator import get_num_microbatches
 from megatron.core.pipeline_parallel.schedules import get_forward_backward_func
 from megatron.core.process_groups import ProcessGroups
+from megatron.training.eval_batches import eval_batches, evaluation_micro_batch_size
 from megatron.training.global_vars import get_args
 from megatron.training.housekeeping import empty_unused_memory
 from megatron.training.loss_reduction import reduce_reported_losses
@@ -22,16 +22,17 @@ def evaluate(forward_step_func, data_iterator, model, pg: ProcessGroups, eval_it
     for chunk in model:
         chunk.eval()
     sums: Dict[str, torch.Tensor] = {}
+    batches = eval_batches(args, args.data_parallel_size)
     forward_backward = get_forward_backward_func(pg, vp_size=len(model))
-    with torch.no_grad():
+    with torch.no_grad(), evaluation_micro_batch_size(args, batches.micro_batch_size):
         for _ in range(eval_iters):
             reported = forward_backward(
                 forward_step_func=forward_step_func,
                 data_iterator=data_iterator,
                 model=model,
-                num_microbatches=get_num_microbatches(),
+                num_microbatches=batches.num_microbatches,
                 seq_length=args.seq_length,
-                micro_batch_size=args.micro_batch_size,
+                micro_batch_size=batches.micro_batch_size,
                 forward_only=True,
                 pg_collection=pg,
             )
@@ -39,7 +40,7 @@ def evaluate(forward_step_func, data_iterator, model, pg: ProcessGroups, eval_it
             if pg.is_pipeline_last_stage():
                 for key, value in reduce_reported_losses(reported, pg, keep_sum_and_count=True).items():
                     sums[key] = sums.get(key, torch.zeros_like(value)) + value
-            args.consumed_valid_samples += args.global_batch_size
+            args.consumed_valid_samples += batches.global_batch_size
     for chunk in model:
         chunk.train()
     return {key: float(v[0] / v[1]) for key, v in sums.items()}

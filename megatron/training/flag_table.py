@@ -222,8 +222,6 @@ _refuse("knowledge-distillation logit files are not implemented", "drop the --lo
         "--logits-save-top-k --logits-save-top-p --logits-save-top-p-min-k")
 _refuse("several named validation sets are not implemented", "use --valid-data-path for one validation set",
         "--multiple-validation-sets --validation-set-names")
-_refuse("evaluation uses the training micro-batch size and --global-batch-size here",
-        "drop the flag", "--eval-micro-batch-size --eval-global-batch-size")
 _refuse("evaluation runs every --eval-interval iterations from the start", "drop the flag",
         "--start-eval-at-iter")
 _refuse("batch-size schedules other than a linear ramp are not implemented", "use --rampup-batch-size",
