@@ -2,7 +2,8 @@
 
 Flag names, defaults and meanings are Megatron's, so launch scripts run unchanged. The flags
 live in ``arguments_groups`` (one module per group), the checks in ``argument_checks`` and
-the derived values in ``derived_args``. ``--yaml-cfg`` is not supported.
+the derived values in ``derived_args``. ``--yaml-cfg FILE`` replaces the command line
+with Megatron's YAML config (``yaml_config``).
 
 Unknown or misspelled flags exit with status 2 and name the nearest valid flags, unless
 ``ignore_unknown_args``. Abbreviations are refused (``allow_abbrev=False``, as in Megatron),
@@ -23,6 +24,8 @@ from megatron.training.argument_checks import check_args
 from megatron.training.arguments_groups import add_megatron_arguments
 from megatron.training.arguments_groups.config_help import fill_help_from_config
 from megatron.training.derived_args import apply_defaults, derive_args
+from megatron.training.deterministic import check_deterministic
+from megatron.training.eval_batches import eval_batches
 from megatron.training.flag_table import add_table_flags
 from megatron.training.unimplemented_flags import annotate_help, check_unimplemented
 
@@ -76,6 +79,10 @@ def parse_args(
     namespace, unknown = parser.parse_known_args(args)
     if unknown and not ignore_unknown_args:
         parser.error(_unknown_args_message(parser, unknown))
+    if namespace.yaml_cfg is not None:
+        from megatron.training.yaml_config import apply_yaml
+
+        namespace = apply_yaml(parser, namespace, namespace.yaml_cfg)
     return namespace
 
 
@@ -107,7 +114,10 @@ def validate_args(
     if without_effect and rank == 0:
         logger.warning("these flags have no effect here:\n  %s", "\n  ".join(without_effect))
     check_args(args, world_size)
-    return derive_args(args, world_size, rank)
+    check_deterministic(args)
+    args = derive_args(args, world_size, rank)
+    eval_batches(args, args.data_parallel_size)  # refused here, before anything is built
+    return args
 
 
 def parse_and_validate(

@@ -130,7 +130,9 @@ def get_ddp_config(args: argparse.Namespace, num_parameters: Optional[int] = Non
     if num_buckets is not None and num_parameters is not None:
         bucket_size = max(1, -(-num_parameters // num_buckets))
     overrides = {
-        "grad_reduce_in_fp32": getattr(args, "accumulate_allreduce_grads_in_fp32", False),
+        # --grad-reduce-in-bf16 keeps bf16 grad buffers even where fp32 accumulation was asked for.
+        "grad_reduce_in_fp32": (getattr(args, "accumulate_allreduce_grads_in_fp32", False)
+                                and not getattr(args, "grad_reduce_in_bf16", False)),
         "bucket_size": bucket_size,
         "average_in_collective": getattr(args, "ddp_average_in_collective", False),
         # The training loop checks losses and gradients on every rank together

@@ -26,8 +26,9 @@ def train_valid_test_num_samples(args):
     else:
         train = 0
     evals = 1 if not args.eval_interval else (args.train_iters or 0) // args.eval_interval + 1
-    valid = evals * args.eval_iters * args.global_batch_size
-    test = args.eval_iters * args.global_batch_size
+    eval_gbs = args.eval_global_batch_size or args.global_batch_size
+    valid = evals * args.eval_iters * eval_gbs
+    test = args.eval_iters * eval_gbs
     return train, valid, test
 
 
@@ -66,13 +67,14 @@ def build_train_valid_test_data_iterators(datasets_provider: Callable, pg: Proce
     # (BERT's padding mask).
     if pg.rank("tp") == 0 and any(ds is not None for ds in datasets):
         consumed = [args.consumed_train_samples, args.consumed_valid_samples, 0]
+        eval_mbs = args.eval_micro_batch_size or args.micro_batch_size
         for i, (ds, start) in enumerate(zip(datasets, consumed)):
             if ds is None or len(ds) == 0:
                 continue
             loaders[i] = build_pretraining_data_loader(
                 ds,
                 _start_position(ds, start, args.dataloader_type or "single"),
-                micro_batch_size=args.micro_batch_size,
+                micro_batch_size=args.micro_batch_size if i == 0 else eval_mbs,
                 data_parallel_rank=pg.rank("dp"),
                 data_parallel_size=pg.size("dp"),
                 dataloader_type=args.dataloader_type or "single",

@@ -140,10 +140,18 @@ def _derive_precision(args: argparse.Namespace) -> None:
             args.check_for_nan_in_loss_and_grad = False
     if args.bf16:
         args.params_dtype = torch.bfloat16
-        if not args.grad_reduce_in_bf16 and not args.accumulate_allreduce_grads_in_fp32:
+        if args.grad_reduce_in_bf16:
+            # As Megatron: the DDP grad buffers stay bf16 (accumulated and reduced in bf16) and
+            # the optimizer upcasts its shard to the fp32 main grads before the step.
+            args.accumulate_allreduce_grads_in_fp32 = False
+            if args.rank == 0:
+                logger.info("accumulating and all-reducing gradients in bf16 (--grad-reduce-in-bf16)")
+        elif not args.accumulate_allreduce_grads_in_fp32:
             args.accumulate_allreduce_grads_in_fp32 = True
             if args.rank == 0:
                 logger.info("accumulating and all-reducing gradients in fp32 for bfloat16")
+    elif args.grad_reduce_in_bf16:
+        _warn(args, "--grad-reduce-in-bf16 does nothing without --bf16: gradients have the params' dtype")
 
 
 def _derive_training_state(args: argparse.Namespace) -> None:

@@ -8,9 +8,9 @@ from typing import Dict
 
 import torch
 
-from megatron.core.num_microbatches_calculator import get_num_microbatches
 from megatron.core.pipeline_parallel.schedules import get_forward_backward_func
 from megatron.core.process_groups import ProcessGroups
+from megatron.training.eval_batches import eval_batches, evaluation_micro_batch_size
 from megatron.training.global_vars import get_args
 from megatron.training.housekeeping import empty_unused_memory
 from megatron.training.loss_reduction import reduce_reported_losses
@@ -42,16 +42,17 @@ def evaluate(forward_step_func, data_iterator, model, pg: ProcessGroups, eval_it
     for chunk in model:
         chunk.eval()
     sums: Dict[str, torch.Tensor] = {}
+    batches = eval_batches(args, args.data_parallel_size)
     forward_backward = get_forward_backward_func(pg, vp_size=len(model))
-    with torch.no_grad():
+    with torch.no_grad(), evaluation_micro_batch_size(args, batches.micro_batch_size):
         for step in range(1, eval_iters + 1):
             reported = forward_backward(
                 forward_step_func=forward_step_func,
                 data_iterator=data_iterator,
                 model=model,
-                num_microbatches=get_num_microbatches(),
+                num_microbatches=batches.num_microbatches,
                 seq_length=args.seq_length,
-                micro_batch_size=args.micro_batch_size,
+                micro_batch_size=batches.micro_batch_size,
                 forward_only=True,
                 pg_collection=pg,
             )
@@ -59,7 +60,7 @@ def evaluate(forward_step_func, data_iterator, model, pg: ProcessGroups, eval_it
             if pg.is_pipeline_last_stage():
                 for key, value in reduce_reported_losses(reported, pg, keep_sum_and_count=True).items():
                     sums[key] = sums.get(key, torch.zeros_like(value)) + value
-            args.consumed_valid_samples += args.global_batch_size
+            args.consumed_valid_samples += batches.global_batch_size
             if step % every == 0 or step == eval_iters:
                 print_rank_last(progress_line(label, step, eval_iters, time.time() - start))
     for chunk in model:

@@ -228,8 +228,6 @@ _refuse("knowledge-distillation logit files are not implemented", "drop the --lo
         "--logits-save-top-k --logits-save-top-p --logits-save-top-p-min-k")
 _refuse("several named validation sets are not implemented", "use --valid-data-path for one validation set",
         "--multiple-validation-sets --validation-set-names")
-_refuse("evaluation uses the training micro-batch size and --global-batch-size here",
-        "drop the flag", "--eval-micro-batch-size --eval-global-batch-size")
 _refuse("evaluation runs every --eval-interval iterations from the start", "drop the flag",
         "--start-eval-at-iter")
 _refuse("batch-size schedules other than a linear ramp are not implemented", "use --rampup-batch-size",
@@ -248,8 +246,6 @@ _refuse("an explicit pipeline layout string is not implemented",
         "use --decoder-first-pipeline-num-layers / --decoder-last-pipeline-num-layers",
         "--pipeline-model-parallel-layout")
 _refuse("this option is not implemented", "drop the flag", "--use-gigatoken --output-logit-dtype")
-_refuse("Megatron's YAML configuration files are not read here", "write the flags on the command line",
-        "--yaml-cfg")
 _no_effect("the dataset index is built and cached as Megatron does; this loading shortcut is not needed",
            "--dataloader-defer-npy-index-mmap --dataloader-fast-cache-load --per-dataset-sequences-path")
 

@@ -15,6 +15,7 @@ from megatron.core.num_microbatches_calculator import init_num_microbatches_calc
 from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 from megatron.training.arguments import parse_args, validate_args
 from megatron.training.checkpointing.checkpoint_args import load_args_from_checkpoint
+from megatron.training.deterministic import apply_deterministic
 from megatron.training.distributed_env import detect_distributed_env, export_env
 from megatron.training.global_vars import set_global_variables, set_timers, set_tokenizer
 from megatron.core.timers import Timers
@@ -41,6 +42,7 @@ def initialize_megatron(extra_args_provider=None, args_defaults=None, ignore_unk
     # Megatron's scripts read the padded size from args; it is derived here, once.
     args.padded_vocab_size = vocab_size_with_padding(tokenizer.vocab_size, args)
     set_timers(Timers(args.timing_log_level, args.timing_log_option))
+    apply_deterministic(args)  # NCCL reads NCCL_ALGO when the process group starts
     _initialize_distributed(args, denv)
     init_num_microbatches_calculator(
         args.rank,

@@ -28,8 +28,6 @@ from typing import Dict, List, Optional, Tuple
 REFUSED: Dict[str, Tuple[str, str, str]] = {
     "fp8_param_gather": ("--fp8-param-gather", "FP8 weights are not gathered in FP8 (the FP8 linears quantize "
                          "the gathered high-precision weights)", "drop --fp8-param-gather"),
-    "grad_reduce_in_bf16": ("--grad-reduce-in-bf16", "gradients are accumulated and reduced in fp32 here",
-                            "drop --grad-reduce-in-bf16"),
     "num_distributed_optimizer_instances": (
         "--num-distributed-optimizer-instances", "only one distributed-optimizer instance (sharding over all "
         "data-parallel ranks) is implemented", "drop the flag or set it to 1"),
@@ -39,8 +37,6 @@ REFUSED: Dict[str, Tuple[str, str, str]] = {
                           "use --use-distributed-optimizer (sharded optimizer state, ZeRO-1)"),
     "window_attn_skip_freq": ("--window-attn-skip-freq", "mixing sliding-window and full-attention layers is "
                               "not implemented", "drop it: --window-size applies to every layer"),
-    "deterministic_mode": ("--deterministic-mode", "bit-reproducible kernels are not enforced",
-                           "drop it; runs are reproducible to rounding (same seed, same layout)"),
     "full_validation": ("--full-validation", "validation over the whole validation set is not implemented",
                         "set --eval-iters to the number of validation batches you want"),
     "dist_ckpt_strictness": ("--dist-ckpt-strictness", "the loader always fails on missing or mis-shaped "

@@ -24,6 +24,10 @@ def add_validation_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     """In-training evaluation."""
     g = parser.add_argument_group(title="validation")
     g.add_argument("--eval-iters", type=int, default=100, help="Batches averaged per evaluation.")
+    g.add_argument("--eval-micro-batch-size", type=int, default=None,
+                   help="Micro-batch size of validation and test passes (default: --micro-batch-size).")
+    g.add_argument("--eval-global-batch-size", type=int, default=None,
+                   help="Samples per evaluation batch (default: --global-batch-size).")
     g.add_argument("--eval-interval", type=int, default=None,
                    help="Evaluate on the validation set every this many iterations; "
                         "no periodic evaluation when not given (Megatron HEAD default).")

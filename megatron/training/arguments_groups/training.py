@@ -92,7 +92,8 @@ def add_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     g.add_argument("--empty-unused-memory-level", type=int, default=0, choices=[0, 1, 2],
                    help="Call torch.cuda.empty_cache(): 0 never, 1 after each step, 2 also after evaluation.")
     g.add_argument("--calculate-per-token-loss", action="store_true", help=None)
-    g.add_argument("--deterministic-mode", action="store_true", help="Use deterministic algorithms only.")
+    g.add_argument("--deterministic-mode", action="store_true",
+                   help="Bit-identical reruns: deterministic algorithms only; sets NCCL_ALGO, CUBLAS_WORKSPACE_CONFIG.")
     g.add_argument("--iterations-to-skip", nargs="+", type=int, default=[], help="Iterations whose batch is skipped.")
     g.add_argument("--check-weight-hash-across-dp-replicas-interval", type=int, default=None,
                    help="Compare weight hashes across data-parallel replicas every this many steps.")
@@ -101,6 +102,8 @@ def add_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     g.add_argument("--profile-step-end", type=int, default=12, help="Last profiled step.")
     g.add_argument("--use-pytorch-profiler", action="store_true", help="Use torch.profiler instead of nsys ranges.")
     g.add_argument("--profile-ranks", nargs="+", type=int, default=[0], help="Global ranks to profile.")
+    g.add_argument("--yaml-cfg", type=str, default=None,
+                   help="Megatron YAML config file; its values replace the command line's (needs PyYAML).")
     return parser
 
 

@@ -165,6 +165,11 @@ _BUILDERS = {
 def build_tokenizer(args) -> MegatronTokenizer:
     """Return the tokenizer for ``args.tokenizer_type`` (reads only tokenizer flags)."""
     kind = getattr(args, "tokenizer_type", None)
+    if kind is None and getattr(args, "vocab_file", None) and getattr(args, "merge_file", None):
+        # Megatron's GPT-3 example scripts give a BPE vocab and merges file and no type; those
+        # two files together only ever describe GPT-2's byte-level BPE.
+        kind = "GPT2BPETokenizer"
+        logger.info("--tokenizer-type not given: --vocab-file with --merge-file means GPT2BPETokenizer")
     if kind in UNSUPPORTED_TOKENIZER_TYPES:
         raise ValueError(
             f"--tokenizer-type {kind} is not supported by this framework; use one of {', '.join(TEXT_TOKENIZER_TYPES)}"
