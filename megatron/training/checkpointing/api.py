@@ -214,16 +214,20 @@ def _resolve_load_target(args, rank: int, group) -> Tuple[Optional[str], Optiona
     for root, pretrained in ((args.load, False), (getattr(args, "pretrained_checkpoint", None), True)):
         if not root:
             continue
+        _refuse_missing_directory(root, args, pretrained, rank, group)
 
         def read():
             try:
-                return layout.read_tracker(root), None
+                iteration, release, warning = layout.newest_checkpoint(root)
+                return (iteration, release), warning, None
             except CheckpointError as error:
-                return (None, False), str(error)
+                return (None, False), None, str(error)
 
-        (iteration, release), error = broadcast_from_rank0(read() if rank == 0 else None, group)
+        (iteration, release), warning, error = broadcast_from_rank0(read() if rank == 0 else None, group)
         if error:
             raise CheckpointError(error)
+        if warning and args.ckpt_step is None:
+            print_rank_0(f"WARNING: {warning}")
         if args.ckpt_step is not None and not pretrained:
             iteration, release = args.ckpt_step, False
         if iteration is not None:
@@ -234,6 +238,44 @@ def _resolve_load_target(args, rank: int, group) -> Tuple[Optional[str], Optiona
     print_rank_0(f"WARNING: could not find a checkpoint in --load {args.load} "
                  f"(no {layout.TRACKER_FILENAME}); training starts from the initial weights")
     return None, None, False, finetune
+
+
+def _same_path(a: Optional[str], b: Optional[str]) -> bool:
+    return bool(a) and bool(b) and os.path.abspath(a) == os.path.abspath(b)
+
+
+def _refuse_missing_directory(root: str, args, pretrained: bool, rank: int, group) -> None:
+    """A --load (or --pretrained-checkpoint) directory that does not exist is a typo,
+    except where --load is also --save: the first run of a job that resumes itself.
+    Megatron starts from scratch in both cases; silently discarding the intended
+    weights costs a whole run, so this is refused."""
+    if not pretrained and _same_path(root, args.save):
+        return
+    if broadcast_from_rank0(os.path.exists(root) if rank == 0 else None, group):
+        return
+    flag = "--pretrained-checkpoint" if pretrained else "--load"
+    raise CheckpointError(f"{flag} {root}: no such directory. Check the path; to start from scratch leave "
+                          f"{flag} out (or make it the same directory as --save, for a run that resumes itself)")
+
+
+def check_save_directory(args, start_iteration: int) -> None:
+    """Refuse a run whose --save already holds committed checkpoints of later iterations
+    than it starts from (a fresh run, or --ckpt-step rewinding, into a used directory):
+    its saves of those iterations would be skipped (a committed checkpoint is never
+    overwritten) and the tracker would move backwards. Collective."""
+    if not args.save:
+        return
+    rank, _ = rank_and_world()
+    group = checkpoint_group()
+    committed = layout.committed_iterations(args.save) if rank == 0 else None
+    later = [i for i in broadcast_from_rank0(committed, group) if i > start_iteration]
+    if later:
+        raise CheckpointError(
+            f"--save {args.save} holds committed checkpoints of iterations {later[-5:]}, later than this run "
+            f"starts from (iteration {start_iteration}); its own saves would be skipped and the tracker "
+            f"would move backwards. Resume with --load {args.save}, choose an empty --save directory, or "
+            "move those iter_* directories away"
+        )
 
 
 def _verify(directory: str, rank: int, world: int, group) -> Optional[dict]:
