@@ -2,7 +2,8 @@
 committed checkpoint is the truth (a crash between the commit and the tracker update,
 a missing tracker); a run refuses a --save directory that holds checkpoints of later
 iterations than it starts from; a --load directory that does not exist is an error
-unless it is also --save (the first run of a job that resumes itself)."""
+unless it is also --save (the first run of a job that resumes itself).
+``load_checkpoint(model, None, None)`` (evaluation, generation) loads the weights alone."""
 
 from __future__ import annotations
 
@@ -34,11 +35,13 @@ def test_newest_committed_checkpoint_wins_over_the_tracker(saved, tmp_path):
     shutil.copytree(saved, missing)
     os.remove(layout.tracker_path(missing))
     typo = str(tmp_path / "no_such_dir")
-    outcomes = load_probe.loaded_iterations([behind, missing, typo], ["--use-checkpoint-opt-param-scheduler"])
+    outcomes = load_probe.loaded_iterations([behind, missing, typo, saved], ["--use-checkpoint-opt-param-scheduler"],
+                                            bare=(3,))
     assert outcomes[0] == (None, 4), outcomes[0]
     assert outcomes[1] == (None, 4), outcomes[1]
     error, iteration = outcomes[2]
     assert iteration is None and f"--load {typo}: no such directory" in error, error
+    assert outcomes[3] == (None, 4), outcomes[3]  # load_checkpoint(model, None, None): weights only
 
 
 def test_fresh_run_into_a_used_save_directory_is_refused(saved, tmp_path):

@@ -312,7 +312,8 @@ def load_checkpoint(model: List, optimizer, scheduler, args=None, pg: Optional[P
             f"checkpoints in {root}: {layout.committed_iterations(root)[-5:]}. Pass --ckpt-step N for one of them."
         )
     manifest = _verify(directory, rank, world, group)
-    load_optim = not args.no_load_optim and not finetune
+    # ``load_checkpoint(model, None, None)`` is Megatron's evaluation / generation pattern: weights only.
+    load_optim = not args.no_load_optim and not finetune and optimizer is not None
     wants_rng = not args.no_load_rng and not finetune
     print_rank_0(f"loading checkpoint from {root} at iteration {iteration}")
     if torch_dist_format.is_torch_dist_checkpoint(directory):
@@ -320,7 +321,7 @@ def load_checkpoint(model: List, optimizer, scheduler, args=None, pg: Optional[P
         load_optim = load_optim and common.get("optimizer_saved", True)
         load_rng = wants_rng and common.get("rng_saved", True) and _same_layout(common.get("layout"), args)
         rng = torch_dist_format.load(directory, model, optimizer, groups, rank, load_optim, load_rng, common,
-                                     _gather_problems(group), group)
+                                     _gather_problems(group), group, args)
         if load_optim:
             restore_grad_scaler(optimizer, common["optimizer"].get("grad_scaler"))
             restore_param_group_hyperparameters(optimizer, common["optimizer"].get("param_groups"))
@@ -336,7 +337,7 @@ def load_checkpoint(model: List, optimizer, scheduler, args=None, pg: Optional[P
     else:
         raise CheckpointError(f"{directory} is neither a torch_dist checkpoint (no valid metadata.json) nor a "
                               "torch checkpoint (no mp_rank_* directories)")
-    if not load_optim:
+    if not load_optim and optimizer is not None:
         # The fp32 main params must start from the loaded weights, not the initial ones.
         optimizer.reload_model_params()
     if load_rng and rng is not None:
