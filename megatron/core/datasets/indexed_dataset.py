@@ -173,7 +173,7 @@ class _IndexReader:
     ``document_indices`` int64[D], ``sequence_modes`` int8[N] or None.
     """
 
-    def __init__(self, idx_path: str, multimodal: bool):
+    def __init__(self, idx_path: str, multimodal: bool, full_check: bool = True):
         self.idx_path = idx_path
         self.multimodal = multimodal
         start = time.perf_counter()
@@ -199,6 +199,11 @@ class _IndexReader:
             numpy.frombuffer(buffer, dtype=numpy.int8, count=n, offset=offset) if multimodal else None
         )
         self._check_arrays()
+        if full_check:
+            # Vectorized over the index (not the .bin): a bad pointer or a decreasing
+            # document boundary fails here, naming the file, instead of as an IndexError
+            # in a DataLoader worker much later.
+            self.verify_arrays()
         logger.debug("opened %s: %d sequences, %d documents in %.3fs", idx_path, n, d - 1,
                      time.perf_counter() - start)
 
@@ -329,12 +334,13 @@ class IndexedDataset:
             )
         self.initialize(path_prefix, multimodal, mmap)
 
-    def initialize(self, path_prefix: str, multimodal: bool, mmap: bool) -> None:
-        """Open and check the files (also used when unpickling)."""
+    def initialize(self, path_prefix: str, multimodal: bool, mmap: bool, full_check: bool = True) -> None:
+        """Open and check the files (also used when unpickling, where the O(N) index
+        checks, done when the dataset was first opened, are skipped)."""
         self.path_prefix = path_prefix
         self.multimodal = multimodal
         self.mmap = mmap
-        self.index = _IndexReader(get_idx_path(path_prefix), multimodal)
+        self.index = _IndexReader(get_idx_path(path_prefix), multimodal, full_check)
         bin_path = get_bin_path(path_prefix)
         expected = self.index.bin_size()
         actual = _file_size(bin_path, "data file")
@@ -350,7 +356,7 @@ class IndexedDataset:
         return self.path_prefix, self.multimodal, self.mmap
 
     def __setstate__(self, state: Tuple[str, bool, bool]) -> None:
-        self.initialize(*state)
+        self.initialize(*state, full_check=False)
 
     def __len__(self) -> int:
         """Number of sequences."""
