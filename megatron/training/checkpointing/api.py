@@ -38,6 +38,7 @@ from megatron.training.checkpointing.collectives import (
 )
 from megatron.training.checkpointing.directory import CheckpointError
 from megatron.training.checkpointing.faults import crash_point
+from megatron.training.checkpointing.free_space import bytes_needed, check_free_space, free_bytes
 from megatron.training.checkpointing.manifest import checksums, read_manifest, verify_files, write_manifest
 from megatron.training.checkpointing.run_state import (
     capture_rng,
@@ -127,6 +128,7 @@ def save_checkpoint(iteration: int, model: List, optimizer, scheduler, num_float
                               save_optim, save_rng, scalars) if rank == 0 else None
         items = torch_dist_format.build_save_items(model, groups, rank, states, common,
                                                    capture_rng() if save_rng else None, to_cpu=background)
+        _refuse_without_room(root, iteration, bytes_needed(items[0], group), rank, group)
         mid_shard = lambda n: crash_point("mid_shard", rank, iteration) if n == 1 else None  # noqa: E731
         write = lambda: torch_dist_format.write(items, staging, group, mid_shard, rank)  # noqa: E731
     else:
@@ -145,6 +147,19 @@ def save_checkpoint(iteration: int, model: List, optimizer, scheduler, num_float
     else:
         finish()
     return True
+
+
+def _refuse_without_room(root: str, iteration: int, needed: int, rank: int, group) -> None:
+    """Before writing: rank 0 reads the free space and every rank decides alike."""
+    free, previous = broadcast_from_rank0((free_bytes(root), layout.read_tracker(root)[0]) if rank == 0 else None,
+                                          group)
+    try:
+        check_free_space(root, iteration, needed, free, previous)
+    except CheckpointError:
+        barrier(group)
+        if rank == 0:
+            shutil.rmtree(layout.staging_dir(root, iteration), ignore_errors=True)
+        raise
 
 
 def _write_and_commit(write: Callable[[], List[str]], args, root: str, iteration: int, rank: int, group) -> None:
