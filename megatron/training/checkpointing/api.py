@@ -39,7 +39,13 @@ from megatron.training.checkpointing.collectives import (
 from megatron.training.checkpointing.directory import CheckpointError
 from megatron.training.checkpointing.faults import crash_point
 from megatron.training.checkpointing.free_space import bytes_needed, check_free_space, free_bytes
-from megatron.training.checkpointing.manifest import checksums, read_manifest, verify_files, write_manifest
+from megatron.training.checkpointing.manifest import (
+    MANIFEST_FILENAME,
+    checksums,
+    read_manifest,
+    verify_files,
+    write_manifest,
+)
 from megatron.training.checkpointing.run_state import (
     capture_rng,
     common_state,
@@ -295,6 +301,10 @@ def check_save_directory(args, start_iteration: int) -> None:
 
 def _verify(directory: str, rank: int, world: int, group) -> Optional[dict]:
     manifest = read_manifest(directory)
+    if manifest is None:
+        print_rank_0(f"WARNING: {directory} has no {MANIFEST_FILENAME} (a checkpoint written by another program, "
+                     "such as Megatron-LM): its files cannot be checked for corruption; keys and shapes are "
+                     "still compared")
     problems = verify_files(directory, manifest, rank, world) if manifest else []
     gathered = [p for rank_problems in all_gather_objects(problems, group) for p in rank_problems]
     if gathered:
