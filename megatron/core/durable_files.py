@@ -27,11 +27,36 @@ def fsync_directory(directory: str) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    """The process umask. Linux reports it in /proc; elsewhere it can only be read by
+    setting it (and straight back), which another thread creating a file could see."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def default_file_mode() -> int:
+    """What ``open`` gives a new file: 0666 less the umask. Writers that create files
+    0600 (``mkstemp``, safetensors) are brought back to it."""
+    return 0o666 & ~_umask()
+
+
 def atomic_write(target: str, write: Callable[[BinaryIO], object]) -> None:
-    """Replace ``target`` with what ``write(file)`` writes, atomically and durably."""
+    """Replace ``target`` with what ``write(file)`` writes, atomically and durably. The
+    file gets the permissions an ordinary ``open`` would give (0666 less the umask):
+    ``mkstemp`` creates 0600, which would lock a shared checkpoint's tracker and
+    manifest away from the rest of a team."""
     directory = os.path.dirname(os.path.abspath(target))
     fd, tmp = tempfile.mkstemp(prefix=os.path.basename(target) + ".", suffix=".tmp", dir=directory)
     try:
+        os.fchmod(fd, default_file_mode())
         with os.fdopen(fd, "wb") as handle:
             write(handle)
             handle.flush()

@@ -192,7 +192,9 @@ class OptimizerParamScheduler:
 
     def _check_and_set(self, current, saved, name: str):
         """The value to use for ``name``: ours with --override-opt-param-scheduler, the
-        checkpoint's with --use-checkpoint-opt-param-scheduler, else they must agree."""
+        checkpoint's with --use-checkpoint-opt-param-scheduler, else they must agree.
+        Steps count samples, so ``name`` says samples: resuming with a larger
+        --train-iters changes the decay length in samples, not in iterations."""
         if self.override_opt_param_scheduler:
             return current
         if not self.use_checkpoint_opt_param_scheduler and current != saved:
@@ -210,9 +212,11 @@ class OptimizerParamScheduler:
         self.max_lr = self._check_and_set(self.max_lr, max_lr, "learning rate")
         self.min_lr = self._check_and_set(self.min_lr, sd["min_lr"], "minimum learning rate")
         warmup = next(sd[k] for k in ("warmup_iter", "warmup_steps", "lr_warmup_steps") if k in sd)
-        self.lr_warmup_steps = self._check_and_set(self.lr_warmup_steps, warmup, "warmup iterations")
+        self.lr_warmup_steps = self._check_and_set(self.lr_warmup_steps, warmup, "warmup samples (--lr-warmup-iters x --global-batch-size, or --lr-warmup-samples)")
         decay = next(sd[k] for k in ("end_iter", "decay_steps", "lr_decay_steps") if k in sd)
-        self.lr_decay_steps = self._check_and_set(self.lr_decay_steps, decay, "total number of iterations")
+        self.lr_decay_steps = self._check_and_set(
+            self.lr_decay_steps, decay,
+            "decay samples (--lr-decay-iters, else --train-iters, x --global-batch-size; or --lr-decay-samples)")
         style = sd["decay_style"] if "decay_style" in sd else sd["lr_decay_style"]
         self.lr_decay_style = self._check_and_set(self.lr_decay_style, style, "learning rate decay style")
         if "wsd_decay_steps" in sd:
@@ -225,7 +229,7 @@ class OptimizerParamScheduler:
             self.start_wd = self._check_and_set(self.start_wd, sd["start_wd"], "start weight decay")
             self.end_wd = self._check_and_set(self.end_wd, sd["end_wd"], "end weight decay")
             self.wd_incr_steps = self._check_and_set(
-                self.wd_incr_steps, sd["wd_incr_steps"], "total number of weight decay iterations"
+                self.wd_incr_steps, sd["wd_incr_steps"], "weight decay increment samples"
             )
             self.wd_incr_style = self._check_and_set(self.wd_incr_style, sd["wd_incr_style"], "weight decay incr style")
         self.num_steps = 0

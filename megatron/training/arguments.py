@@ -18,6 +18,7 @@ import argparse
 import difflib
 import logging
 import os
+import re
 from typing import Callable, Dict, List, Optional, Sequence
 
 from megatron.training.argument_checks import check_args
@@ -34,6 +35,9 @@ logger = logging.getLogger(__name__)
 ExtraArgsProvider = Callable[[argparse.ArgumentParser], argparse.ArgumentParser]
 
 
+_NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+
+
 def build_parser(extra_args_provider: Optional[ExtraArgsProvider] = None) -> argparse.ArgumentParser:
     """The full Megatron parser, plus the script's own flags from ``extra_args_provider``, plus
     the flag table's entries for every Megatron flag neither of them defines (last, so a real
@@ -41,6 +45,9 @@ def build_parser(extra_args_provider: Optional[ExtraArgsProvider] = None) -> arg
     # Every flag's help ends with its default, so --help answers "what if I leave it out".
     parser = argparse.ArgumentParser(description="Megatron-LM Arguments", allow_abbrev=False,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    # argparse before Python 3.13 reads "-1e-3" as a flag, not a negative number, so
+    # "--lr -1e-3" failed with "expected one argument"; accept exponents too.
+    parser._negative_number_matcher = _NEGATIVE_NUMBER
     parser = add_megatron_arguments(parser)
     if extra_args_provider is not None:
         parser = extra_args_provider(parser)

@@ -16,6 +16,19 @@ class DistributedEnv:
     master_addr: str
     master_port: int
     launcher: str  # "torchrun", "slurm" or "single"
+    restart_count: int = 0  # torchrun --max-restarts: how many times the ranks were started again
+    max_restarts: int = 0
+
+    # torchrun's agent hosts the rendezvous store (TORCHELASTIC_USE_AGENT_STORE) and keeps
+    # it, with the keys the ranks wrote into it, across restarts.
+    agent_store: bool = False
+
+    def attempt_prefix(self) -> str:
+        """Store key prefix of this start of the ranks. Gloo publishes each rank's listening
+        address in the store; after a restart, ranks reading the previous attempt's
+        addresses from the agent's store connect to dead ports ("Connection refused") or to
+        a reused one (a hang). A prefix per restart keeps the attempts apart."""
+        return f"megatron/attempt_{self.restart_count}/"
 
 
 def _first_slurm_host(nodelist: str) -> str:
@@ -61,6 +74,9 @@ def detect_distributed_env() -> DistributedEnv:
             master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
             master_port=int(env.get("MASTER_PORT", "29500")),
             launcher="torchrun",
+            restart_count=int(env.get("TORCHELASTIC_RESTART_COUNT", "0") or 0),
+            max_restarts=int(env.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0),
+            agent_store=env.get("TORCHELASTIC_USE_AGENT_STORE") == "True",
         )
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
         addr = env.get("MASTER_ADDR") or _first_slurm_host(env.get("SLURM_JOB_NODELIST", env.get("SLURM_NODELIST", "")))

@@ -79,19 +79,26 @@ def _select_backend(args, rank: int) -> str:
     return backend
 
 
+def _rendezvous(denv, timeout: timedelta) -> dict:
+    """How the ranks find each other: through torchrun's agent store under a prefix of
+    this restart attempt (see ``DistributedEnv.attempt_prefix``), else rank 0 hosts a
+    store at MASTER_ADDR:MASTER_PORT (slurm, a lone process, launchers without a store)."""
+    if denv.agent_store:
+        store = dist.TCPStore(denv.master_addr, denv.master_port, denv.world_size, is_master=False,
+                              timeout=timeout)
+        return {"store": dist.PrefixStore(denv.attempt_prefix(), store)}
+    return {"init_method": f"tcp://{denv.master_addr}:{denv.master_port}"}
+
+
 def _initialize_distributed(args, denv) -> None:
     """Join the default process group (unless already joined) and build the parallel groups."""
     if torch.cuda.is_available():
         torch.cuda.set_device(denv.local_rank % torch.cuda.device_count())
     if not dist.is_initialized():
         backend = _select_backend(args, denv.rank)
-        kwargs = dict(
-            backend=backend,
-            world_size=denv.world_size,
-            rank=denv.rank,
-            init_method=f"tcp://{denv.master_addr}:{denv.master_port}",
-            timeout=timedelta(minutes=args.distributed_timeout_minutes),
-        )
+        timeout = timedelta(minutes=args.distributed_timeout_minutes)
+        kwargs = dict(backend=backend, world_size=denv.world_size, rank=denv.rank, timeout=timeout,
+                      **_rendezvous(denv, timeout))
         if backend == "nccl":
             kwargs["device_id"] = torch.device("cuda", torch.cuda.current_device())
         dist.init_process_group(**kwargs)
@@ -111,6 +118,9 @@ def _initialize_distributed(args, denv) -> None:
             order="tp-cp-ep-pp-dp" if getattr(args, "use_tp_pp_dp_mapping", False) else "tp-cp-ep-dp-pp",
             distributed_timeout_minutes=args.distributed_timeout_minutes,
         )
+    if denv.restart_count:
+        print_rank_0(f"> torchrun restart {denv.restart_count} of at most {denv.max_restarts}: "
+                     "resuming from the last committed checkpoint under --load")
     print_rank_0(
         f"> initialized {dist.get_world_size()} rank(s) ({denv.launcher}, {dist.get_backend()}): "
         f"tensor parallel {args.tensor_model_parallel_size}, pipeline parallel "

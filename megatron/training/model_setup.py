@@ -15,7 +15,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.transformer.init_rng import layout_independent_initialization
 from megatron.core.pipeline_parallel.tied_embeddings import sync_tied_embedding_weights
 from megatron.core.process_groups import ProcessGroups
-from megatron.training.checkpointing import load_checkpoint
+from megatron.training.checkpointing import check_save_directory, load_checkpoint
 from megatron.training.config_from_args import (
     core_transformer_config_from_args,
     get_ddp_config,
@@ -168,4 +168,5 @@ def setup_model_and_optimizer(model_provider_func: Callable, pg_collection: Proc
     if args.load or getattr(args, "pretrained_checkpoint", None):
         args.iteration, args.num_floating_point_operations_so_far = load_checkpoint(
             model, optimizer, scheduler, args, pg_collection)
+    check_save_directory(args, args.iteration)
     return model, optimizer, scheduler

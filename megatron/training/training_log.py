@@ -63,13 +63,17 @@ class IntervalTotals:
             self.skipped += 1
         else:
             self.advanced += 1
+        # As in Megatron, a skipped iteration's loss is not averaged but is looked at for
+        # NaN; its gradient norm too, since a skipped step (fp16 overflow) usually has a
+        # finite loss and a NaN/Inf gradient norm.
         got_nan = False
         for key, value in stats.losses.items():
-            if stats.skipped:
-                continue
             value = value.detach().float()
-            self.losses[key] = self.losses.get(key, torch.zeros_like(value)) + value
-            got_nan = got_nan or not bool(torch.isfinite(value))
+            got_nan = got_nan or not bool(torch.isfinite(value).all())
+            if not stats.skipped:
+                self.losses[key] = self.losses.get(key, torch.zeros_like(value)) + value
+        if stats.skipped and stats.grad_norm is not None and not math.isfinite(stats.grad_norm):
+            got_nan = True
         self.nan += int(got_nan)
 
     def reset(self) -> None:

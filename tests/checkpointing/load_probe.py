@@ -31,7 +31,7 @@ def _unchanged(before: List[torch.Tensor], after: List[torch.Tensor]) -> bool:
     return len(before) == len(after) and all(torch.equal(a, b) for a, b in zip(before, after))
 
 
-def _attempt_loads(rank, world_size, argv, roots) -> List[Tuple[Optional[str], bool]]:
+def _attempt_loads(rank, world_size, argv, roots, bare=()) -> List[Tuple[Optional[str], bool]]:
     import pretrain_gpt
     from megatron.core.transformer.enums import ModelType
     from megatron.training import model_setup, training
@@ -40,15 +40,19 @@ def _attempt_loads(rank, world_size, argv, roots) -> List[Tuple[Optional[str], b
     outcomes = []
 
     def attempts(model, optimizer, scheduler, args, pg):
-        for root in roots:
+        for index, root in enumerate(roots):
             args.load = root
             before = _snapshot(model, optimizer)
+            iteration = None
             try:
-                original(model, optimizer, scheduler, args, pg)
+                if index in bare:  # Megatron's evaluation pattern: load_checkpoint(model, None, None)
+                    iteration, _ = original(model, None, None, args, pg)
+                else:
+                    iteration, _ = original(model, optimizer, scheduler, args, pg)
                 error = None
             except Exception as caught:  # noqa: BLE001 -- the tests read the message
                 error = f"{type(caught).__name__}: {caught}"
-            outcomes.append((error, _unchanged(before, _snapshot(model, optimizer))))
+            outcomes.append((error, _unchanged(before, _snapshot(model, optimizer)), iteration))
         raise _Done()
 
     model_setup.load_checkpoint = attempts
@@ -67,4 +71,12 @@ def try_loads(roots: List[str], extra: List[str]) -> List[Tuple[Optional[str], b
     flags override the tiny model (another --hidden-size, say). Rank 0's view."""
     argv = TINY_GPT + ["--train-iters", "3", "--load", roots[0]] + list(extra)
     per_rank = run_on_ranks(_attempt_loads, 2, args=(argv, list(roots)), timeout=300)
-    return [(error, all(r[i][1] for r in per_rank)) for i, (error, _) in enumerate(per_rank[0])]
+    return [(error, all(r[i][1] for r in per_rank)) for i, (error, _, _) in enumerate(per_rank[0])]
+
+
+def loaded_iterations(roots: List[str], extra: List[str], bare=()) -> List[Tuple[Optional[str], Optional[int]]]:
+    """Per root: (the error of loading it, or None; the iteration loaded). Rank 0's view.
+    Roots whose index is in ``bare`` are loaded without optimizer and scheduler."""
+    argv = TINY_GPT + ["--train-iters", "3", "--load", roots[0]] + list(extra)
+    per_rank = run_on_ranks(_attempt_loads, 2, args=(argv, list(roots), tuple(bare)), timeout=300)
+    return [(error, iteration) for error, _, iteration in per_rank[0]]

@@ -17,6 +17,7 @@ import torch.distributed as dist  # noqa: E402
 import pretrain_gpt  # noqa: E402
 from megatron.core.transformer.enums import ModelType  # noqa: E402
 from megatron.training import training  # noqa: E402
+from megatron.training.initialize import shutdown_megatron  # noqa: E402
 
 
 def _printing_train_step(original):
@@ -70,3 +71,5 @@ if __name__ == "__main__":
     training.train_step = _printing_train_step(training.train_step)
     training.pretrain(pretrain_gpt.train_valid_test_datasets_provider, pretrain_gpt.model_provider,
                       ModelType.encoder_or_decoder, pretrain_gpt.forward_step)
+    # As pretrain_gpt.py does: left to interpreter exit, gloo's threads can abort the process.
+    shutdown_megatron()

@@ -2,8 +2,9 @@
 
 One rank is SIGKILLed (MEGATRON_CKPT_CRASH) at each phase of the save of iteration 4
 while the checkpoint of iteration 2 exists: the run dies, the tracker still names 2, the
-unfinished ``.partial`` directory is skipped with a warning, and resuming reproduces the
-uninterrupted run's losses bit for bit. Damaged checkpoints, a full disk and a
+unfinished ``.partial`` directory is skipped with a warning (a checkpoint committed before
+the kill is loaded although the tracker lags), and resuming reproduces the uninterrupted
+run's losses bit for bit. Damaged checkpoints, a full disk and a
 checkpoint of another model fail loudly, naming the file or keys, and load nothing.
 """
 
@@ -57,17 +58,21 @@ def test_kill_during_save_keeps_previous_checkpoint_and_resumes_exactly(phase, r
     assert [crashed.losses()[i] for i in (3, 4)] == [uninterrupted[3], uninterrupted[4]]
     assert tracker_after_crash == 2, f"tracker names {tracker_after_crash} after a kill at {phase}"
     partial = os.path.basename(layout.staging_dir(root, 4))
-    if phase == "after_commit":
-        # Committed but the tracker not yet moved: iteration 2 stays the one loaded.
+    committed = phase == "after_commit"
+    if committed:
+        # Committed but the tracker not yet moved: the newest committed checkpoint (4) is loaded.
         assert "iter_0000004" in listing and partial not in listing, listing
     else:
         assert partial in listing and "iter_0000004" not in listing, listing
 
     assert resumed.returncode == 0, resumed.output[-4000:]
-    assert "loading checkpoint from" in resumed.output and "at iteration 2" in resumed.output
-    if phase != "after_commit":
+    loaded = 4 if committed else 2
+    assert "loading checkpoint from" in resumed.output and f"at iteration {loaded}" in resumed.output
+    if committed:
+        assert "names iteration 2 but" in resumed.output, resumed.output[-4000:]
+    else:
         assert f"skipping {layout.staging_dir(root, 4)}" in resumed.output, resumed.output[-4000:]
-    assert resumed.losses() == {i: uninterrupted[i] for i in (3, 4, 5, 6)}
+    assert resumed.losses() == {i: uninterrupted[i] for i in range(loaded + 1, 7)}
     assert harness.tracker(root) == 6
     assert layout.partial_checkpoints(root) == []
     assert layout.committed_iterations(root) == [2, 4, 6]
@@ -159,10 +164,27 @@ def test_disk_full_on_a_small_tmpfs(tmp_path):
     first, second, listing = harness.run_on_small_disk(root, "3m", [save_then_fail, load_previous])
     assert first.returncode != 0, first.output[-4000:]
     assert "saving the checkpoint of iteration 4" in first.output, first.output[-4000:]
-    # torch.save reports the full disk obscurely ("unexpected pos"): the message adds the free space.
-    assert "Free space left on the file system of" in first.output, first.output[-4000:]
+    # Refused before writing, with the bytes needed and free (a full disk met mid-write is
+    # reported obscurely by the writer, "unexpected pos ...").
+    assert "was refused before writing: it needs about" in first.output, first.output[-4000:]
     assert "The previous checkpoint (iteration 2) is untouched" in first.output
     assert "iter_0000004.partial" not in listing.output and "iter_0000002" in listing.output, listing.output
     assert second.returncode == 0, second.output[-4000:]
     assert "successfully loaded checkpoint" in second.output and "at iteration 2" in second.output
     assert sorted(second.losses()) == [3, 4]
+
+
+def test_checkpoint_with_tensors_this_model_lacks_or_another_vocabulary_is_refused(baseline):
+    """Fewer tensors (no linear biases, RMSNorm without a bias) and a larger vocabulary
+    (whose overlapping rows would fit): refused, naming the keys and the flags."""
+    source, _ = baseline
+    other = ["--disable-bias-linear", "--normalization", "RMSNorm", "--vocab-size", "1024"]
+    (error, unchanged), = load_probe.try_loads([source], other)
+    assert error is not None, "a checkpoint of another model loaded"
+    assert "in the checkpoint but not in this model" in error and "nothing was loaded" in error, error
+    assert "decoder.layers.0.self_attention.linear_proj.bias" in error, error
+    assert "decoder.final_layernorm.bias" in error, error
+    assert "--vocab-size: checkpoint 512, this run 1024" in error, error
+    assert "--disable-bias-linear (add_bias_linear): checkpoint True, this run False" in error, error
+    assert "--normalization (normalization): checkpoint 'LayerNorm', this run 'RMSNorm'" in error, error
+    assert unchanged

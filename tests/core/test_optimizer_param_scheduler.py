@@ -130,6 +130,18 @@ def test_checkpoint_versus_command_line():
     assert override.max_lr == 2.0 and override.num_steps == 20
 
 
+def test_a_longer_run_is_reported_in_samples_with_both_flags():
+    """Resuming with a larger --train-iters: the schedule counts samples, and the
+    message must say so (it once said "iterations" beside sample counts)."""
+    saved, _ = _scheduler("cosine", decay=32)
+    longer, _ = _scheduler("cosine", decay=48, use_checkpoint_opt_param_scheduler=False)
+    with pytest.raises(ValueError) as error:
+        longer.load_state_dict(saved.state_dict())
+    message = str(error.value)
+    assert "decay samples" in message and "(48)" in message and "(32)" in message
+    assert "--override-opt-param-scheduler" in message and "--use-checkpoint-opt-param-scheduler" in message
+
+
 @pytest.mark.parametrize(
     "kw, match",
     [

@@ -50,9 +50,12 @@ def write_model(hf_dir: str, config: dict, weights: Dict[str, torch.Tensor]) -> 
     """``config.json`` and one ``model.safetensors`` (contiguous, unshared tensors)."""
     from safetensors.torch import save_file
 
+    from megatron.core.durable_files import default_file_mode
+
     os.makedirs(hf_dir, exist_ok=True)
     tensors = {name: tensor.detach().contiguous().clone() for name, tensor in weights.items()}
     save_file(tensors, os.path.join(hf_dir, SINGLE_FILE), metadata={"format": "pt"})
+    os.chmod(os.path.join(hf_dir, SINGLE_FILE), default_file_mode())  # safetensors creates it 0600
     with open(os.path.join(hf_dir, CONFIG), "w") as handle:
         json.dump(config, handle, indent=2, sort_keys=True)
         handle.write("\n")

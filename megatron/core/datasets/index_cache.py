@@ -55,13 +55,27 @@ class IndexCache:
         return all(os.path.isfile(f) for f in files)
 
     def load(self) -> Dict[str, numpy.ndarray]:
-        """Every index, memory-mapped read-only."""
-        return {name: numpy.load(p, allow_pickle=True, mmap_mode="r") for name, p in self.paths().items()}
+        """Every index, memory-mapped read-only. Indices are plain integer arrays, so
+        pickled content is refused (a crafted file in a shared cache directory must not
+        run code), as is a truncated or otherwise unreadable file, naming it."""
+        return {name: _load_index(p) for name, p in self.paths().items()}
 
     def save(self, description: str, arrays: Dict[str, numpy.ndarray]) -> None:
         """Write the indices, then the description, each atomically."""
         os.makedirs(self.directory, exist_ok=True)
         for name, target in self.paths().items():
-            atomic_write(target, lambda f, a=arrays[name]: numpy.save(f, a, allow_pickle=True))
+            atomic_write(target, lambda f, a=arrays[name]: numpy.save(f, a, allow_pickle=False))
         atomic_write(self.path(DESCRIPTION), lambda f: f.write(description.encode("utf-8")))
         logger.info("saved %s indices to %s", self.base, self.directory)
+
+
+def _load_index(path: str) -> numpy.ndarray:
+    try:
+        array = numpy.load(path, allow_pickle=False, mmap_mode="r")
+    except (ValueError, OSError, EOFError) as error:
+        raise ValueError(f"index cache file {path} cannot be read as a plain array ({error}); delete it "
+                         "(the run builds the indices again)") from None
+    if array.dtype.kind not in "iu":
+        raise ValueError(f"index cache file {path} holds {array.dtype} values, not integer indices; delete it "
+                         "(the run builds the indices again)")
+    return array

@@ -21,15 +21,18 @@ accepts as is.
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
+import re
 import shutil
+import socket
 import struct
 import time
 import uuid
 from array import array
 from enum import Enum
-from typing import Iterable, Optional, Tuple, Type, Union
+from typing import Iterable, List, Optional, Tuple, Type, Union
 
 import numpy
 
@@ -173,7 +176,7 @@ class _IndexReader:
     ``document_indices`` int64[D], ``sequence_modes`` int8[N] or None.
     """
 
-    def __init__(self, idx_path: str, multimodal: bool):
+    def __init__(self, idx_path: str, multimodal: bool, full_check: bool = True):
         self.idx_path = idx_path
         self.multimodal = multimodal
         start = time.perf_counter()
@@ -199,6 +202,11 @@ class _IndexReader:
             numpy.frombuffer(buffer, dtype=numpy.int8, count=n, offset=offset) if multimodal else None
         )
         self._check_arrays()
+        if full_check:
+            # Vectorized over the index (not the .bin): a bad pointer or a decreasing
+            # document boundary fails here, naming the file, instead of as an IndexError
+            # in a DataLoader worker much later.
+            self.verify_arrays()
         logger.debug("opened %s: %d sequences, %d documents in %.3fs", idx_path, n, d - 1,
                      time.perf_counter() - start)
 
@@ -329,12 +337,13 @@ class IndexedDataset:
             )
         self.initialize(path_prefix, multimodal, mmap)
 
-    def initialize(self, path_prefix: str, multimodal: bool, mmap: bool) -> None:
-        """Open and check the files (also used when unpickling)."""
+    def initialize(self, path_prefix: str, multimodal: bool, mmap: bool, full_check: bool = True) -> None:
+        """Open and check the files (also used when unpickling, where the O(N) index
+        checks, done when the dataset was first opened, are skipped)."""
         self.path_prefix = path_prefix
         self.multimodal = multimodal
         self.mmap = mmap
-        self.index = _IndexReader(get_idx_path(path_prefix), multimodal)
+        self.index = _IndexReader(get_idx_path(path_prefix), multimodal, full_check)
         bin_path = get_bin_path(path_prefix)
         expected = self.index.bin_size()
         actual = _file_size(bin_path, "data file")
@@ -350,7 +359,7 @@ class IndexedDataset:
         return self.path_prefix, self.multimodal, self.mmap
 
     def __setstate__(self, state: Tuple[str, bool, bool]) -> None:
-        self.initialize(*state)
+        self.initialize(*state, full_check=False)
 
     def __len__(self) -> int:
         """Number of sequences."""
@@ -445,8 +454,42 @@ class IndexedDataset:
 
 
 def _temporary_path(path: str) -> str:
-    """A unique sibling of ``path`` that is never mistaken for a dataset file."""
-    return f"{path}.tmp.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+    """A unique sibling of ``path`` that is never mistaken for a dataset file. The host
+    and pid in the name tell ``remove_stale_temporaries`` whether its writer still runs."""
+    return f"{path}.tmp.{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+
+
+_TEMPORARY_SUFFIX = re.compile(r"^\.tmp\.(?P<host>.+)\.(?P<pid>\d+)\.[0-9a-f]{8}$")
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temporaries(path: str) -> List[str]:
+    """Delete temporaries of ``path`` whose writer, on this host, no longer runs (a killed
+    preprocessing run leaves its ``.bin.tmp.*`` behind). Another host's are kept: their
+    pid means nothing here. Returns the paths removed."""
+    host = socket.gethostname()
+    removed = []
+    for candidate in glob.glob(glob.escape(path) + ".tmp.*"):
+        match = _TEMPORARY_SUFFIX.match(candidate[len(path):])
+        if not match or match["host"] != host or _running(int(match["pid"])):
+            continue
+        try:
+            os.remove(candidate)
+        except FileNotFoundError:
+            continue
+        removed.append(candidate)
+    if removed:
+        logger.info("removed %d temporary file(s) left by an interrupted writer: %s", len(removed), removed)
+    return removed
 
 
 def write_index(idx_file, dtype, sequence_lengths: numpy.ndarray, document_indices: numpy.ndarray,
@@ -508,7 +551,8 @@ class IndexedDatasetBuilder:
         dtype: numpy type of the token ids (``DType.optimal_dtype(vocab_size)`` for text).
         multimodal: also record a mode per sequence.
 
-    Until ``finalize`` the data lives in ``<bin_path>.tmp.<pid>.<random>``; ``abort`` deletes it.
+    Until ``finalize`` the data lives in ``<bin_path>.tmp.<host>.<pid>.<random>``; ``abort``
+    deletes it, and a later builder of the same path deletes one whose writer was killed.
     """
 
     def __init__(self, bin_path: str, dtype: Type[numpy.number] = numpy.int32, multimodal: bool = False):
@@ -523,6 +567,8 @@ class IndexedDatasetBuilder:
         directory = os.path.dirname(os.path.abspath(bin_path))
         if not os.path.isdir(directory):
             raise FileNotFoundError(f"cannot write {bin_path}: directory {directory} does not exist")
+        for final in (bin_path, os.path.splitext(bin_path)[0] + ".idx"):
+            remove_stale_temporaries(final)
         self._tmp_bin_path = _temporary_path(bin_path)
         self.data_file = open(self._tmp_bin_path, "xb")
 

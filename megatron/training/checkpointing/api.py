@@ -38,7 +38,14 @@ from megatron.training.checkpointing.collectives import (
 )
 from megatron.training.checkpointing.directory import CheckpointError
 from megatron.training.checkpointing.faults import crash_point
-from megatron.training.checkpointing.manifest import checksums, read_manifest, verify_files, write_manifest
+from megatron.training.checkpointing.free_space import bytes_needed, check_free_space, free_bytes
+from megatron.training.checkpointing.manifest import (
+    MANIFEST_FILENAME,
+    checksums,
+    read_manifest,
+    verify_files,
+    write_manifest,
+)
 from megatron.training.checkpointing.run_state import (
     capture_rng,
     common_state,
@@ -134,6 +141,7 @@ def save_checkpoint(iteration: int, model: List, optimizer, scheduler, num_float
         items = torch_dist_format.build_save_items(model, groups, rank, states, common,
                                                    capture_rng() if save_rng else None, to_cpu=background)
     if ckpt_format == torch_dist_format.FORMAT:
+        _refuse_without_room(root, iteration, bytes_needed(items[0], group), rank, group)
         mid_shard = lambda n: crash_point("mid_shard", rank, iteration) if n == 1 else None  # noqa: E731
         write = lambda: torch_dist_format.write(items, staging, group, mid_shard, rank)  # noqa: E731
     elif megatron_layout:
@@ -156,6 +164,19 @@ def save_checkpoint(iteration: int, model: List, optimizer, scheduler, num_float
     else:
         finish()
     return True
+
+
+def _refuse_without_room(root: str, iteration: int, needed: int, rank: int, group) -> None:
+    """Before writing: rank 0 reads the free space and every rank decides alike."""
+    free, previous = broadcast_from_rank0((free_bytes(root), layout.read_tracker(root)[0]) if rank == 0 else None,
+                                          group)
+    try:
+        check_free_space(root, iteration, needed, free, previous)
+    except CheckpointError:
+        barrier(group)
+        if rank == 0:
+            shutil.rmtree(layout.staging_dir(root, iteration), ignore_errors=True)
+        raise
 
 
 def _write_and_commit(write: Callable[[], List[str]], args, root: str, iteration: int, rank: int, group) -> None:
@@ -225,16 +246,20 @@ def _resolve_load_target(args, rank: int, group) -> Tuple[Optional[str], Optiona
     for root, pretrained in ((args.load, False), (getattr(args, "pretrained_checkpoint", None), True)):
         if not root:
             continue
+        _refuse_missing_directory(root, args, pretrained, rank, group)
 
         def read():
             try:
-                return layout.read_tracker(root), None
+                iteration, release, warning = layout.newest_checkpoint(root)
+                return (iteration, release), warning, None
             except CheckpointError as error:
-                return (None, False), str(error)
+                return (None, False), None, str(error)
 
-        (iteration, release), error = broadcast_from_rank0(read() if rank == 0 else None, group)
+        (iteration, release), warning, error = broadcast_from_rank0(read() if rank == 0 else None, group)
         if error:
             raise CheckpointError(error)
+        if warning and args.ckpt_step is None:
+            print_rank_0(f"WARNING: {warning}")
         if args.ckpt_step is not None and not pretrained:
             iteration, release = args.ckpt_step, False
         if iteration is not None:
@@ -247,8 +272,50 @@ def _resolve_load_target(args, rank: int, group) -> Tuple[Optional[str], Optiona
     return None, None, False, finetune
 
 
+def _same_path(a: Optional[str], b: Optional[str]) -> bool:
+    return bool(a) and bool(b) and os.path.abspath(a) == os.path.abspath(b)
+
+
+def _refuse_missing_directory(root: str, args, pretrained: bool, rank: int, group) -> None:
+    """A --load (or --pretrained-checkpoint) directory that does not exist is a typo,
+    except where --load is also --save: the first run of a job that resumes itself.
+    Megatron starts from scratch in both cases; silently discarding the intended
+    weights costs a whole run, so this is refused."""
+    if not pretrained and _same_path(root, args.save):
+        return
+    if broadcast_from_rank0(os.path.exists(root) if rank == 0 else None, group):
+        return
+    flag = "--pretrained-checkpoint" if pretrained else "--load"
+    raise CheckpointError(f"{flag} {root}: no such directory. Check the path; to start from scratch leave "
+                          f"{flag} out (or make it the same directory as --save, for a run that resumes itself)")
+
+
+def check_save_directory(args, start_iteration: int) -> None:
+    """Refuse a run whose --save already holds committed checkpoints of later iterations
+    than it starts from (a fresh run, or --ckpt-step rewinding, into a used directory):
+    its saves of those iterations would be skipped (a committed checkpoint is never
+    overwritten) and the tracker would move backwards. Collective."""
+    if not args.save:
+        return
+    rank, _ = rank_and_world()
+    group = checkpoint_group()
+    committed = layout.committed_iterations(args.save) if rank == 0 else None
+    later = [i for i in broadcast_from_rank0(committed, group) if i > start_iteration]
+    if later:
+        raise CheckpointError(
+            f"--save {args.save} holds committed checkpoints of iterations {later[-5:]}, later than this run "
+            f"starts from (iteration {start_iteration}); its own saves would be skipped and the tracker "
+            f"would move backwards. Resume with --load {args.save}, choose an empty --save directory, or "
+            "move those iter_* directories away"
+        )
+
+
 def _verify(directory: str, rank: int, world: int, group) -> Optional[dict]:
     manifest = read_manifest(directory)
+    if manifest is None:
+        print_rank_0(f"WARNING: {directory} has no {MANIFEST_FILENAME} (a checkpoint written by another program, "
+                     "such as Megatron-LM): its files cannot be checked for corruption; keys and shapes are "
+                     "still compared")
     problems = verify_files(directory, manifest, rank, world) if manifest else []
     gathered = [p for rank_problems in all_gather_objects(problems, group) for p in rank_problems]
     if gathered:
@@ -281,7 +348,8 @@ def load_checkpoint(model: List, optimizer, scheduler, args=None, pg: Optional[P
             f"checkpoints in {root}: {layout.committed_iterations(root)[-5:]}. Pass --ckpt-step N for one of them."
         )
     manifest = _verify(directory, rank, world, group)
-    load_optim = not args.no_load_optim and not finetune
+    # ``load_checkpoint(model, None, None)`` is Megatron's evaluation / generation pattern: weights only.
+    load_optim = not args.no_load_optim and not finetune and optimizer is not None
     wants_rng = not args.no_load_rng and not finetune
     print_rank_0(f"loading checkpoint from {root} at iteration {iteration}")
     if megatron_lm.is_megatron_checkpoint(directory):
@@ -294,7 +362,7 @@ def load_checkpoint(model: List, optimizer, scheduler, args=None, pg: Optional[P
         load_optim = load_optim and common.get("optimizer_saved", True)
         load_rng = wants_rng and common.get("rng_saved", True) and _same_layout(common.get("layout"), args)
         rng = torch_dist_format.load(directory, model, optimizer, groups, rank, load_optim, load_rng, common,
-                                     _gather_problems(group), group)
+                                     _gather_problems(group), group, args)
         if load_optim:
             restore_grad_scaler(optimizer, common["optimizer"].get("grad_scaler"))
             restore_param_group_hyperparameters(optimizer, common["optimizer"].get("param_groups"))
@@ -310,7 +378,7 @@ def load_checkpoint(model: List, optimizer, scheduler, args=None, pg: Optional[P
     else:
         raise CheckpointError(f"{directory} is neither a torch_dist checkpoint (no valid metadata.json) nor a "
                               "torch checkpoint (no mp_rank_* directories)")
-    if not load_optim:
+    if not load_optim and optimizer is not None:
         # The fp32 main params must start from the loaded weights, not the initial ones.
         optimizer.reload_model_params()
     if load_rng and rng is not None:

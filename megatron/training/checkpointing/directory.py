@@ -68,6 +68,28 @@ def read_tracker(root: str) -> Tuple[Optional[int], bool]:
     return int(text), False
 
 
+def newest_checkpoint(root: str) -> Tuple[Optional[int], bool, Optional[str]]:
+    """(iteration, is_release, warning) to load from ``root``: the newest committed
+    checkpoint, whatever the tracker says. A committed ``iter_*`` directory is complete
+    (it is renamed into place only after every file is durable), so when it is newer
+    than the tracker the run crashed between the commit and the tracker update; loading
+    the tracker's older iteration would retrain steps and, since a committed directory
+    is never overwritten, never advance past them. A missing tracker beside committed
+    directories is the same (an interrupted first save, or a tracker deleted by hand).
+    The tracker is rewritten by the next save."""
+    tracked, release = read_tracker(root)
+    if release:
+        return tracked, True, None
+    committed = committed_iterations(root)
+    if not committed or (tracked is not None and tracked >= committed[-1]):
+        return tracked, False, None
+    newest = committed[-1]
+    seen = f"names iteration {tracked}" if tracked is not None else "is missing"
+    return newest, False, (f"{tracker_path(root)} {seen} but {iteration_dir(root, newest)} is committed: "
+                           f"loading iteration {newest}, the newest committed checkpoint (pass --ckpt-step N "
+                           "to load another)")
+
+
 def write_tracker(root: str, iteration: int) -> None:
     atomic_write(tracker_path(root), lambda handle: handle.write(f"{iteration}\n".encode("ascii")))
 

@@ -15,6 +15,7 @@ import os
 from typing import Callable, List, Optional, Tuple
 
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.metadata import BytesStorageMetadata
 
 from megatron.core.dist_checkpointing import (
     ShardedObject,
@@ -28,6 +29,7 @@ from megatron.core.dist_checkpointing.model_sharding import model_placements
 from megatron.core.optimizer.param_state import empty_model_space_state, load_model_space_state, model_space_state
 from megatron.core.process_groups import ProcessGroups
 from megatron.training.checkpointing.directory import CheckpointError
+from megatron.training.checkpointing.model_match import differing_flags, vocabulary_problem
 
 FORMAT = "torch_dist"
 MARKER_FILENAME = "metadata.json"
@@ -112,8 +114,21 @@ def read_common(directory: str, group) -> dict:
     return common.value
 
 
+def _unexpected_model_keys(tensors, metadata, gather: Callable) -> List[str]:
+    """Model tensors in the checkpoint that no rank asked for (a bias, a norm's bias, a
+    layer this model lacks). Each rank asks for its own stage's keys only, so the
+    requested keys are gathered from all ranks first."""
+    requested = set()
+    for keys in gather(sorted({t.key for t in tensors})):
+        requested.update(keys)
+    return sorted(f"{key} {tuple(entry.size)}" for key, entry in metadata.state_dict_metadata.items()
+                  if not key.startswith(OPTIMIZER_PREFIX) and hasattr(entry, "size") and key not in requested
+                  and not isinstance(entry, BytesStorageMetadata))
+
+
 def load(directory: str, model, optimizer, groups: ProcessGroups, rank: int, load_optim: bool,
-         load_rng: bool, common: dict, gather_problems: Callable[[str], List[str]], group) -> Optional[dict]:
+         load_rng: bool, common: dict, gather_problems: Callable[[str], List[str]], group,
+         args=None) -> Optional[dict]:
     """Load model (and optimizer) state in place; returns this rank's RNG state or None.
     Every requested key and shape is checked against the checkpoint before any data is
     read; ``gather_problems`` combines the ranks' findings so that all ranks stop together."""
@@ -124,14 +139,26 @@ def load(directory: str, model, optimizer, groups: ProcessGroups, rank: int, loa
     objects = [ShardedObject(rng_key(rank))] if load_rng else []
     metadata = read_metadata(directory)
     mismatch = compare_with_checkpoint(tensors, objects, metadata)
-    problems = gather_problems(mismatch.describe() if mismatch else "")
-    if any(problems):
-        details = "\n".join(sorted(set(p for p in problems if p)))
+    problems = [p for p in gather_problems(mismatch.describe() if mismatch else "") if p]
+    unexpected = _unexpected_model_keys(tensors, metadata, gather_problems)
+    if unexpected:
+        problems.append(f"{len(unexpected)} key(s) in the checkpoint but not in this model:\n    "
+                        + "\n    ".join(unexpected[:20] + ([f"... and {len(unexpected) - 20} more"]
+                                                         if len(unexpected) > 20 else [])))
+    saved_args = common.get("args")
+    vocabulary = vocabulary_problem(saved_args, args) if args is not None else None
+    if vocabulary:
+        problems.append(vocabulary)
+    if problems:
+        details = "\n".join(sorted(set(problems)))
+        flags = differing_flags(saved_args, args) if args is not None else []
+        hint = ("Flags that differ from the saving run:\n    " + "\n    ".join(flags) if flags else
+                "Check the model flags (--num-layers, --hidden-size, --ffn-hidden-size, --num-attention-heads, "
+                "--group-query-attention/--num-query-groups, --swiglu, --untie-embeddings-and-output-weights, "
+                "--num-experts ...) against the saving run")
         raise CheckpointError(
-            f"{directory} does not fit this model; nothing was loaded.\n{details}\n"
-            "Check the model flags (--num-layers, --hidden-size, --ffn-hidden-size, --num-attention-heads, "
-            "--group-query-attention/--num-query-groups, --swiglu, --untie-embeddings-and-output-weights, "
-            "--num-experts ...) against the saving run; load with --no-load-optim if only optimizer keys differ."
+            f"{directory} does not fit this model; nothing was loaded.\n{details}\n{hint}\n"
+            "Load with --no-load-optim if only optimizer keys differ."
         )
     try:
         load_sharded(tensors, objects, directory, group=group)

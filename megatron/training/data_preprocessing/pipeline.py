@@ -138,11 +138,18 @@ def encode_batches(batches: Iterable[LineBatch], encoder: DocumentEncoder, worke
             raise ValueError("spawned workers need the EncoderConfig to rebuild the tokenizer")
         pool = multiprocessing.get_context("spawn").Pool(workers, initializer=init_spawned_worker,
                                                          initargs=(config,))
+    finished = False
     try:
         yield from pool.imap(encode_in_worker, batches, chunksize=1)
-        pool.close()
+        finished = True
     finally:
-        pool.terminate()
+        if finished:
+            # Let the workers exit by themselves. terminate() after close() races with
+            # workers leaving on their own: it can block forever on the task queue's lock
+            # (about one run in four with --partitions 2 and several workers each).
+            pool.close()
+        else:
+            pool.terminate()
         pool.join()
 
 

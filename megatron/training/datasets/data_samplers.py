@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+
 import numpy
 import torch
 
@@ -133,3 +135,13 @@ def build_pretraining_data_loader(dataset, consumed_samples, *, micro_batch_size
 def _seed_worker(worker_id):
     seed = torch.initial_seed() % 2**32
     numpy.random.seed(seed)
+    _ignore_stop_signals()
+
+
+def _ignore_stop_signals():
+    """A worker ignores SIGTERM and SIGINT. Launchers (slurm's --signal, Kubernetes,
+    torchrun) signal the rank's whole process group; a worker killed by it makes the
+    rank fail with "DataLoader worker is killed" before its --exit-signal-handler can
+    save. The rank stops its workers itself, and they exit when it dies."""
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, signal.SIG_IGN)

@@ -272,8 +272,16 @@ def test_missing_files_and_full_checks(tmp_path):
     assert not IndexedDataset.exists(prefix)
     with pytest.raises(FileNotFoundError, match=r"data file .*bad\.bin does not exist"):
         IndexedDataset(prefix)
-    # Pointer 1 off by 2 bytes: the O(1) checks on open pass, the full check names the entry.
+    # Pointer 1 off by 2 bytes: the full (vectorized) check on open names the entry and the file.
     prefix = _corrupt(tmp_path, _patched(34 + 12 + 8, struct.pack("<q", 12)))
-    ds = IndexedDataset(prefix)
-    with pytest.raises(ValueError, match=r"sequence_pointers\[1\] is 12, expected 10"):
-        ds.index.verify_arrays()
+    with pytest.raises(ValueError, match=r"bad\.idx: sequence_pointers\[1\] is 12, expected 10"):
+        IndexedDataset(prefix)
+
+
+def test_decreasing_document_boundaries_fail_on_open(tmp_path):
+    # Three documents [0, 2, 1, 3]: the boundary 1 after 2 would make a negative-length document.
+    idx = (WORKED_EXAMPLE_IDX[:26] + struct.pack("<Q", 4) + WORKED_EXAMPLE_IDX[34:34 + 36]
+           + struct.pack("<4q", 0, 2, 1, 3))
+    prefix = _corrupt(tmp_path, idx)
+    with pytest.raises(ValueError, match=r"bad\.idx: document_indices\[2\] = 1 is smaller than"):
+        IndexedDataset(prefix)
