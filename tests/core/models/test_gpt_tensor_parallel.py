@@ -4,7 +4,10 @@ Both runs build the same full model: use_cpu_initialization draws every full wei
 from the default CPU generator in the same order, then each rank keeps its shard.
 Tolerance: TP changes only the order of fp32 sums (row-parallel partial products are
 all-reduced, vocab-parallel softmax sums shards), so results differ by rounding
-(~1e-7 relative); 1e-5 relative and 1e-6 absolute sit well above that.
+(~1e-7 relative); 1e-5 relative and 1e-6 absolute sit well above that. A gradient is a sum of
+per-token terms of order 1 that largely cancel (a bias gradient of 0.1 from 32 tokens), so its
+rounding is measured against the terms: gradients get 1e-5 absolute. A wrong shard, stride or
+missing reduction is off by the size of the terms themselves.
 """
 
 import io
@@ -21,6 +24,7 @@ from tests.multirank import run_on_ranks
 
 VOCAB, SEQ, BATCH, SEED = 128, 16, 2, 1234
 TOL = dict(atol=1e-6, rtol=1e-5)
+GRAD_TOL = dict(atol=1e-5, rtol=1e-5)
 
 CASES = {
     "gpt": (
@@ -117,4 +121,4 @@ def test_tp2_matches_tp1(tp2_results, case, sequence_parallel):
         torch.testing.assert_close(got["loss"], loss, **TOL, msg=lambda m: f"rank {rank} loss: {m}")
         assert sorted(got["grads"]) == sorted(ref_grads)
         for name, grad in ref_grads.items():
-            torch.testing.assert_close(got["grads"][name], grad, **TOL, msg=lambda m: f"rank {rank} {name}: {m}")
+            torch.testing.assert_close(got["grads"][name], grad, **GRAD_TOL, msg=lambda m: f"rank {rank} {name}: {m}")
