@@ -9,5 +9,7 @@ from megatron.core.dist_checkpointing.serialization import (
     save_sharded,
 )
 
-__all__ = ["ShardedObject", "ShardedTensor", "Mismatch", "compare_with_checkpoint", "load_sharded",
+from megatron.core.dist_checkpointing.state_dict_api import load, save  # noqa: E402
+
+__all__ = ["load", "save", "ShardedObject", "ShardedTensor", "Mismatch", "compare_with_checkpoint", "load_sharded",
            "read_metadata", "save_sharded"]

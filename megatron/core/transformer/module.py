@@ -2,9 +2,8 @@
 half-precision wrapper, for scripts that subclass or wrap with them.
 
 Our own models are plain ``torch.nn.Module`` subclasses built directly in their parameter
-dtype, and distributed checkpointing here derives each tensor's shard from the model
-itself (``dist_checkpointing.model_sharding``), so neither class is needed by the package;
-there is no ``sharded_state_dict`` method on either.
+dtype, so neither class is needed by the package. ``sharded_state_dict`` derives each
+tensor's shard from the module itself (``dist_checkpointing.state_dict_api``).
 """
 
 from __future__ import annotations
@@ -14,6 +13,7 @@ from typing import Optional
 import torch
 
 from megatron.core import parallel_state
+from megatron.core.dist_checkpointing.state_dict_api import model_sharded_state_dict
 
 
 class MegatronModule(torch.nn.Module):
@@ -26,6 +26,12 @@ class MegatronModule(torch.nn.Module):
     def state_dict_for_save_checkpoint(self, prefix: str = "", keep_vars: bool = False):
         """The state dict a checkpoint saves (the plain ``state_dict``)."""
         return self.state_dict(prefix=prefix, keep_vars=keep_vars)
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None):
+        """{name: ShardedTensor} of this module for ``dist_checkpointing.save``/``load``."""
+        if sharded_offsets:
+            raise ValueError("sharded_state_dict(sharded_offsets=...) is not supported; the keys here are already global")
+        return model_sharded_state_dict(self, prefix, getattr(self, "pg_collection", None))
 
     def set_is_first_microbatch(self) -> None:
         """Megatron-Core hook for FP8 weight caching; nothing is cached here."""
@@ -68,6 +74,9 @@ class Float16Module(MegatronModule):
             kwargs = _convert(kwargs, self.dtype)
         outputs = self.module(*inputs, **kwargs)
         return _convert(outputs, torch.float32) if last else outputs
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None):
+        return self.module.sharded_state_dict(prefix=prefix, sharded_offsets=sharded_offsets, metadata=metadata)
 
     def state_dict(self, destination=None, prefix: str = "", keep_vars: bool = False):
         """The wrapped module's state dict (no ``module.`` prefix), as Megatron saves it."""
