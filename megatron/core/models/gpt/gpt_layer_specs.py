@@ -129,9 +129,10 @@ def get_gpt_layer_with_transformer_engine_spec(
     """Megatron's Transformer Engine spec, mapped to the same local layers as
     ``get_gpt_layer_local_spec`` (no Transformer Engine here; checkpoints map one to one
     either way)."""
+    _refuse("use_te_op_fuser", use_te_op_fuser)
     return get_gpt_layer_local_spec(
         num_experts=num_experts, moe_grouped_gemm=moe_grouped_gemm, qk_layernorm=qk_layernorm,
         multi_latent_attention=multi_latent_attention, fp8=fp8,
         moe_use_legacy_grouped_gemm=moe_use_legacy_grouped_gemm, qk_l2_norm=qk_l2_norm,
-        use_kitchen=use_kitchen or use_te_op_fuser,
+        use_kitchen=use_kitchen,
     )
