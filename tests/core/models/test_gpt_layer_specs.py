@@ -17,7 +17,7 @@ from megatron.core.transformer.layer_submodules import TransformerBlockSubmodule
 from megatron.core.transformer.mlp import MLP
 from megatron.core.transformer.moe.experts import GroupedMLP, SequentialMLP
 from megatron.core.transformer.moe.moe_layer import MoELayer
-from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.torch_norm import RMSNorm
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer
@@ -73,3 +73,12 @@ def test_gpt_model_refuses_specs_it_cannot_build():
         _model(get_gpt_layer_local_spec(qk_layernorm=True))
     with pytest.raises(ValueError, match="MoE"):
         _model(get_gpt_layer_local_spec(num_experts=4))
+    with pytest.raises(ValueError, match="asks for RMSNorm"):
+        _model(get_gpt_layer_local_spec(normalization="RMSNorm"))
+
+
+def test_default_norm_follows_the_config():
+    _model(get_gpt_layer_local_spec(), _config(normalization="RMSNorm"))
+    _model(get_gpt_layer_local_spec(normalization="RMSNorm"), _config(normalization="RMSNorm"))
+    norm = build_module(get_gpt_layer_local_spec().submodules.input_layernorm, _config(normalization="RMSNorm"), 32)
+    assert isinstance(norm, RMSNorm)

@@ -30,12 +30,13 @@ from megatron.core.transformer.mlp import MLP
 from megatron.core.transformer.moe.experts import GroupedMLP, SequentialMLP
 from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.spec_utils import ModuleSpec
-from megatron.core.transformer.torch_norm import LayerNorm, RMSNorm
+from megatron.core.transformer.torch_norm import LayerNorm, RMSNorm, WrappedTorchNorm
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
 logger = logging.getLogger(__name__)
 
-_NORMS = {None: LayerNorm, "LayerNorm": LayerNorm, "RMSNorm": RMSNorm}
+# None follows config.normalization, as Megatron-Core's default norm does.
+_NORMS = {None: WrappedTorchNorm, "LayerNorm": LayerNorm, "RMSNorm": RMSNorm}
 
 
 def _norm_class(normalization: Optional[str]):

@@ -23,12 +23,12 @@ from megatron.core.transformer.moe.experts import GroupedMLP, SequentialMLP
 from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.moe.shared_experts import SharedExpertMLP
 from megatron.core.transformer.spec_utils import ModuleSpec, get_module
-from megatron.core.transformer.torch_norm import LayerNorm, RMSNorm
+from megatron.core.transformer.torch_norm import LayerNorm, RMSNorm, WrappedTorchNorm
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
 _BUILDABLE = (
     TransformerLayer, SelfAttention, DotProductAttention, ColumnParallelLinear, RowParallelLinear,
-    MLP, MoELayer, SequentialMLP, GroupedMLP, SharedExpertMLP, LayerNorm, RMSNorm,
+    MLP, MoELayer, SequentialMLP, GroupedMLP, SharedExpertMLP, LayerNorm, RMSNorm, WrappedTorchNorm,
     IdentityOp, IdentityFuncOp, get_bias_dropout_add,
 )
 _HOW_TO = "build the spec with megatron.core.models.gpt.gpt_layer_specs.get_gpt_layer_local_spec"
@@ -71,8 +71,19 @@ def _modules(spec) -> dict:
     return found
 
 
+def _check_norms(found: dict, config) -> None:
+    wanted = {"LayerNorm": LayerNorm, "RMSNorm": RMSNorm}.get(config.normalization)
+    for path, module in found.items():
+        if module in (LayerNorm, RMSNorm) and module is not wanted:
+            raise ValueError(
+                f"transformer_layer_spec: {path} asks for {module.__name__} but config.normalization is "
+                f"{config.normalization!r}; pass normalization=config.normalization (or None) to the spec function"
+            )
+
+
 def _check_layer(spec, config) -> None:
     found = _modules(spec)
+    _check_norms(found, config)
     if found.get("layer") is not TransformerLayer:
         raise ValueError(f"transformer_layer_spec must describe a TransformerLayer, got {found.get('layer')!r}; {_HOW_TO}")
     mlp = found.get("layer.mlp")
