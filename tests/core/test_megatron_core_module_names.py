@@ -4,7 +4,8 @@ the further ``parallel_state`` accessors, on one process."""
 import pytest
 import torch
 
-from megatron.core import mpu, parallel_state
+from megatron.core import mpu, parallel_state, tensor_parallel
+from megatron.core.models.gpt import GPTModel
 from megatron.core.process_groups import ProcessGroups
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.module import Float16Module, MegatronModule
@@ -90,3 +91,13 @@ def test_accessors_on_one_process_and_setters():
     finally:
         parallel_state.destroy_model_parallel()
     assert parallel_state.get_pipeline_model_parallel_rank() == 0
+
+
+def test_float16_module_wraps_a_gpt_model():
+    tensor_parallel.model_parallel_cuda_manual_seed(1)
+    config = TransformerConfig(num_layers=1, hidden_size=32, num_attention_heads=4, bf16=True)
+    wrapped = Float16Module(config, GPTModel(config, vocab_size=64, max_sequence_length=8))
+    tokens = torch.randint(0, 64, (2, 8))
+    loss = wrapped(tokens, None, None, labels=tokens)
+    assert loss.dtype == torch.float32 and loss.shape == (2, 8)
+    assert wrapped.sharded_state_dict()["embedding.word_embeddings.weight"].data.dtype == torch.bfloat16
