@@ -345,5 +345,4 @@ def set_virtual_pipeline_model_parallel_world_size(size: Optional[int]) -> None:
 # here so scripts find them under parallel_state (and mpu).
 from megatron.core import parallel_state_ranks as _ranks  # noqa: E402
 from megatron.core.parallel_state_ranks import *  # noqa: E402,F401,F403
-from megatron.core.parallel_state_ranks import OVERRIDES as _OVERRIDES  # noqa: E402,F401
 from megatron.core.rank_generator import RankGenerator  # noqa: E402,F401
