@@ -217,6 +217,7 @@ def destroy_model_parallel() -> None:
     """Forget the groups and the default (the groups themselves die with the world)."""
     global _GROUPS, _LAYOUT, _VIRTUAL_PP_SIZE, _VIRTUAL_PP_RANK
     _GROUPS = _LAYOUT = _VIRTUAL_PP_SIZE = _VIRTUAL_PP_RANK = None
+    _ranks.OVERRIDES.clear()
     set_default_process_groups(None)
 
 
@@ -271,19 +272,19 @@ def get_expert_data_parallel_group():
 
 
 def get_tensor_model_parallel_world_size() -> int:
-    return group_size(get_process_groups().tp)
+    return _ranks.overridden("tensor_model_parallel_world_size", lambda: group_size(get_process_groups().tp))
 
 
 def get_tensor_model_parallel_rank() -> int:
-    return group_rank(get_process_groups().tp)
+    return _ranks.overridden("tensor_model_parallel_rank", lambda: group_rank(get_process_groups().tp))
 
 
 def get_pipeline_model_parallel_world_size() -> int:
-    return group_size(get_process_groups().pp)
+    return _ranks.overridden("pipeline_model_parallel_world_size", lambda: group_size(get_process_groups().pp))
 
 
 def get_pipeline_model_parallel_rank() -> int:
-    return group_rank(get_process_groups().pp)
+    return _ranks.overridden("pipeline_model_parallel_rank", lambda: group_rank(get_process_groups().pp))
 
 
 def get_data_parallel_world_size(with_context_parallel: bool = False) -> int:
@@ -303,11 +304,11 @@ def get_context_parallel_rank() -> int:
 
 
 def get_expert_model_parallel_world_size() -> int:
-    return group_size(get_process_groups().ep)
+    return _ranks.overridden("expert_model_parallel_world_size", lambda: group_size(get_process_groups().ep))
 
 
 def get_expert_model_parallel_rank() -> int:
-    return group_rank(get_process_groups().ep)
+    return _ranks.overridden("expert_model_parallel_rank", lambda: group_rank(get_process_groups().ep))
 
 
 def get_virtual_pipeline_model_parallel_world_size() -> Optional[int]:
@@ -333,3 +334,15 @@ def is_pipeline_last_stage(ignore_virtual: bool = True) -> bool:
     if not ignore_virtual and _VIRTUAL_PP_SIZE is not None and _VIRTUAL_PP_RANK != _VIRTUAL_PP_SIZE - 1:
         return False
     return get_pipeline_model_parallel_rank() == get_pipeline_model_parallel_world_size() - 1
+
+
+def set_virtual_pipeline_model_parallel_world_size(size: Optional[int]) -> None:
+    global _VIRTUAL_PP_SIZE
+    _VIRTUAL_PP_SIZE = size
+
+
+# Megatron-Core's further accessors and RankGenerator live in their own files; re-exported
+# here so scripts find them under parallel_state (and mpu).
+from megatron.core import parallel_state_ranks as _ranks  # noqa: E402
+from megatron.core.parallel_state_ranks import *  # noqa: E402,F401,F403
+from megatron.core.rank_generator import RankGenerator  # noqa: E402,F401

@@ -54,8 +54,19 @@ class GPTDatasetConfig(BlendedMegatronDatasetConfig):
     allow_ambiguous_pad_tokens: bool = False
     """Keep masking the pad id even when it equals the eod, bos or eos id (--allow-ambiguous-pad-tokens)."""
 
+    fast_cache_load: bool = False
+    """Megatron-Core's switch for a quicker index-cache load; accepted without effect (the
+    cached indices here are always memory-mapped as they are read)."""
+
+    inter_document_masking: bool = False
+    """Megatron-Core's per-document attention masking; not built here: True raises ValueError
+    (``reset_attention_mask=True`` blocks attention across end-of-document tokens)."""
+
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.inter_document_masking:
+            raise ValueError("GPTDatasetConfig(inter_document_masking=True) is not supported; "
+                             "use reset_attention_mask=True (--reset-attention-mask) to block attention across documents")
         if self.tokenizer is None:
             raise ValueError("GPTDatasetConfig needs a tokenizer (its eod and pad ids); pass tokenizer=")
 

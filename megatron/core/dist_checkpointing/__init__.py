@@ -8,6 +8,7 @@ from megatron.core.dist_checkpointing.serialization import (
     read_metadata,
     save_sharded,
 )
+from megatron.core.dist_checkpointing.state_dict_api import load, save
 
-__all__ = ["ShardedObject", "ShardedTensor", "Mismatch", "compare_with_checkpoint", "load_sharded",
+__all__ = ["load", "save", "ShardedObject", "ShardedTensor", "Mismatch", "compare_with_checkpoint", "load_sharded",
            "read_metadata", "save_sharded"]

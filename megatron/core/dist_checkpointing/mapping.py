@@ -59,6 +59,25 @@ class ShardedTensor:
         """A tensor every holder has in full (replicated)."""
         return cls(key, data, tuple(data.shape), (0,) * data.dim(), allow_shape_mismatch)
 
+    @classmethod
+    def from_rank_offsets(cls, key: str, data: torch.Tensor, *rank_offsets: Tuple[int, int, int],
+                          replica_id=0, prepend_axis_num: int = 0, allow_shape_mismatch: bool = False,
+                          **_unused) -> "ShardedTensor":
+        """Megatron-Core's constructor: each ``(axis, rank_along_axis, fragments)`` says
+        ``data`` is piece ``rank_along_axis`` of ``fragments`` equal pieces along ``axis``.
+        ``replica_id`` is not needed here (identical chunks are written once);
+        ``prepend_axis_num`` adds leading axes of size 1."""
+        del replica_id
+        for _ in range(prepend_axis_num):
+            data = data.unsqueeze(0)
+        shape, offset = list(data.shape), [0] * data.dim()
+        for axis, rank, fragments in rank_offsets:
+            if not 0 <= rank < fragments:
+                raise ValueError(f"sharded tensor {key!r}: rank offset {rank} along axis {axis} is outside 0..{fragments - 1}")
+            offset[axis] = rank * data.shape[axis]
+            shape[axis] = fragments * data.shape[axis]
+        return cls(key, data, tuple(shape), tuple(offset), allow_shape_mismatch)
+
 
 @dataclass
 class ShardedObject:

@@ -103,3 +103,11 @@ def build_norm(config: TransformerConfig, hidden_size: int, eps: float | None = 
         params_dtype=config.params_dtype,
         fused=config.persist_layer_norm,
     )
+
+
+class WrappedTorchNorm:
+    """Megatron-Core's config-following norm in layer specs: building it gives the
+    LayerNorm or RMSNorm ``config.normalization`` names (``build_norm``)."""
+
+    def __new__(cls, config: TransformerConfig, hidden_size: int, eps: float | None = None, **_unused):
+        return build_norm(config, hidden_size, eps)

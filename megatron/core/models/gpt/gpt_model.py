@@ -22,6 +22,8 @@ from megatron.core.transformer.context_parallel import get_pos_emb_on_this_cp_ra
 from megatron.core.transformer.transformer_block import TransformerBlock
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megatron.core.models.gpt.spec_check import check_layer_spec
+
 logger = logging.getLogger(__name__)
 
 _POSITION_TYPES = ("learned_absolute", "rope", "none")
@@ -37,8 +39,9 @@ class GPTModel(LanguageModule):
       - labels None: logits [b, s, V/tp] (full V when parallel_output=False);
       - labels [b, s]: per-token loss [b, s] in fp32.
 
-    ``transformer_layer_spec`` is accepted for Megatron-Core signature compatibility and
-    ignored (the layers are always the local PyTorch ones). ``num_layers_in_stage`` and
+    ``transformer_layer_spec`` (from ``gpt_layer_specs``) is checked, not used to build: the
+    layers are always the local PyTorch ones the config asks for, and a spec asking for
+    anything else raises ValueError (``spec_check``). ``num_layers_in_stage`` and
     ``layer_offset`` select this stage's layers (default: this pipeline stage's share, or
     virtual chunk ``vp_stage``'s with the interleaved schedule; all layers without pipelining).
     Rotary position embedding ignores ``position_ids`` (positions are 0..s-1), as
@@ -83,6 +86,7 @@ class GPTModel(LanguageModule):
                 "--max-position-embeddings must be > 0 with learned absolute position embeddings, "
                 f"got {max_sequence_length}"
             )
+        check_layer_spec(transformer_layer_spec, config)
         self.transformer_layer_spec = transformer_layer_spec
         self.vocab_size = vocab_size
         self.max_sequence_length = max_sequence_length

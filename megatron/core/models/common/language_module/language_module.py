@@ -7,6 +7,7 @@ from typing import Optional
 import torch
 
 from megatron.core import process_groups, tensor_parallel
+from megatron.core.dist_checkpointing.state_dict_api import model_sharded_state_dict
 from megatron.core.fusions.fused_cross_entropy import fused_vocab_parallel_cross_entropy
 from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -41,6 +42,14 @@ class LanguageModule(torch.nn.Module):
             logits = logits.float()
         loss = tensor_parallel.vocab_parallel_cross_entropy(logits, labels, self.tp_group)
         return loss.transpose(0, 1).contiguous()
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None):
+        """Megatron-Core's sharded state dict of this model (``dist_checkpointing.save``/``load``);
+        ``sharded_offsets`` and ``metadata`` are accepted for its signature (keys here are
+        already global)."""
+        if sharded_offsets:
+            raise ValueError("sharded_state_dict(sharded_offsets=...) is not supported; the keys here are already global")
+        return model_sharded_state_dict(self, prefix, self.pg_collection)
 
     def shared_embedding_or_output_weight(self) -> Optional[torch.Tensor]:
         """The word-embedding weight on the first stage, else the output-layer weight."""
