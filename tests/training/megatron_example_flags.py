@@ -18,9 +18,10 @@ REPO = Path(__file__).resolve().parents[2]
 GPT2_VOCAB = str(REPO / "examples" / "data" / "gpt2" / "vocab.json")
 GPT2_MERGES = str(REPO / "examples" / "data" / "gpt2" / "merges.txt")
 
-# Reasons for dropping a flag on CPU; FP8 is kept apart so those flags can be switched back on
-# for GPU runs once fp8 training exists.
-FP8_NEEDS_GPU = "fp8 matmuls need Transformer Engine on an fp8-capable GPU"
+# Reasons for dropping or adding a flag on CPU.
+FP8_PARAM_GATHER = "FP8 weights are not all-gathered in FP8 here (the FP8 linears quantize the gathered weights)"
+FP8_ON_CPU = ("a CPU has no FP8 matmuls: --fp8-emulation runs the same recipe (scales, amax history, "
+              "quantization) with fp32 matmuls")
 
 RAMPUP_WITH_ITERS = ("Megatron-LM refuses --rampup-batch-size with --train-iters too; the ramp-up needs "
                      "sample-based training (--train-samples)")
@@ -123,10 +124,8 @@ LLAMA3_8B_FP8 = ExampleScript(
         "--data-cache-path": ["--data-cache-path", "{tmp}/cache"], "--save": ["--save", "{tmp}/ckpt"],
         "--load": ["--load", "{tmp}/ckpt"], "--tensorboard-dir": ["--tensorboard-dir", "{tmp}/tb"],
     },
-    dropped={
-        # The --fp8-amax-* recipe details stay: they are accepted (with no effect) without fp8.
-        "--fp8-format": (1, FP8_NEEDS_GPU), "--fp8-param-gather": (0, FP8_NEEDS_GPU),
-    },
+    dropped={"--fp8-param-gather": (0, FP8_PARAM_GATHER)},
+    added={"--fp8-emulation": ([], FP8_ON_CPU)},
 )
 
 MIXTRAL_8X7B = ExampleScript(

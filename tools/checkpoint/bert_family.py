@@ -69,6 +69,8 @@ def bert_hf_flags(hf_config: dict) -> List[str]:
         raise ConversionError(f"BERT type_vocab_size {model['num_tokentypes']} does not convert: only 2")
     if config["openai_gelu"]:
         flags.append("--openai-gelu")
+    else:
+        flags.append("--no-bias-gelu-fusion")  # exact GeLU; the fused one is the tanh approximation
     if arch != "BertForPreTraining":
         flags.append("--bert-no-binary-head")
     return flags
@@ -129,7 +131,7 @@ def _config(args, arch: str, dtype: torch.dtype, vocab_size: int) -> dict:
         "architectures": [arch], "model_type": "bert", "vocab_size": vocab_size,
         "hidden_size": args.hidden_size, "num_hidden_layers": args.num_layers,
         "num_attention_heads": args.num_attention_heads, "intermediate_size": args.ffn_hidden_size,
-        "hidden_act": "gelu_new" if args.openai_gelu else "gelu",
+        "hidden_act": "gelu_new" if args.openai_gelu or args.bias_gelu_fusion else "gelu",
         "hidden_dropout_prob": args.hidden_dropout, "attention_probs_dropout_prob": args.attention_dropout,
         "max_position_embeddings": args.max_position_embeddings, "type_vocab_size": 2,
         "initializer_range": args.init_method_std, "layer_norm_eps": args.norm_epsilon,

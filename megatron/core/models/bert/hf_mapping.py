@@ -75,6 +75,8 @@ def bert_kwargs_from_hf_config(c: dict) -> Tuple[str, dict, dict]:
         normalization="LayerNorm",
         add_bias_linear=True,
         openai_gelu=_ACTIVATIONS[act],
+        # exact GeLU: the fused bias-GeLU computes the tanh approximation (as Megatron's)
+        bias_activation_fusion=_ACTIVATIONS[act],
         hidden_dropout=c.get("hidden_dropout_prob", 0.1),
         attention_dropout=c.get("attention_probs_dropout_prob", 0.1),
         transformer_block_type="post_ln",
