@@ -23,8 +23,7 @@ from megatron.core.models.bert import BertModel
 from megatron.core.transformer.enums import ModelType
 from megatron.training import get_args, get_tokenizer, pretrain, print_rank_0
 from megatron.training.config_from_args import core_transformer_config_from_args
-from megatron.training.datasets.blend_args import get_blend_and_blend_per_split
-from megatron.training.derived_args import DEFAULT_SPLIT
+from megatron.training.datasets.blend_args import dataset_config_kwargs
 from megatron.training.flops import bert_floating_point_operations
 from megatron.training.initialize import shutdown_megatron
 
@@ -116,18 +115,8 @@ def is_dataset_built_on_rank() -> bool:
 def bert_dataset_config_from_args(args) -> BERTMaskedWordPieceDatasetConfig:
     """The BERT dataset config the command line describes (--mock-data when no blend);
     masking settings are Megatron's pretrain_bert ones."""
-    blend, blend_per_split = (None, None) if args.mock_data else get_blend_and_blend_per_split(args)
     return BERTMaskedWordPieceDatasetConfig(
-        random_seed=args.seed,
-        sequence_length=args.seq_length,
-        blend=blend,
-        blend_per_split=blend_per_split,
-        split=None if blend is None else (args.split or DEFAULT_SPLIT),
-        num_dataset_builder_threads=args.num_dataset_builder_threads,
-        path_to_cache=args.data_cache_path,
-        mmap_bin_files=args.mmap_bin_files,
-        tokenizer=get_tokenizer(),
-        mid_level_dataset_surplus=args.mid_level_dataset_surplus,
+        **dataset_config_kwargs(args, get_tokenizer()),
         masking_probability=args.mask_prob,
         short_sequence_probability=args.short_seq_prob,
         masking_max_ngram=3,

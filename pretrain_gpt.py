@@ -20,9 +20,8 @@ from megatron.core.transformer.enums import ModelType
 from megatron.training import get_args, get_tokenizer, pretrain, print_rank_0
 from megatron.training.config_from_args import core_transformer_config_from_args
 from megatron.training.data_iterators import is_dataset_built_on_rank as _built_on
-from megatron.training.datasets.blend_args import get_blend_and_blend_per_split
+from megatron.training.datasets.blend_args import dataset_config_kwargs
 from megatron.training.initialize import shutdown_megatron
-from megatron.training.derived_args import DEFAULT_SPLIT
 
 
 def model_provider(pre_process: bool = True, post_process: bool = True, vp_stage=None) -> GPTModel:
@@ -122,18 +121,8 @@ def is_dataset_built_on_rank() -> bool:
 
 def core_gpt_dataset_config_from_args(args) -> GPTDatasetConfig:
     """The GPT dataset config the command line describes (--mock-data when no blend)."""
-    blend, blend_per_split = (None, None) if args.mock_data else get_blend_and_blend_per_split(args)
     return GPTDatasetConfig(
-        random_seed=args.seed,
-        sequence_length=args.seq_length,
-        blend=blend,
-        blend_per_split=blend_per_split,
-        split=None if blend is None else (args.split or DEFAULT_SPLIT),
-        num_dataset_builder_threads=args.num_dataset_builder_threads,
-        path_to_cache=args.data_cache_path,
-        mmap_bin_files=args.mmap_bin_files,
-        tokenizer=get_tokenizer(),
-        mid_level_dataset_surplus=args.mid_level_dataset_surplus,
+        **dataset_config_kwargs(args, get_tokenizer()),
         reset_position_ids=args.reset_position_ids,
         reset_attention_mask=args.reset_attention_mask,
         eod_mask_loss=args.eod_mask_loss,

@@ -7,6 +7,7 @@ import json
 from typing import List, Optional, Tuple
 
 from megatron.core.datasets.blend_spec import Blend, get_blend_from_list
+from megatron.training.derived_args import DEFAULT_SPLIT
 
 _SPLIT_KEYS = ("train", "valid", "test")
 
@@ -60,3 +61,22 @@ def get_blend_and_blend_per_split(args: argparse.Namespace) -> Tuple[Optional[Bl
         else:
             blend_per_split = [get_blend_from_list(getattr(args, f"{key}_data_path", None)) for key in _SPLIT_KEYS]
     return blend, blend_per_split
+
+
+def dataset_config_kwargs(args: argparse.Namespace, tokenizer) -> dict:
+    """The ``BlendedMegatronDatasetConfig`` fields every family's datasets share, from the
+    command line: seed, sequence length, the blend(s) (none with --mock-data), split, cache
+    and build settings. A family adds its own fields (GPT's masks, BERT's masking)."""
+    blend, blend_per_split = (None, None) if args.mock_data else get_blend_and_blend_per_split(args)
+    return dict(
+        random_seed=args.seed,
+        sequence_length=args.seq_length,
+        blend=blend,
+        blend_per_split=blend_per_split,
+        split=None if blend is None else (args.split or DEFAULT_SPLIT),
+        num_dataset_builder_threads=args.num_dataset_builder_threads,
+        path_to_cache=args.data_cache_path,
+        mmap_bin_files=args.mmap_bin_files,
+        tokenizer=tokenizer,
+        mid_level_dataset_surplus=args.mid_level_dataset_surplus,
+    )
