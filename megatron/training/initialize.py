@@ -41,9 +41,9 @@ def initialize_megatron(extra_args_provider=None, args_defaults=None, ignore_unk
     set_tokenizer(tokenizer)
     # Megatron's scripts read the padded size from args; it is derived here, once.
     args.padded_vocab_size = vocab_size_with_padding(tokenizer.vocab_size, args)
-    set_timers(Timers(args.timing_log_level, args.timing_log_option))
     apply_deterministic(args)  # NCCL reads NCCL_ALGO when the process group starts
     _initialize_distributed(args, denv)
+    set_timers(Timers(args.timing_log_level, args.timing_log_option, group=dist.group.WORLD))
     init_num_microbatches_calculator(
         args.rank,
         args.rampup_batch_size,

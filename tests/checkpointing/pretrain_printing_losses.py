@@ -34,20 +34,21 @@ def _printing_train_step(original):
 def _simulate_disk_full(spec: str) -> None:
     """``<rank>:<iteration>``: that rank's data-file write of that iteration's save fails
     with ENOSPC part-way, as on a full disk (inside the collective write, where a real
-    disk-full error happens, so the other ranks learn of it the same way)."""
+    disk-full error happens, so the other ranks learn of it the same way). The failure
+    comes from the fault hook the training loop's saves are given."""
     import errno
+    import functools
 
-    from megatron.training.checkpointing import api
+    from megatron.training.checkpointing import faults
 
     rank, iteration = (int(part) for part in spec.split(":"))
-    original = api.crash_point
 
-    def crash_point(phase, this_rank, this_iteration):
+    def disk_full(phase, this_rank, this_iteration):
         if phase == "mid_shard" and (this_rank, this_iteration) == (rank, iteration):
             raise OSError(errno.ENOSPC, "No space left on device (simulated)")
-        original(phase, this_rank, this_iteration)
+        faults.crash_point(phase, this_rank, this_iteration)
 
-    api.crash_point = crash_point
+    training.save_checkpoint = functools.partial(training.save_checkpoint, fault_hook=disk_full)
 
 
 def _pretend_started_earlier(minutes: float) -> None:

@@ -15,7 +15,7 @@ def _chunk(key, offset, numel):
 
 def test_bytes_needed_counts_each_chunk_once():
     chunks = [_chunk("a", 0, 1000), _chunk("a", 1000, 1000), _chunk("a", 0, 1000)]  # the last is a replica
-    assert OVERHEAD_BYTES + 8000 <= bytes_needed(chunks) < OVERHEAD_BYTES + 8400
+    assert OVERHEAD_BYTES + 8000 <= bytes_needed(chunks, group=None) < OVERHEAD_BYTES + 8400
 
 
 def test_a_save_that_cannot_fit_is_refused_naming_the_sizes():

@@ -1,7 +1,11 @@
 """``save_checkpoint`` / ``load_checkpoint``: Megatron's entry points over both formats,
 with the crash-safe publishing of ``directory`` and the integrity checks of ``manifest``.
 
-Save: all ranks agree that the iteration is not already committed, rank 0 makes the
+Each entry point opens one ``CheckpointComm`` (a gloo group over all ranks) and passes
+its group to every collective; it is closed when the entry point's work is done.
+
+Save is plan -> write -> commit, with one object per format in ``save_formats``: all
+ranks agree that the iteration is not already committed, rank 0 makes the
 staging directory, every rank writes its part (in a background thread with
 --async-save, from a CPU snapshot), the ranks' file checksums are gathered, rank 0 writes
 the manifest (and for torch_dist Megatron's ``metadata.json``), renames the directory into
@@ -16,6 +20,7 @@ with the checkpoint, and only then is anything read into the model.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import shutil
@@ -30,15 +35,14 @@ from megatron.core.process_groups import ProcessGroups
 from megatron.training.checkpointing import directory as layout
 from megatron.training.checkpointing import megatron_lm, torch_dist_format, torch_format
 from megatron.training.checkpointing.collectives import (
+    CheckpointComm,
     all_gather_objects,
     barrier,
     broadcast_from_rank0,
-    checkpoint_group,
-    rank_and_world,
 )
 from megatron.training.checkpointing.directory import CheckpointError
-from megatron.training.checkpointing.faults import crash_point
-from megatron.training.checkpointing.free_space import bytes_needed, check_free_space, free_bytes
+from megatron.training.checkpointing.faults import FaultHook, crash_point
+from megatron.training.checkpointing.free_space import check_free_space, free_bytes
 from megatron.training.checkpointing.manifest import (
     MANIFEST_FILENAME,
     checksums,
@@ -47,8 +51,6 @@ from megatron.training.checkpointing.manifest import (
     write_manifest,
 )
 from megatron.training.checkpointing.run_state import (
-    capture_rng,
-    common_state,
     describe_layout,
     parallel_layout,
     restore_counters,
@@ -56,12 +58,12 @@ from megatron.training.checkpointing.run_state import (
     restore_param_group_hyperparameters,
     restore_rng,
 )
+from megatron.training.checkpointing.save_formats import SAVE_FORMATS, SaveRequest, planner_for
 from megatron.training.global_vars import get_args
 from megatron.training.rank_print import print_rank_0
 
 logger = logging.getLogger(__name__)
 
-SAVE_FORMATS = (torch_dist_format.FORMAT, torch_format.FORMAT)
 
 
 class _PendingSave:
@@ -103,59 +105,37 @@ def _groups(pg: Optional[ProcessGroups]) -> ProcessGroups:
 
 
 def save_checkpoint(iteration: int, model: List, optimizer, scheduler, num_floating_point_operations_so_far: float = 0,
-                    args=None, pg: Optional[ProcessGroups] = None) -> bool:
+                    args=None, pg: Optional[ProcessGroups] = None, fault_hook: Optional[FaultHook] = None) -> bool:
     """Save under ``args.save``; collective over all ranks. Returns False when a
-    committed checkpoint of this iteration already exists (it is never overwritten)."""
+    committed checkpoint of this iteration already exists (it is never overwritten).
+
+    ``fault_hook(phase, rank, iteration)`` runs at each crash point of the save (see
+    ``faults``); the default is ``faults.crash_point``, driven by MEGATRON_CKPT_CRASH."""
     args = args if args is not None else get_args()
+    hook = fault_hook if fault_hook is not None else crash_point
     groups = _groups(pg)
     wait_for_pending_save()
-    rank, _ = rank_and_world()
-    group = checkpoint_group()
-    root = args.save
-    ckpt_format = args.ckpt_format
-    if ckpt_format not in SAVE_FORMATS:
-        raise CheckpointError(f"--ckpt-format {ckpt_format}: saving supports {', '.join(SAVE_FORMATS)}")
-    final = layout.iteration_dir(root, iteration)
-    if broadcast_from_rank0(os.path.isdir(final) if rank == 0 else None, group):
-        print_rank_0(f"  checkpoint {final} already exists: not overwriting a committed checkpoint")
-        return False
-    print_rank_0(f"saving checkpoint at iteration {iteration:7d} to {root} in {ckpt_format} format")
+    if args.ckpt_format not in SAVE_FORMATS:
+        raise CheckpointError(f"--ckpt-format {args.ckpt_format}: saving supports {', '.join(SAVE_FORMATS)}")
     start = time.time()
-    if rank == 0:
-        layout.prepare_staging(root, iteration)
-    barrier(group)
-    staging = layout.staging_dir(root, iteration)
-    crash_point("before_shards", rank, iteration)
-    save_optim, save_rng = not args.no_save_optim, not args.no_save_rng
+    comm = CheckpointComm.open()
+    try:
+        plan = _plan_save(iteration, model, optimizer, scheduler, num_floating_point_operations_so_far, args,
+                          groups, comm, hook)
+    except BaseException:
+        comm.close()
+        raise
+    if plan is None:
+        comm.close()
+        return False
     background = bool(getattr(args, "async_save", False))
-    megatron_layout = bool(getattr(args, "ckpt_megatron_lm_layout", False))
-    if megatron_layout:
-        print_rank_0("  in Megatron-LM's key layout (--ckpt-megatron-lm-layout): model weights only")
-    if ckpt_format == torch_dist_format.FORMAT and megatron_layout:
-        items = megatron_lm.torch_dist.build_save_items(model, groups, rank, args, iteration,
-                                                        num_floating_point_operations_so_far, to_cpu=background)
-    elif ckpt_format == torch_dist_format.FORMAT:
-        states, scalars = torch_dist_format.gather_optimizer_state(optimizer, save_optim)
-        common = common_state(args, iteration, optimizer, scheduler, num_floating_point_operations_so_far,
-                              save_optim, save_rng, scalars) if rank == 0 else None
-        items = torch_dist_format.build_save_items(model, groups, rank, states, common,
-                                                   capture_rng() if save_rng else None, to_cpu=background)
-    if ckpt_format == torch_dist_format.FORMAT:
-        _refuse_without_room(root, iteration, bytes_needed(items[0], group), rank, group)
-        mid_shard = lambda n: crash_point("mid_shard", rank, iteration) if n == 1 else None  # noqa: E731
-        write = lambda: torch_dist_format.write(items, staging, group, mid_shard, rank)  # noqa: E731
-    elif megatron_layout:
-        payload = megatron_lm.legacy.build_payload(args, iteration, model, num_floating_point_operations_so_far, groups)
-        write = lambda: torch_format.write(  # noqa: E731
-            payload, staging, lambda: crash_point("mid_shard", rank, iteration))
-    else:
-        payload = torch_format.build_payload(args, iteration, model, optimizer, scheduler,
-                                             num_floating_point_operations_so_far, save_optim, save_rng, groups)
-        write = lambda: torch_format.write(  # noqa: E731
-            payload, staging, lambda: crash_point("mid_shard", rank, iteration))
+    root = args.save
 
     def finish() -> None:
-        _write_and_commit(write, args, root, iteration, rank, group)
+        try:
+            _write_and_commit(plan, args, root, iteration, comm, hook)
+        finally:
+            comm.close()
         print_rank_0(f"  successfully saved checkpoint from iteration {iteration:7d} to {root} "
                      f"({time.time() - start:.1f} s{', in the background' if background else ''})")
 
@@ -164,6 +144,32 @@ def save_checkpoint(iteration: int, model: List, optimizer, scheduler, num_float
     else:
         finish()
     return True
+
+
+def _plan_save(iteration: int, model: List, optimizer, scheduler, num_flops: float, args, groups: ProcessGroups,
+               comm: CheckpointComm, hook: FaultHook):
+    """Agree the iteration is new, make the staging directory and build what each rank
+    writes (checking room for it); None when the iteration is already committed."""
+    rank, group, root = comm.rank, comm.group, args.save
+    final = layout.iteration_dir(root, iteration)
+    if broadcast_from_rank0(os.path.isdir(final) if rank == 0 else None, group):
+        print_rank_0(f"  checkpoint {final} already exists: not overwriting a committed checkpoint")
+        return None
+    print_rank_0(f"saving checkpoint at iteration {iteration:7d} to {root} in {args.ckpt_format} format")
+    if rank == 0:
+        layout.prepare_staging(root, iteration)
+    barrier(group)
+    hook("before_shards", rank, iteration)
+    megatron_layout = bool(getattr(args, "ckpt_megatron_lm_layout", False))
+    if megatron_layout:
+        print_rank_0("  in Megatron-LM's key layout (--ckpt-megatron-lm-layout): model weights only")
+    request = SaveRequest(args, iteration, model, optimizer, scheduler, num_flops, groups, rank,
+                          to_cpu=bool(getattr(args, "async_save", False)))
+    plan = planner_for(args.ckpt_format, megatron_layout).plan(request)
+    needed = plan.bytes_needed(group)
+    if needed is not None:
+        _refuse_without_room(root, iteration, needed, rank, group)
+    return plan
 
 
 def _refuse_without_room(root: str, iteration: int, needed: int, rank: int, group) -> None:
@@ -179,19 +185,34 @@ def _refuse_without_room(root: str, iteration: int, needed: int, rank: int, grou
         raise
 
 
-def _write_and_commit(write: Callable[[], List[str]], args, root: str, iteration: int, rank: int, group) -> None:
+def _write(plan, staging: str, comm: CheckpointComm, iteration: int, hook: FaultHook) -> Tuple[dict, Optional[str]]:
+    """This rank's (file checksums, error description): a failure is returned, not raised,
+    so that every rank learns of it in the gather that follows."""
+    rank = comm.rank
+
+    def mid_shard() -> None:
+        hook("mid_shard", rank, iteration)
+
     try:
-        sums, error = checksums(layout.staging_dir(root, iteration), write()), None
-    except (Exception, WriterException) as caught:  # noqa: BLE001 -- every rank must learn of it, see below
+        return checksums(staging, plan.write(staging, comm.group, rank, mid_shard)), None
+    except (Exception, WriterException) as caught:  # noqa: BLE001 -- every rank must learn of it
         # torch.distributed.checkpoint reports a failed write (a full disk) as a
         # BaseException subclass, so it needs naming here beside Exception.
-        sums, error = {}, _describe_write_error(caught, rank)
-    crash_point("after_shards", rank, iteration)
+        return {}, _describe_write_error(caught, rank)
+
+
+def _write_and_commit(plan, args, root: str, iteration: int, comm: CheckpointComm, hook: FaultHook) -> None:
+    """Write, gather every rank's checksums (or errors), and commit on rank 0: the
+    manifest, the rename into place and, once every rank has seen it, the tracker."""
+    rank, group = comm.rank, comm.group
+    staging = layout.staging_dir(root, iteration)
+    sums, error = _write(plan, staging, comm, iteration, hook)
+    hook("after_shards", rank, iteration)
     gathered = all_gather_objects((sums, error), group)
     errors = list(dict.fromkeys(e for _, e in gathered if e))  # the writer reports a failure on every rank
     if errors:
         if rank == 0:
-            shutil.rmtree(layout.staging_dir(root, iteration), ignore_errors=True)
+            shutil.rmtree(staging, ignore_errors=True)
         previous = layout.read_tracker(root)[0]
         raise CheckpointError(
             f"saving the checkpoint of iteration {iteration} to {root} failed and was discarded "
@@ -200,14 +221,12 @@ def _write_and_commit(write: Callable[[], List[str]], args, root: str, iteration
             "Free space or point --save elsewhere."
         )
     if rank == 0:
-        staging = layout.staging_dir(root, iteration)
         files = {name: entry for ranks_sums, _ in gathered for name, entry in ranks_sums.items()}
-        if args.ckpt_format == torch_dist_format.FORMAT:
-            files.update(checksums(staging, [torch_dist_format.write_marker(staging)]))
+        files.update(checksums(staging, plan.commit_files(staging)))
         write_manifest(staging, args.ckpt_format, iteration, parallel_layout(args), files)
         layout.commit(root, iteration)
     barrier(group)
-    crash_point("after_commit", rank, iteration)
+    hook("after_commit", rank, iteration)
     barrier(group)
     if rank == 0:
         layout.write_tracker(root, iteration)
@@ -237,7 +256,8 @@ def _describe_write_error(caught: BaseException, rank: int) -> str:
 
 
 def _gather_problems(group) -> Callable[[str], List[str]]:
-    return lambda problem: all_gather_objects(problem, group)
+    """A collective over ``group`` that hands every rank the list of all ranks' problems."""
+    return functools.partial(all_gather_objects, group=group)
 
 
 def _resolve_load_target(args, rank: int, group) -> Tuple[Optional[str], Optional[int], bool, bool]:
@@ -297,10 +317,12 @@ def check_save_directory(args, start_iteration: int) -> None:
     overwritten) and the tracker would move backwards. Collective."""
     if not args.save:
         return
-    rank, _ = rank_and_world()
-    group = checkpoint_group()
-    committed = layout.committed_iterations(args.save) if rank == 0 else None
-    later = [i for i in broadcast_from_rank0(committed, group) if i > start_iteration]
+    comm = CheckpointComm.open()
+    try:
+        committed = layout.committed_iterations(args.save) if comm.rank == 0 else None
+        later = [i for i in broadcast_from_rank0(committed, comm.group) if i > start_iteration]
+    finally:
+        comm.close()
     if later:
         raise CheckpointError(
             f"--save {args.save} holds committed checkpoints of iterations {later[-5:]}, later than this run "
@@ -333,9 +355,16 @@ def load_checkpoint(model: List, optimizer, scheduler, args=None, pg: Optional[P
     scheduler; set the data position in ``args``. Returns (iteration, FLOPs so far)."""
     args = args if args is not None else get_args()
     groups = _groups(pg)
-    rank, world = rank_and_world()
-    group = checkpoint_group()
     wait_for_pending_save()
+    comm = CheckpointComm.open()
+    try:
+        return _load(model, optimizer, scheduler, args, groups, comm)
+    finally:
+        comm.close()
+
+
+def _load(model: List, optimizer, scheduler, args, groups: ProcessGroups, comm: CheckpointComm) -> Tuple[int, float]:
+    rank, world, group = comm.rank, comm.world, comm.group
     root, iteration, release, finetune = _resolve_load_target(args, rank, group)
     if root is None:
         return 0, 0.0

@@ -1,41 +1,53 @@
-"""The small collectives a checkpoint needs, on a dedicated gloo group.
+"""The small collectives a checkpoint needs, over a group the caller passes in.
 
-A separate group keeps checkpoint traffic (which may run in a background thread with
---async-save) apart from training's NCCL or gloo groups, and works on CPU objects."""
+``CheckpointComm.open()`` is called once by each entry point (save, load, the --save
+check): it makes a dedicated gloo group over all ranks, which keeps checkpoint traffic
+(which may run in a background thread with --async-save) apart from training's NCCL or
+gloo groups and works on CPU objects. The entry point closes it when its work is done.
+Every collective below takes that group explicitly; ``group=None`` means one process
+without torch.distributed (the collective is then the identity), never a default group.
+None of them carries gradients: they move Python objects, not autograd tensors.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, List, Optional
 
 import torch.distributed as dist
 
-_GROUP = None
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
 
 
-def checkpoint_group():
-    """The gloo group over all ranks (created collectively on first use), or None
-    without torch.distributed."""
-    global _GROUP
-    if not (dist.is_available() and dist.is_initialized()):
-        return None
-    if _GROUP is None:
-        _GROUP = dist.new_group(backend="gloo")
-    return _GROUP
+@dataclass
+class CheckpointComm:
+    """This rank, the number of ranks, and the gloo group (None in a single process
+    without torch.distributed) over which one save or load talks."""
+
+    rank: int
+    world: int
+    group: Optional[Any]
+
+    @classmethod
+    def open(cls) -> "CheckpointComm":
+        """A new gloo group over all ranks; collective (every rank calls it, in the same order)."""
+        if not _distributed():
+            return cls(rank=0, world=1, group=None)
+        return cls(rank=dist.get_rank(), world=dist.get_world_size(), group=dist.new_group(backend="gloo"))
+
+    def close(self) -> None:
+        """Release the group's connections (local: no rank waits for another). Call it
+        only after this rank's last collective on the group."""
+        if self.group is not None:
+            dist.destroy_process_group(self.group)
+            self.group = None
 
 
-def reset_checkpoint_group() -> None:
-    global _GROUP
-    _GROUP = None
-
-
-def rank_and_world() -> tuple:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def all_gather_objects(value: Any, group=None) -> List[Any]:
-    group = group if group is not None else checkpoint_group()
+def all_gather_objects(value: Any, group) -> List[Any]:
+    """Forward: every rank of ``group`` gets the list of all ranks' ``value`` (by rank);
+    ``[value]`` without torch.distributed. Backward: none (pickled objects)."""
     if group is None:
         return [value]
     out: List[Optional[Any]] = [None] * dist.get_world_size(group)
@@ -43,8 +55,9 @@ def all_gather_objects(value: Any, group=None) -> List[Any]:
     return out
 
 
-def broadcast_from_rank0(value: Any, group=None) -> Any:
-    group = group if group is not None else checkpoint_group()
+def broadcast_from_rank0(value: Any, group) -> Any:
+    """Forward: every rank of ``group`` gets rank 0's ``value`` (the others pass anything,
+    usually None); ``value`` itself without torch.distributed. Backward: none (pickled objects)."""
     if group is None:
         return value
     box = [value]
@@ -52,7 +65,8 @@ def broadcast_from_rank0(value: Any, group=None) -> Any:
     return box[0]
 
 
-def barrier(group=None) -> None:
-    group = group if group is not None else checkpoint_group()
+def barrier(group) -> None:
+    """Forward: returns once every rank of ``group`` has reached it; nothing without
+    torch.distributed. Backward: none."""
     if group is not None:
         dist.barrier(group=group)

@@ -5,16 +5,22 @@ kills itself with SIGKILL at the named phase of the save: ``before_shards`` (sta
 directory made, nothing written), ``mid_shard`` (part of its data file written),
 ``after_shards`` (all data written and fsynced, not committed), ``after_commit``
 (directory renamed, tracker not yet updated). Unset, these are no-ops.
+
+``crash_point`` is the default ``fault_hook`` of ``save_checkpoint``; a test passes its
+own hook (same signature, ``FaultHook``) to fail a save in another way at these points.
 """
 
 from __future__ import annotations
 
 import os
 import signal
-from typing import Optional
+from typing import Callable, Optional
 
 ENV_VAR = "MEGATRON_CKPT_CRASH"
 PHASES = ("before_shards", "mid_shard", "after_shards", "after_commit")
+
+# hook(phase, rank, iteration), called by every rank at each phase of every save.
+FaultHook = Callable[[str, int, int], None]
 
 
 def _requested() -> Optional[tuple]:
@@ -28,6 +34,7 @@ def _requested() -> Optional[tuple]:
 
 
 def crash_point(phase: str, rank: int, iteration: int) -> None:
+    """SIGKILL this process when MEGATRON_CKPT_CRASH names this phase, rank and iteration."""
     requested = _requested()
     if requested is None:
         return

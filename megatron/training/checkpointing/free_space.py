@@ -19,7 +19,7 @@ def _unique_bytes(chunks: Iterable[ShardedTensor]) -> Dict[Tuple[str, Tuple[int,
     return {(c.key, tuple(c.global_offset)): c.data.numel() * c.data.element_size() for c in chunks}
 
 
-def bytes_needed(chunks: Iterable[ShardedTensor], group=None) -> int:
+def bytes_needed(chunks: Iterable[ShardedTensor], group) -> int:
     """Bytes the checkpoint's tensors take, counting each chunk once although data-parallel
     replicas all hold it (one of them writes it). Collective over ``group``."""
     merged: Dict[Tuple[str, Tuple[int, ...]], int] = {}
