@@ -126,7 +126,7 @@ def core_gpt_dataset_config_from_args(args) -> GPTDatasetConfig:
         reset_position_ids=args.reset_position_ids,
         reset_attention_mask=args.reset_attention_mask,
         eod_mask_loss=args.eod_mask_loss,
-        allow_ambiguous_pad_tokens=getattr(args, "allow_ambiguous_pad_tokens", False),
+        allow_ambiguous_pad_tokens=args.allow_ambiguous_pad_tokens,
         # get_batch only moves a mask when documents are masked from each other; a plain
         # causal mask is implied, so building one per sample would be wasted work.
         create_attention_mask=args.reset_attention_mask and args.create_attention_mask_in_dataloader,

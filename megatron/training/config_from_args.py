@@ -57,15 +57,15 @@ def build_config(config_class, args: argparse.Namespace, overrides: Optional[Dic
 
 
 def _activation_overrides(args: argparse.Namespace) -> Dict[str, Any]:
-    if getattr(args, "swiglu", False):
+    if args.swiglu:
         return {"gated_linear_unit": True, "activation_func": F.silu,
-                "bias_activation_fusion": getattr(args, "bias_swiglu_fusion", True)}
-    out: Dict[str, Any] = {"bias_activation_fusion": getattr(args, "bias_gelu_fusion", True)}
-    if getattr(args, "squared_relu", False):
+                "bias_activation_fusion": args.bias_swiglu_fusion}
+    out: Dict[str, Any] = {"bias_activation_fusion": args.bias_gelu_fusion}
+    if args.squared_relu:
         out["activation_func"] = squared_relu
-    elif getattr(args, "openai_gelu", False):
+    elif args.openai_gelu:
         out["activation_func"] = openai_gelu
-    elif getattr(args, "quick_geglu", False):
+    elif args.quick_geglu:
         out.update(gated_linear_unit=True, activation_func=quick_gelu)
     return out
 
@@ -75,16 +75,16 @@ def transformer_config_overrides(args: argparse.Namespace) -> Dict[str, Any]:
     out: Dict[str, Any] = {
         name: getattr(args, arg) for arg, name in ARG_TO_CONFIG_FIELD.items() if hasattr(args, arg)
     }
-    out["persist_layer_norm"] = not getattr(args, "no_persist_layer_norm", False)
+    out["persist_layer_norm"] = not args.no_persist_layer_norm
     out.update(_activation_overrides(args))
-    if not getattr(args, "group_query_attention", False):
+    if not args.group_query_attention:
         out["num_query_groups"] = None
-    if getattr(args, "window_size", None) is not None:
+    if args.window_size is not None:
         out["window_size"] = tuple(args.window_size)
-    if getattr(args, "init_method_xavier_uniform", False):
+    if args.init_method_xavier_uniform:
         out["init_method"] = torch.nn.init.xavier_uniform_
         out["output_layer_init_method"] = torch.nn.init.xavier_uniform_
-    if getattr(args, "recompute_activations", False) and getattr(args, "recompute_granularity", None) is None:
+    if args.recompute_activations and args.recompute_granularity is None:
         out["recompute_granularity"] = "selective"
     params_dtype = getattr(args, "params_dtype", None)
     if params_dtype is not None:
@@ -104,7 +104,7 @@ def core_transformer_config_from_args(args: argparse.Namespace, config_class=Non
     config_class = config_class or TransformerConfig
     overrides = transformer_config_overrides(args)
     softmax_field = _init_fields(config_class).get("attention_softmax_in_fp32")
-    if softmax_field is not None and not getattr(args, "attention_softmax_in_fp32", False):
+    if softmax_field is not None and not args.attention_softmax_in_fp32:
         # Megatron's flag only turns fp32 softmax on; its fused/TE kernels keep fp32 internally
         # without it. The plain-PyTorch path would honour False literally, so keep the default.
         overrides["attention_softmax_in_fp32"] = softmax_field.default
@@ -125,20 +125,20 @@ def get_ddp_config(args: argparse.Namespace, num_parameters: Optional[int] = Non
     ceil(num_parameters / N) elements."""
     from megatron.core.distributed import DistributedDataParallelConfig
 
-    bucket_size = getattr(args, "ddp_bucket_size", None)
-    num_buckets = getattr(args, "ddp_num_buckets", None)
+    bucket_size = args.ddp_bucket_size
+    num_buckets = args.ddp_num_buckets
     if num_buckets is not None and num_parameters is not None:
         bucket_size = max(1, -(-num_parameters // num_buckets))
     overrides = {
         # --grad-reduce-in-bf16 keeps bf16 grad buffers even where fp32 accumulation was asked for.
-        "grad_reduce_in_fp32": (getattr(args, "accumulate_allreduce_grads_in_fp32", False)
-                                and not getattr(args, "grad_reduce_in_bf16", False)),
+        "grad_reduce_in_fp32": (args.accumulate_allreduce_grads_in_fp32
+                                and not args.grad_reduce_in_bf16),
         "bucket_size": bucket_size,
-        "average_in_collective": getattr(args, "ddp_average_in_collective", False),
+        "average_in_collective": args.ddp_average_in_collective,
         # The training loop checks losses and gradients on every rank together
         # (megatron/training/nan_check.py); a per-bucket check that raises on one rank
         # would leave the others waiting in the reduction.
         "check_for_nan_in_grad": False,
-        "pad_buckets_for_high_nccl_busbw": getattr(args, "ddp_pad_buckets_for_high_nccl_busbw", False),
+        "pad_buckets_for_high_nccl_busbw": args.ddp_pad_buckets_for_high_nccl_busbw,
     }
     return build_config(DistributedDataParallelConfig, args, overrides)

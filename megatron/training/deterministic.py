@@ -35,7 +35,7 @@ NON_DETERMINISTIC = {
 
 def check_deterministic(args: argparse.Namespace) -> None:
     """Refuse the options and environment that cannot give bit-identical reruns."""
-    if not getattr(args, "deterministic_mode", False):
+    if not args.deterministic_mode:
         return
     for dest, (flag, why) in NON_DETERMINISTIC.items():
         if getattr(args, dest, False):
@@ -49,7 +49,7 @@ def check_deterministic(args: argparse.Namespace) -> None:
 
 def apply_deterministic(args: argparse.Namespace) -> None:
     """Set the switches and environment; call before the process group and the first GEMM."""
-    if not getattr(args, "deterministic_mode", False):
+    if not args.deterministic_mode:
         return
     os.environ.setdefault("NCCL_ALGO", DEFAULT_NCCL_ALGO)
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)

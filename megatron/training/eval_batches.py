@@ -27,7 +27,7 @@ def eval_batches(args: argparse.Namespace, data_parallel_size: int) -> EvalBatch
         if value is not None and value <= 0:
             raise ValueError(f"{flag} {value}: must be positive. Fix: pass a positive number or drop the flag")
     step = mbs * data_parallel_size
-    if gbs % step and getattr(args, "decrease_batch_size_if_needed", False) and gbs >= step:
+    if gbs % step and args.decrease_batch_size_if_needed and gbs >= step:
         gbs -= gbs % step  # as training's batch is with --decrease-batch-size-if-needed
     if gbs % step:
         raise ValueError(f"--eval-global-batch-size {gbs}: must be a multiple of the evaluation micro-batch size "

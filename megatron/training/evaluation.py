@@ -79,7 +79,7 @@ def evaluate_and_print_results(prefix: str, forward_step_func, data_iterator, mo
         line += f"{key} value: {value:.6E} | {key} PPL: {ppl:.6E} | "
         if writers is not None and writers.active:
             scalars = {f"{key} {label}": value}
-            if getattr(args, "log_validation_ppl_to_tensorboard", False):
+            if args.log_validation_ppl_to_tensorboard:
                 scalars[f"{key} {label} ppl"] = ppl
             writers.write(scalars, iteration, args.consumed_train_samples)
     dashes = "-" * (len(line) + 1)

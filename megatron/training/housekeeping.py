@@ -25,9 +25,9 @@ class ManualGC:
     """Garbage collection at the same iterations on every rank (``--manual-gc``)."""
 
     def __init__(self, args: argparse.Namespace):
-        self.enabled = bool(getattr(args, "manual_gc", False))
-        self.interval = int(getattr(args, "manual_gc_interval", 0) or 0)
-        self.around_eval = bool(getattr(args, "manual_gc_eval", True))
+        self.enabled = bool(args.manual_gc)
+        self.interval = int(args.manual_gc_interval or 0)
+        self.around_eval = bool(args.manual_gc_eval)
         self._was_enabled = gc.isenabled()
 
     def start(self) -> None:
@@ -51,5 +51,5 @@ class ManualGC:
 
 def empty_unused_memory(args: argparse.Namespace, level: int) -> None:
     """Release the CUDA allocator's cached blocks when --empty-unused-memory-level >= ``level``."""
-    if getattr(args, "empty_unused_memory_level", 0) >= level and torch.cuda.is_available():
+    if args.empty_unused_memory_level >= level and torch.cuda.is_available():
         torch.cuda.empty_cache()

@@ -64,7 +64,7 @@ def param_bytes(args) -> int:
 def grad_bytes(args) -> int:
     """Bytes of a gradient element in the data-parallel grad buffer: fp32 main grads when the
     parameters are fp32 or grads are accumulated in fp32 (the default with --bf16)."""
-    if param_bytes(args) == 4 or getattr(args, "accumulate_allreduce_grads_in_fp32", False):
+    if param_bytes(args) == 4 or args.accumulate_allreduce_grads_in_fp32:
         return 4
     return 2
 
@@ -72,13 +72,13 @@ def grad_bytes(args) -> int:
 def optimizer_bytes_per_param(args) -> int:
     """fp32 main copy of half-precision params, plus Adam's two moments or SGD's momentum."""
     main = 4 if param_bytes(args) == 2 else 0
-    states = 8 if getattr(args, "optimizer", "adam") == "adam" else 4
+    states = 8 if args.optimizer == "adam" else 4
     return main + states
 
 
 def expert_data_parallel_size(args) -> int:
-    etp = getattr(args, "expert_tensor_parallel_size", None) or args.tensor_model_parallel_size
-    ep = getattr(args, "expert_model_parallel_size", 1) or 1
+    etp = args.expert_tensor_parallel_size or args.tensor_model_parallel_size
+    ep = args.expert_model_parallel_size or 1
     return max(1, args.world_size // (etp * ep * args.pipeline_model_parallel_size))
 
 
@@ -101,7 +101,7 @@ def activation_bytes(args) -> int:
 
 
 def _sp(args) -> int:
-    return args.tensor_model_parallel_size if getattr(args, "sequence_parallel", False) else 1
+    return args.tensor_model_parallel_size if args.sequence_parallel else 1
 
 
 def _tokens(args) -> float:
@@ -125,18 +125,18 @@ def layer_activation_bytes(args, selective: bool = False) -> float:
     tp, sp, a = args.tensor_model_parallel_size, _sp(args), activation_bytes(args)
     h, f = args.hidden_size, args.ffn_hidden_size
     n, d = args.num_attention_heads, args.kv_channels
-    g = args.num_query_groups if getattr(args, "group_query_attention", False) else n
-    gated = getattr(args, "swiglu", False)
+    g = args.num_query_groups if args.group_query_attention else n
+    gated = args.swiglu
     norms = 4 * h / sp
     attention = (n * d + 2 * g * d + n * d) / tp
-    if getattr(args, "position_embedding_type", None) in ("rope", "yarn", "mrope"):
+    if args.position_embedding_type in ("rope", "yarn", "mrope"):
         # the rotated q and k are new tensors; v stays a view that keeps the QKV output alive
         attention += (n * d + g * d) / tp
     mlp = (4 * f if gated else 2 * f) / tp
     per_token = a * (norms + attention + mlp) + 8 / sp  # + the norms' fp32 1/rms per token
     if not selective:
         per_token += 4 * n / tp  # attention's fp32 log-sum-exp, dropped by selective recompute
-    if getattr(args, "hidden_dropout", 0) > 0:
+    if args.hidden_dropout > 0:
         per_token += 2 * h / sp  # two bool masks
     return per_token * _tokens(args)
 
@@ -185,8 +185,8 @@ def _chunk_layers_bytes(args, num_layers: int, recompute: Optional[str]) -> tupl
     full = layer_activation_bytes(args, selective=recompute == "selective")
     if recompute != "full" or num_layers == 0:
         return num_layers * full, 0.0
-    group = max(1, getattr(args, "recompute_num_layers", None) or 1)
-    if getattr(args, "recompute_method", None) == "block":
+    group = max(1, args.recompute_num_layers or 1)
+    if args.recompute_method == "block":
         recomputed = min(group, num_layers)
         return recomputed * layer_input_bytes(args) + (num_layers - recomputed) * full, full
     groups = math.ceil(num_layers / group)
@@ -203,7 +203,7 @@ def peak_in_flight_bytes(args, pp_rank: int, kept_per_chunk: Sequence[float]) ->
     if pp == 1:
         return float(sum(kept_per_chunk))
     vpp = len(kept_per_chunk) if len(kept_per_chunk) > 1 else None
-    group = getattr(args, "microbatch_group_size_per_virtual_pipeline_stage", None) if vpp else None
+    group = args.microbatch_group_size_per_virtual_pipeline_stage if vpp else None
     live = peak = 0.0
     for kind, _, chunk in schedule_table(pp, pp_rank, num_microbatches(args), vpp, group):
         live += kept_per_chunk[chunk] if kind == "F" else -kept_per_chunk[chunk]
@@ -226,8 +226,8 @@ def activation_memory(args, chunks: Sequence[ChunkShape], pp_rank: int, recomput
 
 
 def configured_recompute(args) -> Optional[str]:
-    granularity = getattr(args, "recompute_granularity", None)
-    if granularity is None and getattr(args, "recompute_activations", False):
+    granularity = args.recompute_granularity
+    if granularity is None and args.recompute_activations:
         return "selective"
     return granularity
 
@@ -237,7 +237,7 @@ def estimate_memory(args, params: RankParams, chunks: Sequence[ChunkShape], pp_r
     """The rank's memory; by default with the run's own --use-distributed-optimizer and
     recompute flags, or with the ones given."""
     if distributed_optimizer is None:
-        distributed_optimizer = bool(getattr(args, "use_distributed_optimizer", False))
+        distributed_optimizer = bool(args.use_distributed_optimizer)
     if recompute == "configured":
         recompute = configured_recompute(args)
     weights, grads, optimizer = static_memory(args, params, distributed_optimizer)

@@ -115,7 +115,7 @@ def get_optimizer_param_scheduler(optimizer, args) -> OptimizerParamScheduler:
         gbs = args.global_batch_size
         decay_steps = (args.lr_decay_iters or args.train_iters) * gbs
         wd_incr_steps = args.train_iters * gbs
-        wsd_decay_steps = args.lr_wsd_decay_iters * gbs if getattr(args, "lr_wsd_decay_iters", None) else None
+        wsd_decay_steps = args.lr_wsd_decay_iters * gbs if args.lr_wsd_decay_iters else None
         if args.lr_warmup_fraction is not None:
             warmup_steps = args.lr_warmup_fraction * decay_steps
         else:
@@ -123,7 +123,7 @@ def get_optimizer_param_scheduler(optimizer, args) -> OptimizerParamScheduler:
     else:
         decay_steps = args.lr_decay_samples or args.train_samples
         wd_incr_steps = args.train_samples
-        wsd_decay_steps = getattr(args, "lr_wsd_decay_samples", None)
+        wsd_decay_steps = args.lr_wsd_decay_samples
         if args.lr_warmup_fraction is not None:
             warmup_steps = args.lr_warmup_fraction * decay_steps
         else:
@@ -143,7 +143,7 @@ def get_optimizer_param_scheduler(optimizer, args) -> OptimizerParamScheduler:
         use_checkpoint_opt_param_scheduler=args.use_checkpoint_opt_param_scheduler,
         override_opt_param_scheduler=args.override_opt_param_scheduler,
         wsd_decay_steps=wsd_decay_steps,
-        lr_wsd_decay_style=getattr(args, "lr_wsd_decay_style", None),
+        lr_wsd_decay_style=args.lr_wsd_decay_style,
     )
 
 
@@ -152,7 +152,7 @@ def setup_model_and_optimizer(model_provider_func: Callable, pg_collection: Proc
     args = get_args()
     model = get_model(model_provider_func, pg_collection)
     optimizer_config = get_megatron_optimizer_config(args)
-    if getattr(args, "skip_train", False):
+    if args.skip_train:
         # Evaluation only: the optimizer exists so that --load restores a training checkpoint
         # as it is, but it never steps, so neither --lr nor a schedule horizon is needed.
         if optimizer_config.lr is None:
@@ -165,7 +165,7 @@ def setup_model_and_optimizer(model_provider_func: Callable, pg_collection: Proc
     # Loaded here, before the data iterators are built: they start at the checkpoint's
     # consumed-sample count.
     args.iteration, args.num_floating_point_operations_so_far = 0, 0.0
-    if args.load or getattr(args, "pretrained_checkpoint", None):
+    if args.load or args.pretrained_checkpoint:
         args.iteration, args.num_floating_point_operations_so_far = load_checkpoint(
             model, optimizer, scheduler, args, pg_collection)
     check_save_directory(args, args.iteration)

@@ -24,13 +24,13 @@ from megatron.core.transformer.moe.moe_logging import (
 
 def moe_loss_names(args) -> List[str]:
     """The tracked loss names, in Megatron's order."""
-    kind = getattr(args, "moe_router_load_balancing_type", "aux_loss")
+    kind = args.moe_router_load_balancing_type
     names = []
     if kind == "aux_loss":
         names.append("load_balancing_loss")
     if kind == "seq_aux_loss":
         names.append("seq_load_balancing_loss")
-    if getattr(args, "moe_z_loss_coeff", None) is not None:
+    if args.moe_z_loss_coeff is not None:
         names.append("z_loss")
     return names
 
@@ -51,11 +51,11 @@ def collect_moe_metrics(args, pg) -> Dict[str, object]:
     for name, values in per_layer_values.items():
         values = values * scale
         losses[name] = values.sum() / num_moe_layers
-        if getattr(args, "moe_per_layer_logging", False):
+        if args.moe_per_layer_logging:
             for layer, value in enumerate(values.tolist()):
                 if pattern[layer]:
                     per_layer[f"moe/{name}_layer_{layer}"] = value
-    if getattr(args, "moe_per_layer_logging", False):
+    if args.moe_per_layer_logging:
         table = reduce_tokens_per_expert(num_layers, args.num_experts, pg.pp, pg.dp_cp, device=device)
         for layer, counts in enumerate(table.tolist()):
             if pattern[layer]:

@@ -204,11 +204,11 @@ class StepProfiler:
     """Starts and stops a profiler at the configured iterations (no-op when off)."""
 
     def __init__(self, args, rank: int):
-        self.enabled = bool(getattr(args, "profile", False)) and rank in (args.profile_ranks or [0])
+        self.enabled = bool(args.profile) and rank in (args.profile_ranks or [0])
         self.start_step = args.profile_step_start
         self.end_step = args.profile_step_end
-        self.use_torch = bool(getattr(args, "use_pytorch_profiler", False))
-        self.trace_dir: Optional[str] = getattr(args, "tensorboard_dir", None)
+        self.use_torch = bool(args.use_pytorch_profiler)
+        self.trace_dir: Optional[str] = args.tensorboard_dir
         self.rank = rank
         self._prof = None
         self._wall_start: Optional[float] = None

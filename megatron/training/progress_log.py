@@ -21,7 +21,7 @@ _STARTING = re.compile(r"^(\S+ \S+)\tJob ID: [^\t]*\t# GPUs: (\d+)\tStarting job
 
 
 def _path(args) -> Optional[str]:
-    if not getattr(args, "log_progress", False) or not getattr(args, "save", None):
+    if not args.log_progress or not args.save:
         return None
     if dist.is_initialized() and dist.get_rank() != 0:
         return None

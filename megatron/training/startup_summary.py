@@ -17,16 +17,16 @@ logger = logging.getLogger(__name__)
 
 def describe_model(args) -> str:
     """``24 layers, hidden 2048, ffn 5632, 16 heads (4 query groups, kv channels 128), ...``"""
-    groups = f"{args.num_query_groups} query groups, " if getattr(args, "group_query_attention", False) else ""
+    groups = f"{args.num_query_groups} query groups, " if args.group_query_attention else ""
     parts = [
         f"{args.num_layers} layers", f"hidden {args.hidden_size}", f"ffn {args.ffn_hidden_size}",
         f"{args.num_attention_heads} heads ({groups}kv channels {args.kv_channels})",
         f"seq {args.seq_length}", f"vocab {args.padded_vocab_size} (padded)",
-        "swiglu" if getattr(args, "swiglu", False) else "gelu", args.normalization,
+        "swiglu" if args.swiglu else "gelu", args.normalization,
         f"{args.position_embedding_type} positions",
         "untied embeddings" if args.untie_embeddings_and_output_weights else "tied embeddings",
     ]
-    if getattr(args, "num_experts", None):
+    if args.num_experts:
         parts.append(f"{args.num_experts} experts (top {args.moe_router_topk})")
     return ", ".join(parts)
 
@@ -36,17 +36,17 @@ def describe_layout(args) -> str:
     vpp = getattr(args, "virtual_pipeline_model_parallel_size", None) or 1
     return (f"world {args.world_size} = TP {args.tensor_model_parallel_size} x CP {args.context_parallel_size}"
             f" x DP {args.data_parallel_size} x PP {args.pipeline_model_parallel_size} (VPP {vpp}, EP "
-            f"{getattr(args, 'expert_model_parallel_size', 1)}, SP {'on' if args.sequence_parallel else 'off'});"
+            f"{args.expert_model_parallel_size}, SP {'on' if args.sequence_parallel else 'off'});"
             f" micro-batch {args.micro_batch_size}, global batch {args.global_batch_size},"
             f" {num_microbatches(args)} micro-batches per step per DP rank")
 
 
 def describe_precision(args) -> str:
     params = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
-    grads = "fp32" if (params == "fp32" or getattr(args, "accumulate_allreduce_grads_in_fp32", False)) else params
+    grads = "fp32" if (params == "fp32" or args.accumulate_allreduce_grads_in_fp32) else params
     main = ", fp32 main params" if params != "fp32" else ""
-    sharded = " (distributed optimizer)" if getattr(args, "use_distributed_optimizer", False) else ""
-    return f"{params} params, {grads} grads{main}, {getattr(args, 'optimizer', 'adam')} optimizer{sharded}"
+    sharded = " (distributed optimizer)" if args.use_distributed_optimizer else ""
+    return f"{params} params, {grads} grads{main}, {args.optimizer} optimizer{sharded}"
 
 
 def summary_lines(args, total_params: int, embedding_params: int, rank_params: int, position: str,

@@ -223,7 +223,7 @@ def eta_seconds(args, iteration: int, consumed_samples: int, global_batch_size: 
     """Seconds to the end of training at the current pace; None when the end is unknown."""
     if args.train_iters:
         remaining = max(0, args.train_iters - iteration)
-    elif getattr(args, "train_samples", None):
+    elif args.train_samples:
         remaining = math.ceil(max(0, args.train_samples - consumed_samples) / max(1, global_batch_size))
     else:
         return None

@@ -12,7 +12,7 @@ logger = logging.getLogger(__name__)
 
 def build_tensorboard_writer(args):
     """A SummaryWriter for --tensorboard-dir on the last rank, else None."""
-    if not getattr(args, "tensorboard_dir", None) or not is_last_rank():
+    if not args.tensorboard_dir or not is_last_rank():
         return None
     try:
         from torch.utils.tensorboard import SummaryWriter
@@ -26,18 +26,18 @@ def build_tensorboard_writer(args):
 
 def build_wandb_writer(args):
     """A wandb run for --wandb-project on the last rank, when wandb is installed."""
-    if not getattr(args, "wandb_project", None) or not is_last_rank():
+    if not args.wandb_project or not is_last_rank():
         return None
     try:
         import wandb
     except ImportError:
         logger.warning("--wandb-project is set but wandb is not installed: pip install wandb; not logging to wandb")
         return None
-    save_dir = args.wandb_save_dir or (args.save + "/wandb" if getattr(args, "save", None) else None)
+    save_dir = args.wandb_save_dir or (args.save + "/wandb" if args.save else None)
     wandb.init(
         project=args.wandb_project,
         name=args.wandb_exp_name or None,
-        entity=getattr(args, "wandb_entity", None) or None,
+        entity=args.wandb_entity or None,
         dir=save_dir,
         config=vars(args),
     )

@@ -10,6 +10,9 @@ has no LM head to train, so it is imported through the library (``hf_mapping`` w
 
 from __future__ import annotations
 
+# ``args`` here is the namespace saved in the checkpoint, which Megatron-LM or an older release
+# may have written without flags added since: getattr with the parser's default stays.
+
 import json
 import os
 import shutil

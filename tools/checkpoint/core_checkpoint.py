@@ -83,7 +83,7 @@ def _as_command_line(saved_args):
     for name in vars(args):
         if hasattr(saved_args, name) and name not in _DERIVED_MIRRORS:
             setattr(args, name, copy.deepcopy(getattr(saved_args, name)))
-    if getattr(args, "weight_decay_incr_style", "constant") == "constant":
+    if args.weight_decay_incr_style == "constant":
         # Derived from --weight-decay for a constant style; as flags they need another style.
         args.start_weight_decay = args.end_weight_decay = None
     return args
@@ -118,7 +118,7 @@ def worker_args(saved_args, *, load: str, save: str, ckpt_format: str, tp: int, 
     if args.global_batch_size is None or args.global_batch_size % (args.micro_batch_size * dp):
         args.micro_batch_size, args.global_batch_size = 1, dp
     args.rampup_batch_size = None
-    args.save_interval = getattr(args, "save_interval", None) or 1
+    args.save_interval = args.save_interval or 1
     padded = getattr(saved_args, "padded_vocab_size", None)
     if padded is not None and padded % tp:
         raise ConversionError(

@@ -6,6 +6,9 @@ A new family (BERT, T5, Mamba) plugs in by adding a ``Family`` to ``FAMILIES``.
 
 from __future__ import annotations
 
+# ``args`` here is the namespace saved in the checkpoint, which Megatron-LM or an older release
+# may have written without flags added since: getattr with the parser's default stays.
+
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 

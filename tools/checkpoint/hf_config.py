@@ -7,6 +7,9 @@ that ``megatron_to_hf``'s weights fit.
 
 from __future__ import annotations
 
+# ``args`` here is the namespace saved in the checkpoint, which Megatron-LM or an older release
+# may have written without flags added since: getattr with the parser's default stays.
+
 from typing import Optional
 
 import torch

@@ -43,8 +43,8 @@ def _per_split_from_json(path: str) -> List[Optional[Blend]]:
 
 def get_blend_and_blend_per_split(args: argparse.Namespace) -> Tuple[Optional[Blend], Optional[List[Optional[Blend]]]]:
     """(blend, blend_per_split) from --data-path / --data-args-path or the per-split flags."""
-    use_data_path = args.data_path is not None or getattr(args, "data_args_path", None) is not None
-    use_per_split = getattr(args, "per_split_data_args_path", None) is not None or any(
+    use_data_path = args.data_path is not None or args.data_args_path is not None
+    use_per_split = args.per_split_data_args_path is not None or any(
         getattr(args, f"{key}_data_path", None) is not None for key in _SPLIT_KEYS
     )
     if use_data_path and use_per_split:
@@ -56,7 +56,7 @@ def get_blend_and_blend_per_split(args: argparse.Namespace) -> Tuple[Optional[Bl
         else:
             blend = get_blend_from_list(_read_tokens(args.data_args_path, "--data-args-path"))
     elif use_per_split:
-        if getattr(args, "per_split_data_args_path", None) is not None:
+        if args.per_split_data_args_path is not None:
             blend_per_split = _per_split_from_json(args.per_split_data_args_path)
         else:
             blend_per_split = [get_blend_from_list(getattr(args, f"{key}_data_path", None)) for key in _SPLIT_KEYS]

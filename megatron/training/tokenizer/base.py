@@ -61,6 +61,11 @@ class MegatronTokenizer(ABC):
         self._unique["tokenizer_path"] = [str(p) for p in paths]
         for key, value in options.items():
             self._unique[key] = str(value)
+        # Families that hold their vocabulary as a dict fill these in; the shared properties
+        # below read them, so a family overrides only what it computes some other way.
+        self._vocab: Optional[Dict[str, int]] = None
+        self._inv: Optional[Dict[int, str]] = None
+        self._extra_ids: List[int] = []
 
     @abstractmethod
     def tokenize(self, text: str) -> List[int]:
@@ -71,19 +76,23 @@ class MegatronTokenizer(ABC):
         """Decode token ids into text."""
 
     @property
-    @abstractmethod
     def vocab_size(self) -> int:
         """Number of ids the tokenizer can emit (unpadded)."""
+        return len(self.vocab)
 
     @property
-    @abstractmethod
     def vocab(self) -> Dict[str, int]:
         """Token string -> id."""
+        if self._vocab is None:
+            raise NotImplementedError(f"{type(self).__name__} sets no vocabulary dict; it must override vocab")
+        return self._vocab
 
     @property
     def inv_vocab(self) -> Dict[int, str]:
-        """Id -> token string."""
-        return {i: tok for tok, i in self.vocab.items()}
+        """Id -> token string, built once: the vocabulary does not change after construction."""
+        if self._inv is None:
+            self._inv = {i: tok for tok, i in self.vocab.items()}
+        return self._inv
 
     @property
     def unique_identifiers(self) -> OrderedDict[str, object]:
@@ -92,7 +101,7 @@ class MegatronTokenizer(ABC):
     @property
     def additional_special_tokens_ids(self) -> List[int]:
         """Ids of added tokens other than the standard ones (e.g. T5 ``<extra_id_i>`` sentinels)."""
-        return []
+        return list(self._extra_ids)
 
     @property
     def cls(self) -> Optional[int]:

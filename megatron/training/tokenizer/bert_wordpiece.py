@@ -213,22 +213,6 @@ class BertWordPieceTokenizer(MegatronTokenizer):
         return text.replace(" ##", "").replace("##", "")
 
     @property
-    def vocab_size(self) -> int:
-        return len(self._vocab)
-
-    @property
-    def vocab(self) -> Dict[str, int]:
-        return self._vocab
-
-    @property
-    def inv_vocab(self) -> Dict[int, str]:
-        return self._inv
-
-    @property
-    def additional_special_tokens_ids(self) -> List[int]:
-        return list(self._extra_ids)
-
-    @property
     def cls(self) -> int:
         return self._specials["[CLS]"]
 

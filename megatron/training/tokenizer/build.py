@@ -50,6 +50,8 @@ def vocab_size_with_padding(orig_vocab_size: int, args) -> int:
     --padded-vocab-size wins when given (it must hold every id); --no-pad-vocab-size keeps the
     tokenizer's size; otherwise ``padded_vocab_size`` with --make-vocab-size-divisible-by and TP.
     """
+    # getattr throughout this module: tools/preprocess_data.py builds tokenizers from its own
+    # parser, whose namespace has only the tokenizer flags it defines
     explicit = getattr(args, "padded_vocab_size", None)
     if explicit is not None:
         if explicit < orig_vocab_size:

@@ -202,7 +202,7 @@ class GPT2BPETokenizer(MegatronTokenizer):
                 self._vocab[tok] = len(self._vocab)
             self._added[tok] = self._vocab[tok]
         self._eod = self._added[EOD_TOKEN]
-        self._extra = [self._added[t] for t in (special_tokens or []) if t != EOD_TOKEN]
+        self._extra_ids = [self._added[t] for t in (special_tokens or []) if t != EOD_TOKEN]
         self._inv = {i: t for t, i in self._vocab.items()}
         self._byte_decoder = {c: b for b, c in bytes_to_unicode().items()}
 
@@ -262,22 +262,6 @@ class GPT2BPETokenizer(MegatronTokenizer):
                 buf.extend(dec[c] for c in tok)
         out.append(buf.decode("utf-8", errors="replace"))
         return "".join(out)
-
-    @property
-    def vocab_size(self) -> int:
-        return len(self._vocab)
-
-    @property
-    def vocab(self) -> Dict[str, int]:
-        return self._vocab
-
-    @property
-    def inv_vocab(self) -> Dict[int, str]:
-        return self._inv
-
-    @property
-    def additional_special_tokens_ids(self) -> List[int]:
-        return list(self._extra)
 
     @property
     def eod(self) -> int:

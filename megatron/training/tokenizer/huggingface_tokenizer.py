@@ -45,7 +45,6 @@ class HuggingFaceTokenizer(MegatronTokenizer):
             self._tok.add_special_tokens({"additional_special_tokens": list(additional_special_tokens)})
         self._extra = list(additional_special_tokens or [])
         self._include_special = include_special_tokens
-        self._inv: Optional[Dict[int, str]] = None
 
     @property
     def hf_tokenizer(self):
@@ -67,12 +66,6 @@ class HuggingFaceTokenizer(MegatronTokenizer):
     @property
     def vocab(self) -> Dict[str, int]:
         return self._tok.get_vocab()
-
-    @property
-    def inv_vocab(self) -> Dict[int, str]:
-        if self._inv is None:
-            self._inv = {i: t for t, i in self.vocab.items()}
-        return self._inv
 
     @property
     def additional_special_tokens_ids(self) -> List[int]:

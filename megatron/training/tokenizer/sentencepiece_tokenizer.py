@@ -90,14 +90,6 @@ class SentencePieceTokenizer(MegatronTokenizer):
         return self._vocab.get(token, self._sp.unk_id())
 
     @property
-    def vocab_size(self) -> int:
-        return len(self._vocab)
-
-    @property
-    def vocab(self) -> Dict[str, int]:
-        return self._vocab
-
-    @property
     def additional_special_tokens_ids(self) -> List[int]:
         """Ids of the legacy special tokens other than the model's bos, eos, pad and unk."""
         standard = {self._sp.bos_id(), self._sp.eos_id(), self._sp.pad_id(), self._sp.unk_id()}
