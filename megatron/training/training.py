@@ -71,7 +71,7 @@ def pretrain(train_valid_test_dataset_provider: Callable, model_provider: Callab
     if built is None:
         return
     with user_errors(setup=False):
-        _train_and_evaluate(start, forward_step_func, num_floating_point_operations_func, *built)
+        _train_and_evaluate(forward_step_func, num_floating_point_operations_func, *built)
 
 
 def _setup(parsed, start, train_valid_test_dataset_provider, model_provider, extra_args_provider, args_defaults,
@@ -85,26 +85,46 @@ def _setup(parsed, start, train_valid_test_dataset_provider, model_provider, ext
     args = get_args()
     pg = parallel_state.get_process_groups()
     print_rank_0(f"> time to initialize: {time.time() - start:.1f} s")
-    model, optimizer, scheduler = setup_model_and_optimizer(model_provider, pg)
-    log_startup_summary(args, model, pg, model_provider, flops_func)
-    if args.ckpt_convert_format is not None:
-        target = convert_checkpoint_format(model, optimizer, scheduler, args, pg)
-        print_rank_0(f"> saved iteration {args.iteration} of {args.load} as {args.ckpt_convert_format} in {target}")
-        return None
-    train_it, valid_it, test_it = (
-        iterators_per_chunk(it, model)
-        for it in build_train_valid_test_data_iterators(train_valid_test_dataset_provider, pg)
-    )
-    return args, pg, model, optimizer, scheduler, train_it, valid_it, test_it
+    # The --exit-signal-handler handler is installed before anything slow is built, so a
+    # scheduler's signal during construction ends the run cleanly at the next check.
+    exit_conditions = ExitConditions(args, start_time=start)
+    try:
+        model, optimizer, scheduler = setup_model_and_optimizer(model_provider, pg)
+        if _stop_during_setup(exit_conditions, "building the model"):
+            return None
+        log_startup_summary(args, model, pg, model_provider, flops_func)
+        if args.ckpt_convert_format is not None:
+            target = convert_checkpoint_format(model, optimizer, scheduler, args, pg)
+            print_rank_0(f"> saved iteration {args.iteration} of {args.load} as {args.ckpt_convert_format} in {target}")
+            exit_conditions.release()
+            return None
+        train_it, valid_it, test_it = (
+            iterators_per_chunk(it, model)
+            for it in build_train_valid_test_data_iterators(train_valid_test_dataset_provider, pg)
+        )
+        if _stop_during_setup(exit_conditions, "building the datasets"):
+            return None
+    except BaseException:
+        exit_conditions.release()
+        raise
+    return exit_conditions, args, pg, model, optimizer, scheduler, train_it, valid_it, test_it
 
 
-def _train_and_evaluate(start, forward_step_func, num_floating_point_operations_func, args, pg, model, optimizer,
-                        scheduler, train_it, valid_it, test_it):
+def _stop_during_setup(exit_conditions: ExitConditions, phase: str) -> bool:
+    """True (and the handler released) when the exit signal arrived during ``phase``."""
+    if not exit_conditions.signal_during_setup():
+        return False
+    print_rank_0(f"exiting program before training: received {exit_conditions.args.exit_signal} while {phase}")
+    exit_conditions.release()
+    return True
+
+
+def _train_and_evaluate(forward_step_func, num_floating_point_operations_func, exit_conditions, args, pg, model,
+                        optimizer, scheduler, train_it, valid_it, test_it):
     """Train, save the last iteration, then evaluate on the validation and test sets."""
     writers = ScalarWriters(build_tensorboard_writer(args), build_wandb_writer(args))
     progress = ProgressLog(args)
     iteration = args.iteration
-    exit_conditions = ExitConditions(args, start_time=start)
     stopped_early = False
     try:
         if args.skip_train:
