@@ -43,6 +43,9 @@ def _child(fn, rank, world_size, port, args, kwargs, results):
         WORLD_SIZE=str(world_size),
         LOCAL_RANK=str(rank),
         LOCAL_WORLD_SIZE=str(world_size),
+        # In-process runs report a rank's exception to the parent: keep a user error's
+        # traceback rather than the entry point's one-line message and exit code 2.
+        MEGATRON_SHOW_TRACEBACK="1",
     )
     import torch
     import torch.distributed as dist

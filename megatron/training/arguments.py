@@ -43,7 +43,10 @@ def build_parser(extra_args_provider: Optional[ExtraArgsProvider] = None) -> arg
     the flag table's entries for every Megatron flag neither of them defines (last, so a real
     definition always wins)."""
     # Every flag's help ends with its default, so --help answers "what if I leave it out".
+    # A short usage line: the generated one lists every flag (hundreds of lines) above the
+    # one line that says what went wrong.
     parser = argparse.ArgumentParser(description="Megatron-LM Arguments", allow_abbrev=False,
+                                     usage="%(prog)s [Megatron-LM flags] (--help lists them)",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     # argparse before Python 3.13 reads "-1e-3" as a flag, not a negative number, so
     # "--lr -1e-3" failed with "expected one argument"; accept exponents too.

@@ -57,6 +57,13 @@ class ExitConditions:
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         return bool(flags[0].item()), bool(flags[1].item())
 
+    def signal_during_setup(self) -> bool:
+        """Whether the exit signal reached any rank while the model or the datasets were being
+        built (collective with --exit-signal-handler): the run then ends before training."""
+        if self.signal is None:
+            return False
+        return self._agreed(self.signal.received, False)[0]
+
     def reason(self, iteration: int) -> Optional[str]:
         """Why to stop after ``iteration`` (collective when a signal handler or a duration
         limit is set), or None to go on."""

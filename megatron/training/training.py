@@ -35,8 +35,10 @@ from megatron.training.params_norm import params_l2_norm
 from megatron.training.profiling import StepProfiler
 from megatron.training.progress_log import ProgressLog
 from megatron.training.rank_print import print_rank_0, print_rank_last
+from megatron.training.static_loss_scale import StaticLossScaleGuard
 from megatron.training.startup_summary import log_startup_summary
 from megatron.training.training_log import IterationStats, TrainingLogger, memory_report
+from megatron.training.user_errors import argparse_output_on_rank_0, user_errors
 from megatron.training.writers import ScalarWriters, build_tensorboard_writer, build_wandb_writer
 
 
@@ -61,28 +63,68 @@ def pretrain(train_valid_test_dataset_provider: Callable, model_provider: Callab
     per iteration (default: the dense GPT formula), for the throughput log and the total.
     """
     start = time.time()
-    parsed = parse_args(extra_args_provider, ignore_unknown_args)
-    if parsed.dry_run:
-        dry_run(parsed, model_provider, args_defaults, num_floating_point_operations_func)
+    with argparse_output_on_rank_0(), user_errors():
+        parsed = parse_args(extra_args_provider, ignore_unknown_args)
+    with user_errors():
+        built = _setup(parsed, start, train_valid_test_dataset_provider, model_provider, extra_args_provider,
+                       args_defaults, ignore_unknown_args, num_floating_point_operations_func)
+    if built is None:
         return
+    with user_errors(setup=False):
+        _train_and_evaluate(forward_step_func, num_floating_point_operations_func, *built)
+
+
+def _setup(parsed, start, train_valid_test_dataset_provider, model_provider, extra_args_provider, args_defaults,
+           ignore_unknown_args, flops_func):
+    """Initialize, build the model, optimizer and data iterators; None when the run ends here
+    (--dry-run, --ckpt-convert-format)."""
+    if parsed.dry_run:
+        dry_run(parsed, model_provider, args_defaults, flops_func)
+        return None
     initialize_megatron(extra_args_provider, args_defaults, ignore_unknown_args, parsed_args=parsed)
     args = get_args()
     pg = parallel_state.get_process_groups()
     print_rank_0(f"> time to initialize: {time.time() - start:.1f} s")
-    model, optimizer, scheduler = setup_model_and_optimizer(model_provider, pg)
-    log_startup_summary(args, model, pg, model_provider, num_floating_point_operations_func)
-    if args.ckpt_convert_format is not None:
-        target = convert_checkpoint_format(model, optimizer, scheduler, args, pg)
-        print_rank_0(f"> saved iteration {args.iteration} of {args.load} as {args.ckpt_convert_format} in {target}")
-        return
-    train_it, valid_it, test_it = (
-        iterators_per_chunk(it, model)
-        for it in build_train_valid_test_data_iterators(train_valid_test_dataset_provider, pg)
-    )
+    # The --exit-signal-handler handler is installed before anything slow is built, so a
+    # scheduler's signal during construction ends the run cleanly at the next check.
+    exit_conditions = ExitConditions(args, start_time=start)
+    try:
+        model, optimizer, scheduler = setup_model_and_optimizer(model_provider, pg)
+        if _stop_during_setup(exit_conditions, "building the model"):
+            return None
+        log_startup_summary(args, model, pg, model_provider, flops_func)
+        if args.ckpt_convert_format is not None:
+            target = convert_checkpoint_format(model, optimizer, scheduler, args, pg)
+            print_rank_0(f"> saved iteration {args.iteration} of {args.load} as {args.ckpt_convert_format} in {target}")
+            exit_conditions.release()
+            return None
+        train_it, valid_it, test_it = (
+            iterators_per_chunk(it, model)
+            for it in build_train_valid_test_data_iterators(train_valid_test_dataset_provider, pg)
+        )
+        if _stop_during_setup(exit_conditions, "building the datasets"):
+            return None
+    except BaseException:
+        exit_conditions.release()
+        raise
+    return exit_conditions, args, pg, model, optimizer, scheduler, train_it, valid_it, test_it
+
+
+def _stop_during_setup(exit_conditions: ExitConditions, phase: str) -> bool:
+    """True (and the handler released) when the exit signal arrived during ``phase``."""
+    if not exit_conditions.signal_during_setup():
+        return False
+    print_rank_0(f"exiting program before training: received {exit_conditions.args.exit_signal} while {phase}")
+    exit_conditions.release()
+    return True
+
+
+def _train_and_evaluate(forward_step_func, num_floating_point_operations_func, exit_conditions, args, pg, model,
+                        optimizer, scheduler, train_it, valid_it, test_it):
+    """Train, save the last iteration, then evaluate on the validation and test sets."""
     writers = ScalarWriters(build_tensorboard_writer(args), build_wandb_writer(args))
     progress = ProgressLog(args)
     iteration = args.iteration
-    exit_conditions = ExitConditions(args, start_time=start)
     stopped_early = False
     try:
         if args.skip_train:
@@ -191,6 +233,7 @@ def train(forward_step_func, model, optimizer, scheduler, train_it, valid_it, pg
     first_of_run = True
     profiler = StepProfiler(args, dist.get_rank() if dist.is_initialized() else 0)
     manual_gc = ManualGC(args)
+    static_scale = StaticLossScaleGuard(args, iteration)
     interval_start = time.time()
     print_rank_0("> training ...")
     manual_gc.start()
@@ -206,6 +249,7 @@ def train(forward_step_func, model, optimizer, scheduler, train_it, valid_it, pg
             result = train_step(forward_step_func, train_it, model, optimizer, scheduler, pg, iteration + 1)
             iteration += 1
             profiler.step_end(iteration)
+            static_scale.step(iteration, result.skipped)
             args.consumed_train_samples += get_current_global_batch_size()
             logged = first_of_run or iteration % args.log_interval == 0
             stats = _iteration_stats(result, optimizer, model, pg, logged)

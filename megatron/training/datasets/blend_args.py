@@ -68,6 +68,14 @@ def dataset_config_kwargs(args: argparse.Namespace, tokenizer) -> dict:
     command line: seed, sequence length, the blend(s) (none with --mock-data), split, cache
     and build settings. A family adds its own fields (GPT's masks, BERT's masking)."""
     blend, blend_per_split = (None, None) if args.mock_data else get_blend_and_blend_per_split(args)
+    if not args.mock_data and blend is None and blend_per_split is None:
+        # Checked here, where a family's datasets are built, rather than in validation: the
+        # text-generation server, checkpoint conversion and --dry-run read no data at all.
+        raise ValueError(
+            "no training data named: give --data-path (or --data-args-path, the per-split "
+            "--train-data-path/--valid-data-path/--test-data-path, --per-split-data-args-path), "
+            "or --mock-data to train on synthetic tokens"
+        )
     return dict(
         random_seed=args.seed,
         sequence_length=args.seq_length,
