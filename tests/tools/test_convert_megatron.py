@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tests.checkpointing.megatron_cases import FIXTURE, assert_megatron_logits, needs_fixture, read_full_tensors
+from tests.training.checkpointing.megatron_cases import FIXTURE, assert_megatron_logits, needs_fixture, read_full_tensors
 from tests.tools.conftest import repo_root
 
 sys.path.insert(0, os.path.join(repo_root(), "tools", "checkpoint"))

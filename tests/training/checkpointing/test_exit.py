@@ -18,7 +18,7 @@ import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from megatron.training.checkpointing import directory as layout
-from tests.checkpointing import crash_harness as harness
+from tests.training.checkpointing import crash_harness as harness
 
 LONG_RUN = 2000  # iterations: far more than a test waits for, so only an exit condition ends it
 NO_PERIODIC_SAVE = 10 * LONG_RUN  # --save needs a --save-interval; this one never comes

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.checkpointing.ckpt_runs import DROPOUT, run_ckpt
+from tests.training.checkpointing.ckpt_runs import DROPOUT, run_ckpt
 from tests.multirank import RankFailure
 
 TOTAL, SAVED_AT = 6, 3

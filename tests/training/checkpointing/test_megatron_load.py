@@ -5,8 +5,8 @@ import math
 
 import pytest
 
-from tests.checkpointing.ckpt_runs import run_ckpt
-from tests.checkpointing.megatron_cases import FIXTURE, FIXTURE_FLAGS, assert_megatron_logits, needs_fixture
+from tests.training.checkpointing.ckpt_runs import run_ckpt
+from tests.training.checkpointing.megatron_cases import FIXTURE, FIXTURE_FLAGS, assert_megatron_logits, needs_fixture
 
 
 @needs_fixture

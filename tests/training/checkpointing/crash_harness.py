@@ -15,7 +15,7 @@ from typing import Dict, List, Optional
 from megatron.training.checkpointing import directory as layout
 from tests.training.gpt_runs import TINY_GPT
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pretrain_printing_losses.py")
 LOSS_LINE = re.compile(r"^LOSS (\d+) (\S+)$", re.MULTILINE)
 PID_LINE = re.compile(r"^PID (\d+) (\d+)$", re.MULTILINE)

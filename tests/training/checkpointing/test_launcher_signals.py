@@ -11,7 +11,7 @@ import signal
 import subprocess
 
 from megatron.training.checkpointing import directory as layout
-from tests.checkpointing import crash_harness as harness
+from tests.training.checkpointing import crash_harness as harness
 
 LONG_RUN = 2000
 NO_PERIODIC_SAVE = 10 * LONG_RUN

@@ -13,8 +13,8 @@ import shutil
 import pytest
 
 from megatron.training.checkpointing import directory as layout
-from tests.checkpointing import load_probe
-from tests.checkpointing.ckpt_runs import run_ckpt
+from tests.training.checkpointing import load_probe
+from tests.training.checkpointing.ckpt_runs import run_ckpt
 from tests.multirank import RankFailure
 
 

@@ -10,8 +10,8 @@ import torch
 
 from megatron.core.safe_unpickle import TORCH_TENSORS
 from megatron.training.checkpointing.megatron_lm import legacy, pickles, torch_dist
-from tests.checkpointing.ckpt_runs import run_ckpt
-from tests.checkpointing.megatron_cases import FIXTURE, FIXTURE_FLAGS, assert_megatron_logits, needs_fixture
+from tests.training.checkpointing.ckpt_runs import run_ckpt
+from tests.training.checkpointing.megatron_cases import FIXTURE, FIXTURE_FLAGS, assert_megatron_logits, needs_fixture
 
 # What Megatron-LM's own loader needs to unpickle our args: nothing of this framework.
 PLAIN = {("argparse", "Namespace"): argparse.Namespace, **TORCH_TENSORS}

@@ -16,8 +16,8 @@ import pytest
 
 from megatron.training.checkpointing import directory as layout
 from megatron.training.checkpointing.manifest import read_manifest, verify_files
-from tests.checkpointing import crash_harness as harness
-from tests.checkpointing import load_probe
+from tests.training.checkpointing import crash_harness as harness
+from tests.training.checkpointing import load_probe
 
 # (phase, rank killed): rank 1 at every phase, and rank 0 (which commits) after the commit.
 CRASHES = [("before_shards", 1), ("mid_shard", 1), ("after_shards", 1), ("after_commit", 1), ("after_commit", 0)]

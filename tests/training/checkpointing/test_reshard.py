@@ -16,7 +16,7 @@ from typing import Dict, List, Tuple
 
 import pytest
 
-from tests.checkpointing.ckpt_runs import CkptRun, assert_same_tensors, run_ckpt
+from tests.training.checkpointing.ckpt_runs import CkptRun, assert_same_tensors, run_ckpt
 
 SAVED_AT = 2
 TP2 = ["--tensor-model-parallel-size", "2"]
