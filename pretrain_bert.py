@@ -26,6 +26,7 @@ from megatron.training.config_from_args import core_transformer_config_from_args
 from megatron.training.datasets.blend_args import dataset_config_kwargs
 from megatron.training.flops import bert_floating_point_operations
 from megatron.training.initialize import shutdown_megatron
+from megatron.training.language_model_args import language_model_kwargs
 
 
 def model_provider(pre_process: bool = True, post_process: bool = True, vp_stage=None) -> BertModel:
@@ -41,14 +42,7 @@ def model_provider(pre_process: bool = True, post_process: bool = True, vp_stage
     return BertModel(
         config=config,
         num_tokentypes=num_tokentypes,
-        vocab_size=args.padded_vocab_size,
-        max_sequence_length=args.max_position_embeddings,
-        pre_process=pre_process,
-        post_process=post_process,
-        fp16_lm_cross_entropy=args.fp16_lm_cross_entropy,
-        parallel_output=True,
-        share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
-        position_embedding_type=args.position_embedding_type,
+        **language_model_kwargs(args, pre_process, post_process),
         add_binary_head=args.bert_binary_head,
         vp_stage=vp_stage,
     )

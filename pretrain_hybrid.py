@@ -17,6 +17,7 @@ from megatron.training import get_args, pretrain, print_rank_0
 from megatron.training.config_from_args import build_config, core_transformer_config_from_args
 from megatron.training.hybrid_flops import hybrid_layer_pattern_of
 from megatron.training.initialize import shutdown_megatron
+from megatron.training.language_model_args import language_model_kwargs
 from pretrain_gpt import forward_step, train_valid_test_datasets_provider
 
 # The hybrid FLOP count in the log line; Mamba layers need no position embedding.
@@ -48,14 +49,7 @@ def model_provider(pre_process: bool = True, post_process: bool = True, vp_stage
         config=core_transformer_config_from_args(args),
         mamba_config=build_config(MambaConfig, args),
         hybrid_layer_pattern=pattern,
-        vocab_size=args.padded_vocab_size,
-        max_sequence_length=args.max_position_embeddings,
-        pre_process=pre_process,
-        post_process=post_process,
-        fp16_lm_cross_entropy=args.fp16_lm_cross_entropy,
-        parallel_output=True,
-        share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
-        position_embedding_type=args.position_embedding_type,
+        **language_model_kwargs(args, pre_process, post_process),
         rotary_percent=args.rotary_percent,
         rotary_base=args.rotary_base,
     )
