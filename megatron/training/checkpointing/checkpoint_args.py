@@ -24,12 +24,11 @@ import logging
 import os
 from typing import Dict, Optional, Tuple
 
-import torch
 
 from megatron.training.checkpointing import megatron_lm
 from megatron.training.checkpointing.directory import CheckpointError, iteration_dir, read_tracker
 from megatron.training.checkpointing.torch_dist_format import is_torch_dist_checkpoint, read_common
-from megatron.training.checkpointing.torch_format import MODEL_FILENAME
+from megatron.training.checkpointing.torch_format import MODEL_FILENAME, load_own_file
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +80,7 @@ def read_saved_args(directory: str) -> argparse.Namespace:
                 f"--use-checkpoint-args: {directory} holds neither a torch_dist checkpoint (.metadata) nor "
                 f"torch-format files (mp_rank_*/{MODEL_FILENAME}); point --load at a checkpoint directory"
             )
-        saved = torch.load(files[0], map_location="cpu", weights_only=False).get("args")
+        saved = load_own_file(files[0]).get("args")
     if saved is None:
         raise CheckpointError(
             f"--use-checkpoint-args: the checkpoint in {directory} was saved without its arguments; "

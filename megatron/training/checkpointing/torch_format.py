@@ -14,6 +14,9 @@ import io
 import os
 from typing import Callable, List, Optional, Tuple
 
+import argparse
+
+import numpy as np
 import torch
 
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
@@ -162,6 +165,23 @@ def _model_problems(model, state: dict) -> List[str]:
     return problems
 
 
+def _numpy_array_globals() -> list:
+    """What a pickled NumPy array names (the NumPy RNG state holds one): its rebuild function
+    under the module name of NumPy 2 and of NumPy 1, its class, ``np.dtype`` and the dtype classes."""
+    multiarray = getattr(np, "_core", None) or np.core
+    rebuild = multiarray.multiarray._reconstruct
+    dtype_classes = [getattr(np.dtypes, n) for n in dir(np.dtypes) if n.endswith("DType")] if hasattr(np, "dtypes") else []
+    return [(rebuild, "numpy._core.multiarray._reconstruct"), (rebuild, "numpy.core.multiarray._reconstruct"),
+            np.ndarray, np.dtype] + dtype_classes
+
+
+def load_own_file(path: str):
+    """``torch.load`` of a file this format wrote, with torch's weights-only unpickler: tensors,
+    plain containers, the saved ``argparse.Namespace`` and NumPy arrays, nothing that runs code."""
+    with torch.serialization.safe_globals([argparse.Namespace] + _numpy_array_globals()):
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def read_state(directory: str, manifest: Optional[dict], groups: ProcessGroups, args,
                gather_problems: Callable[[str], List[str]]) -> Tuple[dict, str]:
     problem = _saved_layout_problem(directory, manifest, groups, args)
@@ -169,7 +189,7 @@ def read_state(directory: str, manifest: Optional[dict], groups: ProcessGroups, 
     if any(problems):
         raise CheckpointError(next(p for p in problems if p))
     subdir = os.path.join(directory, _my_dir_name(groups))
-    state = torch.load(os.path.join(subdir, MODEL_FILENAME), map_location="cpu", weights_only=False)
+    state = load_own_file(os.path.join(subdir, MODEL_FILENAME))
     return state, subdir
 
 
@@ -193,7 +213,7 @@ def load(directory: str, manifest: Optional[dict], model, optimizer, groups: Pro
         chunk.load_state_dict(state["model" if len(chunks) == 1 else f"model{index}"], strict=True)
     if saved_opt is not None:
         if distributed:
-            dp_zero = torch.load(os.path.join(subdir, DIST_OPTIM_FILENAME), map_location="cpu", weights_only=False)
+            dp_zero = load_own_file(os.path.join(subdir, DIST_OPTIM_FILENAME))
             optimizer.load_parameter_state_from_dp_zero(dp_zero)
             if saved_opt.get("grad_scaler") and optimizer.grad_scaler is not None:
                 optimizer.grad_scaler.load_state_dict(saved_opt["grad_scaler"])
