@@ -11,7 +11,6 @@ import os
 import warnings
 from dataclasses import dataclass
 
-import torch
 
 from megatron.training.checkpointing import directory as layout
 from megatron.training.checkpointing import megatron_lm, torch_dist_format, torch_format
@@ -63,7 +62,7 @@ def open_core_checkpoint(root: str) -> CoreCheckpoint:
         return CoreCheckpoint(root, torch_dist_format.FORMAT, int(common.get("iteration", iteration)), common["args"])
     files = sorted(glob.glob(os.path.join(directory, "mp_rank_00*", torch_format.MODEL_FILENAME)))
     if torch_format.is_torch_checkpoint(directory) and files:
-        state = torch.load(files[0], map_location="cpu", weights_only=False)
+        state = torch_format.load_own_file(files[0])
         return CoreCheckpoint(root, torch_format.FORMAT, int(state.get("iteration", iteration)), state["args"])
     raise ConversionError(f"{directory} is neither a torch_dist checkpoint (metadata.json) nor a torch "
                           "checkpoint (mp_rank_*/model_optim_rng.pt)")
