@@ -8,6 +8,7 @@ Usage (one GPU, bf16, the llama-1.6b reference shape of DESIGN.md section 5):
 Rows per batch size:
 - ``ours eager``: StaticInferenceEngine, greedy, the reference path;
 - ``ours cuda-graphs``: the same with each decode step replayed from a CUDA graph;
+- ``ours graphs+compile``: the graph captures the decode step compiled by ``torch.compile``;
 - ``hf dynamic``: ``generate`` with its default dynamic cache;
 - ``hf static+compile``: ``generate`` with ``cache_implementation="static"`` and the forward
   compiled with ``mode="reduce-overhead"`` (its documented fast path).
@@ -81,9 +82,10 @@ def best_time(fn, device: torch.device, repeats: int) -> float:
 
 
 @torch.no_grad()
-def time_ours(model, prompts: torch.Tensor, new_tokens: int, cuda_graphs: bool, repeats: int):
+def time_ours(model, prompts: torch.Tensor, new_tokens: int, cuda_graphs: bool, repeats: int, compile_decode=False):
     batch, prompt_len = prompts.shape
-    engine = StaticInferenceEngine(model, batch, prompt_len + new_tokens, use_cuda_graphs=cuda_graphs)
+    engine = StaticInferenceEngine(model, batch, prompt_len + new_tokens, use_cuda_graphs=cuda_graphs,
+                                   compile_decode=compile_decode)
     requests = [InferenceRequest(p.tolist(), SamplingParams(top_k=1, num_tokens_to_generate=new_tokens)) for p in prompts]
     positions = torch.arange(prompt_len, device=prompts.device).expand(batch, -1)
 
@@ -107,6 +109,29 @@ def time_hf(hf, prompts: torch.Tensor, new_tokens: int, static_compile: bool, re
     prefill_s = best_time(lambda: hf(prompts, use_cache=True, logits_to_keep=1), prompts.device, repeats)
     total_s = best_time(lambda: outputs.append(hf.generate(prompts, **kwargs)), prompts.device, repeats)
     return prefill_s, total_s, outputs[-1][:, prompts.shape[1]:].tolist()
+
+
+@torch.no_grad()
+def profile_decode(model, prompts: torch.Tensor) -> None:
+    """Kernels of one eager decode step after a prefill: how many, their summed time, the top ones."""
+    from torch.profiler import ProfilerActivity, profile
+
+    batch, prompt_len = prompts.shape
+    context = StaticInferenceContext(batch, prompt_len + 8)
+    context.materialize_only_last_token_logits = True
+    model(prompts, torch.arange(prompt_len, device=prompts.device).expand(batch, -1), None, inference_context=context)
+    context.increment(prompt_len)
+    step_tokens = prompts[:, -1:].clone()
+    positions = torch.full((batch, 1), prompt_len, device=prompts.device)
+    model(step_tokens, positions, None, inference_context=context)  # warm-up
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        model(step_tokens, positions, None, inference_context=context)
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type.name == "CUDA"]
+    total_ms = sum(e.device_time for e in kernels) / 1000
+    print(f"decode step, batch {batch}: {len(kernels)} kernels, {total_ms:.3f} ms of kernel time", flush=True)
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=10), flush=True)
 
 
 def row(name: str, batch: int, prompt_len: int, new_tokens: int, prefill_s: float, total_s: float) -> dict:
@@ -147,6 +172,8 @@ def main(argv=None) -> list:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-hf", action="store_true", help="time ours only")
     parser.add_argument("--no-hf-compile", action="store_true", help="skip HF's static cache + torch.compile row")
+    parser.add_argument("--profile-decode", action="store_true",
+                        help="print the kernels of one eager decode step at each batch size (count and time)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     print(_environment(device), flush=True)
@@ -156,9 +183,13 @@ def main(argv=None) -> list:
     for batch in args.batch_sizes:
         prompts = torch.randint(0, SHAPES[args.shape]["vocab_size"], (batch, args.prompt_len),
                                 generator=torch.Generator().manual_seed(batch)).to(device)
+        if args.profile_decode and device.type == "cuda":
+            profile_decode(ours, prompts)
         runs = [("ours eager", lambda p=prompts: time_ours(ours, p, args.new_tokens, False, args.repeats))]
         if device.type == "cuda":
             runs.append(("ours cuda-graphs", lambda p=prompts: time_ours(ours, p, args.new_tokens, True, args.repeats)))
+            runs.append(("ours graphs+compile",
+                         lambda p=prompts: time_ours(ours, p, args.new_tokens, True, args.repeats, compile_decode=True)))
         if not args.no_hf:
             runs.append(("hf dynamic", lambda p=prompts: time_hf(hf, p, args.new_tokens, False, args.repeats)))
         tokens = {}
@@ -166,8 +197,11 @@ def main(argv=None) -> list:
             prefill_s, total_s, tokens[name] = run()
             rows.append(row(name, batch, args.prompt_len, args.new_tokens, prefill_s, total_s))
             print(_line(rows[-1]), flush=True)
-        if "ours cuda-graphs" in tokens and tokens["ours cuda-graphs"] != tokens["ours eager"]:
-            print(f"WARNING batch {batch}: CUDA-graph tokens differ from eager tokens", flush=True)
+        for name in ("ours cuda-graphs", "ours graphs+compile"):
+            if name in tokens and tokens[name] != tokens["ours eager"]:
+                same = sum(a == b for x, y in zip(tokens[name], tokens["ours eager"]) for a, b in zip(x, y))
+                print(f"WARNING batch {batch}: {name} tokens differ from eager tokens "
+                      f"({same} of {batch * args.new_tokens} equal; bf16 rounding differs)", flush=True)
         if args.dtype == "fp32" and "hf dynamic" in tokens and tokens["hf dynamic"] != tokens["ours eager"]:
             print(f"WARNING batch {batch}: fp32 greedy tokens differ from transformers'", flush=True)
         if not args.no_hf and not args.no_hf_compile and device.type == "cuda":

@@ -4,8 +4,11 @@ forward   y = Q(x) Q(W)^T                       (Q: quantize with the slot's sca
 backward  dgrad = Q(dy) Q(W)                     (the FP8 copies saved by the forward)
           wgrad = Q(dy)^T Q(x)                   (or dy^T x in high precision, --no-fp8-wgrad)
 
-Only the FP8 copies of x and W are kept for the backward (half the bytes of bf16), except
-with --no-fp8-wgrad, which keeps x itself. With gradient-accumulation fusion the weight
+Only FP8 copies are kept for the backward (half the bytes of bf16): x^T for the weight
+gradient (``torch._scaled_mm`` wants its second operand column-major, so each operand is
+quantized straight into the layout its GEMM reads, in the same pass as the row-major copy)
+and W^T, which with W itself is quantized once per optimizer step (``weight_cache``).
+With --no-fp8-wgrad, x itself is kept. With gradient-accumulation fusion the weight
 gradient is added into the fp32 ``weight.main_grad`` and an empty placeholder is returned
 (``weight.grad_added_to_main_grad`` set), as the bf16 linears do.
 
@@ -24,7 +27,8 @@ import torch
 
 from megatron.core.fp8.gemm import fp8_gemm_nt, select_backend
 from megatron.core.fp8.recipe import GRAD_OUTPUT, INPUT, WEIGHT, Fp8Recipe
-from megatron.core.fp8.scaling import Fp8Scaling, quantize_fused as quantize
+from megatron.core.fp8.scaling import Fp8Scaling, quantize_fused as quantize, quantize_with_transpose
+from megatron.core.fp8.weight_cache import Fp8Weight
 from megatron.core.process_groups import group_size
 from megatron.core.tensor_parallel.mappings import (
     copy_to_tensor_model_parallel_region,
@@ -36,6 +40,19 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, t.size(-1))
 
 
+def _fp8_weight(weight: torch.Tensor, scaling: Fp8Scaling, amax_group) -> Fp8Weight:
+    """The weight's FP8 copies. Under ``tensorwise`` they depend on the weight alone, so
+    they are quantized once per optimizer step (``weight_cache``); under ``delayed`` the
+    scale advances with every call, so they are quantized every call."""
+    def build() -> Fp8Weight:
+        w_scale = scaling.scale_for(weight, WEIGHT, amax_group)
+        w_q, w_q_t = quantize_with_transpose(weight.detach(), w_scale, scaling.recipe.forward_dtype)
+        return Fp8Weight(w_scale, w_q, w_q_t)
+    if scaling.recipe.recipe != "tensorwise":
+        return build()
+    return scaling.weight_cache.get(weight, build)
+
+
 class _Fp8LinearFunction(torch.autograd.Function):
     """x [..., K] @ W[N, K]^T -> [..., N] through FP8 GEMMs; see the module docstring."""
 
@@ -44,35 +61,44 @@ class _Fp8LinearFunction(torch.autograd.Function):
         recipe: Fp8Recipe = scaling.recipe
         x2 = _flat(x)
         x_scale = scaling.scale_for(x2, INPUT, amax_group)
-        w_scale = scaling.scale_for(weight, WEIGHT, amax_group)
-        x_q = quantize(x2, x_scale, recipe.forward_dtype)
-        w_q = quantize(weight, w_scale, recipe.forward_dtype)
-        out = fp8_gemm_nt(x_q, x_scale, w_q, w_scale, x.dtype, backend)
+        w = _fp8_weight(weight, scaling, amax_group)
+        if recipe.wgrad and ctx.needs_input_grad[1]:
+            x_q, x_q_t = quantize_with_transpose(x2, x_scale, recipe.forward_dtype)
+            saved_input = x_q_t
+        else:  # --no-fp8-wgrad, or no weight gradient wanted (frozen weight, evaluation)
+            x_q = quantize(x2, x_scale, recipe.forward_dtype)
+            saved_input = x2 if ctx.needs_input_grad[1] else None
+        out = fp8_gemm_nt(x_q, x_scale, w.q, w.scale, x.dtype, backend)
         ctx.scaling, ctx.backend, ctx.amax_group = scaling, backend, amax_group
         ctx.fuse_accumulation, ctx.input_shape = fuse_accumulation, x.shape
-        ctx.weight = weight  # for main_grad; the values come from w_q
-        ctx.save_for_backward(x_q, x_scale, w_q, w_scale, None if recipe.wgrad else x2)
+        ctx.weight = weight  # for main_grad; the values come from the FP8 copies
+        ctx.save_for_backward(saved_input, x_scale, w.q_t, w.scale)
         return out.view(*x.shape[:-1], weight.size(0))
 
     @staticmethod
     def backward(ctx, grad_output):
-        x_q, x_scale, w_q, w_scale, x_high = ctx.saved_tensors
+        saved_input, x_scale, w_q_t, w_scale = ctx.saved_tensors
         scaling: Fp8Scaling = ctx.scaling
         weight = ctx.weight
         g2 = _flat(grad_output)
         g_scale = scaling.scale_for(g2, GRAD_OUTPUT, ctx.amax_group)
-        g_q = quantize(g2, g_scale, scaling.recipe.grad_dtype)
+        wants_fp8_wgrad = ctx.needs_input_grad[1] and scaling.recipe.wgrad
+        if wants_fp8_wgrad:
+            g_q, g_q_t = quantize_with_transpose(g2, g_scale, scaling.recipe.grad_dtype)
+        else:
+            g_q = quantize(g2, g_scale, scaling.recipe.grad_dtype)
         grad_input = grad_weight = None
         if ctx.needs_input_grad[0]:
-            grad_input = fp8_gemm_nt(g_q, g_scale, w_q.t(), w_scale, grad_output.dtype, ctx.backend)
+            grad_input = fp8_gemm_nt(g_q, g_scale, w_q_t, w_scale, grad_output.dtype, ctx.backend)
             grad_input = grad_input.view(ctx.input_shape)
         if ctx.needs_input_grad[1]:
             main_grad = getattr(weight, "main_grad", None) if ctx.fuse_accumulation else None
             out_dtype = main_grad.dtype if main_grad is not None else weight.dtype
-            if x_high is None:
-                grad_weight = fp8_gemm_nt(g_q.t(), g_scale, x_q.t(), x_scale, out_dtype, ctx.backend)
+            if wants_fp8_wgrad:
+                # saved_input is x^T in FP8 [K, M]: dW = (g^T)(x^T)^T
+                grad_weight = fp8_gemm_nt(g_q_t, g_scale, saved_input, x_scale, out_dtype, ctx.backend)
             else:
-                grad_weight = g2.t().matmul(x_high).to(out_dtype)
+                grad_weight = g2.t().matmul(saved_input).to(out_dtype)
             if main_grad is not None:
                 main_grad.add_(grad_weight)
                 weight.grad_added_to_main_grad = True

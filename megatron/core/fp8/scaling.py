@@ -23,15 +23,15 @@ group holds the same scaling state: the state is replicated and reshards trivial
 
 from __future__ import annotations
 
-import logging
 from typing import Optional
 
 import torch
 import torch.distributed as dist
 
 from megatron.core.fp8.recipe import NUM_SLOTS, Fp8Recipe
+from megatron.core.fp8.weight_cache import Fp8WeightCache
+from megatron.core.fusions.compiled_region import CompiledRegion
 
-logger = logging.getLogger(__name__)
 
 
 def fp8_max(dtype: torch.dtype) -> float:
@@ -68,28 +68,38 @@ def quantize(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.
     return (x.float() * scale).clamp_(-limit, limit).to(dtype)
 
 
-_compiled_quantize = None  # torch.compile(quantize) once it has worked; False once it has failed
+def _amax_impl(x: torch.Tensor) -> torch.Tensor:
+    return x.abs().amax().float()
+
+
+def _quantize_pair_impl(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype):
+    q = quantize(x, scale, dtype)
+    return q, q.t().contiguous()
+
+
+# On CUDA each is one fused kernel instead of several passes (eager ``abs`` alone writes a
+# full copy of the tensor before ``amax`` reads it again; a byte-wide transposed copy runs
+# far below memory bandwidth). Same elementwise fp32 math, so the same bits as eager.
+_amax_compiled = CompiledRegion(_amax_impl, "fp8_amax", dynamic=True)
+_quantize_compiled = CompiledRegion(quantize, "fp8_quantize", dynamic=True)
+_quantize_pair_compiled = CompiledRegion(_quantize_pair_impl, "fp8_quantize_transpose", dynamic=True)
+
+
+def tensor_amax_fused(x: torch.Tensor) -> torch.Tensor:
+    """``tensor_amax`` as one reduction kernel on CUDA."""
+    return _amax_compiled(x.detach())
 
 
 def quantize_fused(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``quantize``, on CUDA as one fused kernel (torch.compile) instead of four passes
-    (upcast, multiply, clamp, cast); the same elementwise fp32 math, so the same bits. Falls
-    back to ``quantize``, with one warning, where torch.compile does not work."""
-    global _compiled_quantize
-    if x.device.type != "cuda" or _compiled_quantize is False:
-        return quantize(x, scale, dtype)
-    try:
-        if _compiled_quantize is None:
-            compiled = torch.compile(quantize, dynamic=True)
-            result = compiled(x, scale, dtype)
-            _compiled_quantize = compiled
-            return result
-        return _compiled_quantize(x, scale, dtype)
-    except Exception as err:  # any compile failure: the eager path gives the same result
-        _compiled_quantize = False
-        logger.warning("FP8 quantization: torch.compile failed (%s: %s); quantizing in eager mode (slower)",
-                       type(err).__name__, err)
-        return quantize(x, scale, dtype)
+    """``quantize``, on CUDA as one fused kernel (upcast, multiply, clamp, cast)."""
+    return _quantize_compiled(x, scale, dtype)
+
+
+def quantize_with_transpose(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype):
+    """(q, q^T contiguous) of a 2-D ``x`` in one pass on CUDA: ``torch._scaled_mm`` wants
+    its first operand row-major and its second column-major, so the backward GEMMs need
+    the transposed FP8 copies of the input, the weight and the output gradient."""
+    return _quantize_pair_compiled(x, scale, dtype)
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -110,12 +120,13 @@ class Fp8Scaling(torch.nn.Module):
         self.recipe = recipe
         self.register_buffer("amax_history", torch.zeros(recipe.amax_history_len, NUM_SLOTS, device=device))
         self.register_buffer("scale", torch.ones(NUM_SLOTS, device=device))
+        self.weight_cache = Fp8WeightCache()
 
     @torch.no_grad()
     def scale_for(self, x: torch.Tensor, slot: int, group=None) -> torch.Tensor:
         """The scale to quantize ``x`` with (a float32 scalar), updating the state."""
         fmt_max = fp8_max(self.recipe.dtype(slot))
-        amax = reduce_amax(tensor_amax(x).to(self.scale.device), group)
+        amax = reduce_amax(tensor_amax_fused(x).to(self.scale.device), group)
         if self.recipe.recipe == "tensorwise":
             scale = compute_scale(amax, fmt_max, self.recipe.margin, torch.ones_like(amax))
             self.amax_history[0, slot] = amax

@@ -13,6 +13,7 @@ data-dependent shapes), no sliding window. ``decode_graph_supported`` says why n
 
 from __future__ import annotations
 
+import weakref
 from typing import Optional
 
 import torch
@@ -32,12 +33,30 @@ def decode_graph_supported(model: torch.nn.Module, model_parallel: bool) -> Opti
     return None
 
 
+_compiled_models: "weakref.WeakKeyDictionary[torch.nn.Module, torch.nn.Module]" = weakref.WeakKeyDictionary()
+
+
+def _compiled(model: torch.nn.Module):
+    """One ``torch.compile`` wrapper per model, so later calls reuse its compiled code."""
+    if model not in _compiled_models:
+        _compiled_models[model] = torch.compile(model, dynamic=False)
+    return _compiled_models[model]
+
+
 class DecodeGraph:
     """forward(tokens [b, 1], positions [b, 1]) -> logits [b, 1, V] of one decode step,
-    replayed from a graph bound to ``context``'s buffers (valid for this context only)."""
+    replayed from a graph bound to ``context``'s buffers (valid for this context only).
 
-    def __init__(self, model: torch.nn.Module, context, tokens: torch.Tensor, positions: torch.Tensor):
+    ``compile_step``: capture the step as compiled by ``torch.compile`` (Inductor fuses the
+    norms, rotary embedding, activations and residual adds into a few kernels; at small
+    batch a decode step is bound by the number of kernels, not their work). Compiled once
+    per batch size and cache length; the two warm-up runs compile it, outside the capture.
+    """
+
+    def __init__(self, model: torch.nn.Module, context, tokens: torch.Tensor, positions: torch.Tensor,
+                 compile_step: bool = False):
         self.model = model
+        step = _compiled(model) if compile_step else model
         self.context = context
         self.tokens = tokens.clone()
         self.positions = positions.clone()
@@ -45,11 +64,11 @@ class DecodeGraph:
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream), torch.no_grad():
             for _ in range(2):
-                model(self.tokens, self.positions, None, inference_context=context)
+                step(self.tokens, self.positions, None, inference_context=context)
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph), torch.no_grad():
-            self.logits = model(self.tokens, self.positions, None, inference_context=context)
+            self.logits = step(self.tokens, self.positions, None, inference_context=context)
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         self.tokens.copy_(tokens)

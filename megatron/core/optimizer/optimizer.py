@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from megatron.core import process_groups
+from megatron.core.fp8.weight_cache import weights_updated
 from megatron.core.optimizer.clip_grads import (
     clip_grad_by_total_norm_fp32,
     count_zeros_fp32,
@@ -142,6 +143,7 @@ class MegatronOptimizer(ABC):
             logger.warning("rank %d: grad norm is %s; skipping the optimizer step", _global_rank(), grad_norm)
             return False, grad_norm, num_zeros
         self.optimizer.step()
+        weights_updated()  # cached FP8 copies of the weights are stale from here
         return True, grad_norm, num_zeros
 
     @abstractmethod

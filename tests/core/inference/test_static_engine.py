@@ -176,14 +176,15 @@ def test_fixed_shape_decoding_equals_the_sliced_cache(models, name):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_cuda_graph_decoding_equals_eager_on_gpu(models):
+@pytest.mark.parametrize("compile_decode", [False, True])
+def test_cuda_graph_decoding_equals_eager_on_gpu(models, compile_decode):
     _, ours = models["llama"]
     model = ours.cuda()
     prompts = [tokens(1, n, seed=n)[0].tolist() for n in (3, 9, 6)]
     params = SamplingParams(top_k=1, num_tokens_to_generate=16, return_log_probs=True)
     requests = [InferenceRequest(p, params) for p in prompts]
     eager = StaticInferenceEngine(model, 4, 32).generate(requests)
-    graphed_engine = StaticInferenceEngine(model, 4, 32, use_cuda_graphs=True)
+    graphed_engine = StaticInferenceEngine(model, 4, 32, use_cuda_graphs=True, compile_decode=compile_decode)
     assert graphed_engine.use_cuda_graphs
     for got, expected in zip(graphed_engine.generate(requests), eager):
         assert got.generated_tokens == expected.generated_tokens

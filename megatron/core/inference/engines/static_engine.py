@@ -36,7 +36,8 @@ class StaticInferenceEngine:
     tokens of the longest request); ``vocab_size`` is the tokenizer's (the model's padded
     vocabulary entries beyond it are never chosen nor scored); ``detokenize`` (token ids
     -> text) is needed only for stop strings. ``use_cuda_graphs`` replays each decode step
-    from a CUDA graph (``cuda_graphs``) where the model allows it; eager otherwise.
+    from a CUDA graph (``cuda_graphs``) where the model allows it; eager otherwise;
+    ``compile_decode`` captures the decode step compiled by ``torch.compile`` in that graph.
     """
 
     def __init__(
@@ -47,6 +48,7 @@ class StaticInferenceEngine:
         vocab_size: Optional[int] = None,
         detokenize: Optional[Callable[[Sequence[int]], str]] = None,
         use_cuda_graphs: bool = False,
+        compile_decode: bool = False,
     ):
         self.model = model
         self.model_step = ModelStep(model)
@@ -57,6 +59,7 @@ class StaticInferenceEngine:
                 self.use_cuda_graphs = True
             else:
                 logger.warning("CUDA graphs of the decode step are off: %s; decoding eagerly", reason)
+        self.compile_decode = compile_decode
         self.max_batch_size = max_batch_size
         self.max_sequence_length = max_sequence_length
         self.vocab_size = vocab_size
@@ -128,7 +131,7 @@ class StaticInferenceEngine:
             if self.use_cuda_graphs and cur - prev == 1:
                 if graph is None:
                     context.use_fixed_shapes(self.device)
-                    graph = DecodeGraph(self.model, context, tokens[:, prev:cur], positions)
+                    graph = DecodeGraph(self.model, context, tokens[:, prev:cur], positions, self.compile_decode)
                 logits = graph(tokens[:, prev:cur], positions).float()
             else:
                 logits = self.model_step(tokens[:, prev:cur], positions, context)
