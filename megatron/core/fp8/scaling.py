@@ -23,6 +23,8 @@ group holds the same scaling state: the state is replicated and reshards trivial
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 from typing import Optional
 
 import torch
@@ -30,7 +32,6 @@ import torch.distributed as dist
 
 from megatron.core.fp8.recipe import NUM_SLOTS, Fp8Recipe
 from megatron.core.fp8.weight_cache import Fp8WeightCache
-from megatron.core.fusions.compiled_region import CompiledRegion
 
 
 
@@ -68,38 +69,44 @@ def quantize(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.
     return (x.float() * scale).clamp_(-limit, limit).to(dtype)
 
 
-def _amax_impl(x: torch.Tensor) -> torch.Tensor:
-    return x.abs().amax().float()
+@functools.lru_cache(maxsize=None)
+def _triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
 
 
-def _quantize_pair_impl(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype):
-    q = quantize(x, scale, dtype)
-    return q, q.t().contiguous()
-
-
-# On CUDA each is one fused kernel instead of several passes (eager ``abs`` alone writes a
-# full copy of the tensor before ``amax`` reads it again; a byte-wide transposed copy runs
-# far below memory bandwidth). Same elementwise fp32 math, so the same bits as eager.
-_amax_compiled = CompiledRegion(_amax_impl, "fp8_amax", dynamic=True)
-_quantize_compiled = CompiledRegion(quantize, "fp8_quantize", dynamic=True)
-_quantize_pair_compiled = CompiledRegion(_quantize_pair_impl, "fp8_quantize_transpose", dynamic=True)
+def _use_triton(x: torch.Tensor) -> bool:
+    return x.is_cuda and _triton_available()
 
 
 def tensor_amax_fused(x: torch.Tensor) -> torch.Tensor:
-    """``tensor_amax`` as one reduction kernel on CUDA."""
-    return _amax_compiled(x.detach())
+    """``tensor_amax``; on CUDA one Triton pass (``cast_triton``) instead of ``abs`` writing
+    a full copy that ``amax`` reads again."""
+    if _use_triton(x):
+        from megatron.core.fp8 import cast_triton
+
+        return cast_triton.amax(x)
+    return tensor_amax(x)
 
 
 def quantize_fused(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``quantize``, on CUDA as one fused kernel (upcast, multiply, clamp, cast)."""
-    return _quantize_compiled(x, scale, dtype)
+    """``quantize``; on CUDA one Triton kernel (upcast, multiply, clamp, cast) for 2-D ``x``."""
+    if _use_triton(x) and x.dim() == 2:
+        from megatron.core.fp8 import cast_triton
+
+        return cast_triton.cast(x, scale, dtype, transpose=False)[0]
+    return quantize(x, scale, dtype)
 
 
 def quantize_with_transpose(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype):
-    """(q, q^T contiguous) of a 2-D ``x`` in one pass on CUDA: ``torch._scaled_mm`` wants
+    """(q, q^T contiguous) of a 2-D ``x``, in one pass on CUDA: ``torch._scaled_mm`` wants
     its first operand row-major and its second column-major, so the backward GEMMs need
     the transposed FP8 copies of the input, the weight and the output gradient."""
-    return _quantize_pair_compiled(x, scale, dtype)
+    if _use_triton(x):
+        from megatron.core.fp8 import cast_triton
+
+        return cast_triton.cast(x, scale, dtype, transpose=True)
+    q = quantize(x, scale, dtype)
+    return q, q.t().contiguous()
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

@@ -77,15 +77,23 @@ def test_fp8_linear_tracks_bf16(recipe):
 
 
 @pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
-def test_fused_quantize_equals_eager(dtype):
-    """The torch.compile'd cast does the same fp32 elementwise math: the same bits,
-    saturation included (inputs up to 1e6 times the scale's range)."""
+def test_triton_casts_equal_eager(dtype):
+    """The Triton cast does the same fp32 elementwise math: the same bits, saturation
+    included (inputs up to 1e6 times the scale's range), row-major and transposed, on a
+    shape that is no multiple of the tile; the Triton amax equals eager's, NaN included."""
     import megatron.core.fp8.scaling as scaling
+    from megatron.core.fp8 import cast_triton
 
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     x = torch.randn(1000, 3000, device="cuda").to(torch.bfloat16) * 1000
+    x[17, 33] = -3e5
     scale = torch.tensor(3.7, device="cuda")
-    fused = scaling.quantize_fused(x, scale, dtype)
-    assert scaling._compiled_quantize not in (None, False), "torch.compile fell back to eager"
-    assert torch.equal(fused.view(torch.uint8), scaling.quantize(x, scale, dtype).view(torch.uint8))
+    eager = scaling.quantize(x, scale, dtype).view(torch.uint8)
+    q, q_t = cast_triton.cast(x, scale, dtype, transpose=True)
+    assert torch.equal(q.view(torch.uint8), eager)
+    assert torch.equal(q_t.view(torch.uint8), eager.t().contiguous())
+    assert torch.equal(scaling.quantize_fused(x, scale, dtype).view(torch.uint8), eager)
+    assert cast_triton.amax(x).item() == scaling.tensor_amax(x).item()
+    x[999, 2999] = float("nan")
+    assert torch.isnan(cast_triton.amax(x))

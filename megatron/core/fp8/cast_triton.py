@@ -1,0 +1,71 @@
+"""Triton kernels for the FP8 casts of the linears: the absolute maximum, and the cast
+with its transposed copy in one pass.
+
+Both are memory-bound passes over a bf16/fp32 tensor; written by hand because the
+compiled equivalents measured far below memory bandwidth on an H100 (a dynamic-shape
+reduction to one scalar ran at ~130 GB/s, the transposed cast at ~420 GB/s).
+
+- ``amax(x)``: each program reduces one block of the flattened tensor and folds its
+  maximum into a float32 scalar with an atomic max (|x| >= 0, so the float ordering is
+  the integer ordering the atomic uses). NaN propagates: a block holding a NaN writes NaN.
+- ``cast(x, scale, dtype, transpose)``: each program reads a [BLOCK_M, BLOCK_N] tile of
+  the 2-D ``x`` once, computes ``clamp(x * scale, -max, max)`` in fp32, casts it to the
+  FP8 dtype (round to nearest even, like ``Tensor.to``) and stores it row-major and, when
+  asked, transposed ([N, M] row-major), so ``torch._scaled_mm``'s second operand needs no
+  separate transposed copy.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+_FP8 = {torch.float8_e4m3fn: tl.float8e4nv, torch.float8_e5m2: tl.float8e5}
+
+
+@triton.jit
+def _amax_kernel(x_ptr, out_ptr, numel, BLOCK: tl.constexpr):
+    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + offsets, mask=offsets < numel, other=0.0).to(tl.float32)
+    block_max = tl.max(tl.abs(x), axis=0)
+    # tl.max drops NaN; keep it, so a NaN input gives a NaN amax (the NaN check sees it)
+    has_nan = tl.max((x != x).to(tl.int32), axis=0) > 0
+    block_max = tl.where(has_nan, float("nan"), block_max)
+    tl.atomic_max(out_ptr, block_max)
+
+
+@triton.jit
+def _cast_kernel(x_ptr, scale_ptr, q_ptr, qt_ptr, M, N, limit,
+                 FP8: tl.constexpr, TRANSPOSE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (rows[:, None] < M) & (cols[None, :] < N)
+    x = tl.load(x_ptr + rows[:, None] * N + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    scale = tl.load(scale_ptr)
+    q = tl.clamp(x * scale, -limit, limit).to(FP8)
+    tl.store(q_ptr + rows[:, None] * N + cols[None, :], q, mask=mask)
+    if TRANSPOSE:
+        tl.store(qt_ptr + cols[:, None] * M + rows[None, :], tl.trans(q), mask=tl.trans(mask))
+
+
+def amax(x: torch.Tensor) -> torch.Tensor:
+    """max |x| as a float32 scalar tensor (NaN if x holds a NaN)."""
+    x = x.detach().contiguous()
+    out = torch.zeros((), dtype=torch.float32, device=x.device)
+    if x.numel():
+        block = 8192
+        _amax_kernel[(triton.cdiv(x.numel(), block),)](x, out, x.numel(), BLOCK=block, num_warps=8)
+    return out
+
+
+def cast(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, transpose: bool):
+    """(q [M, N], q^T [N, M] or None) for a 2-D ``x``; see the module docstring."""
+    x = x.detach().contiguous()
+    m, n = x.shape
+    q = torch.empty((m, n), dtype=dtype, device=x.device)
+    q_t = torch.empty((n, m), dtype=dtype, device=x.device) if transpose else None
+    grid = (triton.cdiv(m, 64), triton.cdiv(n, 64))
+    _cast_kernel[grid](x, scale.float().reshape(1), q, q_t if transpose else q, m, n, float(torch.finfo(dtype).max),
+                       FP8=_FP8[dtype], TRANSPOSE=transpose, BLOCK_M=64, BLOCK_N=64, num_warps=4)
+    return q, q_t
