@@ -11,11 +11,13 @@ gradients in their input's dtype; everything in between is fp32.
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
 import triton
 
+from megatron.core.ssm.ssd_reference import _check_shapes
 from megatron.core.ssm.ssd_triton_backward import dc_kernel, dt_kernel, dx_kernel, state_pass_bwd_kernel
 from megatron.core.ssm.ssd_triton_forward import (
     chunk_cumsum_kernel,
@@ -28,11 +30,13 @@ _STATE_BLOCK = 1024  # state entries per program in the sequential pass over chu
 _MAX_DIM = 256
 
 
-def supports(chunk_size: int, head_dim: int, state_dim: int) -> bool:
+def supports(chunk_size: int, head_dim: int, state_dim: int, dtype: torch.dtype = torch.bfloat16) -> bool:
     """Whether the kernels take this shape: a power-of-two chunk of 16..256 positions
-    (``tl.arange`` spans a chunk) and head / state dims up to 256 (one tile holds them)."""
+    (``tl.arange`` spans a chunk), head / state dims up to 256 (one tile holds them), x in
+    bf16 or fp32 (the products' operand types)."""
     pow2 = chunk_size & (chunk_size - 1) == 0
-    return pow2 and 16 <= chunk_size <= 256 and head_dim <= _MAX_DIM and state_dim <= _MAX_DIM
+    dims_fit = head_dim <= _MAX_DIM and state_dim <= _MAX_DIM
+    return pow2 and 16 <= chunk_size <= 256 and dims_fit and dtype in (torch.bfloat16, torch.float32)
 
 
 def _block_q(chunk_size: int, state_dim: int) -> int:
@@ -56,10 +60,14 @@ class _Shape:
         self.nc = triton.cdiv(self.l, chunk_size)
         self.block_q = block_q or _block_q(chunk_size, self.n)
         self.block_p, self.block_n = _pad16(self.p), _pad16(self.n)
-        self.f32 = x.dtype == torch.float32
+        # Triton's CPU interpreter multiplies bf16 tiles wrongly; there the products take
+        # fp32 operands, so the tests still cover the bf16 loads, casts and stores.
+        self.f32 = x.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1"
         self.sizes = (self.l, self.nc, self.h, self.r, self.p, self.n)
         self.strides = (*x.stride(), *B.stride(), *C.stride(), *dt.stride())
-        self.tiles = dict(BLOCK_Q=self.block_q, BLOCK_P=self.block_p, BLOCK_N=self.block_n)
+        # Wide [head, state] tiles get more warps, so more registers, per program.
+        warps = 8 if self.block_p * self.block_n >= 8192 else 4
+        self.tiles = dict(BLOCK_Q=self.block_q, BLOCK_P=self.block_p, BLOCK_N=self.block_n, num_warps=warps)
 
     def chunk_grid(self, blocks: int):
         return (self.b * self.nc, self.h, blocks)
@@ -117,7 +125,7 @@ def _backward(dy, dfinal, x, dt, A, B, C, D, acum, states, s: _Shape):
     ddt = torch.empty(s.b, s.l, s.h, device=dev, dtype=dt.dtype)
     dA_parts = s.buffer(dev)
     dt_kernel[(s.b * s.nc, s.h)](dt, A, ds, e, ddt_expl, ds_last, ddt, dA_parts, s.l, s.nc, s.h, n_state_blocks,
-                                 *dt.stride(), Q=s.q, BLOCK_BLK=triton.next_power_of_2(n_state_blocks))
+                                 *dt.stride(), Q=s.q, BLOCK_BLK=max(2, triton.next_power_of_2(n_state_blocks)))
     # Heads of a group share B and C: their per-head gradients add up.
     dB = dB_heads.view(s.b, s.l, s.g, s.r, s.n).sum(3).to(B.dtype)
     dC = dC_heads.view(s.b, s.l, s.g, s.r, s.n).sum(3).to(C.dtype)
@@ -162,8 +170,10 @@ def ssd_triton(
 ):
     """The scan on the Triton kernels; same contract as ``ssd_reference.ssd_chunked``.
     ``block_q`` (a power of two dividing the chunk, >= 16) overrides the tile length."""
-    if not supports(chunk_size, x.shape[-1], B.shape[-1]):
-        raise ValueError(f"SSD Triton kernels need a power-of-two chunk size in 16..256 and head/state dims "
-                         f"<= {_MAX_DIM}; got chunk {chunk_size}, head dim {x.shape[-1]}, state {B.shape[-1]}")
+    _check_shapes(x, dt, A, B, C)
+    if not supports(chunk_size, x.shape[-1], B.shape[-1], x.dtype):
+        raise ValueError(f"SSD Triton kernels need a power-of-two chunk size in 16..256, head/state dims "
+                         f"<= {_MAX_DIM} and x in bf16 or fp32; got chunk {chunk_size}, head dim {x.shape[-1]}, "
+                         f"state {B.shape[-1]}, {x.dtype}: use the compile or reference SSD backend")
     y, final = _SSDScan.apply(x, dt, A, B, C, D, initial_states, chunk_size, block_q)
     return (y, final.to(x.dtype)) if return_final_states else y
