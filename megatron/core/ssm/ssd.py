@@ -70,12 +70,16 @@ def requested_backend(backend: Optional[str] = None) -> Optional[str]:
 def choose_backend(x: torch.Tensor, B: torch.Tensor, chunk_size: int, backend: Optional[str] = None) -> str:
     """The backend ``ssd_scan`` runs for these inputs: the request on CUDA with Triton,
     ``triton`` when nothing is requested, ``compile`` for a shape or dtype the kernels do
-    not take, ``reference`` without CUDA and Triton."""
+    not take or inside an outer ``torch.compile``, ``reference`` without CUDA and Triton."""
     wanted = requested_backend(backend)
     if not (x.is_cuda and fast_path_available()):
         return "reference"
     if wanted in ("compile", "reference"):
         return wanted
+    if torch.compiler.is_compiling():
+        # Inside a model-wide torch.compile the chunked math traces into the outer graph
+        # (``compile`` runs its eager body there); the kernels would split that graph.
+        return "compile"
     from megatron.core.ssm.ssd_triton import supports
 
     if supports(chunk_size, x.shape[-1], B.shape[-1], x.dtype):
