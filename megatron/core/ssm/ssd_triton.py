@@ -89,7 +89,8 @@ def _chunk_states(u, v, acum, dt, s: _Shape, from_output: bool) -> torch.Tensor:
     return out
 
 
-def _forward(x, dt, A, B, C, D, initial_states, s: _Shape):
+def _entering_states(x, dt, A, B, initial_states, s: _Shape):
+    """acum [b, h, c, Q], the states entering each chunk [b, c, h, P, N] and the final state."""
     acum = s.buffer(x.device, s.q)
     chunk_cumsum_kernel[(s.b * s.nc, s.h)](dt, A, acum, s.l, s.nc, s.h, *dt.stride(), Q=s.q)
     states = _chunk_states(x, B, acum, dt, s, from_output=False)
@@ -97,11 +98,16 @@ def _forward(x, dt, A, B, C, D, initial_states, s: _Shape):
     init = initial_states.float().contiguous() if initial_states is not None else final
     state_pass_fwd_kernel[s.state_grid()](states, acum, init, final, s.nc, s.h, s.p * s.n, Q=s.q,
                                           HAS_INIT=initial_states is not None, BLOCK=_STATE_BLOCK)
+    return acum, states, final
+
+
+def _forward(x, dt, A, B, C, D, initial_states, s: _Shape):
+    acum, states, final = _entering_states(x, dt, A, B, initial_states, s)
     y = torch.empty(s.b, s.l, s.h, s.p, device=x.device, dtype=x.dtype)
     chunk_output_kernel[s.chunk_grid(s.q // s.block_q)](
         x, B, C, dt, D if D is not None else A, acum, states, y, *s.sizes, *s.strides,
         Q=s.q, HAS_D=D is not None, F32=s.f32, **s.tiles)
-    return y, final, acum, states
+    return y, final
 
 
 def _backward(dy, dfinal, x, dt, A, B, C, D, acum, states, s: _Shape):
@@ -138,21 +144,25 @@ class _SSDScan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, dt, A, B, C, D, initial_states, chunk_size, block_q):
         s = _Shape(x, dt, B, C, chunk_size, block_q)
-        y, final, acum, states = _forward(x, dt, A, B, C, D, initial_states, s)
-        ctx.save_for_backward(x, dt, A, B, C, D, acum, states)
-        ctx.shape, ctx.init_dtype = s, None if initial_states is None else initial_states.dtype
+        y, final = _forward(x, dt, A, B, C, D, initial_states, s)
+        # The chunk states (fp32 [b, c, h, P, N]: twice x's bytes at state 128, chunk 128, bf16,
+        # in every layer) are recomputed in backward rather than kept; they are a small share
+        # of the work.
+        ctx.save_for_backward(x, dt, A, B, C, D, initial_states)
+        ctx.shape = s
         ctx.set_materialize_grads(False)
         return y, final
 
     @staticmethod
     def backward(ctx, dy, dfinal):
-        x, dt, A, B, C, D, acum, states = ctx.saved_tensors
+        x, dt, A, B, C, D, initial_states = ctx.saved_tensors
         s = ctx.shape
+        acum, states, _ = _entering_states(x, dt, A, B, initial_states, s)
         if dy is None:
             dy = torch.zeros(s.b, s.l, s.h, s.p, device=x.device, dtype=x.dtype)
         dfinal = None if dfinal is None else dfinal.float().contiguous()
         dx, ddt, dA, dB, dC, dD, dinit = _backward(dy.contiguous(), dfinal, x, dt, A, B, C, D, acum, states, s)
-        dinit = None if ctx.init_dtype is None else dinit.to(ctx.init_dtype)
+        dinit = None if initial_states is None else dinit.to(initial_states.dtype)
         return dx, ddt, dA, dB, dC, dD, dinit, None, None
 
 
