@@ -83,3 +83,21 @@ def test_triton_kernels_take_the_mixers_strided_views():
     _, dt, A, _, _, D = _inputs(b=b, l=l, h=h, p=p, g=g, n=n)
     x, B, C = (t.detach().requires_grad_() for t in (x, B, C))
     _check_against_reference([x, dt, A, B, C, D], 128, "triton")
+
+
+def test_triton_kernels_carry_initial_and_final_states():
+    from megatron.core.ssm.ssd_triton import ssd_triton
+
+    x, dt, A, B, C, D = _inputs(l=450, dtype=torch.float32)
+    s0 = torch.randn(2, 8, 64, 64, device="cuda", requires_grad=True)
+    ins = [x, dt, A, B, C, D, s0]
+    weights = None
+    results = []
+    for scan in (ssd_triton, ssd_chunked):
+        y, final = scan(x, dt, A, B, C, 128, D, s0, return_final_states=True)
+        if weights is None:
+            weights = (torch.randn_like(y), torch.randn_like(final))
+        grads = torch.autograd.grad((y * weights[0]).sum() + (final * weights[1]).sum(), ins)
+        results.append((y, final, *grads))
+    for name, fast, ref in zip(("y", "final", "x", "dt", "A", "B", "C", "D", "s0"), *results):
+        assert (fast - ref).abs().max() <= 1e-4 * ref.abs().max().clamp(min=1.0), name
