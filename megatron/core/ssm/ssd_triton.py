@@ -185,5 +185,8 @@ def ssd_triton(
         raise ValueError(f"SSD Triton kernels need a power-of-two chunk size in 16..256, head/state dims "
                          f"<= {_MAX_DIM} and x in bf16 or fp32; got chunk {chunk_size}, head dim {x.shape[-1]}, "
                          f"state {B.shape[-1]}, {x.dtype}: use the compile or reference SSD backend")
+    if block_q is not None and (block_q < 16 or block_q & (block_q - 1) or chunk_size % block_q):
+        raise ValueError(f"SSD Triton block_q must be a power of two >= 16 dividing the chunk size {chunk_size}, "
+                         f"got {block_q}")
     y, final = _SSDScan.apply(x, dt, A, B, C, D, initial_states, chunk_size, block_q)
     return (y, final.to(x.dtype)) if return_final_states else y
