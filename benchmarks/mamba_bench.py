@@ -2,7 +2,7 @@
 models (hybrid, pure Mamba-2, transformer) at growing sequence lengths.
 
     python benchmarks/mamba_bench.py                       # everything, one table at the end
-    python benchmarks/mamba_bench.py --only kernel         # SSD fwd+bwd vs causal SDPA at seq 4096
+    python benchmarks/mamba_bench.py --only kernel         # SSD fwd+bwd (each backend) vs causal SDPA, seq 4096
     python benchmarks/mamba_bench.py --only models --seqs 4096 16384 --iters 12 --timeout 900
 
 Every measurement runs in its own process with a timeout (an out-of-memory or a hang costs
@@ -50,9 +50,27 @@ MODELS: Dict[str, tuple] = {
 }
 
 
+def _time_ms(step, repeats: int) -> float:
+    """Milliseconds per call of ``step`` on the GPU, after three untimed calls (compile, autotune)."""
+    import torch
+
+    for _ in range(3):
+        step()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(repeats):
+        step()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / repeats
+
+
 def kernel_bench(seq: int = 4096, batch: int = 4, repeats: int = 20) -> dict:
-    """SSD scan fwd+bwd (width 2048: 32 heads of 64, 8 groups, state 128) vs cuDNN causal SDPA
-    (width 2048: 16 heads of 128), bf16, milliseconds per fwd+bwd. Runs in this process."""
+    """SSD scan fwd+bwd (width 2048: 32 heads of 64, 8 groups, state 128, chunk 128) on each
+    GPU backend (our Triton kernels; torch.compile of the chunked scan) vs cuDNN causal SDPA
+    (width 2048: 16 heads of 128), bf16, milliseconds per fwd+bwd. Runs in this process; a
+    backend that fails gets its error instead of a time."""
     import torch
 
     from megatron.core.ssm.ssd import ssd_scan
@@ -66,9 +84,6 @@ def kernel_bench(seq: int = 4096, batch: int = 4, repeats: int = 20) -> dict:
     C = torch.randn(batch, seq, 8, 128, device=dev, dtype=bf16, requires_grad=True)
     q, k, v = (torch.randn(batch, 16, seq, 128, device=dev, dtype=bf16, requires_grad=True) for _ in range(3))
 
-    def ssd_step():
-        ssd_scan(x, dt, A, B, C, 128).sum().backward()
-
     def sdpa_step():
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -76,17 +91,15 @@ def kernel_bench(seq: int = 4096, batch: int = 4, repeats: int = 20) -> dict:
             torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward()
 
     out = {}
-    for name, step in (("ssd_ms", ssd_step), ("cudnn_sdpa_ms", sdpa_step)):
-        for _ in range(3):  # compile and autotune outside the timing
-            step()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda.synchronize()
-        start.record()
-        for _ in range(repeats):
-            step()
-        end.record()
-        torch.cuda.synchronize()
-        out[name] = start.elapsed_time(end) / repeats
+    for backend in ("triton", "compile"):
+        def ssd_step(backend=backend):
+            ssd_scan(x, dt, A, B, C, 128, backend=backend).sum().backward()
+
+        try:
+            out[f"ssd_{backend}_ms"] = _time_ms(ssd_step, repeats)
+        except Exception as err:  # one backend failing must not cost the other's number
+            out[f"ssd_{backend}_error"] = f"{type(err).__name__}: {str(err)[:200]}"
+    out["cudnn_sdpa_ms"] = _time_ms(sdpa_step, repeats)
     # Causal attention FLOPs (fwd+bwd, halved for the mask) of the same width: a yardstick.
     out["sdpa_tflops"] = 3 * 2 * 2 * batch * seq * seq * 2048 / 2 / out["cudnn_sdpa_ms"] / 1e9
     return out
@@ -131,7 +144,10 @@ def _fmt(value, spec: str) -> str:
 def report(kernel: Optional[dict], rows: List[dict]) -> str:
     lines = [f"environment: {json.dumps(environment())}"]
     if kernel is not None:
-        lines.append(f"SSD scan fwd+bwd (seq 4096, width 2048, state 128): {_fmt(kernel.get('ssd_ms'), '.2f')} ms; "
+        ssd = "; ".join(f"{name} {_fmt(kernel.get(f'ssd_{name}_ms'), '.2f')} ms"
+                        f"{' (' + kernel[f'ssd_{name}_error'] + ')' if f'ssd_{name}_error' in kernel else ''}"
+                        for name in ("triton", "compile"))
+        lines.append(f"SSD scan fwd+bwd (seq 4096, width 2048, state 128): {ssd}; "
                      f"cuDNN causal SDPA fwd+bwd (16 x 128): {_fmt(kernel.get('cudnn_sdpa_ms'), '.2f')} ms "
                      f"({_fmt(kernel.get('sdpa_tflops'), '.0f')} TFLOP/s) {kernel.get('status', '')}")
     lines.append("| model | seq | mbs | ms/iter | tokens/s | TFLOP/s | MFU | vs transformer | status |")

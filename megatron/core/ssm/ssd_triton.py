@@ -1,0 +1,192 @@
+"""The SSD chunked scan as our own Triton kernels, forward and backward, tied together by an
+autograd.Function. Imported only where Triton is (``ssd.ssd_scan`` checks); the kernels and
+their math are in ``ssd_triton_forward`` and ``ssd_triton_backward``.
+
+Contract: that of ``ssd_reference.ssd_chunked`` (x [b, l, h, p], dt [b, l, h] after softplus,
+A [h], B/C [b, l, g, n], D [h] or None, initial_states [b, h, p, n] or None), with
+gradients for all of them. The chunk size must be a power of two from 16 to 256
+(``supports`` says whether a shape can run). y and dx come back in x's dtype, the other
+gradients in their input's dtype; everything in between is fp32.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+import triton
+
+from megatron.core.ssm.ssd_reference import _check_shapes
+from megatron.core.ssm.ssd_triton_backward import dc_kernel, dt_kernel, dx_kernel, state_pass_bwd_kernel
+from megatron.core.ssm.ssd_triton_forward import (
+    chunk_cumsum_kernel,
+    chunk_output_kernel,
+    chunk_state_kernel,
+    state_pass_fwd_kernel,
+)
+
+_STATE_BLOCK = 1024  # state entries per program in the sequential pass over chunks
+_MAX_DIM = 256
+
+
+def supports(chunk_size: int, head_dim: int, state_dim: int, dtype: torch.dtype = torch.bfloat16) -> bool:
+    """Whether the kernels take this shape: a power-of-two chunk of 16..256 positions
+    (``tl.arange`` spans a chunk), head / state dims up to 256 (one tile holds them), x in
+    bf16 or fp32 (the products' operand types)."""
+    pow2 = chunk_size & (chunk_size - 1) == 0
+    dims_fit = head_dim <= _MAX_DIM and state_dim <= _MAX_DIM
+    return pow2 and 16 <= chunk_size <= 256 and dims_fit and dtype in (torch.bfloat16, torch.float32)
+
+
+def _block_q(chunk_size: int, state_dim: int) -> int:
+    # Tiles of [block_q, state] and [block_q, head] live in registers; wide states take
+    # shorter blocks to keep them there.
+    return min(chunk_size, 32 if state_dim > 128 else 64)
+
+
+def _pad16(d: int) -> int:
+    return max(16, triton.next_power_of_2(d))
+
+
+class _Shape:
+    """Sizes and strides the launches share."""
+
+    def __init__(self, x, dt, B, C, chunk_size: int, block_q: Optional[int]):
+        self.b, self.l, self.h, self.p = x.shape
+        self.g, self.n = B.shape[2], B.shape[3]
+        self.r = self.h // self.g
+        self.q = chunk_size
+        self.nc = triton.cdiv(self.l, chunk_size)
+        self.block_q = block_q or _block_q(chunk_size, self.n)
+        self.block_p, self.block_n = _pad16(self.p), _pad16(self.n)
+        # Triton's CPU interpreter multiplies bf16 tiles wrongly; there the products take
+        # fp32 operands, so the tests still cover the bf16 loads, casts and stores.
+        self.f32 = x.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1"
+        self.sizes = (self.l, self.nc, self.h, self.r, self.p, self.n)
+        self.strides = (*x.stride(), *B.stride(), *C.stride(), *dt.stride())
+        # Wide [head, state] tiles get more warps, so more registers, per program.
+        warps = 8 if self.block_p * self.block_n >= 8192 else 4
+        self.tiles = dict(BLOCK_Q=self.block_q, BLOCK_P=self.block_p, BLOCK_N=self.block_n, num_warps=warps)
+
+    def chunk_grid(self, blocks: int):
+        return (self.b * self.nc, self.h, blocks)
+
+    def state_grid(self):
+        return (self.b, self.h, triton.cdiv(self.p * self.n, _STATE_BLOCK))
+
+    def buffer(self, device, *trailing):
+        return torch.empty(self.b, self.h, self.nc, *trailing, device=device, dtype=torch.float32)
+
+
+def _chunk_states(u, v, acum, dt, s: _Shape, from_output: bool) -> torch.Tensor:
+    out = torch.empty(s.b, s.nc, s.h, s.p, s.n, device=u.device, dtype=torch.float32)
+    block_p, block_n = min(s.block_p, 64), min(s.block_n, 64)
+    blocks = triton.cdiv(s.p, block_p) * triton.cdiv(s.n, block_n)
+    chunk_state_kernel[s.chunk_grid(blocks)](
+        u, v, acum, dt, out, *s.sizes, *u.stride(), *v.stride(), *dt.stride(),
+        Q=s.q, FROM_OUTPUT=from_output, F32=s.f32, BLOCK_Q=s.block_q, BLOCK_P=block_p, BLOCK_N=block_n)
+    return out
+
+
+def _entering_states(x, dt, A, B, initial_states, s: _Shape):
+    """acum [b, h, c, Q], the states entering each chunk [b, c, h, P, N] and the final state."""
+    acum = s.buffer(x.device, s.q)
+    chunk_cumsum_kernel[(s.b * s.nc, s.h)](dt, A, acum, s.l, s.nc, s.h, *dt.stride(), Q=s.q)
+    states = _chunk_states(x, B, acum, dt, s, from_output=False)
+    final = torch.empty(s.b, s.h, s.p, s.n, device=x.device, dtype=torch.float32)
+    init = initial_states.float().contiguous() if initial_states is not None else final
+    state_pass_fwd_kernel[s.state_grid()](states, acum, init, final, s.nc, s.h, s.p * s.n, Q=s.q,
+                                          HAS_INIT=initial_states is not None, BLOCK=_STATE_BLOCK)
+    return acum, states, final
+
+
+def _forward(x, dt, A, B, C, D, initial_states, s: _Shape):
+    acum, states, final = _entering_states(x, dt, A, B, initial_states, s)
+    y = torch.empty(s.b, s.l, s.h, s.p, device=x.device, dtype=x.dtype)
+    chunk_output_kernel[s.chunk_grid(s.q // s.block_q)](
+        x, B, C, dt, D if D is not None else A, acum, states, y, *s.sizes, *s.strides,
+        Q=s.q, HAS_D=D is not None, F32=s.f32, **s.tiles)
+    return y, final
+
+
+def _backward(dy, dfinal, x, dt, A, B, C, D, acum, states, s: _Shape):
+    dev = x.device
+    ds_out = _chunk_states(dy, C, acum, dt, s, from_output=True)  # G[c], turned into dS_out[c] in place
+    n_state_blocks = s.state_grid()[2]
+    ds_last = s.buffer(dev, n_state_blocks)
+    dinit = torch.empty(s.b, s.h, s.p, s.n, device=dev, dtype=torch.float32)
+    state_pass_bwd_kernel[s.state_grid()](
+        ds_out, states, acum, dfinal if dfinal is not None else dinit, dinit, ds_last, s.nc, s.h, s.p * s.n,
+        n_state_blocks, Q=s.q, HAS_DFINAL=dfinal is not None, BLOCK=_STATE_BLOCK)
+    ds, e, ddt_expl = s.buffer(dev, s.q), s.buffer(dev, s.q), s.buffer(dev, s.q)
+    dx = torch.empty(s.b, s.l, s.h, s.p, device=dev, dtype=x.dtype)
+    dB_heads = torch.empty(s.b, s.l, s.h, s.n, device=dev, dtype=torch.float32)
+    dC_heads = torch.empty_like(dB_heads)
+    grid = s.chunk_grid(s.q // s.block_q)
+    dx_kernel[grid](x, B, C, dt, D if D is not None else A, dy, acum, ds_out, dx, dB_heads, ds, e, ddt_expl,
+                    *s.sizes, *s.strides, Q=s.q, HAS_D=D is not None, F32=s.f32, **s.tiles)
+    dc_kernel[grid](x, B, C, dt, dy, acum, states, dC_heads, ds, *s.sizes, *s.strides, Q=s.q, F32=s.f32,
+                    **s.tiles)
+    ddt = torch.empty(s.b, s.l, s.h, device=dev, dtype=dt.dtype)
+    dA_parts = s.buffer(dev)
+    dt_kernel[(s.b * s.nc, s.h)](dt, A, ds, e, ddt_expl, ds_last, ddt, dA_parts, s.l, s.nc, s.h, n_state_blocks,
+                                 *dt.stride(), Q=s.q, BLOCK_BLK=max(2, triton.next_power_of_2(n_state_blocks)))
+    # Heads of a group share B and C: their per-head gradients add up.
+    dB = dB_heads.view(s.b, s.l, s.g, s.r, s.n).sum(3).to(B.dtype)
+    dC = dC_heads.view(s.b, s.l, s.g, s.r, s.n).sum(3).to(C.dtype)
+    dA = dA_parts.sum((0, 2)).to(A.dtype)
+    dD = None if D is None else torch.einsum("blhp,blhp->h", dy.float(), x.float()).to(D.dtype)
+    return dx, ddt, dA, dB, dC, dD, dinit
+
+
+class _SSDScan(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, dt, A, B, C, D, initial_states, chunk_size, block_q):
+        s = _Shape(x, dt, B, C, chunk_size, block_q)
+        y, final = _forward(x, dt, A, B, C, D, initial_states, s)
+        # The chunk states (fp32 [b, c, h, P, N]: twice x's bytes at state 128, chunk 128, bf16,
+        # in every layer) are recomputed in backward rather than kept; they are a small share
+        # of the work.
+        ctx.save_for_backward(x, dt, A, B, C, D, initial_states)
+        ctx.shape = s
+        ctx.set_materialize_grads(False)
+        return y, final
+
+    @staticmethod
+    def backward(ctx, dy, dfinal):
+        x, dt, A, B, C, D, initial_states = ctx.saved_tensors
+        s = ctx.shape
+        acum, states, _ = _entering_states(x, dt, A, B, initial_states, s)
+        if dy is None:
+            dy = torch.zeros(s.b, s.l, s.h, s.p, device=x.device, dtype=x.dtype)
+        dfinal = None if dfinal is None else dfinal.float().contiguous()
+        dx, ddt, dA, dB, dC, dD, dinit = _backward(dy.contiguous(), dfinal, x, dt, A, B, C, D, acum, states, s)
+        dinit = None if initial_states is None else dinit.to(initial_states.dtype)
+        return dx, ddt, dA, dB, dC, dD, dinit, None, None
+
+
+def ssd_triton(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    chunk_size: int,
+    D: Optional[torch.Tensor] = None,
+    initial_states: Optional[torch.Tensor] = None,
+    return_final_states: bool = False,
+    block_q: Optional[int] = None,
+):
+    """The scan on the Triton kernels; same contract as ``ssd_reference.ssd_chunked``.
+    ``block_q`` (a power of two dividing the chunk, >= 16) overrides the tile length."""
+    _check_shapes(x, dt, A, B, C)
+    if not supports(chunk_size, x.shape[-1], B.shape[-1], x.dtype):
+        raise ValueError(f"SSD Triton kernels need a power-of-two chunk size in 16..256, head/state dims "
+                         f"<= {_MAX_DIM} and x in bf16 or fp32; got chunk {chunk_size}, head dim {x.shape[-1]}, "
+                         f"state {B.shape[-1]}, {x.dtype}: use the compile or reference SSD backend")
+    if block_q is not None and (block_q < 16 or block_q & (block_q - 1) or chunk_size % block_q):
+        raise ValueError(f"SSD Triton block_q must be a power of two >= 16 dividing the chunk size {chunk_size}, "
+                         f"got {block_q}")
+    y, final = _SSDScan.apply(x, dt, A, B, C, D, initial_states, chunk_size, block_q)
+    return (y, final.to(x.dtype)) if return_final_states else y
