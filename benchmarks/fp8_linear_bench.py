@@ -77,12 +77,14 @@ def bench_shape(tokens: int, k: int, n: int, recipe: str, opts):
     if opts.profile:
         from torch.profiler import ProfilerActivity, profile
 
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             for _ in range(opts.microbatches):
                 fp8_step()
             torch.cuda.synchronize()
         print(f"--- FP8 kernels, {tokens}x{k} @ {n}x{k}^T, {opts.microbatches} micro-batches")
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12))
+        print("--- host time by operator")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
     return t_bf16, t_fp8, flops, rel
 
 
@@ -95,7 +97,7 @@ def main(argv=None):
     p.add_argument("--microbatches", type=int, default=4)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=10)
-    p.add_argument("--profile", action="store_true")
+    p.add_argument("--profile", action="store_true", help="print the kernels and the host time of the FP8 linears")
     opts = p.parse_args(argv)
     if not torch.cuda.is_available():
         p.error("needs a CUDA GPU with FP8 GEMMs")
