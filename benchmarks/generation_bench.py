@@ -31,6 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from megatron.core.inference.cuda_graphs import DecodeGraph  # noqa: E402
 from megatron.core.inference import InferenceRequest, SamplingParams, StaticInferenceContext, StaticInferenceEngine  # noqa: E402
 from megatron.core.models.gpt import GPTModel  # noqa: E402
 from megatron.core.models.gpt.hf_mapping import gpt_kwargs_from_hf_config, hf_to_megatron, shape_from_kwargs  # noqa: E402
@@ -128,10 +129,22 @@ def profile_decode(model, prompts: torch.Tensor) -> None:
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         model(step_tokens, positions, None, inference_context=context)
         torch.cuda.synchronize()
+    _print_kernels(prof, f"eager decode step, batch {batch}")
+    context.use_fixed_shapes(prompts.device)
+    graph = DecodeGraph(model, context, step_tokens, positions, compile_step=True)
+    graph(step_tokens, positions)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        graph(step_tokens, positions)
+        torch.cuda.synchronize()
+    _print_kernels(prof, f"compiled decode graph replay, batch {batch}")
+
+
+def _print_kernels(prof, what: str) -> None:
     kernels = [e for e in prof.events() if e.device_type.name == "CUDA"]
     total_ms = sum(e.device_time for e in kernels) / 1000
-    print(f"decode step, batch {batch}: {len(kernels)} kernels, {total_ms:.3f} ms of kernel time", flush=True)
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=10), flush=True)
+    print(f"{what}: {len(kernels)} kernels, {total_ms:.3f} ms of kernel time", flush=True)
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12), flush=True)
 
 
 def row(name: str, batch: int, prompt_len: int, new_tokens: int, prefill_s: float, total_s: float) -> dict:
