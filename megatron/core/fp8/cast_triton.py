@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 _FP8 = {torch.float8_e4m3fn: tl.float8e4nv, torch.float8_e5m2: tl.float8e5}
+_LIMITS = {dtype: float(torch.finfo(dtype).max) for dtype in _FP8}
 
 
 @triton.jit
@@ -36,13 +37,26 @@ def _amax_kernel(x_ptr, out_ptr, numel, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _cast_kernel(x_ptr, scale_ptr, q_ptr, qt_ptr, M, N, limit,
-                 FP8: tl.constexpr, TRANSPOSE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _cast_kernel(x_ptr, scale_ptr, q_ptr, qt_ptr, M, N, limit, margin_factor, scales_out_ptr, history_ptr,
+                 state_scale_ptr, FP8: tl.constexpr, TRANSPOSE: tl.constexpr, FROM_AMAX: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = (rows[:, None] < M) & (cols[None, :] < N)
     x = tl.load(x_ptr + rows[:, None] * N + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    scale = tl.load(scale_ptr)
+    if FROM_AMAX:
+        # current scaling: scale = (limit / amax) / 2^margin, 1 where amax is 0 or not finite
+        # (scaling.compute_scale's rule), IEEE-rounded divisions as torch's
+        amax = tl.load(scale_ptr)
+        usable = (amax > 0.0) & (amax < float("inf"))
+        scale = tl.where(usable, tl.math.div_rn(tl.math.div_rn(limit, amax), margin_factor), 1.0)
+        if (tl.program_id(0) == 0) & (tl.program_id(1) == 0):
+            tl.store(scales_out_ptr, scale)
+            tl.store(scales_out_ptr + 1, tl.math.div_rn(1.0, scale))
+            tl.store(history_ptr, amax)
+            tl.store(state_scale_ptr, scale)
+    else:
+        scale = tl.load(scale_ptr)
     q = tl.clamp(x * scale, -limit, limit).to(FP8)
     tl.store(q_ptr + rows[:, None] * N + cols[None, :], q, mask=mask)
     if TRANSPOSE:
@@ -66,6 +80,27 @@ def cast(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, transpose: bo
     q = torch.empty((m, n), dtype=dtype, device=x.device)
     q_t = torch.empty((n, m), dtype=dtype, device=x.device) if transpose else None
     grid = (triton.cdiv(m, 64), triton.cdiv(n, 64))
-    _cast_kernel[grid](x, scale.float().reshape(1), q, q_t if transpose else q, m, n, float(torch.finfo(dtype).max),
-                       FP8=_FP8[dtype], TRANSPOSE=transpose, BLOCK_M=64, BLOCK_N=64, num_warps=4)
+    scale = scale.float().reshape(1)
+    _cast_kernel[grid](x, scale, q, q_t if transpose else q, m, n, _LIMITS[dtype], 1.0, scale, scale, scale,
+                       FP8=_FP8[dtype], TRANSPOSE=transpose, FROM_AMAX=False, BLOCK_M=64, BLOCK_N=64, num_warps=4)
     return q, q_t
+
+
+def cast_current_scaling(x: torch.Tensor, amax: torch.Tensor, dtype: torch.dtype, margin: int, transpose: bool,
+                         amax_history_slot: torch.Tensor, scale_slot: torch.Tensor):
+    """Tensorwise (current) scaling in one launch after the amax: the cast kernel computes
+    the scale from ``amax`` itself and records the amax and the scale in the scaling state
+    (``amax_history_slot`` / ``scale_slot``: one-element views of its buffers).
+
+    Returns (q, q^T or None, scales) with ``scales`` a new float32 [2]: the scale and its
+    reciprocal (the dequantization factor ``torch._scaled_mm`` takes)."""
+    x = x.detach().contiguous()
+    m, n = x.shape
+    q = torch.empty((m, n), dtype=dtype, device=x.device)
+    q_t = torch.empty((n, m), dtype=dtype, device=x.device) if transpose else None
+    scales = torch.empty(2, dtype=torch.float32, device=x.device)
+    grid = (triton.cdiv(m, 64), triton.cdiv(n, 64))
+    _cast_kernel[grid](x, amax, q, q_t if transpose else q, m, n, _LIMITS[dtype], float(2 ** margin), scales,
+                       amax_history_slot, scale_slot, FP8=_FP8[dtype], TRANSPOSE=transpose, FROM_AMAX=True,
+                       BLOCK_M=64, BLOCK_N=64, num_warps=4)
+    return q, q_t, scales

@@ -18,8 +18,6 @@ import logging
 
 import torch
 
-from megatron.core.fp8.scaling import dequantize
-
 logger = logging.getLogger(__name__)
 
 SCALED_MM, EMULATION = "scaled_mm", "emulation"
@@ -62,9 +60,12 @@ def _scaled_mm_fits(a: torch.Tensor, b: torch.Tensor) -> bool:
 def fp8_gemm_nt(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
                 out_dtype: torch.dtype, backend: str) -> torch.Tensor:
     """(a / a_scale) @ (b / b_scale)^T in ``out_dtype``; a [M, K], b [N, K] FP8, scales float32 scalars."""
+    return fp8_gemm_nt_dequant(a, a_scale.reciprocal(), b, b_scale.reciprocal(), out_dtype, backend)
+
+
+def fp8_gemm_nt_dequant(a: torch.Tensor, a_inv: torch.Tensor, b: torch.Tensor, b_inv: torch.Tensor,
+                        out_dtype: torch.dtype, backend: str) -> torch.Tensor:
+    """``fp8_gemm_nt`` given the dequantization factors (1 / scale) themselves."""
     if backend == SCALED_MM and _scaled_mm_fits(a, b):
-        return torch._scaled_mm(
-            a.contiguous(), b.contiguous().t(), scale_a=a_scale.reciprocal(), scale_b=b_scale.reciprocal(),
-            out_dtype=out_dtype,
-        )
-    return dequantize(a, a_scale).matmul(dequantize(b, b_scale).t()).to(out_dtype)
+        return torch._scaled_mm(a.contiguous(), b.contiguous().t(), scale_a=a_inv, scale_b=b_inv, out_dtype=out_dtype)
+    return (a.float() * a_inv).matmul((b.float() * b_inv).t()).to(out_dtype)

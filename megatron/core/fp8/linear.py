@@ -25,10 +25,9 @@ from typing import Optional
 
 import torch
 
-from megatron.core.fp8.gemm import fp8_gemm_nt, select_backend
+from megatron.core.fp8.gemm import fp8_gemm_nt_dequant, select_backend
 from megatron.core.fp8.recipe import GRAD_OUTPUT, INPUT, WEIGHT, Fp8Recipe
-from megatron.core.fp8.scaling import Fp8Scaling, quantize_fused as quantize, quantize_with_transpose
-from megatron.core.fp8.weight_cache import Fp8Weight
+from megatron.core.fp8.scaling import Fp8Operand, Fp8Scaling
 from megatron.core.process_groups import group_size
 from megatron.core.tensor_parallel.mappings import (
     copy_to_tensor_model_parallel_region,
@@ -40,14 +39,12 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, t.size(-1))
 
 
-def _fp8_weight(weight: torch.Tensor, scaling: Fp8Scaling, amax_group) -> Fp8Weight:
+def _fp8_weight(weight: torch.Tensor, scaling: Fp8Scaling, amax_group) -> Fp8Operand:
     """The weight's FP8 copies. Under ``tensorwise`` they depend on the weight alone, so
     they are quantized once per optimizer step (``weight_cache``); under ``delayed`` the
     scale advances with every call, so they are quantized every call."""
-    def build() -> Fp8Weight:
-        w_scale = scaling.scale_for(weight, WEIGHT, amax_group)
-        w_q, w_q_t = quantize_with_transpose(weight.detach(), w_scale, scaling.recipe.forward_dtype)
-        return Fp8Weight(w_scale, w_q, w_q_t)
+    def build() -> Fp8Operand:
+        return scaling.quantize_operand(weight.detach(), WEIGHT, amax_group, transpose=True)
     if scaling.recipe.recipe != "tensorwise":
         return build()
     return scaling.weight_cache.get(weight, build)
@@ -60,43 +57,37 @@ class _Fp8LinearFunction(torch.autograd.Function):
     def forward(ctx, x, weight, scaling, backend, amax_group, fuse_accumulation):
         recipe: Fp8Recipe = scaling.recipe
         x2 = _flat(x)
-        x_scale = scaling.scale_for(x2, INPUT, amax_group)
+        fp8_wgrad = recipe.wgrad and ctx.needs_input_grad[1]
+        x_op = scaling.quantize_operand(x2, INPUT, amax_group, transpose=fp8_wgrad)
         w = _fp8_weight(weight, scaling, amax_group)
-        if recipe.wgrad and ctx.needs_input_grad[1]:
-            x_q, x_q_t = quantize_with_transpose(x2, x_scale, recipe.forward_dtype)
-            saved_input = x_q_t
-        else:  # --no-fp8-wgrad, or no weight gradient wanted (frozen weight, evaluation)
-            x_q = quantize(x2, x_scale, recipe.forward_dtype)
-            saved_input = x2 if ctx.needs_input_grad[1] else None
-        out = fp8_gemm_nt(x_q, x_scale, w.q, w.scale, x.dtype, backend)
+        # x^T in FP8 for the weight gradient; x itself under --no-fp8-wgrad; nothing when
+        # no weight gradient is wanted (a frozen weight, evaluation)
+        saved_input = x_op.q_t if fp8_wgrad else (x2 if ctx.needs_input_grad[1] else None)
+        out = fp8_gemm_nt_dequant(x_op.q, x_op.scale_inv, w.q, w.scale_inv, x.dtype, backend)
         ctx.scaling, ctx.backend, ctx.amax_group = scaling, backend, amax_group
         ctx.fuse_accumulation, ctx.input_shape = fuse_accumulation, x.shape
         ctx.weight = weight  # for main_grad; the values come from the FP8 copies
-        ctx.save_for_backward(saved_input, x_scale, w.q_t, w.scale)
+        ctx.save_for_backward(saved_input, x_op.scale_inv, w.q_t, w.scale_inv)
         return out.view(*x.shape[:-1], weight.size(0))
 
     @staticmethod
     def backward(ctx, grad_output):
-        saved_input, x_scale, w_q_t, w_scale = ctx.saved_tensors
+        saved_input, x_inv, w_q_t, w_inv = ctx.saved_tensors
         scaling: Fp8Scaling = ctx.scaling
         weight = ctx.weight
         g2 = _flat(grad_output)
-        g_scale = scaling.scale_for(g2, GRAD_OUTPUT, ctx.amax_group)
         wants_fp8_wgrad = ctx.needs_input_grad[1] and scaling.recipe.wgrad
-        if wants_fp8_wgrad:
-            g_q, g_q_t = quantize_with_transpose(g2, g_scale, scaling.recipe.grad_dtype)
-        else:
-            g_q = quantize(g2, g_scale, scaling.recipe.grad_dtype)
+        g = scaling.quantize_operand(g2, GRAD_OUTPUT, ctx.amax_group, transpose=wants_fp8_wgrad)
         grad_input = grad_weight = None
         if ctx.needs_input_grad[0]:
-            grad_input = fp8_gemm_nt(g_q, g_scale, w_q_t, w_scale, grad_output.dtype, ctx.backend)
+            grad_input = fp8_gemm_nt_dequant(g.q, g.scale_inv, w_q_t, w_inv, grad_output.dtype, ctx.backend)
             grad_input = grad_input.view(ctx.input_shape)
         if ctx.needs_input_grad[1]:
             main_grad = getattr(weight, "main_grad", None) if ctx.fuse_accumulation else None
             out_dtype = main_grad.dtype if main_grad is not None else weight.dtype
             if wants_fp8_wgrad:
                 # saved_input is x^T in FP8 [K, M]: dW = (g^T)(x^T)^T
-                grad_weight = fp8_gemm_nt(g_q_t, g_scale, saved_input, x_scale, out_dtype, ctx.backend)
+                grad_weight = fp8_gemm_nt_dequant(g.q_t, g.scale_inv, saved_input, x_inv, out_dtype, ctx.backend)
             else:
                 grad_weight = g2.t().matmul(saved_input).to(out_dtype)
             if main_grad is not None:

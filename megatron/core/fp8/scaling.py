@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
@@ -114,6 +114,16 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return q.float() * scale.reciprocal()
 
 
+class Fp8Operand(NamedTuple):
+    """A tensor quantized for the FP8 GEMMs: row-major ``q``, its transposed copy ``q_t``
+    (None when not asked for), the scale and its reciprocal (float32 scalars)."""
+
+    q: torch.Tensor
+    q_t: Optional[torch.Tensor]
+    scale: torch.Tensor
+    scale_inv: torch.Tensor
+
+
 class Fp8Scaling(torch.nn.Module):
     """The scaling state of one FP8 linear: slots input, weight, output gradient.
 
@@ -128,6 +138,30 @@ class Fp8Scaling(torch.nn.Module):
         self.register_buffer("amax_history", torch.zeros(recipe.amax_history_len, NUM_SLOTS, device=device))
         self.register_buffer("scale", torch.ones(NUM_SLOTS, device=device))
         self.weight_cache = Fp8WeightCache()
+
+    @torch.no_grad()
+    def quantize_operand(self, x: torch.Tensor, slot: int, group=None, transpose: bool = False) -> Fp8Operand:
+        """Quantize the 2-D ``x`` for slot ``slot``, updating the state.
+
+        Under ``tensorwise`` on CUDA this is two Triton launches (amax, then the cast that
+        derives the scale from it and records both in the state), plus the amax reduction
+        over ``group``: a linear's forward and backward issue few enough host operations
+        that the host keeps ahead of the GPU. Elsewhere: ``scale_for`` and the casts."""
+        dtype = self.recipe.dtype(slot)
+        if self.recipe.recipe == "tensorwise" and _use_triton(x):
+            from megatron.core.fp8 import cast_triton
+
+            amax = reduce_amax(cast_triton.amax(x), group)
+            q, q_t, scales = cast_triton.cast_current_scaling(
+                x, amax, dtype, self.recipe.margin, transpose, self.amax_history[0, slot:slot + 1],
+                self.scale[slot:slot + 1])
+            return Fp8Operand(q, q_t, scales[0], scales[1])
+        scale = self.scale_for(x, slot, group)
+        if transpose:
+            q, q_t = quantize_with_transpose(x, scale, dtype)
+        else:
+            q, q_t = quantize_fused(x, scale, dtype), None
+        return Fp8Operand(q, q_t, scale, scale.reciprocal())
 
     @torch.no_grad()
     def scale_for(self, x: torch.Tensor, slot: int, group=None) -> torch.Tensor:

@@ -16,7 +16,7 @@ A loop that changes the weights some other way calls ``weights_updated()`` itsel
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Optional
+from typing import Any, Callable
 
 import torch
 
@@ -29,20 +29,15 @@ def weights_updated() -> None:
     _generation += 1
 
 
-class Fp8Weight(NamedTuple):
-    scale: torch.Tensor  # float32 scalar
-    q: torch.Tensor  # [N, K] FP8, row-major: the forward GEMM's second operand
-    q_t: torch.Tensor  # [K, N] FP8, row-major: the input-gradient GEMM's second operand
-
-
 class Fp8WeightCache:
-    """One linear's cached ``Fp8Weight`` and the state it was built from."""
+    """One linear's cached FP8 weight (``scaling.Fp8Operand``: W and W^T quantized) and
+    the state it was built from."""
 
     def __init__(self) -> None:
-        self._entry: Optional[Fp8Weight] = None
+        self._entry = None
         self._key = None
 
-    def get(self, weight: torch.Tensor, build: Callable[[], Fp8Weight]) -> Fp8Weight:
+    def get(self, weight: torch.Tensor, build: Callable[[], Any]) -> Any:
         key = (weight.data_ptr(), weight._version, _generation, weight.shape)
         if self._entry is None or key != self._key:
             self._entry, self._key = build(), key
