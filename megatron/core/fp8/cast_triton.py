@@ -37,8 +37,8 @@ def _amax_kernel(x_ptr, out_ptr, numel, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _cast_kernel(x_ptr, scale_ptr, q_ptr, qt_ptr, M, N, limit, margin_factor, scales_out_ptr, history_ptr,
-                 state_scale_ptr, FP8: tl.constexpr, TRANSPOSE: tl.constexpr, FROM_AMAX: tl.constexpr,
+def _cast_kernel(x_ptr, scale_ptr, q_ptr, qt_ptr, M, N, limit, margin_factor, scale_out_ptr, scale_inv_out_ptr,
+                 history_ptr, state_scale_ptr, FP8: tl.constexpr, TRANSPOSE: tl.constexpr, FROM_AMAX: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -51,8 +51,8 @@ def _cast_kernel(x_ptr, scale_ptr, q_ptr, qt_ptr, M, N, limit, margin_factor, sc
         usable = (amax > 0.0) & (amax < float("inf"))
         scale = tl.where(usable, tl.math.div_rn(tl.math.div_rn(limit, amax), margin_factor), 1.0)
         if (tl.program_id(0) == 0) & (tl.program_id(1) == 0):
-            tl.store(scales_out_ptr, scale)
-            tl.store(scales_out_ptr + 1, tl.math.div_rn(1.0, scale))
+            tl.store(scale_out_ptr, scale)
+            tl.store(scale_inv_out_ptr, tl.math.div_rn(1.0, scale))
             tl.store(history_ptr, amax)
             tl.store(state_scale_ptr, scale)
     else:
@@ -81,7 +81,7 @@ def cast(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, transpose: bo
     q_t = torch.empty((n, m), dtype=dtype, device=x.device) if transpose else None
     grid = (triton.cdiv(m, 64), triton.cdiv(n, 64))
     scale = scale.float().reshape(1)
-    _cast_kernel[grid](x, scale, q, q_t if transpose else q, m, n, _LIMITS[dtype], 1.0, scale, scale, scale,
+    _cast_kernel[grid](x, scale, q, q_t if transpose else q, m, n, _LIMITS[dtype], 1.0, scale, scale, scale, scale,
                        FP8=_FP8[dtype], TRANSPOSE=transpose, FROM_AMAX=False, BLOCK_M=64, BLOCK_N=64, num_warps=4)
     return q, q_t
 
@@ -92,15 +92,17 @@ def cast_current_scaling(x: torch.Tensor, amax: torch.Tensor, dtype: torch.dtype
     the scale from ``amax`` itself and records the amax and the scale in the scaling state
     (``amax_history_slot`` / ``scale_slot``: one-element views of its buffers).
 
-    Returns (q, q^T or None, scales) with ``scales`` a new float32 [2]: the scale and its
-    reciprocal (the dequantization factor ``torch._scaled_mm`` takes)."""
+    Returns (q, q^T or None, scale, scale_inv): new float32 scalars, the scale and its
+    reciprocal (the dequantization factor ``torch._scaled_mm`` takes). Each is its own
+    allocation: cuBLASLt refuses a scale pointer that is not 16-byte aligned."""
     x = x.detach().contiguous()
     m, n = x.shape
     q = torch.empty((m, n), dtype=dtype, device=x.device)
     q_t = torch.empty((n, m), dtype=dtype, device=x.device) if transpose else None
-    scales = torch.empty(2, dtype=torch.float32, device=x.device)
+    scale = torch.empty((), dtype=torch.float32, device=x.device)
+    scale_inv = torch.empty((), dtype=torch.float32, device=x.device)
     grid = (triton.cdiv(m, 64), triton.cdiv(n, 64))
-    _cast_kernel[grid](x, amax, q, q_t if transpose else q, m, n, _LIMITS[dtype], float(2 ** margin), scales,
-                       amax_history_slot, scale_slot, FP8=_FP8[dtype], TRANSPOSE=transpose, FROM_AMAX=True,
+    _cast_kernel[grid](x, amax, q, q_t if transpose else q, m, n, _LIMITS[dtype], float(2 ** margin), scale,
+                       scale_inv, amax_history_slot, scale_slot, FP8=_FP8[dtype], TRANSPOSE=transpose, FROM_AMAX=True,
                        BLOCK_M=64, BLOCK_N=64, num_warps=4)
-    return q, q_t, scales
+    return q, q_t, scale, scale_inv

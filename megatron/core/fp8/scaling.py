@@ -152,10 +152,9 @@ class Fp8Scaling(torch.nn.Module):
             from megatron.core.fp8 import cast_triton
 
             amax = reduce_amax(cast_triton.amax(x), group)
-            q, q_t, scales = cast_triton.cast_current_scaling(
+            return Fp8Operand(*cast_triton.cast_current_scaling(
                 x, amax, dtype, self.recipe.margin, transpose, self.amax_history[0, slot:slot + 1],
-                self.scale[slot:slot + 1])
-            return Fp8Operand(q, q_t, scales[0], scales[1])
+                self.scale[slot:slot + 1]))
         scale = self.scale_for(x, slot, group)
         if transpose:
             q, q_t = quantize_with_transpose(x, scale, dtype)
