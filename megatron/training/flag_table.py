@@ -217,9 +217,6 @@ _no_effect("Transformer Engine FP8 details with no counterpart in the FP8 linear
            "--reuse-grad-buf-for-mxfp8-param-ag")
 
 _section("Data and evaluation")
-_refuse("fill-in-the-middle (FIM) datasets are not implemented", "drop the --fim-* flags",
-        "--fim-data --fim-eod-token --fim-fragment-rate --fim-middle-token --fim-no-prefix --fim-pad-token "
-        "--fim-prefix-token --fim-rate --fim-split-sample --fim-spm-rate --fim-suffix-token")
 _refuse("supervised fine-tuning (SFT) datasets and chat templates are not implemented",
         "pretrain on --data-path documents", "--sft --sft-tokenizer-prompt-format --chat-template")
 _refuse("knowledge-distillation logit files are not implemented", "drop the --logits-* flags",
