@@ -223,8 +223,6 @@ _refuse("knowledge-distillation logit files are not implemented", "drop the --lo
         "--logits-load-decode-threads --logits-load-dir --logits-load-ignore-errors --logits-load-kd-loss-alpha "
         "--logits-load-msc-prefetch-depth --logits-load-prefetch-factor --logits-save-dir --logits-save-dtype "
         "--logits-save-top-k --logits-save-top-p --logits-save-top-p-min-k")
-_refuse("several named validation sets are not implemented", "use --valid-data-path for one validation set",
-        "--multiple-validation-sets --validation-set-names")
 _refuse("evaluation runs every --eval-interval iterations from the start", "drop the flag",
         "--start-eval-at-iter")
 _refuse("batch-size schedules other than a linear ramp are not implemented", "use --rampup-batch-size",
