@@ -11,6 +11,8 @@ import logging
 import math
 from typing import Optional
 
+from megatron.training.batch_size_schedule import check_step_batch_size_schedule
+
 logger = logging.getLogger(__name__)
 
 
@@ -189,7 +191,8 @@ def _check_architecture_choices(args: argparse.Namespace) -> None:
 
 
 def check_batch_sizes(args: argparse.Namespace, data_parallel_size: int) -> None:
-    """Micro/global batch sizes and the batch-size ramp."""
+    """Micro/global batch sizes, the batch-size ramp and the step schedule."""
+    check_step_batch_size_schedule(args)
     mbs, gbs = args.micro_batch_size, args.global_batch_size
     if mbs is None:
         raise invalid("--micro-batch-size", None, "is required", "pass --micro-batch-size N")
@@ -378,7 +381,8 @@ def check_pipeline(args: argparse.Namespace) -> None:
 def check_interleaved_schedule(args: argparse.Namespace, data_parallel_size: int) -> None:
     """Micro-batch grouping of the interleaved schedule (megatron-facts section 10):
     PP <= G <= M, and M % G is 0 or at least PP (else "dependency bubbles")."""
-    if not virtual_pipeline_size(args) or args.rampup_batch_size is not None:
+    if not virtual_pipeline_size(args) or args.rampup_batch_size is not None \
+            or args.step_batch_size_schedule is not None:
         return
     pp = args.pipeline_model_parallel_size
     gbs = args.global_batch_size or args.micro_batch_size * data_parallel_size
