@@ -74,7 +74,8 @@ class BlendedMegatronDatasetBuilder:
                     and not self._separate_validation_sets(split):
                 raise ValueError(
                     f"the {split.name} blend has weights but no requested size; weighted blends need a "
-                    "sample count (use an unweighted list, or set --train-iters/--eval-iters)"
+                    "sample count (use an unweighted list, or set --train-iters/--eval-iters; "
+                    "--full-validation reads one epoch of each validation prefix, so give those without weights)"
                 )
 
     def _blend_of(self, split: Split):
