@@ -12,6 +12,7 @@ import math
 from typing import Optional
 
 from megatron.training.batch_size_schedule import check_step_batch_size_schedule
+from megatron.training.phase_transitions import check_phase_transitions
 
 logger = logging.getLogger(__name__)
 
@@ -223,6 +224,7 @@ def check_training_schedule(args: argparse.Namespace) -> None:
                       "use iteration-based or sample-based training, not both")
     _positive("--train-iters", args.train_iters)
     _positive("--train-samples", args.train_samples)
+    check_phase_transitions(args)
     if args.manual_gc_interval < 0:
         raise invalid("--manual-gc-interval", args.manual_gc_interval, "must be >= 0",
                       "pass the number of iterations between collections, or 0 for none during training")

@@ -10,6 +10,7 @@ import torch.distributed as dist
 from megatron.core.process_groups import ProcessGroups
 from megatron.training.datasets.data_samplers import build_pretraining_data_loader
 from megatron.training.global_vars import get_args
+from megatron.training.phase_transitions import phase_consumed_samples, phase_train_samples
 from megatron.training.rank_print import print_rank_0
 from megatron.training.validation_sets import build_validation_sets, check_validation_set_args, uses_validation_sets
 
@@ -26,6 +27,7 @@ def train_valid_test_num_samples(args):
         train = args.train_iters * args.global_batch_size
     else:
         train = 0
+    train = phase_train_samples(args, train)  # --phase-transition-iterations: this phase's share
     evals = 1 if not args.eval_interval else (args.train_iters or 0) // args.eval_interval + 1
     eval_gbs = args.eval_global_batch_size or args.global_batch_size
     # --full-validation: one epoch of validation data (None), read whole at each evaluation.
@@ -79,7 +81,7 @@ def build_train_valid_test_data_iterators(datasets_provider: Callable, pg: Proce
     # and last stages for GPT, every stage for families whose middle stages need data too
     # (BERT's padding mask).
     if pg.rank("tp") == 0 and any(ds is not None for ds in datasets):
-        consumed = [args.consumed_train_samples, args.consumed_valid_samples, 0]
+        consumed = [phase_consumed_samples(args, args.consumed_train_samples), args.consumed_valid_samples, 0]
         eval_mbs = args.eval_micro_batch_size or args.micro_batch_size
         for i, (ds, start) in enumerate(zip(datasets, consumed)):
             if ds is None or (i == 1 and uses_validation_sets(args)) or len(ds) == 0:

@@ -227,8 +227,6 @@ _refuse("knowledge-distillation logit files are not implemented", "drop the --lo
         "--logits-save-top-k --logits-save-top-p --logits-save-top-p-min-k")
 _refuse("evaluation runs every --eval-interval iterations from the start", "drop the flag",
         "--start-eval-at-iter")
-_refuse("training phases that rebuild the training data at given iterations are not implemented",
-        "run each phase as its own job (--load the previous one)", "--phase-transition-iterations")
 _refuse("document masking inside the data loader is not implemented",
         "use --reset-attention-mask --reset-position-ids (and --eod-mask-loss)",
         "--dataloader-inter-document-masking")
