@@ -79,7 +79,9 @@ class GPTFIMDatasetConfig(GPTDatasetConfig):
             _rate("--fim-fragment-rate (needed with --fim-split-sample)", self.fim_fragment_rate)
         missing = sorted(set(FIM_TOKEN_FLAGS) - set(self.fim_extra_tokens or {}))
         if missing:
-            raise ValueError(f"GPTFIMDatasetConfig.fim_extra_tokens lacks {missing}; give all of {list(FIM_TOKEN_FLAGS)}")
+            raise ValueError(
+                f"GPTFIMDatasetConfig.fim_extra_tokens lacks {missing}; give all of {list(FIM_TOKEN_FLAGS)}"
+            )
 
 
 def fim_token_id(tokenizer, token: str, flag: str) -> int:
@@ -101,7 +103,8 @@ class FIMTransform:
 
     def __init__(self, config: GPTFIMDatasetConfig) -> None:
         tokenizer = config.tokenizer
-        ids = {key: fim_token_id(tokenizer, config.fim_extra_tokens[key], flag) for key, flag in FIM_TOKEN_FLAGS.items()}
+        ids = {key: fim_token_id(tokenizer, config.fim_extra_tokens[key], flag)
+               for key, flag in FIM_TOKEN_FLAGS.items()}
         self.prefix_id, self.middle_id, self.suffix_id = ids["prefix"], ids["middle"], ids["suffix"]
         self.pad_id, self.eod_id = ids["pad"], ids["eod"]
         self.split_id = None
