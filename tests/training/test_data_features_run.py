@@ -57,6 +57,8 @@ def test_each_validation_set_is_evaluated_whole_and_logged_under_its_name(run):
     for name, count in batches.items():
         blocks = re.findall(rf" validation-{name} loss at (iteration \d+[^|]*)\| lm loss value: ([0-9.E+-]+)", log)
         assert [b[0].strip() for b in blocks] == ["iteration 3", "iteration 6", "iteration 6 on validation set"]
+        # The two evaluations of the same model read the same whole set, from its start.
+        assert blocks[1][1] == blocks[2][1]
         assert f"evaluating validation-{name}: {count}/{count} batches" in log
     # The two sets differ, so their losses do.
     a = re.search(r" validation-a loss at iteration 3 \| lm loss value: ([0-9.E+-]+)", log).group(1)
