@@ -21,6 +21,7 @@ from megatron.training import get_args, get_tokenizer, pretrain, print_rank_0
 from megatron.training.config_from_args import core_transformer_config_from_args
 from megatron.training.data_iterators import is_dataset_built_on_rank as _built_on
 from megatron.training.datasets.blend_args import dataset_config_kwargs
+from megatron.training.datasets.fim_dataset import GPTFIMDataset, GPTFIMDatasetConfig, fim_config_kwargs
 from megatron.training.initialize import shutdown_megatron
 from megatron.training.language_model_args import language_model_kwargs
 
@@ -114,9 +115,12 @@ def is_dataset_built_on_rank() -> bool:
 
 
 def core_gpt_dataset_config_from_args(args) -> GPTDatasetConfig:
-    """The GPT dataset config the command line describes (--mock-data when no blend)."""
-    return GPTDatasetConfig(
+    """The GPT dataset config the command line describes (--mock-data when no blend;
+    fill-in-the-middle with --fim-data)."""
+    config_type, fim = (GPTFIMDatasetConfig, fim_config_kwargs(args)) if args.fim_data else (GPTDatasetConfig, {})
+    return config_type(
         **dataset_config_kwargs(args, get_tokenizer()),
+        **fim,
         reset_position_ids=args.reset_position_ids,
         reset_attention_mask=args.reset_attention_mask,
         eod_mask_loss=args.eod_mask_loss,
@@ -131,7 +135,7 @@ def train_valid_test_datasets_provider(train_val_test_num_samples):
     """Train, validation and test datasets from --data-path (or the per-split paths, or --mock-data)."""
     args = get_args()
     config = core_gpt_dataset_config_from_args(args)
-    dataset_type = MockGPTDataset if config.mock else GPTDataset
+    dataset_type = MockGPTDataset if config.mock else GPTFIMDataset if args.fim_data else GPTDataset
     print_rank_0(f"> building train, validation, and test datasets for GPT ({dataset_type.__name__}) ...")
     datasets = BlendedMegatronDatasetBuilder(
         dataset_type, train_val_test_num_samples, is_dataset_built_on_rank, config

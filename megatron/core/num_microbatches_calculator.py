@@ -1,4 +1,4 @@
-"""How many micro-batches make one global batch, with optional batch-size ramp-up.
+"""How many micro-batches make one global batch, with optional batch-size ramp-up or step schedule.
 
 num_microbatches = global_batch_size / (micro_batch_size * data_parallel_size).
 
@@ -10,7 +10,7 @@ scripts port unchanged; this file is the only place holding that state.
 from __future__ import annotations
 
 import logging
-from typing import List, Optional, Sequence, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 logger = logging.getLogger(__name__)
 
@@ -179,6 +179,96 @@ class RampupBatchsizeNumMicroBatchesCalculator(NumMicroBatchesCalculator):
             )
 
 
+_SUFFIXES = {"K": 10**3, "M": 10**6, "B": 10**9, "T": 10**12}
+
+
+def _schedule_number(text: str, entry: str) -> int:
+    """``250B`` -> 250_000_000_000; suffixes K, M, B, T (powers of 1000)."""
+    text = text.strip().upper()
+    scale = _SUFFIXES.get(text[-1:], 1)
+    digits = text[:-1] if scale != 1 else text
+    try:
+        return int(float(digits) * scale)
+    except ValueError:
+        raise ValueError(f"--step-batch-size-schedule entry {entry!r}: {text!r} is not a number "
+                         "(digits with an optional K, M, B or T suffix)") from None
+
+
+def parse_step_batch_size_schedule(schedule: str, seq_length: Optional[int] = None) -> List[Tuple[int, int]]:
+    """``"0:768 250B:1536"`` -> ``[(0, 768), (250e9 // seq_length, 1536)]``: (threshold in
+    samples, global batch size) pairs sorted by threshold. Entries are separated by spaces or
+    commas; with ``seq_length`` the thresholds are tokens, converted to samples by floor division.
+    Raises ValueError unless the first threshold is 0, thresholds strictly increase and every
+    batch size is positive."""
+    pairs = []
+    for entry in schedule.replace(",", " ").split():
+        if ":" not in entry:
+            raise ValueError(f"--step-batch-size-schedule entry {entry!r} is not THRESHOLD:BATCH_SIZE "
+                             "(e.g. \"0:768 250B:1536\")")
+        threshold, batch = entry.split(":", 1)
+        threshold = _schedule_number(threshold, entry)
+        pairs.append((threshold // seq_length if seq_length else threshold, _schedule_number(batch, entry)))
+    pairs.sort(key=lambda pair: pair[0])
+    if not pairs or pairs[0][0] != 0:
+        raise ValueError(f"--step-batch-size-schedule {schedule!r} must start with a threshold of 0 "
+                         "(the batch size of the first step), e.g. \"0:768 ...\"")
+    for (t0, _), (t1, _) in zip(pairs, pairs[1:]):
+        if t1 <= t0:
+            raise ValueError(f"--step-batch-size-schedule {schedule!r}: thresholds must increase strictly "
+                             f"(after conversion to samples, {t0} is followed by {t1})")
+    for _, batch in pairs:
+        if batch < 1:
+            raise ValueError(f"--step-batch-size-schedule {schedule!r}: batch size {batch} must be positive")
+    return pairs
+
+
+class StepBatchsizeNumMicroBatchesCalculator(NumMicroBatchesCalculator):
+    """Global batch size set by consumed samples from a step schedule
+    (--step-batch-size-schedule): the batch size of the last threshold <= consumed samples.
+
+    Only the current batch size must be divisible by micro_batch_size x data-parallel size
+    (checked by ``update`` with ``consistency_check``), so a run can move to more ranks
+    between steps. Nothing is kept between updates: a resumed run, given its consumed
+    samples, picks up the schedule where it stopped."""
+
+    def __init__(self, micro_batch_size: int, data_parallel_size: int, rank: int, schedule: str,
+                 seq_length: Optional[int] = None) -> None:
+        super().__init__()
+        _check_positive("--micro-batch-size", micro_batch_size)
+        _check_positive("data-parallel size", data_parallel_size)
+        self.schedule = parse_step_batch_size_schedule(schedule, seq_length)
+        self.micro_batch_size = micro_batch_size
+        self.micro_batch_times_data_parallel_size = micro_batch_size * data_parallel_size
+        self.global_batch_size = max(batch for _, batch in self.schedule)
+        self.rank = rank
+        if rank == 0:
+            unit = f"tokens / {seq_length} per sample" if seq_length else "samples"
+            logger.info("step batch size schedule (thresholds given in %s): %s", unit,
+                        ", ".join(f">= {t} samples: {b}" for t, b in self.schedule))
+        self.update(0, consistency_check=False)
+
+    def batch_size_at(self, consumed_samples: int) -> int:
+        """The scheduled global batch size once ``consumed_samples`` samples are consumed."""
+        return [batch for threshold, batch in self.schedule if threshold <= consumed_samples][-1]
+
+    def update(self, consumed_samples: int, consistency_check: bool, verbose: bool = False) -> None:
+        current = self.batch_size_at(consumed_samples)
+        changed = current != self.current_global_batch_size
+        self.current_global_batch_size = current
+        step = self.micro_batch_times_data_parallel_size
+        if consistency_check and current % step:
+            raise ValueError(
+                f"--step-batch-size-schedule sets the global batch size to {current} after {consumed_samples} "
+                f"consumed samples, which is not divisible by --micro-batch-size x data-parallel size = {step}; "
+                "make every batch size of the schedule a multiple of it"
+            )
+        self.current_running_global_batch_size = current
+        self.num_micro_batches = max(1, current // step)
+        if verbose and changed and self.rank == 0:
+            logger.info("global batch size %d after %d consumed samples: %d micro-batches",
+                        current, consumed_samples, self.num_micro_batches)
+
+
 def build_num_microbatches_calculator(
     rank: int,
     rampup_batch_size: Optional[Sequence[Union[int, str]]],
@@ -186,9 +276,19 @@ def build_num_microbatches_calculator(
     micro_batch_size: int,
     data_parallel_size: int,
     decrease_batch_size_if_needed: bool = False,
+    step_batch_size_schedule: Optional[str] = None,
+    seq_length: Optional[int] = None,
 ) -> NumMicroBatchesCalculator:
-    """A constant calculator, or a ramp-up one when ``rampup_batch_size`` is
-    ``[start, increment, samples]``."""
+    """A constant calculator, a ramp-up one when ``rampup_batch_size`` is
+    ``[start, increment, samples]``, or a step schedule (``step_batch_size_schedule``,
+    thresholds in tokens when ``seq_length`` is given, else in samples)."""
+    if step_batch_size_schedule is not None:
+        if rampup_batch_size is not None or decrease_batch_size_if_needed:
+            raise ValueError("--step-batch-size-schedule cannot be combined with --rampup-batch-size or "
+                             "--decrease-batch-size-if-needed; keep only the schedule")
+        return StepBatchsizeNumMicroBatchesCalculator(
+            micro_batch_size, data_parallel_size, rank, step_batch_size_schedule, seq_length
+        )
     if rampup_batch_size is None:
         return ConstantNumMicroBatchesCalculator(
             global_batch_size, micro_batch_size, data_parallel_size, decrease_batch_size_if_needed, rank
@@ -211,6 +311,8 @@ def init_num_microbatches_calculator(
     micro_batch_size: int,
     data_parallel_size: int,
     decrease_batch_size_if_needed: bool = False,
+    step_batch_size_schedule: Optional[str] = None,
+    seq_length: Optional[int] = None,
 ) -> None:
     """Install the run's calculator; raises RuntimeError if one is installed already."""
     global _GLOBAL_NUM_MICROBATCHES_CALCULATOR
@@ -220,7 +322,8 @@ def init_num_microbatches_calculator(
             "destroy_num_microbatches_calculator() or reconfigure_num_microbatches_calculator()"
         )
     _GLOBAL_NUM_MICROBATCHES_CALCULATOR = build_num_microbatches_calculator(
-        rank, rampup_batch_size, global_batch_size, micro_batch_size, data_parallel_size, decrease_batch_size_if_needed
+        rank, rampup_batch_size, global_batch_size, micro_batch_size, data_parallel_size, decrease_batch_size_if_needed,
+        step_batch_size_schedule, seq_length,
     )
 
 
@@ -231,11 +334,14 @@ def reconfigure_num_microbatches_calculator(
     micro_batch_size: int,
     data_parallel_size: int,
     decrease_batch_size_if_needed: bool = False,
+    step_batch_size_schedule: Optional[str] = None,
+    seq_length: Optional[int] = None,
 ) -> None:
     """Replace the installed calculator (e.g. for evaluation with other sizes)."""
     global _GLOBAL_NUM_MICROBATCHES_CALCULATOR
     _GLOBAL_NUM_MICROBATCHES_CALCULATOR = build_num_microbatches_calculator(
-        rank, rampup_batch_size, global_batch_size, micro_batch_size, data_parallel_size, decrease_batch_size_if_needed
+        rank, rampup_batch_size, global_batch_size, micro_batch_size, data_parallel_size, decrease_batch_size_if_needed,
+        step_batch_size_schedule, seq_length,
     )
 
 

@@ -11,6 +11,9 @@ import logging
 import math
 from typing import Optional
 
+from megatron.training.batch_size_schedule import check_step_batch_size_schedule
+from megatron.training.phase_transitions import check_phase_transitions
+
 logger = logging.getLogger(__name__)
 
 
@@ -189,7 +192,8 @@ def _check_architecture_choices(args: argparse.Namespace) -> None:
 
 
 def check_batch_sizes(args: argparse.Namespace, data_parallel_size: int) -> None:
-    """Micro/global batch sizes and the batch-size ramp."""
+    """Micro/global batch sizes, the batch-size ramp and the step schedule."""
+    check_step_batch_size_schedule(args)
     mbs, gbs = args.micro_batch_size, args.global_batch_size
     if mbs is None:
         raise invalid("--micro-batch-size", None, "is required", "pass --micro-batch-size N")
@@ -220,6 +224,7 @@ def check_training_schedule(args: argparse.Namespace) -> None:
                       "use iteration-based or sample-based training, not both")
     _positive("--train-iters", args.train_iters)
     _positive("--train-samples", args.train_samples)
+    check_phase_transitions(args)
     if args.manual_gc_interval < 0:
         raise invalid("--manual-gc-interval", args.manual_gc_interval, "must be >= 0",
                       "pass the number of iterations between collections, or 0 for none during training")
@@ -378,7 +383,8 @@ def check_pipeline(args: argparse.Namespace) -> None:
 def check_interleaved_schedule(args: argparse.Namespace, data_parallel_size: int) -> None:
     """Micro-batch grouping of the interleaved schedule (megatron-facts section 10):
     PP <= G <= M, and M % G is 0 or at least PP (else "dependency bubbles")."""
-    if not virtual_pipeline_size(args) or args.rampup_batch_size is not None:
+    if not virtual_pipeline_size(args) or args.rampup_batch_size is not None \
+            or args.step_batch_size_schedule is not None:
         return
     pp = args.pipeline_model_parallel_size
     gbs = args.global_batch_size or args.micro_batch_size * data_parallel_size

@@ -10,7 +10,9 @@ import torch.distributed as dist
 from megatron.core.process_groups import ProcessGroups
 from megatron.training.datasets.data_samplers import build_pretraining_data_loader
 from megatron.training.global_vars import get_args
+from megatron.training.phase_transitions import phase_consumed_samples, phase_train_samples
 from megatron.training.rank_print import print_rank_0
+from megatron.training.validation_sets import build_validation_sets, check_validation_set_args, uses_validation_sets
 
 
 def train_valid_test_num_samples(args):
@@ -25,9 +27,11 @@ def train_valid_test_num_samples(args):
         train = args.train_iters * args.global_batch_size
     else:
         train = 0
+    train = phase_train_samples(args, train)  # --phase-transition-iterations: this phase's share
     evals = 1 if not args.eval_interval else (args.train_iters or 0) // args.eval_interval + 1
     eval_gbs = args.eval_global_batch_size or args.global_batch_size
-    valid = evals * args.eval_iters * eval_gbs
+    # --full-validation: one epoch of validation data (None), read whole at each evaluation.
+    valid = None if args.full_validation else evals * args.eval_iters * eval_gbs
     test = args.eval_iters * eval_gbs
     return train, valid, test
 
@@ -51,11 +55,22 @@ def _cyclic(loader):
             yield batch
 
 
+def _eval_loader_builder(args, pg: ProcessGroups) -> Callable:
+    """``make(dataset, start)``: a loader of evaluation-sized micro-batches for this rank."""
+    def make(dataset, start):
+        return build_pretraining_data_loader(
+            dataset, start, micro_batch_size=args.eval_micro_batch_size or args.micro_batch_size,
+            data_parallel_rank=pg.rank("dp"), data_parallel_size=pg.size("dp"),
+            dataloader_type=args.dataloader_type or "single", num_workers=args.num_workers, seed=args.seed)
+    return make
+
+
 def build_train_valid_test_data_iterators(datasets_provider: Callable, pg: ProcessGroups):
     """(train, valid, test) iterators; None where a split is absent or on ranks without data."""
     args = get_args()
     args.consumed_train_samples = getattr(args, "consumed_train_samples", 0)
     args.consumed_valid_samples = getattr(args, "consumed_valid_samples", 0)
+    check_validation_set_args(args)
     loaders = [None, None, None]
     num_samples = train_valid_test_num_samples(args)
     print_rank_0(f" > datasets target sizes (train, valid, test): {num_samples}")
@@ -66,10 +81,10 @@ def build_train_valid_test_data_iterators(datasets_provider: Callable, pg: Proce
     # and last stages for GPT, every stage for families whose middle stages need data too
     # (BERT's padding mask).
     if pg.rank("tp") == 0 and any(ds is not None for ds in datasets):
-        consumed = [args.consumed_train_samples, args.consumed_valid_samples, 0]
+        consumed = [phase_consumed_samples(args, args.consumed_train_samples), args.consumed_valid_samples, 0]
         eval_mbs = args.eval_micro_batch_size or args.micro_batch_size
         for i, (ds, start) in enumerate(zip(datasets, consumed)):
-            if ds is None or len(ds) == 0:
+            if ds is None or (i == 1 and uses_validation_sets(args)) or len(ds) == 0:
                 continue
             loaders[i] = build_pretraining_data_loader(
                 ds,
@@ -81,18 +96,24 @@ def build_train_valid_test_data_iterators(datasets_provider: Callable, pg: Proce
                 num_workers=args.num_workers,
                 seed=args.seed,
             )
+    valid_sets = None
+    if uses_validation_sets(args):
+        valid_sets = build_validation_sets(args, datasets[1] if pg.rank("tp") == 0 else None, pg.size("dp"),
+                                           _eval_loader_builder(args, pg))
     flags = torch.tensor([int(l is not None) for l in loaders], dtype=torch.long)
+    if valid_sets is not None:
+        flags[1] = int(any(s.eval_iters > 0 for s in valid_sets))
     if torch.cuda.is_available():
         flags = flags.cuda()
     if dist.is_initialized():
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
     args.do_train, args.do_valid, args.do_test = (bool(f) for f in flags.tolist())
-    args.do_valid = args.do_valid and args.eval_iters > 0
+    args.do_valid = args.do_valid and (args.eval_iters > 0 or valid_sets is not None)
     args.do_test = args.do_test and args.eval_iters > 0
     cyclic = (args.dataloader_type or "single") == "cyclic"
     train = None
     if loaders[0] is not None:
         train = _cyclic(loaders[0]) if cyclic else iter(loaders[0])
-    valid = _cyclic(loaders[1]) if loaders[1] is not None else None
+    valid = _cyclic(loaders[1]) if loaders[1] is not None else valid_sets
     test = _cyclic(loaders[2]) if loaders[2] is not None else None
     return train, valid, test

@@ -24,6 +24,7 @@ from typing import Any, Dict, Optional
 import torch
 
 from megatron.training.argument_checks import virtual_pipeline_size
+from megatron.training.batch_size_schedule import scheduled_global_batch_size
 
 logger = logging.getLogger(__name__)
 
@@ -117,6 +118,8 @@ def _derive_pipeline(args: argparse.Namespace) -> None:
 
 
 def _derive_batch_and_data(args: argparse.Namespace) -> None:
+    if args.global_batch_size is None:
+        args.global_batch_size = scheduled_global_batch_size(args)
     if args.global_batch_size is None:
         args.global_batch_size = args.micro_batch_size * args.data_parallel_size
         if args.rank == 0:

@@ -16,6 +16,7 @@ from megatron.training.housekeeping import empty_unused_memory
 from megatron.training.loss_reduction import reduce_reported_losses
 from megatron.training.rank_print import print_rank_last
 from megatron.training.training_log import format_duration
+from megatron.training.validation_sets import ValidationSets
 
 
 def progress_every(eval_iters: int) -> int:
@@ -70,7 +71,12 @@ def evaluate(forward_step_func, data_iterator, model, pg: ProcessGroups, eval_it
 
 def evaluate_and_print_results(prefix: str, forward_step_func, data_iterator, model, pg, iteration: int,
                                writers=None, eval_iters: int = None, label: str = "validation") -> Dict[str, float]:
-    """Run ``evaluate`` and print the dashed block Megatron prints."""
+    """Run ``evaluate`` and print the dashed block Megatron prints; for ``ValidationSets``
+    (--full-validation, --multiple-validation-sets), one block per set, keyed by its label."""
+    if isinstance(data_iterator, ValidationSets):
+        return {s.label: evaluate_and_print_results(prefix, forward_step_func, s.iterator, model, pg, iteration,
+                                                    writers, s.eval_iters, s.label)
+                for s in data_iterator if s.eval_iters > 0}
     args = get_args()
     results = evaluate(forward_step_func, data_iterator, model, pg, eval_iters or args.eval_iters, label)
     line = f" {label} loss at {prefix} | "

@@ -1,4 +1,5 @@
-"""Stopping a run cleanly: --exit-signal-handler, --exit-duration-in-mins, --exit-interval.
+"""Stopping a run cleanly: --exit-signal-handler, --exit-duration-in-mins, --exit-interval,
+--phase-transition-iterations.
 
 A signal may reach one rank only (a scheduler's SIGTERM to one node), and each rank's
 clock differs: every step the ranks all-reduce (MAX) a "signal seen" flag and a "time is
@@ -17,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from megatron.core.tensor_parallel.collectives import comm_device
+from megatron.training.phase_transitions import is_phase_transition
 
 EXIT_CODE = 0
 
@@ -78,4 +80,6 @@ class ExitConditions:
                 return f"--exit-duration-in-mins {duration} reached"
         if args.exit_interval and iteration % args.exit_interval == 0:
             return f"--exit-interval {args.exit_interval}"
+        if is_phase_transition(args, iteration):
+            return f"--phase-transition-iterations: the phase ends at iteration {iteration}"
         return None

@@ -217,21 +217,16 @@ _no_effect("Transformer Engine FP8 details with no counterpart in the FP8 linear
            "--reuse-grad-buf-for-mxfp8-param-ag")
 
 _section("Data and evaluation")
-_refuse("fill-in-the-middle (FIM) datasets are not implemented", "drop the --fim-* flags",
-        "--fim-data --fim-eod-token --fim-fragment-rate --fim-middle-token --fim-no-prefix --fim-pad-token "
-        "--fim-prefix-token --fim-rate --fim-split-sample --fim-spm-rate --fim-suffix-token")
-_refuse("supervised fine-tuning (SFT) datasets and chat templates are not implemented",
-        "pretrain on --data-path documents", "--sft --sft-tokenizer-prompt-format --chat-template")
+_refuse("supervised fine-tuning (SFT) datasets are not implemented: they need SFTTokenizer's conversation prompt "
+        "formats (--sft-tokenizer-prompt-format) and packed-sequence attention (cu_seqlens), neither of which "
+        "exists here", "pretrain on --data-path documents (tools/preprocess_data.py)",
+        "--sft --sft-tokenizer-prompt-format --chat-template")
 _refuse("knowledge-distillation logit files are not implemented", "drop the --logits-* flags",
         "--logits-load-decode-threads --logits-load-dir --logits-load-ignore-errors --logits-load-kd-loss-alpha "
         "--logits-load-msc-prefetch-depth --logits-load-prefetch-factor --logits-save-dir --logits-save-dtype "
         "--logits-save-top-k --logits-save-top-p --logits-save-top-p-min-k")
-_refuse("several named validation sets are not implemented", "use --valid-data-path for one validation set",
-        "--multiple-validation-sets --validation-set-names")
 _refuse("evaluation runs every --eval-interval iterations from the start", "drop the flag",
         "--start-eval-at-iter")
-_refuse("batch-size schedules other than a linear ramp are not implemented", "use --rampup-batch-size",
-        "--step-batch-size-schedule --phase-transition-iterations")
 _refuse("document masking inside the data loader is not implemented",
         "use --reset-attention-mask --reset-position-ids (and --eod-mask-loss)",
         "--dataloader-inter-document-masking")

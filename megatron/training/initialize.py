@@ -51,6 +51,8 @@ def initialize_megatron(extra_args_provider=None, args_defaults=None, ignore_unk
         args.micro_batch_size,
         args.data_parallel_size,
         getattr(args, "decrease_batch_size_if_needed", False),
+        step_batch_size_schedule=getattr(args, "step_batch_size_schedule", None),
+        seq_length=args.seq_length,
     )
     set_random_seed(args.seed, getattr(args, "data_parallel_random_init", False))
     if getattr(args, "disable_bf16_reduced_precision_matmul", False):

@@ -22,11 +22,12 @@ def total_train_iterations(args) -> int:
     prints it after the slash, as Megatron prints the derived total."""
     if args.train_iters or not args.train_samples:
         return args.train_iters or 0
-    if args.rampup_batch_size is None and not args.decrease_batch_size_if_needed:
+    schedule = getattr(args, "step_batch_size_schedule", None)
+    if args.rampup_batch_size is None and not args.decrease_batch_size_if_needed and schedule is None:
         return -(-args.train_samples // args.global_batch_size)
     calculator = build_num_microbatches_calculator(
         args.rank, args.rampup_batch_size, args.global_batch_size, args.micro_batch_size,
-        args.data_parallel_size, args.decrease_batch_size_if_needed)
+        args.data_parallel_size, args.decrease_batch_size_if_needed, schedule, args.seq_length)
     iterations, consumed = 0, 0
     while consumed < args.train_samples:
         calculator.update(consumed, consistency_check=False)

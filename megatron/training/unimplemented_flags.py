@@ -37,8 +37,6 @@ REFUSED: Dict[str, Tuple[str, str, str]] = {
                           "use --use-distributed-optimizer (sharded optimizer state, ZeRO-1)"),
     "window_attn_skip_freq": ("--window-attn-skip-freq", "mixing sliding-window and full-attention layers is "
                               "not implemented", "drop it: --window-size applies to every layer"),
-    "full_validation": ("--full-validation", "validation over the whole validation set is not implemented",
-                        "set --eval-iters to the number of validation batches you want"),
     "dist_ckpt_strictness": ("--dist-ckpt-strictness", "the loader always fails on missing or mis-shaped "
                              "tensors and accepts unexpected ones (Megatron's default, assume_ok_unexpected)",
                              "drop the flag"),

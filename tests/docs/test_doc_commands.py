@@ -26,7 +26,7 @@ from megatron.training.flag_table import REFUSED, TABLE
 REPO = Path(__file__).resolve().parents[2]
 PAGES = [REPO / "README.md"] + sorted(p for p in (REPO / "docs").glob("*.md") if p.name != "flags.md")
 # Pages whose subject is what is refused: they name refused flags on purpose.
-LISTS_REFUSED = {"compatibility.md", "migration.md", "megatron_checkpoints.md"}
+LISTS_REFUSED = {"compatibility.md", "migration.md", "megatron_checkpoints.md", "data.md"}
 LAUNCHER_OPTIONS = {  # torchrun, srun and sbatch options used in the docs
     "--nproc-per-node", "--nnodes", "--node-rank", "--master-addr", "--master-port", "--rdzv-backend",
     "--rdzv-endpoint", "--rdzv-id", "--standalone", "--max-restarts", "--nodes", "--ntasks-per-node",

@@ -76,8 +76,8 @@ def test_unmappable_key_is_refused_by_name(tmp_path, line, key):
 
 def test_refused_megatron_feature_in_yaml_is_refused_like_its_flag(tmp_path, monkeypatch):
     monkeypatch.setenv("YAML_TEST_PREFIX", "/data/a_text_document")
-    path = _write(tmp_path, CONFIG.replace("use_legacy_models: False", "fim_rate: 0.5"))
-    with pytest.raises(ValueError, match=r"^--fim-rate '?0.5'?: is not supported"):
+    path = _write(tmp_path, CONFIG.replace("use_legacy_models: False", "logits_save_top_k: 5"))
+    with pytest.raises(ValueError, match=r"^--logits-save-top-k '?5'?: is not supported"):
         parse_and_validate(["--yaml-cfg", path])
 
 

@@ -70,10 +70,12 @@ class BlendedMegatronDatasetBuilder:
         self.config = config
         for split in Split:
             blend = self._blend_of(split)
-            if blend is not None and self.sizes[split.value] is None and blend[1] is not None:
+            if blend is not None and self.sizes[split.value] is None and blend[1] is not None \
+                    and not self._separate_validation_sets(split):
                 raise ValueError(
                     f"the {split.name} blend has weights but no requested size; weighted blends need a "
-                    "sample count (use an unweighted list, or set --train-iters/--eval-iters)"
+                    "sample count (use an unweighted list, or set --train-iters/--eval-iters; "
+                    "--full-validation reads one epoch of each validation prefix, so give those without weights)"
                 )
 
     def _blend_of(self, split: Split):
@@ -83,8 +85,14 @@ class BlendedMegatronDatasetBuilder:
             return self.config.blend_per_split[split.value]
         return self.config.blend
 
+    def _separate_validation_sets(self, split: Split) -> bool:
+        """True when the validation prefixes are built one by one (multiple_validation_sets)."""
+        return split == Split.valid and self.config.multiple_validation_sets
+
     def build(self) -> List[Optional[Any]]:
         """One dataset (or None) per split: a BlendedDataset, a mid-level dataset or None.
+        With ``multiple_validation_sets`` and several validation prefixes, the validation entry
+        is a list of one mid-level dataset per prefix (weights, if any, are not used).
 
         A split asked for 0 samples is not built (None), like a split with an empty range.
         """
@@ -105,7 +113,10 @@ class BlendedMegatronDatasetBuilder:
             matrix[split.value] = (0.0, 1.0)
             sizes = [0] * len(Split)
             sizes[split.value] = self.sizes[split.value]
-            if len(blend[0]) == 1:
+            if len(blend[0]) > 1 and self._separate_validation_sets(split):
+                out[split.value] = [self._build_megatron_dataset_splits(prefix, matrix, sizes)[split.value]
+                                    for prefix in blend[0]]
+            elif len(blend[0]) == 1:
                 # As Megatron: one prefix per split is used directly, weight or not.
                 out[split.value] = self._build_megatron_dataset_splits(blend[0][0], matrix, sizes)[split.value]
             else:

@@ -77,7 +77,20 @@ class BlendedMegatronDatasetConfig:
     mid_level_dataset_surplus: float = 0.005
     """Extra fraction of samples requested from each blended dataset (--mid-level-dataset-surplus)."""
 
+    multiple_validation_sets: bool = False
+    """Build each prefix of the validation blend as a dataset of its own, evaluated separately,
+    instead of blending them (--multiple-validation-sets; needs a per-split validation blend)."""
+
+    full_validation: bool = False
+    """Validation datasets are asked for one epoch each (--full-validation)."""
+
     def __post_init__(self) -> None:
+        if self.multiple_validation_sets and (self.blend_per_split is None or self.blend_per_split[1] is None):
+            raise ValueError(
+                "--multiple-validation-sets evaluates each validation prefix on its own, so the validation "
+                "prefixes must be named separately: give --valid-data-path P1 P2 ... (with --train-data-path), "
+                "or a \"valid\" entry in --per-split-data-args-path"
+            )
         if self.blend_per_split is not None and any(b is not None for b in self.blend_per_split):
             if self.blend is not None:
                 raise ValueError("--data-path cannot be combined with per-split paths; give one or the other")

@@ -10,6 +10,7 @@ from megatron.training.arguments_groups.config_help import fill_help_from_config
 from megatron.training.arguments_groups.data import add_data_args, add_tokenizer_args, add_validation_args
 from megatron.training.arguments_groups.distributed import add_distributed_args
 from megatron.training.arguments_groups.dry_run_args import add_dry_run_args
+from megatron.training.arguments_groups.fim import add_fim_args
 from megatron.training.arguments_groups.hybrid import add_hybrid_args
 from megatron.training.arguments_groups.logging_args import add_logging_args, add_rerun_args
 from megatron.training.arguments_groups.network import add_moe_args, add_network_size_args, add_transformer_impl_args
@@ -40,6 +41,7 @@ GROUP_ADDERS = (
     add_dry_run_args,
     add_hybrid_args,
     add_bert_args,
+    add_fim_args,
 )
 
 

@@ -33,7 +33,14 @@ def add_validation_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                         "no periodic evaluation when not given (Megatron HEAD default).")
     g.add_argument("--skip-train", action="store_true",
                    help="Skip training; only evaluate on the validation/test sets and exit.")
-    g.add_argument("--full-validation", action="store_true", help="Evaluate on the whole validation set.")
+    g.add_argument("--full-validation", action="store_true",
+                   help="Each evaluation reads the whole validation set (one epoch) instead of --eval-iters batches.")
+    g.add_argument("--multiple-validation-sets", action="store_true",
+                   help="Evaluate each prefix of --valid-data-path separately, logged as 'validation-<index>' "
+                        "(needs --full-validation).")
+    g.add_argument("--validation-set-names", nargs="+", type=str, default=None,
+                   help="Names of the validation sets of --multiple-validation-sets, used instead of their "
+                        "index in the log and TensorBoard ('validation-<name>').")
     return parser
 
 

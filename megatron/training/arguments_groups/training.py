@@ -38,6 +38,14 @@ def add_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
                    metavar=("START", "INCREMENT", "SAMPLES"),
                    help="Ramp the global batch size from START by INCREMENT over SAMPLES samples "
                         "(sample-based training only).")
+    g.add_argument("--step-batch-size-schedule", type=str, default=None,
+                   help="Global batch size by tokens consumed, as \"THRESHOLD:BATCH_SIZE ...\" with thresholds "
+                        "in tokens (K, M, B, T suffixes), the first 0, e.g. \"0:768 250B:1536\"; "
+                        "--global-batch-size defaults to its largest batch (sample-based training only).")
+    g.add_argument("--phase-transition-iterations", type=str, default=None,
+                   help="Iterations, comma-separated, at which the run saves and exits so the next training "
+                        "phase can start from that checkpoint with other data; each phase's dataset is built "
+                        "for that phase and read from its start.")
     g.add_argument("--decrease-batch-size-if-needed", action="store_true",
                    help="Round the global batch size down to a multiple of micro-batch-size * DP.")
     g.add_argument("--recompute-activations", action="store_true",

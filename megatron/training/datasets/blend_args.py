@@ -87,4 +87,6 @@ def dataset_config_kwargs(args: argparse.Namespace, tokenizer) -> dict:
         mmap_bin_files=args.mmap_bin_files,
         tokenizer=tokenizer,
         mid_level_dataset_surplus=args.mid_level_dataset_surplus,
+        multiple_validation_sets=args.multiple_validation_sets,
+        full_validation=args.full_validation,
     )
