@@ -11,6 +11,8 @@ import logging
 import math
 from typing import Optional
 
+from megatron.core.optimizer.optimizer_dtypes import check_precision_aware
+
 logger = logging.getLogger(__name__)
 
 
@@ -298,6 +300,7 @@ def check_precision(args: argparse.Namespace) -> None:
     for flag, value in (("--initial-loss-scale", args.initial_loss_scale), ("--min-loss-scale", args.min_loss_scale)):
         if value <= 0:
             raise invalid(flag, value, "must be positive", "pass a positive value")
+    check_precision_aware(args)
 
 
 def check_recompute(args: argparse.Namespace) -> None:

@@ -196,9 +196,6 @@ _refuse("the Lion optimizer is not implemented", "use --optimizer adam", "--lion
 _refuse("muP parametrization is not implemented", "drop the --mup-* flags and set --init-method-std and --lr",
         "--use-mup --mup-attn-scale-power --mup-base-head-dim --mup-base-hidden-size --mup-embedding-mult "
         "--mup-output-mult --mup-width-mult")
-_refuse("optimizer state and main parameters are kept in fp32 here", "drop the flag",
-        "--use-precision-aware-optimizer --main-grads-dtype --main-params-dtype --exp-avg-dtype "
-        "--exp-avg-sq-dtype")
 _refuse("this optimizer option is not implemented", "drop the flag",
         "--head-lr-mult --freeze-all-layers --no-weight-decay-cond-type --apply-wd-to-qk-layernorm "
         "--qk-clip --qk-clip-alpha --qk-clip-threshold")
@@ -316,12 +313,12 @@ _no_effect("FSDP is not implemented (--use-torch-fsdp2 and --use-megatron-fsdp a
            "--megatron-fsdp-max-pool-double-buffer --megatron-fsdp-version --fsdp-db-use-persist-buf-on-alloc-fail "
            "--fsdp-double-buffer --fsdp-manual-registration --suggested-communication-unit-size "
            "--init-model-with-meta-device")
-_refuse("CPU offloading of optimizer state or activations is not implemented",
-        "use --use-distributed-optimizer and --recompute-activations to save memory",
-        "--optimizer-cpu-offload --cpu-offloading-num-layers --fine-grained-activation-offloading")
-_no_effect("offloading is not implemented (--optimizer-cpu-offload is refused), so its tuning does nothing",
-           "--optimizer-offload-fraction --overlap-cpu-optimizer-d2h-h2d --use-torch-optimizer-for-cpu-offload "
-           "--no-pin-cpu-grads --no-pin-cpu-params --cpu-offloading-retain-pinned-cpu-buffers "
+_refuse("CPU offloading of activations is not implemented (--optimizer-cpu-offload offloads optimizer state)",
+        "use --recompute-activations (or --recompute-granularity full) to save activation memory",
+        "--cpu-offloading-num-layers --fine-grained-activation-offloading")
+_no_effect("activation offloading is not implemented (--cpu-offloading-num-layers is refused), so its tuning "
+           "does nothing",
+           "--cpu-offloading-retain-pinned-cpu-buffers "
            "--fine-grained-offloading-max-inflight-offloads --offload-modules --activation-offload-fraction "
            "--min-offloaded-tensor-size --delta-offload-bytes-across-pp-ranks")
 

@@ -45,7 +45,8 @@ def dtype_from_name(field: str, value: Union[str, torch.dtype]) -> torch.dtype:
 def check_precision_aware(config) -> None:
     """Megatron's rules: the lower-precision dtypes need the precision-aware optimizer,
     which needs Adam and the distributed optimizer; CPU offload needs the precision-aware
-    optimizer (it shares its code path)."""
+    optimizer (it shares its code path). ``config``: an ``OptimizerConfig`` or the parsed
+    flags (dtypes as names)."""
     if config.use_precision_aware_optimizer:
         if config.optimizer != "adam":
             raise ValueError(f"--use-precision-aware-optimizer works with --optimizer adam only, "
@@ -54,8 +55,9 @@ def check_precision_aware(config) -> None:
             raise ValueError("--use-precision-aware-optimizer needs --use-distributed-optimizer: add it")
     else:
         for field, (flag, _) in ALLOWED.items():
-            if getattr(config, field) != torch.float32:
-                raise ValueError(f"{flag} {dtype_name(getattr(config, field))} needs "
+            dtype = dtype_from_name(field, getattr(config, field))
+            if dtype != torch.float32:
+                raise ValueError(f"{flag} {dtype_name(dtype)} needs "
                                  "--use-precision-aware-optimizer (without it every optimizer tensor is fp32): "
                                  "add it, or drop the flag")
     if config.optimizer_cpu_offload and not config.use_precision_aware_optimizer:

@@ -13,6 +13,7 @@ from megatron.training.arguments_groups.dry_run_args import add_dry_run_args
 from megatron.training.arguments_groups.hybrid import add_hybrid_args
 from megatron.training.arguments_groups.logging_args import add_logging_args, add_rerun_args
 from megatron.training.arguments_groups.network import add_moe_args, add_network_size_args, add_transformer_impl_args
+from megatron.training.arguments_groups.optimizer_memory import add_optimizer_memory_args
 from megatron.training.arguments_groups.precision import add_mixed_precision_args
 from megatron.training.arguments_groups.training import (
     add_initialization_args,
@@ -40,6 +41,7 @@ GROUP_ADDERS = (
     add_dry_run_args,
     add_hybrid_args,
     add_bert_args,
+    add_optimizer_memory_args,
 )
 
 
