@@ -12,6 +12,8 @@ import torch
 
 from megatron.training.arguments import parse_and_validate
 from megatron.training.config_from_args import get_megatron_optimizer_config
+from megatron.training.memory_estimate import optimizer_bytes_per_param
+from megatron.training.startup_summary import describe_precision
 from tests.training.gpt_runs import TINY_GPT, losses, run_gpt
 
 BASE = "--num-layers 2 --hidden-size 64 --num-attention-heads 4 --seq-length 32 --max-position-embeddings 32 " \
@@ -30,6 +32,9 @@ def test_flags_reach_the_optimizer_config():
     assert config.pin_cpu_grads is False and config.pin_cpu_params is True
     # As Megatron: bf16 main grads keep the DDP grad buffers in bf16.
     assert args.accumulate_allreduce_grads_in_fp32 is False
+    # Device bytes per param: (fp32 main 4 + bf16 exp_avg 2 + fp8 exp_avg_sq 1) x half left on the device.
+    assert optimizer_bytes_per_param(args) == 3.5
+    assert "moments bf16/fp8, 50% of its state on the CPU" in describe_precision(args)
 
 
 @pytest.mark.parametrize("extra, message", [
