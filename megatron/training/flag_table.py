@@ -313,11 +313,11 @@ _no_effect("FSDP is not implemented (--use-torch-fsdp2 and --use-megatron-fsdp a
            "--megatron-fsdp-max-pool-double-buffer --megatron-fsdp-version --fsdp-db-use-persist-buf-on-alloc-fail "
            "--fsdp-double-buffer --fsdp-manual-registration --suggested-communication-unit-size "
            "--init-model-with-meta-device")
-_refuse("CPU offloading of activations is not implemented (--optimizer-cpu-offload offloads optimizer state)",
-        "use --recompute-activations (or --recompute-granularity full) to save activation memory",
-        "--cpu-offloading-num-layers --fine-grained-activation-offloading")
-_no_effect("activation offloading is not implemented (--cpu-offloading-num-layers is refused), so its tuning "
-           "does nothing",
+_refuse("fine-grained (per-module) activation offloading is not implemented",
+        "use --cpu-offloading-num-layers (whole layers) or --recompute-activations",
+        "--fine-grained-activation-offloading")
+_no_effect("activations of whole layers are offloaded as they are saved (--cpu-offloading-num-layers); "
+           "these tune Megatron's fine-grained offloading, which is refused",
            "--cpu-offloading-retain-pinned-cpu-buffers "
            "--fine-grained-offloading-max-inflight-offloads --offload-modules --activation-offload-fraction "
            "--min-offloaded-tensor-size --delta-offload-bytes-across-pp-ranks")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from megatron.training.arguments_groups.activation_offload_args import add_activation_offload_args
 from megatron.training.arguments_groups.bert import add_bert_args
 from megatron.training.arguments_groups.checkpointing import add_checkpointing_args
 from megatron.training.arguments_groups.config_help import fill_help_from_config
@@ -42,6 +43,7 @@ GROUP_ADDERS = (
     add_hybrid_args,
     add_bert_args,
     add_optimizer_memory_args,
+    add_activation_offload_args,
 )
 
 
