@@ -1,7 +1,8 @@
 """--use-precision-aware-optimizer and --optimizer-cpu-offload.
 
 Exactness. With fp32 dtypes the precision-aware step runs torch's AdamW on the very same
-fp32 tensors (the stored state, or the master copy of a bf16 param), and an offloaded param
+fp32 tensors (the stored state, or the master copy of a bf16/fp16 param; fp16 with its
+loss scaler), and an offloaded param
 runs it on a CPU copy holding the same values, so params must be bit-identical (atol 0) to
 the default distributed optimizer. Lower-precision moments change the update: bf16 keeps 8
 mantissa bits, so after 3 steps at lr 1e-2 params stay within 5e-3 of the fp32 run (one
@@ -134,8 +135,8 @@ def _build(rank, dtype, model=None, bucket_size=None, fp32_grads=True, **config)
         use_distributed_optimizer=True, grad_reduce_in_fp32=fp32_grads,
         overlap_grad_reduce=bucket_size is not None, bucket_size=bucket_size)
     ddp = DistributedDataParallel(TCFG, ddp_config, model)
-    opt_config = OptimizerConfig(lr=1e-2, bf16=dtype == torch.bfloat16, clip_grad=0.05,
-                                 use_distributed_optimizer=True, **config)
+    opt_config = OptimizerConfig(lr=1e-2, bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
+                                 initial_loss_scale=2**10, clip_grad=0.05, use_distributed_optimizer=True, **config)
     return ddp, get_megatron_optimizer(opt_config, [ddp])
 
 
@@ -165,7 +166,7 @@ CASES = {
 
 
 def _parity(rank, out):
-    for dtype in (torch.float32, torch.bfloat16):
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
         ref = _train(*_build(rank, dtype), rank, range(3))
         for name, config in CASES.items():
             fp32_grads = config.get("main_grads_dtype", "fp32") == "fp32"
@@ -223,7 +224,7 @@ def results():
     return run_on_ranks(_checks, 2)
 
 
-@pytest.mark.parametrize("dtype", ["torch.float32", "torch.bfloat16"])
+@pytest.mark.parametrize("dtype", ["torch.float32", "torch.bfloat16", "torch.float16"])
 @pytest.mark.parametrize("case, atol", [("fp32_settings", 0.0), ("offload_half", 0.0),
                                         ("offload_all_bf16_states", 5e-3), ("bf16_states", 5e-3),
                                         ("fp8_states_fp16_master_bf16_grads", 5e-3)])
