@@ -14,7 +14,7 @@ from megatron.training.arguments import parse_and_validate
 from megatron.training.config_from_args import get_megatron_optimizer_config
 from megatron.training.memory_estimate import optimizer_bytes_per_param
 from megatron.training.startup_summary import describe_precision
-from tests.training.gpt_runs import TINY_GPT, losses, run_gpt
+from tests.training.gpt_runs import losses, run_gpt
 
 BASE = "--num-layers 2 --hidden-size 64 --num-attention-heads 4 --seq-length 32 --max-position-embeddings 32 " \
        "--micro-batch-size 2 --lr 1e-3".split()

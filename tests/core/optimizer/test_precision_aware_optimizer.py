@@ -1,10 +1,9 @@
 """--use-precision-aware-optimizer and --optimizer-cpu-offload.
 
 Exactness. With fp32 dtypes the precision-aware step runs torch's AdamW on the very same
-fp32 tensors (the stored state, or the master copy of a bf16/fp16 param; fp16 with its
-loss scaler), and an offloaded param
-runs it on a CPU copy holding the same values, so params must be bit-identical (atol 0) to
-the default distributed optimizer. Lower-precision moments change the update: bf16 keeps 8
+fp32 tensors (the stored state, or the master copy of a bf16/fp16 param; fp16 with its loss
+scaler), and an offloaded param runs it on a CPU copy holding the same values, so params
+must be bit-identical (atol 0) to the default distributed optimizer. Lower-precision moments change the update: bf16 keeps 8
 mantissa bits, so after 3 steps at lr 1e-2 params stay within 5e-3 of the fp32 run (one
 step moves a param by up to lr = 1e-2; a bug such as unscaled fp8 moves them by ~lr each
 step and fails). Checkpoints hold unscaled fp32 values whatever the storage dtype, so they
