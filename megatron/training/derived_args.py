@@ -156,6 +156,8 @@ def _derive_precision(args: argparse.Namespace) -> None:
                 logger.info("accumulating and all-reducing gradients in fp32 for bfloat16")
     elif args.grad_reduce_in_bf16:
         _warn(args, "--grad-reduce-in-bf16 does nothing without --bf16: gradients have the params' dtype")
+    if not args.bf16 and args.main_grads_dtype == "bf16":
+        _warn(args, "--main-grads-dtype bf16 does nothing without --bf16: gradients have the params' dtype")
 
 
 def _derive_training_state(args: argparse.Namespace) -> None:
