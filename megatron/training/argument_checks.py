@@ -13,6 +13,7 @@ from typing import Optional
 
 from megatron.training.batch_size_schedule import check_step_batch_size_schedule
 from megatron.training.phase_transitions import check_phase_transitions
+from megatron.core.optimizer.optimizer_dtypes import check_precision_aware
 
 logger = logging.getLogger(__name__)
 
@@ -303,6 +304,7 @@ def check_precision(args: argparse.Namespace) -> None:
     for flag, value in (("--initial-loss-scale", args.initial_loss_scale), ("--min-loss-scale", args.min_loss_scale)):
         if value <= 0:
             raise invalid(flag, value, "must be positive", "pass a positive value")
+    check_precision_aware(args)
 
 
 def check_recompute(args: argparse.Namespace) -> None:

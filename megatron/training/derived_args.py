@@ -143,18 +143,24 @@ def _derive_precision(args: argparse.Namespace) -> None:
             args.check_for_nan_in_loss_and_grad = False
     if args.bf16:
         args.params_dtype = torch.bfloat16
-        if args.grad_reduce_in_bf16:
+        if args.main_grads_dtype == "bf16" and args.accumulate_allreduce_grads_in_fp32:
+            raise ValueError("--main-grads-dtype bf16 contradicts --accumulate-allreduce-grads-in-fp32: drop one")
+        if args.grad_reduce_in_bf16 or args.main_grads_dtype == "bf16":
             # As Megatron: the DDP grad buffers stay bf16 (accumulated and reduced in bf16) and
-            # the optimizer upcasts its shard to the fp32 main grads before the step.
+            # the optimizer upcasts its shard to the fp32 main grads before the step (or, with
+            # --main-grads-dtype bf16, the precision-aware step reads the bf16 shard).
             args.accumulate_allreduce_grads_in_fp32 = False
             if args.rank == 0:
-                logger.info("accumulating and all-reducing gradients in bf16 (--grad-reduce-in-bf16)")
+                logger.info("accumulating and all-reducing gradients in bf16 (%s)", "--grad-reduce-in-bf16"
+                            if args.grad_reduce_in_bf16 else "--main-grads-dtype bf16")
         elif not args.accumulate_allreduce_grads_in_fp32:
             args.accumulate_allreduce_grads_in_fp32 = True
             if args.rank == 0:
                 logger.info("accumulating and all-reducing gradients in fp32 for bfloat16")
     elif args.grad_reduce_in_bf16:
         _warn(args, "--grad-reduce-in-bf16 does nothing without --bf16: gradients have the params' dtype")
+    if not args.bf16 and args.main_grads_dtype == "bf16":
+        _warn(args, "--main-grads-dtype bf16 does nothing without --bf16: gradients have the params' dtype")
 
 
 def _derive_training_state(args: argparse.Namespace) -> None:

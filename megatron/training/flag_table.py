@@ -196,9 +196,6 @@ _refuse("the Lion optimizer is not implemented", "use --optimizer adam", "--lion
 _refuse("muP parametrization is not implemented", "drop the --mup-* flags and set --init-method-std and --lr",
         "--use-mup --mup-attn-scale-power --mup-base-head-dim --mup-base-hidden-size --mup-embedding-mult "
         "--mup-output-mult --mup-width-mult")
-_refuse("optimizer state and main parameters are kept in fp32 here", "drop the flag",
-        "--use-precision-aware-optimizer --main-grads-dtype --main-params-dtype --exp-avg-dtype "
-        "--exp-avg-sq-dtype")
 _refuse("this optimizer option is not implemented", "drop the flag",
         "--head-lr-mult --freeze-all-layers --no-weight-decay-cond-type --apply-wd-to-qk-layernorm "
         "--qk-clip --qk-clip-alpha --qk-clip-threshold")
@@ -311,12 +308,12 @@ _no_effect("FSDP is not implemented (--use-torch-fsdp2 and --use-megatron-fsdp a
            "--megatron-fsdp-max-pool-double-buffer --megatron-fsdp-version --fsdp-db-use-persist-buf-on-alloc-fail "
            "--fsdp-double-buffer --fsdp-manual-registration --suggested-communication-unit-size "
            "--init-model-with-meta-device")
-_refuse("CPU offloading of optimizer state or activations is not implemented",
-        "use --use-distributed-optimizer and --recompute-activations to save memory",
-        "--optimizer-cpu-offload --cpu-offloading-num-layers --fine-grained-activation-offloading")
-_no_effect("offloading is not implemented (--optimizer-cpu-offload is refused), so its tuning does nothing",
-           "--optimizer-offload-fraction --overlap-cpu-optimizer-d2h-h2d --use-torch-optimizer-for-cpu-offload "
-           "--no-pin-cpu-grads --no-pin-cpu-params --cpu-offloading-retain-pinned-cpu-buffers "
+_refuse("fine-grained (per-module) activation offloading is not implemented",
+        "use --cpu-offloading-num-layers (whole layers) or --recompute-activations",
+        "--fine-grained-activation-offloading")
+_no_effect("activations of whole layers are offloaded as they are saved (--cpu-offloading-num-layers); "
+           "these tune Megatron's fine-grained offloading, which is refused",
+           "--cpu-offloading-retain-pinned-cpu-buffers "
            "--fine-grained-offloading-max-inflight-offloads --offload-modules --activation-offload-fraction "
            "--min-offloaded-tensor-size --delta-offload-bytes-across-pp-ranks")
 

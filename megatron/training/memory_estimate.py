@@ -69,11 +69,20 @@ def grad_bytes(args) -> int:
     return 2
 
 
-def optimizer_bytes_per_param(args) -> int:
-    """fp32 main copy of half-precision params, plus Adam's two moments or SGD's momentum."""
-    main = 4 if param_bytes(args) == 2 else 0
-    states = 8 if args.optimizer == "adam" else 4
-    return main + states
+_DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1}
+
+
+def optimizer_bytes_per_param(args) -> float:
+    """Device bytes of the main copy of half-precision params, plus Adam's two moments or
+    SGD's momentum: fp32, or the --main-params-dtype / --exp-avg-dtype / --exp-avg-sq-dtype
+    of the precision-aware optimizer; with --optimizer-cpu-offload only the share left on
+    the device (per-tensor scales are negligible)."""
+    if not args.use_precision_aware_optimizer:
+        main = 4 if param_bytes(args) == 2 else 0
+        return float(main + (8 if args.optimizer == "adam" else 4))
+    main = _DTYPE_BYTES[args.main_params_dtype] if param_bytes(args) == 2 else 0
+    per_param = main + _DTYPE_BYTES[args.exp_avg_dtype] + _DTYPE_BYTES[args.exp_avg_sq_dtype]
+    return per_param * (1.0 - args.optimizer_offload_fraction if args.optimizer_cpu_offload else 1.0)
 
 
 def expert_data_parallel_size(args) -> int:

@@ -44,8 +44,13 @@ def describe_layout(args) -> str:
 def describe_precision(args) -> str:
     params = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
     grads = "fp32" if (params == "fp32" or args.accumulate_allreduce_grads_in_fp32) else params
-    main = ", fp32 main params" if params != "fp32" else ""
+    main_dtype = args.main_params_dtype if args.use_precision_aware_optimizer else "fp32"
+    main = f", {main_dtype} main params" if params != "fp32" else ""
     sharded = " (distributed optimizer)" if args.use_distributed_optimizer else ""
+    if args.use_precision_aware_optimizer:
+        sharded += f", moments {args.exp_avg_dtype}/{args.exp_avg_sq_dtype}"
+    if args.optimizer_cpu_offload:
+        sharded += f", {args.optimizer_offload_fraction:.0%} of its state on the CPU"
     return f"{params} params, {grads} grads{main}, {args.optimizer} optimizer{sharded}"
 
 

@@ -90,6 +90,8 @@ WITHOUT_EFFECT: Dict[str, Tuple[str, str]] = {
     "enable_gloo_process_groups": ("--disable-gloo-process-groups", "no gloo twins of the groups are created anyway"),
     "use_sharp": ("--use-sharp", "set NCCL_COLLNET_ENABLE=1 in the environment instead"),
     "log_energy": ("--log-energy", "energy is not logged"),
+    "use_torch_optimizer_for_cpu_offload": ("--use-torch-optimizer-for-cpu-offload",
+                                            "the offloaded CPU step always runs torch's AdamW"),
 }
 
 

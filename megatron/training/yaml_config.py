@@ -61,7 +61,6 @@ NOT_FLAGS: Dict[str, Any] = {
     "enable_autocast": False,
     "variable_seq_lengths": False,
     "cpu_offloading": False,
-    "cpu_offloading_num_layers": 0,
     "use_legacy_models": False,
     "standalone_embedding_stage": False,
     "adlr_autoresume": False,

@@ -78,7 +78,7 @@ def test_a_real_definition_wins_over_the_table():
 
 
 @pytest.mark.parametrize("flag", ["--checkpoint-activations", "--bert-embedder-type", "--start-eval-at-iter", "--inference-max-batch-size",
-                                  "--logits-load-dir", "--optimizer-cpu-offload"])
+                                  "--logits-load-dir", "--fine-grained-activation-offloading"])
 def test_refused_table_flag_names_itself_the_reason_and_the_fix(flag):
     entry = TABLE[flag]
     with pytest.raises(ValueError, match=rf"^{re.escape(flag)} .*is not supported: "

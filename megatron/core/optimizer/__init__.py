@@ -29,6 +29,7 @@ from megatron.core.optimizer.optimizer import (
     MegatronOptimizer,
 )
 from megatron.core.optimizer.optimizer_config import OptimizerConfig
+from megatron.core.optimizer.precision_aware_adam import PrecisionAwareAdamW
 from megatron.core.process_groups import ProcessGroups
 
 __all__ = [
@@ -40,6 +41,7 @@ __all__ = [
     "MegatronGradScaler",
     "MegatronOptimizer",
     "OptimizerConfig",
+    "PrecisionAwareAdamW",
     "clip_grad_by_total_norm_fp32",
     "count_zeros_fp32",
     "get_grad_norm_fp32",
@@ -103,6 +105,20 @@ def get_param_groups(
 def _torch_optimizer(config: OptimizerConfig, param_groups: List[dict]) -> torch.optim.Optimizer:
     params = [p for g in param_groups for p in g["params"]]
     on_cuda = bool(params) and all(p.is_cuda for p in params)
+    if config.use_precision_aware_optimizer:
+        return PrecisionAwareAdamW(
+            param_groups,
+            lr=config.lr,
+            weight_decay=config.weight_decay,
+            betas=(config.adam_beta1, config.adam_beta2),
+            eps=config.adam_eps,
+            master_params_dtype=config.main_params_dtype,
+            exp_avg_dtype=config.exp_avg_dtype,
+            exp_avg_sq_dtype=config.exp_avg_sq_dtype,
+            pin_cpu_grads=config.pin_cpu_grads,
+            pin_cpu_params=config.pin_cpu_params,
+            overlap_d2h_h2d=config.overlap_cpu_optimizer_d2h_h2d,
+        )
     if config.optimizer == "adam":
         # fused AdamW is the fastest pure-PyTorch path on GPU; CPU keeps the default.
         extra = {"fused": True} if on_cuda else {}
@@ -144,7 +160,8 @@ def get_megatron_optimizer(
     """Build the optimizer for this rank's model chunks (DDP-wrapped or not).
 
     --use-distributed-optimizer -> ``DistributedOptimizer`` (the chunks must be DDP-wrapped
-    with the distributed optimizer; any param dtype); fp16/bf16 ->
+    with the distributed optimizer; any param dtype), stepping ``PrecisionAwareAdamW`` with
+    --use-precision-aware-optimizer (docs/optimizer_memory.md); fp16/bf16 ->
     ``Float16OptimizerWithFloat16Params`` (fp32 main params; a loss scaler with --fp16
     or --loss-scale); otherwise ``FP32Optimizer``.
     """

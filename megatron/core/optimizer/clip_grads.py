@@ -10,7 +10,7 @@ count. Local sums are then all-reduced over the model-parallel (tp x pp) group.
 
 from __future__ import annotations
 
-from typing import Iterable, List, Union
+from typing import Iterable, List, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -39,11 +39,19 @@ def param_is_not_tensor_parallel_duplicate(param: torch.nn.Parameter, tp_group=N
     return bool(getattr(param, "tensor_model_parallel", False)) or group_rank(tp_group) == 0
 
 
+def main_grad_of(param: torch.Tensor) -> Optional[torch.Tensor]:
+    """The grad the optimizer steps with: ``param.decoupled_grad`` when set (the
+    precision-aware optimizer's grads, whose dtype may differ from the param's, as in
+    Megatron), else ``param.grad``."""
+    grad = getattr(param, "decoupled_grad", None)
+    return grad if grad is not None else param.grad
+
+
 def _counted_grads(params: Iterable[torch.nn.Parameter], tp_group) -> List[torch.Tensor]:
+    grads = [(p, main_grad_of(p)) for p in params]
     return [
-        p.grad
-        for p in params
-        if p.grad is not None and param_is_not_shared(p) and param_is_not_tensor_parallel_duplicate(p, tp_group)
+        g for p, g in grads
+        if g is not None and param_is_not_shared(p) and param_is_not_tensor_parallel_duplicate(p, tp_group)
     ]
 
 
@@ -74,7 +82,8 @@ def get_grad_norm_tensor(
         all_reduce_grad_stat(total, grad_stats_parallel_group, op=dist.ReduceOp.MAX)
         return total
     if grads:
-        norms = torch._foreach_norm([g.detach() for g in grads], norm_type)
+        # fp32 accumulation and result also for bf16 grads (--main-grads-dtype bf16).
+        norms = torch._foreach_norm([g.detach() for g in grads], norm_type, dtype=torch.float32)
         total = torch.stack([n.float() for n in norms]).pow(norm_type).sum()
     else:
         total = torch.zeros((), device=device)
@@ -115,7 +124,7 @@ def clip_grad_by_total_norm_fp32(
     A non-finite ``total_norm`` clips nothing (the step is skipped by the optimizer).
     """
     params = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
-    grads = [p.grad.detach() for p in params if p.grad is not None]
+    grads = [g.detach() for g in map(main_grad_of, params) if g is not None]
     clip_coeff = float(max_norm) / (total_norm + 1.0e-6)
     if grads and clip_coeff < 1.0:
         torch._foreach_mul_(grads, clip_coeff)

@@ -42,7 +42,8 @@ import torch.distributed as dist
 
 from megatron.core import process_groups
 from megatron.core.distributed.param_and_grad_buffer import BufferLayout
-from megatron.core.optimizer.clip_grads import unscale_and_check_for_nan
+from megatron.core.optimizer.clip_grads import main_grad_of, unscale_and_check_for_nan
+from megatron.core.optimizer.cpu_offload import offloaded_params
 from megatron.core.optimizer.grad_scaler import MegatronGradScaler
 from megatron.core.optimizer.optimizer import (
     _COPIED_PARAM_ATTRIBUTES,
@@ -51,6 +52,7 @@ from megatron.core.optimizer.optimizer import (
     _zero_grad_group,
 )
 from megatron.core.optimizer.optimizer_config import OptimizerConfig
+from megatron.core.optimizer.precision_aware_adam import PrecisionAwareAdamW
 from megatron.core.process_groups import ProcessGroups, group_rank, group_size
 from megatron.core.tensor_parallel.collectives import all_gather_first_dim
 
@@ -105,7 +107,9 @@ class _Shard:
 
     @property
     def is_copy(self) -> bool:
-        return self.model_param.dtype != torch.float32
+        """The main param is a separate fp32 copy (fp16/bf16 params of the default
+        optimizer); the precision-aware optimizer steps the model piece itself."""
+        return self.main_param.data_ptr() != self.model_piece().data_ptr()
 
     def model_piece(self) -> torch.Tensor:
         return self.model_param.detach().view(-1)[self.range.param[0]:self.range.param[1]]
@@ -156,7 +160,12 @@ class DistributedOptimizer(MegatronOptimizer):
             ranges = owned_param_ranges(buffer.layout, group_size(buffer.data_parallel_group),
                                         group_rank(buffer.data_parallel_group), index)
             self.param_ranges.update({p: r for p, r in zip(order, ranges) if r is not None})
+        self.precision_aware = isinstance(self.optimizer, PrecisionAwareAdamW)
         self.shard_groups: List[List[_Shard]] = [self._shard_group(group) for group in self.optimizer.param_groups]
+        if self.precision_aware:
+            offload = offloaded_params(self.get_parameters(), config.optimizer_offload_fraction) \
+                if config.optimizer_cpu_offload else []
+            self.optimizer.init_storage(offload)
         params = self.get_parameters()
         device = params[0].device if params else self.buffers[0].grad_data.device
         self._scale_one = torch.ones(1, dtype=torch.float32, device=device)
@@ -187,7 +196,9 @@ class DistributedOptimizer(MegatronOptimizer):
                 continue
             prange = self.param_ranges[param]
             piece = param.detach().view(-1)[prange.param[0]:prange.param[1]]
-            if param.dtype in (torch.float16, torch.bfloat16):
+            if self.precision_aware and param.dtype in (torch.float16, torch.bfloat16, torch.float32):
+                main = piece  # the optimizer keeps the master values (and writes the piece)
+            elif param.dtype in (torch.float16, torch.bfloat16):
                 main = piece.clone().float()
             elif param.dtype == torch.float32:
                 main = piece  # a view: the step updates the param buffer's owned block directly
@@ -205,6 +216,8 @@ class DistributedOptimizer(MegatronOptimizer):
             yield from group
 
     def zero_grad(self, set_to_none: bool = True) -> None:
+        for shard in self._all_shards():
+            shard.main_param.decoupled_grad = None
         _zero_grad_group([s.main_param for s in self._all_shards()], set_to_none)
         _zero_grad_group([s.model_param for s in self._all_shards()], set_to_none)
 
@@ -213,19 +226,34 @@ class DistributedOptimizer(MegatronOptimizer):
 
     def reload_model_params(self) -> None:
         """Refresh the fp32 pieces of fp16/bf16 params from the model (fp32 pieces are views)."""
+        if self.precision_aware:
+            self.optimizer.reload_master_params()
         for shard in self._all_shards():
             if shard.is_copy:
                 shard.main_param.copy_(shard.model_piece())
+
+    def _main_grad(self, grad: torch.Tensor) -> torch.Tensor:
+        """The reduced grad piece as the optimizer reads it: fp32, or kept in the buffer's
+        bf16 with --main-grads-dtype bf16 (the precision-aware step upcasts it)."""
+        if grad.dtype == torch.float32:
+            return grad
+        if self.precision_aware and self.config.main_grads_dtype == grad.dtype:
+            return grad
+        return grad.float()
 
     def prepare_grads(self) -> bool:
         """Point each main piece's ``.grad`` at its reduced grad; unscale; returns found_inf
         (MAX over dp and mp)."""
         for shard in self._all_shards():
-            grad = shard.grad_piece()
-            shard.main_param.grad = grad if grad.dtype == torch.float32 else grad.float()
+            grad = self._main_grad(shard.grad_piece())
+            if self.precision_aware:
+                # As in Megatron: its dtype may differ from the param's, so not ``.grad``.
+                shard.main_param.decoupled_grad = grad
+            else:
+                shard.main_param.grad = grad
         if self.grad_scaler is None:
             return False
-        grads = [s.main_param.grad for s in self._all_shards()]
+        grads = [main_grad_of(s.main_param) for s in self._all_shards()]
         found_inf = unscale_and_check_for_nan(grads, self.grad_scaler.inv_scale, self.grad_stats_parallel_group)
         found = bool(found_inf.item() > 0)
         self.grad_scaler.update(found)
@@ -301,6 +329,9 @@ class DistributedOptimizer(MegatronOptimizer):
         for shard in self._all_shards():
             lo, hi = shard.range.shard
             block = blocks[shard.range.buffer_index][shard.range.bucket_id]
+            if self.precision_aware:
+                scalars = self._precision_aware_state(shard, block, (lo, hi), scalars)
+                continue
             block["param"][lo:hi] = shard.main_param.detach().view(-1)
             state = self.optimizer.state.get(shard.main_param, {})
             scalars = {} if state and scalars is None else scalars
@@ -311,9 +342,33 @@ class DistributedOptimizer(MegatronOptimizer):
                     scalars[key] = value.detach().clone() if torch.is_tensor(value) else value
         return blocks, scalars
 
+    def _precision_aware_state(self, shard: _Shard, block: Dict[str, torch.Tensor], span: Range,
+                               scalars: Optional[dict]) -> Optional[dict]:
+        """Write one piece's unscaled fp32 state into ``block`` (the checkpoint format does
+        not depend on the storage dtypes); returns the scalars seen so far."""
+        optimizer, main = self.optimizer, shard.main_param
+        lo, hi = span
+        master = optimizer.get_unscaled(main, "master_param") if optimizer.needs_master(main) else main
+        block["param"][lo:hi] = master.detach().view(-1)
+        step = optimizer.step_count(main) if optimizer.has_moments(main) else None
+        if step is None:
+            return scalars
+        for key in self._state_keys():
+            block[key][lo:hi] = optimizer.get_unscaled(main, key).view(-1)
+        return {"step": step.detach().clone()}
+
     def _set_shard_state(self, shard: _Shard, values: Dict[str, torch.Tensor], scalars: Optional[dict]) -> None:
         """Load one piece: ``values[key]`` are flat fp32 tensors of the piece's length;
         ``scalars`` None means the saved optimizer had no state yet."""
+        if self.precision_aware:
+            optimizer, main = self.optimizer, shard.main_param
+            if optimizer.needs_master(main):
+                optimizer.set_unscaled(main, "master_param", values["param"])
+            else:
+                main.copy_(values["param"].view_as(main))
+            moments = None if scalars is None else {k: values[k] for k in self._state_keys()}
+            optimizer.load_moments(main, moments, None if scalars is None else scalars.get("step", 0))
+            return
         shard.main_param.copy_(values["param"].view_as(shard.main_param))
         if scalars is not None:
             state = {k: values[k].clone().view_as(shard.main_param) for k in self._state_keys()}
@@ -401,7 +456,12 @@ class DistributedOptimizer(MegatronOptimizer):
     def load_state_dict(self, state_dict: dict) -> None:
         self._check_sharding(state_dict["sharding"])
         groups = state_dict["param_groups"]
-        self.optimizer.load_state_dict({"state": {}, "param_groups": groups})
+        if self.precision_aware:
+            # torch's load_state_dict would drop the master params along with the state.
+            for group, saved in zip(self.optimizer.param_groups, groups):
+                group.update({k: v for k, v in saved.items() if k != "params"})
+        else:
+            self.optimizer.load_state_dict({"state": {}, "param_groups": groups})
         scalars = state_dict.get("scalar_state")
         for shard in self._all_shards():
             lo, hi = shard.range.shard

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 import torch
+
+from megatron.core.optimizer.optimizer_dtypes import check_precision_aware, dtype_from_name
 
 
 @dataclass
@@ -70,6 +72,43 @@ class OptimizerConfig:
     use_distributed_optimizer: bool = False
     """Shard optimizer state over data-parallel ranks (--use-distributed-optimizer)."""
 
+    use_precision_aware_optimizer: bool = False
+    """Store the optimizer's main params, main grads and Adam moments in the dtypes below
+    (needs --use-distributed-optimizer and --optimizer adam) (--use-precision-aware-optimizer)."""
+
+    main_grads_dtype: Union[str, torch.dtype] = torch.float32
+    """Dtype of the main grads the optimizer reads: fp32, or bf16 (grads are then accumulated
+    and reduced in bf16) (--main-grads-dtype)."""
+
+    main_params_dtype: Union[str, torch.dtype] = torch.float32
+    """Dtype of the main (master) params: fp32, or fp16 with a per-tensor scale
+    (--main-params-dtype)."""
+
+    exp_avg_dtype: Union[str, torch.dtype] = torch.float32
+    """Dtype of Adam's first moment: fp32, bf16, or fp16/fp8 with a per-tensor scale (--exp-avg-dtype)."""
+
+    exp_avg_sq_dtype: Union[str, torch.dtype] = torch.float32
+    """Dtype of Adam's second moment: fp32, bf16, or fp16/fp8 with a per-tensor scale
+    (--exp-avg-sq-dtype)."""
+
+    optimizer_cpu_offload: bool = False
+    """Keep the main params and optimizer state of a fraction of the params on the CPU and
+    step them there (needs --use-precision-aware-optimizer) (--optimizer-cpu-offload)."""
+
+    optimizer_offload_fraction: float = 1.0
+    """Fraction of the params (by element count) whose optimizer step is offloaded
+    (--optimizer-offload-fraction)."""
+
+    overlap_cpu_optimizer_d2h_h2d: bool = False
+    """Copy grads to the CPU and params back on side CUDA streams, overlapping the CPU step
+    (--overlap-cpu-optimizer-d2h-h2d)."""
+
+    pin_cpu_grads: bool = True
+    """Pin the CPU copies of offloaded grads (--no-pin-cpu-grads turns it off)."""
+
+    pin_cpu_params: bool = True
+    """Pin the CPU main params of offloaded params (--no-pin-cpu-params turns it off)."""
+
     clip_grad: float = 1.0
     """Clip gradients to this global L2 norm; 0 disables clipping (--clip-grad)."""
 
@@ -87,3 +126,6 @@ class OptimizerConfig:
             raise ValueError(f"--clip-grad must be >= 0 (0 disables clipping), got {self.clip_grad}")
         if self.loss_scale is not None and self.loss_scale <= 0:
             raise ValueError(f"--loss-scale must be positive, got {self.loss_scale}")
+        for name in ("main_grads_dtype", "main_params_dtype", "exp_avg_dtype", "exp_avg_sq_dtype"):
+            setattr(self, name, dtype_from_name(name, getattr(self, name)))
+        check_precision_aware(self)

@@ -18,6 +18,7 @@ from typing import Dict, Iterator, List, Optional, Tuple
 import torch
 
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+from megatron.core.optimizer.precision_aware_adam import PrecisionAwareAdamW
 from megatron.core.optimizer.optimizer import FP32Optimizer, Float16OptimizerWithFloat16Params, MegatronOptimizer
 
 ParamState = Dict[str, torch.Tensor]
@@ -25,11 +26,13 @@ ParamState = Dict[str, torch.Tensor]
 
 def per_element_state_keys(optimizer: MegatronOptimizer) -> Tuple[str, ...]:
     inner = optimizer.optimizer
+    if isinstance(inner, PrecisionAwareAdamW):
+        return ("exp_avg", "exp_avg_sq")
     if isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
         return ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if inner.defaults.get("amsgrad") else ())
     if isinstance(inner, torch.optim.SGD):
         return ("momentum_buffer",) if inner.defaults.get("momentum", 0) else ()
-    raise TypeError(f"checkpointing {type(inner).__name__} state is not supported (Adam, AdamW and SGD are)")
+    raise TypeError(f"checkpointing {type(inner).__name__} state is not supported (Adam, AdamW, SGD and the precision-aware AdamW are)")
 
 
 def _main_params(optimizer: MegatronOptimizer) -> Iterator[Tuple[torch.nn.Parameter, torch.Tensor]]:

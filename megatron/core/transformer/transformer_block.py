@@ -1,4 +1,5 @@
-"""A stack of transformer layers (one pipeline stage's share), with activation recompute."""
+"""A stack of transformer layers (one pipeline stage's share), with activation recompute
+or CPU offloading of activations."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import torch
 
 from megatron.core import process_groups, tensor_parallel
 from megatron.core.fp8.layer_scope import fp8_layer_scope
+from megatron.core.transformer.activation_offload import check_cpu_offloading, offloading_context
 from megatron.core.transformer.init_rng import initialization_stream
 from megatron.core.pipeline_parallel.layer_split import stage_layers_from_config
 from megatron.core.transformer.enums import AttnMaskType
@@ -69,6 +71,7 @@ class TransformerBlock(torch.nn.Module):
     ):
         super().__init__()
         _check_recompute(config)
+        check_cpu_offloading(config)
         self.config = config
         self.pre_process = pre_process
         self.post_process = post_process
@@ -159,8 +162,13 @@ class TransformerBlock(torch.nn.Module):
         if full_recompute:
             hidden_states = self._forward_full_recompute(hidden_states, attention_mask, rotary_pos_emb)
         else:
+            offloaded = min(self.config.cpu_offloading_num_layers, len(self.layers))
+            with offloading_context(offloaded > 0 and self.training and torch.is_grad_enabled()):
+                hidden_states = self._run_layers(
+                    0, offloaded, hidden_states, attention_mask, rotary_pos_emb, inference_context
+                )
             hidden_states = self._run_layers(
-                0, len(self.layers), hidden_states, attention_mask, rotary_pos_emb, inference_context
+                offloaded, len(self.layers), hidden_states, attention_mask, rotary_pos_emb, inference_context
             )
         if self.final_layernorm is not None:
             hidden_states = self.final_layernorm(hidden_states)

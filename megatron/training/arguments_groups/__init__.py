@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from megatron.training.arguments_groups.activation_offload_args import add_activation_offload_args
 from megatron.training.arguments_groups.bert import add_bert_args
 from megatron.training.arguments_groups.checkpointing import add_checkpointing_args
 from megatron.training.arguments_groups.config_help import fill_help_from_config
@@ -14,6 +15,7 @@ from megatron.training.arguments_groups.fim import add_fim_args
 from megatron.training.arguments_groups.hybrid import add_hybrid_args
 from megatron.training.arguments_groups.logging_args import add_logging_args, add_rerun_args
 from megatron.training.arguments_groups.network import add_moe_args, add_network_size_args, add_transformer_impl_args
+from megatron.training.arguments_groups.optimizer_memory import add_optimizer_memory_args
 from megatron.training.arguments_groups.precision import add_mixed_precision_args
 from megatron.training.arguments_groups.training import (
     add_initialization_args,
@@ -42,6 +44,8 @@ GROUP_ADDERS = (
     add_hybrid_args,
     add_bert_args,
     add_fim_args,
+    add_optimizer_memory_args,
+    add_activation_offload_args,
 )
 
 

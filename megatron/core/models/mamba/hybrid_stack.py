@@ -57,6 +57,9 @@ class HybridStack(torch.nn.Module):
         if config.recompute_granularity not in (None, "full"):
             raise ValueError(f"--recompute-granularity {config.recompute_granularity} is not supported for hybrid "
                              "models: use full or none")
+        if config.cpu_offloading_num_layers:
+            raise ValueError("--cpu-offloading-num-layers is not supported for hybrid models: drop it "
+                             "(--recompute-granularity full saves activation memory there)")
         segment, offset = stage_segment(hybrid_layer_pattern, groups.size("pp"), groups.rank("pp"))
         self.layer_pattern, self.layer_offset = segment, offset
         layers = []
