@@ -34,6 +34,7 @@ from megatron.core import process_groups, tensor_parallel
 from megatron.core.process_groups import group_rank, group_size
 from megatron.core.ssm.causal_conv1d import causal_conv1d
 from megatron.core.ssm.mamba_config import MambaConfig
+from megatron.core.ssm.mamba_recurrence import conv_state_of, conv_step, final_ssm_state, ssm_step
 from megatron.core.ssm.ssd import ssd_scan
 from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -78,18 +79,22 @@ class _GatedNorm(torch.nn.Module):
 
 
 class MambaMixer(torch.nn.Module):
-    """forward(hidden_states [s(/tp), b, h]) -> (output [s(/tp), b, h], None).
+    """forward(hidden_states [s(/tp), b, h], inference_context=None) -> (output [s(/tp), b, h], None).
 
-    The output is not yet added to the residual (the layer does that)."""
+    The output is not yet added to the residual (the layer does that). During generation
+    ``inference_context`` (a ``StaticInferenceContext``) holds this layer's recurrent state
+    under ``layer_number`` (``mamba_recurrence``)."""
 
     def __init__(
         self,
         config: TransformerConfig,
         mamba_config: MambaConfig,
         pg_collection: Optional[process_groups.ProcessGroups] = None,
+        layer_number: int = 1,
     ):
         super().__init__()
         self.config, self.mamba_config = config, mamba_config
+        self.layer_number = layer_number  # names this layer's state in an inference context
         self.tp_group = process_groups.resolve(pg_collection).tp
         tp, rank = group_size(self.tp_group), group_rank(self.tp_group)
         mamba_config.validate(config.hidden_size, tp)
@@ -157,24 +162,65 @@ class MambaMixer(torch.nn.Module):
         z, xbc, dt = torch.split(zxbcdt, [self.d_inner_local, self.d_inner_local + 2 * bc, self.nheads_local], dim=-1)
         return z, xbc, dt
 
-    def forward(self, hidden_states: torch.Tensor) -> Tuple[torch.Tensor, None]:
-        zxbcdt, _ = self.in_proj(hidden_states)  # [s, b, proj/tp]
-        zxbcdt = zxbcdt.transpose(0, 1)  # [b, s, proj/tp]: the scan runs batch first
-        b, s, _ = zxbcdt.shape
-        z, xbc, dt = self._split_projection(zxbcdt)
-        xbc = causal_conv1d(xbc, self.conv1d.weight.squeeze(1), self.conv1d.bias, activation="silu")
-        bc = self.ngroups_local * self.d_state
-        x, B, C = torch.split(xbc, [self.d_inner_local, bc, bc], dim=-1)
+    def _dt_and_A(self, dt: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Raw dt [..., h] -> (softplus(dt + dt_bias) within --dt limits, A = -exp(A_log)), fp32."""
         dt = F.softplus(dt.float() + self.dt_bias.float())
         lo, hi = self.mamba_config.dt_limit
         if (lo, hi) != (0.0, float("inf")):
             dt = dt.clamp(min=lo, max=hi)
-        A = -torch.exp(self.A_log.float())
-        y = ssd_scan(
-            x.reshape(b, s, self.nheads_local, self.headdim), dt, A,
-            B.reshape(b, s, self.ngroups_local, self.d_state), C.reshape(b, s, self.ngroups_local, self.d_state),
-            self.mamba_config.chunk_size, self.D,
-        ).reshape(b, s, self.d_inner_local)
+        return dt, -torch.exp(self.A_log.float())
+
+    def _split_xbc(self, xbc: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """[..., conv_dim] -> x [..., h, p], B and C [..., g, n] (views, this rank's heads)."""
+        bc = self.ngroups_local * self.d_state
+        x, B, C = torch.split(xbc, [self.d_inner_local, bc, bc], dim=-1)
+        lead = xbc.shape[:-1]
+        return (x.reshape(*lead, self.nheads_local, self.headdim), B.reshape(*lead, self.ngroups_local, self.d_state),
+                C.reshape(*lead, self.ngroups_local, self.d_state))
+
+    def _conv_and_scan(self, xbc: torch.Tensor, dt: torch.Tensor, keep_state: bool = False):
+        """xbc [b, s, conv_dim], raw dt [b, s, h] -> y [b, s, d_inner/tp] (and, with
+        ``keep_state``, the (conv, SSM) state the sequences end in)."""
+        b, s, _ = xbc.shape
+        conv_in = xbc
+        xbc = causal_conv1d(xbc, self.conv1d.weight.squeeze(1), self.conv1d.bias, activation="silu")
+        x, B, C = self._split_xbc(xbc)
+        dt, A = self._dt_and_A(dt)
+        y = ssd_scan(x, dt, A, B, C, self.mamba_config.chunk_size, self.D).reshape(b, s, self.d_inner_local)
+        if not keep_state:
+            return y
+        return y, (conv_state_of(conv_in, self.mamba_config.d_conv), final_ssm_state(x, dt, A, B))
+
+    def _cached_conv_and_scan(self, xbc: torch.Tensor, dt: torch.Tensor, inference_context) -> torch.Tensor:
+        """Generation: a forward from position 0 is a prefill that stores this layer's state in
+        ``inference_context.recurrent_states``; a later forward advances it token by token."""
+        states = getattr(inference_context, "recurrent_states", None)
+        if states is None:
+            raise ValueError(f"Mamba layers need an inference context with recurrent states (StaticInferenceContext), "
+                             f"got {type(inference_context).__name__}")
+        if inference_context.sequence_len_offset == 0:
+            y, states[self.layer_number] = self._conv_and_scan(xbc, dt, keep_state=True)
+            return y
+        if self.layer_number not in states:
+            raise ValueError(f"Mamba layer {self.layer_number}: no recurrent state to continue from; the first forward "
+                             "of a generation must start at position 0 (the prefill)")
+        conv_state, ssm_state = states[self.layer_number]
+        weight = self.conv1d.weight.squeeze(1)
+        ys = []
+        for t in range(xbc.shape[1]):
+            x, B, C = self._split_xbc(conv_step(conv_state, xbc[:, t], weight, self.conv1d.bias))
+            dt_t, A = self._dt_and_A(dt[:, t])
+            ys.append(ssm_step(ssm_state, x, dt_t, A, B, C, self.D))
+        return torch.stack(ys, dim=1).reshape(*xbc.shape[:2], self.d_inner_local).to(xbc.dtype)
+
+    def forward(self, hidden_states: torch.Tensor, inference_context=None) -> Tuple[torch.Tensor, None]:
+        zxbcdt, _ = self.in_proj(hidden_states)  # [s, b, proj/tp]
+        zxbcdt = zxbcdt.transpose(0, 1)  # [b, s, proj/tp]: the scan runs batch first
+        z, xbc, dt = self._split_projection(zxbcdt)
+        if inference_context is None:
+            y = self._conv_and_scan(xbc, dt)
+        else:
+            y = self._cached_conv_and_scan(xbc, dt, inference_context)
         y = gated_rms_norm(y, z, self.norm.weight, self.ngroups_local, self.mamba_config.norm_eps)
         out, _ = self.out_proj(y.transpose(0, 1).contiguous())
         return out, None

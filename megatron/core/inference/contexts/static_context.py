@@ -6,7 +6,9 @@ Megatron's static engine does), so one offset describes the whole batch and no p
 ever enters the cache.
 
 Layout per layer (this rank's heads only): key and value [max_sequence_length, b, ng, hn],
-sequence first like the activations. ``ng`` is the number of key/value groups on this
+sequence first like the activations. Mamba layers keep a recurrent state instead
+(``recurrent_states``, see ``megatron.core.ssm.mamba_recurrence``): one fixed-size state
+per sequence, filled by the prefill and advanced by every later forward. ``ng`` is the number of key/value groups on this
 tensor-parallel rank, so grouped-query models cache ``ng`` heads, not ``np``.
 """
 
@@ -45,6 +47,9 @@ class StaticInferenceContext:
         self.window_size = window_size
         self.sequence_len_offset = 0
         self.key_value_memory_dict: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}
+        # Mamba layers: layer number -> (conv state, SSM state) of this batch, written by the
+        # forward at offset 0 (the prefill) and advanced in place by each later one.
+        self.recurrent_states: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}
         self.offset_tensor: Optional[torch.Tensor] = None
         # The model computes logits of the last position only (no log-probs wanted).
         self.materialize_only_last_token_logits = False
