@@ -34,7 +34,13 @@ from megatron.core import process_groups, tensor_parallel
 from megatron.core.process_groups import group_rank, group_size
 from megatron.core.ssm.causal_conv1d import causal_conv1d
 from megatron.core.ssm.mamba_config import MambaConfig
-from megatron.core.ssm.mamba_recurrence import conv_state_of, conv_step, final_ssm_state, ssm_step
+from megatron.core.ssm.mamba_recurrence import (
+    conv_state_of,
+    conv_step,
+    final_ssm_state,
+    output_from_initial_state,
+    ssm_step,
+)
 from megatron.core.ssm.ssd import ssd_scan
 from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -82,8 +88,8 @@ class MambaMixer(torch.nn.Module):
     """forward(hidden_states [s(/tp), b, h], inference_context=None) -> (output [s(/tp), b, h], None).
 
     The output is not yet added to the residual (the layer does that). During generation
-    ``inference_context`` (a ``StaticInferenceContext``) holds this layer's recurrent state
-    under ``layer_number`` (``mamba_recurrence``)."""
+    ``inference_context`` (``megatron.core.inference.contexts``) holds this layer's recurrent
+    state of each sequence under (``layer_number``, sequence) (``mamba_recurrence``)."""
 
     def __init__(
         self,
@@ -178,40 +184,63 @@ class MambaMixer(torch.nn.Module):
         return (x.reshape(*lead, self.nheads_local, self.headdim), B.reshape(*lead, self.ngroups_local, self.d_state),
                 C.reshape(*lead, self.ngroups_local, self.d_state))
 
-    def _conv_and_scan(self, xbc: torch.Tensor, dt: torch.Tensor, keep_state: bool = False):
-        """xbc [b, s, conv_dim], raw dt [b, s, h] -> y [b, s, d_inner/tp] (and, with
-        ``keep_state``, the (conv, SSM) state the sequences end in)."""
+    def _conv_and_scan(self, xbc: torch.Tensor, dt: torch.Tensor) -> torch.Tensor:
+        """xbc [b, s, conv_dim], raw dt [b, s, h] -> y [b, s, d_inner/tp] (training, scoring)."""
         b, s, _ = xbc.shape
-        conv_in = xbc
         xbc = causal_conv1d(xbc, self.conv1d.weight.squeeze(1), self.conv1d.bias, activation="silu")
         x, B, C = self._split_xbc(xbc)
         dt, A = self._dt_and_A(dt)
-        y = ssd_scan(x, dt, A, B, C, self.mamba_config.chunk_size, self.D).reshape(b, s, self.d_inner_local)
-        if not keep_state:
-            return y
-        return y, (conv_state_of(conv_in, self.mamba_config.d_conv), final_ssm_state(x, dt, A, B))
+        return ssd_scan(x, dt, A, B, C, self.mamba_config.chunk_size, self.D).reshape(b, s, self.d_inner_local)
+
+    def _scan_from_state(self, xbc: torch.Tensor, dt: torch.Tensor, state):
+        """Several tokens after ``state`` ((conv, SSM) or None for the start of the sequences)
+        -> (y [b, s, d_inner/tp], the state after them)."""
+        b, s, _ = xbc.shape
+        conv_in = xbc if state is None else torch.cat([state[0].transpose(1, 2).to(xbc.dtype), xbc], dim=1)
+        conv_out = causal_conv1d(conv_in, self.conv1d.weight.squeeze(1), self.conv1d.bias, activation="silu")
+        x, B, C = self._split_xbc(conv_out[:, conv_in.shape[1] - s:])
+        dt, A = self._dt_and_A(dt)
+        y = ssd_scan(x, dt, A, B, C, self.mamba_config.chunk_size, self.D)
+        ssm_state = final_ssm_state(x, dt, A, B)
+        if state is not None:
+            log_decay = torch.cumsum(dt * A, dim=1)  # [b, s, h]
+            y = (y.float() + output_from_initial_state(state[1], C, log_decay)).to(y.dtype)
+            ssm_state = ssm_state + torch.exp(log_decay[:, -1])[..., None, None] * state[1]
+        return y.reshape(b, s, self.d_inner_local), (conv_state_of(conv_in, self.mamba_config.d_conv), ssm_state)
+
+    def _step(self, xbc: torch.Tensor, dt: torch.Tensor, state) -> torch.Tensor:
+        """One token per sequence, xbc [b, conv_dim], raw dt [b, h]: advances ``state`` in
+        place -> y [b, 1, d_inner/tp]."""
+        conv_state, ssm_state = state
+        x, B, C = self._split_xbc(conv_step(conv_state, xbc, self.conv1d.weight.squeeze(1), self.conv1d.bias))
+        dt, A = self._dt_and_A(dt)
+        y = ssm_step(ssm_state, x, dt, A, B, C, self.D)
+        return y.reshape(xbc.shape[0], 1, self.d_inner_local).to(xbc.dtype)
 
     def _cached_conv_and_scan(self, xbc: torch.Tensor, dt: torch.Tensor, inference_context) -> torch.Tensor:
-        """Generation: a forward from position 0 is a prefill that stores this layer's state in
-        ``inference_context.recurrent_states``; a later forward advances it token by token."""
+        """Generation: for each run of tokens the context names (``recurrent_segments``), a run
+        from position 0 starts a state, a later run continues the stored one; states live in
+        ``inference_context.recurrent_states`` under (layer number, sequence)."""
         states = getattr(inference_context, "recurrent_states", None)
         if states is None:
-            raise ValueError(f"Mamba layers need an inference context with recurrent states (StaticInferenceContext), "
-                             f"got {type(inference_context).__name__}")
-        if inference_context.sequence_len_offset == 0:
-            y, states[self.layer_number] = self._conv_and_scan(xbc, dt, keep_state=True)
-            return y
-        if self.layer_number not in states:
-            raise ValueError(f"Mamba layer {self.layer_number}: no recurrent state to continue from; the first forward "
-                             "of a generation must start at position 0 (the prefill)")
-        conv_state, ssm_state = states[self.layer_number]
-        weight = self.conv1d.weight.squeeze(1)
+            raise ValueError(f"Mamba layers need an inference context that keeps recurrent states, got "
+                             f"{type(inference_context).__name__}")
         ys = []
-        for t in range(xbc.shape[1]):
-            x, B, C = self._split_xbc(conv_step(conv_state, xbc[:, t], weight, self.conv1d.bias))
-            dt_t, A = self._dt_and_A(dt[:, t])
-            ys.append(ssm_step(ssm_state, x, dt_t, A, B, C, self.D))
-        return torch.stack(ys, dim=1).reshape(*xbc.shape[:2], self.d_inner_local).to(xbc.dtype)
+        for sequence, first, n, start in inference_context.recurrent_segments(xbc.shape[1]):
+            key = (self.layer_number, sequence)
+            xs, dts = xbc[:, first:first + n], dt[:, first:first + n]
+            state = None
+            if start > 0:
+                state = states.get(key)
+                if state is None:
+                    raise ValueError(f"Mamba layer {self.layer_number}: no recurrent state to continue from at position "
+                                     f"{start}; a sequence's first forward must start at position 0 (the prefill)")
+            if n == 1 and state is not None:
+                ys.append(self._step(xs[:, 0], dts[:, 0], state))
+            else:
+                y, states[key] = self._scan_from_state(xs, dts, state)
+                ys.append(y)
+        return ys[0] if len(ys) == 1 else torch.cat(ys, dim=1)
 
     def forward(self, hidden_states: torch.Tensor, inference_context=None) -> Tuple[torch.Tensor, None]:
         zxbcdt, _ = self.in_proj(hidden_states)  # [s, b, proj/tp]

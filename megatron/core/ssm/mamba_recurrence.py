@@ -18,6 +18,9 @@ The step is the recurrence the chunked scan computes in bulk (``ssd_reference``)
 
 The state after a prefill is the same sum written out:
 state_L = sum_t exp(dt_{t+1} A + ... + dt_L A) * dt_t * x_t (outer) B_t (zero initial state).
+A block of several tokens after a state (a prompt prefilled in chunks) runs the chunked
+scan from zero and adds what the initial state contributes (``output_from_initial_state``;
+the recurrence is linear in the state), so the scan itself never needs an initial state.
 """
 
 from __future__ import annotations
@@ -51,6 +54,14 @@ def final_ssm_state(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch
     weight = torch.exp(suffix) * dt  # [b, l, h]
     Bh = _heads_from_groups(B, x.shape[2])  # [b, l, h, n]
     return torch.einsum("blh,blhp,blhn->bhpn", weight, x, Bh)
+
+
+def output_from_initial_state(ssm_state: torch.Tensor, C: torch.Tensor, log_decay: torch.Tensor) -> torch.Tensor:
+    """What an initial state adds to the scan's output (the scan being linear in its state):
+    y_t += exp(dt_1 A + ... + dt_t A) * state . C_t. ssm_state [b, h, p, n], C [b, l, g, n],
+    log_decay [b, l, h] the cumulative sums of dt * A -> [b, l, h, p] in the state's dtype."""
+    Ch = _heads_from_groups(C.to(ssm_state.dtype), ssm_state.shape[1])
+    return torch.exp(log_decay.to(ssm_state.dtype))[..., None] * torch.einsum("bhpn,blhn->blhp", ssm_state, Ch)
 
 
 def conv_state_of(xbc: torch.Tensor, d_conv: int) -> torch.Tensor:

@@ -76,14 +76,16 @@ def test_final_state_and_steps_equal_the_sequential_recurrence():
 @pytest.mark.parametrize("name", ["mamba2", "nemotron_h"])
 @pytest.mark.parametrize("prefill", [2, 7])
 def test_cached_logits_equal_full_forward(models, name, prefill):
-    """Prefill, then one token at a time up to 20: every step's logits equal those of the
+    """Prefill, a block of 6 more tokens continuing from the state (as a prompt prefilled in
+    chunks), then one token at a time up to 20: every forward's logits equal those of the
     full sequence (a prefill of 2 is shorter than the conv window of 3)."""
     _, ours = models[name]
     ids = _ids(2, 20, seed=3)
     with torch.no_grad():
         full = ours(ids, None, None)
         context = StaticInferenceContext(2, 20)
-        for start, end in [(0, prefill)] + [(p, p + 1) for p in range(prefill, 20)]:
+        steps = [(0, prefill), (prefill, prefill + 6)] + [(p, p + 1) for p in range(prefill + 6, 20)]
+        for start, end in steps:
             got = ours(ids[:, start:end], torch.arange(start, end).expand(2, -1), None, inference_context=context)
             context.increment(end - start)
             torch.testing.assert_close(got, full[:, start:end], **TOL)
@@ -113,10 +115,36 @@ def test_mixed_length_batch_equals_each_prompt_alone(models, name):
                                    torch.tensor(alone.prompt_log_probs + alone.generated_log_probs), **TOL)
 
 
-def test_dynamic_engine_and_cuda_graphs_refuse_mamba_layers(models):
+@pytest.mark.parametrize("name", ["mamba2", "nemotron_h"])
+def test_dynamic_batching_with_requests_arriving_mid_stream_equals_each_alone(models, name):
+    """Continuous batching: each request's state lives in its own slot; prompts of 6-9 tokens
+    are prefilled in chunks (a step budget of 5) next to other requests' decode tokens."""
+    _, ours = models[name]
+    greedy = dict(top_k=1, return_log_probs=True)
+    requests = [InferenceRequest(_ids(1, 9, seed=1)[0].tolist(), SamplingParams(num_tokens_to_generate=10, **greedy)),
+                InferenceRequest(_ids(1, 3, seed=2)[0].tolist(), SamplingParams(num_tokens_to_generate=6, **greedy)),
+                InferenceRequest(_ids(1, 6, seed=3)[0].tolist(), SamplingParams(num_tokens_to_generate=8, **greedy))]
+    static = StaticInferenceEngine(ours, 1, 32)
+    alone = [static.generate([r])[0] for r in requests]
+    engine = DynamicInferenceEngine(ours, max_requests=3, num_blocks=24, block_size=4, max_tokens_per_step=5,
+                                    max_sequence_length=32)
+    ids = [engine.add_request(requests[0])]
+    results = {}
+    for _ in range(3):  # request 0 is prefilled in two chunks and starts decoding alone
+        results.update(engine.step())
+    ids += [engine.add_request(r) for r in requests[1:]]
+    while engine.has_unfinished_requests():
+        results.update(engine.step())
+    for request_id, expected in zip(ids, alone):
+        got = results[request_id]
+        assert got.generated_tokens == expected.generated_tokens
+        torch.testing.assert_close(torch.tensor(got.prompt_log_probs + got.generated_log_probs),
+                                   torch.tensor(expected.prompt_log_probs + expected.generated_log_probs), **TOL)
+    assert not engine.context.recurrent_states  # finished requests leave no state behind
+
+
+def test_cuda_graph_decode_is_refused_for_mamba_layers(models):
     _, ours = models["nemotron_h"]
-    with pytest.raises(ValueError, match="--inference-dynamic-batching"):
-        DynamicInferenceEngine(ours, max_requests=2, num_blocks=4, block_size=8)
     assert "Mamba" in decode_graph_supported(ours, model_parallel=False)
 
 

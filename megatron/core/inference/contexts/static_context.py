@@ -47,9 +47,9 @@ class StaticInferenceContext:
         self.window_size = window_size
         self.sequence_len_offset = 0
         self.key_value_memory_dict: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}
-        # Mamba layers: layer number -> (conv state, SSM state) of this batch, written by the
-        # forward at offset 0 (the prefill) and advanced in place by each later one.
-        self.recurrent_states: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}
+        # Mamba layers: (layer number, None) -> (conv state, SSM state) of the whole batch,
+        # written by the forward at offset 0 (the prefill) and advanced by each later one.
+        self.recurrent_states: Dict[Tuple[int, None], Tuple[torch.Tensor, torch.Tensor]] = {}
         self.offset_tensor: Optional[torch.Tensor] = None
         # The model computes logits of the last position only (no log-probs wanted).
         self.materialize_only_last_token_logits = False
@@ -81,6 +81,11 @@ class StaticInferenceContext:
             buffers = (torch.zeros(shape, dtype=key.dtype, device=key.device), torch.zeros(shape, dtype=key.dtype, device=key.device))
             self.key_value_memory_dict[layer_number] = buffers
         return buffers
+
+    def recurrent_segments(self, seq_len: int):
+        """For Mamba layers: (sequence, first token, token count, first position) of each run of
+        tokens this forward feeds; here one run, the whole batch (sequence None) at the offset."""
+        return [(None, 0, seq_len, self.sequence_len_offset)]
 
     def rotary_freqs(self, rotary_pos_emb, seq_len: int, device: torch.device) -> torch.Tensor:
         """Rotary angles [seq_len, 1, 1, d] of the positions this forward feeds."""

@@ -51,12 +51,6 @@ class DynamicInferenceEngine:
                  detokenize: Optional[Callable[[Sequence[int]], str]] = None):
         if max_requests < 1 or max_tokens_per_step < 1:
             raise ValueError(f"max_requests and max_tokens_per_step must be >= 1, got {max_requests}, {max_tokens_per_step}")
-        if getattr(model, "has_recurrent_state", False):
-            raise ValueError(
-                "continuous batching (--inference-dynamic-batching, DynamicInferenceEngine) does not support models "
-                "with Mamba layers yet (their recurrent state has no slot in the paged cache): serve them without "
-                "--inference-dynamic-batching, with the static engine (StaticInferenceEngine)"
-            )
         self.model = model
         self.model_step = ModelStep(model)
         self.device = next(model.parameters()).device
