@@ -233,8 +233,9 @@ class MambaMixer(torch.nn.Module):
             if start > 0:
                 state = states.get(key)
                 if state is None:
-                    raise ValueError(f"Mamba layer {self.layer_number}: no recurrent state to continue from at position "
-                                     f"{start}; a sequence's first forward must start at position 0 (the prefill)")
+                    raise ValueError(f"Mamba layer {self.layer_number}: no recurrent state to continue from at "
+                                     f"position {start}; a sequence's first forward must start at position 0 "
+                                     "(the prefill)")
             if n == 1 and state is not None:
                 ys.append(self._step(xs[:, 0], dts[:, 0], state))
             else:

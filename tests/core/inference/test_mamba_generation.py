@@ -65,7 +65,8 @@ def test_final_state_and_steps_equal_the_sequential_recurrence():
     torch.testing.assert_close(state, state_all)
 
     xbc = torch.randn(b, l, 7, generator=gen, dtype=torch.float64)
-    weight, bias = torch.randn(7, 4, generator=gen, dtype=torch.float64), torch.randn(7, generator=gen, dtype=torch.float64)
+    weight = torch.randn(7, 4, generator=gen, dtype=torch.float64)
+    bias = torch.randn(7, generator=gen, dtype=torch.float64)
     full = causal_conv1d_reference(xbc.transpose(1, 2), weight, bias, "silu").transpose(1, 2)
     for prefill in (1, 2, 5):  # shorter than the kernel's window too: zeros, as the causal padding
         conv_state = conv_state_of(xbc[:, :prefill], 4)

@@ -6,10 +6,10 @@ Megatron's static engine does), so one offset describes the whole batch and no p
 ever enters the cache.
 
 Layout per layer (this rank's heads only): key and value [max_sequence_length, b, ng, hn],
-sequence first like the activations. Mamba layers keep a recurrent state instead
-(``recurrent_states``, see ``megatron.core.ssm.mamba_recurrence``): one fixed-size state
-per sequence, filled by the prefill and advanced by every later forward. ``ng`` is the number of key/value groups on this
-tensor-parallel rank, so grouped-query models cache ``ng`` heads, not ``np``.
+sequence first like the activations. ``ng`` is the number of key/value groups on this
+tensor-parallel rank, so grouped-query models cache ``ng`` heads, not ``np``. Mamba layers
+keep a recurrent state instead (``recurrent_states``, see ``megatron.core.ssm.mamba_recurrence``):
+one fixed-size state per sequence, filled by the prefill and advanced by every later forward.
 """
 
 from __future__ import annotations
