@@ -217,18 +217,35 @@ class MambaMixer(torch.nn.Module):
         y = ssm_step(ssm_state, x, dt, A, B, C, self.D)
         return y.reshape(xbc.shape[0], 1, self.d_inner_local).to(xbc.dtype)
 
+    def _step_many(self, xbc: torch.Tensor, dt: torch.Tensor, states) -> torch.Tensor:
+        """One token for each of k runs (xbc [b, k, conv_dim], raw dt [b, k, h]; one state of
+        batch b per run, b = 1 when k > 1): one batched step -> y [b, k, d_inner/tp]."""
+        b, k, _ = xbc.shape
+        if k == 1:
+            return self._step(xbc[:, 0], dt[:, 0], states[0])
+        # Packed decode tokens of several sequences (continuous batching): their states are
+        # stacked for one step and written back.
+        conv = torch.cat([state[0] for state in states])
+        ssm = torch.cat([state[1] for state in states])
+        y = self._step(xbc.transpose(0, 1).reshape(k * b, -1), dt.transpose(0, 1).reshape(k * b, -1), (conv, ssm))
+        for i, (conv_i, ssm_i) in enumerate(states):
+            conv_i.copy_(conv[i * b:(i + 1) * b])
+            ssm_i.copy_(ssm[i * b:(i + 1) * b])
+        return y.reshape(k, b, -1).transpose(0, 1)
+
     def _cached_conv_and_scan(self, xbc: torch.Tensor, dt: torch.Tensor, inference_context) -> torch.Tensor:
         """Generation: for each run of tokens the context names (``recurrent_segments``), a run
-        from position 0 starts a state, a later run continues the stored one; states live in
+        from position 0 starts a state, a later run continues the stored one (single tokens
+        of several runs in one batched step); states live in
         ``inference_context.recurrent_states`` under (layer number, sequence)."""
         states = getattr(inference_context, "recurrent_states", None)
         if states is None:
             raise ValueError(f"Mamba layers need an inference context that keeps recurrent states, got "
                              f"{type(inference_context).__name__}")
-        ys = []
+        y = xbc.new_empty(*xbc.shape[:2], self.d_inner_local)
+        step_tokens, step_states = [], []
         for sequence, first, n, start in inference_context.recurrent_segments(xbc.shape[1]):
             key = (self.layer_number, sequence)
-            xs, dts = xbc[:, first:first + n], dt[:, first:first + n]
             state = None
             if start > 0:
                 state = states.get(key)
@@ -237,11 +254,14 @@ class MambaMixer(torch.nn.Module):
                                      f"position {start}; a sequence's first forward must start at position 0 "
                                      "(the prefill)")
             if n == 1 and state is not None:
-                ys.append(self._step(xs[:, 0], dts[:, 0], state))
+                step_tokens.append(first)
+                step_states.append(state)
             else:
-                y, states[key] = self._scan_from_state(xs, dts, state)
-                ys.append(y)
-        return ys[0] if len(ys) == 1 else torch.cat(ys, dim=1)
+                y[:, first:first + n], states[key] = self._scan_from_state(xbc[:, first:first + n],
+                                                                           dt[:, first:first + n], state)
+        if step_tokens:
+            y[:, step_tokens] = self._step_many(xbc[:, step_tokens], dt[:, step_tokens], step_states)
+        return y
 
     def forward(self, hidden_states: torch.Tensor, inference_context=None) -> Tuple[torch.Tensor, None]:
         zxbcdt, _ = self.in_proj(hidden_states)  # [s, b, proj/tp]
