@@ -1,5 +1,6 @@
-"""Serve a GPT checkpoint over HTTP: Megatron's PUT /api and POST /completions, plus the
-OpenAI-compatible /v1/completions, /v1/chat/completions, /v1/models and /health.
+"""Serve a GPT or Mamba/hybrid checkpoint over HTTP: Megatron's PUT /api and POST
+/completions, plus the OpenAI-compatible /v1/completions, /v1/chat/completions, /v1/models
+and /health.
 
     torchrun --nproc-per-node <TP x PP> tools/run_text_generation_server.py \\
         <model flags> --load CKPT [--use-checkpoint-args] <tokenizer flags> --port 5000
@@ -26,14 +27,13 @@ from megatron.core.inference import (  # noqa: E402
     StaticInferenceEngine,
 )
 from megatron.inference.dynamic_service import DynamicGenerationService  # noqa: E402
-from megatron.inference.model_loading import load_model_for_inference  # noqa: E402
+from megatron.inference.model_loading import load_model_for_inference, model_provider_for  # noqa: E402
 from megatron.inference.rank_roles import Leader, follow, ignore_stop_signals  # noqa: E402
 from megatron.inference.server_args import add_text_generate_args, check_text_generate_args  # noqa: E402
 from megatron.inference.text_service import ServingLimits, TextGenerationService  # noqa: E402
 from megatron.training import get_tokenizer  # noqa: E402
 from megatron.training.arguments import parse_args  # noqa: E402
 from megatron.training.initialize import initialize_megatron, shutdown_megatron  # noqa: E402
-from pretrain_gpt import model_provider  # noqa: E402
 
 logger = logging.getLogger("run_text_generation_server")
 
@@ -107,7 +107,7 @@ def main(argv=None) -> None:
     # Generation takes its batch from requests; the training batch flags only need a value.
     args = initialize_megatron(parsed_args=args, args_defaults={"micro_batch_size": 1})
     check_text_generate_args(args)
-    model = load_model_for_inference(model_provider, args)
+    model = load_model_for_inference(model_provider_for(args), args)
     tokenizer = get_tokenizer()
     engine = _engine(args, model, tokenizer)
     try:

@@ -3,6 +3,8 @@
 Any checkpoint this project saves loads into any serving layout (tensor/pipeline sizes
 may differ from training's: the checkpoint loader reshards). Hugging Face models are
 served after ``tools/checkpoint/convert.py --loader hf`` has written them as a checkpoint.
+The model family (GPT, or a Mamba/hybrid stack) comes from the flags, or from the
+checkpoint's arguments with --use-checkpoint-args.
 """
 
 from __future__ import annotations
@@ -17,6 +19,26 @@ from megatron.training.checkpointing import load_checkpoint
 from megatron.training.model_setup import get_model
 
 logger = logging.getLogger(__name__)
+
+
+def is_hybrid_model(args) -> bool:
+    """The flags describe a Mamba/hybrid model: --is-hybrid-model, --hybrid-layer-pattern or
+    the older --hybrid-override-pattern / --hybrid-attention-ratio / --hybrid-mlp-ratio
+    (with --use-checkpoint-args, as the checkpoint saved them)."""
+    return bool(getattr(args, "is_hybrid_model", None) or getattr(args, "hybrid_layer_pattern", None)
+                or getattr(args, "hybrid_override_pattern", None) or getattr(args, "hybrid_attention_ratio", 0.0)
+                or getattr(args, "hybrid_mlp_ratio", 0.0))
+
+
+def model_provider_for(args) -> Callable:
+    """The model provider of the family ``args`` describe: pretrain_hybrid's for a Mamba or
+    hybrid model, else pretrain_gpt's (the training scripts' own, so that the served model is
+    built exactly as it was trained)."""
+    if is_hybrid_model(args):
+        from pretrain_hybrid import model_provider
+    else:
+        from pretrain_gpt import model_provider
+    return model_provider
 
 
 class _NoOptimizer:

@@ -1,6 +1,7 @@
 """Text generation over the project's models.
 
-- ``contexts``: key/value caches the attention layers read and extend during generation;
+- ``contexts``: key/value caches the attention layers read and extend during generation,
+  and the recurrent states of Mamba layers;
 - ``sampling_params`` / ``sampling``: how the next token is chosen;
 - ``inference_request``: one request and its result;
 - ``model_step``: one forward of a (tensor/pipeline parallel) model over new tokens;

@@ -8,7 +8,7 @@ others: the host launches one graph instead of hundreds of kernels, which is wha
 small-batch decoding. Eager execution stays the reference (``use_cuda_graphs=False``).
 
 Supported: one rank (no tensor/pipeline parallelism), dense models (MoE routing has
-data-dependent shapes), no sliding window. ``decode_graph_supported`` says why not.
+data-dependent shapes), no sliding window, no Mamba layers. ``decode_graph_supported`` says why not.
 """
 
 from __future__ import annotations
@@ -22,6 +22,10 @@ import torch
 def decode_graph_supported(model: torch.nn.Module, model_parallel: bool) -> Optional[str]:
     """None when the decode step can be captured, else the reason it cannot."""
     config = model.config
+    if getattr(model, "has_recurrent_state", False):
+        # The capture's warm-up runs would advance the state as real steps do (a KV write
+        # at the same slot repeats harmlessly; a recurrence does not).
+        return "Mamba layers (their recurrent state advances in place at every step)"
     if not torch.cuda.is_available() or next(model.parameters()).device.type != "cuda":
         return "the model is not on a CUDA device"
     if model_parallel:

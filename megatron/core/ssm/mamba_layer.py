@@ -15,9 +15,10 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 
 class MambaLayer(torch.nn.Module):
-    """forward(hidden_states [s(/tp), b, h], attention_mask=None, rotary_pos_emb=None)
-    -> (hidden_states [s(/tp), b, h], None). The mask and rotary arguments exist so the
-    stack can call every layer kind alike; a Mamba layer is causal by construction."""
+    """forward(hidden_states [s(/tp), b, h], attention_mask=None, rotary_pos_emb=None,
+    inference_context=None) -> (hidden_states [s(/tp), b, h], None). The mask and rotary
+    arguments exist so the stack can call every layer kind alike; a Mamba layer is causal
+    by construction. ``inference_context`` carries the recurrent state during generation."""
 
     def __init__(
         self,
@@ -30,10 +31,11 @@ class MambaLayer(torch.nn.Module):
         self.config = config
         self.layer_number = layer_number
         self.norm = build_norm(config, config.hidden_size)
-        self.mixer = MambaMixer(config, mamba_config, pg_collection=process_groups.resolve(pg_collection))
+        self.mixer = MambaMixer(config, mamba_config, pg_collection=process_groups.resolve(pg_collection),
+                                layer_number=layer_number)
 
-    def forward(self, hidden_states: torch.Tensor, attention_mask=None, rotary_pos_emb=None):
+    def forward(self, hidden_states: torch.Tensor, attention_mask=None, rotary_pos_emb=None, inference_context=None):
         residual = hidden_states
-        out = self.mixer(self.norm(hidden_states))
+        out = self.mixer(self.norm(hidden_states), inference_context=inference_context)
         bias_dropout_add = get_bias_dropout_add(self.training, self.config.bias_dropout_fusion)
         return bias_dropout_add(out, residual, self.config.hidden_dropout), None

@@ -34,6 +34,13 @@ from megatron.core import process_groups, tensor_parallel
 from megatron.core.process_groups import group_rank, group_size
 from megatron.core.ssm.causal_conv1d import causal_conv1d
 from megatron.core.ssm.mamba_config import MambaConfig
+from megatron.core.ssm.mamba_recurrence import (
+    conv_state_of,
+    conv_step,
+    final_ssm_state,
+    output_from_initial_state,
+    ssm_step,
+)
 from megatron.core.ssm.ssd import ssd_scan
 from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -78,18 +85,22 @@ class _GatedNorm(torch.nn.Module):
 
 
 class MambaMixer(torch.nn.Module):
-    """forward(hidden_states [s(/tp), b, h]) -> (output [s(/tp), b, h], None).
+    """forward(hidden_states [s(/tp), b, h], inference_context=None) -> (output [s(/tp), b, h], None).
 
-    The output is not yet added to the residual (the layer does that)."""
+    The output is not yet added to the residual (the layer does that). During generation
+    ``inference_context`` (``megatron.core.inference.contexts``) holds this layer's recurrent
+    state of each sequence under (``layer_number``, sequence) (``mamba_recurrence``)."""
 
     def __init__(
         self,
         config: TransformerConfig,
         mamba_config: MambaConfig,
         pg_collection: Optional[process_groups.ProcessGroups] = None,
+        layer_number: int = 1,
     ):
         super().__init__()
         self.config, self.mamba_config = config, mamba_config
+        self.layer_number = layer_number  # names this layer's state in an inference context
         self.tp_group = process_groups.resolve(pg_collection).tp
         tp, rank = group_size(self.tp_group), group_rank(self.tp_group)
         mamba_config.validate(config.hidden_size, tp)
@@ -157,24 +168,109 @@ class MambaMixer(torch.nn.Module):
         z, xbc, dt = torch.split(zxbcdt, [self.d_inner_local, self.d_inner_local + 2 * bc, self.nheads_local], dim=-1)
         return z, xbc, dt
 
-    def forward(self, hidden_states: torch.Tensor) -> Tuple[torch.Tensor, None]:
-        zxbcdt, _ = self.in_proj(hidden_states)  # [s, b, proj/tp]
-        zxbcdt = zxbcdt.transpose(0, 1)  # [b, s, proj/tp]: the scan runs batch first
-        b, s, _ = zxbcdt.shape
-        z, xbc, dt = self._split_projection(zxbcdt)
-        xbc = causal_conv1d(xbc, self.conv1d.weight.squeeze(1), self.conv1d.bias, activation="silu")
-        bc = self.ngroups_local * self.d_state
-        x, B, C = torch.split(xbc, [self.d_inner_local, bc, bc], dim=-1)
+    def _dt_and_A(self, dt: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Raw dt [..., h] -> (softplus(dt + dt_bias) within --dt limits, A = -exp(A_log)), fp32."""
         dt = F.softplus(dt.float() + self.dt_bias.float())
         lo, hi = self.mamba_config.dt_limit
         if (lo, hi) != (0.0, float("inf")):
             dt = dt.clamp(min=lo, max=hi)
-        A = -torch.exp(self.A_log.float())
-        y = ssd_scan(
-            x.reshape(b, s, self.nheads_local, self.headdim), dt, A,
-            B.reshape(b, s, self.ngroups_local, self.d_state), C.reshape(b, s, self.ngroups_local, self.d_state),
-            self.mamba_config.chunk_size, self.D,
-        ).reshape(b, s, self.d_inner_local)
+        return dt, -torch.exp(self.A_log.float())
+
+    def _split_xbc(self, xbc: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """[..., conv_dim] -> x [..., h, p], B and C [..., g, n] (views, this rank's heads)."""
+        bc = self.ngroups_local * self.d_state
+        x, B, C = torch.split(xbc, [self.d_inner_local, bc, bc], dim=-1)
+        lead = xbc.shape[:-1]
+        return (x.reshape(*lead, self.nheads_local, self.headdim), B.reshape(*lead, self.ngroups_local, self.d_state),
+                C.reshape(*lead, self.ngroups_local, self.d_state))
+
+    def _conv_and_scan(self, xbc: torch.Tensor, dt: torch.Tensor) -> torch.Tensor:
+        """xbc [b, s, conv_dim], raw dt [b, s, h] -> y [b, s, d_inner/tp] (training, scoring)."""
+        b, s, _ = xbc.shape
+        xbc = causal_conv1d(xbc, self.conv1d.weight.squeeze(1), self.conv1d.bias, activation="silu")
+        x, B, C = self._split_xbc(xbc)
+        dt, A = self._dt_and_A(dt)
+        return ssd_scan(x, dt, A, B, C, self.mamba_config.chunk_size, self.D).reshape(b, s, self.d_inner_local)
+
+    def _scan_from_state(self, xbc: torch.Tensor, dt: torch.Tensor, state):
+        """Several tokens after ``state`` ((conv, SSM) or None for the start of the sequences)
+        -> (y [b, s, d_inner/tp], the state after them)."""
+        b, s, _ = xbc.shape
+        conv_in = xbc if state is None else torch.cat([state[0].transpose(1, 2).to(xbc.dtype), xbc], dim=1)
+        conv_out = causal_conv1d(conv_in, self.conv1d.weight.squeeze(1), self.conv1d.bias, activation="silu")
+        x, B, C = self._split_xbc(conv_out[:, conv_in.shape[1] - s:])
+        dt, A = self._dt_and_A(dt)
+        y = ssd_scan(x, dt, A, B, C, self.mamba_config.chunk_size, self.D)
+        ssm_state = final_ssm_state(x, dt, A, B)
+        if state is not None:
+            log_decay = torch.cumsum(dt * A, dim=1)  # [b, s, h]
+            y = (y.float() + output_from_initial_state(state[1], C, log_decay)).to(y.dtype)
+            ssm_state = ssm_state + torch.exp(log_decay[:, -1])[..., None, None] * state[1]
+        return y.reshape(b, s, self.d_inner_local), (conv_state_of(conv_in, self.mamba_config.d_conv), ssm_state)
+
+    def _step(self, xbc: torch.Tensor, dt: torch.Tensor, state) -> torch.Tensor:
+        """One token per sequence, xbc [b, conv_dim], raw dt [b, h]: advances ``state`` in
+        place -> y [b, 1, d_inner/tp]."""
+        conv_state, ssm_state = state
+        x, B, C = self._split_xbc(conv_step(conv_state, xbc, self.conv1d.weight.squeeze(1), self.conv1d.bias))
+        dt, A = self._dt_and_A(dt)
+        y = ssm_step(ssm_state, x, dt, A, B, C, self.D)
+        return y.reshape(xbc.shape[0], 1, self.d_inner_local).to(xbc.dtype)
+
+    def _step_many(self, xbc: torch.Tensor, dt: torch.Tensor, states) -> torch.Tensor:
+        """One token for each of k runs (xbc [b, k, conv_dim], raw dt [b, k, h]; one state of
+        batch b per run, b = 1 when k > 1): one batched step -> y [b, k, d_inner/tp]."""
+        b, k, _ = xbc.shape
+        if k == 1:
+            return self._step(xbc[:, 0], dt[:, 0], states[0])
+        # Packed decode tokens of several sequences (continuous batching): their states are
+        # stacked for one step and written back.
+        conv = torch.cat([state[0] for state in states])
+        ssm = torch.cat([state[1] for state in states])
+        y = self._step(xbc.transpose(0, 1).reshape(k * b, -1), dt.transpose(0, 1).reshape(k * b, -1), (conv, ssm))
+        for i, (conv_i, ssm_i) in enumerate(states):
+            conv_i.copy_(conv[i * b:(i + 1) * b])
+            ssm_i.copy_(ssm[i * b:(i + 1) * b])
+        return y.reshape(k, b, -1).transpose(0, 1)
+
+    def _cached_conv_and_scan(self, xbc: torch.Tensor, dt: torch.Tensor, inference_context) -> torch.Tensor:
+        """Generation: for each run of tokens the context names (``recurrent_segments``), a run
+        from position 0 starts a state, a later run continues the stored one (single tokens
+        of several runs in one batched step); states live in
+        ``inference_context.recurrent_states`` under (layer number, sequence)."""
+        states = getattr(inference_context, "recurrent_states", None)
+        if states is None:
+            raise ValueError(f"Mamba layers need an inference context that keeps recurrent states, got "
+                             f"{type(inference_context).__name__}")
+        y = xbc.new_empty(*xbc.shape[:2], self.d_inner_local)
+        step_tokens, step_states = [], []
+        for sequence, first, n, start in inference_context.recurrent_segments(xbc.shape[1]):
+            key = (self.layer_number, sequence)
+            state = None
+            if start > 0:
+                state = states.get(key)
+                if state is None:
+                    raise ValueError(f"Mamba layer {self.layer_number}: no recurrent state to continue from at "
+                                     f"position {start}; a sequence's first forward must start at position 0 "
+                                     "(the prefill)")
+            if n == 1 and state is not None:
+                step_tokens.append(first)
+                step_states.append(state)
+            else:
+                y[:, first:first + n], states[key] = self._scan_from_state(xbc[:, first:first + n],
+                                                                           dt[:, first:first + n], state)
+        if step_tokens:
+            y[:, step_tokens] = self._step_many(xbc[:, step_tokens], dt[:, step_tokens], step_states)
+        return y
+
+    def forward(self, hidden_states: torch.Tensor, inference_context=None) -> Tuple[torch.Tensor, None]:
+        zxbcdt, _ = self.in_proj(hidden_states)  # [s, b, proj/tp]
+        zxbcdt = zxbcdt.transpose(0, 1)  # [b, s, proj/tp]: the scan runs batch first
+        z, xbc, dt = self._split_projection(zxbcdt)
+        if inference_context is None:
+            y = self._conv_and_scan(xbc, dt)
+        else:
+            y = self._cached_conv_and_scan(xbc, dt, inference_context)
         y = gated_rms_norm(y, z, self.norm.weight, self.ngroups_local, self.mamba_config.norm_eps)
         out, _ = self.out_proj(y.transpose(0, 1).contiguous())
         return out, None

@@ -15,7 +15,8 @@ def add_hybrid_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g = parser.add_argument_group(title="hybrid and mamba")
     # default None (not False) so that pretrain_hybrid.py's args_defaults can turn it on.
     g.add_argument("--is-hybrid-model", action="store_true", default=None,
-                   help="The model is a hybrid (Mamba) stack; set by pretrain_hybrid.py. Selects the hybrid FLOP count.")
+                   help="The model is a hybrid (Mamba) stack; set by pretrain_hybrid.py. Selects the hybrid FLOP count, "
+                        "and the hybrid model in tools/run_text_generation_server.py.")
     g.add_argument("--hybrid-layer-pattern", type=str, default=None,
                    help="One symbol per layer: M Mamba-2, * attention, - MLP, E MoE; '|' cuts pipeline stages.")
     g.add_argument("--hybrid-attention-ratio", type=float, default=0.0,

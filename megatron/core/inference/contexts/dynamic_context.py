@@ -6,11 +6,14 @@ groups). Each sequence owns a block table (block ids in position order); positio
 sequence lives in block ``table[p // block_size]`` at slot ``p % block_size``. A step
 packs the new tokens of every scheduled sequence (a prefill chunk or one decode token)
 into one [s_total, 1] batch; ``begin_step`` names, in packing order, which sequence
-each run of tokens belongs to and where it starts.
+each run of tokens belongs to and where it starts. Mamba layers keep one recurrent state
+per sequence instead (``recurrent_states``, the same size at any length), made by the
+sequence's first run and returned with its blocks.
 """
 
 from __future__ import annotations
 
+import itertools
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -35,6 +38,9 @@ class DynamicInferenceContext:
         self._plan: List[Tuple[int, int, int]] = []
         self.position_ids: Optional[torch.Tensor] = None
         self.materialize_only_last_token_logits = False  # packed sequences: every run's last token is needed
+        # Mamba layers: (layer number, sequence id) -> (conv state, SSM state) [1, ...] of one
+        # sequence, made by its first run (position 0) and dropped with its blocks.
+        self.recurrent_states: Dict[Tuple[int, int], Tuple[torch.Tensor, torch.Tensor]] = {}
 
     # --- blocks ---------------------------------------------------------------------------
     def blocks_needed(self, sequence_id: int, length: int) -> int:
@@ -52,8 +58,10 @@ class DynamicInferenceContext:
             table.append(self.free_blocks.pop())
 
     def release(self, sequence_id: int) -> None:
-        """Return a finished sequence's blocks to the pool."""
+        """Return a finished sequence's blocks to the pool and drop its recurrent states."""
         self.free_blocks.extend(self.block_tables.pop(sequence_id, []))
+        for key in [k for k in self.recurrent_states if k[1] == sequence_id]:
+            del self.recurrent_states[key]
 
     # --- one step ---------------------------------------------------------------------------
     def begin_step(self, plan: Sequence[Tuple[int, int, int]], device: torch.device) -> torch.Tensor:
@@ -63,6 +71,12 @@ class DynamicInferenceContext:
         positions = [torch.arange(start, start + n) for _, start, n in self._plan]
         self.position_ids = torch.cat(positions).to(device).unsqueeze(0)
         return self.position_ids
+
+    def recurrent_segments(self, seq_len: int) -> List[Tuple[int, int, int, int]]:
+        """For Mamba layers: (sequence id, first packed token, token count, first position) of
+        every run of this step, in packing order."""
+        offsets = itertools.accumulate([n for _, _, n in self._plan], initial=0)
+        return [(sid, first, n, start) for (sid, start, n), first in zip(self._plan, offsets)]
 
     def rotary_freqs(self, rotary_pos_emb, seq_len: int, device: torch.device) -> torch.Tensor:
         """Rotary angles [s_total, 1, 1, d] of the packed tokens' own positions."""

@@ -7,7 +7,9 @@ ever enters the cache.
 
 Layout per layer (this rank's heads only): key and value [max_sequence_length, b, ng, hn],
 sequence first like the activations. ``ng`` is the number of key/value groups on this
-tensor-parallel rank, so grouped-query models cache ``ng`` heads, not ``np``.
+tensor-parallel rank, so grouped-query models cache ``ng`` heads, not ``np``. Mamba layers
+keep a recurrent state instead (``recurrent_states``, see ``megatron.core.ssm.mamba_recurrence``):
+one fixed-size state per sequence, filled by the prefill and advanced by every later forward.
 """
 
 from __future__ import annotations
@@ -45,6 +47,9 @@ class StaticInferenceContext:
         self.window_size = window_size
         self.sequence_len_offset = 0
         self.key_value_memory_dict: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}
+        # Mamba layers: (layer number, None) -> (conv state, SSM state) of the whole batch,
+        # written by the forward at offset 0 (the prefill) and advanced by each later one.
+        self.recurrent_states: Dict[Tuple[int, None], Tuple[torch.Tensor, torch.Tensor]] = {}
         self.offset_tensor: Optional[torch.Tensor] = None
         # The model computes logits of the last position only (no log-probs wanted).
         self.materialize_only_last_token_logits = False
@@ -76,6 +81,11 @@ class StaticInferenceContext:
             buffers = (torch.zeros(shape, dtype=key.dtype, device=key.device), torch.zeros(shape, dtype=key.dtype, device=key.device))
             self.key_value_memory_dict[layer_number] = buffers
         return buffers
+
+    def recurrent_segments(self, seq_len: int):
+        """For Mamba layers: (sequence, first token, token count, first position) of each run of
+        tokens this forward feeds; here one run, the whole batch (sequence None) at the offset."""
+        return [(None, 0, seq_len, self.sequence_len_offset)]
 
     def rotary_freqs(self, rotary_pos_emb, seq_len: int, device: torch.device) -> torch.Tensor:
         """Rotary angles [seq_len, 1, 1, d] of the positions this forward feeds."""

@@ -23,8 +23,9 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 
 class AttentionLayer(torch.nn.Module):
-    """forward(hidden_states [s(/tp), b, h], attention_mask=None, rotary_pos_emb=None)
-    -> (hidden_states, None): x + attention(norm(x))."""
+    """forward(hidden_states [s(/tp), b, h], attention_mask=None, rotary_pos_emb=None,
+    inference_context=None) -> (hidden_states, None): x + attention(norm(x)); during
+    generation ``inference_context`` is the KV cache."""
 
     def __init__(self, config: TransformerConfig, layer_number: int,
                  pg_collection: Optional[process_groups.ProcessGroups] = None):
@@ -33,16 +34,17 @@ class AttentionLayer(torch.nn.Module):
         self.input_layernorm = build_norm(config, config.hidden_size)
         self.self_attention = SelfAttention(config, layer_number, AttnMaskType.causal, pg_collection=pg_collection)
 
-    def forward(self, hidden_states: torch.Tensor, attention_mask=None, rotary_pos_emb=None):
+    def forward(self, hidden_states: torch.Tensor, attention_mask=None, rotary_pos_emb=None, inference_context=None):
         out = self.self_attention(self.input_layernorm(hidden_states), attention_mask=attention_mask,
-                                  rotary_pos_emb=rotary_pos_emb)
+                                  rotary_pos_emb=rotary_pos_emb, inference_context=inference_context)
         bias_dropout_add = get_bias_dropout_add(self.training, self.config.bias_dropout_fusion)
         return bias_dropout_add(out, hidden_states, self.config.hidden_dropout), None
 
 
 class MLPLayer(torch.nn.Module):
-    """forward(hidden_states, attention_mask=None, rotary_pos_emb=None) -> (hidden_states,
-    None): x + mlp(norm(x)); ``moe`` builds an MoE layer (--num-experts) instead."""
+    """forward(hidden_states, attention_mask=None, rotary_pos_emb=None, inference_context=None)
+    -> (hidden_states, None): x + mlp(norm(x)); ``moe`` builds an MoE layer (--num-experts)
+    instead. An MLP keeps no state between generation steps."""
 
     def __init__(self, config: TransformerConfig, layer_number: int, moe: bool = False,
                  pg_collection: Optional[process_groups.ProcessGroups] = None):
@@ -56,7 +58,7 @@ class MLPLayer(torch.nn.Module):
         else:
             self.mlp = MLP(config, pg_collection=pg_collection)
 
-    def forward(self, hidden_states: torch.Tensor, attention_mask=None, rotary_pos_emb=None):
+    def forward(self, hidden_states: torch.Tensor, attention_mask=None, rotary_pos_emb=None, inference_context=None):
         bias_dropout_add = get_bias_dropout_add(self.training, self.config.bias_dropout_fusion)
         return bias_dropout_add(self.mlp(self.pre_mlp_layernorm(hidden_states)), hidden_states,
                                 self.config.hidden_dropout), None

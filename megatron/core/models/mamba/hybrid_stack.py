@@ -30,8 +30,8 @@ def build_hybrid_layer(symbol: str, config: TransformerConfig, mamba_config: Mam
 
 
 class HybridStack(torch.nn.Module):
-    """forward(hidden_states [s(/tp), b, h], attention_mask=None, rotary_pos_emb=None)
-    -> [s(/tp), b, h]. Layers are this pipeline stage's segment of ``hybrid_layer_pattern``;
+    """forward(hidden_states [s(/tp), b, h], attention_mask=None, rotary_pos_emb=None,
+    inference_context=None (generation: KV cache and recurrent states)) -> [s(/tp), b, h]. Layers are this pipeline stage's segment of ``hybrid_layer_pattern``;
     ``final_norm`` exists on the last stage. Later stages take their input from
     ``set_input_tensor``. With --recompute-granularity full every layer's input is kept and
     the layer is recomputed in backward (--recompute-method and --recompute-num-layers are
@@ -75,12 +75,14 @@ class HybridStack(torch.nn.Module):
         """Use ``input_tensor`` [s(/tp), b, h] as this stage's input (pipeline parallelism)."""
         self.input_tensor = input_tensor
 
-    def _run(self, start: int, end: int, hidden_states, attention_mask, rotary_pos_emb):
+    def _run(self, start: int, end: int, hidden_states, attention_mask, rotary_pos_emb, inference_context=None):
         for layer in self.layers[start:end]:
-            hidden_states, _ = layer(hidden_states, attention_mask=attention_mask, rotary_pos_emb=rotary_pos_emb)
+            hidden_states, _ = layer(hidden_states, attention_mask=attention_mask, rotary_pos_emb=rotary_pos_emb,
+                                     inference_context=inference_context)
         return hidden_states
 
-    def forward(self, hidden_states: Optional[torch.Tensor], attention_mask=None, rotary_pos_emb=None):
+    def forward(self, hidden_states: Optional[torch.Tensor], attention_mask=None, rotary_pos_emb=None,
+                inference_context=None):
         if not self.pre_process:
             hidden_states = self.input_tensor
         if hidden_states is None:
@@ -96,7 +98,7 @@ class HybridStack(torch.nn.Module):
                     self.config.distribute_saved_activations, hidden_states, tp_group=self.tp_group,
                 )
         else:
-            hidden_states = self._run(0, n, hidden_states, attention_mask, rotary_pos_emb)
+            hidden_states = self._run(0, n, hidden_states, attention_mask, rotary_pos_emb, inference_context)
         if self.final_norm is not None:
             hidden_states = self.final_norm(hidden_states)
         return hidden_states

@@ -17,6 +17,7 @@ from megatron.core.models.common.embeddings.language_model_embedding import Lang
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 from megatron.core.models.common.language_module.language_module import LanguageModule
 from megatron.core.models.mamba.hybrid_stack import HybridStack
+from megatron.core.models.mamba.layer_pattern import MAMBA
 from megatron.core.transformer.init_rng import initialization_stream
 from megatron.core.ssm.mamba_config import MambaConfig
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -27,10 +28,12 @@ _POSITION_TYPES = ("none", "rope")
 class MambaModel(LanguageModule):
     """Hybrid language model (one pipeline stage of it when pre/post_process are not both set).
 
-    forward(input_ids [b, s], position_ids, attention_mask, decoder_input=None, labels=None)
-    has GPTModel's contract: hidden states [s(/tp), b, h] when not post_process, logits
-    [b, s, V/tp] without labels, per-token fp32 loss [b, s] with labels. The attention mask
-    (None or bool [b or 1, 1, s, s], True = masked) reaches only the attention layers.
+    forward(input_ids [b, s], position_ids, attention_mask, decoder_input=None, labels=None,
+    inference_context=None) has GPTModel's contract: hidden states [s(/tp), b, h] when not
+    post_process, logits [b, s, V/tp] without labels, per-token fp32 loss [b, s] with labels.
+    The attention mask (None or bool [b or 1, 1, s, s], True = masked) reaches only the
+    attention layers. During generation ``inference_context`` (a ``StaticInferenceContext``)
+    is the attention layers' KV cache and the Mamba layers' recurrent states.
     """
 
     def __init__(
@@ -90,22 +93,35 @@ class MambaModel(LanguageModule):
             input_tensor = input_tensor[0]
         self.decoder.set_input_tensor(input_tensor)
 
-    def _rotary_freqs(self, decoder_input: Optional[torch.Tensor]):
+    @property
+    def has_recurrent_state(self) -> bool:
+        """The whole model (every pipeline stage alike) has Mamba layers, whose generation
+        state is a recurrent one rather than a KV cache."""
+        return MAMBA in self.hybrid_layer_pattern
+
+    def _rotary_freqs(self, decoder_input: Optional[torch.Tensor], inference_context=None):
         if self.position_embedding_type != "rope":
             return None
         reference = decoder_input if decoder_input is not None else self.decoder.input_tensor
         seq_len = reference.size(0)
+        if inference_context is not None:
+            # Generation feeds the tokens after the cached ones: the context knows their positions.
+            return inference_context.rotary_freqs(self.rotary_pos_emb, seq_len, reference.device)
         if self.config.sequence_parallel:
             seq_len *= process_groups.group_size(self.tp_group)
         return self.rotary_pos_emb(seq_len, device=reference.device)
 
-    def forward(self, input_ids, position_ids=None, attention_mask=None, decoder_input=None, labels=None):
+    def forward(self, input_ids, position_ids=None, attention_mask=None, decoder_input=None, labels=None,
+                inference_context=None):
         if decoder_input is None and self.pre_process:
             decoder_input = self.embedding(input_ids, position_ids)
         hidden_states = self.decoder(decoder_input, attention_mask=attention_mask,
-                                     rotary_pos_emb=self._rotary_freqs(decoder_input))
+                                     rotary_pos_emb=self._rotary_freqs(decoder_input, inference_context),
+                                     inference_context=inference_context)
         if not self.post_process:
             return hidden_states
+        if inference_context is not None and inference_context.materialize_only_last_token_logits:
+            hidden_states = hidden_states[-1:]  # generation without log-probs needs the next token only
         output_weight = self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else None
         logits, _ = self.output_layer(hidden_states, weight=output_weight)
         if labels is not None:
