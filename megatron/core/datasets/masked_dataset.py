@@ -196,10 +196,20 @@ class MaskedWordPieceDataset(MegatronDataset):
                 candidates.append([position])
         return candidates
 
-    def _ngram_size(self, random_state: numpy.random.RandomState, sizes: numpy.ndarray, probs: numpy.ndarray) -> int:
+    def _ngram_size(self, random_state: numpy.random.RandomState, sizes: numpy.ndarray, cdf: numpy.ndarray) -> int:
         if self.config.masking_use_geometric_distribution:
             return min(int(random_state.geometric(0.2)), self.config.masking_max_ngram)
-        return int(random_state.choice(sizes, p=probs / probs.sum(keepdims=True)))
+        # random_state.choice(sizes, p=p) draws exactly this (one random_sample, searched in
+        # p's normalized cumulative sum) after validating p on every call, which made it
+        # two thirds of the time of building a sample
+        return int(sizes[cdf.searchsorted(random_state.random_sample(), side="right")])
+
+    @staticmethod
+    def _choice_cdf(probs: numpy.ndarray) -> numpy.ndarray:
+        """The cumulative distribution ``RandomState.choice`` builds from ``p``."""
+        cdf = (probs / probs.sum(keepdims=True)).cumsum()
+        cdf /= cdf[-1]
+        return cdf
 
     def _create_masked_lm_predictions(
         self, token_ids: List[int], target_length: int, random_state: numpy.random.RandomState
@@ -213,6 +223,7 @@ class MaskedWordPieceDataset(MegatronDataset):
         probs = probs / probs.sum(keepdims=True)
         if self.config.masking_use_longer_ngrams:
             probs = probs[::-1]
+        cdf = self._choice_cdf(probs)
         order = list(range(len(candidates)))
         random_state.shuffle(order)
 
@@ -222,7 +233,7 @@ class MaskedWordPieceDataset(MegatronDataset):
         for start in order:
             if len(predictions) >= budget:
                 break
-            n = self._ngram_size(random_state, sizes, probs)
+            n = self._ngram_size(random_state, sizes, cdf)
             positions = self._fitting_ngram(candidates, start, n, budget, len(predictions))
             if positions is None or any(pos in taken for pos in positions):
                 continue
