@@ -31,8 +31,6 @@ REFUSED: Dict[str, Tuple[str, str, str]] = {
     "num_distributed_optimizer_instances": (
         "--num-distributed-optimizer-instances", "only one distributed-optimizer instance (sharding over all "
         "data-parallel ranks) is implemented", "drop the flag or set it to 1"),
-    "use_torch_fsdp2": ("--use-torch-fsdp2", "FSDP2 is not implemented",
-                        "use --use-distributed-optimizer (sharded optimizer state, ZeRO-1)"),
     "use_megatron_fsdp": ("--use-megatron-fsdp", "Megatron-FSDP is not implemented",
                           "use --use-distributed-optimizer (sharded optimizer state, ZeRO-1)"),
     "window_attn_skip_freq": ("--window-attn-skip-freq", "mixing sliding-window and full-attention layers is "
