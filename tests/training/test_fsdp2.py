@@ -1,0 +1,69 @@
+"""--use-torch-fsdp2 end to end on gloo: FSDP2 over two data-parallel ranks trains like
+one process; its torch_dcp checkpoint resumes bit-exactly and loads resharded to one
+data-parallel rank; what cannot work is refused with the fix.
+
+Tolerances. fp32: FSDP2 reduce-scatters each micro-batch's grads and sums the shards, so
+the grad sums run in another order than one process's (as with the distributed
+optimizer, tests/training/test_data_parallel_parity.py): that moves the last bits, and
+the same bounds apply, 2e-5 relative on the loss and on the grad norm (the norm is
+summed over shards, then ranks). One dropped reduce-scatter moves the loss by ~1e-2
+(test_dropped_reduce_scatter_fails_parity there; here the halved grads of a missing
+average change the grad norm by 2x).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from tests.multirank import RankFailure
+from tests.training.checkpointing.ckpt_runs import run_ckpt
+from tests.training.gpt_runs import grad_norms
+
+RTOL = 2e-5
+TOTAL, SAVED_AT = 6, 3
+UNTIED = ["--untie-embeddings-and-output-weights"]
+FSDP2 = UNTIED + ["--use-torch-fsdp2", "--ckpt-format", "torch_dcp"]
+
+
+def _close(got, ref, what):
+    assert len(got) == len(ref) and got, (what, got, ref)
+    for i, (x, y) in enumerate(zip(got, ref)):
+        assert abs(x - y) <= RTOL * abs(y), f"{what} {i + 1}: {x} vs {y} (rtol {RTOL})"
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("fsdp2"))
+    single = run_ckpt(1, UNTIED, TOTAL)
+    sharded = run_ckpt(2, FSDP2 + ["--save", root, "--save-interval", str(SAVED_AT)], TOTAL)
+    return single, sharded, root
+
+
+def test_fsdp2_over_two_ranks_matches_one_process(runs):
+    single, sharded, root = runs
+    # The run really was FSDP2: its checkpoint is a plain DCP directory of sharded DTensors.
+    saved = os.listdir(os.path.join(root, f"iter_{SAVED_AT:07d}"))
+    assert {".metadata", "__0_0.distcp", "__1_0.distcp", "common.pt"} <= set(saved), saved
+    assert "metadata.json" not in saved
+    ref, got = single.loss_floats(), sharded.loss_floats()
+    assert sorted(got) == list(range(1, TOTAL + 1))
+    _close([got[i] for i in sorted(got)], [ref[i] for i in sorted(ref)], "loss")
+    _close(grad_norms(sharded.log), grad_norms(single.log), "grad norm")
+
+
+def test_torch_dcp_resume_is_bit_exact(runs):
+    _, sharded, root = runs
+    resumed = run_ckpt(2, FSDP2 + ["--load", root, "--ckpt-step", str(SAVED_AT)], TOTAL)
+    assert resumed.losses == {it: h for it, h in sharded.losses.items() if it > SAVED_AT}, resumed.log[-3000:]
+
+
+def test_torch_dcp_loads_resharded_to_one_rank(runs):
+    """Saved by two data-parallel ranks, loaded by one: the shards are reassembled, so
+    training continues as the two-rank run did (to the data-parallel tolerance)."""
+    _, sharded, root = runs
+    resumed = run_ckpt(1, FSDP2 + ["--load", root, "--ckpt-step", str(SAVED_AT)], TOTAL)
+    got, ref = resumed.loss_floats(), sharded.loss_floats()
+    assert sorted(got) == list(range(SAVED_AT + 1, TOTAL + 1)), resumed.log[-3000:]
+    _close([got[i] for i in sorted(got)], [ref[i] for i in sorted(got)], "loss")
