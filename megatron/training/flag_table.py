@@ -389,7 +389,8 @@ _refuse("the old spelling was removed from Megatron-LM", "use --recompute-method
 _refuse("the old spelling was removed from Megatron-LM", "use --norm-epsilon", "--layernorm-epsilon", legacy=True)
 _refuse("the old spelling was removed from Megatron-LM", "use --fp8-format e4m3 or --fp8-format hybrid",
         "--fp8-e4m3 --fp8-hybrid", legacy=True)
-_refuse("FSDP is not implemented (the old name of --use-megatron-fsdp)", "use --use-distributed-optimizer",
+_refuse("Megatron-FSDP is not implemented (the old name of --use-megatron-fsdp)",
+        "use --use-torch-fsdp2 (PyTorch's FSDP2) or --use-distributed-optimizer",
         "--use-custom-fsdp", legacy=True)
 _refuse("a separate encoder parallel layout (T5, multimodal) is not available", "drop the flag",
         "--encoder-pipeline-model-parallel-size --encoder-tensor-model-parallel-size "

@@ -32,7 +32,7 @@ REFUSED: Dict[str, Tuple[str, str, str]] = {
         "--num-distributed-optimizer-instances", "only one distributed-optimizer instance (sharding over all "
         "data-parallel ranks) is implemented", "drop the flag or set it to 1"),
     "use_megatron_fsdp": ("--use-megatron-fsdp", "Megatron-FSDP is not implemented",
-                          "use --use-distributed-optimizer (sharded optimizer state, ZeRO-1)"),
+                          "use --use-torch-fsdp2 (PyTorch's FSDP2) or --use-distributed-optimizer (ZeRO-1)"),
     "window_attn_skip_freq": ("--window-attn-skip-freq", "mixing sliding-window and full-attention layers is "
                               "not implemented", "drop it: --window-size applies to every layer"),
     "full_validation": ("--full-validation", "validation over the whole validation set is not implemented",

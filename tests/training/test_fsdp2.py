@@ -67,3 +67,55 @@ def test_torch_dcp_loads_resharded_to_one_rank(runs):
     got, ref = resumed.loss_floats(), sharded.loss_floats()
     assert sorted(got) == list(range(SAVED_AT + 1, TOTAL + 1)), resumed.log[-3000:]
     _close([got[i] for i in sorted(got)], [ref[i] for i in sorted(got)], "loss")
+
+
+@pytest.mark.slow
+def test_fsdp2_with_tensor_context_parallel_and_per_token_loss_matches_one_process(runs):
+    """TP2 x CP2, FSDP2 over the two cp ranks: the tp shards are what FSDP2 shards; the
+    sequence-parallel norm grads are summed over tp on the shards; with per-token loss the
+    grads are summed, not averaged, over the shards' ranks (a missed undo of FSDP2's
+    average halves the grad norm). Every loss token counts, so the per-token loss equals
+    the reference's mean. Tolerance: as above (tp and cp reorder sums, measured within the
+    same bound in test_gpt_parity)."""
+    single = runs[0]
+    run = run_ckpt(4, FSDP2 + ["--tensor-model-parallel-size", "2", "--sequence-parallel", "--context-parallel-size", "2",
+                          "--calculate-per-token-loss"], TOTAL)
+    ref, got = single.loss_floats(), run.loss_floats()
+    _close([got[i] for i in sorted(got)], [ref[i] for i in sorted(ref)], "loss")
+    _close(grad_norms(run.log), grad_norms(single.log), "grad norm")
+
+
+ARGS = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "32",
+        "--max-position-embeddings", "32", "--micro-batch-size", "2", "--lr", "1e-3", "--train-iters", "3"]
+
+
+@pytest.mark.parametrize("extra, world, names", [
+    (["--ckpt-format", "torch_dcp"], 1, "--use-torch-fsdp2"),
+    (FSDP2 + ["--pipeline-model-parallel-size", "2"], 2, "--pipeline-model-parallel-size 1"),
+    (FSDP2 + ["--use-distributed-optimizer"], 2, "drop --use-distributed-optimizer"),
+    (FSDP2 + ["--fp16"], 2, "--bf16"),
+    (["--use-torch-fsdp2"], 2, "--untie-embeddings-and-output-weights"),
+    (UNTIED + ["--use-torch-fsdp2", "--save", "/nonexistent", "--save-interval", "1"], 2, "--ckpt-format torch_dcp"),
+    (FSDP2 + ["--load", "/nonexistent", "--ckpt-convert-format", "torch_dist", "--ckpt-convert-save", "/x"], 2,
+     "--ckpt-convert-format torch_dcp"),
+])
+def test_refusals_name_the_fix(extra, world, names):
+    from megatron.training.arguments import parse_and_validate
+
+    with pytest.raises(ValueError) as error:
+        parse_and_validate(ARGS + extra, world_size=world, rank=0)
+    assert names in str(error.value), str(error.value)
+
+
+def test_a_torch_dcp_checkpoint_is_refused_without_fsdp2(tmp_path):
+    import torch
+
+    from megatron.training.checkpointing import CheckpointError
+    from megatron.training.checkpointing.torch_dcp_format import refuse_format_mismatch
+
+    (tmp_path / ".metadata").write_bytes(b"")
+    with pytest.raises(CheckpointError) as error:
+        refuse_format_mismatch(str(tmp_path), [torch.nn.Linear(2, 2)], "torch_dist")
+    assert "--use-torch-fsdp2" in str(error.value)
+    (tmp_path / "metadata.json").write_text('{"sharded_backend": "torch_dist"}')
+    refuse_format_mismatch(str(tmp_path), [torch.nn.Linear(2, 2)], "torch_dist")  # torch_dist: fine without FSDP2

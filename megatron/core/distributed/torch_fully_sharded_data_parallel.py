@@ -30,7 +30,7 @@ from typing import Iterable, Optional, Tuple, Type
 
 import torch
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from megatron.core import process_groups
@@ -76,9 +76,9 @@ class TorchFullyShardedDataParallel(torch.nn.Module):
     """Wraps ``module`` (kept as ``.module``; forward delegates) in FSDP2.
 
     Args:
-        config: the model's ``TransformerConfig``; ``calculate_per_token_loss`` turns
-            the 1/dp averaging of the reduce-scatter off (finalize_model_grads divides
-            by the token count).
+        config: the model's ``TransformerConfig``; with ``calculate_per_token_loss`` the
+            grads are summed over dp, not averaged (finalize_model_grads divides by the
+            token count).
         ddp_config: ``DistributedDataParallelConfig``; ``grad_reduce_in_fp32`` picks the
             reduce dtype.
         module: the model chunk (its params in any float dtype; they become fp32 shards).
@@ -125,17 +125,17 @@ class TorchFullyShardedDataParallel(torch.nn.Module):
         fully_shard(module, **kwargs)
         self.module = module
         _restore_attributes(module, attributes)
-        if getattr(config, "calculate_per_token_loss", False):
-            for fsdp_module in self._fsdp_modules():
-                fsdp_module.set_gradient_divide_factor(1.0)
+        # Per-token loss wants summed grads (finalize_model_grads divides by the token
+        # count through scale_gradients); FSDP2 averages over dp. Its switch to a plain sum
+        # (set_gradient_divide_factor) needs a pre-multiplied sum that gloo lacks, so the
+        # average is undone in scale_gradients instead, which runs exactly then.
+        self._undo_average = float(group_size(self.dp_cp_group)) if getattr(
+            config, "calculate_per_token_loss", False) else 1.0
         logger.info(
             "FSDP2: %d layer unit(s) + root sharded over %d data-parallel rank(s); compute %s, reduce %s, "
             "reshard after forward %s", len(self.units), group_size(self.dp_cp_group),
             param_dtype or torch.float32, reduce_dtype, reshard_after_forward,
         )
-
-    def _fsdp_modules(self):
-        return [m for m in self.module.modules() if isinstance(m, FSDPModule)]
 
     def forward(self, *inputs, **kwargs):
         return self.module(*inputs, **kwargs)
@@ -154,10 +154,12 @@ class TorchFullyShardedDataParallel(torch.nn.Module):
         """Grads live on the params (``optimizer.zero_grad`` drops them); no buffer to zero."""
 
     def scale_gradients(self, scaling_factor) -> None:
-        """Multiply this rank's grad shards by ``scaling_factor`` (a float or 0-dim tensor)."""
+        """Multiply this rank's grad shards by ``scaling_factor`` (a float or 0-dim tensor);
+        with per-token loss also by dp, undoing FSDP2's average (see ``__init__``)."""
+        factor = scaling_factor * self._undo_average
         for param in self.module.parameters():
             if param.grad is not None:
-                local_tensor(param.grad).mul_(scaling_factor)
+                local_tensor(param.grad).mul_(factor)
 
     def state_dict(self, destination=None, prefix: str = "", keep_vars: bool = False):
         """The module's state dict, of DTensors (sharded over dp)."""
