@@ -36,7 +36,11 @@ def _close(got, ref, what):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("fsdp2"))
-    single = run_ckpt(1, UNTIED, TOTAL)
+    # The one-process run saves too (torch_dist), for the conversion test; saving does not
+    # change a run (tests/training/checkpointing/test_resume.py).
+    single_root = str(tmp_path_factory.mktemp("ddp"))
+    single = run_ckpt(1, UNTIED + ["--save", single_root, "--save-interval", str(SAVED_AT)], TOTAL)
+    single.root = single_root
     sharded = run_ckpt(2, FSDP2 + ["--save", root, "--save-interval", str(SAVED_AT)], TOTAL)
     return single, sharded, root
 
@@ -47,6 +51,9 @@ def test_fsdp2_over_two_ranks_matches_one_process(runs):
     saved = os.listdir(os.path.join(root, f"iter_{SAVED_AT:07d}"))
     assert {".metadata", "__0_0.distcp", "__1_0.distcp", "common.pt"} <= set(saved), saved
     assert "metadata.json" not in saved
+    from megatron.training.checkpointing.checkpoint_args import read_saved_args  # --use-checkpoint-args reads it
+
+    assert read_saved_args(os.path.join(root, f"iter_{SAVED_AT:07d}")).use_torch_fsdp2
     ref, got = single.loss_floats(), sharded.loss_floats()
     assert sorted(got) == list(range(1, TOTAL + 1))
     _close([got[i] for i in sorted(got)], [ref[i] for i in sorted(ref)], "loss")
@@ -119,3 +126,20 @@ def test_a_torch_dcp_checkpoint_is_refused_without_fsdp2(tmp_path):
     assert "--use-torch-fsdp2" in str(error.value)
     (tmp_path / "metadata.json").write_text('{"sharded_backend": "torch_dist"}')
     refuse_format_mismatch(str(tmp_path), [torch.nn.Linear(2, 2)], "torch_dist")  # torch_dist: fine without FSDP2
+
+
+@pytest.mark.slow
+def test_a_torch_dist_checkpoint_converts_to_torch_dcp_weights(runs, tmp_path):
+    """--ckpt-convert-format torch_dcp from a run without FSDP2 writes the weights (only),
+    and an FSDP2 run starts from them: its first loss after the load is the one-process
+    run's loss at that iteration (the forward sees the same weights and samples), within
+    the tolerance above; fresh weights would be off by far more."""
+    single = runs[0]
+    run_ckpt(1, UNTIED + ["--load", single.root, "--ckpt-step", str(SAVED_AT), "--ckpt-convert-format",
+                          "torch_dcp", "--ckpt-convert-save", str(tmp_path)], TOTAL)
+    converted = str(tmp_path / "torch_dcp")
+    assert os.path.isfile(os.path.join(converted, f"iter_{SAVED_AT:07d}", ".metadata"))
+    resumed = run_ckpt(1, FSDP2 + ["--load", converted], SAVED_AT + 1)
+    got, ref = resumed.loss_floats(), single.loss_floats()
+    assert sorted(got) == [SAVED_AT + 1], resumed.log[-3000:]
+    _close([got[SAVED_AT + 1]], [ref[SAVED_AT + 1]], "loss")

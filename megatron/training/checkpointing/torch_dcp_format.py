@@ -19,6 +19,7 @@ weights-only unpickler.
 from __future__ import annotations
 
 import io
+import logging
 import os
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -39,6 +40,8 @@ from megatron.core.process_groups import ProcessGroups
 from megatron.training.checkpointing.directory import CheckpointError
 from megatron.training.checkpointing.run_state import capture_rng, common_state
 from megatron.training.checkpointing.torch_format import load_own_file
+
+logger = logging.getLogger(__name__)
 
 FORMAT = "torch_dcp"
 COMMON_FILENAME = "common.pt"
@@ -62,14 +65,14 @@ def refuse_format_mismatch(directory: str, model, ckpt_format_name: str) -> None
     if is_torch_dcp_checkpoint(directory) and not fsdp:
         raise CheckpointError(
             f"{directory} is a torch_dcp checkpoint (written by a --use-torch-fsdp2 run); this run does not use "
-            "FSDP2. Load it with --use-torch-fsdp2 (any data-parallel size), and save it again with "
-            "--ckpt-convert-format torch_dcp under FSDP2, or turn it into one torch.save file with "
-            "python -m torch.distributed.checkpoint.format_utils dcp_to_torch <dir> <file>")
+            "FSDP2. Load it with --use-torch-fsdp2 (at any data-parallel size), or turn it into one torch.save "
+            "file with python -m torch.distributed.checkpoint.format_utils dcp_to_torch <dir> <file>")
     if fsdp and not is_torch_dcp_checkpoint(directory):
         raise CheckpointError(
             f"{directory} is a {ckpt_format_name} checkpoint; --use-torch-fsdp2 loads only --ckpt-format torch_dcp "
-            "checkpoints. Load it once without --use-torch-fsdp2 (DDP or --use-distributed-optimizer) if you only "
-            "need its weights in another format, or start this FSDP2 run from scratch")
+            "checkpoints. Convert its weights first: run once without --use-torch-fsdp2 with --load <this root> "
+            "--ckpt-convert-format torch_dcp --ckpt-convert-save DIR, then --load DIR/torch_dcp (the FSDP2 run "
+            "starts with a fresh optimizer, as with --no-load-optim)")
 
 
 def _single_chunk(model) -> torch.nn.Module:
@@ -111,12 +114,19 @@ class TorchDcpSave:
 
     @classmethod
     def plan(cls, request) -> "TorchDcpSave":
-        state, param_groups = _states(request.model, request.optimizer, request.save_optim)
+        # Without FSDP2 (--ckpt-convert-format torch_dcp from a DDP run) the optimizer's
+        # params are not the model's, so only the weights are written: an FSDP2 run then
+        # starts from them with a fresh optimizer, as with --no-load-optim.
+        save_optim = request.save_optim and is_fully_sharded(request.model)
+        if request.save_optim and not save_optim and request.rank == 0:
+            logger.warning("--ckpt-format torch_dcp from a run without --use-torch-fsdp2: saving the weights only "
+                           "(no optimizer or scheduler state)")
+        state, param_groups = _states(request.model, request.optimizer, save_optim)
         common = None
         if request.rank == 0:
             common = common_state(request.args, request.iteration, request.optimizer, request.scheduler,
-                                  request.num_flops, request.save_optim, request.save_rng, None)
-            if request.save_optim:
+                                  request.num_flops, save_optim, request.save_rng, None)
+            if save_optim:
                 common["optimizer"]["torch_param_groups"] = param_groups
         return cls(_nested(state, request.groups), common, capture_rng() if request.save_rng else None)
 
@@ -176,16 +186,21 @@ def _problems(state: dict, directory: str) -> List[str]:
     return problems
 
 
+def read_common(directory: str) -> dict:
+    """The run state rank 0 wrote (args, iteration, scheduler, optimizer hyper-parameters)."""
+    path = os.path.join(directory, COMMON_FILENAME)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{directory} has no {COMMON_FILENAME}: a torch_dcp checkpoint written by another "
+                              "program (such as Megatron-LM) is not readable here")
+    return load_own_file(path)
+
+
 def load(directory: str, model, optimizer, groups: ProcessGroups, rank: int, load_optim: bool, load_rng: bool,
          gather_problems: Callable[[str], List[str]], group) -> Tuple[dict, Optional[dict]]:
     """Load model (and optimizer) state in place, resharded to this run's data-parallel
     size; returns (common run state, this rank's RNG state or None). Keys and shapes are
     checked on every rank before anything is read."""
-    common_path = os.path.join(directory, COMMON_FILENAME)
-    if not os.path.isfile(common_path):
-        raise CheckpointError(f"{directory} has no {COMMON_FILENAME}: a torch_dcp checkpoint written by another "
-                              "program (such as Megatron-LM) is not readable here")
-    common = load_own_file(common_path)
+    common = read_common(directory)
     load_optim = load_optim and common.get("optimizer_saved", True)
     state, _ = _states(model, optimizer, load_optim)
     nested = _nested(state, groups)
