@@ -35,6 +35,8 @@ def check_fsdp2(args: argparse.Namespace) -> None:
         if args.ckpt_format == DCP_FORMAT:
             raise _refusal("--ckpt-format", DCP_FORMAT, "is the checkpoint format of FSDP2 runs (sharded DTensors)",
                            "add --use-torch-fsdp2, or save in --ckpt-format torch_dist (the default) or torch")
+        if args.ckpt_convert_format == DCP_FORMAT:
+            _check_conversion_layout(args)
         return
     rules = (
         (args.pipeline_model_parallel_size > 1, "--pipeline-model-parallel-size", args.pipeline_model_parallel_size,
@@ -63,6 +65,24 @@ def check_fsdp2(args: argparse.Namespace) -> None:
     for refused, flag, value, rule, fix in rules:
         if refused:
             raise _refusal(flag, value, rule, fix)
+
+
+def _check_conversion_layout(args: argparse.Namespace) -> None:
+    """--ckpt-convert-format torch_dcp without FSDP2 writes the weights for an FSDP2 run,
+    so the converting run must hold them as FSDP2 will: one pipeline stage, no expert
+    parallelism, untied embeddings (torch_dist checkpoints load into that layout)."""
+    rules = (
+        (args.pipeline_model_parallel_size > 1, "--pipeline-model-parallel-size", args.pipeline_model_parallel_size),
+        (args.expert_model_parallel_size > 1, "--expert-model-parallel-size", args.expert_model_parallel_size),
+        (not args.untie_embeddings_and_output_weights, "--untie-embeddings-and-output-weights", False),
+    )
+    for refused, flag, value in rules:
+        if refused:
+            raise _refusal(flag, value, "--ckpt-convert-format torch_dcp writes weights for an FSDP2 run, which has "
+                           "one pipeline stage, no expert parallelism and untied embeddings",
+                           "convert with --pipeline-model-parallel-size 1 --expert-model-parallel-size 1 "
+                           "--untie-embeddings-and-output-weights and the tensor-parallel size of the FSDP2 run "
+                           "(a torch_dist checkpoint loads into that layout)")
 
 
 def wrap_with_fsdp2(chunks: List[torch.nn.Module], config, ddp_config, args: argparse.Namespace,

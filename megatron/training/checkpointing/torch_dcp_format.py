@@ -85,12 +85,12 @@ def _tp_key(groups: ProcessGroups) -> Optional[str]:
     return f"tp_rank_{groups.rank('tp'):02d}" if groups.size("tp") > 1 else None
 
 
-def _states(model, optimizer, load_optim: bool) -> Tuple[dict, Optional[list]]:
+def _states(model, optimizer, with_optim: bool) -> Tuple[dict, Optional[list]]:
     """(tensor state to save or fill, the optimizer's param groups)."""
     module = _single_chunk(model)
     state = {"model": get_model_state_dict(module)}
     groups = None
-    if load_optim:
+    if with_optim:
         optim = get_optimizer_state_dict(module, optimizer.optimizer)
         state["optimizer"] = {"state": optim["state"]}
         groups = optim["param_groups"]
