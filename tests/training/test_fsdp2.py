@@ -145,3 +145,13 @@ def test_a_torch_dist_checkpoint_converts_to_torch_dcp_weights(runs, tmp_path):
     got, ref = resumed.loss_floats(), single.loss_floats()
     assert sorted(got) == [SAVED_AT + 1], resumed.log[-3000:]
     _close([got[SAVED_AT + 1]], [ref[SAVED_AT + 1]], "loss")
+
+
+def test_memory_estimate_shards_everything_over_data_parallel_ranks():
+    """fp32 weight and grad shards (4 + 4 bytes) and Adam's moments (8), over DP 4."""
+    from megatron.training.arguments import parse_and_validate
+    from megatron.training.memory_estimate import RankParams, estimate_memory
+
+    args = parse_and_validate(ARGS + FSDP2 + ["--bf16"], world_size=4, rank=0)
+    estimate = estimate_memory(args, RankParams(dense=1000), [], 0, recompute=None)
+    assert (estimate.weights, estimate.grads, estimate.optimizer) == (1000.0, 1000.0, 2000.0)
