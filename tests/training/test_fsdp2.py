@@ -106,6 +106,7 @@ ARGS = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4"
     (UNTIED + ["--use-torch-fsdp2", "--save", "/nonexistent", "--save-interval", "1"], 2, "--ckpt-format torch_dcp"),
     (FSDP2 + ["--load", "/nonexistent", "--ckpt-convert-format", "torch_dist", "--ckpt-convert-save", "/x"], 2,
      "--ckpt-convert-format torch_dcp"),
+    (FSDP2 + ["--ckpt-megatron-lm-layout"], 2, "--ckpt-megatron-lm-layout True"),
     (UNTIED + ["--pipeline-model-parallel-size", "2", "--load", "/nonexistent", "--ckpt-convert-format", "torch_dcp",
                "--ckpt-convert-save", "/x"], 2, "convert with --pipeline-model-parallel-size 1"),
 ])

@@ -1,4 +1,4 @@
-"""``save_checkpoint`` / ``load_checkpoint``: Megatron's entry points over both formats,
+"""``save_checkpoint`` / ``load_checkpoint``: Megatron's entry points over every format,
 with the crash-safe publishing of ``directory`` and the integrity checks of ``manifest``.
 
 Each entry point opens one ``CheckpointComm`` (a gloo group over all ranks) and passes
@@ -414,7 +414,7 @@ def _load(model: List, optimizer, scheduler, args, groups: ProcessGroups, comm: 
             scheduler.load_state_dict(common["opt_param_scheduler"])
     else:
         raise CheckpointError(f"{directory} is neither a torch_dist checkpoint (no valid metadata.json) nor a "
-                              "torch checkpoint (no mp_rank_* directories)")
+                              "torch checkpoint (no mp_rank_* directories) nor a torch_dcp one (no .metadata)")
     if not load_optim and optimizer is not None:
         # The fp32 main params must start from the loaded weights, not the initial ones.
         optimizer.reload_model_params()
