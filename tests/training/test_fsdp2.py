@@ -82,12 +82,13 @@ def test_fsdp2_with_tensor_context_parallel_and_per_token_loss_matches_one_proce
     """TP2 x CP2, FSDP2 over the two cp ranks: the tp shards are what FSDP2 shards; the
     sequence-parallel norm grads are summed over tp on the shards; with per-token loss the
     grads are summed, not averaged, over the shards' ranks (a missed undo of FSDP2's
-    average halves the grad norm). Every loss token counts, so the per-token loss equals
+    average halves the grad norm); the layers keep their gathered weights from forward to
+    backward (--torch-fsdp2-no-reshard-after-forward). Every loss token counts, so the per-token loss equals
     the reference's mean. Tolerance: as above (tp and cp reorder sums, measured within the
     same bound in test_gpt_parity)."""
     single = runs[0]
     run = run_ckpt(4, FSDP2 + ["--tensor-model-parallel-size", "2", "--sequence-parallel", "--context-parallel-size", "2",
-                          "--calculate-per-token-loss"], TOTAL)
+                          "--calculate-per-token-loss", "--torch-fsdp2-no-reshard-after-forward"], TOTAL)
     ref, got = single.loss_floats(), run.loss_floats()
     _close([got[i] for i in sorted(got)], [ref[i] for i in sorted(ref)], "loss")
     _close(grad_norms(run.log), grad_norms(single.log), "grad norm")
