@@ -3,6 +3,7 @@
     python benchmarks/pretrain_bench.py --configs all
     python benchmarks/pretrain_bench.py --configs llama-1.6b --recompute full --mbs 4 --gbs 64
     python benchmarks/pretrain_bench.py --configs llama3-8b --nproc 8 --tp 2 --distributed-optimizer --overlap
+    python benchmarks/pretrain_bench.py --configs llama3-8b --nproc 8 --tp 2 --fsdp2   # the same under FSDP2
     python benchmarks/pretrain_bench.py --configs tiny --cpu          # whole driver on CPU, seconds
     python benchmarks/pretrain_bench.py --configs gpt-350m --profile  # + where the GPU time goes
     python benchmarks/pretrain_bench.py --configs bert-large          # pretrain_bert.py; not in "all"
@@ -122,6 +123,7 @@ class Layout:
     distributed_optimizer: bool = False
     recompute: str = "none"
     overlap: bool = False
+    fsdp2: bool = False
 
     @property
     def dp(self) -> int:
@@ -144,6 +146,9 @@ class Layout:
             out += ["--use-distributed-optimizer"]
         if self.overlap:
             out += ["--overlap-grad-reduce", "--overlap-param-gather"]
+        if self.fsdp2:
+            # FSDP2 needs untied embeddings (as in Megatron-LM); the untied configs keep their shape.
+            out += ["--use-torch-fsdp2", "--untie-embeddings-and-output-weights"]
         if self.recompute == "selective":
             out += ["--recompute-granularity", "selective"]
         elif self.recompute == "full":
@@ -328,6 +333,8 @@ def describe_layout(layout: Layout) -> str:
         parts.append("distopt")
     if layout.overlap:
         parts.append("overlap")
+    if layout.fsdp2:
+        parts.append("fsdp2")
     if layout.recompute != "none":
         parts.append(f"rc-{layout.recompute}")
     return " ".join(parts)
@@ -368,7 +375,8 @@ def run_one(name: str, opts, fp8: Optional[str] = None) -> Row:
     cfg = CONFIGS[name]
     nproc = 1 if opts.cpu else (opts.nproc or cfg.nproc)
     recompute = opts.recompute or cfg.recompute
-    layout = Layout(nproc, opts.tp, opts.pp, opts.vpp, opts.cp, opts.distributed_optimizer, recompute, opts.overlap)
+    layout = Layout(nproc, opts.tp, opts.pp, opts.vpp, opts.cp, opts.distributed_optimizer, recompute, opts.overlap,
+                    opts.fsdp2)
     seq, mbs = opts.seq or cfg.seq, opts.mbs or cfg.mbs
     log_path = Path(opts.log_dir) / f"{name}{'-fp8-' + fp8 if fp8 else ''}.log"
     try:
@@ -494,6 +502,10 @@ def parse_cli(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--recompute", choices=["none", "selective", "full"], default=None,
                    help="activation recompute; default: the config's (selective for the llamas)")
     p.add_argument("--overlap", action="store_true", help="add --overlap-grad-reduce --overlap-param-gather")
+    p.add_argument("--fsdp2", action="store_true",
+                   help="shard weights, grads and optimizer state with --use-torch-fsdp2 (adds "
+                        "--untie-embeddings-and-output-weights); time it next to a --distributed-optimizer --overlap "
+                        "row of an untied config (gpt-1.7b, llama-1.6b, llama3-8b)")
     p.add_argument("--seq", type=int, default=None, help="sequence length; default: the config's")
     p.add_argument("--mbs", type=int, default=None, help="micro batch size; default: the config's")
     p.add_argument("--gbs", type=int, default=None, help="global batch size; default: the config's")
@@ -525,6 +537,9 @@ def parse_cli(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     if opts.warmup >= opts.iters:
         p.error(f"--warmup {opts.warmup} leaves nothing to measure out of --iters {opts.iters}; lower --warmup")
     opts.profile_steps = _profile_steps(p, opts)
+    if opts.fsdp2 and (opts.distributed_optimizer or opts.overlap):
+        p.error("--fsdp2 shards the optimizer state itself and always overlaps its reduce-scatters: "
+                "drop --distributed-optimizer and --overlap (run those as a separate row)")
     names = SINGLE_GPU_CONFIGS if opts.configs == "all" else [n.strip() for n in opts.configs.split(",") if n.strip()]
     unknown = [n for n in names if n not in CONFIGS]
     if unknown:

@@ -14,6 +14,7 @@ from typing import Optional
 from megatron.training.batch_size_schedule import check_step_batch_size_schedule
 from megatron.training.phase_transitions import check_phase_transitions
 from megatron.core.optimizer.optimizer_dtypes import check_precision_aware
+from megatron.training.fsdp2 import check_fsdp2
 
 logger = logging.getLogger(__name__)
 
@@ -479,9 +480,10 @@ def check_checkpointing(args: argparse.Namespace) -> None:
             raise invalid("--save-retain-interval", args.save_retain_interval,
                           f"must be a multiple of --save-interval {args.save_interval}", "use a multiple")
     _positive("--keep-last-checkpoints", args.keep_last_checkpoints)
-    if args.ckpt_format in ("torch_dcp", "fsdp_dtensor"):
-        raise invalid("--ckpt-format", args.ckpt_format, "is a format of the FSDP code paths, which this framework "
+    if args.ckpt_format == "fsdp_dtensor":
+        raise invalid("--ckpt-format", args.ckpt_format, "is the format of Megatron-FSDP, which this framework "
                       "does not have", "use --ckpt-format torch_dist (the default) or torch")
+    check_fsdp2(args)
     if args.async_save and args.ckpt_format == "torch":
         raise invalid("--async-save", True, "is not available for --ckpt-format torch",
                       "use --ckpt-format torch_dist or drop --async-save")

@@ -300,9 +300,9 @@ _no_effect("data-parallel buckets and groups are laid out as described in docs/p
 _no_effect("pipeline exchanges use the --distributed-backend groups", "--pipeline-model-parallel-comm-backend")
 _no_effect("--distributed-timeout-minutes applies for the whole run", "--distributed-timeout-seconds-after-init")
 _no_effect("the host-device synchronisation of the training loop is not tunable here", "--train-sync-interval")
-_no_effect("FSDP is not implemented (--use-torch-fsdp2 and --use-megatron-fsdp are refused)",
+_no_effect("Megatron-FSDP is not implemented (--use-megatron-fsdp is refused; --use-torch-fsdp2 is PyTorch's FSDP2)",
            "--data-parallel-sharding-strategy --outer-dp-sharding-strategy --enable-full-sharding-in-hsdp "
-           "--torch-fsdp2-no-reshard-after-forward --no-strict-fsdp-dtensor-load --disable-strict-fsdp-dtensor-load "
+           "--no-strict-fsdp-dtensor-load --disable-strict-fsdp-dtensor-load "
            "--megatron-fsdp-enable-fine-grained-param-gather --megatron-fsdp-grad-comm-dtype "
            "--megatron-fsdp-main-grads-dtype --megatron-fsdp-main-params-dtype "
            "--megatron-fsdp-max-pool-double-buffer --megatron-fsdp-version --fsdp-db-use-persist-buf-on-alloc-fail "
@@ -381,7 +381,8 @@ _refuse("the old spelling was removed from Megatron-LM", "use --recompute-method
 _refuse("the old spelling was removed from Megatron-LM", "use --norm-epsilon", "--layernorm-epsilon", legacy=True)
 _refuse("the old spelling was removed from Megatron-LM", "use --fp8-format e4m3 or --fp8-format hybrid",
         "--fp8-e4m3 --fp8-hybrid", legacy=True)
-_refuse("FSDP is not implemented (the old name of --use-megatron-fsdp)", "use --use-distributed-optimizer",
+_refuse("Megatron-FSDP is not implemented (the old name of --use-megatron-fsdp)",
+        "use --use-torch-fsdp2 (PyTorch's FSDP2) or --use-distributed-optimizer",
         "--use-custom-fsdp", legacy=True)
 _refuse("a separate encoder parallel layout (T5, multimodal) is not available", "drop the flag",
         "--encoder-pipeline-model-parallel-size --encoder-tensor-model-parallel-size "

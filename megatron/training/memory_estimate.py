@@ -105,6 +105,15 @@ def static_memory(args, params: RankParams, distributed_optimizer: bool):
     return float(weights), float(grads), float(optimizer)
 
 
+def fsdp2_static_memory(args, params: RankParams):
+    """(weights, grads, optimizer state) in bytes under --use-torch-fsdp2: fp32 weight and
+    gradient shards and the optimizer's states (no separate main copy), all over DP x CP.
+    The layer being gathered (bf16 weights and grads of one or two layers) is not counted."""
+    shards = args.data_parallel_size * args.context_parallel_size
+    states = 8 if args.optimizer == "adam" else 4
+    return 4.0 * params.total / shards, 4.0 * params.total / shards, float(states * params.total / shards)
+
+
 def activation_bytes(args) -> int:
     return 2 if (args.bf16 or args.fp16) else 4
 
@@ -249,7 +258,10 @@ def estimate_memory(args, params: RankParams, chunks: Sequence[ChunkShape], pp_r
         distributed_optimizer = bool(args.use_distributed_optimizer)
     if recompute == "configured":
         recompute = configured_recompute(args)
-    weights, grads, optimizer = static_memory(args, params, distributed_optimizer)
+    if args.use_torch_fsdp2:
+        weights, grads, optimizer = fsdp2_static_memory(args, params)
+    else:
+        weights, grads, optimizer = static_memory(args, params, distributed_optimizer)
     return MemoryEstimate(weights, grads, optimizer, activation_memory(args, chunks, pp_rank, recompute))
 
 

@@ -21,6 +21,7 @@ from megatron.training.config_from_args import (
     get_ddp_config,
     get_megatron_optimizer_config,
 )
+from megatron.training.fsdp2 import wrap_with_fsdp2
 from megatron.training.global_vars import get_args
 from megatron.training.rank_print import print_rank_0
 
@@ -99,6 +100,8 @@ def get_model(model_provider_func: Callable, pg_collection: ProcessGroups, wrap_
         return chunks
     config = core_transformer_config_from_args(args)
     ddp_config = get_ddp_config(args, num_parameters=n_params)
+    if args.use_torch_fsdp2:
+        return wrap_with_fsdp2(chunks, config, ddp_config, args, pg_collection)
     wrapped = [
         DistributedDataParallel(config, ddp_config, chunk, pg_collection=pg_collection,
                                 disable_bucketing=(index > 0))

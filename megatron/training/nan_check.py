@@ -28,7 +28,8 @@ def _local_grad_flag(model_chunks) -> torch.Tensor:
             if g is None:
                 g = p.grad
             if g is not None:
-                grads.append(g)
+                # FSDP2: this rank's shard (every rank checks its own).
+                grads.append(g.to_local() if hasattr(g, "to_local") else g)
     if not grads:
         return torch.zeros(())
     norms = torch._foreach_norm(grads)

@@ -22,16 +22,20 @@ def params_l2_norm(model: List[torch.nn.Module], pg: ProcessGroups) -> float:
     layernorm weights counted on tp rank 0, tied/shared copies once); expert weights sum
     over expert-tp x expert x pipeline ranks. Data-parallel and context-parallel ranks hold
     the same weights and are not summed. With --overlap-param-gather the caller must have
-    finished the gather of the updated weights first.
+    finished the gather of the updated weights first. Under FSDP2 each data x context
+    parallel rank holds a shard of every weight (fp32): the shards are summed over those
+    ranks too.
     """
     dense, experts = [], []
+    sharded = False
     for chunk in model:
         for param in chunk.parameters():
             if not param_is_not_shared(param):
                 continue
             if getattr(param, "allreduce", True):
                 if param_is_not_tensor_parallel_duplicate(param, pg.tp):
-                    dense.append(param.detach())
+                    sharded = sharded or hasattr(param, "to_local")
+                    dense.append(param.detach().to_local() if hasattr(param, "to_local") else param.detach())
             elif param_is_not_tensor_parallel_duplicate(param, pg.expt_tp):
                 experts.append(param.detach())
-    return combined_grad_norm((dense, pg.mp), (experts, pg.tp_ep_pp))
+    return combined_grad_norm((dense, (pg.dp_cp, pg.mp) if sharded else pg.mp), (experts, pg.tp_ep_pp))

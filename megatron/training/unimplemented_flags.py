@@ -31,10 +31,8 @@ REFUSED: Dict[str, Tuple[str, str, str]] = {
     "num_distributed_optimizer_instances": (
         "--num-distributed-optimizer-instances", "only one distributed-optimizer instance (sharding over all "
         "data-parallel ranks) is implemented", "drop the flag or set it to 1"),
-    "use_torch_fsdp2": ("--use-torch-fsdp2", "FSDP2 is not implemented",
-                        "use --use-distributed-optimizer (sharded optimizer state, ZeRO-1)"),
     "use_megatron_fsdp": ("--use-megatron-fsdp", "Megatron-FSDP is not implemented",
-                          "use --use-distributed-optimizer (sharded optimizer state, ZeRO-1)"),
+                          "use --use-torch-fsdp2 (PyTorch's FSDP2) or --use-distributed-optimizer (ZeRO-1)"),
     "window_attn_skip_freq": ("--window-attn-skip-freq", "mixing sliding-window and full-attention layers is "
                               "not implemented", "drop it: --window-size applies to every layer"),
     "dist_ckpt_strictness": ("--dist-ckpt-strictness", "the loader always fails on missing or mis-shaped "

@@ -114,6 +114,8 @@ def _final_params() -> dict:
         if hasattr(chunk, "finish_param_sync"):
             chunk.finish_param_sync()
         for name, param in getattr(chunk, "module", chunk).named_parameters():
+            if hasattr(param, "full_tensor"):  # FSDP2: gather the dp shards (collective)
+                param = param.full_tensor()
             out[name] = param.detach().float().clone()
     return out
 

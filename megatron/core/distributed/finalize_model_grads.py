@@ -22,8 +22,12 @@ from megatron.core.transformer.moe.expert_bias import update_router_expert_bias
 
 
 def _grad_of(param: torch.nn.Parameter) -> Optional[torch.Tensor]:
-    """The accumulated grad: ``main_grad`` under DDP, else ``.grad``."""
-    return param.main_grad if hasattr(param, "main_grad") else param.grad
+    """The accumulated grad: ``main_grad`` under DDP, else ``.grad`` (under FSDP2 this
+    rank's shard of it, the same index range on every tp rank)."""
+    if hasattr(param, "main_grad"):
+        return param.main_grad
+    grad = param.grad
+    return grad.to_local() if hasattr(grad, "to_local") else grad
 
 
 def all_reduce_coalesced_grads(grads: List[torch.Tensor], group) -> None:

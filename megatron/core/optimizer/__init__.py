@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from megatron.core.optimizer.clip_grads import (
     clip_grad_by_total_norm_fp32,
@@ -22,6 +23,7 @@ from megatron.core.optimizer.clip_grads import (
     grads_are_finite,
 )
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+from megatron.core.optimizer.fully_sharded_optimizer import FullyShardedOptimizer
 from megatron.core.optimizer.grad_scaler import ConstantGradScaler, DynamicGradScaler, MegatronGradScaler
 from megatron.core.optimizer.optimizer import (
     Float16OptimizerWithFloat16Params,
@@ -38,6 +40,7 @@ __all__ = [
     "DynamicGradScaler",
     "Float16OptimizerWithFloat16Params",
     "FP32Optimizer",
+    "FullyShardedOptimizer",
     "MegatronGradScaler",
     "MegatronOptimizer",
     "OptimizerConfig",
@@ -149,6 +152,17 @@ def _grad_scaler(config: OptimizerConfig, device: torch.device) -> Optional[Mega
     return None
 
 
+def _fully_sharded_optimizer(config: OptimizerConfig, optimizer, pg_collection) -> MegatronOptimizer:
+    """FSDP2 params are the fp32 main params, already sharded: no second sharding, no loss scaler."""
+    if config.use_distributed_optimizer:
+        raise ValueError("--use-distributed-optimizer with --use-torch-fsdp2: FSDP2 already shards the optimizer "
+                         "state over data-parallel ranks; drop --use-distributed-optimizer")
+    if config.fp16 or config.loss_scale:
+        raise ValueError("--fp16 / --loss-scale with --use-torch-fsdp2: FSDP2 has no loss scaler here (nor in "
+                         "Megatron-LM); train in --bf16 or drop --use-torch-fsdp2")
+    return FullyShardedOptimizer(optimizer, config, pg_collection=pg_collection)
+
+
 def get_megatron_optimizer(
     config: OptimizerConfig,
     model_chunks: Union[torch.nn.Module, List[torch.nn.Module]],
@@ -163,7 +177,8 @@ def get_megatron_optimizer(
     with the distributed optimizer; any param dtype), stepping ``PrecisionAwareAdamW`` with
     --use-precision-aware-optimizer (docs/optimizer_memory.md); fp16/bf16 ->
     ``Float16OptimizerWithFloat16Params`` (fp32 main params; a loss scaler with --fp16
-    or --loss-scale); otherwise ``FP32Optimizer``.
+    or --loss-scale); otherwise ``FP32Optimizer``. Chunks wrapped by FSDP2 (DTensor
+    params) get ``FullyShardedOptimizer``.
     """
     if config.lr is None:
         raise ValueError("--lr is required to build the optimizer: pass the peak learning rate, e.g. --lr 3e-4")
@@ -173,6 +188,8 @@ def get_megatron_optimizer(
         raise ValueError("the model has no trainable parameters (all have requires_grad=False)")
     optimizer = _torch_optimizer(config, param_groups)
     device = param_groups[0]["params"][0].device
+    if any(isinstance(p, DTensor) for g in param_groups for p in g["params"]):
+        return _fully_sharded_optimizer(config, optimizer, pg_collection)
     if config.use_distributed_optimizer:
         scaler = _grad_scaler(config, device) if (config.fp16 or config.bf16) else None
         return DistributedOptimizer(optimizer, config, scaler, None, chunks, pg_collection=pg_collection)

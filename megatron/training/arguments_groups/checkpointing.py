@@ -52,7 +52,7 @@ def add_checkpointing_args(parser: argparse.ArgumentParser) -> argparse.Argument
                    help="Deprecated no-op: use --ckpt-format.")
     g.add_argument("--dist-ckpt-format", type=str, default=None, dest="dist_ckpt_format_deprecated",
                    help="Deprecated no-op: use --ckpt-format.")
-    g.add_argument("--ckpt-convert-format", type=str, default=None, choices=["torch", "torch_dist"],
+    g.add_argument("--ckpt-convert-format", type=str, default=None, choices=["torch", "torch_dist", "torch_dcp"],
                    help="Load, save in this format under --ckpt-convert-save, and exit.")
     g.add_argument("--ckpt-convert-save", type=str, default=None, help="Output directory of --ckpt-convert-format.")
     g.add_argument("--async-save", action="store_true", help="Write checkpoints in a background process.")

@@ -57,7 +57,13 @@ def add_distributed_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
                    help="Shard optimizer state over data-parallel ranks (ZeRO-1).")
     g.add_argument("--num-distributed-optimizer-instances", type=int, default=1,
                    help="Number of distributed-optimizer replicas.")
-    g.add_argument("--use-torch-fsdp2", action="store_true", help="Wrap the model in torch FSDP2.")
+    g.add_argument("--use-torch-fsdp2", action="store_true",
+                   help="Shard params, grads and optimizer state over data-parallel ranks with PyTorch's "
+                        "FSDP2 (fully_shard per layer); saves in --ckpt-format torch_dcp.")
+    g.add_argument("--torch-fsdp2-no-reshard-after-forward", action="store_false",
+                   dest="torch_fsdp2_reshard_after_forward",
+                   help="Keep each layer's gathered params from forward to backward under --use-torch-fsdp2 "
+                        "(less communication, more memory).")
     g.add_argument("--use-megatron-fsdp", action="store_true", help="Use Megatron-FSDP.")
     g.add_argument("--context-parallel-size", type=int, default=1, help=None)
     g.add_argument("--cp-comm-type", nargs="+", type=str, default=["p2p"],

@@ -1,4 +1,4 @@
-"""``save_checkpoint`` / ``load_checkpoint``: Megatron's entry points over both formats,
+"""``save_checkpoint`` / ``load_checkpoint``: Megatron's entry points over every format,
 with the crash-safe publishing of ``directory`` and the integrity checks of ``manifest``.
 
 Each entry point opens one ``CheckpointComm`` (a gloo group over all ranks) and passes
@@ -33,7 +33,7 @@ from torch.distributed.checkpoint.api import CheckpointException as WriterExcept
 from megatron.core import parallel_state
 from megatron.core.process_groups import ProcessGroups
 from megatron.training.checkpointing import directory as layout
-from megatron.training.checkpointing import megatron_lm, torch_dist_format, torch_format
+from megatron.training.checkpointing import megatron_lm, torch_dcp_format, torch_dist_format, torch_format
 from megatron.training.checkpointing.collectives import (
     CheckpointComm,
     all_gather_objects,
@@ -381,6 +381,7 @@ def _load(model: List, optimizer, scheduler, args, groups: ProcessGroups, comm: 
     load_optim = not args.no_load_optim and not finetune and optimizer is not None
     wants_rng = not args.no_load_rng and not finetune
     print_rank_0(f"loading checkpoint from {root} at iteration {iteration}")
+    torch_dcp_format.refuse_format_mismatch(directory, model, (manifest or {}).get("ckpt_format", "non-torch_dcp"))
     if megatron_lm.is_megatron_checkpoint(directory):
         common = megatron_lm.load(directory, model, groups, args, _gather_problems(group), group)
         load_optim, load_rng, rng = False, False, None
@@ -404,9 +405,16 @@ def _load(model: List, optimizer, scheduler, args, groups: ProcessGroups, comm: 
         load_rng = wants_rng and rng is not None and _same_layout(common.get("layout"), args)
         if load_optim and scheduler is not None and common.get("opt_param_scheduler") is not None:
             scheduler.load_state_dict(common["opt_param_scheduler"])
+    elif torch_dcp_format.is_torch_dcp_checkpoint(directory):
+        common, rng = torch_dcp_format.load(directory, model, optimizer, groups, rank, load_optim, wants_rng,
+                                            _gather_problems(group), group)
+        load_optim = common["optimizer_loaded"]
+        load_rng = wants_rng and rng is not None and _same_layout(common.get("layout"), args)
+        if load_optim and scheduler is not None and common.get("opt_param_scheduler") is not None:
+            scheduler.load_state_dict(common["opt_param_scheduler"])
     else:
         raise CheckpointError(f"{directory} is neither a torch_dist checkpoint (no valid metadata.json) nor a "
-                              "torch checkpoint (no mp_rank_* directories)")
+                              "torch checkpoint (no mp_rank_* directories) nor a torch_dcp one (no .metadata)")
     if not load_optim and optimizer is not None:
         # The fp32 main params must start from the loaded weights, not the initial ones.
         optimizer.reload_model_params()

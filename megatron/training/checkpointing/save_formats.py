@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, List, Optional
 
 from megatron.core.process_groups import ProcessGroups
-from megatron.training.checkpointing import megatron_lm, torch_dist_format, torch_format
+from megatron.training.checkpointing import megatron_lm, torch_dcp_format, torch_dist_format, torch_format
 from megatron.training.checkpointing.free_space import bytes_needed
 from megatron.training.checkpointing.run_state import capture_rng, common_state
 
@@ -112,7 +112,8 @@ class MegatronLayoutSave:
                                                           request.num_flops, request.groups))
 
 
-PLANNERS = {torch_dist_format.FORMAT: TorchDistSave, torch_format.FORMAT: TorchSave}
+PLANNERS = {torch_dist_format.FORMAT: TorchDistSave, torch_format.FORMAT: TorchSave,
+            torch_dcp_format.FORMAT: torch_dcp_format.TorchDcpSave}
 SAVE_FORMATS = tuple(PLANNERS)
 
 
