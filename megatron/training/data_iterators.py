@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -11,6 +11,7 @@ from megatron.core.process_groups import ProcessGroups
 from megatron.training.datasets.data_samplers import build_pretraining_data_loader
 from megatron.training.global_vars import get_args
 from megatron.training.rank_print import print_rank_0
+from megatron.training.run_state import RunState
 
 
 def train_valid_test_num_samples(args):
@@ -51,11 +52,14 @@ def _cyclic(loader):
             yield batch
 
 
-def build_train_valid_test_data_iterators(datasets_provider: Callable, pg: ProcessGroups):
-    """(train, valid, test) iterators; None where a split is absent or on ranks without data."""
+def build_train_valid_test_data_iterators(datasets_provider: Callable, pg: ProcessGroups,
+                                          run_state: Optional[RunState] = None):
+    """(train, valid, test) iterators; None where a split is absent or on ranks without data.
+
+    The training and validation iterators start at ``run_state``'s consumed-sample counts
+    (without one, at those on ``args``, where Megatron's scripts keep them)."""
     args = get_args()
-    args.consumed_train_samples = getattr(args, "consumed_train_samples", 0)
-    args.consumed_valid_samples = getattr(args, "consumed_valid_samples", 0)
+    state = run_state if run_state is not None else RunState.from_args(args)
     loaders = [None, None, None]
     num_samples = train_valid_test_num_samples(args)
     print_rank_0(f" > datasets target sizes (train, valid, test): {num_samples}")
@@ -66,7 +70,7 @@ def build_train_valid_test_data_iterators(datasets_provider: Callable, pg: Proce
     # and last stages for GPT, every stage for families whose middle stages need data too
     # (BERT's padding mask).
     if pg.rank("tp") == 0 and any(ds is not None for ds in datasets):
-        consumed = [args.consumed_train_samples, args.consumed_valid_samples, 0]
+        consumed = [state.consumed_train_samples, state.consumed_valid_samples, 0]
         eval_mbs = args.eval_micro_batch_size or args.micro_batch_size
         for i, (ds, start) in enumerate(zip(datasets, consumed)):
             if ds is None or len(ds) == 0:

@@ -24,6 +24,7 @@ from typing import Any, Dict, Optional
 import torch
 
 from megatron.training.argument_checks import virtual_pipeline_size
+from megatron.training.run_state import RunState
 
 logger = logging.getLogger(__name__)
 
@@ -155,7 +156,7 @@ def _derive_precision(args: argparse.Namespace) -> None:
 
 
 def _derive_training_state(args: argparse.Namespace) -> None:
-    args.consumed_train_samples = 0
-    args.skipped_train_samples = 0
-    args.consumed_valid_samples = 0
+    # The run's counters are the training loop's RunState; scripts that read them from
+    # ``args`` before training starts find zeros, as in Megatron.
+    RunState().publish(args)
     args.variable_seq_lengths = False
