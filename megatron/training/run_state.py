@@ -18,7 +18,7 @@ them in the saved ``args``.
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Optional
 
 # RunState field -> the ``args`` attribute Megatron's scripts and checkpoints use for it.
@@ -79,8 +79,8 @@ class RunState:
         """The counters found on ``args`` (zero where absent): for callers outside the training
         loop that still keep them there, such as Megatron-style scripts and tools."""
         state = cls()
-        names = {f.name for f in fields(cls)}
         for name, attribute in _PUBLISHED.items():
-            if name in names and getattr(args, attribute, None) is not None:
-                setattr(state, name, type(getattr(state, name))(getattr(args, attribute)))
+            value = getattr(args, attribute, None)
+            if value is not None:
+                setattr(state, name, type(getattr(state, name))(value))
         return state
