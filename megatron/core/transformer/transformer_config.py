@@ -13,6 +13,16 @@ from megatron.core.fp8.recipe import check_fp8_config
 from megatron.core.model_parallel_config import ModelParallelConfig
 
 
+def default_ffn_hidden_size(hidden_size: int, swiglu: bool = False) -> int:
+    """The MLP hidden size when none is given: 4h, or with SwiGLU (two fc1 halves) 2/3 of
+    that, rounded down to a multiple of 64 (Megatron's rule: close to the plain MLP's
+    parameter count, shards aligned). The config, which has no SwiGLU switch of its own,
+    uses the 4h rule; the command line passes --swiglu."""
+    if swiglu:
+        return int((4 * hidden_size * 2 / 3) / 64) * 64
+    return 4 * hidden_size
+
+
 def init_method_normal(std: float) -> Callable[[torch.Tensor], torch.Tensor]:
     """Initializer drawing from N(0, std^2)."""
 
@@ -308,7 +318,7 @@ class TransformerConfig(ModelParallelConfig):
         self._check_shape()
         check_fp8_config(self)
         if self.ffn_hidden_size is None:
-            self.ffn_hidden_size = 4 * self.hidden_size
+            self.ffn_hidden_size = default_ffn_hidden_size(self.hidden_size)
         if self.kv_channels is None:
             self.kv_channels = self.hidden_size // self.num_attention_heads
         if self.num_query_groups is None:
