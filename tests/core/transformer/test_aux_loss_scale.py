@@ -65,7 +65,8 @@ def test_recompute_sees_the_forward_scale():
         return MoEAuxLossAutoScaler.apply(x * 1.0, w * w)
 
     x = torch.ones(3, requires_grad=True)
+    distribute_saved_activations = False
     with auxiliary_loss_scale(0.25):
-        out = checkpoint(layer, False, x)
+        out = checkpoint(layer, distribute_saved_activations, x)
     out.sum().backward()
     assert w.grad.item() == pytest.approx(0.25 * 4)
