@@ -33,9 +33,9 @@ from megatron.training.model_setup import setup_model_and_optimizer, unwrap_mode
 from megatron.training.nan_check import check_finite
 from megatron.training.params_norm import params_l2_norm
 from megatron.training.profiling import StepProfiler
-from megatron.training.run_state import RunState
 from megatron.training.progress_log import ProgressLog
 from megatron.training.rank_print import print_rank_0, print_rank_last
+from megatron.training.run_state import RunState
 from megatron.training.static_loss_scale import StaticLossScaleGuard
 from megatron.training.startup_summary import log_startup_summary
 from megatron.training.training_log import IterationStats, TrainingLogger, memory_report
