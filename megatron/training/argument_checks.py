@@ -123,10 +123,14 @@ def _check_query_groups(args: argparse.Namespace) -> None:
     if heads % groups:
         raise invalid("--num-query-groups", groups, f"must divide --num-attention-heads {heads}",
                       "choose a divisor of the number of heads")
-    if groups % tp and tp % groups:
+    if groups % tp:
+        # Megatron also accepts a tensor-parallel size that is a multiple of the groups, by
+        # replicating key/value heads; the attention here does not replicate them yet
+        # (docs/compatibility.md), and the model config would refuse it after startup.
         raise invalid("--num-query-groups", groups,
-                      f"must be a multiple or a divisor of --tensor-model-parallel-size {tp}",
-                      "change the number of query groups or the tensor-parallel size")
+                      f"must be divisible by --tensor-model-parallel-size {tp} (each tensor-parallel rank "
+                      "holds whole key/value groups; replicating them over ranks is not supported)",
+                      "use a tensor-parallel size that divides the number of query groups")
 
 
 def _check_sequence_lengths(args: argparse.Namespace) -> None:

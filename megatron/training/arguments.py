@@ -24,6 +24,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 from megatron.training.argument_checks import check_args
 from megatron.training.arguments_groups import add_megatron_arguments
 from megatron.training.arguments_groups.config_help import fill_help_from_config
+from megatron.training.config_checks import check_configs
 from megatron.training.derived_args import apply_defaults, derive_args
 from megatron.training.deterministic import check_deterministic
 from megatron.training.eval_batches import eval_batches
@@ -127,6 +128,7 @@ def validate_args(
     check_deterministic(args)
     args = derive_args(args, world_size, rank)
     eval_batches(args, args.data_parallel_size)  # refused here, before anything is built
+    check_configs(args)  # the configs' own rules, before torch.distributed starts
     return args
 
 

@@ -84,8 +84,6 @@ def transformer_config_overrides(args: argparse.Namespace) -> Dict[str, Any]:
     if args.init_method_xavier_uniform:
         out["init_method"] = torch.nn.init.xavier_uniform_
         out["output_layer_init_method"] = torch.nn.init.xavier_uniform_
-    if args.recompute_activations and args.recompute_granularity is None:
-        out["recompute_granularity"] = "selective"
     params_dtype = getattr(args, "params_dtype", None)
     if params_dtype is not None:
         out["pipeline_dtype"] = params_dtype
@@ -99,7 +97,8 @@ def core_transformer_config_from_args(args: argparse.Namespace, config_class=Non
     """Build a ``TransformerConfig`` (or ``config_class``) from validated ``args``.
 
     Call after ``validate_args`` so derived values (kv_channels, ffn_hidden_size, params_dtype,
-    virtual_pipeline_model_parallel_size, ...) are present.
+    virtual_pipeline_model_parallel_size, recompute_granularity from --recompute-activations,
+    ...) are present: each is derived once, in ``derived_args``.
     """
     config_class = config_class or TransformerConfig
     overrides = transformer_config_overrides(args)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -13,6 +13,7 @@ from megatron.training.global_vars import get_args
 from megatron.training.phase_transitions import phase_consumed_samples, phase_train_samples
 from megatron.training.rank_print import print_rank_0
 from megatron.training.validation_sets import build_validation_sets, check_validation_set_args, uses_validation_sets
+from megatron.training.run_state import RunState
 
 
 def train_valid_test_num_samples(args):
@@ -65,11 +66,14 @@ def _eval_loader_builder(args, pg: ProcessGroups) -> Callable:
     return make
 
 
-def build_train_valid_test_data_iterators(datasets_provider: Callable, pg: ProcessGroups):
-    """(train, valid, test) iterators; None where a split is absent or on ranks without data."""
+def build_train_valid_test_data_iterators(datasets_provider: Callable, pg: ProcessGroups,
+                                          run_state: Optional[RunState] = None):
+    """(train, valid, test) iterators; None where a split is absent or on ranks without data.
+
+    The training and validation iterators start at ``run_state``'s consumed-sample counts
+    (without one, at those on ``args``, where Megatron's scripts keep them)."""
     args = get_args()
-    args.consumed_train_samples = getattr(args, "consumed_train_samples", 0)
-    args.consumed_valid_samples = getattr(args, "consumed_valid_samples", 0)
+    state = run_state if run_state is not None else RunState.from_args(args)
     check_validation_set_args(args)
     loaders = [None, None, None]
     num_samples = train_valid_test_num_samples(args)
@@ -81,7 +85,7 @@ def build_train_valid_test_data_iterators(datasets_provider: Callable, pg: Proce
     # and last stages for GPT, every stage for families whose middle stages need data too
     # (BERT's padding mask).
     if pg.rank("tp") == 0 and any(ds is not None for ds in datasets):
-        consumed = [phase_consumed_samples(args, args.consumed_train_samples), args.consumed_valid_samples, 0]
+        consumed = [phase_consumed_samples(args, state.consumed_train_samples), state.consumed_valid_samples, 0]
         eval_mbs = args.eval_micro_batch_size or args.micro_batch_size
         for i, (ds, start) in enumerate(zip(datasets, consumed)):
             if ds is None or (i == 1 and uses_validation_sets(args)) or len(ds) == 0:

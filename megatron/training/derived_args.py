@@ -6,8 +6,15 @@ as None (kv_channels, ffn_hidden_size, global_batch_size, split, ...). The excep
 ones Megatron itself makes, each logged: --sequence-parallel is turned off when TP = 1,
 ``overlap_p2p_comm``/``align_param_gather`` are turned off without the interleaved pipeline,
 ``check_for_nan_in_loss_and_grad`` is turned off under fp16 dynamic loss scaling (NaNs are
-the scaler's signal there), ``accumulate_allreduce_grads_in_fp32`` is turned on for bf16, and
-``add_qkv_bias`` follows ``add_bias_linear``.
+the scaler's signal there), ``accumulate_allreduce_grads_in_fp32`` is turned on for bf16.
+Three follow the model without a log line, as in Megatron, because they only switch off a
+fusion that has nothing to fuse (or switch on what the user's other flag implies):
+``add_qkv_bias`` follows ``add_bias_linear``, ``bias_gelu_fusion`` is off without linear
+biases (the fused kernel is a bias-GeLU; exported checkpoints read it to name the GeLU),
+``apply_rope_fusion`` is off without rotary embeddings.
+
+The run's counters (consumed samples, iteration, ...) are not derived values: they belong
+to the training loop's ``RunState``, which publishes their starting zeros here.
 
 --eval-interval None (Megatron HEAD's default) is kept as None and means "no periodic
 evaluation". --transformer-impl is kept as given: the model builder uses the local modules when
@@ -23,8 +30,10 @@ from typing import Any, Dict, Optional
 
 import torch
 
+from megatron.core.transformer.transformer_config import default_ffn_hidden_size
 from megatron.training.argument_checks import virtual_pipeline_size
 from megatron.training.batch_size_schedule import scheduled_global_batch_size
+from megatron.training.run_state import RunState
 
 logger = logging.getLogger(__name__)
 
@@ -82,12 +91,7 @@ def _derive_model_shape(args: argparse.Namespace) -> None:
         args.seq_length = args.encoder_seq_length
     args.encoder_seq_length = args.seq_length
     if args.ffn_hidden_size is None:
-        if args.swiglu:
-            # Two fc1 halves: 2/3 of 4h keeps the parameter count close to the plain MLP;
-            # a multiple of 64 keeps shards aligned (Megatron's rule).
-            args.ffn_hidden_size = int((4 * args.hidden_size * 2 / 3) / 64) * 64
-        else:
-            args.ffn_hidden_size = 4 * args.hidden_size
+        args.ffn_hidden_size = default_ffn_hidden_size(args.hidden_size, swiglu=args.swiglu)
     if args.kv_channels is None:
         args.kv_channels = args.hidden_size // args.num_attention_heads
     if args.use_rotary_position_embeddings:
@@ -164,7 +168,7 @@ def _derive_precision(args: argparse.Namespace) -> None:
 
 
 def _derive_training_state(args: argparse.Namespace) -> None:
-    args.consumed_train_samples = 0
-    args.skipped_train_samples = 0
-    args.consumed_valid_samples = 0
+    # The run's counters are the training loop's RunState; scripts that read them from
+    # ``args`` before training starts find zeros, as in Megatron.
+    RunState().publish(args)
     args.variable_seq_lengths = False

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 
@@ -15,6 +15,7 @@ from megatron.training.global_vars import get_args
 from megatron.training.housekeeping import empty_unused_memory
 from megatron.training.loss_reduction import reduce_reported_losses
 from megatron.training.rank_print import print_rank_last
+from megatron.training.run_state import RunState
 from megatron.training.training_log import format_duration
 from megatron.training.validation_sets import ValidationSets
 
@@ -32,11 +33,12 @@ def progress_line(label: str, done: int, eval_iters: int, elapsed_s: float) -> s
 
 
 def evaluate(forward_step_func, data_iterator, model, pg: ProcessGroups, eval_iters: int,
-             label: str = "validation") -> Dict[str, float]:
+             label: str = "validation", run_state: Optional[RunState] = None) -> Dict[str, float]:
     """Average each reported loss over ``eval_iters`` global batches, without gradients.
 
     Prints a progress line (``progress_line``) every ``progress_every(eval_iters)`` batches
-    and after the last one, so a long evaluation is not silent."""
+    and after the last one, so a long evaluation is not silent. The samples read are added
+    to ``run_state.consumed_valid_samples`` when a run state is given."""
     args = get_args()
     start = time.time()
     every = progress_every(eval_iters)
@@ -61,7 +63,8 @@ def evaluate(forward_step_func, data_iterator, model, pg: ProcessGroups, eval_it
             if pg.is_pipeline_last_stage():
                 for key, value in reduce_reported_losses(reported, pg, keep_sum_and_count=True).items():
                     sums[key] = sums.get(key, torch.zeros_like(value)) + value
-            args.consumed_valid_samples += batches.global_batch_size
+            if run_state is not None:
+                run_state.consumed_valid_samples += batches.global_batch_size
             if step % every == 0 or step == eval_iters:
                 print_rank_last(progress_line(label, step, eval_iters, time.time() - start))
     for chunk in model:
@@ -70,15 +73,19 @@ def evaluate(forward_step_func, data_iterator, model, pg: ProcessGroups, eval_it
 
 
 def evaluate_and_print_results(prefix: str, forward_step_func, data_iterator, model, pg, iteration: int,
-                               writers=None, eval_iters: int = None, label: str = "validation") -> Dict[str, float]:
+                               writers=None, eval_iters: int = None, label: str = "validation",
+                               run_state: Optional[RunState] = None) -> Dict[str, float]:
     """Run ``evaluate`` and print the dashed block Megatron prints; for ``ValidationSets``
-    (--full-validation, --multiple-validation-sets), one block per set, keyed by its label."""
+    (--full-validation, --multiple-validation-sets), one block per set, keyed by its label.
+    The scalars written go at ``run_state``'s consumed training samples (without a run
+    state, at those on ``args``)."""
     if isinstance(data_iterator, ValidationSets):
         return {s.label: evaluate_and_print_results(prefix, forward_step_func, s.iterator, model, pg, iteration,
-                                                    writers, s.eval_iters, s.label)
+                                                    writers, s.eval_iters, s.label, run_state)
                 for s in data_iterator if s.eval_iters > 0}
     args = get_args()
-    results = evaluate(forward_step_func, data_iterator, model, pg, eval_iters or args.eval_iters, label)
+    state = run_state if run_state is not None else RunState.from_args(args)
+    results = evaluate(forward_step_func, data_iterator, model, pg, eval_iters or args.eval_iters, label, state)
     line = f" {label} loss at {prefix} | "
     for key, value in results.items():
         ppl = math.exp(min(20.0, value))
@@ -87,7 +94,7 @@ def evaluate_and_print_results(prefix: str, forward_step_func, data_iterator, mo
             scalars = {f"{key} {label}": value}
             if args.log_validation_ppl_to_tensorboard:
                 scalars[f"{key} {label} ppl"] = ppl
-            writers.write(scalars, iteration, args.consumed_train_samples)
+            writers.write(scalars, iteration, state.consumed_train_samples)
     dashes = "-" * (len(line) + 1)
     print_rank_last(dashes)
     print_rank_last(line)

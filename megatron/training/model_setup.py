@@ -24,6 +24,7 @@ from megatron.training.config_from_args import (
 from megatron.training.fsdp2 import wrap_with_fsdp2
 from megatron.training.global_vars import get_args
 from megatron.training.rank_print import print_rank_0
+from megatron.training.run_state import RunState
 
 logger = logging.getLogger(__name__)
 
@@ -150,8 +151,12 @@ def get_optimizer_param_scheduler(optimizer, args) -> OptimizerParamScheduler:
     )
 
 
-def setup_model_and_optimizer(model_provider_func: Callable, pg_collection: ProcessGroups):
-    """(model chunks, optimizer, scheduler) for this rank."""
+def setup_model_and_optimizer(model_provider_func: Callable, pg_collection: ProcessGroups,
+                              run_state: Optional[RunState] = None):
+    """(model chunks, optimizer, scheduler) for this rank.
+
+    A checkpoint's iteration, FLOPs and data position go into ``run_state``; without one
+    (Megatron's call), onto ``args``."""
     args = get_args()
     model = get_model(model_provider_func, pg_collection)
     optimizer_config = get_megatron_optimizer_config(args)
@@ -167,9 +172,10 @@ def setup_model_and_optimizer(model_provider_func: Callable, pg_collection: Proc
         scheduler = get_optimizer_param_scheduler(optimizer, args)
     # Loaded here, before the data iterators are built: they start at the checkpoint's
     # consumed-sample count.
-    args.iteration, args.num_floating_point_operations_so_far = 0, 0.0
+    state = run_state if run_state is not None else RunState()
     if args.load or args.pretrained_checkpoint:
-        args.iteration, args.num_floating_point_operations_so_far = load_checkpoint(
-            model, optimizer, scheduler, args, pg_collection)
-    check_save_directory(args, args.iteration)
+        load_checkpoint(model, optimizer, scheduler, args, pg_collection, run_state=state)
+    check_save_directory(args, state.iteration)
+    if run_state is None:
+        state.publish(args)
     return model, optimizer, scheduler

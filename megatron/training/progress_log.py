@@ -17,6 +17,8 @@ from typing import Optional, Tuple
 
 import torch.distributed as dist
 
+from megatron.training.run_state import RunState
+
 _STARTING = re.compile(r"^(\S+ \S+)\tJob ID: [^\t]*\t# GPUs: (\d+)\tStarting job\tFloating-point operations: (\S+)")
 
 
@@ -42,10 +44,13 @@ def append_to_progress_log(args, event: str) -> None:
 class ProgressLog:
     """The progress lines of one job; the job's clock starts at construction."""
 
-    def __init__(self, args):
+    def __init__(self, args, run_state: Optional[RunState] = None):
+        """``run_state``: the run's counters as this job starts (after a checkpoint load);
+        without one, the FLOPs so far are read from ``args``."""
         self.args = args
         self.start_time = time.time()
-        self.start_flops = float(getattr(args, "num_floating_point_operations_so_far", 0.0) or 0.0)
+        state = run_state if run_state is not None else RunState.from_args(args)
+        self.start_flops = float(state.floating_point_operations_so_far)
         self.run_start = self._first_start_of_run() if _path(args) else None
         append_to_progress_log(args, f"Starting job\tFloating-point operations: {self.start_flops:.6e}")
 

@@ -35,6 +35,7 @@ from megatron.training.params_norm import params_l2_norm
 from megatron.training.profiling import StepProfiler
 from megatron.training.progress_log import ProgressLog
 from megatron.training.rank_print import print_rank_0, print_rank_last
+from megatron.training.run_state import RunState
 from megatron.training.static_loss_scale import StaticLossScaleGuard
 from megatron.training.startup_summary import log_startup_summary
 from megatron.training.training_log import IterationStats, TrainingLogger, memory_report
@@ -88,26 +89,29 @@ def _setup(parsed, start, train_valid_test_dataset_provider, model_provider, ext
     # The --exit-signal-handler handler is installed before anything slow is built, so a
     # scheduler's signal during construction ends the run cleanly at the next check.
     exit_conditions = ExitConditions(args, start_time=start)
+    run_state = RunState()
     try:
-        model, optimizer, scheduler = setup_model_and_optimizer(model_provider, pg)
+        model, optimizer, scheduler = setup_model_and_optimizer(model_provider, pg, run_state)
+        run_state.publish(args)
         if _stop_during_setup(exit_conditions, "building the model"):
             return None
         log_startup_summary(args, model, pg, model_provider, flops_func)
         if args.ckpt_convert_format is not None:
-            target = convert_checkpoint_format(model, optimizer, scheduler, args, pg)
-            print_rank_0(f"> saved iteration {args.iteration} of {args.load} as {args.ckpt_convert_format} in {target}")
+            target = convert_checkpoint_format(model, optimizer, scheduler, args, pg, run_state=run_state)
+            print_rank_0(f"> saved iteration {run_state.iteration} of {args.load} as {args.ckpt_convert_format} "
+                         f"in {target}")
             exit_conditions.release()
             return None
         train_it, valid_it, test_it = (
             iterators_per_chunk(it, model)
-            for it in build_train_valid_test_data_iterators(train_valid_test_dataset_provider, pg)
+            for it in build_train_valid_test_data_iterators(train_valid_test_dataset_provider, pg, run_state)
         )
         if _stop_during_setup(exit_conditions, "building the datasets"):
             return None
     except BaseException:
         exit_conditions.release()
         raise
-    return exit_conditions, args, pg, model, optimizer, scheduler, train_it, valid_it, test_it
+    return exit_conditions, args, pg, run_state, model, optimizer, scheduler, train_it, valid_it, test_it
 
 
 def _stop_during_setup(exit_conditions: ExitConditions, phase: str) -> bool:
@@ -119,12 +123,12 @@ def _stop_during_setup(exit_conditions: ExitConditions, phase: str) -> bool:
     return True
 
 
-def _train_and_evaluate(forward_step_func, num_floating_point_operations_func, exit_conditions, args, pg, model,
-                        optimizer, scheduler, train_it, valid_it, test_it):
+def _train_and_evaluate(forward_step_func, num_floating_point_operations_func, exit_conditions, args, pg,
+                        run_state: RunState, model, optimizer, scheduler, train_it, valid_it, test_it):
     """Train, save the last iteration, then evaluate on the validation and test sets."""
     writers = ScalarWriters(build_tensorboard_writer(args), build_wandb_writer(args))
-    progress = ProgressLog(args)
-    iteration = args.iteration
+    progress = ProgressLog(args, run_state)
+    iteration = run_state.iteration
     stopped_early = False
     try:
         if args.skip_train:
@@ -132,13 +136,13 @@ def _train_and_evaluate(forward_step_func, num_floating_point_operations_func, e
         elif args.do_train and (args.train_iters or args.train_samples):
             iteration, stopped_early = train(forward_step_func, model, optimizer, scheduler, train_it, valid_it,
                                              pg, writers, exit_conditions, progress,
-                                             flops_func=num_floating_point_operations_func)
-        if (args.save and not args.skip_train and iteration != 0
-                and getattr(args, "last_saved_iteration", None) != iteration):
-            save_checkpoint(iteration, model, optimizer, scheduler, args.num_floating_point_operations_so_far,
-                            args, pg)
-            progress.saved_checkpoint(iteration, args.num_floating_point_operations_so_far,
-                                      args.consumed_train_samples)
+                                             flops_func=num_floating_point_operations_func, run_state=run_state)
+        if args.save and not args.skip_train and iteration != 0 and run_state.last_saved_iteration != iteration:
+            save_checkpoint(iteration, model, optimizer, scheduler, run_state.floating_point_operations_so_far,
+                            args, pg, run_state=run_state)
+            run_state.last_saved_iteration = iteration
+            progress.saved_checkpoint(iteration, run_state.floating_point_operations_so_far,
+                                      run_state.consumed_train_samples)
         wait_for_pending_save()
     finally:
         exit_conditions.release()
@@ -148,10 +152,11 @@ def _train_and_evaluate(forward_step_func, num_floating_point_operations_func, e
         return
     if args.do_valid:
         evaluate_and_print_results(f"iteration {iteration} on validation set", forward_step_func, valid_it,
-                                   model, pg, iteration, writers)
+                                   model, pg, iteration, writers, run_state=run_state)
     if args.do_test:
         evaluate_and_print_results(f"iteration {iteration} on test set", forward_step_func, test_it,
-                                   model, pg, iteration, writers, label="test")
+                                   model, pg, iteration, writers, label="test", run_state=run_state)
+    run_state.publish(args)
     progress.exiting()
     writers.close()
 
@@ -219,17 +224,21 @@ def _learning_rate(optimizer) -> Optional[float]:
 
 def train(forward_step_func, model, optimizer, scheduler, train_it, valid_it, pg: ProcessGroups, writers,
           exit_conditions: ExitConditions = None, progress: Optional[ProgressLog] = None,
-          flops_func: Optional[Callable] = None):
+          flops_func: Optional[Callable] = None, run_state: Optional[RunState] = None):
     """Iterate until --train-iters / --train-samples, saving every --save-interval;
-    returns (last iteration, whether an exit condition stopped the run early)."""
+    returns (last iteration, whether an exit condition stopped the run early).
+
+    ``run_state`` holds the counters the loop advances (without one: a state started from
+    the counters on ``args``); they are published onto ``args`` when the loop returns."""
     args = get_args()
     timers = get_timers()
     for chunk in model:
         chunk.train()
-    iteration = getattr(args, "iteration", 0)
-    args.last_saved_iteration = getattr(args, "last_saved_iteration", None)
+    run_state = run_state if run_state is not None else RunState.from_args(args)
+    iteration = run_state.iteration
     flops_func = flops_func or num_floating_point_operations
-    logger = TrainingLogger(args, writers, world_size=args.world_size, timers=timers, flops_func=flops_func)
+    logger = TrainingLogger(args, writers, world_size=args.world_size, timers=timers, flops_func=flops_func,
+                            run_state=run_state)
     first_of_run = True
     profiler = StepProfiler(args, dist.get_rank() if dist.is_initialized() else 0)
     manual_gc = ManualGC(args)
@@ -239,21 +248,21 @@ def train(forward_step_func, model, optimizer, scheduler, train_it, valid_it, pg
     manual_gc.start()
     try:
         skip = set(args.iterations_to_skip or ())
-        while _should_continue(args, iteration):
-            update_num_microbatches(args.consumed_train_samples, consistency_check=True)
+        while _should_continue(args, run_state):
+            update_num_microbatches(run_state.consumed_train_samples, consistency_check=True)
             if iteration + 1 in skip:
-                iteration += 1
-                _skip_iteration(iteration, train_it, model)
+                run_state.iteration = iteration = iteration + 1
+                _skip_iteration(iteration, train_it, model, run_state)
                 continue
             profiler.step_begin(iteration + 1)
             result = train_step(forward_step_func, train_it, model, optimizer, scheduler, pg, iteration + 1)
-            iteration += 1
+            run_state.iteration = iteration = iteration + 1
             profiler.step_end(iteration)
             static_scale.step(iteration, result.skipped)
-            args.consumed_train_samples += get_current_global_batch_size()
+            run_state.consumed_train_samples += get_current_global_batch_size()
             logged = first_of_run or iteration % args.log_interval == 0
             stats = _iteration_stats(result, optimizer, model, pg, logged)
-            line = logger.record(iteration, stats, args.consumed_train_samples, time.time() - interval_start,
+            line = logger.record(iteration, stats, run_state.consumed_train_samples, time.time() - interval_start,
                                  first_of_run)
             if line is not None:
                 _after_log(args, timers, iteration, first_of_run)
@@ -263,22 +272,21 @@ def train(forward_step_func, model, optimizer, scheduler, train_it, valid_it, pg
             if args.eval_interval and iteration % args.eval_interval == 0 and args.do_valid:
                 manual_gc.at_evaluation()
                 evaluate_and_print_results(f"iteration {iteration}", forward_step_func, valid_it, model, pg,
-                                           iteration, writers)
+                                           iteration, writers, run_state=run_state)
                 manual_gc.at_evaluation()
-            args.num_floating_point_operations_so_far += flops_func(
-                args, get_current_global_batch_size())
+            run_state.floating_point_operations_so_far += flops_func(args, get_current_global_batch_size())
             if args.save and args.save_interval and iteration % args.save_interval == 0:
-                _save(iteration, model, optimizer, scheduler, pg, progress)
+                _save(run_state, model, optimizer, scheduler, pg, progress)
             reason = exit_conditions.reason(iteration) if exit_conditions is not None else None
             if reason is not None:
-                if args.save and args.last_saved_iteration != iteration:
-                    _save(iteration, model, optimizer, scheduler, pg, progress)
+                if args.save and run_state.last_saved_iteration != iteration:
+                    _save(run_state, model, optimizer, scheduler, pg, progress)
                 wait_for_pending_save()
                 print_rank_0(f"exiting program at iteration {iteration}: {reason}")
-                args.iteration = iteration
+                run_state.publish(args)
                 return iteration, True
         _finish_param_sync(model)
-        args.iteration = iteration
+        run_state.publish(args)
         return iteration, False
     finally:
         manual_gc.stop()
@@ -303,20 +311,19 @@ def _iteration_stats(result: StepResult, optimizer, model, pg: ProcessGroups, lo
     )
 
 
-def _skip_iteration(iteration: int, train_it, model: List[torch.nn.Module]) -> None:
+def _skip_iteration(iteration: int, train_it, model: List[torch.nn.Module], run_state: RunState) -> None:
     """--iterations-to-skip: read and drop the iteration's global batch, as its training step
     would have read it (on the ranks and model chunks that read data, one sample batch per
     micro-batch), so later iterations get the same data as without the skip. No forward, no
     update, no learning-rate step, no log line (Megatron's behaviour)."""
-    args = get_args()
     iterators = train_it if isinstance(train_it, list) else [train_it] * len(model)
     readers = {id(it): it for it, chunk in zip(iterators, model) if it is not None and _reads_data(chunk)}
     for _ in range(get_num_microbatches()):
         for data_iterator in readers.values():
             next(data_iterator)
     batch = get_current_global_batch_size()
-    args.consumed_train_samples += batch
-    args.skipped_train_samples = getattr(args, "skipped_train_samples", 0) + batch
+    run_state.consumed_train_samples += batch
+    run_state.skipped_train_samples += batch
     print_rank_0(f" skipped iteration {iteration} (--iterations-to-skip): its {batch} samples were read and dropped")
 
 
@@ -328,23 +335,25 @@ def _finish_param_sync(model) -> None:
             chunk.finish_param_sync()
 
 
-def _save(iteration: int, model, optimizer, scheduler, pg: ProcessGroups,
+def _save(run_state: RunState, model, optimizer, scheduler, pg: ProcessGroups,
           progress: Optional[ProgressLog] = None) -> None:
+    """Save the run at ``run_state.iteration``."""
     args = get_args()
     _finish_param_sync(model)
     timers = get_timers()
+    iteration, flops = run_state.iteration, run_state.floating_point_operations_so_far
     timers("save-checkpoint", log_level=0).start(barrier=True)
-    save_checkpoint(iteration, model, optimizer, scheduler, args.num_floating_point_operations_so_far, args, pg)
+    save_checkpoint(iteration, model, optimizer, scheduler, flops, args, pg, run_state=run_state)
     timers("save-checkpoint", log_level=0).stop(barrier=True)
-    args.last_saved_iteration = iteration
+    run_state.last_saved_iteration = iteration
     if progress is not None:
-        progress.saved_checkpoint(iteration, args.num_floating_point_operations_so_far, args.consumed_train_samples)
+        progress.saved_checkpoint(iteration, flops, run_state.consumed_train_samples)
 
 
-def _should_continue(args, iteration: int) -> bool:
+def _should_continue(args, run_state: RunState) -> bool:
     if args.train_samples:
-        return args.consumed_train_samples < args.train_samples
-    return iteration < args.train_iters
+        return run_state.consumed_train_samples < args.train_samples
+    return run_state.iteration < args.train_iters
 
 
 def _after_log(args, timers, iteration: int, first_of_run: bool) -> None:

@@ -14,6 +14,7 @@ from megatron.core.num_microbatches_calculator import build_num_microbatches_cal
 from megatron.training.flops import num_floating_point_operations
 from megatron.training.moe_metrics import collect_moe_metrics
 from megatron.training.rank_print import print_rank_last
+from megatron.training.run_state import RunState
 
 
 def total_train_iterations(args) -> int:
@@ -84,15 +85,16 @@ class IntervalTotals:
 class TrainingLogger:
     """Prints the iteration line every --log-interval iterations (and for the first one)."""
 
-    def __init__(self, args, writers=None, world_size: int = 1, timers=None, flops_func=None):
+    def __init__(self, args, writers=None, world_size: int = 1, timers=None, flops_func=None,
+                 run_state: Optional[RunState] = None):
         self.args = args
+        # The job's counts of skipped and NaN iterations are the run's, kept in its RunState.
+        self.run_state = run_state if run_state is not None else RunState()
         self.flops_func = flops_func or num_floating_point_operations
         self.writers = writers
         self.world_size = world_size
         self.timers = timers
         self.totals = IntervalTotals()
-        self.total_skipped = 0
-        self.total_nan = 0
         self.memory_reported = False
         self.total_iterations = total_train_iterations(args)
 
@@ -110,14 +112,15 @@ class TrainingLogger:
             moe = collect_moe_metrics(self.args, parallel_state.get_process_groups())
             stats.losses = {**stats.losses, **moe["losses"]}
             moe_scalars = moe["per_layer"]
+        nan_before = self.totals.nan
         self.totals.add(stats)
-        self.total_skipped += int(stats.skipped)
+        self.run_state.skipped_iterations += int(stats.skipped)
+        self.run_state.nan_iterations += self.totals.nan - nan_before
         self._write_scalars(iteration, stats, consumed_samples, moe_scalars)
         if not self.should_log(iteration, first_of_run):
             return None
         line = self._format(iteration, stats, consumed_samples, elapsed_s)
         self._write_interval_scalars(iteration, stats, consumed_samples, elapsed_s)
-        self.total_nan += self.totals.nan
         self.totals.reset()
         print_rank_last(line)
         return line

@@ -216,9 +216,13 @@ def test_query_groups_rules():
     # 4 groups on TP 3: neither a multiple nor a divisor.
     rejects("--group-query-attention --num-query-groups 4 --num-attention-heads 12 --hidden-size 96 "
             "--tensor-model-parallel-size 3", "--num-query-groups", world_size=3, value=4)
-    # Megatron allows TP to be a multiple of the groups (KV heads replicated): 8 heads, 1 group, TP 2.
-    assert validated("--group-query-attention --num-query-groups 1 --tensor-model-parallel-size 2",
-                     world_size=2).num_query_groups == 1
+    # Megatron allows TP to be a multiple of the groups (KV heads replicated); the attention
+    # here does not replicate them (docs/compatibility.md), so argument checks refuse it
+    # rather than the model config after torch.distributed has started.
+    rejects("--group-query-attention --num-query-groups 1 --tensor-model-parallel-size 2", "--num-query-groups",
+            world_size=2, value=1)
+    assert validated("--group-query-attention --num-query-groups 2 --tensor-model-parallel-size 2",
+                     world_size=2).num_query_groups == 2
 
 
 def test_missing_required_sizes():

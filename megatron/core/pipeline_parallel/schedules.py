@@ -26,7 +26,7 @@ import torch
 from megatron.core.pipeline_parallel.p2p_communication import P2PConfig, PendingExchange, post_exchange
 from megatron.core.pipeline_parallel.schedule_table import Exchange, pipeline_plan
 from megatron.core.process_groups import ProcessGroups, resolve
-from megatron.core.transformer.moe.moe_utils import set_aux_loss_scale
+from megatron.core.transformer.aux_loss_scale import auxiliary_loss_scale, main_loss_scale
 
 
 def get_forward_backward_func(pg_collection: Optional[ProcessGroups] = None, vp_size: Optional[int] = None) -> Callable:
@@ -74,14 +74,13 @@ def forward_step(forward_step_func, data_iterator, model, num_microbatches, conf
     """
     if input_tensor is not None:
         _wrapped_attribute(model, "set_input_tensor")(input_tensor)
-    if getattr(config, "num_moe_experts", None):
-        # MoE balancing losses enter the backward with the main loss's scale.
-        set_aux_loss_scale(bool(getattr(config, "calculate_per_token_loss", False)), cp_size, num_microbatches)
-    output_tensor, loss_func = forward_step_func(data_iterator, model)
+    per_token = bool(getattr(config, "calculate_per_token_loss", False))
+    # Auxiliary losses (MoE balancing) enter the backward with the main loss's scale.
+    with auxiliary_loss_scale(main_loss_scale(per_token, cp_size, num_microbatches)):
+        output_tensor, loss_func = forward_step_func(data_iterator, model)
     if not is_last_stage:
         return output_tensor, None, None
     outputs = loss_func(output_tensor)
-    per_token = bool(getattr(config, "calculate_per_token_loss", False))
     if len(outputs) == 3:
         loss, num_tokens, reported = outputs
         if not per_token:

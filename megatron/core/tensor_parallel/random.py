@@ -10,6 +10,7 @@ available and the CPU generator otherwise, so the same code runs on both.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 from typing import Any, Dict, Optional
 
 import torch
@@ -181,7 +182,9 @@ class CheckpointFunction(torch.autograd.Function):
     Forward saves only the inputs and the RNG states; backward restores those states,
     reruns ``function`` with grad enabled (so dropout draws the same masks), backpropagates
     through it and restores the RNG states it found. Parameters used inside get their
-    gradients during that inner backward.
+    gradients during that inner backward. The rerun also sees the forward's context
+    variables (such as the schedule's auxiliary-loss scale), since the backward runs
+    outside the block that set them.
     """
 
     @staticmethod
@@ -191,6 +194,7 @@ class CheckpointFunction(torch.autograd.Function):
         in backward (--distribute-saved-activations)."""
         ctx.run_function = run_function
         ctx.rng_states = _capture_rng()
+        ctx.context = contextvars.copy_context()
         with torch.no_grad():
             outputs = run_function(*args)
         tensor_slots = [i for i, arg in enumerate(args) if torch.is_tensor(arg)]
@@ -224,7 +228,7 @@ class CheckpointFunction(torch.autograd.Function):
         _restore_rng(ctx.rng_states)
         try:
             with torch.enable_grad():
-                outputs = ctx.run_function(*args)
+                outputs = ctx.context.run(ctx.run_function, *args)
         finally:
             _restore_rng(found)
         if torch.is_tensor(outputs):

@@ -13,6 +13,16 @@ from megatron.core.fp8.recipe import check_fp8_config
 from megatron.core.model_parallel_config import ModelParallelConfig
 
 
+def default_ffn_hidden_size(hidden_size: int, swiglu: bool = False) -> int:
+    """The MLP hidden size when none is given: 4h, or with SwiGLU (two fc1 halves) 2/3 of
+    that, rounded down to a multiple of 64 (Megatron's rule: close to the plain MLP's
+    parameter count, shards aligned). The config, which has no SwiGLU switch of its own,
+    uses the 4h rule; the command line passes --swiglu."""
+    if swiglu:
+        return int((4 * hidden_size * 2 / 3) / 64) * 64
+    return 4 * hidden_size
+
+
 def init_method_normal(std: float) -> Callable[[torch.Tensor], torch.Tensor]:
     """Initializer drawing from N(0, std^2)."""
 
@@ -112,7 +122,7 @@ class TransformerConfig(ModelParallelConfig):
 
     embedding_init_method_std: Optional[float] = None
     """Std of the embeddings' normal initializer (--embedding-init-method-std); None: the
-    embeddings use ``init_method``."""
+    embeddings use ``init_method`` (from the command line: --init-method-std)."""
 
     embedding_init_method: Optional[Callable] = None
     """Initializer of the word, position and token-type embeddings; default
@@ -206,7 +216,8 @@ class TransformerConfig(ModelParallelConfig):
     """Number of experts in each MoE layer (--num-experts); None: dense MLPs only."""
 
     moe_layer_freq: Union[int, List[int]] = 1
-    """Which layers are MoE (--moe-layer-freq): every N-th layer, or a 0/1 list per layer."""
+    """Which layers are MoE (--moe-layer-freq): every N-th layer, or a 0/1 list per layer
+    (on the command line a pattern such as ([1]*3+[0])*2, 1 = MoE)."""
 
     moe_ffn_hidden_size: Optional[int] = None
     """Hidden size of each routed expert's MLP (--moe-ffn-hidden-size); default --ffn-hidden-size."""
@@ -270,14 +281,16 @@ class TransformerConfig(ModelParallelConfig):
     """Run the local experts as one grouped GEMM instead of a loop (--moe-grouped-gemm)."""
 
     moe_per_layer_logging: bool = False
-    """Write the MoE balancing losses of every layer to TensorBoard (--moe-per-layer-logging)."""
+    """Write the MoE balancing losses and token counts of every layer to TensorBoard
+    (--moe-per-layer-logging)."""
 
     fp8: Optional[str] = None
     """FP8 format of the transformer layers' GEMMs (--fp8-format): e4m3, or hybrid (e4m3
     forward, e5m2 gradients); None trains without FP8. See docs/fp8.md."""
 
     fp8_recipe: str = "delayed"
-    """FP8 scaling recipe (--fp8-recipe): delayed (amax history) or tensorwise (current scaling)."""
+    """FP8 scaling recipe (--fp8-recipe): delayed (amax history) or tensorwise (current scaling);
+    mxfp8, blockwise and custom are refused."""
 
     fp8_margin: int = 0
     """FP8 scales are backed off by 2^margin (--fp8-margin)."""
@@ -292,23 +305,24 @@ class TransformerConfig(ModelParallelConfig):
     """Weight-gradient GEMMs in FP8; False keeps them in high precision (--no-fp8-wgrad)."""
 
     fp8_emulation: bool = False
-    """Emulate the FP8 GEMMs in fp32 where the device has none, e.g. CPU (--fp8-emulation; slow, for debugging)."""
+    """Emulate the FP8 GEMMs in fp32 where the device has none (CPU, pre-Hopper GPUs): slow, for
+    debugging FP8 numerics (--fp8-emulation). Not a Megatron flag."""
 
     first_last_layers_bf16: bool = False
     """Keep the first and last transformer layers out of FP8 (--first-last-layers-bf16)."""
 
     num_layers_at_start_in_bf16: int = 1
-    """Layers at the start kept out of FP8 with first_last_layers_bf16 (--num-layers-at-start-in-bf16)."""
+    """Layers at the start kept out of FP8 with --first-last-layers-bf16 (--num-layers-at-start-in-bf16)."""
 
     num_layers_at_end_in_bf16: int = 1
-    """Layers at the end kept out of FP8 with first_last_layers_bf16 (--num-layers-at-end-in-bf16)."""
+    """Layers at the end kept out of FP8 with --first-last-layers-bf16 (--num-layers-at-end-in-bf16)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self._check_shape()
         check_fp8_config(self)
         if self.ffn_hidden_size is None:
-            self.ffn_hidden_size = 4 * self.hidden_size
+            self.ffn_hidden_size = default_ffn_hidden_size(self.hidden_size)
         if self.kv_channels is None:
             self.kv_channels = self.hidden_size // self.num_attention_heads
         if self.num_query_groups is None:

@@ -21,6 +21,33 @@ from typing import Dict
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.training.config_from_args import ARG_TO_CONFIG_FIELD
 
+# Flags that mirror a TransformerConfig field but keep help of their own, and why. Every other
+# mirrored flag is defined with help=None (off switches, ``store_false``, describe turning
+# the feature off and keep theirs); tests/training/arguments_groups/test_config_help.py
+# holds the parser to this.
+FLAGS_WITH_OWN_HELP: Dict[str, str] = {
+    "--ffn-hidden-size": "the command line derives the default from --swiglu; the config alone defaults to 4h",
+    "--num-query-groups": "Megatron's default 1 counts only with --group-query-attention; the config's None "
+                          "means one group per head",
+}
+
+# Mirrored flags whose parser default is not the field's default, and why. Any other
+# difference fails the test above.
+DEFAULTS_UNLIKE_THE_FIELD: Dict[str, str] = {
+    "num_layers": "required on the command line (None until given); the field has no usable default",
+    "hidden_size": "required on the command line (None until given); the field has no usable default",
+    "num_attention_heads": "required on the command line (None until given); the field has no usable default",
+    "num_query_groups": "Megatron's default 1, passed to the config only with --group-query-attention",
+    "gradient_accumulation_fusion": "on by default in Megatron; the field defaults off for library use "
+                                    "without the fused kernel",
+    "use_cpu_initialization": "Megatron leaves it None; the config builder then keeps the field's default",
+    "attention_softmax_in_fp32": "the flag only turns fp32 softmax on; off keeps the field's default "
+                                 "(config_from_args)",
+    "overlap_p2p_comm": "Megatron's default (on, for the interleaved pipeline); derived values turn it off "
+                        "without one",
+    "cp_comm_type": "Megatron's default ['p2p']; the field's None means p2p",
+}
+
 # "(--num-layers)" at the end of a docstring names the flag itself: redundant in --help.
 _OWN_FLAG = re.compile(r"\s*\((--[a-z0-9-]+)\)")
 

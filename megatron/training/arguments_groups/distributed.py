@@ -11,20 +11,15 @@ def add_distributed_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     g = parser.add_argument_group(title="distributed")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1, help=None)
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1, help=None)
-    g.add_argument("--decoder-first-pipeline-num-layers", type=int, default=None,
-                   help="Layers on the first pipeline stage (uneven pipeline).")
-    g.add_argument("--decoder-last-pipeline-num-layers", type=int, default=None,
-                   help="Layers on the last pipeline stage (uneven pipeline).")
-    g.add_argument("--account-for-embedding-in-pipeline-split", action="store_true",
-                   help="Count the embedding as one layer when splitting layers over stages.")
-    g.add_argument("--account-for-loss-in-pipeline-split", action="store_true",
-                   help="Count the loss as one layer when splitting layers over stages.")
+    g.add_argument("--decoder-first-pipeline-num-layers", type=int, default=None, help=None)
+    g.add_argument("--decoder-last-pipeline-num-layers", type=int, default=None, help=None)
+    g.add_argument("--account-for-embedding-in-pipeline-split", action="store_true", help=None)
+    g.add_argument("--account-for-loss-in-pipeline-split", action="store_true", help=None)
     g.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None,
                    help="Layers per virtual pipeline stage (interleaved schedule).")
     g.add_argument("--num-virtual-stages-per-pipeline-rank", type=int, default=None,
                    help="Virtual pipeline stages (model chunks) per pipeline rank.")
-    g.add_argument("--microbatch-group-size-per-virtual-pipeline-stage", type=int, default=None,
-                   help="Consecutive micro-batches per virtual stage; default the pipeline size.")
+    g.add_argument("--microbatch-group-size-per-virtual-pipeline-stage", type=int, default=None, help=None)
     g.add_argument("--no-overlap-p2p-communication", action="store_false", dest="overlap_p2p_comm",
                    help="Do not overlap pipeline send/recv with compute (interleaved schedule).")
     g.add_argument("--overlap-p2p-communication-warmup-flush", action="store_true",
@@ -66,15 +61,13 @@ def add_distributed_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
                         "(less communication, more memory).")
     g.add_argument("--use-megatron-fsdp", action="store_true", help="Use Megatron-FSDP.")
     g.add_argument("--context-parallel-size", type=int, default=1, help=None)
-    g.add_argument("--cp-comm-type", nargs="+", type=str, default=["p2p"],
-                   help="Context-parallel communication: p2p, all_gather, a2a or a2a+p2p (one or one per layer).")
-    g.add_argument("--hierarchical-context-parallel-sizes", nargs="+", type=int, default=None,
-                   help="Sizes of the hierarchical context-parallel groups (a2a+p2p).")
+    g.add_argument("--cp-comm-type", nargs="+", type=str, default=["p2p"], help=None)
+    g.add_argument("--hierarchical-context-parallel-sizes", nargs="+", type=int, default=None, help=None)
     g.add_argument("--nccl-communicator-config-path", type=str, default=None, help="YAML of NCCL communicator options.")
     g.add_argument("--use-tp-pp-dp-mapping", action="store_true",
                    help="Order ranks tp-cp-ep-pp-dp instead of tp-cp-ep-dp-pp.")
     g.add_argument("--sequence-parallel", action="store_true", help=None)
-    g.add_argument("--tp-comm-overlap", action="store_true", help="Overlap tensor-parallel communication with GEMMs.")
+    g.add_argument("--tp-comm-overlap", action="store_true", help=None)
     g.add_argument("--expert-model-parallel-size", type=int, default=1, help=None)
     g.add_argument("--expert-tensor-parallel-size", type=int, default=None, help=None)
     g.add_argument("--disable-gloo-process-groups", action="store_false", dest="enable_gloo_process_groups",

@@ -54,7 +54,7 @@ def add_network_size_args(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     g.add_argument("--norm-epsilon", type=float, default=1e-5, help=None)
     g.add_argument("--apply-layernorm-1p", action="store_true", help=None)
     g.add_argument("--apply-residual-connection-post-layernorm", action="store_true", help=None)
-    g.add_argument("--openai-gelu", action="store_true", help="Use OpenAI's tanh approximation of GeLU.")
+    g.add_argument("--openai-gelu", action="store_true", help=None)
     g.add_argument("--squared-relu", action="store_true", help="Use squared ReLU as the MLP activation.")
     g.add_argument("--swiglu", action="store_true",
                    help="Use a gated MLP with SiLU (SwiGLU); fc1 becomes [gate; up].")
@@ -88,45 +88,38 @@ def add_transformer_impl_args(parser: argparse.ArgumentParser) -> argparse.Argum
 def add_moe_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Mixture-of-experts flags."""
     g = parser.add_argument_group(title="moe")
-    g.add_argument("--num-experts", type=int, default=None, help="Number of experts in each MoE layer.")
-    g.add_argument("--moe-layer-freq", type=int_or_pattern, default=1,
-                   help="Every N-th layer is MoE, or a pattern such as ([1]*3+[0])*2 (1 = MoE).")
-    g.add_argument("--moe-ffn-hidden-size", type=int, default=None,
-                   help="Hidden size of each expert's MLP; default --ffn-hidden-size.")
-    g.add_argument("--moe-shared-expert-intermediate-size", type=int, default=None,
-                   help="Hidden size of the shared expert(s); none when not given.")
+    g.add_argument("--num-experts", type=int, default=None, help=None)
+    g.add_argument("--moe-layer-freq", type=int_or_pattern, default=1, help=None)
+    g.add_argument("--moe-ffn-hidden-size", type=int, default=None, help=None)
+    g.add_argument("--moe-shared-expert-intermediate-size", type=int, default=None, help=None)
     g.add_argument("--moe-shared-expert-overlap", action="store_true",
                    help="Overlap shared-expert compute with dispatch.")
-    g.add_argument("--moe-grouped-gemm", action="store_true", help="Run the local experts as one grouped GEMM.")
+    g.add_argument("--moe-grouped-gemm", action="store_true", help=None)
     g.add_argument("--moe-router-load-balancing-type", type=str, default="aux_loss",
                    choices=["aux_loss", "seq_aux_loss", "global_aux_loss", "sinkhorn", "quantile_balancing", "none"],
-                   help="Router load-balancing method.")
+                   help=None)
     g.add_argument("--moe-router-score-function", type=str, default="softmax",
-                   choices=["softmax", "sigmoid", "sqrtsoftplus"], help="Router score function.")
-    g.add_argument("--moe-router-topk", type=int, default=2, help="Experts each token is routed to.")
-    g.add_argument("--moe-router-pre-softmax", action="store_true", help="Softmax before top-k selection.")
-    g.add_argument("--moe-router-num-groups", type=int, default=None, help="Expert groups for group-limited routing.")
-    g.add_argument("--moe-router-group-topk", type=int, default=None, help="Groups each token may use.")
-    g.add_argument("--moe-router-topk-scaling-factor", type=float, default=None,
-                   help="Scale of the top-k routing probabilities.")
-    g.add_argument("--moe-router-enable-expert-bias", action="store_true", help="Aux-loss-free expert bias.")
-    g.add_argument("--moe-router-bias-update-rate", type=float, default=1e-3, help="Update rate of the expert bias.")
-    g.add_argument("--moe-router-dtype", type=str, default=None, choices=["fp32", "fp64"], help="Router compute dtype.")
-    g.add_argument("--moe-aux-loss-coeff", type=float, default=0.0, help="Scale of the load-balancing aux loss.")
-    g.add_argument("--moe-z-loss-coeff", type=float, default=None, help="Scale of the router z-loss.")
-    g.add_argument("--moe-input-jitter-eps", type=float, default=None, help="Jitter added to router inputs.")
+                   choices=["softmax", "sigmoid", "sqrtsoftplus"], help=None)
+    g.add_argument("--moe-router-topk", type=int, default=2, help=None)
+    g.add_argument("--moe-router-pre-softmax", action="store_true", help=None)
+    g.add_argument("--moe-router-num-groups", type=int, default=None, help=None)
+    g.add_argument("--moe-router-group-topk", type=int, default=None, help=None)
+    g.add_argument("--moe-router-topk-scaling-factor", type=float, default=None, help=None)
+    g.add_argument("--moe-router-enable-expert-bias", action="store_true", help=None)
+    g.add_argument("--moe-router-bias-update-rate", type=float, default=1e-3, help=None)
+    g.add_argument("--moe-router-dtype", type=str, default=None, choices=["fp32", "fp64"], help=None)
+    g.add_argument("--moe-aux-loss-coeff", type=float, default=0.0, help=None)
+    g.add_argument("--moe-z-loss-coeff", type=float, default=None, help=None)
+    g.add_argument("--moe-input-jitter-eps", type=float, default=None, help=None)
     g.add_argument("--moe-token-dispatcher-type", type=str, default="allgather",
-                   choices=["allgather", "alltoall", "flex"], help="How tokens are sent to experts.")
-    g.add_argument("--moe-expert-capacity-factor", type=float, default=None,
-                   help="Expert capacity factor; dropless when not given.")
-    g.add_argument("--moe-pad-expert-input-to-capacity", action="store_true", help="Pad expert inputs to capacity.")
-    g.add_argument("--moe-token-drop-policy", type=str, default="probs", choices=["probs", "position"],
-                   help="Which tokens are dropped when an expert is over capacity.")
+                   choices=["allgather", "alltoall", "flex"], help=None)
+    g.add_argument("--moe-expert-capacity-factor", type=float, default=None, help=None)
+    g.add_argument("--moe-pad-expert-input-to-capacity", action="store_true", help=None)
+    g.add_argument("--moe-token-drop-policy", type=str, default="probs", choices=["probs", "position"], help=None)
     g.add_argument("--moe-layer-recompute", action="store_true", help="Recompute MoE layers in backward.")
     g.add_argument("--moe-permute-fusion", action="store_true", help="Fused token permutation.")
     g.add_argument("--moe-use-upcycling", action="store_true", help="Build MoE weights from a dense checkpoint.")
-    g.add_argument("--moe-per-layer-logging", action="store_true",
-                   help="Write the MoE balancing losses and token counts of every layer to TensorBoard.")
+    g.add_argument("--moe-per-layer-logging", action="store_true", help=None)
     return parser
 
 

@@ -32,27 +32,17 @@ def add_mixed_precision_args(parser: argparse.ArgumentParser) -> argparse.Argume
 
 def _add_fp8_args(g) -> None:
     """FP8 GEMMs in the transformer layers (megatron.core.fp8; docs/fp8.md)."""
-    g.add_argument("--fp8-format", type=str, default=None, dest="fp8", choices=["e4m3", "hybrid"],
-                   help="FP8 format of the transformer layers' GEMMs: e4m3, or hybrid (e4m3 forward, e5m2 "
-                        "gradients); off when not given.")
+    g.add_argument("--fp8-format", type=str, default=None, dest="fp8", choices=["e4m3", "hybrid"], help=None)
     g.add_argument("--fp8-recipe", type=str, default="delayed",
-                   choices=["delayed", "tensorwise", "mxfp8", "blockwise", "custom"],
-                   help="FP8 scaling recipe: delayed (amax history) or tensorwise (current scaling); "
-                        "mxfp8, blockwise and custom are refused.")
-    g.add_argument("--fp8-margin", type=int, default=0, help="Back the FP8 scales off by 2^margin.")
-    g.add_argument("--fp8-amax-history-len", type=int, default=1,
-                   help="Amaxes kept per tensor for delayed scaling.")
+                   choices=["delayed", "tensorwise", "mxfp8", "blockwise", "custom"], help=None)
+    g.add_argument("--fp8-margin", type=int, default=0, help=None)
+    g.add_argument("--fp8-amax-history-len", type=int, default=1, help=None)
     g.add_argument("--fp8-amax-compute-algo", type=str, default="most_recent", choices=["most_recent", "max"],
-                   help="Delayed scaling uses the most recent amax or the max over the history.")
+                   help=None)
     g.add_argument("--no-fp8-wgrad", action="store_false", dest="fp8_wgrad",
                    help="Run the weight-gradient GEMMs in high precision instead of FP8.")
-    g.add_argument("--fp8-emulation", action="store_true",
-                   help="Emulate FP8 GEMMs in fp32 where the device has none (CPU, pre-Hopper GPUs): slow, "
-                        "for debugging FP8 numerics. Not a Megatron flag.")
+    g.add_argument("--fp8-emulation", action="store_true", help=None)
     g.add_argument("--fp8-param-gather", action="store_true", help="Keep and all-gather params in FP8.")
-    g.add_argument("--first-last-layers-bf16", action="store_true",
-                   help="Keep the first and last transformer layers out of FP8.")
-    g.add_argument("--num-layers-at-start-in-bf16", type=int, default=1,
-                   help="Layers at the start kept out of FP8 with --first-last-layers-bf16.")
-    g.add_argument("--num-layers-at-end-in-bf16", type=int, default=1,
-                   help="Layers at the end kept out of FP8 with --first-last-layers-bf16.")
+    g.add_argument("--first-last-layers-bf16", action="store_true", help=None)
+    g.add_argument("--num-layers-at-start-in-bf16", type=int, default=1, help=None)
+    g.add_argument("--num-layers-at-end-in-bf16", type=int, default=1, help=None)

@@ -85,9 +85,8 @@ def add_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     g.add_argument("--no-persist-layer-norm", action="store_true", help="Do not use the persistent layer-norm kernel.")
     g.add_argument("--no-gradient-accumulation-fusion", action="store_false", dest="gradient_accumulation_fusion",
                    help="Do not fuse weight-gradient accumulation into the GEMM.")
-    g.add_argument("--cross-entropy-loss-fusion", action="store_true", help="Fused vocab-parallel cross entropy.")
-    g.add_argument("--cross-entropy-fusion-impl", type=str, default="native", choices=["native", "te"],
-                   help="Implementation of --cross-entropy-loss-fusion.")
+    g.add_argument("--cross-entropy-loss-fusion", action="store_true", help=None)
+    g.add_argument("--cross-entropy-fusion-impl", type=str, default="native", choices=["native", "te"], help=None)
     g.add_argument("--use-flash-attn", action="store_true", help="Legacy: use flash attention.")
     g.add_argument("--optimizer", type=str, default="adam", choices=["adam", "sgd"], help="Optimizer.")
     g.add_argument("--dataloader-type", type=str, default=None, choices=["single", "cyclic", "external"],
@@ -122,8 +121,7 @@ def add_initialization_args(parser: argparse.ArgumentParser) -> argparse.Argumen
     g.add_argument("--data-parallel-random-init", action="store_true",
                    help="Different initial weights on each data-parallel rank.")
     g.add_argument("--init-method-std", type=float, default=0.02, help=None)
-    g.add_argument("--embedding-init-method-std", type=float, default=None,
-                   help="Std of the embedding initializer; default --init-method-std.")
+    g.add_argument("--embedding-init-method-std", type=float, default=None, help=None)
     g.add_argument("--init-method-xavier-uniform", action="store_true", help="Xavier-uniform init for weights.")
     g.add_argument("--use-cpu-initialization", action="store_true", default=None, help=None)
     g.add_argument("--no-initialization", action="store_false", dest="perform_initialization",

@@ -53,7 +53,7 @@ from megatron.training.checkpointing.manifest import (
 from megatron.training.checkpointing.run_state import (
     describe_layout,
     parallel_layout,
-    restore_counters,
+    saved_counters,
     restore_grad_scaler,
     restore_param_group_hyperparameters,
     restore_rng,
@@ -61,6 +61,7 @@ from megatron.training.checkpointing.run_state import (
 from megatron.training.checkpointing.save_formats import SAVE_FORMATS, SaveRequest, planner_for
 from megatron.training.global_vars import get_args
 from megatron.training.rank_print import print_rank_0
+from megatron.training.run_state import RunState
 
 logger = logging.getLogger(__name__)
 
@@ -105,13 +106,19 @@ def _groups(pg: Optional[ProcessGroups]) -> ProcessGroups:
 
 
 def save_checkpoint(iteration: int, model: List, optimizer, scheduler, num_floating_point_operations_so_far: float = 0,
-                    args=None, pg: Optional[ProcessGroups] = None, fault_hook: Optional[FaultHook] = None) -> bool:
+                    args=None, pg: Optional[ProcessGroups] = None, fault_hook: Optional[FaultHook] = None, *,
+                    run_state: Optional[RunState] = None) -> bool:
     """Save under ``args.save``; collective over all ranks. Returns False when a
     committed checkpoint of this iteration already exists (it is never overwritten).
+
+    ``run_state`` (the training loop's counters) is stored in the checkpoint's copy of
+    ``args``, under Megatron's names; without it, the counters already on ``args`` are stored.
 
     ``fault_hook(phase, rank, iteration)`` runs at each crash point of the save (see
     ``faults``); the default is ``faults.crash_point``, driven by MEGATRON_CKPT_CRASH."""
     args = args if args is not None else get_args()
+    if run_state is not None:
+        args = run_state.stamped_args(args)
     hook = fault_hook if fault_hook is not None else crash_point
     groups = _groups(pg)
     wait_for_pending_save()
@@ -349,25 +356,38 @@ def _verify(directory: str, rank: int, world: int, group) -> Optional[dict]:
     return manifest
 
 
-def load_checkpoint(model: List, optimizer, scheduler, args=None, pg: Optional[ProcessGroups] = None
-                    ) -> Tuple[int, float]:
+def load_checkpoint(model: List, optimizer, scheduler, args=None, pg: Optional[ProcessGroups] = None, *,
+                    run_state: Optional[RunState] = None) -> Tuple[int, float]:
     """Load from --load (or --pretrained-checkpoint) into the live model, optimizer and
-    scheduler; set the data position in ``args``. Returns (iteration, FLOPs so far)."""
+    scheduler. Returns (iteration, FLOPs so far).
+
+    The data position (consumed samples) and the counters go into ``run_state`` when given
+    (the training loop's), else onto ``args`` (Megatron's tools and scripts read them there).
+    """
     args = args if args is not None else get_args()
     groups = _groups(pg)
     wait_for_pending_save()
     comm = CheckpointComm.open()
     try:
-        return _load(model, optimizer, scheduler, args, groups, comm)
+        iteration, flops, counters = _load(model, optimizer, scheduler, args, groups, comm)
     finally:
         comm.close()
+    if run_state is None:
+        for name, value in counters.items():
+            setattr(args, name, value)
+    else:
+        run_state.restore_sample_counters(counters)
+        run_state.iteration, run_state.floating_point_operations_so_far = iteration, flops
+    return iteration, flops
 
 
-def _load(model: List, optimizer, scheduler, args, groups: ProcessGroups, comm: CheckpointComm) -> Tuple[int, float]:
+def _load(model: List, optimizer, scheduler, args, groups: ProcessGroups, comm: CheckpointComm
+          ) -> Tuple[int, float, dict]:
+    """(iteration, FLOPs so far, sample counters) of the loaded checkpoint."""
     rank, world, group = comm.rank, comm.world, comm.group
     root, iteration, release, finetune = _resolve_load_target(args, rank, group)
     if root is None:
-        return 0, 0.0
+        return 0, 0.0, {}
     directory = layout.iteration_dir(root, iteration, release)
     if rank == 0:
         layout.warn_about_partial_checkpoints(root)
@@ -422,9 +442,10 @@ def _load(model: List, optimizer, scheduler, args, groups: ProcessGroups, comm: 
         restore_rng(rng)
     elif wants_rng:
         print_rank_0("  RNG state not restored (not saved, or the parallel layout changed)")
-    iteration = restore_counters(args, common, finetune)
+    iteration, counters = saved_counters(args, common, finetune)
     print_rank_0(f"  successfully loaded checkpoint from {root} at iteration {iteration}")
-    return iteration, float(common.get("num_floating_point_operations_so_far", 0.0)) if not finetune else 0.0
+    flops = float(common.get("num_floating_point_operations_so_far", 0.0)) if not finetune else 0.0
+    return iteration, flops, counters
 
 
 def _same_layout(saved: Optional[dict], args) -> bool:
@@ -436,15 +457,18 @@ def _same_layout(saved: Optional[dict], args) -> bool:
     return same
 
 
-def convert_checkpoint_format(model: List, optimizer, scheduler, args, pg: Optional[ProcessGroups] = None) -> str:
+def convert_checkpoint_format(model: List, optimizer, scheduler, args, pg: Optional[ProcessGroups] = None, *,
+                              run_state: Optional[RunState] = None) -> str:
     """--ckpt-convert-format: save the loaded state again, in that format, under
-    ``<--ckpt-convert-save>/<format>`` at the loaded iteration; returns that directory."""
+    ``<--ckpt-convert-save>/<format>`` at the loaded iteration (``run_state``'s, else the one
+    on ``args``); returns that directory."""
+    state = run_state if run_state is not None else RunState.from_args(args)
     target = os.path.join(args.ckpt_convert_save, args.ckpt_convert_format)
     saved_root, saved_format = args.save, args.ckpt_format
     args.save, args.ckpt_format = target, args.ckpt_convert_format
     try:
-        save_checkpoint(args.iteration, model, optimizer, scheduler, args.num_floating_point_operations_so_far,
-                        args, pg)
+        save_checkpoint(state.iteration, model, optimizer, scheduler, state.floating_point_operations_so_far,
+                        args, pg, run_state=state)
         wait_for_pending_save()
     finally:
         args.save, args.ckpt_format = saved_root, saved_format

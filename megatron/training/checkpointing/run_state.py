@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import logging
 import random
-from typing import Optional
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 import torch
 
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+from megatron.training.run_state import CHECKPOINTED_SAMPLE_COUNTERS
 
 logger = logging.getLogger(__name__)
 
@@ -98,19 +99,20 @@ def common_state(args, iteration: int, optimizer, scheduler, num_flops: float, s
     return state
 
 
-def restore_counters(args, state: dict, finetune: bool) -> int:
-    """Set the data position and counters from the checkpoint's args; returns the iteration."""
+def saved_counters(args, state: dict, finetune: bool) -> Tuple[int, Dict[str, int]]:
+    """The iteration and the sample counters (``CHECKPOINTED_SAMPLE_COUNTERS``) to resume
+    from, as the checkpoint's saved args hold them; (0, {}) when fine-tuning."""
     if finetune:
-        return 0
+        return 0, {}
     saved_args = state.get("args")
-    for name in ("consumed_train_samples", "consumed_valid_samples", "skipped_train_samples"):
-        setattr(args, name, getattr(saved_args, name, 0) if saved_args is not None else 0)
+    counters = {name: getattr(saved_args, name, 0) if saved_args is not None else 0
+                for name in CHECKPOINTED_SAMPLE_COUNTERS}
     iteration = int(state.get("iteration", 0))
     override = getattr(args, "override_ckpt_iteration", None)
     if override is not None:
         iteration = override
-        args.consumed_train_samples = override * args.global_batch_size
-    return iteration
+        counters["consumed_train_samples"] = override * args.global_batch_size
+    return iteration, counters
 
 
 def restore_param_group_hyperparameters(optimizer, saved_groups) -> None:

@@ -39,16 +39,16 @@ def _attempt_loads(rank, world_size, argv, roots, bare=()) -> List[Tuple[Optiona
     original = model_setup.load_checkpoint
     outcomes = []
 
-    def attempts(model, optimizer, scheduler, args, pg):
+    def attempts(model, optimizer, scheduler, args, pg, **kwargs):
         for index, root in enumerate(roots):
             args.load = root
             before = _snapshot(model, optimizer)
             iteration = None
             try:
                 if index in bare:  # Megatron's evaluation pattern: load_checkpoint(model, None, None)
-                    iteration, _ = original(model, None, None, args, pg)
+                    iteration, _ = original(model, None, None, args, pg, **kwargs)
                 else:
-                    iteration, _ = original(model, optimizer, scheduler, args, pg)
+                    iteration, _ = original(model, optimizer, scheduler, args, pg, **kwargs)
                 error = None
             except Exception as caught:  # noqa: BLE001 -- the tests read the message
                 error = f"{type(caught).__name__}: {caught}"

@@ -12,14 +12,19 @@ from typing import Optional, Tuple
 
 import torch
 
+from megatron.core.transformer.aux_loss_scale import current_auxiliary_loss_scale
+
 
 class MoEAuxLossAutoScaler(torch.autograd.Function):
     """Forward: return ``output`` unchanged (keeping ``aux_loss`` alive). Backward: pass
-    the output's gradient through and give ``aux_loss`` the gradient ``main_loss_backward_scale``.
+    the output's gradient through and give ``aux_loss`` the gradient of the main loss's scale.
 
     This adds ``scale * aux_loss`` to the objective without changing what the model
-    returns. The schedule sets the scale to the one it applies to the main loss (1 /
-    number of micro-batches, x cp size; 1 with per-token loss).
+    returns. The scale is the one the schedule applies to the main loss (1 / number of
+    micro-batches, x cp size; 1 with per-token loss), which the schedule hands over through
+    ``aux_loss_scale.auxiliary_loss_scale`` around each forward step and which is read here
+    at forward time. Outside a schedule, the scale given to ``set_loss_scale``
+    (Megatron-Core's call) applies, else 1.
     """
 
     main_loss_backward_scale: Optional[torch.Tensor] = None
@@ -27,26 +32,25 @@ class MoEAuxLossAutoScaler(torch.autograd.Function):
     @staticmethod
     def forward(ctx, output: torch.Tensor, aux_loss: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(aux_loss)
+        ctx.scale = current_auxiliary_loss_scale()
         return output
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
         (aux_loss,) = ctx.saved_tensors
-        scale = MoEAuxLossAutoScaler.main_loss_backward_scale
+        if ctx.scale is not None:
+            scale = torch.tensor(ctx.scale, dtype=torch.float32)
+        else:
+            scale = MoEAuxLossAutoScaler.main_loss_backward_scale
         if scale is None:
             scale = torch.ones((), device=aux_loss.device)
         return grad_output, torch.ones_like(aux_loss) * scale.to(aux_loss.device)
 
     @staticmethod
     def set_loss_scale(scale: torch.Tensor) -> None:
-        """Set the gradient given to every auxiliary loss from now on."""
+        """The gradient given to auxiliary losses computed outside a schedule's forward step
+        (a schedule's own scale always wins)."""
         MoEAuxLossAutoScaler.main_loss_backward_scale = scale.detach().clone().reshape(())
-
-
-def set_aux_loss_scale(per_token_loss: bool, cp_size: int, num_microbatches: int) -> None:
-    """The auxiliary-loss scale matching the schedule's scaling of the main loss."""
-    scale = 1.0 if per_token_loss else cp_size / num_microbatches
-    MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(scale, dtype=torch.float32))
 
 
 def switch_load_balancing_loss_func(
