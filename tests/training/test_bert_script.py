@@ -28,14 +28,6 @@ def test_loss_is_masked_lm_mean_plus_sentence_order_loss():
     torch.testing.assert_close(loss, lm)
 
 
-def test_virtual_pipeline_stages_are_refused():
-    with pytest.raises(ValueError, match="--num-virtual-stages-per-pipeline-rank"):
-        pretrain_bert._check_pipeline_layout(Namespace(pipeline_model_parallel_size=2,
-                                                       virtual_pipeline_model_parallel_size=2))
-    pretrain_bert._check_pipeline_layout(Namespace(pipeline_model_parallel_size=4,
-                                                   virtual_pipeline_model_parallel_size=None))
-
-
 def test_bert_flops_count_the_full_attention_core_and_the_heads():
     args = Namespace(seq_length=128, num_layers=2, hidden_size=64, num_attention_heads=4, kv_channels=16,
                      ffn_hidden_size=256, padded_vocab_size=512, group_query_attention=False, swiglu=False,

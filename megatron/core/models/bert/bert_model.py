@@ -55,6 +55,7 @@ class BertModel(LanguageModule):
     """
 
     stack_attribute = "encoder"
+    every_stage_reads_data = True  # every stage's attention needs the padding mask
 
     def __init__(
         self,

@@ -29,6 +29,9 @@ class LanguageModule(torch.nn.Module):
 
     # The attribute holding the transformer stack the previous stage's activation goes to.
     stack_attribute = "decoder"
+    # Whether every pipeline stage (not only the first and the last) reads the micro-batch;
+    # the training loop then gives each of a rank's model chunks its own view of the data.
+    every_stage_reads_data = False
 
     def __init__(self, config: TransformerConfig, pg_collection: Optional[process_groups.ProcessGroups] = None):
         super().__init__()
