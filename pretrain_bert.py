@@ -35,7 +35,6 @@ def model_provider(pre_process: bool = True, post_process: bool = True, vp_stage
     Token types: 2 with the binary head (Megatron's rule) and always with the post-LayerNorm
     (Hugging Face) layout, whose checkpoints always carry them."""
     args = get_args()
-    _check_pipeline_layout(args)
     config = core_transformer_config_from_args(args)
     num_tokentypes = 2 if args.bert_binary_head or args.transformer_block_type == "post_ln" else 0
     print_rank_0("building BERT model ...")
@@ -46,17 +45,6 @@ def model_provider(pre_process: bool = True, post_process: bool = True, vp_stage
         add_binary_head=args.bert_binary_head,
         vp_stage=vp_stage,
     )
-
-
-def _check_pipeline_layout(args) -> None:
-    # Every stage's attention needs the padding mask, so every stage reads the micro-batch;
-    # the interleaved schedule gives a rank one data iterator, which its chunks cannot share.
-    if args.virtual_pipeline_model_parallel_size:
-        raise ValueError(
-            f"pretrain_bert.py does not support virtual pipeline stages (got {args.virtual_pipeline_model_parallel_size}):"
-            " every BERT chunk needs the padding mask and a rank has one data iterator; drop "
-            "--num-layers-per-virtual-pipeline-stage / --num-virtual-stages-per-pipeline-rank"
-        )
 
 
 _KEYS = ["text", "types", "labels", "is_random", "loss_mask", "padding_mask"]

@@ -93,6 +93,9 @@ CONFIGS: Dict[str, BenchConfig] = {
     "tiny": BenchConfig(
         ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4"],
         vocab_size=512, seq=128, mbs=2, gbs=4, note="CPU smoke test of the driver"),
+    "bert-tiny": BenchConfig(
+        ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4"],
+        vocab_size=512, seq=128, mbs=2, gbs=4, family="bert", note="CPU smoke test of the bert-large path"),
 }
 SINGLE_GPU_CONFIGS = [name for name, c in CONFIGS.items() if c.nproc == 1 and name != "tiny" and c.family == "gpt"]
 _SCRIPTS = {"gpt": "pretrain_gpt.py", "bert": "pretrain_bert.py"}

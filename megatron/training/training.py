@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import dataclass
 from typing import Callable, List, Optional
@@ -203,15 +204,23 @@ def train_step(forward_step_func, data_iterator, model: List[torch.nn.Module], o
 def iterators_per_chunk(iterator, model: List[torch.nn.Module]):
     """The data iterator as the schedule wants it: itself for one model chunk, else a list
     with one entry per chunk (interleaved pipeline). Only the chunks that read data -- the
-    one with the embedding and the one with the loss -- get the iterator; the others get
-    None, so every micro-batch is read exactly once per rank."""
+    one with the embedding and the one with the loss, or every chunk of a model whose every
+    stage reads the micro-batch (BERT's padding mask) -- get the iterator; the others get
+    None. Several reading chunks get views of the one stream (``itertools.tee``), so each
+    sees every micro-batch in order and the data is still read once per rank."""
     if len(model) == 1:
         return iterator
-    return [iterator if _reads_data(chunk) else None for chunk in model]
+    reads = [_reads_data(chunk) for chunk in model]
+    if iterator is None or sum(reads) < 2:
+        return [iterator if r else None for r in reads]
+    views = iter(itertools.tee(iterator, sum(reads)))
+    return [next(views) if r else None for r in reads]
 
 
 def _reads_data(chunk: torch.nn.Module) -> bool:
     core = unwrap_model(chunk)
+    if getattr(core, "every_stage_reads_data", False):
+        return True
     return bool(getattr(core, "pre_process", True) or getattr(core, "post_process", True))
 
 

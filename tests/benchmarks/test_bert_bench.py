@@ -36,3 +36,27 @@ def test_bert_large_runs_pretrain_bert_with_bert_flops():
     per_token = 48 * L * h * h + 24 * L * h * h + 12 * L * h * s + 6 * h * h + 6 * h * V
     assert (seq, gbs) == (512, 64)
     assert flops == B * (s * per_token + 6 * (h * h + 2 * h))
+
+
+def test_bert_tiny_smoke_runs_the_bert_path_on_cpu_with_bert_flops(tmp_path):
+    """The bert-large path (pretrain_bert.py, WordPiece mock data, padding-mask attention,
+    BERT's FLOPs in TFLOP/s and MFU) end to end at a CPU size, so a GPU run of bert-large does
+    not stop on an error of the driver."""
+    import json
+    import subprocess
+
+    import pytest
+
+    out = tmp_path / "rows.json"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "pretrain_bench.py"), "--configs", "bert-tiny", "--cpu",
+         "--json", str(out), "--log-dir", str(tmp_path), "--quiet"],
+        cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["status"] == "ok" and row["config"] == "bert-tiny" and "sdpa" in row["backends"]
+    cfg = bench.CONFIGS["bert-tiny"]
+    flags = bench.pretrain_flags(cfg, bench.Layout(1), cfg.seq, cfg.mbs, cfg.gbs, 6, 1, False, [])
+    flops, _, _ = bench.run_shape(flags, 1, "bert")
+    assert row["tflops_per_gpu"] == pytest.approx(flops / (row["ms_per_iter"] / 1000) / 1e12, rel=1e-3)
+    assert (tmp_path / "bert-tiny.log").read_text().count("lm loss") >= 6

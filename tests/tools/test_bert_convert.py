@@ -87,10 +87,19 @@ def test_export_as_headless_bert_model_gives_hidden_states_and_pooled_output(tmp
     torch.testing.assert_close(got.pooler_output, want.pooler_output, rtol=0, atol=0)
 
 
-def test_refusals_name_the_problem(tmp_path):
+def test_headless_bert_model_round_trip_is_exact_and_keeps_its_heads_absent(tmp_path):
+    """A headless BertModel imports (encoder and pooler; the converter rebuilds that model
+    to reshard and export it), exports as itself, and cannot claim an LM head it lacks."""
     _save_hf("BertModel", tmp_path / "bare")
-    with pytest.raises(ConversionError, match="headless"):
-        _import(tmp_path / "bare", tmp_path / "core_bare")
+    _import(tmp_path / "bare", tmp_path / "core_bare", "--target-tensor-parallel-size", "2")
+    _export(tmp_path / "core_bare", tmp_path / "out")
+    _same_files(tmp_path / "bare", tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["architectures"] == ["BertModel"]
+    with pytest.raises(ConversionError, match="needs the LM head"):
+        _export(tmp_path / "core_bare", tmp_path / "mlm", "--hf-model-type", "BertForMaskedLM")
+
+
+def test_refusals_name_the_problem(tmp_path):
     _save_hf("BertForMaskedLM", tmp_path / "mlm")
     _import(tmp_path / "mlm", tmp_path / "core_mlm")
     with pytest.raises(ConversionError, match="needs the pooler"):

@@ -1,6 +1,7 @@
 """The flag sets of Megatron-LM's own example launch scripts, as data.
 
-Each entry holds the flags its script passes to ``pretrain_gpt.py`` with the script's own values
+Each entry holds the flags its script passes to ``pretrain_gpt.py`` (or, with ``entry``
+"bert", ``pretrain_bert.py``) with the script's own values
 (written from the scripts' documented contents, grouped as the scripts group them), and says how
 the CI run changes it: ``sizes`` replaces model, batch, schedule and parallel sizes; ``paths``
 replaces data, tokenizer, checkpoint and log locations (``{tmp}`` is the test's scratch folder);
@@ -34,7 +35,7 @@ CPU_RUNTIME = ["--distributed-backend", "gloo", "--use-cpu-initialization", "--n
 
 @dataclass
 class ExampleScript:
-    """One Megatron example script's ``pretrain_gpt.py`` flags and its CPU adaptation."""
+    """One Megatron example script's ``pretrain_<entry>.py`` flags and its CPU adaptation."""
 
     flags: List[str]
     sizes: Dict[str, List[str]]
@@ -42,6 +43,7 @@ class ExampleScript:
     dropped: Dict[str, Tuple[int, str]] = field(default_factory=dict)  # flag -> (n values, reason)
     added: Dict[str, Tuple[List[str], str]] = field(default_factory=dict)  # flag -> (values, reason)
     world_size: int = 1
+    entry: str = "gpt"  # the pretrain script it launches: "gpt" or "bert"
 
 
 def _split(text: str) -> List[str]:
@@ -168,7 +170,43 @@ MIXTRAL_8X7B = ExampleScript(
     world_size=2,
 )
 
-EXAMPLES = {"gpt3_175b": GPT3_175B, "llama3_8b_fp8": LLAMA3_8B_FP8, "mixtral_8x7b": MIXTRAL_8X7B}
+BERT_340M = ExampleScript(
+    # examples/bert/train_bert_340m_distributed.sh (BERT-large); it repeats --weight-decay and
+    # --clip-grad, which parse to the same values.
+    flags=_split(
+        "--num-layers 24 --hidden-size 1024 --num-attention-heads 16 --seq-length 512 "
+        "--max-position-embeddings 512 --attention-backend auto "
+        "--micro-batch-size 4 --global-batch-size 32 --train-iters 1000000 --weight-decay 1e-2 "
+        "--clip-grad 1.0 --fp16 --lr 0.0001 --lr-decay-iters 990000 --lr-decay-style linear "
+        "--min-lr 1.0e-5 --weight-decay 1e-2 --lr-warmup-fraction .01 --clip-grad 1.0 "
+        "--tensor-model-parallel-size 8 --pipeline-model-parallel-size 16 "
+        "--data-path DATA --vocab-file VOCAB --split 949,50,1 "
+        "--log-interval 100 --save-interval 10000 --eval-interval 1000 --save CKPT --load CKPT "
+        "--eval-iters 10 --tensorboard-dir TB"),
+    sizes={
+        "--num-layers": ["2"], "--hidden-size": ["64"], "--num-attention-heads": ["4"],
+        "--seq-length": ["32"], "--max-position-embeddings": ["32"],
+        "--micro-batch-size": ["2"], "--global-batch-size": ["4"], "--train-iters": ["3"],
+        "--lr-decay-iters": ["3"], "--tensor-model-parallel-size": ["1"], "--pipeline-model-parallel-size": ["2"],
+        "--log-interval": ["1"], "--save-interval": ["1000"], "--eval-interval": ["2"], "--eval-iters": ["1"],
+    },
+    paths={
+        # The test writes a small WordPiece vocabulary there (mock data draws from it).
+        "--data-path": ["--mock-data"], "--vocab-file": ["--vocab-file", "{tmp}/vocab.txt"],
+        "--save": ["--save", "{tmp}/ckpt"], "--load": ["--load", "{tmp}/ckpt"],
+        "--tensorboard-dir": ["--tensorboard-dir", "{tmp}/tb"],
+    },
+    added={
+        "--initial-loss-scale": (["4096"], "a 3-iteration run cannot wait out the 2**32 start's back-off"),
+        # A vocabulary file alone does not say lower- or mixed-case WordPiece.
+        "--tokenizer-type": (["BertWordPieceLowerCase"], "the script gives --vocab-file without --tokenizer-type"),
+    },
+    world_size=2,
+    entry="bert",
+)
+
+EXAMPLES = {"gpt3_175b": GPT3_175B, "llama3_8b_fp8": LLAMA3_8B_FP8, "mixtral_8x7b": MIXTRAL_8X7B,
+            "bert_340m": BERT_340M}
 
 
 def _is_flag(token: str) -> bool:

@@ -1,5 +1,5 @@
-"""pretrain_bert.py's pieces without a run: Megatron's BERT loss and its report, the
-pipeline layouts it refuses, and the BERT FLOP count."""
+"""pretrain_bert.py's pieces without a run: Megatron's BERT loss and its report, how the
+chunks of an interleaved BERT read data, and the BERT FLOP count."""
 
 from argparse import Namespace
 
@@ -28,12 +28,25 @@ def test_loss_is_masked_lm_mean_plus_sentence_order_loss():
     torch.testing.assert_close(loss, lm)
 
 
-def test_virtual_pipeline_stages_are_refused():
-    with pytest.raises(ValueError, match="--num-virtual-stages-per-pipeline-rank"):
-        pretrain_bert._check_pipeline_layout(Namespace(pipeline_model_parallel_size=2,
-                                                       virtual_pipeline_model_parallel_size=2))
-    pretrain_bert._check_pipeline_layout(Namespace(pipeline_model_parallel_size=4,
-                                                   virtual_pipeline_model_parallel_size=None))
+class _Chunk(torch.nn.Module):
+    def __init__(self, pre_process, post_process, every_stage_reads_data=False):
+        super().__init__()
+        self.pre_process, self.post_process = pre_process, post_process
+        self.every_stage_reads_data = every_stage_reads_data
+
+
+def test_every_chunk_of_an_interleaved_bert_sees_every_micro_batch():
+    """Rank 0 of PP2 x VPP2 holds global stages 0 and 2: a GPT reads data on the first only;
+    a BERT on both, each chunk through its own view of the one stream (a shared iterator
+    would give each chunk every other micro-batch)."""
+    from megatron.training.training import iterators_per_chunk
+
+    gpt = iterators_per_chunk(iter(range(4)), [_Chunk(True, False), _Chunk(False, False)])
+    assert gpt[1] is None and list(gpt[0]) == [0, 1, 2, 3]
+    bert = iterators_per_chunk(iter(range(4)), [_Chunk(True, False, True), _Chunk(False, False, True)])
+    assert [next(bert[0]), next(bert[0]), next(bert[1])] == [0, 1, 0]
+    assert list(bert[1]) == [1, 2, 3] and list(bert[0]) == [2, 3]
+    assert iterators_per_chunk(None, [_Chunk(True, False, True), _Chunk(False, True, True)]) == [None, None]
 
 
 def test_bert_flops_count_the_full_attention_core_and_the_heads():

@@ -1,11 +1,14 @@
 """The BERT family of the converter: Hugging Face ``BertForPreTraining`` /
-``BertForMaskedLM`` import, and export to those or to ``BertModel`` (no heads), with
-``config.json`` and the WordPiece tokenizer files.
+``BertForMaskedLM`` / ``BertModel`` import, and export to those, with ``config.json`` and
+the WordPiece tokenizer files.
 
 Only the post-LayerNorm layout (--transformer-block-type post_ln) is Hugging Face's BERT;
 the mapping itself is ``megatron.core.models.bert.hf_mapping``. A headless ``BertModel``
-has no LM head to train, so it is imported through the library (``hf_mapping`` with
-``BertModel(add_lm_head=False, add_pooler=True)``), not into a training checkpoint.
+(a sentence-embedding model, say) imports into a checkpoint of the encoder and the pooler
+only: the converter records the architecture in the checkpoint's arguments
+(``IMPORTED_ARCHITECTURE``) and builds that model (``model_provider``) whenever it loads
+the checkpoint again, to reshard or export it. It has no LM head, so ``pretrain_bert.py``
+does not train from it.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from core_checkpoint import IMPORTED_ARCHITECTURE
 from workers import ConversionError
 
 ARCHITECTURES = ("BertForPreTraining", "BertForMaskedLM", "BertModel")
@@ -39,14 +43,30 @@ def _arch(hf_config: dict) -> str:
         arch, _, _ = bert_kwargs_from_hf_config(hf_config)
     except ValueError as error:
         raise ConversionError(str(error)) from None
-    if arch == "BertModel":
-        raise ConversionError(
-            "a headless Hugging Face BertModel has no LM head to train and does not import into a training "
-            "checkpoint; import BertForPreTraining or BertForMaskedLM, or load it with "
-            "megatron.core.models.bert.hf_mapping into BertModel(add_lm_head=False, add_pooler=True)")
     if arch not in ARCHITECTURES:
-        raise ConversionError(f"--model-type BERT imports {', '.join(ARCHITECTURES[:2])}, not {arch}")
+        raise ConversionError(f"--model-type BERT imports {', '.join(ARCHITECTURES)}, not {arch}")
     return arch
+
+
+def _headless(args) -> bool:
+    return getattr(args, IMPORTED_ARCHITECTURE, None) == "BertModel"
+
+
+def model_provider(pre_process: bool = True, post_process: bool = True, vp_stage=None):
+    """The model a conversion worker loads or saves: ``pretrain_bert.py``'s, or for an
+    imported headless ``BertModel`` the encoder with the pooler and no heads."""
+    import pretrain_bert
+    from megatron.core.models.bert import BertModel
+    from megatron.training import get_args
+    from megatron.training.config_from_args import core_transformer_config_from_args
+    from megatron.training.language_model_args import language_model_kwargs
+
+    args = get_args()
+    if not _headless(args):
+        return pretrain_bert.model_provider(pre_process, post_process, vp_stage)
+    return BertModel(core_transformer_config_from_args(args), num_tokentypes=2,
+                     **language_model_kwargs(args, pre_process, post_process), add_binary_head=False,
+                     add_lm_head=False, add_pooler=True, vp_stage=vp_stage)
 
 
 def bert_hf_flags(hf_config: dict) -> List[str]:
@@ -104,9 +124,13 @@ def _export_arch(args, hf_model_type: Optional[str], state_dict) -> str:
         raise ConversionError(
             "only a post-LayerNorm BERT (--transformer-block-type post_ln) converts to Hugging Face; this "
             "checkpoint is Megatron's pre-LayerNorm BERT, which Hugging Face's BERT cannot express")
-    arch = hf_model_type or ("BertForPreTraining" if args.bert_binary_head else "BertForMaskedLM")
+    default = "BertModel" if _headless(args) else "BertForPreTraining" if args.bert_binary_head else "BertForMaskedLM"
+    arch = hf_model_type or default
     if arch not in ARCHITECTURES:
         raise ConversionError(f"--hf-model-type {arch}: a BERT exports as one of {', '.join(ARCHITECTURES)}")
+    if arch != "BertModel" and "lm_head.dense.weight" not in state_dict:
+        raise ConversionError(f"--hf-model-type {arch} needs the LM head, and this checkpoint was imported from a "
+                              "headless Hugging Face BertModel; export BertModel")
     if arch != "BertForMaskedLM" and "pooler.dense.weight" not in state_dict:
         raise ConversionError(f"--hf-model-type {arch} needs the pooler, and this checkpoint was trained "
                               "with --bert-no-binary-head; export BertForMaskedLM")

@@ -68,6 +68,11 @@ def open_core_checkpoint(root: str) -> CoreCheckpoint:
                           "checkpoint (mp_rank_*/model_optim_rng.pt)")
 
 
+# The run-argument attribute in which an import records the Hugging Face architecture it read
+# (not a flag: the training scripts never read it). A family whose architectures differ in
+# their heads builds the right model from it whenever the converter loads the checkpoint.
+IMPORTED_ARCHITECTURE = "imported_hf_architecture"
+
 # Derived copies of other flags that validation writes back; passing them again as flags
 # would conflict with the originals.
 _DERIVED_MIRRORS = ("encoder_num_layers", "encoder_seq_length")
@@ -82,6 +87,8 @@ def _as_command_line(saved_args):
     for name in vars(args):
         if hasattr(saved_args, name) and name not in _DERIVED_MIRRORS:
             setattr(args, name, copy.deepcopy(getattr(saved_args, name)))
+    if hasattr(saved_args, IMPORTED_ARCHITECTURE):
+        setattr(args, IMPORTED_ARCHITECTURE, getattr(saved_args, IMPORTED_ARCHITECTURE))
     if args.weight_decay_incr_style == "constant":
         # Derived from --weight-decay for a constant style; as flags they need another style.
         args.start_weight_decay = args.end_weight_decay = None

@@ -83,7 +83,7 @@ def _mamba() -> Family:
 def _bert() -> Family:
     from bert_family import bert_core_to_hf, bert_hf_flags, bert_hf_to_core, write_bert_tokenizer
 
-    return Family("BERT", "pretrain_bert:model_provider", bert_hf_flags, bert_hf_to_core, bert_core_to_hf,
+    return Family("BERT", "bert_family:model_provider", bert_hf_flags, bert_hf_to_core, bert_core_to_hf,
                   write_bert_tokenizer)
 
 

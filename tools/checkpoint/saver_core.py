@@ -13,7 +13,7 @@ import os
 
 import torch
 
-from core_checkpoint import open_core_checkpoint
+from core_checkpoint import IMPORTED_ARCHITECTURE, open_core_checkpoint
 from hf_files import read_weights
 from reshard import TORCH, TORCH_DIST, layout_free, save_in_layout
 from sources import CoreSource, HFSource
@@ -101,6 +101,7 @@ def _import_hf(source: HFSource, args, workdir: str, target: tuple) -> None:
         "--ckpt-format", args.saver_ckpt_format if direct else TORCH_DIST,
     ]
     run_args = parse_args(None, args=flags)
+    setattr(run_args, IMPORTED_ARCHITECTURE, (source.config.get("architectures") or [None])[0])
     run_workers(import_state_dict, 1, run_args,
                 {"model_provider": source.family.model_provider, "state_dict": state_path})
     if not direct:

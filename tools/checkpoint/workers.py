@@ -46,7 +46,10 @@ def _resolve(path: str) -> Callable:
 def _entry(rank: int, world_size: int, port: int, task: Callable, args, payload) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size))
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+    # One thread: the forked worker must not enter OpenMP's thread pool, which does not survive
+    # fork. Once the parent has run a parallel region (the import maps real-size weights), the
+    # child's first parallel op (a 30522-row embedding shard) would wait forever on it.
+    torch.set_num_threads(1)
     with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
         from megatron.training.initialize import initialize_megatron
 

@@ -17,7 +17,6 @@ import torch
 from megatron.core import process_groups, tensor_parallel
 from megatron.core.models.bert.bert_lm_head import BertLMHead
 from megatron.core.models.bert.pooler import Pooler
-from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding
 from megatron.core.models.common.language_module.language_module import LanguageModule
 from megatron.core.transformer.init_rng import initialization_stream
 from megatron.core.transformer.enums import AttnMaskType
@@ -55,6 +54,9 @@ class BertModel(LanguageModule):
     (the post-norm stack's output, or the final norm's).
     """
 
+    stack_attribute = "encoder"
+    every_stage_reads_data = True  # every stage's attention needs the padding mask
+
     def __init__(
         self,
         config: TransformerConfig,
@@ -76,8 +78,12 @@ class BertModel(LanguageModule):
         vp_stage: Optional[int] = None,
     ):
         super().__init__(config, pg_collection=pg_collection)
-        if vocab_size <= 0:
-            raise ValueError(f"BertModel needs vocab_size > 0 (the padded vocabulary), got {vocab_size}")
+        self._init_language_model(
+            vocab_size=vocab_size, max_sequence_length=max_sequence_length, pre_process=pre_process,
+            post_process=post_process, fp16_lm_cross_entropy=fp16_lm_cross_entropy, parallel_output=parallel_output,
+            share_embeddings_and_output_weights=share_embeddings_and_output_weights and add_lm_head,
+            position_embedding_type=position_embedding_type,
+        )
         if position_embedding_type != "learned_absolute" or max_sequence_length <= 0:
             raise ValueError(
                 "BertModel uses learned absolute positions: --position-embedding-type must be learned_absolute "
@@ -89,14 +95,6 @@ class BertModel(LanguageModule):
                 "context-parallel ranks): use --context-parallel-size 1"
             )
         self.transformer_layer_spec = transformer_layer_spec
-        self.vocab_size = vocab_size
-        self.max_sequence_length = max_sequence_length
-        self.pre_process = pre_process
-        self.post_process = post_process
-        self.fp16_lm_cross_entropy = fp16_lm_cross_entropy
-        self.parallel_output = parallel_output
-        self.share_embeddings_and_output_weights = share_embeddings_and_output_weights and add_lm_head
-        self.position_embedding_type = position_embedding_type
         self.add_binary_head = add_binary_head
         self.add_lm_head = add_lm_head
         self.add_pooler = add_binary_head if add_pooler is None else add_pooler
@@ -104,28 +102,23 @@ class BertModel(LanguageModule):
             raise ValueError("BertModel's binary head reads the pooler: add_binary_head needs add_pooler")
         self.return_embeddings = return_embeddings
         self.vp_stage = vp_stage
-        groups = self.pg_collection
         if pre_process:
-            with initialization_stream("embedding"):
-                self.embedding = LanguageModelEmbedding(
-                    config, vocab_size, max_sequence_length, position_embedding_type,
-                    num_tokentypes=num_tokentypes, pg_collection=groups,
-                )
+            self._build_embedding(num_tokentypes)
         self.encoder = TransformerBlock(
-            config, pre_process=pre_process, post_process=post_process, pg_collection=groups,
+            config, pre_process=pre_process, post_process=post_process, pg_collection=self.pg_collection,
             attn_mask_type=AttnMaskType.padding, vp_stage=vp_stage,
         )
         if post_process:
-            self._build_heads(config, vocab_size)
+            self._build_heads(config)
         self.setup_embeddings_and_output_layer()
 
-    def _build_heads(self, config: TransformerConfig, vocab_size: int) -> None:
+    def _build_heads(self, config: TransformerConfig) -> None:
         # One initialization stream per head: a head's weights must not depend on whether
         # the output layer allocates its own (tied) weight, which differs across layouts.
         if self.add_lm_head:
             with initialization_stream("lm_head"):
                 self.lm_head = BertLMHead(config.hidden_size, config)
-            self._build_output_layer(config, vocab_size)
+            self._build_output_layer(bias=True)  # the tied output layer's own bias, as Megatron's
         if self.add_pooler:
             with initialization_stream("pooler"):
                 self.pooler = Pooler(config.hidden_size, config, self.tp_group)
@@ -136,29 +129,6 @@ class BertModel(LanguageModule):
                     with torch.no_grad():
                         config.init_method(self.binary_head.weight)
                         self.binary_head.bias.zero_()
-
-    def _build_output_layer(self, config: TransformerConfig, vocab_size: int) -> None:
-        with initialization_stream("output_layer"):
-            self.output_layer = tensor_parallel.ColumnParallelLinear(
-                config.hidden_size,
-                vocab_size,
-                config=config,
-                init_method=config.init_method,
-                bias=True,
-                skip_bias_add=False,
-                gather_output=False,
-                skip_weight_param_allocation=self.pre_process and self.share_embeddings_and_output_weights,
-                tp_group=self.tp_group,
-            )
-
-    def set_input_tensor(self, input_tensor) -> None:
-        """Give the encoder the activation from the previous pipeline stage ([s(/tp), b, h]
-        or a one-element list of it)."""
-        if isinstance(input_tensor, (list, tuple)):
-            if len(input_tensor) != 1:
-                raise ValueError(f"BertModel takes one input tensor per stage, got {len(input_tensor)}")
-            input_tensor = input_tensor[0]
-        self.encoder.set_input_tensor(input_tensor)
 
     def forward(
         self,
@@ -177,7 +147,7 @@ class BertModel(LanguageModule):
         binary_logits = self.binary_head(self.pooler(hidden_states, 0)) if self.add_binary_head else None
         if not self.add_lm_head:
             return None, binary_logits
-        return self._lm_output(hidden_states, lm_labels), binary_logits
+        return self._logits_or_loss(self.lm_head(hidden_states), lm_labels), binary_logits
 
     def pooled_output(self, input_ids, attention_mask, tokentype_ids=None) -> torch.Tensor:
         """The pooler's output [b, h] (one-stage models with a pooler only)."""
@@ -192,13 +162,3 @@ class BertModel(LanguageModule):
                 hidden_states, self.tp_group, tensor_parallel_output_grad=False
             )
         return hidden_states
-
-    def _lm_output(self, hidden_states: torch.Tensor, lm_labels: Optional[torch.Tensor]) -> torch.Tensor:
-        hidden_states = self.lm_head(hidden_states)
-        output_weight = self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else None
-        logits, _ = self.output_layer(hidden_states, weight=output_weight)  # [s, b, V/tp]
-        if lm_labels is not None:
-            return self.compute_language_model_loss(lm_labels, logits)
-        if not self.parallel_output:
-            logits = tensor_parallel.gather_from_tensor_model_parallel_region(logits, self.tp_group)
-        return logits.transpose(0, 1).contiguous()

@@ -13,11 +13,9 @@ from typing import Optional
 
 import torch
 
-from megatron.core import process_groups, tensor_parallel
-from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding
+from megatron.core import process_groups
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 from megatron.core.models.common.language_module.language_module import LanguageModule
-from megatron.core.transformer.init_rng import initialization_stream
 from megatron.core.transformer.context_parallel import get_pos_emb_on_this_cp_rank
 from megatron.core.transformer.transformer_block import TransformerBlock
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -74,8 +72,12 @@ class GPTModel(LanguageModule):
         vp_stage: Optional[int] = None,
     ):
         super().__init__(config, pg_collection=pg_collection)
-        if vocab_size <= 0:
-            raise ValueError(f"GPTModel needs vocab_size > 0 (the padded vocabulary), got {vocab_size}")
+        self._init_language_model(
+            vocab_size=vocab_size, max_sequence_length=max_sequence_length, pre_process=pre_process,
+            post_process=post_process, fp16_lm_cross_entropy=fp16_lm_cross_entropy, parallel_output=parallel_output,
+            share_embeddings_and_output_weights=share_embeddings_and_output_weights,
+            position_embedding_type=position_embedding_type,
+        )
         if position_embedding_type not in _POSITION_TYPES:
             raise ValueError(
                 f"--position-embedding-type {position_embedding_type!r} is not supported: "
@@ -88,22 +90,9 @@ class GPTModel(LanguageModule):
             )
         check_layer_spec(transformer_layer_spec, config)
         self.transformer_layer_spec = transformer_layer_spec
-        self.vocab_size = vocab_size
-        self.max_sequence_length = max_sequence_length
-        self.pre_process = pre_process
-        self.post_process = post_process
-        self.fp16_lm_cross_entropy = fp16_lm_cross_entropy
-        self.parallel_output = parallel_output
-        self.share_embeddings_and_output_weights = share_embeddings_and_output_weights
-        self.position_embedding_type = position_embedding_type
-        groups = self.pg_collection
-
         self.vp_stage = vp_stage
         if pre_process:
-            with initialization_stream("embedding"):
-                self.embedding = LanguageModelEmbedding(
-                    config, vocab_size, max_sequence_length, position_embedding_type, pg_collection=groups
-                )
+            self._build_embedding()
         if position_embedding_type == "rope":
             self.rotary_pos_emb = RotaryEmbedding(
                 config.kv_channels,
@@ -118,39 +107,16 @@ class GPTModel(LanguageModule):
             config,
             pre_process=pre_process,
             post_process=post_process,
-            pg_collection=groups,
+            pg_collection=self.pg_collection,
             num_layers=num_layers_in_stage,
             layer_offset=layer_offset,
             vp_stage=vp_stage,
         )
         if post_process:
-            self._build_output_layer(config, vocab_size, pre_process and share_embeddings_and_output_weights)
+            self._build_output_layer(bias=False)
             if config.cross_entropy_loss_fusion and config.cross_entropy_fusion_impl == "te":
                 logger.info("--cross-entropy-fusion-impl te: using the native chunked cross entropy (no Transformer Engine needed)")
         self.setup_embeddings_and_output_layer()
-
-    def _build_output_layer(self, config: TransformerConfig, vocab_size: int, skip_weight: bool) -> None:
-        with initialization_stream("output_layer"):
-            self.output_layer = tensor_parallel.ColumnParallelLinear(
-                config.hidden_size,
-                vocab_size,
-                config=config,
-                init_method=config.init_method,
-                bias=False,
-                skip_bias_add=False,
-                gather_output=False,
-                skip_weight_param_allocation=skip_weight,
-                tp_group=self.tp_group,
-            )
-
-    def set_input_tensor(self, input_tensor) -> None:
-        """Give the decoder the activation from the previous pipeline stage ([s(/tp), b, h]
-        or a one-element list of it)."""
-        if isinstance(input_tensor, (list, tuple)):
-            if len(input_tensor) != 1:
-                raise ValueError(f"GPTModel takes one input tensor per stage, got {len(input_tensor)}")
-            input_tensor = input_tensor[0]
-        self.decoder.set_input_tensor(input_tensor)
 
     def _rotary_freqs(self, decoder_input: Optional[torch.Tensor], inference_context=None):
         if self.position_embedding_type != "rope":
@@ -189,10 +155,4 @@ class GPTModel(LanguageModule):
             return hidden_states
         if inference_context is not None and inference_context.materialize_only_last_token_logits:
             hidden_states = hidden_states[-1:]  # generation without log-probs needs the next token only
-        output_weight = self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else None
-        logits, _ = self.output_layer(hidden_states, weight=output_weight)  # [s, b, V/tp]
-        if labels is not None:
-            return self.compute_language_model_loss(labels, logits)
-        if not self.parallel_output:
-            logits = tensor_parallel.gather_from_tensor_model_parallel_region(logits, self.tp_group)
-        return logits.transpose(0, 1).contiguous()
+        return self._logits_or_loss(hidden_states, labels)

@@ -12,13 +12,11 @@ from typing import Optional
 
 import torch
 
-from megatron.core import process_groups, tensor_parallel
-from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding
+from megatron.core import process_groups
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 from megatron.core.models.common.language_module.language_module import LanguageModule
 from megatron.core.models.mamba.hybrid_stack import HybridStack
 from megatron.core.models.mamba.layer_pattern import MAMBA
-from megatron.core.transformer.init_rng import initialization_stream
 from megatron.core.ssm.mamba_config import MambaConfig
 from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -54,44 +52,26 @@ class MambaModel(LanguageModule):
         pg_collection: Optional[process_groups.ProcessGroups] = None,
     ):
         super().__init__(config, pg_collection=pg_collection)
-        if vocab_size <= 0:
-            raise ValueError(f"MambaModel needs vocab_size > 0 (the padded vocabulary), got {vocab_size}")
+        self._init_language_model(
+            vocab_size=vocab_size, max_sequence_length=max_sequence_length, pre_process=pre_process,
+            post_process=post_process, fp16_lm_cross_entropy=fp16_lm_cross_entropy, parallel_output=parallel_output,
+            share_embeddings_and_output_weights=share_embeddings_and_output_weights,
+            position_embedding_type=position_embedding_type,
+        )
         if position_embedding_type not in _POSITION_TYPES:
             raise ValueError(f"--position-embedding-type {position_embedding_type!r} is not supported for hybrid "
                              f"models: use {' or '.join(_POSITION_TYPES)}")
-        self.vocab_size, self.max_sequence_length = vocab_size, max_sequence_length
-        self.pre_process, self.post_process = pre_process, post_process
-        self.fp16_lm_cross_entropy, self.parallel_output = fp16_lm_cross_entropy, parallel_output
-        self.share_embeddings_and_output_weights = share_embeddings_and_output_weights
-        self.position_embedding_type = position_embedding_type
         self.hybrid_layer_pattern = hybrid_layer_pattern
-        groups = self.pg_collection
         if pre_process:
-            with initialization_stream("embedding"):
-                self.embedding = LanguageModelEmbedding(config, vocab_size, max_sequence_length,
-                                                        position_embedding_type, pg_collection=groups)
+            self._build_embedding()
         if position_embedding_type == "rope":
             self.rotary_pos_emb = RotaryEmbedding(config.kv_channels, rotary_percent,
                                                   rotary_interleaved=config.rotary_interleaved, rotary_base=rotary_base)
         self.decoder = HybridStack(config, mamba_config, hybrid_layer_pattern, pre_process=pre_process,
-                                   post_process=post_process, pg_collection=groups)
+                                   post_process=post_process, pg_collection=self.pg_collection)
         if post_process:
-            with initialization_stream("output_layer"):
-                self.output_layer = tensor_parallel.ColumnParallelLinear(
-                    config.hidden_size, vocab_size, config=config, init_method=config.init_method, bias=False,
-                    skip_bias_add=False, gather_output=False,
-                    skip_weight_param_allocation=pre_process and share_embeddings_and_output_weights,
-                    tp_group=self.tp_group,
-                )
+            self._build_output_layer(bias=False)
         self.setup_embeddings_and_output_layer()
-
-    def set_input_tensor(self, input_tensor) -> None:
-        """Give the stack the activation from the previous pipeline stage."""
-        if isinstance(input_tensor, (list, tuple)):
-            if len(input_tensor) != 1:
-                raise ValueError(f"MambaModel takes one input tensor per stage, got {len(input_tensor)}")
-            input_tensor = input_tensor[0]
-        self.decoder.set_input_tensor(input_tensor)
 
     @property
     def has_recurrent_state(self) -> bool:
@@ -122,10 +102,4 @@ class MambaModel(LanguageModule):
             return hidden_states
         if inference_context is not None and inference_context.materialize_only_last_token_logits:
             hidden_states = hidden_states[-1:]  # generation without log-probs needs the next token only
-        output_weight = self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else None
-        logits, _ = self.output_layer(hidden_states, weight=output_weight)
-        if labels is not None:
-            return self.compute_language_model_loss(labels, logits)
-        if not self.parallel_output:
-            logits = tensor_parallel.gather_from_tensor_model_parallel_region(logits, self.tp_group)
-        return logits.transpose(0, 1).contiguous()
+        return self._logits_or_loss(hidden_states, labels)

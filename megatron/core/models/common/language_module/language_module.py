@@ -1,4 +1,11 @@
-"""Base class of language models: the LM loss and the tied embedding / output weight."""
+"""Base class of language models: the seam every family (GPT, BERT, Mamba) plugs into.
+
+A family's model is ``embedding`` (first pipeline stage) -> its transformer stack ->
+``output_layer`` (last stage). This class holds what is the same for all of them: the
+stage role and output settings, building the embedding and the output layer, handing the
+previous stage's activation to the stack, the logits-or-loss plumbing after the output
+layer, the LM loss and the tied embedding / output weight. A family adds its stack, its
+heads and its forward."""
 
 from __future__ import annotations
 
@@ -9,12 +16,22 @@ import torch
 from megatron.core import process_groups, tensor_parallel
 from megatron.core.dist_checkpointing.state_dict_api import model_sharded_state_dict
 from megatron.core.fusions.fused_cross_entropy import fused_vocab_parallel_cross_entropy
+from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding
+from megatron.core.transformer.init_rng import initialization_stream
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 
 class LanguageModule(torch.nn.Module):
-    """Holds ``config`` and this rank's groups; subclasses build ``embedding`` (first
-    pipeline stage) and ``output_layer`` (last stage)."""
+    """Holds ``config`` and this rank's groups; subclasses call ``_init_language_model``,
+    build ``embedding`` (first pipeline stage, ``_build_embedding``), their stack under the
+    attribute named by ``stack_attribute``, and ``output_layer`` (last stage,
+    ``_build_output_layer``)."""
+
+    # The attribute holding the transformer stack the previous stage's activation goes to.
+    stack_attribute = "decoder"
+    # Whether every pipeline stage (not only the first and the last) reads the micro-batch;
+    # the training loop then gives each of a rank's model chunks its own view of the data.
+    every_stage_reads_data = False
 
     def __init__(self, config: TransformerConfig, pg_collection: Optional[process_groups.ProcessGroups] = None):
         super().__init__()
@@ -24,6 +41,75 @@ class LanguageModule(torch.nn.Module):
         self.pre_process = True
         self.post_process = True
         self.share_embeddings_and_output_weights = False
+
+    def _init_language_model(
+        self,
+        *,
+        vocab_size: int,
+        max_sequence_length: int,
+        pre_process: bool,
+        post_process: bool,
+        fp16_lm_cross_entropy: bool,
+        parallel_output: bool,
+        share_embeddings_and_output_weights: bool,
+        position_embedding_type: str,
+    ) -> None:
+        """Check the vocabulary and keep the settings every family's constructor takes."""
+        if vocab_size <= 0:
+            raise ValueError(f"{type(self).__name__} needs vocab_size > 0 (the padded vocabulary), got {vocab_size}")
+        self.vocab_size = vocab_size
+        self.max_sequence_length = max_sequence_length
+        self.pre_process = pre_process
+        self.post_process = post_process
+        self.fp16_lm_cross_entropy = fp16_lm_cross_entropy
+        self.parallel_output = parallel_output
+        self.share_embeddings_and_output_weights = share_embeddings_and_output_weights
+        self.position_embedding_type = position_embedding_type
+
+    def _build_embedding(self, num_tokentypes: int = 0) -> None:
+        """The word (and position, token-type) embedding of the first stage."""
+        with initialization_stream("embedding"):
+            self.embedding = LanguageModelEmbedding(
+                self.config, self.vocab_size, self.max_sequence_length, self.position_embedding_type,
+                num_tokentypes=num_tokentypes, pg_collection=self.pg_collection,
+            )
+
+    def _build_output_layer(self, *, bias: bool) -> None:
+        """The vocab-parallel output layer of the last stage; with tied weights on a stage
+        that also holds the embedding it has no weight of its own (forward passes it)."""
+        config = self.config
+        with initialization_stream("output_layer"):
+            self.output_layer = tensor_parallel.ColumnParallelLinear(
+                config.hidden_size,
+                self.vocab_size,
+                config=config,
+                init_method=config.init_method,
+                bias=bias,
+                skip_bias_add=False,
+                gather_output=False,
+                skip_weight_param_allocation=self.pre_process and self.share_embeddings_and_output_weights,
+                tp_group=self.tp_group,
+            )
+
+    def set_input_tensor(self, input_tensor) -> None:
+        """Give the stack the activation from the previous pipeline stage ([s(/tp), b, h]
+        or a one-element list of it)."""
+        if isinstance(input_tensor, (list, tuple)):
+            if len(input_tensor) != 1:
+                raise ValueError(f"{type(self).__name__} takes one input tensor per stage, got {len(input_tensor)}")
+            input_tensor = input_tensor[0]
+        getattr(self, self.stack_attribute).set_input_tensor(input_tensor)
+
+    def _logits_or_loss(self, hidden_states: torch.Tensor, labels: Optional[torch.Tensor]) -> torch.Tensor:
+        """hidden_states [s, b, h] through the output layer: the per-token loss [b, s] (fp32)
+        with labels [b, s], else the logits [b, s, V/tp] (full V when not parallel_output)."""
+        output_weight = self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else None
+        logits, _ = self.output_layer(hidden_states, weight=output_weight)  # [s, b, V/tp]
+        if labels is not None:
+            return self.compute_language_model_loss(labels, logits)
+        if not self.parallel_output:
+            logits = tensor_parallel.gather_from_tensor_model_parallel_region(logits, self.tp_group)
+        return logits.transpose(0, 1).contiguous()
 
     def compute_language_model_loss(self, labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         """Per-token cross entropy: labels [b, s], logits [s, b, V/tp] -> loss [b, s].
