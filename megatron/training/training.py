@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass
 from typing import Callable, List, Optional
@@ -18,6 +19,7 @@ from megatron.core.num_microbatches_calculator import (
 )
 from megatron.core.pipeline_parallel.schedules import get_forward_backward_func
 from megatron.core.process_groups import ProcessGroups
+from megatron.core.rerun_state_machine import Verdict
 from megatron.training.checkpointing import convert_checkpoint_format, save_checkpoint, wait_for_pending_save
 from megatron.training.arguments import parse_args
 from megatron.training.data_iterators import build_train_valid_test_data_iterators
@@ -30,11 +32,11 @@ from megatron.training.housekeeping import ManualGC, empty_unused_memory
 from megatron.training.initialize import initialize_megatron
 from megatron.training.loss_reduction import reduce_reported_losses
 from megatron.training.model_setup import setup_model_and_optimizer, unwrap_model
-from megatron.training.nan_check import check_finite
 from megatron.training.params_norm import params_l2_norm
 from megatron.training.profiling import StepProfiler
 from megatron.training.progress_log import ProgressLog
 from megatron.training.rank_print import print_rank_0, print_rank_last
+from megatron.training.result_validation import StepValidation, build_step_validation, stop_after_failed_validation
 from megatron.training.static_loss_scale import StaticLossScaleGuard
 from megatron.training.startup_summary import log_startup_summary
 from megatron.training.training_log import IterationStats, TrainingLogger, memory_report
@@ -48,6 +50,7 @@ class StepResult:
     skipped: bool
     grad_norm: Optional[float]
     num_zeros: Optional[int]
+    stop: bool = False  # a rejected result did not reproduce (rerun state machine): save and exit 17
 
 
 def pretrain(train_valid_test_dataset_provider: Callable, model_provider: Callable, model_type,
@@ -157,8 +160,33 @@ def _train_and_evaluate(forward_step_func, num_floating_point_operations_func, e
 
 
 def train_step(forward_step_func, data_iterator, model: List[torch.nn.Module], optimizer, scheduler,
-               pg: ProcessGroups, iteration: int) -> StepResult:
+               pg: ProcessGroups, iteration: int, validation: Optional[StepValidation] = None) -> StepResult:
     """One global batch: forward/backward over its micro-batches, checks, optimizer step."""
+    args = get_args()
+    timers = get_timers()
+    run = functools.partial(_forward_backward, forward_step_func, data_iterator, model, optimizer, pg)
+    verdict = Verdict.ACCEPT
+    if validation is None:
+        reported = run()
+    else:
+        verdict, reported = validation.run(iteration, run, model)
+    if verdict is Verdict.STOP:
+        return StepResult({}, True, None, None, stop=True)
+    losses = reduce_reported_losses(reported, pg) if pg.is_pipeline_last_stage() else {}
+    if verdict is Verdict.SKIP:
+        return StepResult(losses, True, None, None)
+    timers("optimizer", log_level=1).start(barrier=args.barrier_with_L1_time)
+    update_successful, grad_norm, num_zeros = optimizer.step()
+    timers("optimizer", log_level=1).stop()
+    empty_unused_memory(args, level=2)
+    if update_successful:
+        scheduler.step(increment=get_num_microbatches() * args.micro_batch_size * args.data_parallel_size)
+    return StepResult(losses, not update_successful, grad_norm, num_zeros)
+
+
+def _forward_backward(forward_step_func, data_iterator, model: List[torch.nn.Module], optimizer,
+                      pg: ProcessGroups) -> List[dict]:
+    """Zero the gradients and run the step's micro-batches; returns their loss reports."""
     args = get_args()
     timers = get_timers()
     for chunk in model:
@@ -179,20 +207,7 @@ def train_step(forward_step_func, data_iterator, model: List[torch.nn.Module], o
     )
     timers("forward-backward", log_level=1).stop()
     empty_unused_memory(args, level=1)
-    if args.check_for_nan_in_loss_and_grad:
-        # Local micro-batch losses, before any reduction, so the message names the rank
-        # that produced the bad value. With fp16 dynamic loss scaling an overflow is
-        # expected and handled by skipping the step.
-        local_losses = [value for report in reported for value in report.values()]
-        check_finite(local_losses, model, iteration, check_grads=not args.fp16)
-    losses = reduce_reported_losses(reported, pg) if pg.is_pipeline_last_stage() else {}
-    timers("optimizer", log_level=1).start(barrier=args.barrier_with_L1_time)
-    update_successful, grad_norm, num_zeros = optimizer.step()
-    timers("optimizer", log_level=1).stop()
-    empty_unused_memory(args, level=2)
-    if update_successful:
-        scheduler.step(increment=get_num_microbatches() * args.micro_batch_size * args.data_parallel_size)
-    return StepResult(losses, not update_successful, grad_norm, num_zeros)
+    return reported
 
 
 def iterators_per_chunk(iterator, model: List[torch.nn.Module]):
@@ -234,6 +249,8 @@ def train(forward_step_func, model, optimizer, scheduler, train_it, valid_it, pg
     profiler = StepProfiler(args, dist.get_rank() if dist.is_initialized() else 0)
     manual_gc = ManualGC(args)
     static_scale = StaticLossScaleGuard(args, iteration)
+    validation = build_step_validation(args)
+    train_it = validation.wrap(train_it) if validation is not None else train_it
     interval_start = time.time()
     print_rank_0("> training ...")
     manual_gc.start()
@@ -246,13 +263,20 @@ def train(forward_step_func, model, optimizer, scheduler, train_it, valid_it, pg
                 _skip_iteration(iteration, train_it, model)
                 continue
             profiler.step_begin(iteration + 1)
-            result = train_step(forward_step_func, train_it, model, optimizer, scheduler, pg, iteration + 1)
+            result = train_step(forward_step_func, train_it, model, optimizer, scheduler, pg, iteration + 1,
+                                validation)
+            if result.stop:
+                if args.save and iteration > 0 and args.last_saved_iteration != iteration:
+                    _save(iteration, model, optimizer, scheduler, pg, progress)
+                wait_for_pending_save()
+                stop_after_failed_validation(iteration + 1)
             iteration += 1
             profiler.step_end(iteration)
             static_scale.step(iteration, result.skipped)
             args.consumed_train_samples += get_current_global_batch_size()
             logged = first_of_run or iteration % args.log_interval == 0
             stats = _iteration_stats(result, optimizer, model, pg, logged)
+            stats.rejected_results = validation.log_counter if validation is not None else None
             line = logger.record(iteration, stats, args.consumed_train_samples, time.time() - interval_start,
                                  first_of_run)
             if line is not None:
