@@ -28,6 +28,7 @@ from megatron.training.exit_conditions import ExitConditions
 from megatron.training.flops import num_floating_point_operations
 from megatron.training.evaluation import evaluate_and_print_results
 from megatron.training.global_vars import get_args, get_timers
+from megatron.training.hang_watchdog import set_phase, start_hang_watchdog, stop_hang_watchdog
 from megatron.training.housekeeping import ManualGC, empty_unused_memory
 from megatron.training.initialize import initialize_megatron
 from megatron.training.loss_reduction import reduce_reported_losses
@@ -175,6 +176,7 @@ def train_step(forward_step_func, data_iterator, model: List[torch.nn.Module], o
     losses = reduce_reported_losses(reported, pg) if pg.is_pipeline_last_stage() else {}
     if verdict is Verdict.SKIP:
         return StepResult(losses, True, None, None)
+    set_phase("optimizer")
     timers("optimizer", log_level=1).start(barrier=args.barrier_with_L1_time)
     update_successful, grad_norm, num_zeros = optimizer.step()
     timers("optimizer", log_level=1).stop()
@@ -250,6 +252,7 @@ def train(forward_step_func, model, optimizer, scheduler, train_it, valid_it, pg
     manual_gc = ManualGC(args)
     static_scale = StaticLossScaleGuard(args, iteration)
     validation = build_step_validation(args)
+    start_hang_watchdog(args, dist.get_rank() if dist.is_initialized() else 0)
     train_it = validation.wrap(train_it) if validation is not None else train_it
     interval_start = time.time()
     print_rank_0("> training ...")
@@ -263,6 +266,7 @@ def train(forward_step_func, model, optimizer, scheduler, train_it, valid_it, pg
                 _skip_iteration(iteration, train_it, model)
                 continue
             profiler.step_begin(iteration + 1)
+            set_phase("forward-backward", iteration + 1)
             result = train_step(forward_step_func, train_it, model, optimizer, scheduler, pg, iteration + 1,
                                 validation)
             if result.stop:
@@ -286,6 +290,7 @@ def train(forward_step_func, model, optimizer, scheduler, train_it, valid_it, pg
             manual_gc.after_iteration(iteration)
             if args.eval_interval and iteration % args.eval_interval == 0 and args.do_valid:
                 manual_gc.at_evaluation()
+                set_phase("evaluation")
                 evaluate_and_print_results(f"iteration {iteration}", forward_step_func, valid_it, model, pg,
                                            iteration, writers)
                 manual_gc.at_evaluation()
@@ -306,6 +311,7 @@ def train(forward_step_func, model, optimizer, scheduler, train_it, valid_it, pg
         return iteration, False
     finally:
         manual_gc.stop()
+        stop_hang_watchdog()
 
 
 def _iteration_stats(result: StepResult, optimizer, model, pg: ProcessGroups, logged: bool) -> IterationStats:
@@ -357,6 +363,7 @@ def _save(iteration: int, model, optimizer, scheduler, pg: ProcessGroups,
     args = get_args()
     _finish_param_sync(model)
     timers = get_timers()
+    set_phase("checkpoint save")
     timers("save-checkpoint", log_level=0).start(barrier=True)
     save_checkpoint(iteration, model, optimizer, scheduler, args.num_floating_point_operations_so_far, args, pg)
     timers("save-checkpoint", log_level=0).stop(barrier=True)

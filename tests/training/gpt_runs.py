@@ -73,10 +73,30 @@ def _scaled_loss_of_iteration_3(factor: float, every_run: bool):
     pretrain_gpt.loss_func = loss_func
 
 
+def _sleep_in_iteration_2():
+    """A rank that stops making progress: the first loss of iteration 2 (one process, 4
+    micro-batches per iteration) sleeps for a minute."""
+    import time
+
+    import pretrain_gpt
+
+    original = pretrain_gpt.loss_func
+    calls = {"n": 0}
+
+    def loss_func(loss_mask, output_tensor):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            time.sleep(60)
+        return original(loss_mask, output_tensor)
+
+    pretrain_gpt.loss_func = loss_func
+
+
 SETUPS = {"broken_row_parallel": _break_row_parallel_reduction, "nan_loss": nan_loss_on_last_rank_at_iteration_3,
           "nan_once_at_3": lambda: _scaled_loss_of_iteration_3(float("nan"), every_run=False),
           "nan_always_at_3": lambda: _scaled_loss_of_iteration_3(float("nan"), every_run=True),
-          "spike_at_3": lambda: _scaled_loss_of_iteration_3(1000.0, every_run=True)}
+          "spike_at_3": lambda: _scaled_loss_of_iteration_3(1000.0, every_run=True),
+          "sleep_in_iteration_2": _sleep_in_iteration_2}
 
 
 def _run_pretrain(rank, world_size, argv, setup=None):
