@@ -83,6 +83,8 @@ class HangWatchdog:
 
 
 _WATCHDOG: Optional[HangWatchdog] = None
+# The loop's position, kept whether or not a watchdog runs (it names where a rank failed).
+_WHERE = {"phase": "start", "iteration": None}
 
 
 def start_hang_watchdog(args, rank: int) -> Optional[HangWatchdog]:
@@ -106,6 +108,23 @@ def stop_hang_watchdog() -> None:
 
 
 def set_phase(phase: str, iteration: Optional[int] = None) -> None:
-    """Tell the watchdog (if any) that the loop entered ``phase``; costs an attribute write."""
+    """Record that the loop entered ``phase`` (and tell the watchdog, if any); costs a few
+    attribute writes."""
+    _WHERE["phase"] = phase
+    if iteration is not None:
+        _WHERE["iteration"] = iteration
     if _WATCHDOG is not None:
         _WATCHDOG.set_phase(phase, iteration)
+
+
+def where() -> str:
+    """``iteration N, phase P``: the loop's position, for messages about a failure."""
+    iteration = _WHERE["iteration"]
+    at = f"iteration {iteration}" if iteration is not None else "before the first iteration"
+    return f"{at}, phase {_WHERE['phase']}"
+
+
+def log_failure(rank: int, error: BaseException) -> None:
+    """One line naming the rank and where the loop was when ``error`` ended it (a peer that
+    died surfaces here as a collective's error)."""
+    logger.error("rank %d failed at %s: %s: %s", rank, where(), type(error).__name__, error)

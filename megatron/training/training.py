@@ -28,7 +28,7 @@ from megatron.training.exit_conditions import ExitConditions
 from megatron.training.flops import num_floating_point_operations
 from megatron.training.evaluation import evaluate_and_print_results
 from megatron.training.global_vars import get_args, get_timers
-from megatron.training.hang_watchdog import set_phase, start_hang_watchdog, stop_hang_watchdog
+from megatron.training.hang_watchdog import log_failure, set_phase, start_hang_watchdog, stop_hang_watchdog
 from megatron.training.housekeeping import ManualGC, empty_unused_memory
 from megatron.training.initialize import initialize_megatron
 from megatron.training.loss_reduction import reduce_reported_losses
@@ -309,6 +309,9 @@ def train(forward_step_func, model, optimizer, scheduler, train_it, valid_it, pg
         _finish_param_sync(model)
         args.iteration = iteration
         return iteration, False
+    except Exception as error:
+        log_failure(dist.get_rank() if dist.is_initialized() else 0, error)
+        raise
     finally:
         manual_gc.stop()
         stop_hang_watchdog()

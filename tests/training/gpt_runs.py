@@ -92,11 +92,31 @@ def _sleep_in_iteration_2():
     pretrain_gpt.loss_func = loss_func
 
 
+def _last_rank_dies_in_iteration_2():
+    """Peer death: the last rank's process ends abruptly in the first micro-batch of
+    iteration 2 (2 ranks, 2 micro-batches per iteration each)."""
+    import os
+
+    import pretrain_gpt
+    import torch.distributed as dist
+
+    original = pretrain_gpt.loss_func
+    calls = {"n": 0}
+
+    def loss_func(loss_mask, output_tensor):
+        calls["n"] += 1
+        if calls["n"] == 3 and dist.get_rank() == dist.get_world_size() - 1:
+            os._exit(9)
+        return original(loss_mask, output_tensor)
+
+    pretrain_gpt.loss_func = loss_func
+
+
 SETUPS = {"broken_row_parallel": _break_row_parallel_reduction, "nan_loss": nan_loss_on_last_rank_at_iteration_3,
           "nan_once_at_3": lambda: _scaled_loss_of_iteration_3(float("nan"), every_run=False),
           "nan_always_at_3": lambda: _scaled_loss_of_iteration_3(float("nan"), every_run=True),
           "spike_at_3": lambda: _scaled_loss_of_iteration_3(1000.0, every_run=True),
-          "sleep_in_iteration_2": _sleep_in_iteration_2}
+          "sleep_in_iteration_2": _sleep_in_iteration_2, "peer_dies": _last_rank_dies_in_iteration_2}
 
 
 def _run_pretrain(rank, world_size, argv, setup=None):
