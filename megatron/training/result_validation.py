@@ -1,6 +1,6 @@
 """The training step's result checks, through the rerun state machine.
 
-``--check-for-nan-in-loss-and-grad`` (on by default), ``--check-for-spiky-loss`` and
+The NaN check (on by default; ``--no-check-for-nan-in-loss-and-grad``), ``--check-for-spiky-loss`` and
 ``--check-for-large-grads`` name what is checked; ``--rerun-mode`` what happens to a rejected
 result (``megatron.core.rerun_state_machine`` explains the machine); ``--error-injection-rate``
 and ``--error-injection-type`` corrupt results on purpose to test it;
