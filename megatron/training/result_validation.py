@@ -13,12 +13,14 @@ last pipeline stage) and the norm of its gradients after the data-parallel reduc
 from __future__ import annotations
 
 import datetime
+import math
 import socket
 from typing import Callable, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 
+from megatron.core.fp8.scaling import fp8_state_is_finite
 from megatron.core.rerun_state_machine import (
     EXIT_CODE_FAILED_ON_RESULT_VALIDATION,
     SPIKE_FACTOR,
@@ -39,11 +41,11 @@ def _local_loss(reported: List[dict]) -> Optional[float]:
     if not reported:
         return None
     key = next(iter(reported[0]))
-    total = torch.zeros(2)
-    for report in reported:
-        value = report[key].detach().float().view(-1).cpu()
-        total += value if value.numel() == 2 else torch.cat([value.view(1), torch.ones(1)])
-    return float(total[0] / total[1]) if total[1] > 0 else float(total[0])
+    values = [report[key].detach().float().view(-1) for report in reported]
+    if values[0].numel() == 2:  # [loss sum, token count] per micro-batch
+        total = torch.stack(values).sum(dim=0).cpu()  # one device-to-host copy
+        return float(total[0] / total[1]) if total[1] > 0 else float(total[0])
+    return float(torch.cat(values).mean())
 
 
 def _local_grad_norm(model) -> float:
@@ -115,6 +117,8 @@ class StepValidation:
                 values["loss"] = _local_loss(reports[-1])
             if "grad_norm" in self.machine.checks:
                 values["grad_norm"] = _local_grad_norm(model)
+                if self.machine.checks["grad_norm"].fatal and not fp8_state_is_finite(model):
+                    values["grad_norm"] = math.nan  # a NaN/Inf reached an FP8 amax or scale
             return values
 
         try:
