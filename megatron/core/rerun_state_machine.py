@@ -108,6 +108,8 @@ class RerunErrorInjector:
     def __init__(self, rate: int = 0, kind: str = "transient_error", seed: int = 0) -> None:
         if kind not in self.KINDS:
             raise ValueError(f"--error-injection-type {kind!r}: choose one of {', '.join(self.KINDS)}")
+        if rate < 0:
+            raise ValueError(f"--error-injection-rate {rate}: give 0 (never) or N > 0 (about one iteration in N)")
         self.rate, self.kind = rate, kind
         self._random = random.Random(seed)
         self.injected = False

@@ -108,6 +108,8 @@ def test_injected_errors():
                 machine.run_step(1, FakeStep(iterator), [iterator])
     with pytest.raises(ValueError, match="--error-injection-type"):
         RerunErrorInjector(1, "bit_flip")
+    with pytest.raises(ValueError, match="--error-injection-rate -1"):
+        RerunErrorInjector(-1)
 
 
 def test_report_stats_reruns_every_step_and_keeps_the_first_result():

@@ -50,3 +50,15 @@ def test_exported_state_file_is_read_weights_only(tmp_path):
     with pytest.raises(pickle.UnpicklingError):
         load_weights_only(str(path))
     assert not marker.exists()
+
+
+def test_crafted_dcp_metadata_is_refused(tmp_path):
+    """torch.distributed.checkpoint's ``.metadata`` is a pickle too: opening the checkpoint
+    reads it with the restricted unpickler."""
+    marker = tmp_path / "ran"
+    dist_checkpointing.save({"w": torch.ones(2)}, tmp_path / "ckpt")
+    with open(tmp_path / "ckpt" / ".metadata", "wb") as handle:
+        pickle.dump(_RunsCode(marker), handle)
+    with pytest.raises(BaseException, match=r"(posix|os)\.system"):
+        dist_checkpointing.load({"w": torch.zeros(2)}, tmp_path / "ckpt")
+    assert not marker.exists()
