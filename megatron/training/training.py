@@ -268,7 +268,7 @@ def train(forward_step_func, model, optimizer, scheduler, train_it, valid_it, pg
             profiler.step_begin(iteration + 1)
             set_phase("forward-backward", iteration + 1)
             result = train_step(forward_step_func, train_it, model, optimizer, scheduler, pg, iteration + 1,
-                                validation)
+                                validation=validation)
             if result.stop:
                 if args.save and iteration > 0 and args.last_saved_iteration != iteration:
                     _save(iteration, model, optimizer, scheduler, pg, progress)
