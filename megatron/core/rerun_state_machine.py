@@ -74,8 +74,9 @@ class ResultRejected(RuntimeError):
 
 @dataclass
 class Check:
-    """One named value a step reports and how it is judged. ``spike_factor`` makes it a spike
-    check against the recent accepted values; a non-finite value is always rejected."""
+    """One named value a step reports and how it is judged: ``fatal`` rejects a NaN/Inf (and
+    stops the run when it reproduces); ``spike_factor`` rejects a value that many times the
+    largest recent accepted one (a skip). A NaN/Inf under a check that is not fatal passes."""
 
     fatal: bool
     spike_factor: Optional[float] = None
@@ -253,7 +254,10 @@ class RerunStateMachine:
                 continue
             window = self.windows.get(name)
             if not math.isfinite(value):
-                rejected[name] = check.fatal
+                # Without a fatal check a NaN/Inf is someone else's signal: fp16 loss scaling
+                # halves its scale on it, which it could not do if the step never reached it.
+                if check.fatal:
+                    rejected[name] = True
             elif window is not None and window.is_spike(value):
                 rejected[name] = False
         return rejected

@@ -118,3 +118,13 @@ def test_report_stats_reruns_every_step_and_keeps_the_first_result():
     step = FakeStep(iterator, loss=lambda call, batch: batch + (0.25 if call % 2 == 0 else 0.0))
     assert machine.run_step(1, step, [iterator]) is Verdict.ACCEPT
     assert step.calls == 2 and machine.largest_rerun_difference == {"loss": 0.25}
+
+
+def test_a_nan_under_a_spike_check_alone_passes_to_the_loss_scaler():
+    """fp16 dynamic scaling turns the NaN check off; an overflow must still reach the
+    optimizer, whose scaler halves the scale, rather than be skipped as a spike."""
+    machine, _ = _machine(fatal=False, spike=10.0)
+    iterator = RerunDataIterator(iter(range(10)))
+    step = FakeStep(iterator, loss=lambda call, batch: math.inf if call == 2 else 1.0)
+    assert [machine.run_step(i, step, [iterator]) for i in (1, 2, 3)] == [Verdict.ACCEPT] * 3
+    assert step.calls == 3 and machine.rejected_total == 0
