@@ -107,7 +107,7 @@ class StepValidation:
 
     def run(self, iteration: int, forward_backward: Callable[[], List[dict]], model) -> Tuple[Verdict, List[dict]]:
         """Run the step's forward-backward through the machine; returns the verdict and the
-        accepted run's loss reports. A reproduced NaN raises ``NonFiniteError`` naming the ranks."""
+        loss reports of its last run. A reproduced NaN raises ``NonFiniteError`` naming the ranks."""
         reports: List[List[dict]] = []
 
         def measured():
@@ -125,7 +125,9 @@ class StepValidation:
             verdict = self.machine.run_step(iteration, measured, self.iterators)
         except ResultRejected as rejected:
             self._raise_named(rejected, reports[-1], model, iteration)
-        return verdict, reports[0]
+        # The last run's reports: its gradients are the ones in the buffers (report_stats applies
+        # the rerun's step; a validated rerun reproduced the first).
+        return verdict, reports[-1]
 
     def _raise_named(self, rejected: ResultRejected, reported, model, iteration: int) -> None:
         if "NaN or Inf" in str(rejected):
