@@ -45,3 +45,13 @@ def test_spiky_loss_is_skipped_and_counted(tmp_path):
 def test_unwritable_tracker_file_is_refused_naming_the_flag(tmp_path):
     with pytest.raises(ValueError, match="--result-rejected-tracker-filename .*writable"):
         TrackerFile(str(tmp_path / "no" / "such" / "dir.txt"))
+
+
+def test_rerunning_every_iteration_trains_exactly_as_without():
+    """report_stats runs each iteration twice; with dropout on, the losses equal a run without
+    any rerun only if the rerun replays the same data and random states and leaves them as
+    one run would."""
+    dropout = ["--hidden-dropout", "0.1", "--attention-dropout", "0.1"]
+    plain = run_gpt(1, dropout + ["--rerun-mode", "disabled", "--no-check-for-nan-in-loss-and-grad"], iters=3)
+    rerun = run_gpt(1, dropout + ["--rerun-mode", "report_stats", "--check-for-spiky-loss"], iters=3)
+    assert losses(rerun) == losses(plain)
