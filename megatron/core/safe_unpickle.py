@@ -151,3 +151,26 @@ def restricted_torch_load(file: Union[str, bytes, IO[bytes]], allowed: Mapping[N
     # unpickler has no stand-ins; ours refuses every name outside the map just the same.
     return torch.load(file, map_location="cpu", pickle_module=_pickle_module(names, stand_in, where),
                       weights_only=False)
+
+
+def _numpy_array_globals() -> list:
+    """What a pickled NumPy array names (the NumPy RNG state holds one): its rebuild function
+    under the module name of NumPy 2 and of NumPy 1, its class, ``np.dtype`` and the dtype classes."""
+    import numpy as np
+
+    multiarray = getattr(np, "_core", None) or np.core
+    rebuild = multiarray.multiarray._reconstruct
+    dtype_classes = [getattr(np.dtypes, n) for n in dir(np.dtypes) if n.endswith("DType")] if hasattr(np, "dtypes") else []
+    return [(rebuild, "numpy._core.multiarray._reconstruct"), (rebuild, "numpy.core.multiarray._reconstruct"),
+            np.ndarray, np.dtype] + dtype_classes
+
+
+def load_weights_only(file: Union[str, IO[bytes]]) -> Any:
+    """``torch.load`` onto the CPU with torch's weights-only unpickler, allowing besides tensors
+    and plain containers what our own files hold: an ``argparse.Namespace`` (a run's arguments)
+    and NumPy arrays (the NumPy RNG state). Anything else a file names is refused, so a crafted
+    file cannot run code (``pickle.UnpicklingError``)."""
+    import argparse
+
+    with torch.serialization.safe_globals([argparse.Namespace] + _numpy_array_globals()):
+        return torch.load(file, map_location="cpu", weights_only=True)

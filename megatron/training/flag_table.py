@@ -339,8 +339,8 @@ _no_effect("restarts come from the launcher (torchrun's max-restarts option) and
            "--fault-injector-delay-start-iteration --fault-injector-fault-delay "
            "--fault-injector-fault-probabilities --fault-injector-fault-types --fault-injector-mtti-seconds "
            "--fault-injector-num-ranks --fault-injector-offset-seconds --fault-injector-ranks "
-           "--fault-injector-seed --error-injection-rate --error-injection-type --gpu-sniff-test-interval "
-           "--result-rejected-tracker-filename --adlr-autoresume --adlr-autoresume-interval")
+           "--fault-injector-seed --gpu-sniff-test-interval "
+           "--adlr-autoresume --adlr-autoresume-interval")
 _no_effect("--exit-signal-handler covers the whole run", "--exit-signal-handler-for-dataloader "
            "--exit-signal-handler-for-training")
 _no_effect("this debugging dump or extra metric is not written",

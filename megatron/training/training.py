@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 import time
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from megatron.core.num_microbatches_calculator import (
 )
 from megatron.core.pipeline_parallel.schedules import get_forward_backward_func
 from megatron.core.process_groups import ProcessGroups
+from megatron.core.rerun_state_machine import Verdict
 from megatron.training.checkpointing import convert_checkpoint_format, save_checkpoint, wait_for_pending_save
 from megatron.training.arguments import parse_args
 from megatron.training.data_iterators import build_train_valid_test_data_iterators
@@ -27,15 +29,16 @@ from megatron.training.exit_conditions import ExitConditions
 from megatron.training.flops import num_floating_point_operations
 from megatron.training.evaluation import evaluate_and_print_results
 from megatron.training.global_vars import get_args, get_timers
+from megatron.training.hang_watchdog import log_failure, set_phase, start_hang_watchdog, stop_hang_watchdog
 from megatron.training.housekeeping import ManualGC, empty_unused_memory
 from megatron.training.initialize import initialize_megatron
 from megatron.training.loss_reduction import reduce_reported_losses
 from megatron.training.model_setup import setup_model_and_optimizer, unwrap_model
-from megatron.training.nan_check import check_finite
 from megatron.training.params_norm import params_l2_norm
 from megatron.training.profiling import StepProfiler
 from megatron.training.progress_log import ProgressLog
 from megatron.training.rank_print import print_rank_0, print_rank_last
+from megatron.training.result_validation import StepValidation, build_step_validation, stop_after_failed_validation
 from megatron.training.run_state import RunState
 from megatron.training.static_loss_scale import StaticLossScaleGuard
 from megatron.training.startup_summary import log_startup_summary
@@ -50,6 +53,7 @@ class StepResult:
     skipped: bool
     grad_norm: Optional[float]
     num_zeros: Optional[int]
+    stop: bool = False  # a rejected result did not reproduce (rerun state machine): save and exit 17
 
 
 def pretrain(train_valid_test_dataset_provider: Callable, model_provider: Callable, model_type,
@@ -163,8 +167,34 @@ def _train_and_evaluate(forward_step_func, num_floating_point_operations_func, e
 
 
 def train_step(forward_step_func, data_iterator, model: List[torch.nn.Module], optimizer, scheduler,
-               pg: ProcessGroups, iteration: int) -> StepResult:
+               pg: ProcessGroups, iteration: int, validation: Optional[StepValidation] = None) -> StepResult:
     """One global batch: forward/backward over its micro-batches, checks, optimizer step."""
+    args = get_args()
+    timers = get_timers()
+    run = functools.partial(_forward_backward, forward_step_func, data_iterator, model, optimizer, pg)
+    verdict = Verdict.ACCEPT
+    if validation is None:
+        reported = run()
+    else:
+        verdict, reported = validation.run(iteration, run, model)
+    if verdict is Verdict.STOP:
+        return StepResult({}, True, None, None, stop=True)
+    losses = reduce_reported_losses(reported, pg) if pg.is_pipeline_last_stage() else {}
+    if verdict is Verdict.SKIP:
+        return StepResult(losses, True, None, None)
+    set_phase("optimizer")
+    timers("optimizer", log_level=1).start(barrier=args.barrier_with_L1_time)
+    update_successful, grad_norm, num_zeros = optimizer.step()
+    timers("optimizer", log_level=1).stop()
+    empty_unused_memory(args, level=2)
+    if update_successful:
+        scheduler.step(increment=get_num_microbatches() * args.micro_batch_size * args.data_parallel_size)
+    return StepResult(losses, not update_successful, grad_norm, num_zeros)
+
+
+def _forward_backward(forward_step_func, data_iterator, model: List[torch.nn.Module], optimizer,
+                      pg: ProcessGroups) -> List[dict]:
+    """Zero the gradients and run the step's micro-batches; returns their loss reports."""
     args = get_args()
     timers = get_timers()
     for chunk in model:
@@ -185,20 +215,7 @@ def train_step(forward_step_func, data_iterator, model: List[torch.nn.Module], o
     )
     timers("forward-backward", log_level=1).stop()
     empty_unused_memory(args, level=1)
-    if args.check_for_nan_in_loss_and_grad:
-        # Local micro-batch losses, before any reduction, so the message names the rank
-        # that produced the bad value. With fp16 dynamic loss scaling an overflow is
-        # expected and handled by skipping the step.
-        local_losses = [value for report in reported for value in report.values()]
-        check_finite(local_losses, model, iteration, check_grads=not args.fp16)
-    losses = reduce_reported_losses(reported, pg) if pg.is_pipeline_last_stage() else {}
-    timers("optimizer", log_level=1).start(barrier=args.barrier_with_L1_time)
-    update_successful, grad_norm, num_zeros = optimizer.step()
-    timers("optimizer", log_level=1).stop()
-    empty_unused_memory(args, level=2)
-    if update_successful:
-        scheduler.step(increment=get_num_microbatches() * args.micro_batch_size * args.data_parallel_size)
-    return StepResult(losses, not update_successful, grad_norm, num_zeros)
+    return reported
 
 
 def iterators_per_chunk(iterator, model: List[torch.nn.Module]):
@@ -252,6 +269,9 @@ def train(forward_step_func, model, optimizer, scheduler, train_it, valid_it, pg
     profiler = StepProfiler(args, dist.get_rank() if dist.is_initialized() else 0)
     manual_gc = ManualGC(args)
     static_scale = StaticLossScaleGuard(args, iteration)
+    validation = build_step_validation(args)
+    start_hang_watchdog(args, dist.get_rank() if dist.is_initialized() else 0)
+    train_it = validation.wrap(train_it) if validation is not None else train_it
     interval_start = time.time()
     print_rank_0("> training ...")
     manual_gc.start()
@@ -264,13 +284,21 @@ def train(forward_step_func, model, optimizer, scheduler, train_it, valid_it, pg
                 _skip_iteration(iteration, train_it, model, run_state)
                 continue
             profiler.step_begin(iteration + 1)
-            result = train_step(forward_step_func, train_it, model, optimizer, scheduler, pg, iteration + 1)
+            set_phase("forward-backward", iteration + 1)
+            result = train_step(forward_step_func, train_it, model, optimizer, scheduler, pg, iteration + 1,
+                                validation=validation)
+            if result.stop:
+                if args.save and iteration > 0 and run_state.last_saved_iteration != iteration:
+                    _save(run_state, model, optimizer, scheduler, pg, progress)
+                wait_for_pending_save()
+                stop_after_failed_validation(iteration + 1)
             run_state.iteration = iteration = iteration + 1
             profiler.step_end(iteration)
             static_scale.step(iteration, result.skipped)
             run_state.consumed_train_samples += get_current_global_batch_size()
             logged = first_of_run or iteration % args.log_interval == 0
             stats = _iteration_stats(result, optimizer, model, pg, logged)
+            stats.rejected_results = validation.log_counter if validation is not None else None
             line = logger.record(iteration, stats, run_state.consumed_train_samples, time.time() - interval_start,
                                  first_of_run)
             if line is not None:
@@ -280,6 +308,7 @@ def train(forward_step_func, model, optimizer, scheduler, train_it, valid_it, pg
             manual_gc.after_iteration(iteration)
             if args.eval_interval and iteration % args.eval_interval == 0 and args.do_valid:
                 manual_gc.at_evaluation()
+                set_phase("evaluation")
                 evaluate_and_print_results(f"iteration {iteration}", forward_step_func, valid_it, model, pg,
                                            iteration, writers, run_state=run_state)
                 manual_gc.at_evaluation()
@@ -297,8 +326,12 @@ def train(forward_step_func, model, optimizer, scheduler, train_it, valid_it, pg
         _finish_param_sync(model)
         run_state.publish(args)
         return iteration, False
+    except Exception as error:
+        log_failure(dist.get_rank() if dist.is_initialized() else 0, error)
+        raise
     finally:
         manual_gc.stop()
+        stop_hang_watchdog()
 
 
 def _iteration_stats(result: StepResult, optimizer, model, pg: ProcessGroups, logged: bool) -> IterationStats:
@@ -350,6 +383,7 @@ def _save(run_state: RunState, model, optimizer, scheduler, pg: ProcessGroups,
     args = get_args()
     _finish_param_sync(model)
     timers = get_timers()
+    set_phase("checkpoint save")
     iteration, flops = run_state.iteration, run_state.floating_point_operations_so_far
     timers("save-checkpoint", log_level=0).start(barrier=True)
     save_checkpoint(iteration, model, optimizer, scheduler, flops, args, pg, run_state=run_state)

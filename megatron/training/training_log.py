@@ -49,6 +49,7 @@ class IterationStats:
     loss_scale: float
     global_batch_size: int
     params_norm: Optional[float] = None
+    rejected_results: Optional[int] = None  # skipped by the spike checks so far (result_validation)
 
 
 @dataclass
@@ -153,6 +154,8 @@ class TrainingLogger:
             parts.append(f" params norm: {stats.params_norm:.3f} |")
         parts.append(f" number of skipped iterations: {t.skipped:3d} |")
         parts.append(f" number of nan iterations: {t.nan:3d} |")
+        if stats.rejected_results is not None:
+            parts.append(f" number of rejected results: {stats.rejected_results:3d} |")
         # Beyond Megatron's line, appended so that parsers of its fields keep working.
         tokens_per_s = self.tokens_per_second(stats.global_batch_size, ms_per_iter)
         parts.append(f" tokens per second: {tokens_per_s:.0f} |")

@@ -63,11 +63,8 @@ WITHOUT_EFFECT: Dict[str, Tuple[str, str]] = {
     "moe_layer_recompute": ("--moe-layer-recompute", "MoE layers recompute only under --recompute-granularity full"),
     "moe_shared_expert_overlap": ("--moe-shared-expert-overlap", "shared experts run in order with the routed ones"),
     "moe_permute_fusion": ("--moe-permute-fusion", "token permutation runs unfused"),
-    "check_for_spiky_loss": ("--check-for-spiky-loss", "only NaN/Inf losses and gradients are checked"),
-    "check_for_large_grads": ("--check-for-large-grads", "only NaN/Inf losses and gradients are checked"),
     "check_weight_hash_across_dp_replicas_interval": (
         "--check-weight-hash-across-dp-replicas-interval", "weights are not hashed across data-parallel replicas"),
-    "rerun_mode": ("--rerun-mode", "there is no rerun state machine; NaN/Inf stop the run before the step"),
     "auto_detect_ckpt_format": ("--auto-detect-ckpt-format", "the format is always detected when loading"),
     "use_dist_ckpt_deprecated": ("--use-dist-ckpt", "deprecated in Megatron too: --ckpt-format chooses the format"),
     "dist_ckpt_format_deprecated": ("--dist-ckpt-format", "deprecated in Megatron too: --ckpt-format chooses"),

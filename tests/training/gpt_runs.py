@@ -52,7 +52,71 @@ def nan_loss_on_last_rank_at_iteration_3():
     pretrain_gpt.loss_func = loss_func
 
 
-SETUPS = {"broken_row_parallel": _break_row_parallel_reduction, "nan_loss": nan_loss_on_last_rank_at_iteration_3}
+def _scaled_loss_of_iteration_3(factor: float, every_run: bool):
+    """One process, 4 micro-batches per iteration: the losses of iteration 3 (calls 9-12) are
+    multiplied by ``factor``; only in its first run unless ``every_run`` (a rerun of the
+    iteration makes calls 13-16)."""
+    import pretrain_gpt
+
+    original = pretrain_gpt.loss_func
+    calls = {"n": 0}
+
+    def loss_func(loss_mask, output_tensor):
+        calls["n"] += 1
+        loss, num_tokens, report = original(loss_mask, output_tensor)
+        if 9 <= calls["n"] <= (16 if every_run else 12):
+            loss = loss * factor
+            # a report is [loss sum, token count]: only the sum is scaled
+            report = {k: v * v.new_tensor([factor, 1.0]) for k, v in report.items()}
+        return loss, num_tokens, report
+
+    pretrain_gpt.loss_func = loss_func
+
+
+def _sleep_in_iteration_2():
+    """A rank that stops making progress: the first loss of iteration 2 (one process, 4
+    micro-batches per iteration) sleeps for a minute."""
+    import time
+
+    import pretrain_gpt
+
+    original = pretrain_gpt.loss_func
+    calls = {"n": 0}
+
+    def loss_func(loss_mask, output_tensor):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            time.sleep(60)
+        return original(loss_mask, output_tensor)
+
+    pretrain_gpt.loss_func = loss_func
+
+
+def _last_rank_dies_in_iteration_2():
+    """Peer death: the last rank's process ends abruptly in the first micro-batch of
+    iteration 2 (2 ranks, 2 micro-batches per iteration each)."""
+    import os
+
+    import pretrain_gpt
+    import torch.distributed as dist
+
+    original = pretrain_gpt.loss_func
+    calls = {"n": 0}
+
+    def loss_func(loss_mask, output_tensor):
+        calls["n"] += 1
+        if calls["n"] == 3 and dist.get_rank() == dist.get_world_size() - 1:
+            os._exit(9)
+        return original(loss_mask, output_tensor)
+
+    pretrain_gpt.loss_func = loss_func
+
+
+SETUPS = {"broken_row_parallel": _break_row_parallel_reduction, "nan_loss": nan_loss_on_last_rank_at_iteration_3,
+          "nan_once_at_3": lambda: _scaled_loss_of_iteration_3(float("nan"), every_run=False),
+          "nan_always_at_3": lambda: _scaled_loss_of_iteration_3(float("nan"), every_run=True),
+          "spike_at_3": lambda: _scaled_loss_of_iteration_3(1000.0, every_run=True),
+          "sleep_in_iteration_2": _sleep_in_iteration_2, "peer_dies": _last_rank_dies_in_iteration_2}
 
 
 def _run_pretrain(rank, world_size, argv, setup=None):

@@ -21,6 +21,8 @@ from reshard import TORCH, layout_free
 from sources import CoreSource
 from workers import ConversionError, export_state_dict, run_workers
 
+from megatron.core.safe_unpickle import load_weights_only
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -66,7 +68,7 @@ def save_checkpoint(source, args, workdir: str) -> str:
     run_args = worker_args(checkpoint.args, load=checkpoint.root, save=None, ckpt_format=checkpoint.ckpt_format,
                            tp=1, pp=1, ep=1)
     run_workers(export_state_dict, 1, run_args, {"model_provider": model_family.model_provider, "output": exported})
-    result = torch.load(exported, map_location="cpu", weights_only=False)
+    result = load_weights_only(exported)
     vocab = args.true_vocab_size or result["vocab_size"]
     _trim_vocab(result["model"], vocab)
     dtype = _dtype(args, checkpoint.args)

@@ -22,6 +22,7 @@ from megatron.core.datasets.gpt_masks import get_ltor_masks_and_position_ids
 from megatron.core.datasets.index_cache import IndexCache, global_rank
 from megatron.core.datasets.megatron_dataset import LowLevelDataset, MegatronDataset
 from megatron.core.datasets.split import Split
+from megatron.core.datasets.token_range import check_token_ids
 
 logger = logging.getLogger(__name__)
 
@@ -103,6 +104,9 @@ class GPTDataset(MegatronDataset):
                 f"the {index_split.name} split of {dataset_path} holds no documents; change --split or the data"
             )
         self._pad_token_id = _pad_token_id(config)
+        cache = self._cache()
+        check_token_ids(self.dataset, getattr(config.tokenizer, "vocab_size", None),
+                        cache.directory if cache is not None else None)
         self.built_anew_on_cache_miss = False
         self.document_index, self.sample_index, self.shuffle_index = self._build_document_sample_shuffle_indices()
 

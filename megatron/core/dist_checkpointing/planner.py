@@ -34,6 +34,7 @@ from torch.distributed.checkpoint.planner import (
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
 from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
+from megatron.core.safe_unpickle import load_weights_only
 
 ChunkKey = Tuple[str, Tuple[int, ...]]
 
@@ -164,4 +165,5 @@ class ShardedLoadPlanner(DefaultLoadPlanner):
         """The reader copied into our view of the destination: nothing left to do."""
 
     def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
-        self._objects[read_item.dest_index.fqn].value = torch.load(value, map_location="cpu", weights_only=False)
+        # Weights-only: a checkpoint directory may come from anywhere, its objects must not run code.
+        self._objects[read_item.dest_index.fqn].value = load_weights_only(value)

@@ -13,10 +13,11 @@ from typing import Callable, List, Optional, Sequence
 
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata
 
 from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
+from megatron.core.dist_checkpointing.safe_metadata import SafeMetadataReader
 from megatron.core.dist_checkpointing.planner import ShardedLoadPlanner, ShardedSavePlanner
 
 
@@ -37,7 +38,7 @@ def save_sharded(tensors: Sequence[ShardedTensor], objects: Sequence[ShardedObje
 
 def read_metadata(directory: str) -> Metadata:
     """The ``.metadata`` of a checkpoint directory (global shapes and chunks of every key)."""
-    return FileSystemReader(directory).read_metadata()
+    return SafeMetadataReader(directory).read_metadata()
 
 
 @dataclass
@@ -96,5 +97,5 @@ def load_sharded(tensors: Sequence[ShardedTensor], objects: Sequence[ShardedObje
     """Fill ``tensors`` in place and set ``objects[i].value`` from ``directory`` (collective
     over ``group``). Call ``compare_with_checkpoint`` first for a readable error."""
     planner = ShardedLoadPlanner(tensors, objects)
-    dcp.load({}, storage_reader=FileSystemReader(directory), planner=planner, process_group=group,
+    dcp.load({}, storage_reader=SafeMetadataReader(directory), planner=planner, process_group=group,
              no_dist=not _uses_collectives(group))

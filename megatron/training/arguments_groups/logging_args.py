@@ -42,4 +42,12 @@ def add_rerun_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--rerun-mode", type=str, default="validate_results",
                    choices=["disabled", "validate_results", "report_stats"],
                    help="Re-run iterations with suspicious results to classify the fault.")
+    g.add_argument("--error-injection-rate", type=int, default=0,
+                   help="Rate at which to inject unexpected results, e.g. 1000 for once every 1000 result "
+                        "validations (0: never).")
+    g.add_argument("--error-injection-type", type=str, default="transient_error",
+                   choices=["correct_result", "transient_error", "persistent_error"],
+                   help="Type of error to inject.")
+    g.add_argument("--result-rejected-tracker-filename", type=str, default=None,
+                   help="Optional name of file tracking `result_rejected` events.")
     return parser

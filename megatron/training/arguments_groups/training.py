@@ -71,6 +71,14 @@ def add_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     g.add_argument("--exit-signal", type=str, default="SIGTERM",
                    choices=["SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2", "SIGHUP"],
                    help="Signal that --exit-signal-handler listens for.")
+    # Beyond Megatron: report a stuck rank before the process-group timeout (hang_watchdog.py).
+    g.add_argument("--hang-watchdog-seconds", type=float, default=0,
+                   help="When no training phase (forward-backward, optimizer, checkpoint save, evaluation) is "
+                        "entered for this many seconds, log the rank, iteration and phase and dump every "
+                        "thread's stack. 0: off. Must exceed the longest save or evaluation.")
+    g.add_argument("--hang-watchdog-exit", action="store_true",
+                   help="After the --hang-watchdog-seconds report, exit with status 124 (so that a launcher "
+                        "with restarts resumes the job) instead of waiting for the process-group timeout.")
     g.add_argument("--tensorboard-dir", type=str, default=None, help="Write TensorBoard logs here.")
     g.add_argument("--no-masked-softmax-fusion", action="store_false", dest="masked_softmax_fusion",
                    help="Do not fuse scale, mask and softmax.")

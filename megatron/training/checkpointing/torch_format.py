@@ -14,13 +14,11 @@ import io
 import os
 from typing import Callable, List, Optional, Tuple
 
-import argparse
-
-import numpy as np
 import torch
 
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 from megatron.core.process_groups import ProcessGroups
+from megatron.core.safe_unpickle import load_weights_only
 from megatron.training.checkpointing.directory import CheckpointError
 from megatron.training.checkpointing.run_state import (
     CHECKPOINT_VERSION,
@@ -165,21 +163,10 @@ def _model_problems(model, state: dict) -> List[str]:
     return problems
 
 
-def _numpy_array_globals() -> list:
-    """What a pickled NumPy array names (the NumPy RNG state holds one): its rebuild function
-    under the module name of NumPy 2 and of NumPy 1, its class, ``np.dtype`` and the dtype classes."""
-    multiarray = getattr(np, "_core", None) or np.core
-    rebuild = multiarray.multiarray._reconstruct
-    dtype_classes = [getattr(np.dtypes, n) for n in dir(np.dtypes) if n.endswith("DType")] if hasattr(np, "dtypes") else []
-    return [(rebuild, "numpy._core.multiarray._reconstruct"), (rebuild, "numpy.core.multiarray._reconstruct"),
-            np.ndarray, np.dtype] + dtype_classes
-
-
 def load_own_file(path: str):
     """``torch.load`` of a file this format wrote, with torch's weights-only unpickler: tensors,
     plain containers, the saved ``argparse.Namespace`` and NumPy arrays, nothing that runs code."""
-    with torch.serialization.safe_globals([argparse.Namespace] + _numpy_array_globals()):
-        return torch.load(path, map_location="cpu", weights_only=True)
+    return load_weights_only(path)
 
 
 def read_state(directory: str, manifest: Optional[dict], groups: ProcessGroups, args,

@@ -229,7 +229,7 @@ def test_cache_files_names_and_reuse(tmp_path):
     cache = tmp_path / "cache"
     first = _dataset(prefix, tokenizer, num_samples=10, path_to_cache=str(cache))
     base = f"{first.unique_description_hash}-BERTMaskedWordPieceDataset-"
-    assert sorted(os.listdir(cache)) == [base + "description.txt", base + "sample_index.npy"]
+    assert sorted(os.listdir(cache)) == [base + "checksums.json", base + "description.txt", base + "sample_index.npy"]
     assert (cache / (base + "description.txt")).read_text() == first.unique_description
     assert list(first.unique_identifiers)[-8:] == [
         "masking_probability", "short_sequence_probability", "masking_max_ngram", "masking_do_full_word",

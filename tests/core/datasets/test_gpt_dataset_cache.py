@@ -60,7 +60,9 @@ def test_names_and_description_bytes(prefix, tmp_path):
     md5 = hashlib.md5(description.encode("utf-8")).hexdigest()
     base = f"{md5}-GPTDataset-train-"
     assert sorted(f for f in os.listdir(cache) if f.startswith(md5)) == sorted(
-        base + s for s in ("description.txt", "document_index.npy", "sample_index.npy", "shuffle_index.npy")
+        # Megatron's four files, plus our checksums of the index files
+        base + s for s in ("description.txt", "document_index.npy", "sample_index.npy", "shuffle_index.npy",
+                           "checksums.json")
     )
     with open(os.path.join(cache, base + "description.txt"), "rb") as f:
         assert f.read() == description.encode("utf-8")

@@ -17,13 +17,10 @@ import pathlib
 import signal
 from typing import Any, Dict, Optional
 
-import torch
-from torch.distributed.checkpoint import FileSystemReader
-from torch.distributed.checkpoint import filesystem as dcp_filesystem
 from torch.distributed.checkpoint import metadata as dcp_metadata
-from torch.distributed.checkpoint import planner as dcp_planner
 
-from megatron.core.safe_unpickle import TORCH_TENSORS, Name, recorded_class, restricted_loads, restricted_torch_load
+from megatron.core.dist_checkpointing.safe_metadata import DCP_METADATA_ALLOWED, SafeMetadataReader  # noqa: F401
+from megatron.core.safe_unpickle import Name, recorded_class, restricted_torch_load
 
 # Packages whose classes appear in Megatron's pickled args; they stand in as records.
 STAND_IN_PACKAGES = ("megatron.", "transformer_engine.", "modelopt.")
@@ -35,23 +32,6 @@ ARGS_ALLOWED: Dict[Name, Any] = {
     ("pathlib", "PosixPath"): pathlib.PurePosixPath,
     ("pathlib", "WindowsPath"): pathlib.PureWindowsPath,
 }
-
-_DCP_CLASSES = {
-    dcp_metadata: ("Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
-                   "ChunkStorageMetadata", "BytesStorageMetadata", "_MEM_FORMAT_ENCODING"),
-    dcp_planner: ("SavePlan", "TensorWriteData", "WriteItem", "WriteItemType"),
-    dcp_filesystem: ("_StorageInfo",),
-}
-DCP_METADATA_ALLOWED: Dict[Name, Any] = {
-    (module.__name__, name): getattr(module, name)
-    for module, names in _DCP_CLASSES.items() for name in names if hasattr(module, name)
-}
-DCP_METADATA_ALLOWED.update(TORCH_TENSORS)
-DCP_METADATA_ALLOWED[("torch.serialization", "_get_layout")] = torch.serialization._get_layout
-# the checkpoint id (a path) in the storage metadata of newer torch versions
-DCP_METADATA_ALLOWED[("pathlib", "PosixPath")] = pathlib.PurePosixPath
-DCP_METADATA_ALLOWED[("pathlib", "WindowsPath")] = pathlib.PureWindowsPath
-
 
 def megatron_stand_in(module: str, name: str) -> Optional[type]:
     """A recording stand-in for a class of Megatron-LM (or its optional packages)."""
@@ -68,20 +48,6 @@ def load_torch_file(path: str) -> Any:
 def load_torch_bytes(data: bytes, source: str) -> Any:
     """One ``torch.save``-serialized object of a distcp file (``common_state``, say)."""
     return restricted_torch_load(data, ARGS_ALLOWED, megatron_stand_in, source=source)
-
-
-class SafeMetadataReader(FileSystemReader):
-    """``FileSystemReader`` that reads ``.metadata`` with the restricted unpickler (the
-    stock reader calls ``pickle.load`` on it). Tensor data torch loads with weights_only."""
-
-    def read_metadata(self, *args, **kwargs) -> dcp_metadata.Metadata:
-        path = os.path.join(str(self.path), ".metadata")
-        with open(path, "rb") as handle:
-            metadata = restricted_loads(handle, DCP_METADATA_ALLOWED, source=path)
-        if getattr(metadata, "storage_meta", None) is None:
-            metadata.storage_meta = dcp_metadata.StorageMeta()
-        metadata.storage_meta.load_id = self.load_id
-        return metadata
 
 
 def read_object(directory: str, metadata: dcp_metadata.Metadata, key: str) -> Any:
