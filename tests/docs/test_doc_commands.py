@@ -26,14 +26,14 @@ from megatron.training.flag_table import REFUSED, TABLE
 REPO = Path(__file__).resolve().parents[2]
 PAGES = [REPO / "README.md"] + sorted(p for p in (REPO / "docs").glob("*.md") if p.name != "flags.md")
 # Pages whose subject is what is refused: they name refused flags on purpose.
-LISTS_REFUSED = {"compatibility.md", "migration.md", "megatron_checkpoints.md", "data.md"}
+LISTS_REFUSED = {"compatibility.md", "migration.md", "megatron_checkpoints.md", "data.md", "optimizer_memory.md"}
 LAUNCHER_OPTIONS = {  # torchrun, srun and sbatch options used in the docs
     "--nproc-per-node", "--nnodes", "--node-rank", "--master-addr", "--master-port", "--rdzv-backend",
     "--rdzv-endpoint", "--rdzv-id", "--standalone", "--max-restarts", "--nodes", "--ntasks-per-node",
     "--gpus-per-node", "--gpus-per-task", "--gpu-bind", "--cpus-per-task", "--signal",
 }
 # Options of other programs the docs show: pip, python -m build, tensorboard, torchrun --no-python.
-EXTERNAL_OPTIONS = {"--index-url", "--sdist", "--logdir", "--no-python"}
+EXTERNAL_OPTIONS = {"--index-url", "--sdist", "--logdir", "--no-python", "--no-deps"}
 FLAG = re.compile(r"(?<![\w-])--[a-zA-Z0-9][a-zA-Z0-9_-]*[a-zA-Z0-9](?![\w-])")
 
 
