@@ -36,21 +36,10 @@ from torch.distributed.tensor import DTensor
 from megatron.core import process_groups
 from megatron.core.distributed.distributed_data_parallel import broadcast_from_group_rank0
 from megatron.core.process_groups import ProcessGroups, group_size
+from megatron.core.tensor_parallel.partition import PARAM_SPLIT_ATTRIBUTES
 
 logger = logging.getLogger(__name__)
 
-# Per-param attributes set by the parallel layers and read by grad statistics, the
-# optimizer's param groups and finalize_model_grads.
-_PARAM_ATTRIBUTES = (
-    "tensor_model_parallel",
-    "partition_dim",
-    "partition_stride",
-    "shared",
-    "shared_embedding",
-    "sequence_parallel",
-    "allreduce",
-    "is_embedding_or_output_parameter",
-)
 
 
 def default_units() -> Tuple[Type[torch.nn.Module], ...]:
@@ -172,7 +161,7 @@ class TorchFullyShardedDataParallel(torch.nn.Module):
 def _saved_attributes(module: torch.nn.Module) -> dict:
     saved = {}
     for name, param in module.named_parameters():
-        found = {a: getattr(param, a) for a in _PARAM_ATTRIBUTES if hasattr(param, a)}
+        found = {a: getattr(param, a) for a in PARAM_SPLIT_ATTRIBUTES if hasattr(param, a)}
         if found:
             saved[name] = found
     return saved

@@ -32,21 +32,12 @@ from megatron.core.optimizer.clip_grads import (
 from megatron.core.optimizer.grad_scaler import MegatronGradScaler
 from megatron.core.optimizer.optimizer_config import OptimizerConfig
 from megatron.core.process_groups import ProcessGroups
+from megatron.core.tensor_parallel.partition import PARAM_SPLIT_ATTRIBUTES
 
 logger = logging.getLogger(__name__)
 
-# Attributes that describe how a param is split or shared; the fp32 main copy needs
-# them so that grad statistics count it the same way as the model param.
-_COPIED_PARAM_ATTRIBUTES = (
-    "tensor_model_parallel",
-    "partition_dim",
-    "partition_stride",
-    "shared",
-    "shared_embedding",
-    "sequence_parallel",
-    "allreduce",
-    "is_embedding_or_output_parameter",
-)
+# The fp32 main copy carries them so that grad statistics count it as the model param.
+_COPIED_PARAM_ATTRIBUTES = PARAM_SPLIT_ATTRIBUTES
 
 StepResult = Tuple[bool, Optional[float], Optional[int]]
 

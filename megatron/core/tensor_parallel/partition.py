@@ -6,6 +6,20 @@ from typing import Sequence, Tuple
 
 import torch
 
+# Attributes the parallel layers set on a parameter to say how it is split or shared; grad
+# statistics, the optimizers' param groups and finalize_model_grads read them, so a copy of
+# a parameter (an fp32 main copy, an FSDP2 DTensor) must carry them too.
+PARAM_SPLIT_ATTRIBUTES = (
+    "tensor_model_parallel",
+    "partition_dim",
+    "partition_stride",
+    "shared",
+    "shared_embedding",
+    "sequence_parallel",
+    "allreduce",
+    "is_embedding_or_output_parameter",
+)
+
 
 def divide(numerator: int, denominator: int, what: str = "size", fix: str = "") -> int:
     """``numerator // denominator``; ValueError naming ``what`` (and ``fix``) when it does not divide."""
