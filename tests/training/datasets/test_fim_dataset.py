@@ -160,7 +160,8 @@ def test_a_sample_does_not_depend_on_what_was_read_before(tmp_path):
 
 
 def test_tokenizer_without_the_fim_tokens_names_the_flag(tmp_path):
-    tokenizer = CharTokenizer(specials=["<eod>", "<pre>", "<mid>", "<suf>"])  # no <pad>
+    # no <pad>; "<sep>" keeps the vocabulary as large as the data's ids (checked at build)
+    tokenizer = CharTokenizer(specials=["<eod>", "<pre>", "<mid>", "<suf>", "<sep>", "|"])
     with pytest.raises(ValueError, match="--fim-pad-token '<pad>'.*--tokenizer-special-tokens"):
         _build(tmp_path, tokenizer=tokenizer)
 
