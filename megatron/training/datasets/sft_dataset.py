@@ -13,7 +13,6 @@ One line becomes one --seq-length sample:
 - each conversation is tokenized with the tokenizer's prompt format
   (--sft-tokenizer-prompt-format) and ends with the end-of-document token (added unless the
   template wrote it); position ids restart at 0 for each conversation;
-- with --context-parallel-size N > 1 each conversation is padded to a multiple of 2N tokens;
 - the loss covers the tokens whose target is assistant text (and the closing end-of-document);
   system and user turns and padding carry none;
 - the attention mask keeps every conversation to itself (causal within it), so packed
@@ -47,9 +46,6 @@ logger = logging.getLogger(__name__)
 class SFTDatasetConfig(GPTDatasetConfig):
     """Configuration of SFT datasets; the tokenizer must offer ``tokenize_conversation``
     (``--tokenizer-type SFTTokenizer``)."""
-
-    context_parallel_size: int = 1
-    """Each conversation is padded to a multiple of twice this (--context-parallel-size)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -131,10 +127,6 @@ class SFTDataset(MegatronDataset):
         self.truncated = 0
 
     @staticmethod
-    def _key_config_attributes() -> List[str]:
-        return MegatronDataset._key_config_attributes() + ["context_parallel_size"]
-
-    @staticmethod
     def numel_low_level_dataset(low_level_dataset: SFTLowLevelDataset) -> int:
         return len(low_level_dataset)
 
@@ -167,7 +159,6 @@ class SFTDataset(MegatronDataset):
         tokenizer = self.config.tokenizer
         eod, pad = tokenizer.eod, tokenizer.pad
         total = self.config.sequence_length + 1
-        granularity = 2 * self.config.context_parallel_size if self.config.context_parallel_size > 1 else 1
         ids, trained, positions, segments = [], [], [], []
         conversations = split_conversations(self.dataset[line])
         for number, conversation in enumerate(conversations):
@@ -176,13 +167,9 @@ class SFTDataset(MegatronDataset):
             if not conv_ids or conv_ids[-1] != eod:
                 conv_ids.append(eod)
                 conv_trained.append(True)
-            pad_len = -len(conv_ids) % granularity
-            conv_positions = list(range(len(conv_ids) + pad_len))
-            conv_ids += [pad] * pad_len
-            conv_trained += [False] * pad_len
             ids += conv_ids
             trained += conv_trained
-            positions += conv_positions
+            positions += range(len(conv_ids))
             segments += [number] * len(conv_ids)
             if len(ids) >= total:
                 self._log_truncation(line, len(ids), len(conversations) - number - 1)
@@ -223,4 +210,10 @@ def sft_config_kwargs(args) -> dict:
                          "with --mock-data")
     if args.fim_data:
         raise ValueError("--sft and --fim-data cannot be combined: FIM rewrites pretraining documents; drop one")
-    return dict(context_parallel_size=args.context_parallel_size, create_attention_mask=True)
+    if args.context_parallel_size > 1:
+        raise ValueError(f"--sft is not supported with --context-parallel-size {args.context_parallel_size}: the mask "
+                         "that keeps packed conversations apart is not split across context-parallel ranks; use 1")
+    if getattr(args, "is_hybrid_model", False):
+        raise ValueError("--sft is not supported for hybrid (Mamba) models: their Mamba layers would carry state "
+                         "from one packed conversation into the next; use pretrain_gpt.py")
+    return dict(create_attention_mask=True)
