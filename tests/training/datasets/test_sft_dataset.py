@@ -70,6 +70,10 @@ def test_formats_that_cannot_work_with_the_tokenizer_are_refused(tmp_path):
         SFTTokenizer(plain, prompt_format="nemotron-h-aligned")
     with pytest.raises(ValueError, match="--sft-tokenizer-prompt-format 'alpaca'"):
         SFTTokenizer(plain, prompt_format="alpaca")
+    # A template that writes earlier turns differently once more follow cannot be cut into turns.
+    marks_last = "{% for m in messages %}{{ m['content'] }}{% if loop.last %}!{% endif %}{% endfor %}"
+    with pytest.raises(ValueError, match="not a prefix of the whole"):
+        SFTTokenizer(plain, prompt_format="default", chat_template=marks_last).tokenize_conversation(TWO_TURNS)
     # --chat-template supplies the missing template.
     ids, trained = SFTTokenizer(plain, prompt_format="default", chat_template=CHATML).tokenize_conversation(TWO_TURNS)
     assert trained.any() and not trained.all()
@@ -161,3 +165,16 @@ def test_sft_needs_a_conversation_tokenizer(tmp_path, chatml_dir):
     path = _write_jsonl(tmp_path / "d.jsonl", [{"messages": TWO_TURNS}])
     with pytest.raises(ValueError, match="--tokenizer-type SFTTokenizer"):
         _build(path, HuggingFaceTokenizer(chatml_dir), seq=32)
+
+
+def test_files_blend_by_weight(tmp_path, chatml):
+    paths = []
+    for name in "ab":
+        lines = [{"messages": [{"role": "user", "content": f"{name}{i}"},
+                               {"role": "assistant", "content": f"{name}"}]} for i in range(5)]
+        paths.append(_write_jsonl(tmp_path / f"{name}.jsonl", lines))
+    config = SFTDatasetConfig(random_seed=1, sequence_length=24, blend=(paths, [0.3, 0.7]), split="100,0,0",
+                              tokenizer=chatml, path_to_cache=str(tmp_path / "cache"))
+    blend = BlendedMegatronDatasetBuilder(SFTDataset, [20, 0, 0], lambda: True, config).build()[0]
+    answers = [_text(chatml, blend[i]["labels"][blend[i]["loss_mask"].bool()])[0] for i in range(20)]
+    assert (answers.count("a"), answers.count("b")) == (6, 14)
