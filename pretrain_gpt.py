@@ -82,9 +82,10 @@ def get_batch(data_iterator, needs_data=None):
 
 
 def _document_mask(data, tokens: torch.Tensor, tp_group, shapes) -> torch.Tensor:
-    """bool [b, 1, s, s] (True = masked) for --reset-attention-mask: the data loader's mask,
-    moved as bytes (the broadcast carries no bool), or, with
-    --no-create-attention-mask-in-dataloader, built here from the broadcast tokens."""
+    """bool [b, 1, s, s] (True = masked) for --reset-attention-mask and --sft: the data
+    loader's mask, moved as bytes (the broadcast carries no bool), or, with
+    --no-create-attention-mask-in-dataloader and without --sft (a chat template may write
+    the end-of-document token inside a conversation), built here from the broadcast tokens."""
     if not (get_args().create_attention_mask_in_dataloader or get_args().sft):
         return document_causal_mask(tokens, get_tokenizer().eod)
     if data is not None:

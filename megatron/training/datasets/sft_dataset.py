@@ -62,29 +62,48 @@ class SFTDatasetConfig(GPTDatasetConfig):
 
 
 class SFTLowLevelDataset:
-    """The conversations of one JSONL file, read and checked once (file and line on error)."""
+    """The conversations of one JSONL file. Every line is parsed and checked once, when the
+    file is opened (a bad line names the file and line); afterwards only the byte offsets of
+    the lines are kept and a line is parsed again when its sample is read, so a large file
+    costs memory-mapped bytes, not Python objects, in every data loader worker."""
 
     def __init__(self, path: str) -> None:
         if not os.path.isfile(path):
             raise ValueError(f"--sft: the data path {path!r} is not a file; give the .jsonl files of conversations "
                              "themselves to --data-path (SFT data is not preprocessed into .bin/.idx)")
         self.path = path
-        self.messages: List[List[Dict]] = []
-        self.line_numbers: List[int] = []
-        with open(path, encoding="utf-8") as handle:
-            for number, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                self.messages.append(_parse_line(line, f"{path}:{number}"))
-                self.line_numbers.append(number)
-        if not self.messages:
+        starts, ends, numbers = [], [], []
+        conversations = 0
+        offset = 0
+        with open(path, "rb") as handle:
+            for number, raw in enumerate(handle, start=1):
+                if raw.strip():
+                    where = f"{path}:{number}"
+                    conversations += len(split_conversations(_parse_line(_decode(raw, where), where)))
+                    starts.append(offset)
+                    ends.append(offset + len(raw))
+                    numbers.append(number)
+                offset += len(raw)
+        if not starts:
             raise ValueError(f"--sft: {path} holds no conversations")
+        self._bytes = numpy.memmap(path, dtype=numpy.uint8, mode="r")
+        self._starts, self._ends = numpy.asarray(starts, dtype=numpy.int64), numpy.asarray(ends, dtype=numpy.int64)
+        self.line_numbers = numpy.asarray(numbers, dtype=numpy.int64)
+        logger.info("--sft: %s holds %d lines, %d conversations", path, len(starts), conversations)
 
     def __len__(self) -> int:
-        return len(self.messages)
+        return len(self._starts)
 
     def __getitem__(self, idx: int) -> List[Dict]:
-        return self.messages[idx]
+        raw = self._bytes[self._starts[idx]:self._ends[idx]].tobytes()
+        return json.loads(raw.decode("utf-8"))["messages"]
+
+
+def _decode(raw: bytes, where: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{where}: not UTF-8 text ({err.reason} at byte {err.start}); save the file as UTF-8") from err
 
 
 def _parse_line(line: str, where: str) -> List[Dict]:
