@@ -62,6 +62,16 @@ def test_nemotron_h_aligned_format(tmp_path):
     assert tok.pad == tok.hf_tokenizer.convert_tokens_to_ids("<SPECIAL_233>")
 
 
+def test_nemotron_nano_v2_format(tmp_path):
+    specials = ["<SPECIAL_10>", "<SPECIAL_11>", "<SPECIAL_12>", "<unk>"]
+    tok = SFTTokenizer(write_tokenizer(tmp_path, specials=specials), prompt_format="nemotron-nano-v2")
+    turns = [{"role": "system", "content": "Be brief. /no_think"}] + TWO_TURNS[1:3]
+    ids, trained = tok.tokenize_conversation(turns)
+    assert _text(tok, ids) == ("<SPECIAL_10>System\nBe brief.\n<SPECIAL_11>User\nHi\n<SPECIAL_11>Assistant\n"
+                               "Hello!\n<SPECIAL_12>\n")
+    assert _text(tok, ids[trained]) == "Hello!\n<SPECIAL_12>\n"
+
+
 def test_formats_that_cannot_work_with_the_tokenizer_are_refused(tmp_path):
     plain = write_tokenizer(tmp_path)
     with pytest.raises(ValueError, match="needs a chat template.*--chat-template"):
