@@ -22,6 +22,7 @@ from megatron.training.config_from_args import core_transformer_config_from_args
 from megatron.training.data_iterators import is_dataset_built_on_rank as _built_on
 from megatron.training.datasets.blend_args import dataset_config_kwargs
 from megatron.training.datasets.fim_dataset import GPTFIMDataset, GPTFIMDatasetConfig, fim_config_kwargs
+from megatron.training.datasets.sft_dataset import SFTDataset, SFTDatasetConfig, sft_config_kwargs
 from megatron.training.initialize import shutdown_megatron
 from megatron.training.language_model_args import language_model_kwargs
 
@@ -63,8 +64,10 @@ def get_batch(data_iterator, needs_data=None):
               "attention_mask": (mbs, 1, seq, seq)}
     ints = tensor_parallel.broadcast_data(_INT_KEYS, data, torch.int64, pg.tp, shapes)
     floats = tensor_parallel.broadcast_data(["loss_mask"], data, torch.float32, pg.tp, shapes)
-    # Only a document mask is needed; a plain causal mask is implied.
-    attention_mask = _document_mask(data, ints["tokens"], pg.tp, shapes) if args.reset_attention_mask else None
+    # Only a document mask is needed; a plain causal mask is implied. --sft keeps packed
+    # conversations apart with the mask its data loader always builds.
+    needs_mask = args.reset_attention_mask or args.sft
+    attention_mask = _document_mask(data, ints["tokens"], pg.tp, shapes) if needs_mask else None
     device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
     batch = {
         "tokens": ints["tokens"].to(device, non_blocking=True),
@@ -79,10 +82,11 @@ def get_batch(data_iterator, needs_data=None):
 
 
 def _document_mask(data, tokens: torch.Tensor, tp_group, shapes) -> torch.Tensor:
-    """bool [b, 1, s, s] (True = masked) for --reset-attention-mask: the data loader's mask,
-    moved as bytes (the broadcast carries no bool), or, with
-    --no-create-attention-mask-in-dataloader, built here from the broadcast tokens."""
-    if not get_args().create_attention_mask_in_dataloader:
+    """bool [b, 1, s, s] (True = masked) for --reset-attention-mask and --sft: the data
+    loader's mask, moved as bytes (the broadcast carries no bool), or, with
+    --no-create-attention-mask-in-dataloader and without --sft (a chat template may write
+    the end-of-document token inside a conversation), built here from the broadcast tokens."""
+    if not (get_args().create_attention_mask_in_dataloader or get_args().sft):
         return document_causal_mask(tokens, get_tokenizer().eod)
     if data is not None:
         data = {"attention_mask": data["attention_mask"].to(torch.uint8)}
@@ -116,18 +120,20 @@ def is_dataset_built_on_rank() -> bool:
 
 def core_gpt_dataset_config_from_args(args) -> GPTDatasetConfig:
     """The GPT dataset config the command line describes (--mock-data when no blend;
-    fill-in-the-middle with --fim-data)."""
-    config_type, fim = (GPTFIMDatasetConfig, fim_config_kwargs(args)) if args.fim_data else (GPTDatasetConfig, {})
+    fill-in-the-middle with --fim-data; packed conversations with --sft)."""
+    config_type, extra = (GPTFIMDatasetConfig, fim_config_kwargs(args)) if args.fim_data else (GPTDatasetConfig, {})
+    if args.sft:
+        config_type, extra = SFTDatasetConfig, sft_config_kwargs(args)
+    # get_batch only moves a mask when documents are masked from each other; a plain
+    # causal mask is implied, so building one per sample would be wasted work.
+    mask_kwargs = dict(create_attention_mask=args.reset_attention_mask and args.create_attention_mask_in_dataloader)
     return config_type(
         **dataset_config_kwargs(args, get_tokenizer()),
-        **fim,
+        **{**mask_kwargs, **extra},
         reset_position_ids=args.reset_position_ids,
         reset_attention_mask=args.reset_attention_mask,
         eod_mask_loss=args.eod_mask_loss,
         allow_ambiguous_pad_tokens=args.allow_ambiguous_pad_tokens,
-        # get_batch only moves a mask when documents are masked from each other; a plain
-        # causal mask is implied, so building one per sample would be wasted work.
-        create_attention_mask=args.reset_attention_mask and args.create_attention_mask_in_dataloader,
     )
 
 
@@ -136,6 +142,7 @@ def train_valid_test_datasets_provider(train_val_test_num_samples):
     args = get_args()
     config = core_gpt_dataset_config_from_args(args)
     dataset_type = MockGPTDataset if config.mock else GPTFIMDataset if args.fim_data else GPTDataset
+    dataset_type = SFTDataset if args.sft else dataset_type
     print_rank_0(f"> building train, validation, and test datasets for GPT ({dataset_type.__name__}) ...")
     datasets = BlendedMegatronDatasetBuilder(
         dataset_type, train_val_test_num_samples, is_dataset_built_on_rank, config

@@ -214,10 +214,6 @@ _no_effect("Transformer Engine FP8 details with no counterpart in the FP8 linear
            "--reuse-grad-buf-for-mxfp8-param-ag")
 
 _section("Data and evaluation")
-_refuse("supervised fine-tuning (SFT) datasets are not implemented: they need SFTTokenizer's conversation prompt "
-        "formats (--sft-tokenizer-prompt-format) and packed-sequence attention (cu_seqlens), neither of which "
-        "exists here", "pretrain on --data-path documents (tools/preprocess_data.py)",
-        "--sft --sft-tokenizer-prompt-format --chat-template")
 _refuse("knowledge-distillation logit files are not implemented", "drop the --logits-* flags",
         "--logits-load-decode-threads --logits-load-dir --logits-load-ignore-errors --logits-load-kd-loss-alpha "
         "--logits-load-msc-prefetch-depth --logits-load-prefetch-factor --logits-save-dir --logits-save-dtype "

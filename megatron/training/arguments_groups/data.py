@@ -80,6 +80,9 @@ def add_data_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="Keep masking pad tokens even when the pad id equals another special id.")
     g.add_argument("--mid-level-dataset-surplus", type=float, default=0.005,
                    help="Extra samples requested from each blended dataset.")
+    g.add_argument("--sft", action="store_true",
+                   help="Supervised fine-tuning: --data-path names .jsonl files of conversations, packed one line "
+                        "per sample with the loss on assistant tokens (needs --tokenizer-type SFTTokenizer).")
     return parser
 
 
@@ -110,6 +113,11 @@ def add_tokenizer_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     g.add_argument("--tokenizer-hf-no-include-special-tokens", action="store_false",
                    dest="tokenizer_hf_include_special_tokens",
                    help="Do not add special tokens when encoding with a Hugging Face tokenizer.")
+    g.add_argument("--sft-tokenizer-prompt-format", type=str, default="nemotron-h-aligned",
+                   help="How SFTTokenizer writes a conversation: nemotron-h-aligned, nemotron-nano-v2, or default "
+                        "(the tokenizer's own chat template).")
+    g.add_argument("--chat-template", type=str, default=None,
+                   help="A jinja chat template replacing the tokenizer's own for the SFT prompt format 'default'.")
     g.add_argument("--no-pad-vocab-size", "--disable-pad-vocab-size", action="store_false", dest="pad_vocab_size",
                    help="Use the tokenizer's vocabulary size as is, without padding.")
     return parser

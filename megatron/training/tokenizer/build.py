@@ -24,8 +24,9 @@ TEXT_TOKENIZER_TYPES = (
     "HuggingFaceTokenizer",
     "TikTokenizer",
     "NullTokenizer",
+    "SFTTokenizer",
 )
-UNSUPPORTED_TOKENIZER_TYPES = ("MultimodalTokenizer", "NullMultimodalTokenizer", "SFTTokenizer")
+UNSUPPORTED_TOKENIZER_TYPES = ("MultimodalTokenizer", "NullMultimodalTokenizer")
 BERT_CASE_EXTRA_IDS = 100  # Megatron-LM HEAD always gives BertWordPieceCase 100 <extra_id_i> sentinels
 
 
@@ -128,6 +129,21 @@ def _build_huggingface(args, kind: str) -> MegatronTokenizer:
     )
 
 
+def _build_sft(args, kind: str) -> MegatronTokenizer:
+    from megatron.training.tokenizer.sft_tokenizer import SFTTokenizer
+
+    path = check_file("--tokenizer-model", getattr(args, "tokenizer_model", None), kind, want_dir=True)
+    return SFTTokenizer(
+        path,
+        prompt_format=getattr(args, "sft_tokenizer_prompt_format", None) or "nemotron-h-aligned",
+        chat_template=getattr(args, "chat_template", None),
+        use_fast=getattr(args, "tokenizer_hf_use_fast", True),
+        include_special_tokens=getattr(args, "tokenizer_hf_include_special_tokens", True),
+        trust_remote_code=getattr(args, "trust_remote_code", False),
+        additional_special_tokens=_special_tokens(args),
+    )
+
+
 def _build_tiktoken(args, kind: str) -> MegatronTokenizer:
     from megatron.training.tokenizer.tiktokenizer import TikTokenizer
 
@@ -161,6 +177,7 @@ _BUILDERS = {
     "HuggingFaceTokenizer": _build_huggingface,
     "TikTokenizer": _build_tiktoken,
     "NullTokenizer": _build_null,
+    "SFTTokenizer": _build_sft,
 }
 
 

@@ -92,7 +92,7 @@ def test_missing_files_name_the_flag_and_path(assets, tmp_path, kind, flag):
         build_tokenizer(args)
 
 
-@pytest.mark.parametrize("kind", ["MultimodalTokenizer", "NullMultimodalTokenizer", "SFTTokenizer", "Bogus", None])
+@pytest.mark.parametrize("kind", ["MultimodalTokenizer", "NullMultimodalTokenizer", "Bogus", None])
 def test_unsupported_types(kind):
     with pytest.raises(ValueError, match="--tokenizer-type"):
         build_tokenizer(_args(tokenizer_type=kind))
