@@ -25,9 +25,8 @@ def is_hybrid_model(args) -> bool:
     """The flags describe a Mamba/hybrid model: --is-hybrid-model, --hybrid-layer-pattern or
     the older --hybrid-override-pattern / --hybrid-attention-ratio / --hybrid-mlp-ratio
     (with --use-checkpoint-args, as the checkpoint saved them)."""
-    return bool(getattr(args, "is_hybrid_model", None) or getattr(args, "hybrid_layer_pattern", None)
-                or getattr(args, "hybrid_override_pattern", None) or getattr(args, "hybrid_attention_ratio", 0.0)
-                or getattr(args, "hybrid_mlp_ratio", 0.0))
+    return bool(args.is_hybrid_model or args.hybrid_layer_pattern or args.hybrid_override_pattern
+                or args.hybrid_attention_ratio or args.hybrid_mlp_ratio)
 
 
 def model_provider_for(args) -> Callable:

@@ -22,7 +22,7 @@ from typing import List, Tuple
 
 def phase_transitions(args: argparse.Namespace) -> List[int]:
     """The transition iterations, sorted (Megatron accepts "8, 2, 5"); [] without the flag."""
-    value = getattr(args, "phase_transition_iterations", None)
+    value = args.phase_transition_iterations
     if value is None:
         return []
     items = value.replace(",", " ").split() if isinstance(value, str) else list(value)
@@ -41,7 +41,7 @@ def check_phase_transitions(args: argparse.Namespace) -> None:
     if not phase_transitions(args):
         return
     for flag, given in (("--rampup-batch-size", args.rampup_batch_size is not None),
-                        ("--step-batch-size-schedule", getattr(args, "step_batch_size_schedule", None) is not None),
+                        ("--step-batch-size-schedule", args.step_batch_size_schedule is not None),
                         ("--decrease-batch-size-if-needed", args.decrease_batch_size_if_needed)):
         if given:
             raise ValueError(f"--phase-transition-iterations needs a fixed global batch size; drop {flag}")

@@ -23,7 +23,7 @@ def total_train_iterations(args) -> int:
     prints it after the slash, as Megatron prints the derived total."""
     if args.train_iters or not args.train_samples:
         return args.train_iters or 0
-    schedule = getattr(args, "step_batch_size_schedule", None)
+    schedule = args.step_batch_size_schedule
     if args.rampup_batch_size is None and not args.decrease_batch_size_if_needed and schedule is None:
         return -(-args.train_samples // args.global_batch_size)
     calculator = build_num_microbatches_calculator(

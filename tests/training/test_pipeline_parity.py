@@ -124,7 +124,8 @@ def _pipeline_args(**overrides):
         microbatch_group_size_per_virtual_pipeline_stage=None, rampup_batch_size=None,
         num_layers=8, encoder_num_layers=None, account_for_embedding_in_pipeline_split=False,
         account_for_loss_in_pipeline_split=False, decoder_first_pipeline_num_layers=None,
-        decoder_last_pipeline_num_layers=None,
+        decoder_last_pipeline_num_layers=None, step_batch_size_schedule=None, phase_transition_iterations=None,
+        decrease_batch_size_if_needed=False,
     )
     values.update(overrides)
     return argparse.Namespace(**values)

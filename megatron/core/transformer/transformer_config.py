@@ -186,8 +186,8 @@ class TransformerConfig(ModelParallelConfig):
     """Layers per recompute group (--recompute-num-layers)."""
 
     cpu_offloading_num_layers: int = 0
-    """Keep the activations the first N layers save for backward in CPU memory
-    (--cpu-offloading-num-layers; megatron.core.transformer.activation_offload)."""
+    """Keep the activations the first N transformer layers save for backward in CPU memory
+    (no pipeline parallelism, no recompute; megatron.core.transformer.activation_offload)."""
 
     distribute_saved_activations: bool = False
     """Shard recompute checkpoints over tensor-parallel ranks."""

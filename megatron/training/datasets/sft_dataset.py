@@ -232,7 +232,7 @@ def sft_config_kwargs(args) -> dict:
     if args.context_parallel_size > 1:
         raise ValueError(f"--sft is not supported with --context-parallel-size {args.context_parallel_size}: the mask "
                          "that keeps packed conversations apart is not split across context-parallel ranks; use 1")
-    if getattr(args, "is_hybrid_model", False):
+    if args.is_hybrid_model:
         raise ValueError("--sft is not supported for hybrid (Mamba) models: their Mamba layers would carry state "
                          "from one packed conversation into the next; use pretrain_gpt.py")
     return dict(create_attention_mask=True)
