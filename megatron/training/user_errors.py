@@ -73,4 +73,21 @@ def user_errors(setup: bool = True):
             where = "" if rank == 0 else f"[rank {rank}] "
             sys.stderr.write(f"{where}error: {err}\n(set {SHOW_TRACEBACK_ENV}=1 for the traceback)\n")
             sys.stderr.flush()
+        _release_process_groups()
         sys.exit(USER_ERROR_EXIT_CODE)
+
+
+def _release_process_groups() -> None:
+    """Destroy this rank's process groups before exiting. Left to interpreter exit, gloo's
+    worker threads can be torn down while still joinable, which aborts the process (status
+    134) instead of exiting with the user-error code. Local only (no barrier): the other ranks
+    may be anywhere."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    from megatron.core import parallel_state
+
+    try:
+        parallel_state.destroy_model_parallel()
+        dist.destroy_process_group()
+    except Exception as err:  # exiting anyway; the user's message is already out
+        logger.debug("releasing the process groups before exit failed: %s", err)
