@@ -20,12 +20,19 @@ from megatron.training import training  # noqa: E402
 from megatron.training.initialize import shutdown_megatron  # noqa: E402
 
 
+def _say(line: str) -> None:
+    """One line in one write: the ranks share the pipe, and print() writes the text and its
+    newline separately, so another rank's output could land between them."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
 def _printing_train_step(original):
     def train_step(*args, **kwargs):
         result = original(*args, **kwargs)
         iteration = args[-1] if len(args) >= 7 else kwargs["iteration"]
         if "lm loss" in result.losses and dist.get_rank() == dist.get_world_size() - 1:
-            print(f"LOSS {iteration} {float(result.losses['lm loss']).hex()}", flush=True)
+            _say(f"LOSS {iteration} {float(result.losses['lm loss']).hex()}")
         return result
 
     return train_step
@@ -68,7 +75,7 @@ if __name__ == "__main__":
         _pretend_started_earlier(float(os.environ["PRETEND_STARTED_MINUTES_AGO"]))
     if os.environ.get("SIMULATE_DISK_FULL"):
         _simulate_disk_full(os.environ["SIMULATE_DISK_FULL"])
-    print(f"PID {os.environ.get('RANK')} {os.getpid()}", flush=True)
+    _say(f"PID {os.environ.get('RANK')} {os.getpid()}")
     training.train_step = _printing_train_step(training.train_step)
     training.pretrain(pretrain_gpt.train_valid_test_datasets_provider, pretrain_gpt.model_provider,
                       ModelType.encoder_or_decoder, pretrain_gpt.forward_step)
