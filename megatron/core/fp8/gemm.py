@@ -1,6 +1,6 @@
 """The FP8 GEMM: ``torch._scaled_mm`` on GPUs with FP8, an fp32 emulation elsewhere.
 
-``fp8_gemm_nt(a, a_scale, b, b_scale)`` computes ``(a / a_scale) @ (b / b_scale)^T`` for FP8
+``fp8_gemm_nt_dequant(a, 1 / a_scale, b, 1 / b_scale)`` computes ``(a / a_scale) @ (b / b_scale)^T`` for FP8
 ``a`` [M, K] and ``b`` [N, K] (any strides). ``torch._scaled_mm`` wants its first operand
 row-major and its second column-major, every dimension a multiple of 16, and at most one
 e5m2 operand; it multiplies by the *dequantization* scales ``1 / scale`` (float32 scalars)
@@ -57,15 +57,10 @@ def _scaled_mm_fits(a: torch.Tensor, b: torch.Tensor) -> bool:
     return False
 
 
-def fp8_gemm_nt(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
-                out_dtype: torch.dtype, backend: str) -> torch.Tensor:
-    """(a / a_scale) @ (b / b_scale)^T in ``out_dtype``; a [M, K], b [N, K] FP8, scales float32 scalars."""
-    return fp8_gemm_nt_dequant(a, a_scale.reciprocal(), b, b_scale.reciprocal(), out_dtype, backend)
-
-
 def fp8_gemm_nt_dequant(a: torch.Tensor, a_inv: torch.Tensor, b: torch.Tensor, b_inv: torch.Tensor,
                         out_dtype: torch.dtype, backend: str) -> torch.Tensor:
-    """``fp8_gemm_nt`` given the dequantization factors (1 / scale) themselves."""
+    """(a * a_inv) @ (b * b_inv)^T in ``out_dtype``; a [M, K], b [N, K] FP8, ``a_inv`` /
+    ``b_inv`` the dequantization factors (1 / scale, float32 scalars)."""
     if backend == SCALED_MM and _scaled_mm_fits(a, b):
         return torch._scaled_mm(a.contiguous(), b.contiguous().t(), scale_a=a_inv, scale_b=b_inv, out_dtype=out_dtype)
     return (a.float() * a_inv).matmul((b.float() * b_inv).t()).to(out_dtype)
