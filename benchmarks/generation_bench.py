@@ -144,7 +144,7 @@ def _print_kernels(prof, what: str) -> None:
     kernels = [e for e in prof.events() if e.device_type.name == "CUDA"]
     total_ms = sum(e.device_time for e in kernels) / 1000
     print(f"{what}: {len(kernels)} kernels, {total_ms:.3f} ms of kernel time", flush=True)
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12), flush=True)
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=20), flush=True)
 
 
 def row(name: str, batch: int, prompt_len: int, new_tokens: int, prefill_s: float, total_s: float) -> dict:

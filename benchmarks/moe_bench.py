@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -64,11 +65,13 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--dispatcher", default="alltoall", choices=["alltoall", "allgather"])
     p.add_argument("--no-grouped-gemm", dest="grouped_gemm", action="store_false")
+    p.add_argument("--extra", default="", help='raw pretrain_gpt.py flags appended last, e.g. --extra="--profile '
+                   '--use-pytorch-profiler --profile-step-start 6 --profile-step-end 7" (its breakdown is printed)')
     a = p.parse_args()
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1", str(ROOT / "pretrain_gpt.py")]
     env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-    run = subprocess.run(cmd + _flags(a), cwd=ROOT, env=env, capture_output=True, text=True)
+    run = subprocess.run(cmd + _flags(a) + shlex.split(a.extra), cwd=ROOT, env=env, capture_output=True, text=True)
     rows = [(int(i), float(ms), float(tf)) for i, ms, tf in ITERATION.findall(run.stdout)]
     timed = [r for r in rows if r[0] > a.warmup]
     if run.returncode != 0 or not timed:
@@ -83,6 +86,9 @@ def main() -> None:
     print(f"model: {a.num_layers} layers, hidden {a.hidden_size}, {a.num_experts} experts top-{a.topk}, "
           f"expert ffn {a.moe_ffn_hidden_size}, seq {a.seq_length}, global batch {a.global_batch_size}, "
           f"grouped gemm {a.grouped_gemm}, dispatcher {a.dispatcher}")
+    for line in run.stdout.splitlines():  # the profiler's breakdown, when --extra asked for one
+        if "] profile" in line:
+            print(line)
     print(f"iterations timed: {len(timed)} | ms/iter: {ms:.1f} | tokens/s: {tokens_per_s:.0f} | "
           f"TFLOP/s/GPU: {tflops:.1f} | MFU: {100.0 * tflops / PEAK_TFLOPS:.1f}%")
 
