@@ -17,7 +17,8 @@ Layout (``compute_buffer_layout``):
   elements and each bucket is padded at its end to a multiple of
   lcm(dp, ``BUCKET_PAD_MULTIPLE``) (lcm(dp, 128, 2**16) with
   ``pad_buckets_for_high_nccl_busbw``), so that it splits into dp equal, aligned shards.
-  Without it nothing is padded. Padding stays zero in both buffers.
+  Without it each param and bucket starts at a multiple of ``GRAD_START_ALIGNMENT``
+  elements. Padding stays zero in both buffers.
 
 With the distributed optimizer the params' storage moves into a second flat buffer
 ``param_data`` of the same layout (``param.data`` becomes a view of it): dp rank r owns
@@ -47,6 +48,13 @@ logger = logging.getLogger(__name__)
 PARAM_ALIGNMENT = 64
 """Elements: with the distributed optimizer every param starts at a multiple of this
 (256-byte aligned in fp32), so every param shard a kernel sees is aligned."""
+
+GRAD_START_ALIGNMENT = 8
+"""Elements: without the distributed optimizer every param still starts at a multiple of
+this (32 bytes in fp32, 16 in bf16). The weight-gradient GEMMs accumulate straight into
+``main_grad``; a slice that is only 8-byte aligned (after an odd-sized param such as a
+30522-entry output bias) makes cuBLAS fall back from the Hopper TMA kernels to older ones
+that run the same GEMM about half as fast."""
 
 BUCKET_PAD_MULTIPLE = 128
 """With the distributed optimizer a bucket's padded size is a multiple of lcm(dp, 128)."""
@@ -111,7 +119,7 @@ def compute_buffer_layout(
     offset = bucket_start = 0
 
     def close_bucket(end: int) -> int:
-        padded_end = _round_up(end, multiple) if use_distributed_optimizer else end
+        padded_end = _round_up(end, multiple if use_distributed_optimizer else GRAD_START_ALIGNMENT)
         bucket_ranges.append((bucket_start, padded_end))
         unpadded.append(end - bucket_start)
         return padded_end
@@ -122,7 +130,7 @@ def compute_buffer_layout(
     for numel, alone in zip(numels, own_bucket):
         if alone and bucket_open():
             offset = bucket_start = close_bucket(offset)
-        start = _round_up(offset, PARAM_ALIGNMENT) if use_distributed_optimizer else offset
+        start = _round_up(offset, PARAM_ALIGNMENT if use_distributed_optimizer else GRAD_START_ALIGNMENT)
         end = start + numel
         param_ranges.append((start, end))
         bucket_of_param.append(len(bucket_ranges))

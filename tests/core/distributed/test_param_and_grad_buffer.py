@@ -12,6 +12,7 @@ import torch
 from megatron.core.distributed import DistributedDataParallelConfig
 from megatron.core.distributed.distributed_data_parallel import default_bucket_size
 from megatron.core.distributed.param_and_grad_buffer import (
+    GRAD_START_ALIGNMENT,
     PARAM_ALIGNMENT,
     ParamAndGradBuffer,
     bucket_pad_multiple,
@@ -21,20 +22,30 @@ from megatron.core.optimizer.distrib_optimizer import owned_param_ranges
 
 
 def test_plain_ddp_layout_is_contiguous_and_unpadded():
-    layout = compute_buffer_layout([3, 24, 8, 48], bucket_size=None, dp_size=4, use_distributed_optimizer=False)
-    assert layout.param_ranges == ((0, 3), (3, 27), (27, 35), (35, 83))
-    assert layout.bucket_ranges == ((0, 83),)
-    assert layout.numel == layout.numel_unpadded == 83
+    layout = compute_buffer_layout([8, 24, 8, 48], bucket_size=None, dp_size=4, use_distributed_optimizer=False)
+    assert layout.param_ranges == ((0, 8), (8, 32), (32, 40), (40, 88))
+    assert layout.bucket_ranges == ((0, 88),)
+    assert layout.numel == layout.numel_unpadded == 88
+
+
+def test_plain_ddp_layout_keeps_every_param_start_aligned():
+    # An odd-sized param (an output-layer bias over a 30522-token vocabulary) must not leave
+    # the following main_grad slices misaligned for the GEMMs that accumulate into them.
+    layout = compute_buffer_layout([30522, 1024 * 1024, 3, 5], bucket_size=None, dp_size=1,
+                                   use_distributed_optimizer=False)
+    assert [start % GRAD_START_ALIGNMENT for start, _ in layout.param_ranges] == [0, 0, 0, 0]
+    assert layout.param_ranges[1] == (30528, 30528 + 1024 * 1024)
+    assert layout.numel_unpadded == 30522 + 1024 * 1024 + 8
 
 
 def test_bucket_closes_once_it_reaches_the_size():
     # Megatron's rule: add the param, then close the bucket if it holds >= bucket_size.
-    layout = compute_buffer_layout([3, 24, 8, 48, 5], bucket_size=30, dp_size=1, use_distributed_optimizer=False)
-    assert layout.bucket_ranges == ((0, 35), (35, 83), (83, 88))
+    layout = compute_buffer_layout([8, 16, 8, 48, 5], bucket_size=30, dp_size=1, use_distributed_optimizer=False)
+    assert layout.bucket_ranges == ((0, 32), (32, 80), (80, 88))
     assert layout.bucket_of_param == (0, 0, 0, 1, 2)
     # A param is never split, even when larger than the bucket size.
-    layout = compute_buffer_layout([100, 1], bucket_size=10, dp_size=1, use_distributed_optimizer=False)
-    assert layout.bucket_ranges == ((0, 100), (100, 101))
+    layout = compute_buffer_layout([96, 1], bucket_size=10, dp_size=1, use_distributed_optimizer=False)
+    assert layout.bucket_ranges == ((0, 96), (96, 104))
 
 
 def test_tied_embedding_gets_its_own_bucket():
