@@ -30,12 +30,19 @@ _STATE_BLOCK = 1024  # state entries per program in the sequential pass over chu
 _MAX_DIM = 256
 
 
+# Largest [head, state] tile (padded) one program holds: the backward's dC kernel keeps the
+# chunk's whole entering state next to its loop's tiles, and [128, 256] asks for 280 KiB of
+# shared memory (an H100 has 227). Mamba-2 models use 64 x 128 or 128 x 128.
+_MAX_STATE_TILE = 128 * 128
+
+
 def supports(chunk_size: int, head_dim: int, state_dim: int, dtype: torch.dtype = torch.bfloat16) -> bool:
     """Whether the kernels take this shape: a power-of-two chunk of 16..256 positions
-    (``tl.arange`` spans a chunk), head / state dims up to 256 (one tile holds them), x in
-    bf16 or fp32 (the products' operand types)."""
+    (``tl.arange`` spans a chunk), head / state dims up to 256 whose padded product is at
+    most 128 x 128 (one tile holds a head's state), x in bf16 or fp32 (the products' operand
+    types)."""
     pow2 = chunk_size & (chunk_size - 1) == 0
-    dims_fit = head_dim <= _MAX_DIM and state_dim <= _MAX_DIM
+    dims_fit = head_dim <= _MAX_DIM and state_dim <= _MAX_DIM and _pad16(head_dim) * _pad16(state_dim) <= _MAX_STATE_TILE
     return pow2 and 16 <= chunk_size <= 256 and dims_fit and dtype in (torch.bfloat16, torch.float32)
 
 

@@ -30,3 +30,13 @@ def test_cpu_runs_the_reference_whatever_is_requested(monkeypatch, request_):
     monkeypatch.setenv(ssd.BACKEND_ENV, request_)
     assert ssd.choose_backend(x, B, 4) == "reference"
     torch.testing.assert_close(ssd.ssd_scan(x, dt, A, B, C, 4), ssd_chunked(x, dt, A, B, C, 4))
+
+
+def test_kernel_shape_limits():
+    pytest.importorskip("triton")
+    from megatron.core.ssm.ssd_triton import supports
+
+    assert supports(128, 64, 128) and supports(128, 128, 128) and supports(64, 64, 256)
+    # A [128, 256] state tile needs more shared memory than a Hopper SM has (the dC kernel).
+    assert not supports(128, 128, 256) and not supports(128, 256, 256)
+    assert not supports(100, 64, 64) and not supports(512, 64, 64) and not supports(128, 64, 64, torch.float16)

@@ -53,6 +53,8 @@ def test_fast_path_is_selected_on_cuda(monkeypatch):
     monkeypatch.delenv(ssd.BACKEND_ENV, raising=False)
     assert ssd.choose_backend(x, B, 128) == "triton"
     assert ssd.choose_backend(x, B, 100) == "compile"  # not a power of two: the kernels do not take it
+    wide_x, _, _, wide_B, _, _ = _inputs(l=64, p=128, n=256)
+    assert ssd.choose_backend(wide_x, wide_B, 128) == "compile"  # a [128, 256] state tile does not fit
     monkeypatch.setenv(ssd.BACKEND_ENV, "compile")
     assert ssd.choose_backend(x, B, 128) == "compile"
 
@@ -62,7 +64,7 @@ def test_compiled_scan_matches_reference_forward_and_backward(chunk):
     _check_against_reference(_inputs(), chunk, "compile")
 
 
-@pytest.mark.parametrize("chunk,p,n,g", [(64, 64, 64, 2), (128, 64, 128, 8), (256, 32, 16, 1), (128, 128, 256, 4)])
+@pytest.mark.parametrize("chunk,p,n,g", [(64, 64, 64, 2), (128, 64, 128, 8), (256, 32, 16, 1), (128, 128, 128, 4), (128, 64, 256, 4)])
 def test_triton_kernels_match_reference_forward_and_backward(chunk, p, n, g):
     _check_against_reference(_inputs(h=8, p=p, g=g, n=n), chunk, "triton")
 
