@@ -3,6 +3,7 @@
 Usage: python benchmarks/moe_bench.py [--num-layers 8] [--hidden-size 2048] [--num-experts 8]
            [--topk 2] [--moe-ffn-hidden-size 5632] [--seq-length 4096] [--micro-batch-size 1]
            [--global-batch-size 8] [--iters 20] [--no-grouped-gemm] [--dispatcher alltoall]
+           [--shared-expert-size 0] [--extra "raw pretrain_gpt.py flags"]
 
 Runs ``pretrain_gpt.py`` under torchrun (mock data, --log-throughput) with RMSNorm, SwiGLU,
 RoPE, GQA (4 query groups), untied embeddings, no biases, load-balancing aux loss 1e-2,
@@ -46,6 +47,8 @@ def _flags(a) -> list:
     ]
     if a.grouped_gemm:
         flags.append("--moe-grouped-gemm")
+    if a.shared_expert_size:
+        flags += ["--moe-shared-expert-intermediate-size", a.shared_expert_size]
     return [str(f) for f in flags]
 
 
@@ -65,6 +68,9 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--dispatcher", default="alltoall", choices=["alltoall", "allgather"])
     p.add_argument("--no-grouped-gemm", dest="grouped_gemm", action="store_false")
+    p.add_argument("--shared-expert-size", type=int, default=0,
+                   help="--moe-shared-expert-intermediate-size (0: no shared expert); DeepSeek-style fine-grained "
+                        "experts: --num-experts 64 --topk 6 --moe-ffn-hidden-size 1408 --shared-expert-size 2816")
     p.add_argument("--extra", default="", help='raw pretrain_gpt.py flags appended last, e.g. --extra="--profile '
                    '--use-pytorch-profiler --profile-step-start 6 --profile-step-end 7" (its breakdown is printed)')
     a = p.parse_args()
@@ -84,7 +90,7 @@ def main() -> None:
     print(f"device: {device} | torch {torch.__version__} | cuda {torch.version.cuda} | "
           f"cudnn {torch.backends.cudnn.version()}")
     print(f"model: {a.num_layers} layers, hidden {a.hidden_size}, {a.num_experts} experts top-{a.topk}, "
-          f"expert ffn {a.moe_ffn_hidden_size}, seq {a.seq_length}, global batch {a.global_batch_size}, "
+          f"expert ffn {a.moe_ffn_hidden_size}, shared expert {a.shared_expert_size or 'none'}, seq {a.seq_length}, global batch {a.global_batch_size}, "
           f"grouped gemm {a.grouped_gemm}, dispatcher {a.dispatcher}")
     for line in run.stdout.splitlines():  # the profiler's breakdown, when --extra asked for one
         if "] profile" in line:
