@@ -102,3 +102,46 @@ def test_gradients_match_between_backends():
 def test_unknown_backend_names_the_flag():
     with pytest.raises(ValueError, match="--attention-backend"):
         DotProductAttention(_config("warp-speed"), layer_number=1)
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "unfused"])
+@pytest.mark.parametrize("case", ["causal", "window", "causal+padding", "no_mask"])
+@pytest.mark.parametrize("new", [1, 3])
+def test_decode_steps_match_the_full_attention_rows(backend, case, new, monkeypatch):
+    # A generation step: the last `new` queries against all S cached keys, under no_grad in
+    # eval mode, takes the grouped decode path; its rows equal the full attention's rows.
+    from megatron.core.transformer import dot_product_attention as dpa
+
+    calls = []
+    decode = dpa.grouped_decode_attention
+    monkeypatch.setattr(dpa, "grouped_decode_attention", lambda *a, **kw: calls.append(1) or decode(*a, **kw))
+    mask_type, window, explicit, rule = CASES[case]
+    q, k, v = _qkv()
+    mask = _padding_mask() if explicit else None
+    attention = DotProductAttention(_config(backend, window, apply_query_key_layer_scaling=True), layer_number=2,
+                                    attn_mask_type=mask_type).eval()
+    with torch.no_grad():
+        got = attention(q[-new:], k, v, None if mask is None else mask[:, :, -new:])
+    expected = _reference(q, k, v, rule(mask))[-new:]
+    torch.testing.assert_close(got, expected, **TOL)
+    assert calls == [1]
+
+
+def test_decode_path_is_not_taken_with_autograd_or_in_training():
+    from megatron.core.transformer import decode_attention
+
+    q, k, v = _qkv()
+    attention = DotProductAttention(_config("sdpa"), layer_number=1)
+    called = []
+    original = decode_attention.grouped_decode_attention
+    try:
+        import megatron.core.transformer.dot_product_attention as dpa
+        dpa.grouped_decode_attention = lambda *a, **kw: called.append(1) or original(*a, **kw)
+        attention(q[-1:], k, v)  # training mode, grad enabled
+        with torch.no_grad():
+            attention(q[-1:], k, v)  # training mode
+            attention.eval()
+            attention(q, k, v)  # prefill: as many queries as keys
+        assert called == []
+    finally:
+        dpa.grouped_decode_attention = original
