@@ -1,0 +1,104 @@
+"""GroupedMLP's padded grouped-GEMM buffer (device-side slots and offsets, host-known
+size) gives what the per-expert loop gives, forward and backward, with idle experts.
+
+On CPU torch._grouped_mm runs in fp32, so the test forces the grouped path there
+(production uses it on Hopper in bf16 only); the products are the loop's, and 1e-5 is
+float32 rounding room far below a misplaced row (order 1e-1). The GPU tests run the real
+kernel in bf16 and check that a training step of a one-GPU MoE layer never synchronizes.
+"""
+
+import pytest
+import torch
+
+from megatron.core.transformer.moe import experts as experts_module
+from megatron.core.transformer.moe.experts import GroupedMLP, SequentialMLP, _grouped_mm_groups
+from tests.core.transformer.moe.moe_cases import build_layer, moe_config
+
+TOL = dict(atol=1e-5, rtol=1e-5)
+
+
+def _pair(config, device="cpu", dtype=torch.float32):
+    loop = SequentialMLP(config, 1, range(4)).to(device, dtype)
+    grouped = GroupedMLP(config, 1, range(4)).to(device, dtype)
+    grouped.load_state_dict(loop.state_dict())
+    return loop, grouped
+
+
+def _run(module, x, counts, grad):
+    x = x.clone().requires_grad_(True)
+    out = module(x, counts)
+    out.backward(grad)
+    return [out, x.grad] + [p.grad for p in module.parameters()]
+
+
+def test_padded_groups_layout():
+    counts = torch.tensor([3, 0, 17, 16])
+    groups = _grouped_mm_groups(counts, 36)
+    assert groups.rows == 36 + 4 * 15
+    assert groups.offsets.dtype == torch.int32 and groups.offsets.tolist() == [16, 16, 48, 64]
+    expected = list(range(0, 3)) + list(range(16, 33)) + list(range(48, 64))
+    assert groups.slot.tolist() == expected
+    assert groups.expert.tolist() == [0] * 3 + [2] * 17 + [3] * 16
+
+
+@pytest.mark.parametrize("counts", [[3, 0, 20, 8], [0, 0, 0, 31], [16, 1, 0, 14]])
+@pytest.mark.parametrize("bias", [False, True])
+def test_grouped_mm_path_equals_loop_on_cpu(counts, bias, monkeypatch):
+    monkeypatch.setattr(experts_module, "grouped_mm_available", lambda x, w: True)
+    loop, grouped = _pair(moe_config(add_bias_linear=bias))
+    n = sum(counts)
+    x, grad = torch.randn(n, 16), torch.randn(n, 16)
+    device_counts = torch.tensor(counts)
+    for a, b in zip(_run(loop, x, counts, grad), _run(grouped, x, device_counts, grad)):
+        torch.testing.assert_close(a, b, **TOL)
+
+
+def test_grouped_mm_path_is_the_one_taken(monkeypatch):
+    """A planted bug in the grouped-GEMM offsets (one group shifted) is caught."""
+    monkeypatch.setattr(experts_module, "grouped_mm_available", lambda x, w: True)
+    original = experts_module._grouped_mm_groups
+
+    def shifted(counts, num_rows):
+        groups = original(counts, num_rows)
+        groups.offsets = groups.offsets.roll(1)
+        return groups
+
+    monkeypatch.setattr(experts_module, "_grouped_mm_groups", shifted)
+    loop, grouped = _pair(moe_config())
+    x = torch.randn(30, 16)
+    assert (loop(x, [10, 0, 12, 8]) - grouped(x, torch.tensor([10, 0, 12, 8]))).abs().max().item() > 1e-2
+
+
+@pytest.mark.gpu
+def test_grouped_mm_upper_bound_buffer_on_gpu_matches_loop_in_bf16():
+    """torch._grouped_mm with the upper-bound buffer against the loop, CUDA bf16, an idle expert."""
+    config = moe_config(hidden_size=64, ffn_hidden_size=128, num_attention_heads=4)
+    loop, grouped = _pair(config, "cuda", torch.bfloat16)
+    counts = [10, 0, 20, 7]
+    x = torch.randn(37, 64, device="cuda", dtype=torch.bfloat16)
+    grad = torch.randn_like(x)
+    assert experts_module.grouped_mm_available(x, torch.empty(4, 64, 256, device="cuda", dtype=torch.bfloat16))
+    for a, b in zip(_run(loop, x, counts, grad), _run(grouped, x, torch.tensor(counts, device="cuda"), grad)):
+        torch.testing.assert_close(a.float(), b.float(), atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dispatcher", ["allgather", "alltoall"])
+def test_one_gpu_moe_layer_step_never_synchronizes(dispatcher):
+    """Forward and backward of a dropless top-2 layer with grouped GEMM, aux loss on,
+    under CUDA's sync debug mode set to raise on any synchronizing call."""
+    config = moe_config(hidden_size=64, ffn_hidden_size=128, num_attention_heads=4, moe_grouped_gemm=True,
+                        moe_token_dispatcher_type=dispatcher, moe_aux_loss_coeff=1e-2,
+                        moe_router_load_balancing_type="aux_loss")
+    layer = build_layer(config).cuda().bfloat16().train()
+    hidden = torch.randn(8, 4, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    layer(hidden)  # warm-up: lazy initialization may synchronize once
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out, _ = layer(hidden)
+        out.float().sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert hidden.grad is not None
+
