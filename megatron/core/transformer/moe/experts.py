@@ -23,6 +23,7 @@ from megatron.core import tensor_parallel
 from megatron.core.fusions.fused_bias_activation import bias_activation
 from megatron.core.transformer.init_rng import initialization_stream
 from megatron.core.transformer.activations import openai_gelu
+from megatron.core.transformer.moe import expert_weights
 from megatron.core.transformer.moe.token_permutation import gather_rows, scatter_rows
 
 
@@ -165,6 +166,41 @@ class GroupedMLP(SequentialMLP):
     GEMMs over all local experts (``torch._grouped_mm`` on Hopper in bf16, without host
     synchronization; else a bmm over inputs padded to the largest expert's token count)."""
 
+    _STACKED = ("linear_fc1.weight", "linear_fc2.weight", "linear_fc1.bias", "linear_fc2.bias")
+
+    def __init__(self, config, layer_number: int, local_expert_indices: Sequence[int], expt_tp_group=None):
+        super().__init__(config, layer_number, local_expert_indices, expt_tp_group)
+        self._place_weights_adjacent()
+
+    def _expert_params(self, name: str):
+        """The local experts' parameter ``name`` (e.g. "linear_fc1.weight"), in expert order,
+        or None when the experts have none (no biases)."""
+        linear, attribute = name.split(".")
+        params = [getattr(getattr(e, linear), attribute) for e in self.local_experts]
+        return None if not params or params[0] is None else params
+
+    def _place_weights_adjacent(self) -> None:
+        for name in self._STACKED:
+            params = self._expert_params(name)
+            if params is not None and not expert_weights.are_adjacent(params):
+                expert_weights.place_adjacent(params)
+
+    def _adjacent_names(self):
+        """The names in ``_STACKED`` whose parameters are adjacent views now."""
+        return [n for n in self._STACKED
+                if self._expert_params(n) is not None and expert_weights.are_adjacent(self._expert_params(n))]
+
+    def _apply(self, fn, recurse=True):
+        # A dtype or device move gives every parameter its own new storage: put the weights
+        # back side by side, unless some wrapper had already placed them elsewhere.
+        adjacent = self._adjacent_names()
+        module = super()._apply(fn, recurse)
+        for name in adjacent:
+            params = self._expert_params(name)
+            if not expert_weights.are_adjacent(params):
+                expert_weights.place_adjacent(params)
+        return module
+
     def _groups(self, expert_input: torch.Tensor, counts: torch.Tensor, fc1: torch.Tensor, fc2: torch.Tensor):
         n = expert_input.size(0)
         if grouped_mm_available(expert_input, fc1.transpose(-2, -1)) and grouped_mm_available(
@@ -177,20 +213,20 @@ class GroupedMLP(SequentialMLP):
         if expert_input.size(0) == 0:
             return super().forward(expert_input, tokens_per_expert)
         counts = torch.as_tensor(tokens_per_expert, dtype=torch.long).to(expert_input.device)
-        fc1 = torch.stack([e.linear_fc1.weight for e in self.local_experts])
-        fc2 = torch.stack([e.linear_fc2.weight for e in self.local_experts])
+        fc1 = expert_weights.stacked(self._expert_params("linear_fc1.weight"))
+        fc2 = expert_weights.stacked(self._expert_params("linear_fc2.weight"))
         groups = self._groups(expert_input, counts, fc1, fc2)
         first = self.local_experts[0]
         intermediate = _grouped_linear(expert_input, fc1, groups)
         if first.linear_fc1.bias is not None:
-            bias = torch.stack([e.linear_fc1.bias for e in self.local_experts])
+            bias = expert_weights.stacked(self._expert_params("linear_fc1.bias"))
             intermediate = intermediate + bias.index_select(0, groups.expert)
         intermediate = bias_activation(
             intermediate, None, first.activation_func, first.gated, first.bias_activation_fusion
         )
         out = _grouped_linear(intermediate, fc2, groups)
         if first.linear_fc2.bias is not None:
-            out = out + torch.stack([e.linear_fc2.bias for e in self.local_experts]).index_select(0, groups.expert)
+            out = out + expert_weights.stacked(self._expert_params("linear_fc2.bias")).index_select(0, groups.expert)
         return out
 
 

@@ -10,6 +10,7 @@ kernel in bf16 and check that a training step of a one-GPU MoE layer never synch
 import pytest
 import torch
 
+from megatron.core.transformer.moe import expert_weights
 from megatron.core.transformer.moe import experts as experts_module
 from megatron.core.transformer.moe.experts import GroupedMLP, SequentialMLP, _grouped_mm_groups
 from tests.core.transformer.moe.moe_cases import build_layer, moe_config
@@ -102,3 +103,47 @@ def test_one_gpu_moe_layer_step_never_synchronizes(dispatcher):
         torch.cuda.set_sync_debug_mode("default")
     assert hidden.grad is not None
 
+
+
+def _stack_calls(monkeypatch):
+    calls = []
+    original = torch.stack
+    monkeypatch.setattr(torch, "stack", lambda *a, **k: calls.append(1) or original(*a, **k))
+    return calls
+
+
+def test_expert_weights_are_one_stacked_view_without_copies(monkeypatch):
+    """The per-expert weights stay Megatron's parameters but view one [G, out, in] tensor,
+    also after a dtype move; the forward then copies no weights (torch.stack not called)."""
+    loop, grouped = _pair(moe_config(add_bias_linear=True))
+    loop, grouped = loop.double(), grouped.double()
+    names = ("linear_fc1.weight", "linear_fc2.weight", "linear_fc1.bias", "linear_fc2.bias")
+    for name in names:
+        assert expert_weights.are_adjacent(grouped._expert_params(name)), name
+    calls = _stack_calls(monkeypatch)
+    x, grad = torch.randn(30, 16, dtype=torch.float64), torch.randn(30, 16, dtype=torch.float64)
+    results = [_run(loop, x, [10, 0, 12, 8], grad), _run(grouped, x, [10, 0, 12, 8], grad)]
+    assert calls == []
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b)
+
+
+def test_rehomed_weights_fall_back_to_a_copy(monkeypatch):
+    """A buffer that takes over the parameters' data (the distributed optimizer's) breaks
+    the adjacency: the forward stacks copies instead, reads the buffer's values, and the
+    gradients still reach every expert."""
+    from megatron.core.distributed.param_and_grad_buffer import ParamAndGradBuffer
+
+    loop, grouped = _pair(moe_config())
+    buffer = ParamAndGradBuffer(list(grouped.parameters()), torch.float32, None, 1.0, use_distributed_optimizer=True)
+    assert not expert_weights.are_adjacent(grouped._expert_params("linear_fc1.weight"))
+    with torch.no_grad():
+        buffer.param_data.mul_(2.0)  # an optimizer step writes the buffer; the model must see it
+        for p in loop.parameters():
+            p.mul_(2.0)
+    calls = _stack_calls(monkeypatch)
+    x, grad = torch.randn(30, 16), torch.randn(30, 16)
+    results = [_run(loop, x, [10, 0, 12, 8], grad), _run(grouped, x, torch.tensor([10, 0, 12, 8]), grad)]
+    assert calls
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, **TOL)
