@@ -79,8 +79,10 @@ def test_grouped_mm_upper_bound_buffer_on_gpu_matches_loop_in_bf16():
     x = torch.randn(37, 64, device="cuda", dtype=torch.bfloat16)
     grad = torch.randn_like(x)
     assert experts_module.grouped_mm_available(x, torch.empty(4, 64, 256, device="cuda", dtype=torch.bfloat16))
+    # bf16 rounding of the intermediate differs between the kernels: compare by relative
+    # norm (1e-2 is a few bf16 ulps; a misplaced row or group is off by order 1).
     for a, b in zip(_run(loop, x, counts, grad), _run(grouped, x, torch.tensor(counts, device="cuda"), grad)):
-        torch.testing.assert_close(a.float(), b.float(), atol=3e-2, rtol=3e-2)
+        assert (a.float() - b.float()).norm().item() <= 1e-2 * b.float().norm().item() + 1e-6
 
 
 @pytest.mark.gpu

@@ -179,3 +179,17 @@ def test_dispatcher_on_one_rank_uses_the_exact_topk_plan(monkeypatch):
     hidden, _ = inputs()
     layer(hidden)
     assert calls == [2]
+
+
+def test_sliced_maps_do_not_assume_padded_counts():
+    """Without sequence parallelism each tensor-parallel rank dispatches a slice of the
+    router's rows: k routes per token still hold, the padded per-expert counts do not."""
+    config = moe_config(moe_expert_capacity_factor=0.5, moe_pad_expert_input_to_capacity=True)
+    probs, routing_map = _routing(24, 4, 2, seed=3, idle=0)
+    _, routing_map = apply_router_token_dropping(probs, routing_map, 2, 0.5, "probs", pad_to_capacity=True)
+    half = routing_map[:12]
+    layout = token_permutation.RoutingLayout.from_config(config, whole_maps=False)
+    plan, old = layout.plan(half), nonzero_plan(half)
+    assert torch.equal(plan.token_index, old.token_index) and torch.equal(plan.counts, old.counts)
+    whole = token_permutation.RoutingLayout.from_config(config).plan(routing_map)
+    assert torch.equal(whole.token_index, nonzero_plan(routing_map).token_index)
