@@ -13,7 +13,7 @@ import torch
 from megatron.core.transformer.moe import expert_weights
 from megatron.core.transformer.moe import experts as experts_module
 from megatron.core.transformer.moe.experts import GroupedMLP, SequentialMLP, _grouped_mm_groups
-from tests.core.transformer.moe.moe_cases import build_layer, moe_config
+from tests.core.transformer.moe.moe_cases import HostRead, build_layer, forbid_host_reads, inputs, moe_config
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 
@@ -83,6 +83,28 @@ def test_grouped_mm_upper_bound_buffer_on_gpu_matches_loop_in_bf16():
     # norm (1e-2 is a few bf16 ulps; a misplaced row or group is off by order 1).
     for a, b in zip(_run(loop, x, counts, grad), _run(grouped, x, torch.tensor(counts, device="cuda"), grad)):
         assert (a.float() - b.float()).norm().item() <= 1e-2 * b.float().norm().item() + 1e-6
+
+
+@pytest.mark.parametrize("dispatcher", ["allgather", "alltoall"])
+def test_moe_layer_training_step_reads_nothing_on_the_host(dispatcher, monkeypatch):
+    """Router (aux and z losses, metrics), dispatch, grouped GEMM with the padded buffer and
+    combine, forward and backward, under ``forbid_host_reads``; the per-expert loop, which
+    needs host sizes, is the planted failure."""
+    monkeypatch.setattr(experts_module, "grouped_mm_available", lambda x, w: True)
+    for grouped in (True, False):
+        config = moe_config(moe_grouped_gemm=grouped, moe_token_dispatcher_type=dispatcher, moe_aux_loss_coeff=1e-2,
+                            moe_z_loss_coeff=1e-3, moe_router_load_balancing_type="aux_loss")
+        layer = build_layer(config).train()
+        hidden, grad = inputs()
+        hidden.requires_grad_(True)
+        with monkeypatch.context() as guarded:
+            forbid_host_reads(guarded)
+            if grouped:
+                layer(hidden)[0].backward(grad)
+            else:
+                with pytest.raises(HostRead):
+                    layer(hidden)
+        assert not grouped or hidden.grad is not None
 
 
 @pytest.mark.gpu

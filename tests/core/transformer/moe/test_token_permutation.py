@@ -21,7 +21,14 @@ from megatron.core.transformer.moe.token_permutation import (
     nonzero_plan,
     row_probs,
 )
-from tests.core.transformer.moe.moe_cases import build_layer, inputs, moe_config, reference_forward
+from tests.core.transformer.moe.moe_cases import (
+    HostRead,
+    build_layer,
+    forbid_host_reads,
+    inputs,
+    moe_config,
+    reference_forward,
+)
 
 HIDDEN = 8
 
@@ -133,28 +140,13 @@ def test_dropping_without_padding_keeps_the_nonzero_path(dispatcher, monkeypatch
     assert calls
 
 
-class _HostSync(AssertionError):
-    pass
-
-
-def _forbid(name):
-    def call(*args, **kwargs):
-        raise _HostSync(f"{name} waits for the device")
-    return call
-
-
 @pytest.mark.parametrize("dispatcher", ["allgather", "alltoall"])
 def test_single_rank_dispatch_and_combine_ask_nothing_of_the_host(dispatcher, monkeypatch):
-    """Forward and backward of the dispatch and combine with every Python-level way to
-    read a device value (.item, .tolist, nonzero, bool/int of a tensor) turned into an
-    error; kernels that sync inside C++ (a repeat_interleave without output_size, boolean
-    indexing) are not used by token_permutation (and the GPU test checks the real thing)."""
+    """Forward and backward of the dispatch and combine under ``forbid_host_reads``."""
     layer = build_layer(moe_config(moe_token_dispatcher_type=dispatcher))
     tokens = inputs()[0].reshape(-1, 16).requires_grad_(True)
     probs, routing_map = layer.router(tokens)
-    for name in ("item", "tolist", "nonzero", "__bool__", "__int__", "__index__"):
-        monkeypatch.setattr(torch.Tensor, name, _forbid(name))
-    monkeypatch.setattr(torch, "nonzero", _forbid("torch.nonzero"))
+    forbid_host_reads(monkeypatch)
     expert_input, counts, state = layer.token_dispatcher.dispatch(tokens, probs, routing_map)
     out = layer.token_dispatcher.combine(expert_input * 2.0, state)
     out.sum().backward()
@@ -163,11 +155,11 @@ def test_single_rank_dispatch_and_combine_ask_nothing_of_the_host(dispatcher, mo
     assert tokens.grad is not None
 
 
-def test_host_sync_check_can_fail(monkeypatch):
+def test_host_read_check_can_fail(monkeypatch):
     """The guard above catches the nonzero the old path used."""
-    monkeypatch.setattr(torch.Tensor, "nonzero", _forbid("nonzero"))
+    forbid_host_reads(monkeypatch)
     _, routing_map = _routing(7, 4, 2, seed=1)
-    with pytest.raises(_HostSync):
+    with pytest.raises(HostRead):
         nonzero_plan(routing_map)
 
 
