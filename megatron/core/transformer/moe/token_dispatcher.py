@@ -40,6 +40,7 @@ from megatron.core.transformer.moe.token_permutation import (
     RoutingLayout,
     combine_rows,
     dispatch_rows,
+    gather_rows,
     nonzero_plan,
     row_probs,
 )
@@ -179,16 +180,19 @@ class MoEAlltoAllTokenDispatcher:
         grid = len(self.member_ep)
         expert_major = [source_major[j * self.num_local + l] for l in range(self.num_local) for j in range(grid)]
         regroup = torch.cat(expert_major) if expert_major else torch.zeros(0, dtype=torch.long)
-        state = (send, row_probs(probs, send), regroup, output_splits, input_splits, tokens.size(0))
-        return received.index_select(0, regroup), recv.sum(dim=0).tolist(), state
-
-    def combine(self, expert_output: torch.Tensor, state) -> torch.Tensor:
-        send, weights, regroup, output_splits, input_splits, num_tokens = state
-        if regroup is None:
-            return combine_rows(expert_output, weights, send, num_tokens)
+        regroup = regroup.to(received.device)
         source_major = torch.empty_like(regroup)
         source_major[regroup] = torch.arange(regroup.numel(), device=regroup.device)
-        returned = all_to_all(expert_output.index_select(0, source_major), input_splits, output_splits, self.group)
+        state = (send, row_probs(probs, send), (regroup, source_major), output_splits, input_splits, tokens.size(0))
+        # Both orders are permutations: moving rows between them is a gather either way.
+        return gather_rows(received, regroup, source_major), recv.sum(dim=0).tolist(), state
+
+    def combine(self, expert_output: torch.Tensor, state) -> torch.Tensor:
+        send, weights, orders, output_splits, input_splits, num_tokens = state
+        if orders is None:
+            return combine_rows(expert_output, weights, send, num_tokens)
+        regroup, source_major = orders
+        returned = all_to_all(gather_rows(expert_output, source_major, regroup), input_splits, output_splits, self.group)
         return combine_rows(returned, weights, send, num_tokens)
 
 
