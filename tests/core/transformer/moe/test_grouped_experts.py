@@ -10,6 +10,7 @@ kernel in bf16 and check that a training step of a one-GPU MoE layer never synch
 import pytest
 import torch
 
+from megatron.core.transformer.aux_loss_scale import auxiliary_loss_scale
 from megatron.core.transformer.moe import expert_weights
 from megatron.core.transformer.moe import experts as experts_module
 from megatron.core.transformer.moe.experts import GroupedMLP, SequentialMLP, _grouped_mm_groups
@@ -111,7 +112,8 @@ def test_moe_layer_training_step_reads_nothing_on_the_host(dispatcher, monkeypat
 @pytest.mark.parametrize("dispatcher", ["allgather", "alltoall"])
 def test_one_gpu_moe_layer_step_never_synchronizes(dispatcher):
     """Forward and backward of a dropless top-2 layer with grouped GEMM, aux loss on,
-    under CUDA's sync debug mode set to raise on any synchronizing call."""
+    under CUDA's sync debug mode set to raise on any synchronizing call (host reads and
+    blocking host-to-device copies alike)."""
     config = moe_config(hidden_size=64, ffn_hidden_size=128, num_attention_heads=4, moe_grouped_gemm=True,
                         moe_token_dispatcher_type=dispatcher, moe_aux_loss_coeff=1e-2,
                         moe_router_load_balancing_type="aux_loss")
@@ -121,7 +123,9 @@ def test_one_gpu_moe_layer_step_never_synchronizes(dispatcher):
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        out, _ = layer(hidden)
+        # Inside a schedule's scale, as in training: the aux-loss backward uses that scale.
+        with auxiliary_loss_scale(0.5):
+            out, _ = layer(hidden)
         out.float().sum().backward()
     finally:
         torch.cuda.set_sync_debug_mode("default")
