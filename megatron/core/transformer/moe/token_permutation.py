@@ -13,7 +13,8 @@ which fixes the experts' inputs). Three ways to build it:
   two orders by gathers alone: ``dispatch_rows`` (forward gather, backward gather + sum
   over the k slots) and ``combine_rows`` (gather back to token-major, weight, sum over
   slots) need no index_add, whose backward/forward use atomics on the GPU.
-- ``capacity_plan``: every expert has exactly ``rows`` tokens (--moe-pad-expert-input-to-capacity).
+- ``capacity_plan``: every expert has exactly ``rows_per_expert`` tokens
+  (--moe-pad-expert-input-to-capacity), also known on the host.
 - ``nonzero_plan``: anything else (token dropping without padding); syncs on ``nonzero``.
 
 Rows that gather with unique indices (``gather_rows``/``scatter_rows``) likewise get an
