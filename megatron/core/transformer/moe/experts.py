@@ -13,7 +13,8 @@ weights of global expert g of layer L are drawn from a generator seeded by
 
 from __future__ import annotations
 
-from typing import List, Sequence
+from dataclasses import dataclass
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +23,8 @@ from megatron.core import tensor_parallel
 from megatron.core.fusions.fused_bias_activation import bias_activation
 from megatron.core.transformer.init_rng import initialization_stream
 from megatron.core.transformer.activations import openai_gelu
+from megatron.core.transformer.moe import expert_weights
+from megatron.core.transformer.moe.token_permutation import gather_rows, scatter_rows
 
 
 def _activation(config):
@@ -63,8 +66,8 @@ class ExpertMLP(torch.nn.Module):
 class SequentialMLP(torch.nn.Module):
     """This rank's experts, run one after the other.
 
-    forward(expert_input [N, h] grouped by local expert, tokens_per_expert list of
-    E_local ints summing to N) -> [N, h] in the same row order.
+    forward(expert_input [N, h] grouped by local expert, tokens_per_expert [E_local]
+    ints summing to N, as a list or an int64 tensor) -> [N, h] in the same row order.
     """
 
     def __init__(self, config, layer_number: int, local_expert_indices: Sequence[int], expt_tp_group=None):
@@ -77,7 +80,10 @@ class SequentialMLP(torch.nn.Module):
                 experts.append(ExpertMLP(config, expt_tp_group))
         self.local_experts = torch.nn.ModuleList(experts)
 
-    def forward(self, expert_input: torch.Tensor, tokens_per_expert: List[int]) -> torch.Tensor:
+    def forward(self, expert_input: torch.Tensor, tokens_per_expert) -> torch.Tensor:
+        if isinstance(tokens_per_expert, torch.Tensor):
+            # torch.split needs host sizes: the loop waits for the device here.
+            tokens_per_expert = tokens_per_expert.tolist()
         chunks = torch.split(expert_input, list(tokens_per_expert), dim=0)
         outputs = [expert(chunk) for expert, chunk in zip(self.local_experts, chunks)]
         if not outputs:
@@ -100,59 +106,127 @@ def grouped_mm_available(x: torch.Tensor, weights_t: torch.Tensor) -> bool:
 _GROUPED_MM_ROW_ALIGN = 16
 
 
-def _padded_slots(counts: torch.Tensor, padded_counts: torch.Tensor) -> torch.Tensor:
-    """Row of each input row in a buffer where group g starts at sum(padded_counts[:g])."""
-    n = int(counts.sum().item())
-    starts = torch.cumsum(padded_counts, dim=0) - padded_counts
-    first_row = torch.cumsum(counts, dim=0) - counts
-    position = torch.arange(n, device=counts.device) - torch.repeat_interleave(first_row, counts)
-    return torch.repeat_interleave(starts, counts) + position
+@dataclass
+class _PaddedGroups:
+    """Where the N rows of G groups go in a buffer whose groups start at aligned rows:
+    ``slot`` [N] (row in the buffer), ``rows`` (buffer rows, host), ``expert`` [N] (group
+    of each row); ``offsets`` [G] int32 group ends for torch._grouped_mm, or
+    ``group_rows`` (every group's padded size) for the bmm."""
+
+    slot: torch.Tensor
+    rows: int
+    expert: torch.Tensor
+    offsets: Optional[torch.Tensor] = None
+    group_rows: Optional[int] = None
 
 
-def _grouped_linear(x: torch.Tensor, weights: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """Rows of group i times weights[i]^T: x [N, k] grouped by ``counts`` [G],
-    weights [G, n, k] -> [N, n]. One grouped GEMM when available (groups padded to 16
-    rows), else one bmm over groups padded to the largest group."""
+def _row_groups(counts: torch.Tensor, num_rows: int):
+    """(group of each row [N], position of each row within its group [N]) for rows
+    grouped by ``counts`` [G]; no host synchronization (N is given)."""
+    ends = torch.cumsum(counts, dim=0)
+    rows = torch.arange(num_rows, device=counts.device)
+    expert = torch.searchsorted(ends, rows, right=True)
+    return expert, rows - (ends - counts).index_select(0, expert)
+
+
+def _grouped_mm_groups(counts: torch.Tensor, num_rows: int) -> _PaddedGroups:
+    """Groups padded to ``_GROUPED_MM_ROW_ALIGN`` rows. The buffer has its host-known upper
+    bound of rows, N + G * (align - 1); rows past the last offset are never read back."""
+    align = _GROUPED_MM_ROW_ALIGN
+    padded = (counts + align - 1) // align * align
+    ends = torch.cumsum(padded, dim=0)
+    expert, position = _row_groups(counts, num_rows)
+    slot = (ends - padded).index_select(0, expert) + position
+    return _PaddedGroups(slot, num_rows + counts.numel() * (align - 1), expert, offsets=ends.to(torch.int32))
+
+
+def _bmm_groups(counts: torch.Tensor, num_rows: int) -> _PaddedGroups:
+    """Every group padded to the largest; waits for the device (the bmm fallback only)."""
+    group_rows = int(counts.max().item())
+    expert, position = _row_groups(counts, num_rows)
+    slot = expert * group_rows + position
+    return _PaddedGroups(slot, counts.numel() * group_rows, expert, group_rows=group_rows)
+
+
+def _grouped_linear(x: torch.Tensor, weights: torch.Tensor, groups: _PaddedGroups) -> torch.Tensor:
+    """Rows of group i times weights[i]^T: x [N, k] grouped as ``groups`` says, weights
+    [G, n, k] -> [N, n]. One grouped GEMM (``groups.offsets``) or one bmm over groups
+    padded to the largest. Rows move by copies and gathers, with no atomics in backward."""
     w_t = weights.transpose(-2, -1)
-    if grouped_mm_available(x, w_t):
-        padded = (counts + _GROUPED_MM_ROW_ALIGN - 1) // _GROUPED_MM_ROW_ALIGN * _GROUPED_MM_ROW_ALIGN
-        slot = _padded_slots(counts, padded)
-        buffer = x.new_zeros(int(padded.sum().item()), x.size(-1)).index_copy(0, slot, x)
-        offsets = torch.cumsum(padded, dim=0).to(torch.int32)
-        return torch._grouped_mm(buffer, w_t, offs=offsets).index_select(0, slot)
-    groups, rows = weights.size(0), int(counts.max().item())
-    slot = _padded_slots(counts, torch.full_like(counts, rows))
-    buffer = x.new_zeros(groups * rows, x.size(-1)).index_copy(0, slot, x)
-    out = torch.bmm(buffer.view(groups, rows, -1), w_t)
-    return out.reshape(groups * rows, -1).index_select(0, slot)
-
-
-def _row_bias(bias: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """Per-row bias [N, n] from per-expert biases [G, n]."""
-    return torch.repeat_interleave(bias, counts, dim=0)
+    buffer = scatter_rows(x, groups.slot, groups.rows)
+    if groups.offsets is not None:
+        out = torch._grouped_mm(buffer, w_t, offs=groups.offsets)
+    else:
+        out = torch.bmm(buffer.view(weights.size(0), groups.group_rows, -1), w_t).flatten(0, 1)
+    return gather_rows(out, groups.slot)
 
 
 class GroupedMLP(SequentialMLP):
     """The same experts and parameters as ``SequentialMLP``, computed as two grouped
-    GEMMs over all local experts (``torch._grouped_mm`` on Hopper in bf16, else a bmm over
-    inputs padded to the largest expert's token count)."""
+    GEMMs over all local experts (``torch._grouped_mm`` on Hopper in bf16, without host
+    synchronization; else a bmm over inputs padded to the largest expert's token count)."""
 
-    def forward(self, expert_input: torch.Tensor, tokens_per_expert: List[int]) -> torch.Tensor:
+    _STACKED = ("linear_fc1.weight", "linear_fc2.weight", "linear_fc1.bias", "linear_fc2.bias")
+
+    def __init__(self, config, layer_number: int, local_expert_indices: Sequence[int], expt_tp_group=None):
+        super().__init__(config, layer_number, local_expert_indices, expt_tp_group)
+        self._place_weights_adjacent()
+
+    def _expert_params(self, name: str):
+        """The local experts' parameter ``name`` (e.g. "linear_fc1.weight"), in expert order,
+        or None when the experts have none (no biases)."""
+        linear, attribute = name.split(".")
+        params = [getattr(getattr(e, linear), attribute) for e in self.local_experts]
+        return None if not params or params[0] is None else params
+
+    def _place_weights_adjacent(self) -> None:
+        for name in self._STACKED:
+            params = self._expert_params(name)
+            if params is not None and not expert_weights.are_adjacent(params):
+                expert_weights.place_adjacent(params)
+
+    def _adjacent_names(self):
+        """The names in ``_STACKED`` whose parameters are adjacent views now."""
+        return [n for n in self._STACKED
+                if self._expert_params(n) is not None and expert_weights.are_adjacent(self._expert_params(n))]
+
+    def _apply(self, fn, recurse=True):
+        # A dtype or device move gives every parameter its own new storage: put the weights
+        # back side by side, unless some wrapper had already placed them elsewhere.
+        adjacent = self._adjacent_names()
+        module = super()._apply(fn, recurse)
+        for name in adjacent:
+            params = self._expert_params(name)
+            if not expert_weights.are_adjacent(params):
+                expert_weights.place_adjacent(params)
+        return module
+
+    def _groups(self, expert_input: torch.Tensor, counts: torch.Tensor, fc1: torch.Tensor, fc2: torch.Tensor):
+        n = expert_input.size(0)
+        if grouped_mm_available(expert_input, fc1.transpose(-2, -1)) and grouped_mm_available(
+            expert_input, fc2.transpose(-2, -1)
+        ):
+            return _grouped_mm_groups(counts, n)
+        return _bmm_groups(counts, n)
+
+    def forward(self, expert_input: torch.Tensor, tokens_per_expert) -> torch.Tensor:
         if expert_input.size(0) == 0:
             return super().forward(expert_input, tokens_per_expert)
-        counts = torch.tensor(list(tokens_per_expert), device=expert_input.device, dtype=torch.long)
-        fc1 = torch.stack([e.linear_fc1.weight for e in self.local_experts])
-        fc2 = torch.stack([e.linear_fc2.weight for e in self.local_experts])
+        counts = torch.as_tensor(tokens_per_expert, dtype=torch.long).to(expert_input.device)
+        fc1 = expert_weights.stacked(self._expert_params("linear_fc1.weight"))
+        fc2 = expert_weights.stacked(self._expert_params("linear_fc2.weight"))
+        groups = self._groups(expert_input, counts, fc1, fc2)
         first = self.local_experts[0]
-        intermediate = _grouped_linear(expert_input, fc1, counts)
+        intermediate = _grouped_linear(expert_input, fc1, groups)
         if first.linear_fc1.bias is not None:
-            intermediate = intermediate + _row_bias(torch.stack([e.linear_fc1.bias for e in self.local_experts]), counts)
+            bias = expert_weights.stacked(self._expert_params("linear_fc1.bias"))
+            intermediate = intermediate + bias.index_select(0, groups.expert)
         intermediate = bias_activation(
             intermediate, None, first.activation_func, first.gated, first.bias_activation_fusion
         )
-        out = _grouped_linear(intermediate, fc2, counts)
+        out = _grouped_linear(intermediate, fc2, groups)
         if first.linear_fc2.bias is not None:
-            out = out + _row_bias(torch.stack([e.linear_fc2.bias for e in self.local_experts]), counts)
+            out = out + expert_weights.stacked(self._expert_params("linear_fc2.bias")).index_select(0, groups.expert)
         return out
 
 

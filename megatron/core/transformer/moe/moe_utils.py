@@ -39,11 +39,11 @@ class MoEAuxLossAutoScaler(torch.autograd.Function):
     def backward(ctx, grad_output: torch.Tensor):
         (aux_loss,) = ctx.saved_tensors
         if ctx.scale is not None:
-            scale = torch.tensor(ctx.scale, dtype=torch.float32)
-        else:
-            scale = MoEAuxLossAutoScaler.main_loss_backward_scale
+            # A Python float: building a tensor of it would be a blocking host-to-device copy.
+            return grad_output, torch.full_like(aux_loss, ctx.scale)
+        scale = MoEAuxLossAutoScaler.main_loss_backward_scale
         if scale is None:
-            scale = torch.ones((), device=aux_loss.device)
+            return grad_output, torch.ones_like(aux_loss)
         return grad_output, torch.ones_like(aux_loss) * scale.to(aux_loss.device)
 
     @staticmethod
@@ -187,6 +187,12 @@ def get_capacity(num_tokens: int, num_experts: int, capacity_factor: float, min_
     if min_capacity is not None and capacity < min_capacity:
         capacity = min_capacity
     return capacity
+
+
+def padded_expert_rows(num_tokens: int, num_experts: int, topk: int, capacity_factor: float) -> int:
+    """Tokens every expert gets from ``apply_router_token_dropping`` with ``pad_to_capacity``:
+    its capacity, or all ``num_tokens`` when the capacity is at least that."""
+    return min(get_capacity(num_tokens * topk, num_experts, capacity_factor), num_tokens)
 
 
 def _keep_first(routing_map: torch.Tensor, capacity: int) -> torch.Tensor:

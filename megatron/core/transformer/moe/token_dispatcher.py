@@ -8,8 +8,13 @@ outputs for every token sent to them; ``combine`` weights them by the routing pr
 sums all contributions of a token (other experts, other shards) on the token's own rank.
 
 ``dispatch(tokens [T, h], probs [T, E], routing_map [T, E] bool)`` ->
-(expert_input [N, h] grouped by local expert, tokens_per_expert [E_local] list of int,
-state); ``combine(expert_output [N, h], state)`` -> [T, h].
+(expert_input [N, h] grouped by local expert, tokens_per_expert [E_local] (an int64
+device tensor, or a list of ints where the exchange needed them on the host), state);
+``combine(expert_output [N, h], state)`` -> [T, h].
+
+With a one-rank group (one GPU) neither dispatcher waits for the device when the router's
+maps have a host-known shape (``token_permutation.RoutingLayout``: dropless routing, or
+padding to capacity); the all-to-all needs host-side split sizes on more ranks.
 
 - ``allgather``: all-gather tokens, probs and map over tp_ep; each rank picks the tokens of
   its experts; the weighted outputs are reduce-scattered back.
@@ -20,7 +25,7 @@ state); ``combine(expert_output [N, h], state)`` -> [T, h].
 
 from __future__ import annotations
 
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -30,6 +35,14 @@ from megatron.core.tensor_parallel.collectives import all_gather_first_dim, comm
 from megatron.core.tensor_parallel.mappings import (
     gather_from_sequence_parallel_region,
     reduce_scatter_to_sequence_parallel_region,
+)
+from megatron.core.transformer.moe.token_permutation import (
+    RoutingLayout,
+    combine_rows,
+    dispatch_rows,
+    gather_rows,
+    nonzero_plan,
+    row_probs,
 )
 
 
@@ -87,49 +100,50 @@ def group_members_ep_ranks(ep_rank: int, group) -> List[int]:
     return [int(v) for v in all_gather_first_dim(mine, group).tolist()]
 
 
-def _combine_weighted(expert_output, token_index, probs, num_tokens: int) -> torch.Tensor:
-    """Sum of prob * output per token: [N, h] rows of tokens ``token_index`` -> [num_tokens, h]."""
-    weighted = expert_output * probs.unsqueeze(-1).to(expert_output.dtype)
-    out = expert_output.new_zeros((num_tokens, expert_output.size(-1)))
-    return out.index_add(0, token_index, weighted)
-
-
 class MoEAllGatherTokenDispatcher:
     """All-gather dispatch over ``tp_ep_group``; this rank's experts are
-    ``local_expert_indices`` (contiguous global ids)."""
+    ``local_expert_indices`` (contiguous global ids). ``layout``: what the router
+    guarantees about its maps; with a one-rank group it lets the dispatch run without
+    host synchronization (``token_permutation``)."""
 
-    def __init__(self, num_experts: int, local_expert_indices: Sequence[int], tp_ep_group):
+    def __init__(self, num_experts: int, local_expert_indices: Sequence[int], tp_ep_group,
+                 layout: Optional[RoutingLayout] = None):
         self.num_experts = num_experts
         self.first, self.last = local_expert_indices[0], local_expert_indices[-1] + 1
         self.group = tp_ep_group
+        self.layout = layout if group_size(tp_ep_group) == 1 else None
 
     def dispatch(self, tokens: torch.Tensor, probs: torch.Tensor, routing_map: torch.Tensor):
         all_tokens = gather_from_sequence_parallel_region(tokens, self.group)
         all_probs = gather_from_sequence_parallel_region(probs, self.group)
         local_map = all_gather_routing_map(routing_map, self.group)[:, self.first:self.last]
-        local_expert, token_index = local_map.t().nonzero(as_tuple=True)
-        tokens_per_expert = local_map.sum(dim=0).tolist()
-        expert_probs = all_probs[token_index, local_expert + self.first]
-        state = (token_index, expert_probs, all_tokens.size(0))
-        return all_tokens.index_select(0, token_index), tokens_per_expert, state
+        plan = nonzero_plan(local_map) if self.layout is None else self.layout.plan(local_map)
+        weights = row_probs(all_probs, plan, self.first)
+        state = (plan, weights, all_tokens.size(0))
+        return dispatch_rows(all_tokens, plan), plan.counts, state
 
     def combine(self, expert_output: torch.Tensor, state) -> torch.Tensor:
-        token_index, expert_probs, num_tokens = state
-        out = _combine_weighted(expert_output, token_index, expert_probs, num_tokens)
+        plan, weights, num_tokens = state
+        out = combine_rows(expert_output, weights, plan, num_tokens)
         return reduce_scatter_to_sequence_parallel_region(out, self.group)
 
 
 class MoEAlltoAllTokenDispatcher:
     """All-to-all dispatch over ``tp_ep_group``. ``ep_rank``/``ep_size``: this rank's
-    expert-parallel coordinates; every member's ep rank is looked up once here."""
+    expert-parallel coordinates; every member's ep rank is looked up once here.
+    ``layout``: what the router guarantees about its maps; with a one-rank group the
+    dispatch runs without host synchronization, and with exactly k routes per token the
+    rows move by gathers on any group (``token_permutation``)."""
 
-    def __init__(self, num_experts: int, local_expert_indices: Sequence[int], tp_ep_group, ep_rank: int, ep_size: int):
+    def __init__(self, num_experts: int, local_expert_indices: Sequence[int], tp_ep_group, ep_rank: int, ep_size: int,
+                 layout: Optional[RoutingLayout] = None):
         self.num_experts = num_experts
         self.num_local = len(local_expert_indices)
         self.first = local_expert_indices[0]
         self.group = tp_ep_group
         self.ep_size = ep_size
         self.member_ep = group_members_ep_ranks(ep_rank, tp_ep_group)
+        self.layout = layout
 
     def _send_order(self, counts: torch.Tensor):
         """Row order of the send buffer and its splits: for each member j, the entries
@@ -142,37 +156,56 @@ class MoEAlltoAllTokenDispatcher:
         order = torch.cat(blocks) if blocks else torch.zeros(0, dtype=torch.long)
         return order.to(counts.device), [per_ep[e] for e in self.member_ep]
 
+    def _plan(self, routing_map: torch.Tensor):
+        """The gather-based exact-k plan when every pair is sent exactly once (no expert
+        tensor parallelism, which sends a pair to each shard of its expert)."""
+        sent_once = len(set(self.member_ep)) == len(self.member_ep)
+        exact_k = self.layout is not None and self.layout.capacity_factor is None and sent_once
+        return self.layout.plan(routing_map) if exact_k else nonzero_plan(routing_map)
+
     def dispatch(self, tokens: torch.Tensor, probs: torch.Tensor, routing_map: torch.Tensor):
-        expert_index, token_index = routing_map.t().nonzero(as_tuple=True)
-        counts = routing_map.sum(dim=0)
-        order, input_splits = self._send_order(counts)
-        send_tokens, send_experts = token_index[order], expert_index[order]
+        if group_size(self.group) == 1 and self.layout is not None:
+            plan = self.layout.plan(routing_map)
+            state = (plan, row_probs(probs, plan), None, None, None, tokens.size(0))
+            return dispatch_rows(tokens, plan), plan.counts, state
+        plan = self._plan(routing_map)
+        order, input_splits = self._send_order(plan.counts)
+        send = plan.reordered(order)
         # recv[j, l]: tokens member j sends to local expert l.
-        recv = all_gather_counts(counts, self.group)[:, self.first:self.first + self.num_local]
+        recv = all_gather_counts(plan.counts, self.group)[:, self.first:self.first + self.num_local]
         output_splits = recv.sum(dim=1).tolist()
-        received = all_to_all(tokens.index_select(0, send_tokens), output_splits, input_splits, self.group)
+        received = all_to_all(dispatch_rows(tokens, send), output_splits, input_splits, self.group)
         # Received rows are grouped by source, then expert: regroup by expert, then source.
         source_major = torch.arange(received.size(0), device=received.device).split(recv.flatten().tolist())
         grid = len(self.member_ep)
         expert_major = [source_major[j * self.num_local + l] for l in range(self.num_local) for j in range(grid)]
         regroup = torch.cat(expert_major) if expert_major else torch.zeros(0, dtype=torch.long)
-        weights = probs[send_tokens, send_experts]
-        state = (regroup, send_tokens, weights, output_splits, input_splits, tokens.size(0))
-        return received.index_select(0, regroup), recv.sum(dim=0).tolist(), state
-
-    def combine(self, expert_output: torch.Tensor, state) -> torch.Tensor:
-        regroup, send_tokens, weights, output_splits, input_splits, num_tokens = state
+        regroup = regroup.to(received.device)
         source_major = torch.empty_like(regroup)
         source_major[regroup] = torch.arange(regroup.numel(), device=regroup.device)
-        returned = all_to_all(expert_output.index_select(0, source_major), input_splits, output_splits, self.group)
-        return _combine_weighted(returned, send_tokens, weights, num_tokens)
+        state = (send, row_probs(probs, send), (regroup, source_major), output_splits, input_splits, tokens.size(0))
+        # Both orders are permutations: moving rows between them is a gather either way.
+        return gather_rows(received, regroup, source_major), recv.sum(dim=0).tolist(), state
+
+    def combine(self, expert_output: torch.Tensor, state) -> torch.Tensor:
+        send, weights, orders, output_splits, input_splits, num_tokens = state
+        if orders is None:
+            return combine_rows(expert_output, weights, send, num_tokens)
+        regroup, source_major = orders
+        returned = all_to_all(gather_rows(expert_output, source_major, regroup), input_splits, output_splits, self.group)
+        return combine_rows(returned, weights, send, num_tokens)
 
 
 def build_token_dispatcher(config, local_expert_indices: Sequence[int], pg_collection):
     """The dispatcher --moe-token-dispatcher-type asks for."""
     tp_ep = pg_collection.tp_ep
+    # Without sequence parallelism the MoE layer hands each tensor-parallel rank a slice
+    # of the router's map, whose per-expert counts are not the padded capacity.
+    sliced = group_size(pg_collection.tp) > 1 and not config.sequence_parallel
+    layout = RoutingLayout.from_config(config, whole_maps=not sliced)
     if config.moe_token_dispatcher_type == "alltoall":
         return MoEAlltoAllTokenDispatcher(
-            config.num_moe_experts, local_expert_indices, tp_ep, group_rank(pg_collection.ep), group_size(pg_collection.ep)
+            config.num_moe_experts, local_expert_indices, tp_ep, group_rank(pg_collection.ep),
+            group_size(pg_collection.ep), layout=layout,
         )
-    return MoEAllGatherTokenDispatcher(config.num_moe_experts, local_expert_indices, tp_ep)
+    return MoEAllGatherTokenDispatcher(config.num_moe_experts, local_expert_indices, tp_ep, layout=layout)

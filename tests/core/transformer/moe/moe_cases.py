@@ -47,3 +47,23 @@ def reference_forward(layer: MoELayer, hidden: torch.Tensor) -> torch.Tensor:
             row = row + probs[t, e] * layer.experts.local_experts[e](tokens[t : t + 1])[0]
         rows.append(row)
     return torch.stack(rows).view_as(hidden)
+
+
+class HostRead(AssertionError):
+    """Raised by ``forbid_host_reads`` when code reads a tensor's value on the host."""
+
+
+def forbid_host_reads(monkeypatch) -> None:
+    """Turn every Python-level way to read a tensor's value on the host (.item, .tolist,
+    nonzero, bool/int/float of a tensor, which wait for the GPU there) into ``HostRead``.
+    Kernels that synchronize inside C++ (repeat_interleave without output_size, boolean
+    indexing) are not caught; the GPU tests use CUDA's sync debug mode for those."""
+
+    def forbid(name):
+        def call(*args, **kwargs):
+            raise HostRead(f"{name} reads a device value on the host")
+        return call
+
+    for name in ("item", "tolist", "nonzero", "__bool__", "__int__", "__index__", "__float__"):
+        monkeypatch.setattr(torch.Tensor, name, forbid(name))
+    monkeypatch.setattr(torch, "nonzero", forbid("torch.nonzero"))

@@ -61,8 +61,9 @@ def reference():
 
 @pytest.mark.parametrize(
     "tp, ep, etp, sp, dispatcher",
-    [(2, 2, 2, True, "alltoall"), (2, 2, 1, False, "allgather")],
-    ids=["tp2-ep2-etp2-sp-alltoall", "tp2-ep2-etp1-allgather"],
+    # etp1 with alltoall sends every (token, expert) pair once: the gather-based combine.
+    [(2, 2, 2, True, "alltoall"), (2, 2, 1, False, "allgather"), (1, 2, 1, False, "alltoall")],
+    ids=["tp2-ep2-etp2-sp-alltoall", "tp2-ep2-etp1-allgather", "ep2-dp2-alltoall"],
 )
 def test_parallel_layer_matches_one_process(reference, tp, ep, etp, sp, dispatcher):
     results = run_on_ranks(_run_parallel, 4, args=(tp, ep, etp, sp, dispatcher))
