@@ -13,8 +13,9 @@ weights of global expert g of layer L are drawn from a generator seeded by
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +26,8 @@ from megatron.core.transformer.init_rng import initialization_stream
 from megatron.core.transformer.activations import openai_gelu
 from megatron.core.transformer.moe import expert_weights
 from megatron.core.transformer.moe.token_permutation import gather_rows, scatter_rows
+
+logger = logging.getLogger(__name__)
 
 
 def _activation(config):
@@ -101,19 +104,39 @@ def grouped_mm_available(x: torch.Tensor, weights_t: torch.Tensor) -> bool:
     return x.size(-1) % 8 == 0 and weights_t.size(-1) % 8 == 0 and weights_t.size(-2) % 8 == 0
 
 
-# Row alignment of each group for torch._grouped_mm (16 rows keep every group's start
-# 16-byte aligned for any dtype the kernel takes).
+# Row alignment of each group for torch._grouped_mm where it needs one (16 rows keep every
+# group's start 16-byte aligned for any dtype the kernel takes).
 _GROUPED_MM_ROW_ALIGN = 16
+
+_UNALIGNED_GROUPS_OK: Dict[torch.device, bool] = {}
+
+
+def grouped_mm_takes_unaligned_groups(device: torch.device) -> bool:
+    """Whether this torch's grouped GEMM takes bf16 groups of any row count, forward and
+    backward (PyTorch 2.11 on Hopper does, bit for bit against per-group matmuls); then the
+    rows need no padded buffer and no copies in and out of it. Probed once per device
+    with a tiny forward and backward; an error means padding."""
+    if device not in _UNALIGNED_GROUPS_OK:
+        try:
+            x = torch.ones(11, 16, device=device, dtype=torch.bfloat16, requires_grad=True)
+            w = torch.ones(2, 16, 16, device=device, dtype=torch.bfloat16, requires_grad=True)
+            out = torch._grouped_mm(x, w, offs=torch.tensor([3, 11], device=device, dtype=torch.int32))
+            out.backward(torch.ones_like(out))
+            _UNALIGNED_GROUPS_OK[device] = bool(torch.equal(out[0], torch.full_like(out[0], 16.0)))
+        except RuntimeError as err:
+            logger.info("grouped GEMM: groups padded to %d rows (%s)", _GROUPED_MM_ROW_ALIGN, err)
+            _UNALIGNED_GROUPS_OK[device] = False
+    return _UNALIGNED_GROUPS_OK[device]
 
 
 @dataclass
 class _PaddedGroups:
     """Where the N rows of G groups go in a buffer whose groups start at aligned rows:
-    ``slot`` [N] (row in the buffer), ``rows`` (buffer rows, host), ``expert`` [N] (group
+    ``slot`` [N] (row in the buffer; None when the rows are used in place), ``rows`` (buffer rows, host), ``expert`` [N] (group
     of each row); ``offsets`` [G] int32 group ends for torch._grouped_mm, or
     ``group_rows`` (every group's padded size) for the bmm."""
 
-    slot: torch.Tensor
+    slot: Optional[torch.Tensor]
     rows: int
     expert: torch.Tensor
     offsets: Optional[torch.Tensor] = None
@@ -131,7 +154,11 @@ def _row_groups(counts: torch.Tensor, num_rows: int):
 
 def _grouped_mm_groups(counts: torch.Tensor, num_rows: int) -> _PaddedGroups:
     """Groups padded to ``_GROUPED_MM_ROW_ALIGN`` rows. The buffer has its host-known upper
-    bound of rows, N + G * (align - 1); rows past the last offset are never read back."""
+    bound of rows, N + G * (align - 1); rows past the last offset are never read back.
+    Where the kernel takes groups as they are, no buffer (``slot`` None)."""
+    if grouped_mm_takes_unaligned_groups(counts.device):
+        expert, _ = _row_groups(counts, num_rows)
+        return _PaddedGroups(None, num_rows, expert, offsets=torch.cumsum(counts, dim=0).to(torch.int32))
     align = _GROUPED_MM_ROW_ALIGN
     padded = (counts + align - 1) // align * align
     ends = torch.cumsum(padded, dim=0)
@@ -153,6 +180,8 @@ def _grouped_linear(x: torch.Tensor, weights: torch.Tensor, groups: _PaddedGroup
     [G, n, k] -> [N, n]. One grouped GEMM (``groups.offsets``) or one bmm over groups
     padded to the largest. Rows move by copies and gathers, with no atomics in backward."""
     w_t = weights.transpose(-2, -1)
+    if groups.slot is None:
+        return torch._grouped_mm(x, w_t, offs=groups.offsets)
     buffer = scatter_rows(x, groups.slot, groups.rows)
     if groups.offsets is not None:
         out = torch._grouped_mm(buffer, w_t, offs=groups.offsets)

@@ -17,6 +17,15 @@ from megatron.core.transformer.moe.experts import GroupedMLP, SequentialMLP, _gr
 from tests.core.transformer.moe.moe_cases import HostRead, build_layer, forbid_host_reads, inputs, moe_config
 
 TOL = dict(atol=1e-5, rtol=1e-5)
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(params=[False, True], ids=["padded", "unaligned"])
+def unaligned(request, monkeypatch):
+    """Both grouped-GEMM layouts: groups padded in a buffer, or used in place where the
+    kernel takes groups of any row count (the probe's answer, forced here)."""
+    monkeypatch.setitem(experts_module._UNALIGNED_GROUPS_OK, CPU, request.param)
+    return request.param
 
 
 def _pair(config, device="cpu", dtype=torch.float32):
@@ -33,7 +42,8 @@ def _run(module, x, counts, grad):
     return [out, x.grad] + [p.grad for p in module.parameters()]
 
 
-def test_padded_groups_layout():
+def test_padded_groups_layout(monkeypatch):
+    monkeypatch.setitem(experts_module._UNALIGNED_GROUPS_OK, CPU, False)
     counts = torch.tensor([3, 0, 17, 16])
     groups = _grouped_mm_groups(counts, 36)
     assert groups.rows == 36 + 4 * 15
@@ -43,9 +53,23 @@ def test_padded_groups_layout():
     assert groups.expert.tolist() == [0] * 3 + [2] * 17 + [3] * 16
 
 
+def test_unaligned_groups_layout(monkeypatch):
+    monkeypatch.setitem(experts_module._UNALIGNED_GROUPS_OK, CPU, True)
+    groups = _grouped_mm_groups(torch.tensor([3, 0, 17, 16]), 36)
+    assert groups.slot is None and groups.rows == 36
+    assert groups.offsets.dtype == torch.int32 and groups.offsets.tolist() == [3, 3, 20, 36]
+    assert groups.expert.tolist() == [0] * 3 + [2] * 17 + [3] * 16
+
+
+def test_unaligned_probe_runs_the_kernel():
+    # torch 2.13's CPU grouped GEMM takes groups of any size; the probe must say so.
+    experts_module._UNALIGNED_GROUPS_OK.pop(CPU, None)
+    assert experts_module.grouped_mm_takes_unaligned_groups(CPU) is True
+
+
 @pytest.mark.parametrize("counts", [[3, 0, 20, 8], [0, 0, 0, 31], [16, 1, 0, 14]])
 @pytest.mark.parametrize("bias", [False, True])
-def test_grouped_mm_path_equals_loop_on_cpu(counts, bias, monkeypatch):
+def test_grouped_mm_path_equals_loop_on_cpu(counts, bias, unaligned, monkeypatch):
     monkeypatch.setattr(experts_module, "grouped_mm_available", lambda x, w: True)
     loop, grouped = _pair(moe_config(add_bias_linear=bias))
     n = sum(counts)
@@ -55,7 +79,7 @@ def test_grouped_mm_path_equals_loop_on_cpu(counts, bias, monkeypatch):
         torch.testing.assert_close(a, b, **TOL)
 
 
-def test_grouped_mm_path_is_the_one_taken(monkeypatch):
+def test_grouped_mm_path_is_the_one_taken(unaligned, monkeypatch):
     """A planted bug in the grouped-GEMM offsets (one group shifted) is caught."""
     monkeypatch.setattr(experts_module, "grouped_mm_available", lambda x, w: True)
     original = experts_module._grouped_mm_groups
@@ -87,7 +111,7 @@ def test_grouped_mm_upper_bound_buffer_on_gpu_matches_loop_in_bf16():
 
 
 @pytest.mark.parametrize("dispatcher", ["allgather", "alltoall"])
-def test_moe_layer_training_step_reads_nothing_on_the_host(dispatcher, monkeypatch):
+def test_moe_layer_training_step_reads_nothing_on_the_host(dispatcher, unaligned, monkeypatch):
     """Router (aux and z losses, metrics), dispatch, grouped GEMM with the padded buffer and
     combine, forward and backward, under ``forbid_host_reads``; the per-expert loop, which
     needs host sizes, is the planted failure."""
