@@ -9,8 +9,6 @@ Rows per batch size:
 - ``ours eager``: StaticInferenceEngine, greedy, the reference path;
 - ``ours cuda-graphs``: the same with each decode step replayed from a CUDA graph;
 - ``ours graphs+compile``: the graph captures the decode step compiled by ``torch.compile``;
-- ``graphs, sdpa decode`` (``--sdpa-decode-row``): CUDA graphs with decode attention through
-  SDPA instead of the grouped decode path (the comparison for that path);
 - ``hf dynamic``: ``generate`` with its default dynamic cache;
 - ``hf static+compile``: ``generate`` with ``cache_implementation="static"`` and the forward
   compiled with ``mode="reduce-overhead"`` (its documented fast path).
@@ -142,18 +140,6 @@ def profile_decode(model, prompts: torch.Tensor) -> None:
     _print_kernels(prof, f"compiled decode graph replay, batch {batch}")
 
 
-def _with_sdpa_decode(run):
-    """``run()`` with the grouped decode attention turned off (SDPA for every step)."""
-    from megatron.core.transformer import decode_attention
-
-    saved = decode_attention.DECODE_MAX_QUERIES
-    decode_attention.DECODE_MAX_QUERIES = 0
-    try:
-        return run()
-    finally:
-        decode_attention.DECODE_MAX_QUERIES = saved
-
-
 def _print_kernels(prof, what: str) -> None:
     kernels = [e for e in prof.events() if e.device_type.name == "CUDA"]
     total_ms = sum(e.device_time for e in kernels) / 1000
@@ -199,9 +185,6 @@ def main(argv=None) -> list:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-hf", action="store_true", help="time ours only")
     parser.add_argument("--no-hf-compile", action="store_true", help="skip HF's static cache + torch.compile row")
-    parser.add_argument("--sdpa-decode-row", action="store_true",
-                        help="add a 'cuda-graphs, sdpa decode' row: decode attention through SDPA (K/V repeated "
-                             "per query head for cuDNN) instead of the grouped decode path, for comparison")
     parser.add_argument("--profile-decode", action="store_true",
                         help="print the kernels of one eager decode step at each batch size (count and time)")
     args = parser.parse_args(argv)
@@ -220,9 +203,6 @@ def main(argv=None) -> list:
             runs.append(("ours cuda-graphs", lambda p=prompts: time_ours(ours, p, args.new_tokens, True, args.repeats)))
             runs.append(("ours graphs+compile",
                          lambda p=prompts: time_ours(ours, p, args.new_tokens, True, args.repeats, compile_decode=True)))
-            if args.sdpa_decode_row:
-                runs.append(("graphs, sdpa decode", lambda p=prompts: _with_sdpa_decode(
-                    lambda: time_ours(ours, p, args.new_tokens, True, args.repeats))))
         if not args.no_hf:
             runs.append(("hf dynamic", lambda p=prompts: time_hf(hf, p, args.new_tokens, False, args.repeats)))
         tokens = {}

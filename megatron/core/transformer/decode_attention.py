@@ -19,8 +19,7 @@ from typing import Optional
 import torch
 
 # Most new queries per sequence for which inference attention takes this path; prefill
-# (many queries) is compute-bound and stays on the fused kernels. Read at each call
-# (0 turns the path off, as benchmarks/generation_bench.py does for its baseline row).
+# (many queries) is compute-bound and stays on the fused kernels.
 DECODE_MAX_QUERIES = 8
 
 # Megatron fills masked scores with -10000 before the softmax; any value far below the

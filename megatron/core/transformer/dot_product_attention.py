@@ -25,8 +25,7 @@ import torch.nn.functional as F
 from megatron.core import process_groups, tensor_parallel
 from megatron.core.fusions.sdpa_backends import repeat_kv_for_cudnn, sdpa_backend_priority
 from megatron.core.transformer.context_parallel import ContextParallelAttention, resolve_comm_type
-from megatron.core.transformer import decode_attention
-from megatron.core.transformer.decode_attention import MASKED_SCORE, grouped_decode_attention
+from megatron.core.transformer.decode_attention import DECODE_MAX_QUERIES, MASKED_SCORE, grouped_decode_attention
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -170,7 +169,7 @@ class DotProductAttention(torch.nn.Module):
     def _decoding(self, sq: int, sk: int, dropout_p: float) -> bool:
         """A generation step against a KV cache: a few new queries, more keys, no autograd."""
         return (not self.training and not torch.is_grad_enabled() and dropout_p == 0.0
-                and sq <= decode_attention.DECODE_MAX_QUERIES and sq < sk)
+                and sq <= DECODE_MAX_QUERIES and sq < sk)
 
     def _context_parallel(self, query, key, value, attention_mask, mask_type, dropout_p):
         """This rank's rows of attention over the context-parallel sequence -> [sq, b, np * hn]."""
