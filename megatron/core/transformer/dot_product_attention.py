@@ -7,8 +7,7 @@ on CUDA with the kernel priority cuDNN, flash, memory-efficient, math
 run; ``unfused``
 is the explicit reference math with an fp32 softmax, kept as the yardstick every other
 path is tested against. ``auto``, ``flash`` and ``fused`` map to sdpa; ``local`` maps to
-unfused. The choice is logged once per process. Generation steps against a KV cache (a few
-new queries, no autograd) take ``decode_attention`` with either backend.
+unfused. The choice is logged once per process.
 
 Mask convention (Megatron's): a bool tensor where True means "masked out".
 """
@@ -25,7 +24,6 @@ import torch.nn.functional as F
 from megatron.core import process_groups, tensor_parallel
 from megatron.core.fusions.sdpa_backends import repeat_kv_for_cudnn, sdpa_backend_priority
 from megatron.core.transformer.context_parallel import ContextParallelAttention, resolve_comm_type
-from megatron.core.transformer.decode_attention import DECODE_MAX_QUERIES, MASKED_SCORE, grouped_decode_attention
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -34,6 +32,9 @@ logger = logging.getLogger(__name__)
 _BACKEND_ALIASES = {"auto": "sdpa", "sdpa": "sdpa", "flash": "sdpa", "fused": "sdpa", "unfused": "unfused", "local": "unfused"}
 _LOGGED_BACKENDS: set = set()
 
+# Megatron fills masked scores with -10000 before the softmax; any value far below the
+# real scores gives the same probabilities (exactly 0 after exp in fp32).
+_MASKED_SCORE = -10000.0
 
 
 def resolve_attention_backend(requested) -> str:
@@ -153,10 +154,6 @@ class DotProductAttention(torch.nn.Module):
             mask_type == AttnMaskType.causal and attention_mask is None and self.window_size is None and sq == sk
         )
         mask = None if only_causal else build_attention_mask(sq, sk, mask_type, attention_mask, self.window_size, query.device)
-        if self._decoding(sq, sk, dropout_p):
-            context = grouped_decode_attention(query, key, value, mask, self.softmax_scale, self.coeff,
-                                               self.config.attention_softmax_in_fp32)
-            return context.reshape(sq, b, np_ * hn)
         if dropout_p > 0.0:
             # Heads differ per tensor-parallel rank, so dropout draws from the
             # tensor-parallel RNG stream (different per rank, reproducible per seed).
@@ -165,11 +162,6 @@ class DotProductAttention(torch.nn.Module):
         else:
             context = self._attend(query, key, value, mask, only_causal, dropout_p)
         return context.reshape(sq, b, np_ * hn)
-
-    def _decoding(self, sq: int, sk: int, dropout_p: float) -> bool:
-        """A generation step against a KV cache: a few new queries, more keys, no autograd."""
-        return (not self.training and not torch.is_grad_enabled() and dropout_p == 0.0
-                and sq <= DECODE_MAX_QUERIES and sq < sk)
 
     def _context_parallel(self, query, key, value, attention_mask, mask_type, dropout_p):
         """This rank's rows of attention over the context-parallel sequence -> [sq, b, np * hn]."""
@@ -229,7 +221,7 @@ class DotProductAttention(torch.nn.Module):
         if is_causal:
             mask = build_attention_mask(sq, sk, AttnMaskType.causal, None, None, query.device)
         if mask is not None:
-            scores = scores.masked_fill(mask.unsqueeze(2), MASKED_SCORE)  # [b|1, 1, 1, sq, sk]
+            scores = scores.masked_fill(mask.unsqueeze(2), _MASKED_SCORE)  # [b|1, 1, 1, sq, sk]
         probs = torch.softmax(scores, dim=-1).to(value.dtype)
         if dropout_p > 0.0:
             probs = F.dropout(probs, p=dropout_p, training=True)
