@@ -1,5 +1,5 @@
-"""FP8 scaling state across checkpoints, in the torch and torch_dist formats (torch_dcp in
-tests/training/test_fsdp2_fp8_checkpoint.py): a checkpoint saved without FP8 starts an FP8
+"""FP8 scaling state across checkpoints, in the torch and torch_dist formats (and torch_dcp,
+at the end): a checkpoint saved without FP8 starts an FP8
 run (weights as saved, scaling state fresh, one log line), an FP8 checkpoint loads into a
 model without FP8, an FP8 run resumes bit-exactly, and --fp8-amax-history-len may change on
 resume (4 -> 2 -> 4: the saved history resized, the scales as saved). What is not FP8
@@ -25,6 +25,7 @@ import torch
 from megatron.core.fp8.scaling import is_fp8_scaling_key
 from tests.multirank import RankFailure, run_on_ranks
 from tests.training.checkpointing.ckpt_runs import CkptRun, _assemble, _run_pretrain
+from tests.training.checkpointing.megatron_cases import FIXTURE, FIXTURE_FLAGS, needs_fixture
 from tests.training.gpt_runs import TINY_GPT
 
 # The chained runs train to different --train-iters: a fixed decay horizon, and the
@@ -43,6 +44,26 @@ def _run_logging(rank, world_size, argv, snapshot_points):
     with contextlib.redirect_stderr(err):
         losses, snapshots, out = _run_pretrain(rank, world_size, argv, snapshot_points)
     return losses, snapshots, out + err.getvalue()
+
+
+def _run_keeping_fp8_state(rank, world_size, argv):
+    """``_run_logging`` that also returns the FP8 scaling buffers right after setup (and
+    any --load): the snapshots of ``ckpt_runs`` do not read FSDP2's sharded params."""
+    from megatron.training import training
+
+    loaded = {}
+    setup = training.setup_model_and_optimizer
+
+    def setup_and_keep(*args, **kwargs):
+        model, optimizer, scheduler = setup(*args, **kwargs)
+        for chunk in model:
+            loaded.update({k: v.detach().clone() for k, v in chunk.module.state_dict().items()
+                           if is_fp8_scaling_key(k)})
+        return model, optimizer, scheduler
+
+    training.setup_model_and_optimizer = setup_and_keep
+    losses, _, log = _run_logging(rank, world_size, argv, ())
+    return losses, loaded, log
 
 
 def _run(extra, iters, snapshots=()) -> CkptRun:
@@ -144,3 +165,37 @@ def test_other_missing_keys_are_still_refused(chain):
     assert "does not fit this model; nothing was loaded" in message
     assert "decoder.layers.0.self_attention.q_layernorm.weight" in message
     assert "fp8" not in message.split("nothing was loaded", 1)[1].split("Traceback")[0]
+
+
+def test_torch_dcp_starts_fp8_from_bf16_and_changes_the_history_length(tmp_path):
+    """--use-torch-fsdp2 (one rank): bf16 saved at 4 -> FP8 with history 4 from it, saved
+    at 6 -> history 2 from 6."""
+    fsdp2 = BASE + ["--untie-embeddings-and-output-weights", "--use-torch-fsdp2", "--ckpt-format", "torch_dcp"]
+    bf16_dir, fp8_dir = str(tmp_path / "bf16"), str(tmp_path / "fp8")
+
+    def run(extra, iters):
+        return run_on_ranks(_run_keeping_fp8_state, 1, args=(fsdp2 + ["--train-iters", str(iters)] + extra,),
+                            timeout=300)[0]
+
+    run(["--save", bf16_dir, "--save-interval", "4"], 4)
+    losses, loaded, log = run(FP8 + ["--fp8-amax-history-len", "4", "--load", bf16_dir, "--save", fp8_dir,
+                                     "--save-interval", "2"], 6)
+    assert log.count(FRESH_LINE) == 1, log[-3000:]
+    assert len(loaded) == 16 and all(torch.equal(v, torch.zeros(4, 3)) for k, v in loaded.items()
+                                     if k.endswith("amax_history"))
+    assert sorted(losses) == [5, 6] and all(abs(float.fromhex(v)) < 10 for v in losses.values())
+    losses, loaded, log = run(FP8 + ["--fp8-amax-history-len", "2", "--load", fp8_dir], 7)
+    assert "saved with 4 rows load into --fp8-amax-history-len 2" in log, log[-3000:]
+    assert loaded[HISTORY].shape == (2, 3) and not loaded[HISTORY][0].any() and loaded[HISTORY][1].all()
+    assert sorted(losses) == [7]
+
+
+@needs_fixture
+@pytest.mark.parametrize("fmt", ["torch", "torch_dist"])
+def test_a_megatron_lm_checkpoint_starts_an_fp8_run(fmt):
+    """Checkpoints written by Megatron-LM (without FP8) fine-tune in FP8 here too."""
+    argv = FIXTURE_FLAGS + FP8 + ["--load", str(FIXTURE / fmt), "--finetune", "--train-iters", "2"]
+    losses, loaded, log = run_on_ranks(_run_keeping_fp8_state, 1, args=(argv,), timeout=300)[0]
+    assert log.count(FRESH_LINE) == 1, log[-3000:]
+    assert len(loaded) == 16 and all(torch.equal(v, torch.ones(3)) for k, v in loaded.items() if k.endswith("scale"))
+    assert sorted(losses) == [1, 2] and all(abs(float.fromhex(v)) < 10 for v in losses.values())
