@@ -154,10 +154,10 @@ def _model_problems(model, state: dict, fp8_report: Fp8LoadReport, coordinate: s
         if key not in state:
             problems.append(f"no {key!r} entry in the checkpoint file")
             continue
-        fit_state_dict(state[key], chunk.state_dict(), fp8_report, f"{coordinate}/{key}/")
+        mine = chunk.state_dict()
+        fit_state_dict(state[key], mine, fp8_report, f"{coordinate}/{key}/")
         saved = {k: v for k, v in state[key].items() if not k.endswith(_EXTRA_STATE_SUFFIX)}
         state[key] = saved
-        mine = chunk.state_dict()
         problems += [f"missing from the checkpoint: {k} {tuple(v.shape)}" for k, v in mine.items() if k not in saved]
         problems += [f"in the checkpoint but not in this model: {k}" for k in saved if k not in mine]
         problems += [f"{k}: checkpoint {tuple(saved[k].shape)}, this model {tuple(v.shape)}"

@@ -66,10 +66,11 @@ def _run_keeping_fp8_state(rank, world_size, argv):
     return losses, loaded, log
 
 
-def _run(extra, iters, snapshots=()) -> CkptRun:
+def _run(extra, iters, snapshots=(), world_size=1) -> CkptRun:
     argv = BASE + ["--train-iters", str(iters)] + list(extra)
-    results = run_on_ranks(_run_logging, 1, args=(argv, tuple(snapshots)), timeout=300)
-    run = CkptRun(losses=results[0][0], log=results[0][2])
+    results = run_on_ranks(_run_logging, world_size, args=(argv, tuple(snapshots)), timeout=300)
+    # the losses from the last pipeline stage, the log lines from rank 0
+    run = CkptRun(losses=results[-1][0], log=results[0][2])
     for point in snapshots:
         run.snapshots[point] = _assemble([r[1][point] for r in results])
     return run
@@ -154,6 +155,19 @@ def test_an_fp8_checkpoint_loads_into_a_model_without_fp8(chain):
         assert torch.equal(value, saved[key]), key
     assert "the checkpoint's FP8 scaling state of 8 linear(s) is not used" in chain["plain"].log
     assert sorted(chain["plain"].losses) == [7]
+
+
+def test_two_ranks_count_each_linear_once(chain):
+    """Loaded by two ranks (torch: data-parallel replicas reading the same file; torch_dist:
+    two pipeline stages holding one layer each), the line counts each FP8 linear once, on
+    rank 0 only, and the weights are the saved ones."""
+    layout = ["--pipeline-model-parallel-size", "2"] if chain["format"][1] == "torch_dist" else []
+    run = _run(chain["format"] + FP8 + layout + ["--load", chain["bf16_dir"]], 5, snapshots=("load",), world_size=2)
+    assert run.log.count(FRESH_LINE) == 1, run.log[-3000:]
+    saved = chain["bf16"].snapshots[4]
+    for key, value in _model(saved, fp8=False).items():
+        assert torch.equal(run.snapshots["load"][key], value), key
+    assert sorted(run.losses) == [5]
 
 
 def test_other_missing_keys_are_still_refused(chain):
