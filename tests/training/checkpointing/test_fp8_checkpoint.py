@@ -1,11 +1,12 @@
-"""FP8 scaling state across checkpoints, in the torch and torch_dist formats (and torch_dcp,
-at the end): a checkpoint saved without FP8 starts an FP8
-run (weights as saved, scaling state fresh, one log line), an FP8 checkpoint loads into a
-model without FP8, an FP8 run resumes bit-exactly, and --fp8-amax-history-len may change on
-resume (4 -> 2 -> 4: the saved history resized, the scales as saved). What is not FP8
-state is still refused when missing.
+"""FP8 scaling state across checkpoints, end to end, in the torch and torch_dist formats
+(torch_dcp and Megatron-LM's checkpoints at the end): a checkpoint saved without FP8
+starts an FP8 run (weights as saved, scaling state fresh, one log line), an FP8 checkpoint
+loads into a model without FP8, an FP8 run resumes bit-exactly, and --fp8-amax-history-len
+may change on resume (4 -> 2 -> 4: the saved history resized, the scales as saved). What
+is not FP8 state is still refused when missing.
 
-All runs are one process, FP8 through the fp32 emulation on CPU. Per format, one chain:
+FP8 runs through the fp32 emulation on CPU, one process unless a test says otherwise. Per
+format, one chain:
 
     bf16 run, saved at 4 -> FP8 (history 4) from it, saved at 5 and 6
         -> resumed from 5 with the same flags (bit-exact against the run's iteration 6)
