@@ -124,6 +124,48 @@ class Fp8Operand(NamedTuple):
     scale_inv: torch.Tensor
 
 
+# The attribute under which a linear holds its ``Fp8Scaling`` and the buffers that are
+# its saved state: checkpoint keys ``<linear>.fp8.amax_history`` and ``<linear>.fp8.scale``.
+SCALING_MODULE_NAME = "fp8"
+SCALING_BUFFER_NAMES = ("amax_history", "scale")
+_SCALING_KEY_ENDINGS = tuple(f"{SCALING_MODULE_NAME}.{name}" for name in SCALING_BUFFER_NAMES)
+
+
+def is_fp8_scaling_key(key: str) -> bool:
+    """Whether a state-dict or checkpoint key names an FP8 linear's scaling state, under
+    any prefix (``decoder.layers.3.mlp.linear_fc1.fp8.amax_history``, ``model.<...>.fp8.scale``).
+    Checkpoint loaders use it to start such state fresh where a checkpoint lacks it."""
+    return any(key == ending or key.endswith("." + ending) for ending in _SCALING_KEY_ENDINGS)
+
+
+def is_amax_history_key(key: str) -> bool:
+    """Whether ``key`` names an FP8 amax history (the one scaling buffer whose shape
+    depends on a flag, --fp8-amax-history-len)."""
+    return is_fp8_scaling_key(key) and key.endswith(SCALING_BUFFER_NAMES[0])
+
+
+def resize_amax_history(history: torch.Tensor, length: int) -> torch.Tensor:
+    """A saved ``amax_history`` [L, 3] as a history of ``length`` rows that keeps the most
+    recent amaxes, in the layout ``Fp8Scaling.scale_for`` leaves between calls.
+
+    Rows run newest first. Between calls a history longer than one row has its row 0
+    cleared (the next call's amax goes there) and the last completed amaxes in rows 1..;
+    a one-row history holds the last amax in row 0. So the completed amaxes are taken in
+    order and placed from row 1 (row 0 when ``length`` is 1); a longer history is padded
+    with zeros, which no ``max`` over the window picks. The result equals the history a run
+    with ``length`` rows would hold after the same calls, wherever the saved one holds enough
+    of them. (Under ``tensorwise`` no history is read; its row 0 is the last amax.)
+    """
+    if length < 1:
+        raise ValueError(f"--fp8-amax-history-len must be a positive integer, got {length}")
+    resized = history.new_zeros(length, history.size(1))
+    completed = history[1:] if history.size(0) > 1 else history
+    first = 0 if length == 1 else 1
+    count = min(completed.size(0), length - first)
+    resized[first:first + count] = completed[:count]
+    return resized
+
+
 class Fp8Scaling(torch.nn.Module):
     """The scaling state of one FP8 linear: slots input, weight, output gradient.
 

@@ -38,6 +38,7 @@ from torch.distributed.checkpoint.state_dict import (
 from megatron.core.distributed.torch_fully_sharded_data_parallel import is_fully_sharded
 from megatron.core.process_groups import ProcessGroups
 from megatron.training.checkpointing.directory import CheckpointError
+from megatron.training.checkpointing.fp8_state import Fp8LoadReport, finish_resizes, fit_flat_state, log_report
 from megatron.training.checkpointing.run_state import capture_rng, common_state
 from megatron.training.checkpointing.torch_format import load_own_file
 
@@ -203,7 +204,13 @@ def load(directory: str, model, optimizer, groups: ProcessGroups, rank: int, loa
     common = read_common(directory)
     load_optim = load_optim and common.get("optimizer_saved", True)
     state, _ = _states(model, optimizer, load_optim)
-    nested = _nested(state, groups)
+    fp8_report = Fp8LoadReport()
+    tp_key = _tp_key(groups)
+    saved_shapes = {key: tuple(entry.size) for key, entry in
+                    FileSystemReader(directory).read_metadata().state_dict_metadata.items() if hasattr(entry, "size")}
+    to_read, fp8_resizes = fit_flat_state(state["model"], f"{tp_key}.model." if tp_key else "model.", saved_shapes,
+                                          fp8_report, "model.")
+    nested = _nested({**state, "model": to_read}, groups)
     mine = _problems(nested, directory)
     problems = sorted({p for p in gather_problems("\n    ".join(mine)) if p})
     if problems:
@@ -211,10 +218,12 @@ def load(directory: str, model, optimizer, groups: ProcessGroups, rank: int, loa
             f"{directory} does not fit this model; nothing was loaded:\n    " + "\n    ".join(problems)[:4000]
             + "\nCheck the model flags and --tensor-model-parallel-size against the saving run (torch_dcp "
             "reshards over data-parallel ranks only); load with --no-load-optim if only optimizer keys differ.")
+    log_report(fp8_report, gather_problems)
     try:
         dcp.load(nested, storage_reader=FileSystemReader(directory), process_group=group)
     except CheckpointException as error:
         raise CheckpointError(f"reading {directory} failed: {error}") from error
+    finish_resizes(fp8_resizes)
     module = _single_chunk(model)
     set_model_state_dict(module, state["model"], options=StateDictOptions(strict=True))
     if load_optim:

@@ -29,6 +29,13 @@ from megatron.core.dist_checkpointing.model_sharding import model_placements
 from megatron.core.optimizer.param_state import empty_model_space_state, load_model_space_state, model_space_state
 from megatron.core.process_groups import ProcessGroups
 from megatron.training.checkpointing.directory import CheckpointError
+from megatron.training.checkpointing.fp8_state import (
+    Fp8LoadReport,
+    drop_unused,
+    finish_resizes,
+    fit_sharded_requests,
+    log_report,
+)
 from megatron.training.checkpointing.model_match import differing_flags, vocabulary_problem
 
 FORMAT = "torch_dist"
@@ -138,9 +145,13 @@ def load(directory: str, model, optimizer, groups: ProcessGroups, rank: int, loa
     tensors.extend(_optimizer_chunks(placements, optimizer_states))
     objects = [ShardedObject(rng_key(rank))] if load_rng else []
     metadata = read_metadata(directory)
+    fp8_report = Fp8LoadReport()
+    saved_shapes = {key: tuple(entry.size) for key, entry in metadata.state_dict_metadata.items()
+                    if not isinstance(entry, BytesStorageMetadata)}
+    tensors, fp8_resizes = fit_sharded_requests(tensors, saved_shapes, fp8_report)
     mismatch = compare_with_checkpoint(tensors, objects, metadata)
     problems = [p for p in gather_problems(mismatch.describe() if mismatch else "") if p]
-    unexpected = _unexpected_model_keys(tensors, metadata, gather_problems)
+    unexpected = drop_unused(_unexpected_model_keys(tensors, metadata, gather_problems), fp8_report)
     if unexpected:
         problems.append(f"{len(unexpected)} key(s) in the checkpoint but not in this model:\n    "
                         + "\n    ".join(unexpected[:20] + ([f"... and {len(unexpected) - 20} more"]
@@ -160,10 +171,12 @@ def load(directory: str, model, optimizer, groups: ProcessGroups, rank: int, loa
             f"{directory} does not fit this model; nothing was loaded.\n{details}\n{hint}\n"
             "Load with --no-load-optim if only optimizer keys differ."
         )
+    log_report(fp8_report, gather_problems)
     try:
         load_sharded(tensors, objects, directory, group=group)
     except CheckpointException as error:
         raise CheckpointError(f"reading {directory} failed: {error}") from error
+    finish_resizes(fp8_resizes)
     if load_optim:
         opt_common = common["optimizer"]
         load_model_space_state(optimizer, optimizer_states, opt_common["scalars"] or {"has_state": False})

@@ -20,6 +20,7 @@ from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 from megatron.core.process_groups import ProcessGroups
 from megatron.core.safe_unpickle import load_weights_only
 from megatron.training.checkpointing.directory import CheckpointError
+from megatron.training.checkpointing.fp8_state import Fp8LoadReport, fit_state_dict, log_report
 from megatron.training.checkpointing.run_state import (
     CHECKPOINT_VERSION,
     capture_rng,
@@ -145,7 +146,7 @@ def _saved_layout_problem(directory: str, manifest: Optional[dict], groups: Proc
             "(--target-tensor-parallel-size / --target-pipeline-parallel-size) or save it in torch_dist.")
 
 
-def _model_problems(model, state: dict) -> List[str]:
+def _model_problems(model, state: dict, fp8_report: Fp8LoadReport, coordinate: str) -> List[str]:
     chunks = [_unwrap(c) for c in model]
     problems = []
     for index, chunk in enumerate(chunks):
@@ -153,9 +154,10 @@ def _model_problems(model, state: dict) -> List[str]:
         if key not in state:
             problems.append(f"no {key!r} entry in the checkpoint file")
             continue
+        mine = chunk.state_dict()
+        fit_state_dict(state[key], mine, fp8_report, f"{coordinate}/{key}/")
         saved = {k: v for k, v in state[key].items() if not k.endswith(_EXTRA_STATE_SUFFIX)}
         state[key] = saved
-        mine = chunk.state_dict()
         problems += [f"missing from the checkpoint: {k} {tuple(v.shape)}" for k, v in mine.items() if k not in saved]
         problems += [f"in the checkpoint but not in this model: {k}" for k in saved if k not in mine]
         problems += [f"{k}: checkpoint {tuple(saved[k].shape)}, this model {tuple(v.shape)}"
@@ -184,7 +186,10 @@ def load(directory: str, manifest: Optional[dict], model, optimizer, groups: Pro
          load_optim: bool, gather_problems: Callable[[str], List[str]]) -> Tuple[dict, Optional[dict]]:
     """Load the model (and optimizer) in place; returns (the file's state, its RNG state or None)."""
     state, subdir = read_state(directory, manifest, groups, args, gather_problems)
-    problems = gather_problems("\n".join(_model_problems(model, state)))
+    fp8_report = Fp8LoadReport()
+    # tensor-parallel replicas of a linear share its name; pipeline and expert ranks do not
+    coordinate = f"pp{groups.rank('pp')}_ep{groups.rank('ep')}"
+    problems = gather_problems("\n".join(_model_problems(model, state, fp8_report, coordinate)))
     if any(problems):
         details = "\n".join(sorted(set(p for p in problems if p)))
         raise CheckpointError(f"{directory} does not fit this model; nothing was loaded.\n{details}")
@@ -195,6 +200,7 @@ def load(directory: str, manifest: Optional[dict], model, optimizer, groups: Pro
                                    f"{'with' if saved_opt.get('distributed') else 'without'} "
                                    "--use-distributed-optimizer; load with --no-load-optim or save in torch_dist")
         raise CheckpointError(problems[0])
+    log_report(fp8_report, gather_problems)
     chunks = [_unwrap(c) for c in model]
     for index, chunk in enumerate(chunks):
         chunk.load_state_dict(state["model" if len(chunks) == 1 else f"model{index}"], strict=True)

@@ -26,10 +26,12 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 
 from megatron.core.dist_checkpointing.model_sharding import model_placements
+from megatron.core.fp8.scaling import is_fp8_scaling_key
 from megatron.core.process_groups import ProcessGroups
 from megatron.core.safe_unpickle import RefusedPickle
 from megatron.training.checkpointing import torch_format
 from megatron.training.checkpointing.directory import CheckpointError
+from megatron.training.checkpointing.fp8_state import Fp8LoadReport, log_report
 from megatron.training.checkpointing.manifest import MANIFEST_FILENAME
 from megatron.training.checkpointing.megatron_lm import keys, pickles, run_args
 
@@ -161,12 +163,16 @@ def merged_state(directory: str) -> Tuple[Dict[str, torch.Tensor], dict]:
     return full, {k: v for k, v in head.items() if not re.fullmatch(r"model\d*", k)}
 
 
-def _copy_chunks(full: Dict[str, torch.Tensor], model, groups: ProcessGroups
+def _copy_chunks(full: Dict[str, torch.Tensor], model, groups: ProcessGroups, fp8_report: Fp8LoadReport
                  ) -> Tuple[List[Callable[[], None]], List[str]]:
-    """(the copies of this rank's chunks out of ``full``, what does not fit); copies nothing yet."""
+    """(the copies of this rank's chunks out of ``full``, what does not fit); copies nothing
+    yet. FP8 scaling state the checkpoint lacks keeps its fresh values (noted in ``fp8_report``)."""
     copies, problems = [], []
     for tensor, placement in model_placements(model, groups):
         source = full.get(placement.key)
+        if source is None and is_fp8_scaling_key(placement.key):
+            fp8_report.note_fresh(placement.key)
+            continue
         if source is None:
             problems.append(f"missing from the checkpoint: {placement.key} {placement.global_shape}")
             continue
@@ -187,7 +193,8 @@ def load(directory: str, model, groups: ProcessGroups, gather_problems: Callable
     """Read the model weights in place; returns the first file's non-model entries (args,
     iteration, ...). All ranks check every key and shape before any weight is touched."""
     full, head = merged_state(directory)
-    copies, problems = _copy_chunks(full, model, groups)
+    fp8_report = Fp8LoadReport()
+    copies, problems = _copy_chunks(full, model, groups, fp8_report)
     gathered = [p for p in gather_problems("\n".join(problems)) if p]
     if gathered:
         lines = sorted(set("\n".join(gathered).splitlines()))
@@ -196,6 +203,7 @@ def load(directory: str, model, groups: ProcessGroups, gather_problems: Callable
             f"{directory} (a Megatron-LM torch checkpoint) does not fit this model; nothing was loaded.\n"
             f"{details}\nPass the saving run's model flags, or --use-checkpoint-args to take them from it."
         )
+    log_report(fp8_report, gather_problems)
     with torch.no_grad():
         for copy in copies:
             copy()

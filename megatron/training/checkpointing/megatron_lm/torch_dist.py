@@ -21,9 +21,11 @@ from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadat
 from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
 from megatron.core.dist_checkpointing.model_sharding import model_placements
 from megatron.core.dist_checkpointing.planner import ShardedLoadPlanner
+from megatron.core.fp8.scaling import is_fp8_scaling_key
 from megatron.core.process_groups import ProcessGroups
 from megatron.core.safe_unpickle import RefusedPickle
 from megatron.training.checkpointing.directory import CheckpointError
+from megatron.training.checkpointing.fp8_state import Fp8LoadReport, log_report
 from megatron.training.checkpointing.megatron_lm import keys, pickles, run_args
 from megatron.training.checkpointing.torch_dist_format import is_torch_dist_checkpoint
 
@@ -94,14 +96,19 @@ def _choose(candidates: List[keys.MegatronKey], metadata: Metadata) -> Optional[
     return None
 
 
-def load_requests(directory: str, model, groups: ProcessGroups, args) -> Tuple[List[ShardedTensor], List[str]]:
-    """This rank's chunks as Megatron keys, and what does not fit the checkpoint."""
+def load_requests(directory: str, model, groups: ProcessGroups, args, fp8_report: Optional[Fp8LoadReport] = None
+                  ) -> Tuple[List[ShardedTensor], List[str]]:
+    """This rank's chunks as Megatron keys, and what does not fit the checkpoint. FP8
+    scaling state the checkpoint lacks is not asked for (noted in ``fp8_report``)."""
     metadata = read_metadata(directory)
     saved = metadata.state_dict_metadata
     requests, problems, missing = [], [], set()
     for tensor, placement in model_placements(model, groups):
         candidates = keys.megatron_keys(placement.key, args.num_layers, getattr(args, "num_experts", None))
         chosen = _choose(candidates, metadata)
+        if chosen is None and is_fp8_scaling_key(placement.key) and fp8_report is not None:
+            fp8_report.note_fresh(placement.key)
+            continue
         if chosen is None:
             if candidates[0].key not in missing:  # one line per Megatron key, not per layer or expert
                 missing.add(candidates[0].key)
@@ -123,7 +130,8 @@ def load(directory: str, model, groups: ProcessGroups, args, gather_problems: Ca
     """Read the model weights in place; returns Megatron's common state. Every key and
     shape is checked (on all ranks) before any weight is touched."""
     common = read_common(directory)
-    requests, problems = load_requests(directory, model, groups, args)
+    fp8_report = Fp8LoadReport()
+    requests, problems = load_requests(directory, model, groups, args, fp8_report)
     gathered = [p for p in gather_problems("\n".join(problems)) if p]
     if gathered:
         lines = sorted(set("\n".join(gathered).splitlines()))
@@ -132,6 +140,7 @@ def load(directory: str, model, groups: ProcessGroups, args, gather_problems: Ca
             f"{directory} (a Megatron-LM torch_dist checkpoint) does not fit this model; nothing was loaded.\n"
             f"{details}\nPass the saving run's model flags, or --use-checkpoint-args to take them from it."
         )
+    log_report(fp8_report, gather_problems)
     try:
         dcp.load({}, storage_reader=pickles.SafeMetadataReader(directory), planner=ShardedLoadPlanner(requests, []),
                  process_group=group, no_dist=not (dist.is_available() and dist.is_initialized()))
