@@ -183,7 +183,7 @@ _refuse("manifold hyper-connections (mHC) are not implemented", "drop the --mhc-
 _refuse("this architecture option is not implemented", _GPT_OPTIONS,
         "--activation-func-clamp-value --attention-output-gate --glu-linear-offset --qk-l2-norm --no-rope-freq "
         "--heterogeneous-layers-config-encoded-json --heterogeneous-layers-config-path "
-        "--moe-latent-size --moe-shared-expert-gate --moe-apply-probs-on-input --moe-mlp-glu-interleave-size "
+        "--moe-latent-size --moe-mlp-glu-interleave-size "
         "--moe-shared-expert-glu-interleave-size --moe-single-grouped-weight --moe-single-grouped-bias")
 _refuse("only the vanilla softmax is implemented", "drop the flag", "--softmax-type", same_as_here=("vanilla",))
 

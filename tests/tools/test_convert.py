@@ -24,7 +24,7 @@ def _convert(*argv: str) -> str:
     return convert.main(["--model-type", "GPT", *argv])
 
 
-MOE_CASES = ("mixtral", "qwen3_moe")
+MOE_CASES = ("mixtral", "qwen2_moe", "qwen3_moe")
 
 
 def _save_hf(name: str, directory) -> object:

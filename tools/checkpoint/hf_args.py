@@ -74,6 +74,10 @@ def model_flags_from_hf_config(hf_config: dict) -> List[str]:
                   "--moe-aux-loss-coeff", _number(config["moe_aux_loss_coeff"])]
         if config.get("moe_router_pre_softmax"):
             flags.append("--moe-router-pre-softmax")
+        if config.get("moe_shared_expert_intermediate_size"):
+            flags += ["--moe-shared-expert-intermediate-size", str(config["moe_shared_expert_intermediate_size"])]
+        if config.get("moe_shared_expert_gate"):
+            flags.append("--moe-shared-expert-gate")
     return flags
 
 

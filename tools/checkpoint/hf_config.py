@@ -22,6 +22,7 @@ _ARCHITECTURES = {
     "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
     "mixtral": "MixtralForCausalLM",
+    "qwen2_moe": "Qwen2MoeForCausalLM",
     "qwen3_moe": "Qwen3MoeForCausalLM",
 }
 HF_MODEL_TYPES = tuple(_ARCHITECTURES)
@@ -30,6 +31,8 @@ HF_MODEL_TYPES = tuple(_ARCHITECTURES)
 def hf_family(args) -> str:
     """The HF model type that matches the saved run's model flags."""
     if getattr(args, "num_experts", None):
+        if getattr(args, "moe_shared_expert_gate", False):
+            return "qwen2_moe"
         return "qwen3_moe" if getattr(args, "qk_layernorm", False) else "mixtral"
     if args.swiglu and args.normalization == "RMSNorm" and args.position_embedding_type == "rope":
         if getattr(args, "window_size", None):
@@ -92,9 +95,12 @@ def _llama_like(args, vocab: int, family: str) -> dict:
         config["sliding_window"] = int(window[0]) + 1 if window else None
     else:
         _require(not window, family, "has no sliding window (use --hf-model-type mistral)")
-    _require(bool(getattr(args, "add_qkv_bias", False)) == (family == "qwen2"), family,
-             "q/k/v biases exist exactly in qwen2")
-    if family in ("mixtral", "qwen3_moe"):
+    if family == "qwen2_moe":
+        config["qkv_bias"] = bool(getattr(args, "add_qkv_bias", False))
+    else:
+        _require(bool(getattr(args, "add_qkv_bias", False)) == (family == "qwen2"), family,
+                 "q/k/v biases exist only in qwen2 (and optionally qwen2_moe)")
+    if family in ("mixtral", "qwen2_moe", "qwen3_moe"):
         config.update(_moe(args, family))
     else:
         _require(not getattr(args, "num_experts", None), family, "is not a mixture of experts")
@@ -106,8 +112,9 @@ def _moe(args, family: str) -> dict:
     config = {"num_experts_per_tok": args.moe_router_topk,
               "router_aux_loss_coef": float(getattr(args, "moe_aux_loss_coeff", 0.0) or 0.0)}
     if family == "mixtral":
-        _require(freq == 1 and not args.moe_router_pre_softmax, family,
-                 "needs every layer MoE (--moe-layer-freq 1) and top-k-then-softmax routing")
+        _require(freq == 1 and not args.moe_router_pre_softmax
+                 and not getattr(args, "moe_shared_expert_intermediate_size", None), family,
+                 "needs every layer MoE (--moe-layer-freq 1), top-k-then-softmax routing and no shared expert")
         config.update(num_local_experts=args.num_experts, intermediate_size=args.moe_ffn_hidden_size)
         return config
     pattern = [1] * args.num_layers if freq == 1 else (
@@ -115,7 +122,14 @@ def _moe(args, family: str) -> dict:
     config.update(num_experts=args.num_experts, moe_intermediate_size=args.moe_ffn_hidden_size,
                   norm_topk_prob=not args.moe_router_pre_softmax, decoder_sparse_step=1,
                   mlp_only_layers=[i for i, moe in enumerate(pattern) if not moe], use_sliding_window=False)
-    _require(args.qk_layernorm, family, "needs --qk-layernorm")
+    shared = getattr(args, "moe_shared_expert_intermediate_size", None)
+    gated = bool(getattr(args, "moe_shared_expert_gate", False))
+    if family == "qwen2_moe":
+        _require(bool(shared) and gated and not args.qk_layernorm, family,
+                 "needs --moe-shared-expert-intermediate-size with --moe-shared-expert-gate, and no --qk-layernorm")
+        config["shared_expert_intermediate_size"] = shared
+        return config
+    _require(args.qk_layernorm and not shared, family, "needs --qk-layernorm and has no shared expert")
     return config
 
 

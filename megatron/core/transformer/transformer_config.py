@@ -225,6 +225,10 @@ class TransformerConfig(ModelParallelConfig):
     moe_shared_expert_intermediate_size: Optional[int] = None
     """Hidden size of the shared expert(s) (--moe-shared-expert-intermediate-size); none when None."""
 
+    moe_shared_expert_gate: bool = False
+    """Scale the shared expert's output per token by sigmoid(x @ gate_weight^T), a [1, h]
+    gate (--moe-shared-expert-gate); needs moe_shared_expert_intermediate_size."""
+
     moe_router_topk: int = 2
     """Experts each token is routed to (--moe-router-topk)."""
 
@@ -276,6 +280,10 @@ class TransformerConfig(ModelParallelConfig):
 
     moe_token_drop_policy: str = "probs"
     """Which tokens an over-full expert drops: lowest probs or latest position (--moe-token-drop-policy)."""
+
+    moe_apply_probs_on_input: bool = False
+    """Multiply each token by its routing prob before the experts instead of weighting the
+    experts' outputs at the combine (--moe-apply-probs-on-input); top-1 routing only."""
 
     moe_grouped_gemm: bool = False
     """Run the local experts as one grouped GEMM instead of a loop (--moe-grouped-gemm)."""

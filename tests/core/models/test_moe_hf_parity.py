@@ -1,4 +1,4 @@
-"""Mixtral and Qwen3-MoE: GPTModel with MoE layers matches Hugging Face logits (fp32).
+"""Mixtral, Qwen2-MoE and Qwen3-MoE: GPTModel with MoE layers matches Hugging Face logits (fp32).
 
 Tolerance: as in test_gpt_hf_parity, both sides do the same fp32 math in another order
 (fused QKV, sdpa vs eager attention, per-expert loops vs fused expert tensors), ~2e-6 on
@@ -25,6 +25,13 @@ def _config(name: str):
     )
     if name == "mixtral":
         config = transformers.MixtralConfig(num_hidden_layers=2, intermediate_size=96, num_local_experts=4, **common)
+    elif name.startswith("qwen2_moe"):
+        # Layer 1 dense; q/k/v biases; a gated shared expert in every MoE layer.
+        config = transformers.Qwen2MoeConfig(
+            num_hidden_layers=3, intermediate_size=128, moe_intermediate_size=48, num_experts=4,
+            shared_expert_intermediate_size=40, mlp_only_layers=[1], decoder_sparse_step=1,
+            norm_topk_prob=name == "qwen2_moe_norm", qkv_bias=True, **common,
+        )
     else:
         # Layer 1 dense (mlp_only_layers), layers 0 and 2 MoE; norm_topk_prob picks the router.
         config = transformers.Qwen3MoeConfig(
@@ -50,7 +57,7 @@ def _hf_model(name: str, seed: int = 0):
     return model
 
 
-CASES = ["mixtral", "qwen3_moe", "qwen3_moe_norm"]
+CASES = ["mixtral", "qwen2_moe", "qwen2_moe_norm", "qwen3_moe", "qwen3_moe_norm"]
 
 
 @pytest.fixture(scope="module")
@@ -115,3 +122,15 @@ def test_wrong_router_normalization_fails_parity(hf_models):
     """Qwen3-MoE without norm_topk_prob needs the pre-softmax router; the other one differs."""
     ours, _, _ = megatron_model(hf_models["qwen3_moe"], config_overrides={"moe_router_pre_softmax": False})
     assert _max_diff(hf_models["qwen3_moe"], ours) > 100 * TOL["atol"]
+
+
+def test_qwen2_moe_shared_expert_gate_matters(hf_models):
+    """The shared expert's sigmoid gate is mapped: without it (gate weight zero, a constant
+    0.5 gate) the logits differ."""
+    hf = hf_models["qwen2_moe"]
+    ours, _, _ = megatron_model(hf)
+    shared = ours.decoder.layers[0].mlp.shared_experts
+    assert tuple(shared.gate_weight.shape) == (1, HIDDEN)
+    with torch.no_grad():
+        shared.gate_weight.zero_()
+    assert _max_diff(hf, ours) > 100 * TOL["atol"]

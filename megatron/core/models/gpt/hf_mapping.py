@@ -2,7 +2,8 @@
 
 Supported: GPT2LMHeadModel ("gpt2"), LlamaForCausalLM ("llama"), MistralForCausalLM
 ("mistral"), Qwen2ForCausalLM ("qwen2"), and the mixtures of experts MixtralForCausalLM
-("mixtral") and Qwen3MoeForCausalLM ("qwen3_moe"). Pure tensor shuffling; nothing here imports
+("mixtral"), Qwen2MoeForCausalLM ("qwen2_moe") and Qwen3MoeForCausalLM ("qwen3_moe"). Pure
+tensor shuffling; nothing here imports
 transformers. ``hf_to_megatron`` followed by ``megatron_to_hf`` returns equal tensors
 under the same keys.
 
@@ -20,7 +21,11 @@ Layout facts the conversion relies on:
   Megatron's fc1 of ``mlp.experts.local_experts.{e}``; ``mlp.experts.down_proj`` [E, h, f]
   its fc2. The transformers 4 layout (``block_sparse_moe.experts.{e}.w1/w3/w2``) is read too.
 - Mixtral renormalizes the top-k softmax probs (Megatron's default top-k-then-softmax);
-  Qwen3-MoE without ``norm_topk_prob`` keeps the full-softmax probs (--moe-router-pre-softmax).
+  Qwen2-/Qwen3-MoE without ``norm_topk_prob`` keep the full-softmax probs (--moe-router-pre-softmax).
+- Qwen2-MoE's ``mlp.shared_expert`` (gate_proj/up_proj/down_proj) is Megatron's
+  ``mlp.shared_experts`` MLP, and its ``mlp.shared_expert_gate.weight`` [1, h], applied as
+  sigmoid(x @ w^T) to the shared expert's output, is ``mlp.shared_experts.gate_weight``
+  (--moe-shared-expert-gate).
 """
 
 from __future__ import annotations
@@ -31,8 +36,8 @@ from typing import Dict, Tuple
 import torch
 import torch.nn.functional as F
 
-ARCHITECTURES = ("gpt2", "llama", "mistral", "qwen2", "mixtral", "qwen3_moe")
-_LLAMA_FAMILY = ("llama", "mistral", "qwen2", "mixtral", "qwen3_moe")
+ARCHITECTURES = ("gpt2", "llama", "mistral", "qwen2", "mixtral", "qwen2_moe", "qwen3_moe")
+_LLAMA_FAMILY = ("llama", "mistral", "qwen2", "mixtral", "qwen2_moe", "qwen3_moe")
 
 # Non-parameter entries HF may keep in a state dict; they carry no model weights.
 _HF_IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")
@@ -182,6 +187,7 @@ def _llama_to_megatron(sd: _Reader, shape: GPTShape) -> Dict[str, torch.Tensor]:
             out[dst + "self_attention.k_layernorm.weight"] = sd.pop(attn + "k_norm.weight")
         if shape.is_moe(i):
             out.update(_hf_experts_to_megatron(sd, src, dst, shape.num_moe_experts))
+            out.update(_hf_shared_expert_to_megatron(sd, src, dst))
             continue
         out[dst + "mlp.linear_fc1.weight"] = torch.cat(
             (sd.pop(src + "mlp.gate_proj.weight"), sd.pop(src + "mlp.up_proj.weight")), dim=0
@@ -215,6 +221,7 @@ def _megatron_to_llama(sd: _Reader, shape: GPTShape, arch: str, expert_layout: s
             out[attn + "k_norm.weight"] = sd.pop(src + "self_attention.k_layernorm.weight")
         if shape.is_moe(i):
             out.update(_megatron_experts_to_hf(sd, src, dst, shape.num_moe_experts, arch, expert_layout))
+            out.update(_megatron_shared_expert_to_hf(sd, src, dst))
             continue
         gate, up = torch.chunk(sd.pop(src + "mlp.linear_fc1.weight"), 2, dim=0)
         out[dst + "mlp.gate_proj.weight"] = gate.clone()
@@ -228,6 +235,35 @@ def _megatron_to_llama(sd: _Reader, shape: GPTShape, arch: str, expert_layout: s
 # HF per-expert file layouts: (router key, expert prefix, (gate, up, down) names) after the layer prefix.
 _MIXTRAL_EXPERT_FILES = ("block_sparse_moe.gate.weight", "block_sparse_moe.experts.{}.", ("w1", "w3", "w2"))
 _EXPERT_FILES = ("mlp.gate.weight", "mlp.experts.{}.", ("gate_proj", "up_proj", "down_proj"))
+
+
+def _hf_shared_expert_to_megatron(sd: _Reader, src: str, dst: str) -> Dict[str, torch.Tensor]:
+    """Qwen2-MoE's gated shared expert, HF -> Megatron (none in the layer: empty)."""
+    gate = sd.pop_optional(src + "mlp.shared_expert_gate.weight")
+    if gate is None:
+        return {}
+    hf, ours = src + "mlp.shared_expert.", dst + "mlp.shared_experts."
+    return {
+        ours + "linear_fc1.weight": torch.cat((sd.pop(hf + "gate_proj.weight"), sd.pop(hf + "up_proj.weight")), dim=0),
+        ours + "linear_fc2.weight": sd.pop(hf + "down_proj.weight"),
+        ours + "gate_weight": gate,
+    }
+
+
+def _megatron_shared_expert_to_hf(sd: _Reader, src: str, dst: str) -> Dict[str, torch.Tensor]:
+    """Inverse of ``_hf_shared_expert_to_megatron``. A shared expert without the gate has
+    no HF counterpart here: its keys stay unconverted and are reported."""
+    gate = sd.pop_optional(src + "mlp.shared_experts.gate_weight")
+    if gate is None:
+        return {}
+    ours, hf = src + "mlp.shared_experts.", dst + "mlp.shared_expert."
+    gate_proj, up_proj = torch.chunk(sd.pop(ours + "linear_fc1.weight"), 2, dim=0)
+    return {
+        hf + "gate_proj.weight": gate_proj.clone(),
+        hf + "up_proj.weight": up_proj.clone(),
+        hf + "down_proj.weight": sd.pop(ours + "linear_fc2.weight"),
+        dst + "mlp.shared_expert_gate.weight": gate,
+    }
 
 
 def _hf_experts_to_megatron(sd: _Reader, src: str, dst: str, num_experts: int) -> Dict[str, torch.Tensor]:
@@ -378,7 +414,7 @@ def _llama_kwargs(c: dict, arch: str) -> Tuple[dict, dict]:
     window = None
     if arch in ("mistral", "mixtral") and c.get("sliding_window"):
         window = (int(c["sliding_window"]) - 1, 0)
-    if arch in ("qwen2", "qwen3_moe") and c.get("use_sliding_window"):
+    if arch in ("qwen2", "qwen2_moe", "qwen3_moe") and c.get("use_sliding_window"):
         raise ValueError(f"{arch} with use_sliding_window=True (per-layer windows) does not convert")
     config = dict(
         num_layers=c["num_hidden_layers"],
@@ -390,7 +426,7 @@ def _llama_kwargs(c: dict, arch: str) -> Tuple[dict, dict]:
         layernorm_epsilon=c.get("rms_norm_eps", 1e-6),
         normalization="RMSNorm",
         add_bias_linear=False,
-        add_qkv_bias=arch == "qwen2",
+        add_qkv_bias=arch == "qwen2" or (arch == "qwen2_moe" and c.get("qkv_bias", True)),
         gated_linear_unit=True,
         activation_func=F.silu,
         hidden_dropout=0.0,
@@ -410,21 +446,29 @@ def _llama_kwargs(c: dict, arch: str) -> Tuple[dict, dict]:
     return config, model
 
 
-def _qwen3_moe_layers(c: dict) -> list:
+def _qwen_moe_layers(c: dict) -> list:
     step, dense = c.get("decoder_sparse_step", 1), set(c.get("mlp_only_layers") or [])
     return [int(i not in dense and (i + 1) % step == 0) for i in range(c["num_hidden_layers"])]
 
 
 def _moe_kwargs(c: dict, arch: str) -> dict:
-    """TransformerConfig MoE fields of a Mixtral / Qwen3-MoE config (empty otherwise)."""
+    """TransformerConfig MoE fields of a Mixtral / Qwen2-MoE / Qwen3-MoE config (empty otherwise)."""
+    shared = {}
     if arch == "mixtral":
         experts, ffn, pattern, pre_softmax = c["num_local_experts"], c["intermediate_size"], 1, False
-    elif arch == "qwen3_moe":
+    elif arch in ("qwen2_moe", "qwen3_moe"):
         experts, ffn = c.get("num_experts") or c["num_local_experts"], c["moe_intermediate_size"]
-        pattern, pre_softmax = _qwen3_moe_layers(c), not c.get("norm_topk_prob", False)
+        pattern, pre_softmax = _qwen_moe_layers(c), not c.get("norm_topk_prob", False)
+        if arch == "qwen2_moe":
+            if not c.get("shared_expert_intermediate_size"):
+                raise ValueError("qwen2_moe with shared_expert_intermediate_size 0 does not convert: "
+                                 "HF still builds a gated shared expert of width 0")
+            shared = dict(moe_shared_expert_intermediate_size=c["shared_expert_intermediate_size"],
+                          moe_shared_expert_gate=True)
     else:
         return {}
     return dict(
+        **shared,
         num_moe_experts=experts,
         moe_ffn_hidden_size=ffn,
         moe_router_topk=c["num_experts_per_tok"],

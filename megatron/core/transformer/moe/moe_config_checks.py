@@ -78,6 +78,19 @@ def _check_parallel(config) -> None:
         )
 
 
+def _check_options(config) -> None:
+    if config.moe_shared_expert_gate and not config.moe_shared_expert_intermediate_size:
+        raise ValueError(
+            "--moe-shared-expert-gate gates the shared expert, which needs "
+            "--moe-shared-expert-intermediate-size: add it, or drop the gate"
+        )
+    if config.moe_apply_probs_on_input and config.moe_router_topk != 1:
+        raise ValueError(
+            f"--moe-apply-probs-on-input needs --moe-router-topk 1 (got {config.moe_router_topk}): "
+            "with several experts per token the input cannot carry each expert's prob"
+        )
+
+
 def check_moe_config(config) -> None:
     """Check the MoE fields and fill ``moe_ffn_hidden_size`` (default: ffn_hidden_size)."""
     experts = config.num_moe_experts
@@ -89,3 +102,4 @@ def check_moe_config(config) -> None:
     _check_routing(config)
     _check_capacity(config)
     _check_parallel(config)
+    _check_options(config)

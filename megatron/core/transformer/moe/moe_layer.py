@@ -9,6 +9,9 @@ on all tokens by every rank, identically; then each rank keeps 1/tp of the token
 their probs and routes) for the dispatch, and the outputs are all-gathered again. The
 result does not depend on the tensor-parallel size. With --sequence-parallel each rank
 routes its own s/tp tokens (capacity per rank, as Megatron does).
+
+With --moe-apply-probs-on-input the tokens are scaled by their (top-1) prob right after
+routing and the dispatchers combine with unit weights (``apply_probs_on_input``).
 """
 
 from __future__ import annotations
@@ -27,6 +30,17 @@ from megatron.core.transformer.moe.experts import build_experts
 from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.transformer.moe.shared_experts import SharedExpertMLP
 from megatron.core.transformer.moe.token_dispatcher import build_token_dispatcher
+
+
+def apply_probs_on_input(tokens: torch.Tensor, probs: torch.Tensor):
+    """--moe-apply-probs-on-input (top-1 routing): each token [T, h] scaled by the prob of
+    its one expert, the product cast back to the tokens' dtype, and all-ones probs for the
+    combine, which then sums the experts' outputs unweighted. ``probs`` [T, E] is zero
+    outside a token's expert, so its row sum is that prob (no host read). The router gets
+    its gradient through the scaled input."""
+    token_probs = probs.sum(dim=1, keepdim=True)
+    scaled = (token_probs * tokens).to(tokens.dtype)
+    return scaled, torch.ones_like(probs)
 
 
 class MoELayer(torch.nn.Module):
@@ -78,6 +92,8 @@ class MoELayer(torch.nn.Module):
         s, b, h = hidden_states.shape
         tokens = hidden_states.reshape(s * b, h)
         probs, routing_map = self.router(tokens, seq_length=s, batch_size=b)
+        if self.config.moe_apply_probs_on_input:
+            tokens, probs = apply_probs_on_input(tokens, probs)
         if self.split_replicated_tokens:
             tokens, probs, routing_map = self._local_share(tokens, probs, routing_map)
         expert_input, tokens_per_expert, state = self.token_dispatcher.dispatch(tokens, probs, routing_map)
