@@ -30,6 +30,10 @@ def train_valid_test_num_samples(args):
         train = 0
     train = phase_train_samples(args, train)  # --phase-transition-iterations: this phase's share
     evals = 1 if not args.eval_interval else (args.train_iters or 0) // args.eval_interval + 1
+    if args.eval_interval and args.start_eval_at_iter is not None:
+        # Megatron drops the evaluations skipped before --start-eval-at-iter; the one after
+        # training still runs, so at least one evaluation's worth is kept.
+        evals = max(1, evals - args.start_eval_at_iter // args.eval_interval)
     eval_gbs = args.eval_global_batch_size or args.global_batch_size
     # --full-validation: one epoch of validation data (None), read whole at each evaluation.
     valid = None if args.full_validation else evals * args.eval_iters * eval_gbs

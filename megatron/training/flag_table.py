@@ -192,12 +192,11 @@ _refuse("the Muon optimizer is not implemented", "use --optimizer adam",
         "--muon-coefficient-type --muon-extra-scale-factor --muon-fp32-matmul-prec --muon-momentum "
         "--muon-nesterov --muon-no-split-qkv --muon-num-ns-steps --muon-scalar-optimizer --muon-scale-mode "
         "--muon-tp-mode --muon-use-syrk")
-_refuse("the Lion optimizer is not implemented", "use --optimizer adam", "--lion-beta1 --lion-beta2")
 _refuse("muP parametrization is not implemented", "drop the --mup-* flags and set --init-method-std and --lr",
         "--use-mup --mup-attn-scale-power --mup-base-head-dim --mup-base-hidden-size --mup-embedding-mult "
         "--mup-output-mult --mup-width-mult")
 _refuse("this optimizer option is not implemented", "drop the flag",
-        "--head-lr-mult --freeze-all-layers --no-weight-decay-cond-type --apply-wd-to-qk-layernorm "
+        "--freeze-all-layers --no-weight-decay-cond-type "
         "--qk-clip --qk-clip-alpha --qk-clip-threshold")
 _refuse("fp4 training is not implemented", "train in bf16 (--bf16)",
         "--fp4-format --fp4-param-gather --fp4-recipe --fp4-quantizer-factory")
@@ -218,8 +217,6 @@ _refuse("knowledge-distillation logit files are not implemented", "drop the --lo
         "--logits-load-decode-threads --logits-load-dir --logits-load-ignore-errors --logits-load-kd-loss-alpha "
         "--logits-load-msc-prefetch-depth --logits-load-prefetch-factor --logits-save-dir --logits-save-dtype "
         "--logits-save-top-k --logits-save-top-p --logits-save-top-p-min-k")
-_refuse("evaluation runs every --eval-interval iterations from the start", "drop the flag",
-        "--start-eval-at-iter")
 _refuse("document masking inside the data loader is not implemented",
         "use --reset-attention-mask --reset-position-ids (and --eod-mask-loss)",
         "--dataloader-inter-document-masking")

@@ -74,7 +74,7 @@ _DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1}
 
 def optimizer_bytes_per_param(args) -> float:
     """Device bytes of the main copy of half-precision params, plus Adam's two moments or
-    SGD's momentum: fp32, or the --main-params-dtype / --exp-avg-dtype / --exp-avg-sq-dtype
+    SGD's or Lion's momentum: fp32, or the --main-params-dtype / --exp-avg-dtype / --exp-avg-sq-dtype
     of the precision-aware optimizer; with --optimizer-cpu-offload only the share left on
     the device (per-tensor scales are negligible)."""
     if not args.use_precision_aware_optimizer:

@@ -23,6 +23,7 @@ from megatron.training.config_from_args import (
 )
 from megatron.training.fsdp2 import wrap_with_fsdp2
 from megatron.training.global_vars import get_args
+from megatron.training.head_lr import head_lr_kwargs
 from megatron.training.rank_print import print_rank_0
 from megatron.training.run_state import RunState
 
@@ -160,15 +161,16 @@ def setup_model_and_optimizer(model_provider_func: Callable, pg_collection: Proc
     args = get_args()
     model = get_model(model_provider_func, pg_collection)
     optimizer_config = get_megatron_optimizer_config(args)
+    head_lr = head_lr_kwargs(args.head_lr_mult, model)
     if args.skip_train:
         # Evaluation only: the optimizer exists so that --load restores a training checkpoint
         # as it is, but it never steps, so neither --lr nor a schedule horizon is needed.
         if optimizer_config.lr is None:
             optimizer_config = dataclasses.replace(optimizer_config, lr=0.0)
-        optimizer = get_megatron_optimizer(optimizer_config, model)
+        optimizer = get_megatron_optimizer(optimizer_config, model, **head_lr)
         scheduler = None
     else:
-        optimizer = get_megatron_optimizer(optimizer_config, model)
+        optimizer = get_megatron_optimizer(optimizer_config, model, **head_lr)
         scheduler = get_optimizer_param_scheduler(optimizer, args)
     # Loaded here, before the data iterators are built: they start at the checkpoint's
     # consumed-sample count.

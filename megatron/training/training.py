@@ -306,7 +306,8 @@ def train(forward_step_func, model, optimizer, scheduler, train_it, valid_it, pg
                 interval_start = time.time()
             first_of_run = False
             manual_gc.after_iteration(iteration)
-            if args.eval_interval and iteration % args.eval_interval == 0 and args.do_valid:
+            if (args.eval_interval and iteration % args.eval_interval == 0 and args.do_valid
+                    and (args.start_eval_at_iter is None or iteration >= args.start_eval_at_iter)):
                 manual_gc.at_evaluation()
                 set_phase("evaluation")
                 evaluate_and_print_results(f"iteration {iteration}", forward_step_func, valid_it, model, pg,

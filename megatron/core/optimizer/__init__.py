@@ -3,7 +3,8 @@
     optimizer = get_megatron_optimizer(OptimizerConfig(lr=3e-4, bf16=True), model_chunks)
 
 Param groups follow Megatron: no weight decay on biases and 1-D params (norms) unless
-``no_weight_decay_cond`` says otherwise; ``scale_lr_cond`` params get ``lr_mult``; params
+``no_weight_decay_cond`` says otherwise (--apply-wd-to-qk-layernorm keeps it on the q/k
+layernorm params); ``scale_lr_cond`` params get ``lr_mult``; params
 marked ``is_embedding_or_output_parameter`` get --decoupled-lr when it is set. Groups
 carry ``wd_mult``/``lr_mult`` (and ``max_lr``/``min_lr`` for the decoupled group),
 which ``OptimizerParamScheduler`` applies.
@@ -25,6 +26,7 @@ from megatron.core.optimizer.clip_grads import (
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 from megatron.core.optimizer.fully_sharded_optimizer import FullyShardedOptimizer
 from megatron.core.optimizer.grad_scaler import ConstantGradScaler, DynamicGradScaler, MegatronGradScaler
+from megatron.core.optimizer.lion import Lion
 from megatron.core.optimizer.optimizer import (
     Float16OptimizerWithFloat16Params,
     FP32Optimizer,
@@ -41,6 +43,7 @@ __all__ = [
     "Float16OptimizerWithFloat16Params",
     "FP32Optimizer",
     "FullyShardedOptimizer",
+    "Lion",
     "MegatronGradScaler",
     "MegatronOptimizer",
     "OptimizerConfig",
@@ -58,6 +61,16 @@ def _default_no_weight_decay(name: str, param: torch.nn.Parameter) -> bool:
     return name.endswith(".bias") or len(param.shape) == 1
 
 
+def _is_qk_layernorm(name: str) -> bool:
+    return "q_layernorm." in name or "k_layernorm." in name
+
+
+def _no_weight_decay_except_qk_layernorm(name: str, param: torch.nn.Parameter) -> bool:
+    """Megatron's rule under --apply-wd-to-qk-layernorm: the default rule, except that every
+    param of a q/k layernorm (by name) is decayed."""
+    return _default_no_weight_decay(name, param) and not _is_qk_layernorm(name)
+
+
 def get_param_groups(
     model_chunks: List[torch.nn.Module],
     config: OptimizerConfig,
@@ -71,12 +84,14 @@ def get_param_groups(
     """
     buckets: Dict[Tuple[float, float, bool, bool], List[torch.nn.Parameter]] = {}
     seen = set()
+    default_no_wd = (_no_weight_decay_except_qk_layernorm if config.apply_wd_to_qk_layernorm
+                     else _default_no_weight_decay)
     for chunk in model_chunks:
         for name, param in chunk.named_parameters():
             if not param.requires_grad or id(param) in seen:
                 continue
             seen.add(id(param))
-            no_wd = (no_weight_decay_cond or _default_no_weight_decay)(name, param)
+            no_wd = (no_weight_decay_cond or default_no_wd)(name, param)
             scale_lr = scale_lr_cond(name, param) if scale_lr_cond is not None else False
             key = (
                 0.0 if no_wd else 1.0,
@@ -133,6 +148,9 @@ def _torch_optimizer(config: OptimizerConfig, param_groups: List[dict]) -> torch
             eps=config.adam_eps,
             **extra,
         )
+    if config.optimizer == "lion":
+        return Lion(param_groups, lr=config.lr, betas=(config.lion_beta1, config.lion_beta2),
+                    weight_decay=config.weight_decay)
     return torch.optim.SGD(param_groups, lr=config.lr, weight_decay=config.weight_decay, momentum=config.sgd_momentum)
 
 

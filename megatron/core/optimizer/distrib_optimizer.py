@@ -316,7 +316,8 @@ class DistributedOptimizer(MegatronOptimizer):
 
     def _state_keys(self) -> Tuple[str, ...]:
         """The per-element optimizer states, present in every block (zero before a step)."""
-        return ("exp_avg", "exp_avg_sq") if self.config.optimizer == "adam" else ("momentum_buffer",)
+        return {"adam": ("exp_avg", "exp_avg_sq"), "lion": ("exp_avg",)}.get(self.config.optimizer,
+                                                                             ("momentum_buffer",))
 
     def get_parameter_state(self) -> Tuple[List[List[Dict[str, torch.Tensor]]], Optional[dict]]:
         """(per buffer, per bucket: {key: this rank's flat fp32 block}, the other states

@@ -15,7 +15,8 @@ class OptimizerConfig:
     """Field names follow Megatron-Core; each docstring is the matching flag's help."""
 
     optimizer: str = "adam"
-    """Optimizer: 'adam' (decoupled weight decay, AdamW) or 'sgd' (--optimizer)."""
+    """Optimizer: 'adam' (decoupled weight decay, AdamW), 'sgd' or 'lion' (sign of the
+    interpolated momentum, decoupled weight decay) (--optimizer)."""
 
     lr: Optional[float] = None
     """Initial (peak) learning rate (--lr)."""
@@ -31,6 +32,10 @@ class OptimizerConfig:
 
     weight_decay: float = 0.01
     """Weight-decay coefficient for L2 regularization (--weight-decay)."""
+
+    apply_wd_to_qk_layernorm: bool = False
+    """Apply weight decay to the q/k layernorm params too (Qwen3-Next); biases and other
+    1-D params still get none (--apply-wd-to-qk-layernorm)."""
 
     fp16: bool = False
     """Model params are float16; keep fp32 main params and scale the loss (--fp16)."""
@@ -68,6 +73,12 @@ class OptimizerConfig:
 
     sgd_momentum: float = 0.9
     """Momentum factor for SGD (--sgd-momentum)."""
+
+    lion_beta1: float = 0.95
+    """Lion: weight of the momentum in the interpolation whose sign is the update (--lion-beta1)."""
+
+    lion_beta2: float = 0.98
+    """Lion: decay rate of the momentum (--lion-beta2)."""
 
     use_distributed_optimizer: bool = False
     """Shard optimizer state over data-parallel ranks (--use-distributed-optimizer)."""
@@ -116,8 +127,8 @@ class OptimizerConfig:
     """Count the zero entries of the gradients each step (--log-num-zeros-in-grad)."""
 
     def __post_init__(self) -> None:
-        if self.optimizer not in ("adam", "sgd"):
-            raise ValueError(f"--optimizer {self.optimizer!r} is not supported: choose 'adam' or 'sgd'")
+        if self.optimizer not in ("adam", "sgd", "lion"):
+            raise ValueError(f"--optimizer {self.optimizer!r} is not supported: choose 'adam', 'sgd' or 'lion'")
         if self.fp16 and self.bf16:
             raise ValueError("--fp16 and --bf16 cannot both be set: choose one precision")
         if self.lr is not None and self.min_lr is not None and self.min_lr > self.lr:

@@ -3,7 +3,8 @@ of the param's own shape, for checkpoints that reshard.
 
 For every model param: ``fp32_param`` (the fp32 main copy; only when the model param is
 fp16/bf16, otherwise the model weight is the main param) and the optimizer's per-element
-states (Adam: ``exp_avg``, ``exp_avg_sq``; SGD with momentum: ``momentum_buffer``). The
+states (Adam: ``exp_avg``, ``exp_avg_sq``; SGD with momentum: ``momentum_buffer``; Lion:
+``exp_avg``). The
 optimizer's step count is a scalar common to all params.
 
 The plain and mixed-precision optimizers hand out their live tensors; the distributed
@@ -18,6 +19,7 @@ from typing import Dict, Iterator, List, Optional, Tuple
 import torch
 
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+from megatron.core.optimizer.lion import Lion
 from megatron.core.optimizer.precision_aware_adam import PrecisionAwareAdamW
 from megatron.core.optimizer.optimizer import FP32Optimizer, Float16OptimizerWithFloat16Params, MegatronOptimizer
 
@@ -32,7 +34,10 @@ def per_element_state_keys(optimizer: MegatronOptimizer) -> Tuple[str, ...]:
         return ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if inner.defaults.get("amsgrad") else ())
     if isinstance(inner, torch.optim.SGD):
         return ("momentum_buffer",) if inner.defaults.get("momentum", 0) else ()
-    raise TypeError(f"checkpointing {type(inner).__name__} state is not supported (Adam, AdamW, SGD and the precision-aware AdamW are)")
+    if isinstance(inner, Lion):
+        return ("exp_avg",)
+    raise TypeError(f"checkpointing {type(inner).__name__} state is not supported (Adam, AdamW, SGD, Lion and the "
+                    f"precision-aware AdamW are)")
 
 
 def _main_params(optimizer: MegatronOptimizer) -> Iterator[Tuple[torch.nn.Parameter, torch.Tensor]]:

@@ -31,6 +31,8 @@ def add_validation_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     g.add_argument("--eval-interval", type=int, default=None,
                    help="Evaluate on the validation set every this many iterations; "
                         "no periodic evaluation when not given (Megatron HEAD default).")
+    g.add_argument("--start-eval-at-iter", type=int, default=None,
+                   help="Periodic evaluation (--eval-interval) only at iterations >= this one.")
     g.add_argument("--skip-train", action="store_true",
                    help="Skip training; only evaluate on the validation/test sets and exit.")
     g.add_argument("--full-validation", action="store_true",

@@ -24,6 +24,15 @@ def add_regularization_args(parser: argparse.ArgumentParser) -> argparse.Argumen
     g.add_argument("--adam-beta2", type=float, default=0.999, help="Adam beta2.")
     g.add_argument("--adam-eps", type=float, default=1e-08, help="Adam epsilon.")
     g.add_argument("--sgd-momentum", type=float, default=0.9, help="SGD momentum.")
+    g.add_argument("--lion-beta1", type=float, default=0.95,
+                   help="Lion: weight of the momentum in the interpolation whose sign is the update.")
+    g.add_argument("--lion-beta2", type=float, default=0.98, help="Lion: decay rate of the momentum.")
+    g.add_argument("--apply-wd-to-qk-layernorm", action="store_true",
+                   help="Apply weight decay to the q/k layernorm params too (biases and other 1-D params "
+                        "still get none).")
+    g.add_argument("--head-lr-mult", type=float, default=1.0,
+                   help="Learning-rate multiplier for the params of a module named 'head' (a classification "
+                        "head); the language models here have none.")
     return parser
 
 
@@ -96,7 +105,8 @@ def add_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     g.add_argument("--cross-entropy-loss-fusion", action="store_true", help=None)
     g.add_argument("--cross-entropy-fusion-impl", type=str, default="native", choices=["native", "te"], help=None)
     g.add_argument("--use-flash-attn", action="store_true", help="Legacy: use flash attention.")
-    g.add_argument("--optimizer", type=str, default="adam", choices=["adam", "sgd"], help="Optimizer.")
+    g.add_argument("--optimizer", type=str, default="adam", choices=["adam", "sgd", "lion"],
+                   help="Optimizer: adam (AdamW), sgd or lion.")
     g.add_argument("--dataloader-type", type=str, default=None, choices=["single", "cyclic", "external"],
                    help="Data sampler; default single.")
     g.add_argument("--manual-gc", action="store_true",

@@ -18,6 +18,8 @@ CASES = {
     "tensor_parallel_torch_format": (2, ["--tensor-model-parallel-size", "2", "--ckpt-format", "torch"]),
     "pipeline_parallel_async_save": (2, ["--pipeline-model-parallel-size", "2", "--async-save"]),
     "distributed_optimizer_dropout_bf16": (2, ["--use-distributed-optimizer", "--bf16"] + DROPOUT),
+    # Lion's momentum (exp_avg, no step count) through the distributed optimizer's shards
+    "lion_distributed_optimizer_bf16": (1, ["--optimizer", "lion", "--use-distributed-optimizer", "--bf16"]),
 }
 
 
