@@ -94,12 +94,8 @@ def add_moe_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--moe-shared-expert-intermediate-size", type=int, default=None, help=None)
     g.add_argument("--moe-shared-expert-overlap", action="store_true",
                    help="Overlap shared-expert compute with dispatch.")
-    g.add_argument("--moe-shared-expert-gate", action="store_true",
-                   help="Scale the shared expert's output per token by a sigmoid gate "
-                        "(needs --moe-shared-expert-intermediate-size).")
-    g.add_argument("--moe-apply-probs-on-input", action="store_true",
-                   help="Multiply each token by its routing prob before the experts instead of "
-                        "weighting their outputs (needs --moe-router-topk 1).")
+    g.add_argument("--moe-shared-expert-gate", action="store_true", help=None)
+    g.add_argument("--moe-apply-probs-on-input", action="store_true", help=None)
     g.add_argument("--moe-grouped-gemm", action="store_true", help=None)
     g.add_argument("--moe-router-load-balancing-type", type=str, default="aux_loss",
                    choices=["aux_loss", "seq_aux_loss", "global_aux_loss", "sinkhorn", "quantile_balancing", "none"],
