@@ -14,7 +14,7 @@ import math
 import pytest
 import torch
 
-from megatron.core import tensor_parallel
+from megatron.core import process_groups, tensor_parallel
 from megatron.core.inference import StaticInferenceContext
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
@@ -226,3 +226,10 @@ def test_flags_reach_the_config():
     assert (default.softmax_type, default.qk_l2_norm) == ("vanilla", False)
     config = core_transformer_config_from_args(parse_and_validate(base + ["--softmax-type", "learnable", "--qk-l2-norm"]))
     assert (config.softmax_type, config.qk_l2_norm) == ("learnable", True)
+
+
+def test_context_parallel_is_refused(monkeypatch):
+    """A context-parallel group of 2 (faked: the refusal comes before any communication)."""
+    monkeypatch.setattr(process_groups, "group_size", lambda group: 2)
+    with pytest.raises(ValueError, match="--softmax-type learnable is not supported with --context-parallel-size"):
+        DotProductAttention(_config(), layer_number=1)
