@@ -224,7 +224,8 @@ def test_flags_reach_the_config():
             "--max-position-embeddings", "32", "--micro-batch-size", "1"]
     default = core_transformer_config_from_args(parse_and_validate(base))
     assert (default.softmax_type, default.qk_l2_norm) == ("vanilla", False)
-    config = core_transformer_config_from_args(parse_and_validate(base + ["--softmax-type", "learnable", "--qk-l2-norm"]))
+    args = parse_and_validate(base + ["--softmax-type", "learnable", "--qk-l2-norm"])
+    config = core_transformer_config_from_args(args)
     assert (config.softmax_type, config.qk_l2_norm) == ("learnable", True)
 
 
