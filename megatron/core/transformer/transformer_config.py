@@ -97,12 +97,12 @@ class TransformerConfig(ModelParallelConfig):
 
     qk_l2_norm: bool = False
     """Scale queries and keys per head to a unit root-mean-square, without a weight
-    (Llama 4's L2 norm, --qk-l2-norm): x * rsqrt(mean(x^2) + layernorm_epsilon)."""
+    (Llama 4's L2 norm): x * rsqrt(mean(x^2) + layernorm_epsilon) (--qk-l2-norm)."""
 
     softmax_type: str = "vanilla"
-    """Attention softmax (--softmax-type): ``vanilla``; ``off-by-one`` adds a virtual key of
+    """Softmax of the attention scores: ``vanilla``; ``off-by-one`` adds a virtual key of
     logit 0 and value 0 to every row; ``learnable`` makes that logit a per-head parameter
-    (``core_attention.softmax_offset``, attention sinks)."""
+    (``core_attention.softmax_offset``, attention sinks) (--softmax-type)."""
 
     add_bias_linear: bool = True
     """Biases in all linear layers (off with --disable-bias-linear)."""
