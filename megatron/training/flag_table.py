@@ -181,11 +181,10 @@ _refuse("manifold hyper-connections (mHC) are not implemented", "drop the --mhc-
         "--enable-mhc-connections --mhc-init-gating-factor --mhc-num-residual-streams --mhc-recompute-layer-num "
         "--mhc-sinkhorn-iterations")
 _refuse("this architecture option is not implemented", _GPT_OPTIONS,
-        "--activation-func-clamp-value --attention-output-gate --glu-linear-offset --qk-l2-norm --no-rope-freq "
+        "--activation-func-clamp-value --attention-output-gate --glu-linear-offset --no-rope-freq "
         "--heterogeneous-layers-config-encoded-json --heterogeneous-layers-config-path "
         "--moe-latent-size --moe-mlp-glu-interleave-size "
         "--moe-shared-expert-glu-interleave-size --moe-single-grouped-weight --moe-single-grouped-bias")
-_refuse("only the vanilla softmax is implemented", "drop the flag", "--softmax-type", same_as_here=("vanilla",))
 
 _section("Optimization and numerics")
 _refuse("the Muon optimizer is not implemented", "use --optimizer adam",

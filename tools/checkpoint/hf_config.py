@@ -136,6 +136,10 @@ def _moe(args, family: str) -> dict:
 def hf_config_from_args(args, vocab_size: int, dtype: torch.dtype, family: Optional[str] = None) -> dict:
     """The ``config.json`` dict of the HF model equal to the run described by ``args``."""
     family = family or hf_family(args)
+    # None of these families has attention sinks or a weightless q/k L2 norm; exporting
+    # would silently drop them.
+    _require(getattr(args, "softmax_type", "vanilla") == "vanilla", family, "has only the vanilla softmax")
+    _require(not getattr(args, "qk_l2_norm", False), family, "has no q/k L2 norm")
     if family not in _ARCHITECTURES:
         raise ConversionError(f"--hf-model-type {family}: use one of {', '.join(HF_MODEL_TYPES)}")
     body = _gpt2(args, vocab_size) if family == "gpt2" else _llama_like(args, vocab_size, family)

@@ -17,7 +17,7 @@ from megatron.core import process_groups, tensor_parallel
 from megatron.core.models.common.embeddings.rotary_pos_embedding import apply_rotary_pos_emb
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
-from megatron.core.transformer.torch_norm import build_norm
+from megatron.core.transformer.torch_norm import L2Norm, build_norm
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 # core attention's q/k/v differ per tensor-parallel rank, so recompute keeps them whole there
@@ -67,7 +67,13 @@ class SelfAttention(torch.nn.Module):
             skip_bias_add=False,
             tp_group=self.tp_group,
         )
-        if config.qk_layernorm:
+        if config.qk_l2_norm:
+            # Parameter-free, so nothing to mark for tensor parallelism. Applied where the
+            # q/k layernorm is, before RoPE: a rotation keeps each head's norm, so the
+            # order does not matter without YaRN's magnitude scaling.
+            self.q_layernorm = L2Norm(config.kv_channels, eps=config.layernorm_epsilon)
+            self.k_layernorm = L2Norm(config.kv_channels, eps=config.layernorm_epsilon)
+        elif config.qk_layernorm:
             self.q_layernorm = build_norm(config, config.kv_channels)
             self.k_layernorm = build_norm(config, config.kv_channels)
             # Each tensor-parallel rank normalizes different heads with the same weight,

@@ -9,6 +9,13 @@ is the explicit reference math with an fp32 softmax, kept as the yardstick every
 path is tested against. ``auto``, ``flash`` and ``fused`` map to sdpa; ``local`` maps to
 unfused. The choice is logged once per process.
 
+Softmax (--softmax-type): ``off-by-one`` divides by 1 + sum(exp(scores)), as if every row
+had one more key with logit 0 and a zero value; ``learnable`` gives that extra logit per
+head as the parameter ``softmax_offset`` (attention sinks, split over tensor-parallel
+ranks like the heads). The unfused path appends the extra logit to the scores; sdpa
+appends a zero key and value and carries the logit (and the mask) in a float bias, which
+is exact but materializes a [b, np, sq, sk + 1] bias.
+
 Mask convention (Megatron's): a bool tensor where True means "masked out".
 """
 
@@ -23,6 +30,7 @@ import torch.nn.functional as F
 
 from megatron.core import process_groups, tensor_parallel
 from megatron.core.fusions.sdpa_backends import repeat_kv_for_cudnn, sdpa_backend_priority
+from megatron.core.tensor_parallel.layers import _param_device, set_tensor_model_parallel_attributes
 from megatron.core.transformer.context_parallel import ContextParallelAttention, resolve_comm_type
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -122,11 +130,53 @@ class DotProductAttention(torch.nn.Module):
         self.coeff = float(self.layer_number) if config.apply_query_key_layer_scaling else 1.0
         self.window_size = config.window_size
         self.cp_attention = self._build_context_parallel(config, groups.cp)
+        self._build_softmax_offset(config, groups.tp)
+
+    def _build_softmax_offset(self, config: TransformerConfig, tp_group) -> None:
+        """``softmax_offset`` [heads on this rank]: None (vanilla), zeros not saved in
+        checkpoints (off-by-one), or a parameter split over tensor-parallel ranks (learnable)."""
+        softmax_type = getattr(config, "softmax_type", "vanilla")
+        if softmax_type == "vanilla":
+            self.softmax_offset = None
+            return
+        tp = process_groups.group_size(tp_group)
+        heads = config.num_attention_heads // tp
+        device = _param_device(config)
+        if softmax_type == "off-by-one":
+            self.register_buffer(
+                "softmax_offset", torch.zeros(heads, device=device, dtype=config.params_dtype), persistent=False
+            )
+            return
+        offset = torch.nn.Parameter(torch.empty(heads, device=device, dtype=config.params_dtype))
+        if config.perform_initialization and device.type != "meta":
+            self._init_softmax_offset(offset, config, tp_group)
+        set_tensor_model_parallel_attributes(offset, True, 0, 1)
+        self.softmax_offset = offset
+
+    @staticmethod
+    def _init_softmax_offset(offset: torch.nn.Parameter, config: TransformerConfig, tp_group) -> None:
+        """config.init_method, as Megatron initializes the sink logits; with
+        --use-cpu-initialization the full vector is drawn and split, so the model does not
+        depend on the tensor-parallel size."""
+        with torch.no_grad():
+            if config.use_cpu_initialization:
+                full = torch.empty(config.num_attention_heads, dtype=torch.float32)
+                config.init_method(full)
+                rank = process_groups.group_rank(tp_group)
+                offset.copy_(full.view(-1, offset.numel())[rank])
+            else:
+                with tensor_parallel.get_cuda_rng_tracker().fork():
+                    config.init_method(offset)
 
     def _build_context_parallel(self, config: TransformerConfig, cp_group):
         """The context-parallel attention of this layer, or None without context parallelism."""
         if process_groups.group_size(cp_group) == 1:
             return None
+        if getattr(config, "softmax_type", "vanilla") != "vanilla":
+            raise ValueError(
+                f"--softmax-type {config.softmax_type} is not supported with --context-parallel-size > 1: "
+                "use --context-parallel-size 1 or --softmax-type vanilla"
+            )
         comm_type = resolve_comm_type(getattr(config, "cp_comm_type", None), self.layer_number)
         causal = self.attn_mask_type in (AttnMaskType.causal, AttnMaskType.padding_causal)
         return ContextParallelAttention(
@@ -188,6 +238,8 @@ class DotProductAttention(torch.nn.Module):
         q = query.permute(1, 2, 0, 3)  # [b, np, sq, hn]
         k = key.permute(1, 2, 0, 3)
         v = value.permute(1, 2, 0, 3)
+        if self.softmax_offset is not None:
+            return self._sdpa_with_sink(q, k, v, mask, is_causal, dropout_p)
         attn_mask = None if mask is None else ~mask  # torch: True = attend
         if repeat_kv_for_cudnn(q, k, v, attn_mask, dropout_p, is_causal):
             repeats = q.shape[1] // k.shape[1]
@@ -203,6 +255,29 @@ class DotProductAttention(torch.nn.Module):
                 is_causal=is_causal,
                 scale=self.softmax_scale,
                 enable_gqa=q.shape[1] != k.shape[1],
+            )
+        return out.permute(2, 0, 1, 3)
+
+    def _sdpa_with_sink(self, q, k, v, mask, is_causal, dropout_p):
+        """sdpa over the keys plus one zero key/value whose logit is the per-head offset:
+        the extra column of the float bias holds the offset (q . 0 = 0), the others 0 or
+        -inf where masked. No row is fully masked, so no NaN."""
+        b, np_, sq, hn = q.shape
+        ng, sk = k.shape[1], k.shape[2]
+        if is_causal:
+            mask = build_attention_mask(sq, sk, AttnMaskType.causal, None, None, q.device)
+        bias = torch.zeros(1, 1, sq, sk, dtype=q.dtype, device=q.device)
+        if mask is not None:
+            bias = bias.masked_fill(mask, float("-inf"))
+        bias = bias.expand(bias.shape[0], np_, sq, sk)
+        sink = self.softmax_offset.to(q.dtype).view(1, np_, 1, 1).expand(bias.shape[0], np_, sq, 1)
+        bias = torch.cat([bias, sink], dim=-1)
+        zero = k.new_zeros(b, ng, 1, hn)
+        k = torch.cat([k, zero], dim=2)
+        v = torch.cat([v, zero], dim=2)
+        with sdpa_backend_priority(q.device):
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=bias, dropout_p=dropout_p, scale=self.softmax_scale, enable_gqa=np_ != ng
             )
         return out.permute(2, 0, 1, 3)
 
@@ -222,8 +297,17 @@ class DotProductAttention(torch.nn.Module):
             mask = build_attention_mask(sq, sk, AttnMaskType.causal, None, None, query.device)
         if mask is not None:
             scores = scores.masked_fill(mask.unsqueeze(2), _MASKED_SCORE)  # [b|1, 1, 1, sq, sk]
-        probs = torch.softmax(scores, dim=-1).to(value.dtype)
+        probs = self._softmax(scores).to(value.dtype)
         if dropout_p > 0.0:
             probs = F.dropout(probs, p=dropout_p, training=True)
         context = torch.matmul(probs, v)  # [b, ng, np/ng, sq, hn]
         return context.reshape(b, np_, sq, hn).permute(2, 0, 1, 3)
+
+    def _softmax(self, scores: torch.Tensor) -> torch.Tensor:
+        """Softmax over the last dim of scores [b, ng, np/ng, sq, sk], with the extra
+        per-head logit of the off-by-one / learnable softmax as a dropped last column."""
+        if self.softmax_offset is None:
+            return torch.softmax(scores, dim=-1)
+        b, ng, per_group, sq, _ = scores.shape
+        sink = self.softmax_offset.to(scores.dtype).view(1, ng, per_group, 1, 1).expand(b, ng, per_group, sq, 1)
+        return torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]

@@ -84,6 +84,23 @@ class RMSNorm(_Norm):
         return norm(x, self.weight, self.eps, self.zero_centered_gamma)
 
 
+class L2Norm(torch.nn.Module):
+    """Llama 4's query/key norm (--qk-l2-norm): x * rsqrt(mean(x^2) + eps) over the last
+    dim, an RMSNorm without a weight, so it has no parameters.
+
+    Input [..., hidden] -> output [..., hidden] in the input's dtype; fp32 math.
+    """
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6, **_unused):
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x_float = x.float()
+        return (x_float * torch.rsqrt(x_float.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
+
 def build_norm(config: TransformerConfig, hidden_size: int, eps: float | None = None) -> torch.nn.Module:
     """The norm chosen by --normalization, sized ``hidden_size``.
 

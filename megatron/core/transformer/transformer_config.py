@@ -95,6 +95,15 @@ class TransformerConfig(ModelParallelConfig):
     qk_layernorm: bool = False
     """Normalize queries and keys per head before attention (--qk-layernorm)."""
 
+    qk_l2_norm: bool = False
+    """Scale queries and keys per head to a unit root-mean-square, without a weight
+    (Llama 4's L2 norm): x * rsqrt(mean(x^2) + layernorm_epsilon) (--qk-l2-norm)."""
+
+    softmax_type: str = "vanilla"
+    """Softmax of the attention scores: ``vanilla``; ``off-by-one`` adds a virtual key of
+    logit 0 and value 0 to every row; ``learnable`` makes that logit a per-head parameter
+    (``core_attention.softmax_offset``, attention sinks) (--softmax-type)."""
+
     add_bias_linear: bool = True
     """Biases in all linear layers (off with --disable-bias-linear)."""
 
@@ -336,6 +345,7 @@ class TransformerConfig(ModelParallelConfig):
         if self.num_query_groups is None:
             self.num_query_groups = self.num_attention_heads
         self._check_parallel_shape()
+        self._check_attention_options()
         if self.init_method is None:
             self.init_method = init_method_normal(self.init_method_std)
         if self.output_layer_init_method is None:
@@ -375,6 +385,17 @@ class TransformerConfig(ModelParallelConfig):
             )
         if self.window_size is not None and (len(self.window_size) != 2 or self.window_size[0] < 0):
             raise ValueError(f"--window-size must be two non-negative integers (left, right), got {self.window_size}")
+
+    def _check_attention_options(self) -> None:
+        if self.softmax_type not in ("vanilla", "off-by-one", "learnable"):
+            raise ValueError(
+                f"--softmax-type must be vanilla, off-by-one or learnable, got {self.softmax_type!r}"
+            )
+        if self.qk_l2_norm and self.qk_layernorm:
+            # Megatron's layer spec silently lets the L2 norm replace the q/k layernorm.
+            raise ValueError(
+                "--qk-l2-norm replaces the q/k norm, so --qk-layernorm would have no effect: drop one of them"
+            )
 
     def _check_parallel_shape(self) -> None:
         tp = self.tensor_model_parallel_size

@@ -62,6 +62,9 @@ def add_network_size_args(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     g.add_argument("--untie-embeddings-and-output-weights", action="store_true",
                    help="Give the output layer its own weights instead of sharing the word embedding.")
     g.add_argument("--qk-layernorm", action="store_true", help=None)
+    g.add_argument("--qk-l2-norm", action="store_true", help=None)
+    g.add_argument("--softmax-type", type=str, default="vanilla", choices=["vanilla", "off-by-one", "learnable"],
+                   help=None)
     g.add_argument("--window-size", type=int_tuple, default=None, help=None)
     g.add_argument("--window-attn-skip-freq", type=int_or_pattern, default=None,
                    help="Every N-th layer (or a pattern such as ([0]*3+[1])*2) uses full attention "

@@ -39,6 +39,14 @@ CASES = {
         ),
         dict(position_embedding_type="rope", share_embeddings_and_output_weights=False, rotary_base=10000),
     ),
+    # attention sinks: the per-head softmax_offset is split over ranks like the heads
+    "sinks": (
+        dict(
+            num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2, normalization="RMSNorm",
+            add_bias_linear=False, softmax_type="learnable", qk_l2_norm=True,
+        ),
+        dict(position_embedding_type="rope", share_embeddings_and_output_weights=False),
+    ),
 }
 
 

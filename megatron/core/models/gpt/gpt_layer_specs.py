@@ -6,7 +6,7 @@ Both layer specs name the same local pure-PyTorch modules: there is no Transform
 here, and the local layers already fuse what TE's spec asks for where PyTorch can. GPTModel
 builds its layers from the ``TransformerConfig``; it reads a spec to refuse one that asks for
 something the config does not build (``spec_check``), so a spec and a config must agree on
-MoE (``num_experts`` vs ``num_moe_experts``) and ``qk_layernorm``.
+MoE (``num_experts`` vs ``num_moe_experts``), ``qk_layernorm`` and ``qk_l2_norm``.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from megatron.core.transformer.mlp import MLP
 from megatron.core.transformer.moe.experts import GroupedMLP, SequentialMLP
 from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.spec_utils import ModuleSpec
-from megatron.core.transformer.torch_norm import LayerNorm, RMSNorm, WrappedTorchNorm
+from megatron.core.transformer.torch_norm import L2Norm, LayerNorm, RMSNorm, WrappedTorchNorm
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
 logger = logging.getLogger(__name__)
@@ -80,13 +80,13 @@ def get_gpt_layer_local_spec(
     use_kitchen: bool = False,
 ) -> ModuleSpec:
     """A GPT layer of the local modules: pre-norm self attention (causal) and MLP/MoE,
-    each followed by bias-dropout-add. Multi-latent attention, qk L2 norm and kitchen
-    layers are refused (not built here)."""
+    each followed by bias-dropout-add. ``qk_l2_norm`` puts L2Norm in place of the q/k
+    norms, as Megatron-Core does. Multi-latent attention and kitchen layers are refused
+    (not built here)."""
     _refuse("multi_latent_attention", multi_latent_attention)
-    _refuse("qk_l2_norm", qk_l2_norm)
     _refuse("use_kitchen", use_kitchen)
     norm = _norm_class(normalization)
-    qk_norm = norm if qk_layernorm else IdentityOp
+    qk_norm = L2Norm if qk_l2_norm else norm if qk_layernorm else IdentityOp
     attention = ModuleSpec(
         module=SelfAttention,
         params={"attn_mask_type": AttnMaskType.causal},

@@ -23,12 +23,12 @@ from megatron.core.transformer.moe.experts import GroupedMLP, SequentialMLP
 from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.moe.shared_experts import SharedExpertMLP
 from megatron.core.transformer.spec_utils import ModuleSpec, get_module
-from megatron.core.transformer.torch_norm import LayerNorm, RMSNorm, WrappedTorchNorm
+from megatron.core.transformer.torch_norm import L2Norm, LayerNorm, RMSNorm, WrappedTorchNorm
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
 _BUILDABLE = (
     TransformerLayer, SelfAttention, DotProductAttention, ColumnParallelLinear, RowParallelLinear,
-    MLP, MoELayer, SequentialMLP, GroupedMLP, SharedExpertMLP, LayerNorm, RMSNorm, WrappedTorchNorm,
+    MLP, MoELayer, SequentialMLP, GroupedMLP, SharedExpertMLP, LayerNorm, RMSNorm, WrappedTorchNorm, L2Norm,
     IdentityOp, IdentityFuncOp, get_bias_dropout_add,
 )
 _HOW_TO = "build the spec with megatron.core.models.gpt.gpt_layer_specs.get_gpt_layer_local_spec"
@@ -99,7 +99,12 @@ def _check_layer(spec, config) -> None:
             f"{config.moe_grouped_gemm}; pass moe_grouped_gemm=config.moe_grouped_gemm to the spec function"
         )
     q_norm = found.get("layer.self_attention.q_layernorm", IdentityOp)
-    if (q_norm not in (IdentityOp, None)) != bool(config.qk_layernorm):
+    if (q_norm is L2Norm) != bool(getattr(config, "qk_l2_norm", False)):
+        raise ValueError(
+            f"transformer_layer_spec and config disagree on the q/k L2 norm (config.qk_l2_norm={config.qk_l2_norm}); "
+            "pass qk_l2_norm=config.qk_l2_norm to the spec function"
+        )
+    if q_norm is not L2Norm and (q_norm not in (IdentityOp, None)) != bool(config.qk_layernorm):
         raise ValueError(
             f"transformer_layer_spec and config disagree on q/k layernorm (config.qk_layernorm={config.qk_layernorm}); "
             "pass qk_layernorm=config.qk_layernorm to the spec function"
