@@ -95,6 +95,37 @@ class TransformerConfig(ModelParallelConfig):
     qk_layernorm: bool = False
     """Normalize queries and keys per head before attention (--qk-layernorm)."""
 
+    multi_latent_attention: bool = False
+    """DeepSeek multi-latent attention: low-rank q/kv projections, RoPE on a separate
+    per-head sub-dimension (--multi-latent-attention)."""
+
+    q_lora_rank: Optional[int] = None
+    """Rank of the query down projection; None projects queries directly (--q-lora-rank)."""
+
+    kv_lora_rank: int = 32
+    """Rank of the key/value latent (--kv-lora-rank)."""
+
+    qk_head_dim: int = 128
+    """Per-head query/key dims without position embedding (--qk-head-dim)."""
+
+    qk_pos_emb_head_dim: int = 64
+    """Per-head query/key dims that RoPE rotates; the key part is shared by all heads
+    (--qk-pos-emb-head-dim)."""
+
+    v_head_dim: int = 128
+    """Per-head value dims (--v-head-dim)."""
+
+    rotary_scaling_factor: float = 1.0
+    """YaRN rotary scaling factor of multi-latent attention; only 1.0 (plain RoPE) is
+    implemented (--rotary-scaling-factor)."""
+
+    mscale: float = 1.0
+    """YaRN attention-scale coefficient, used when --rotary-scaling-factor > 1 (--mscale)."""
+
+    mscale_all_dim: float = 0.0
+    """YaRN attention-scale coefficient of all dims, used when --rotary-scaling-factor > 1
+    (--mscale-all-dim)."""
+
     add_bias_linear: bool = True
     """Biases in all linear layers (off with --disable-bias-linear)."""
 
@@ -345,6 +376,10 @@ class TransformerConfig(ModelParallelConfig):
                                           else init_method_normal(self.embedding_init_method_std))
         if self.apply_query_key_layer_scaling:
             self.attention_softmax_in_fp32 = True
+        if self.multi_latent_attention:
+            from megatron.core.transformer.mla_config_checks import check_mla_config
+
+            check_mla_config(self)
         if self.num_moe_experts is not None:
             from megatron.core.transformer.moe.moe_config_checks import check_moe_config
 

@@ -23,12 +23,14 @@ from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.layer_submodules import (
     MLPSubmodules,
     MoESubmodules,
+    MLASelfAttentionSubmodules,
     SelfAttentionSubmodules,
     TransformerLayerSubmodules,
 )
 from megatron.core.transformer.mlp import MLP
 from megatron.core.transformer.moe.experts import GroupedMLP, SequentialMLP
 from megatron.core.transformer.moe.moe_layer import MoELayer
+from megatron.core.transformer.multi_latent_attention import MLASelfAttention, ReplicatedLinear
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.torch_norm import LayerNorm, RMSNorm, WrappedTorchNorm
 from megatron.core.transformer.transformer_layer import TransformerLayer
@@ -68,6 +70,40 @@ def get_mlp_module_spec(
     return ModuleSpec(module=MoELayer, submodules=MoESubmodules(experts=ModuleSpec(module=experts, submodules=expert_mlp)))
 
 
+def _attention_spec(qk_norm) -> ModuleSpec:
+    return ModuleSpec(
+        module=SelfAttention,
+        params={"attn_mask_type": AttnMaskType.causal},
+        submodules=SelfAttentionSubmodules(
+            linear_qkv=ColumnParallelLinear,
+            core_attention=DotProductAttention,
+            linear_proj=RowParallelLinear,
+            q_layernorm=qk_norm,
+            k_layernorm=qk_norm,
+        ),
+    )
+
+
+def _mla_spec(qk_norm) -> ModuleSpec:
+    """Megatron's multi-latent attention submodules: the down projections replicated on
+    every tensor-parallel rank, the up projections column-parallel."""
+    return ModuleSpec(
+        module=MLASelfAttention,
+        params={"attn_mask_type": AttnMaskType.causal},
+        submodules=MLASelfAttentionSubmodules(
+            linear_q_proj=ColumnParallelLinear,
+            linear_q_down_proj=ReplicatedLinear,
+            linear_q_up_proj=ColumnParallelLinear,
+            linear_kv_down_proj=ReplicatedLinear,
+            linear_kv_up_proj=ColumnParallelLinear,
+            core_attention=DotProductAttention,
+            linear_proj=RowParallelLinear,
+            q_layernorm=qk_norm,
+            kv_layernorm=qk_norm,
+        ),
+    )
+
+
 def get_gpt_layer_local_spec(
     num_experts: Optional[int] = None,
     moe_grouped_gemm: bool = False,
@@ -80,24 +116,13 @@ def get_gpt_layer_local_spec(
     use_kitchen: bool = False,
 ) -> ModuleSpec:
     """A GPT layer of the local modules: pre-norm self attention (causal) and MLP/MoE,
-    each followed by bias-dropout-add. Multi-latent attention, qk L2 norm and kitchen
-    layers are refused (not built here)."""
-    _refuse("multi_latent_attention", multi_latent_attention)
+    each followed by bias-dropout-add; ``multi_latent_attention`` selects MLASelfAttention.
+    qk L2 norm and kitchen layers are refused (not built here)."""
     _refuse("qk_l2_norm", qk_l2_norm)
     _refuse("use_kitchen", use_kitchen)
     norm = _norm_class(normalization)
     qk_norm = norm if qk_layernorm else IdentityOp
-    attention = ModuleSpec(
-        module=SelfAttention,
-        params={"attn_mask_type": AttnMaskType.causal},
-        submodules=SelfAttentionSubmodules(
-            linear_qkv=ColumnParallelLinear,
-            core_attention=DotProductAttention,
-            linear_proj=RowParallelLinear,
-            q_layernorm=qk_norm,
-            k_layernorm=qk_norm,
-        ),
-    )
+    attention = _mla_spec(qk_norm) if multi_latent_attention else _attention_spec(qk_norm)
     mlp = get_mlp_module_spec(
         use_te=False, num_experts=num_experts, moe_grouped_gemm=moe_grouped_gemm, fp8=fp8,
         moe_use_legacy_grouped_gemm=moe_use_legacy_grouped_gemm,

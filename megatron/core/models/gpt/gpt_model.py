@@ -89,13 +89,18 @@ class GPTModel(LanguageModule):
                 f"got {max_sequence_length}"
             )
         check_layer_spec(transformer_layer_spec, config)
+        if config.multi_latent_attention and (position_embedding_type != "rope" or rotary_percent != 1.0):
+            raise ValueError(
+                "--multi-latent-attention needs --position-embedding-type rope with --rotary-percent 1.0 "
+                f"(got {position_embedding_type!r}, {rotary_percent}): RoPE runs on its own qk_pos_emb_head_dim dims"
+            )
         self.transformer_layer_spec = transformer_layer_spec
         self.vp_stage = vp_stage
         if pre_process:
             self._build_embedding()
         if position_embedding_type == "rope":
             self.rotary_pos_emb = RotaryEmbedding(
-                config.kv_channels,
+                config.qk_pos_emb_head_dim if config.multi_latent_attention else config.kv_channels,
                 rotary_percent,
                 rotary_interleaved=config.rotary_interleaved,
                 seq_len_interpolation_factor=seq_len_interpolation_factor,

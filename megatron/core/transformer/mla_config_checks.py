@@ -1,0 +1,52 @@
+"""Validation of the multi-latent attention fields of a TransformerConfig.
+
+Called from ``TransformerConfig.__post_init__`` when ``multi_latent_attention`` is set.
+Each refusal names the flag, the value and the fix: combinations Megatron-LM refuses
+(grouped-query attention) and the ones this implementation does not build yet.
+"""
+
+from __future__ import annotations
+
+
+def _positive(flag: str, value) -> None:
+    if not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{flag} must be a positive integer with --multi-latent-attention, got {value!r}")
+
+
+def check_mla_config(config) -> None:
+    """Raise ValueError unless ``config`` describes a multi-latent attention this package builds."""
+    if config.q_lora_rank is not None:
+        _positive("--q-lora-rank", config.q_lora_rank)
+    _positive("--kv-lora-rank", config.kv_lora_rank)
+    _positive("--qk-head-dim", config.qk_head_dim)
+    _positive("--v-head-dim", config.v_head_dim)
+    _positive("--qk-pos-emb-head-dim", config.qk_pos_emb_head_dim)
+    if config.qk_pos_emb_head_dim % 2:
+        raise ValueError(
+            f"--qk-pos-emb-head-dim must be even (RoPE rotates pairs of dims), got {config.qk_pos_emb_head_dim}"
+        )
+    if config.num_query_groups != config.num_attention_heads:
+        raise ValueError(
+            "--multi-latent-attention cannot be combined with grouped-query attention "
+            f"(--num-query-groups {config.num_query_groups} vs --num-attention-heads {config.num_attention_heads}): "
+            "drop --group-query-attention and --num-query-groups"
+        )
+    if config.rotary_scaling_factor != 1.0:
+        raise ValueError(
+            f"--rotary-scaling-factor {config.rotary_scaling_factor}: YaRN rotary scaling of multi-latent "
+            "attention is not implemented; use --rotary-scaling-factor 1.0 (plain RoPE)"
+        )
+    if config.rotary_interleaved:
+        raise ValueError(
+            "--rotary-interleaved is not supported with --multi-latent-attention (its RoPE already pairs "
+            "adjacent dims, as DeepSeek's does): drop --rotary-interleaved"
+        )
+    if config.context_parallel_size > 1:
+        raise ValueError(
+            f"--context-parallel-size {config.context_parallel_size} is not supported with "
+            "--multi-latent-attention yet: use --context-parallel-size 1"
+        )
+    if config.sequence_parallel:
+        raise ValueError(
+            "--sequence-parallel is not supported with --multi-latent-attention yet: drop --sequence-parallel"
+        )

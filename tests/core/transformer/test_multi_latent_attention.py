@@ -1,0 +1,157 @@
+"""Multi-latent attention: the module against a hand-written forward from the weights,
+the GPT layer spec and the config refusals, and TP=2 equal to one process (gloo)."""
+
+import io
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer.multi_latent_attention import MLASelfAttention
+from megatron.core.transformer.transformer_config import TransformerConfig
+from tests.core.models.test_gpt_tensor_parallel import _full_grad
+from tests.multirank import run_on_ranks
+
+MLA = dict(
+    num_layers=2, hidden_size=32, num_attention_heads=4, multi_latent_attention=True, kv_lora_rank=16,
+    qk_head_dim=8, qk_pos_emb_head_dim=4, v_head_dim=6, normalization="RMSNorm", qk_layernorm=True,
+    add_bias_linear=False, hidden_dropout=0.0, attention_dropout=0.0, use_cpu_initialization=True,
+)
+
+
+def _config(**overrides) -> TransformerConfig:
+    return TransformerConfig(**{**MLA, **overrides})
+
+
+def _rope_ref(x, pos):
+    """DeepSeek's RoPE on adjacent pairs (x0, x1), (x2, x3)... with frequency index i."""
+    d = x.shape[-1]
+    inv = 1.0 / (10000 ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
+    ang = pos[:, None].float() * inv[None, :]  # [s, d/2]
+    cos, sin = ang.cos()[:, None, None, :], ang.sin()[:, None, None, :]
+    even, odd = x[..., 0::2], x[..., 1::2]
+    # de-interleaved output ordering: [rotated evens ; rotated odds]
+    return torch.cat((even * cos - odd * sin, odd * cos + even * sin), dim=-1)
+
+
+def _rms(x, w, eps=1e-5):
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
+
+
+def _reference(attn: MLASelfAttention, x: torch.Tensor, c: TransformerConfig) -> torch.Tensor:
+    s, b, _ = x.shape
+    n, dq, dr, dv = c.num_attention_heads, c.qk_head_dim, c.qk_pos_emb_head_dim, c.v_head_dim
+    if c.q_lora_rank is None:
+        q = x @ attn.linear_q_proj.weight.T
+    else:
+        q = _rms(x @ attn.linear_q_down_proj.weight.T, attn.q_layernorm.weight) @ attn.linear_q_up_proj.weight.T
+    q = q.view(s, b, n, dq + dr)
+    ckv = x @ attn.linear_kv_down_proj.weight.T
+    latent, k_pe = ckv[..., : c.kv_lora_rank], ckv[..., c.kv_lora_rank:]
+    kv = (_rms(latent, attn.kv_layernorm.weight) @ attn.linear_kv_up_proj.weight.T).view(s, b, n, dq + dv)
+    pos = torch.arange(s)
+    q_full = torch.cat((q[..., :dq], _rope_ref(q[..., dq:], pos)), -1)
+    k_pe = _rope_ref(k_pe.view(s, b, 1, dr), pos).expand(s, b, n, dr)
+    k_full = torch.cat((kv[..., :dq], k_pe), -1)
+    scores = torch.einsum("sbnd,tbnd->bnst", q_full, k_full) / math.sqrt(dq + dr)
+    scores = scores.masked_fill(torch.ones(s, s, dtype=torch.bool).triu(1), float("-inf"))
+    ctx = torch.einsum("bnst,tbnd->sbnd", scores.softmax(-1), kv[..., dq:]).reshape(s, b, n * dv)
+    return ctx @ attn.linear_proj.weight.T
+
+
+@pytest.mark.parametrize("q_lora_rank", [None, 12])
+def test_mla_matches_reference(q_lora_rank):
+    torch.manual_seed(0)
+    config = _config(q_lora_rank=q_lora_rank)
+    model = GPTModel(config, vocab_size=64, max_sequence_length=16, position_embedding_type="rope")
+    attn = model.decoder.layers[0].self_attention
+    assert isinstance(attn, MLASelfAttention)
+    for norm in (getattr(attn, "q_layernorm", None), attn.kv_layernorm):
+        if norm is not None:
+            torch.nn.init.uniform_(norm.weight, 0.5, 1.5)
+    x = torch.randn(7, 2, config.hidden_size)
+    freqs = model.rotary_pos_emb(7)
+    out, bias = attn(x, rotary_pos_emb=freqs)
+    assert bias is None
+    torch.testing.assert_close(out, _reference(attn, x, config), atol=1e-5, rtol=1e-5)
+
+
+def test_state_dict_uses_megatron_names():
+    model = GPTModel(_config(q_lora_rank=12), vocab_size=64, max_sequence_length=16, position_embedding_type="rope")
+    keys = {k.split("self_attention.", 1)[1] for k in model.state_dict() if "layers.0.self_attention." in k}
+    assert keys == {
+        "linear_q_down_proj.weight", "q_layernorm.weight", "linear_q_up_proj.weight", "linear_kv_down_proj.weight",
+        "kv_layernorm.weight", "linear_kv_up_proj.weight", "linear_proj.weight",
+    }
+    assert model.decoder.layers[0].self_attention.linear_kv_down_proj.weight.shape == (16 + 4, 32)
+
+
+def test_layer_spec_agrees_with_config():
+    spec = get_gpt_layer_local_spec(multi_latent_attention=True, qk_layernorm=True, normalization="RMSNorm")
+    GPTModel(_config(), vocab_size=64, max_sequence_length=16, position_embedding_type="rope",
+             transformer_layer_spec=spec)
+    with pytest.raises(ValueError, match="multi_latent_attention"):
+        GPTModel(_config(), vocab_size=64, max_sequence_length=16, position_embedding_type="rope",
+                 transformer_layer_spec=get_gpt_layer_local_spec(qk_layernorm=True, normalization="RMSNorm"))
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (dict(num_query_groups=2), "grouped-query"),
+    (dict(rotary_scaling_factor=40.0), "--rotary-scaling-factor"),
+    (dict(context_parallel_size=2), "--context-parallel-size"),
+    (dict(qk_pos_emb_head_dim=5), "--qk-pos-emb-head-dim"),
+    (dict(kv_lora_rank=0), "--kv-lora-rank"),
+    (dict(rotary_interleaved=True), "--rotary-interleaved"),
+])
+def test_config_refusals(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        _config(**overrides)
+
+
+def test_needs_rope():
+    with pytest.raises(ValueError, match="--position-embedding-type rope"):
+        GPTModel(_config(), vocab_size=64, max_sequence_length=16, position_embedding_type="learned_absolute")
+
+
+VOCAB, SEQ, BATCH = 64, 8, 2
+
+
+def _build_tp(tp: int) -> GPTModel:
+    config = _config(q_lora_rank=12, tensor_model_parallel_size=tp)
+    torch.manual_seed(1234)
+    return GPTModel(config, vocab_size=VOCAB, max_sequence_length=SEQ, parallel_output=False,
+                    position_embedding_type="rope", share_embeddings_and_output_weights=False)
+
+
+def _run(model):
+    gen = torch.Generator().manual_seed(7)
+    ids = torch.randint(0, VOCAB, (BATCH, SEQ), generator=gen)
+    labels = torch.randint(0, VOCAB, (BATCH, SEQ), generator=gen)
+    loss = model(ids, None, None, labels=labels)
+    loss.sum().backward()
+    return loss.detach()
+
+
+def _tp_rank_fn(rank, world_size):
+    groups = parallel_state.initialize_model_parallel(world_size, 1)
+    model = _build_tp(world_size)
+    loss = _run(model)
+    grads = {name: _full_grad(p, groups.tp) for name, p in model.named_parameters()}
+    buffer = io.BytesIO()
+    torch.save(dict(loss=loss, grads=grads), buffer)
+    return buffer.getvalue()
+
+
+def test_tp2_matches_tp1():
+    results = [torch.load(io.BytesIO(blob)) for blob in run_on_ranks(_tp_rank_fn, 2)]
+    reference = _build_tp(1)
+    loss = _run(reference)
+    for rank, got in enumerate(results):
+        torch.testing.assert_close(got["loss"], loss, atol=1e-6, rtol=1e-5)
+        for name, param in reference.named_parameters():
+            torch.testing.assert_close(got["grads"][name], param.grad, atol=1e-5, rtol=1e-5,
+                                       msg=lambda m, n=name: f"rank {rank} grad {n}: {m}")
