@@ -123,7 +123,7 @@ class MLASelfAttention(torch.nn.Module):
         )
         self.kv_layernorm = norm(config.kv_lora_rank)
         self.linear_kv_up_proj = column(config.kv_lora_rank, n * (config.qk_head_dim + config.v_head_dim))
-        mscale = yarn_get_mscale(config.rotary_scaling_factor, config.mscale)
+        mscale = yarn_get_mscale(config.rotary_scaling_factor, config.mscale_all_dim)
         self.softmax_scale = mscale * mscale / math.sqrt(self.q_head_dim)
         self.core_attention = DotProductAttention(
             config, layer_number, attn_mask_type, attention_type="self",

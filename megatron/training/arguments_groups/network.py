@@ -62,6 +62,15 @@ def add_network_size_args(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     g.add_argument("--untie-embeddings-and-output-weights", action="store_true",
                    help="Give the output layer its own weights instead of sharing the word embedding.")
     g.add_argument("--qk-layernorm", action="store_true", help=None)
+    g.add_argument("--multi-latent-attention", action="store_true", help=None)
+    g.add_argument("--q-lora-rank", type=int, default=None, help=None)
+    g.add_argument("--kv-lora-rank", type=int, default=32, help=None)
+    g.add_argument("--qk-head-dim", type=int, default=128, help=None)
+    g.add_argument("--qk-pos-emb-head-dim", type=int, default=64, help=None)
+    g.add_argument("--v-head-dim", type=int, default=128, help=None)
+    g.add_argument("--rotary-scaling-factor", type=float, default=1.0, help=None)
+    g.add_argument("--mscale", type=float, default=1.0, help=None)
+    g.add_argument("--mscale-all-dim", type=float, default=0.0, help=None)
     g.add_argument("--window-size", type=int_tuple, default=None, help=None)
     g.add_argument("--window-attn-skip-freq", type=int_or_pattern, default=None,
                    help="Every N-th layer (or a pattern such as ([0]*3+[1])*2) uses full attention "

@@ -26,6 +26,7 @@ ARCHITECTURE_FLAGS = {
     "untie_embeddings_and_output_weights": "--untie-embeddings-and-output-weights",
     "position_embedding_type": "--position-embedding-type",
     "qk_layernorm": "--qk-layernorm",
+    "multi_latent_attention": "--multi-latent-attention",
     "num_experts": "--num-experts",
     "moe_ffn_hidden_size": "--moe-ffn-hidden-size",
     "max_position_embeddings": "--max-position-embeddings",
