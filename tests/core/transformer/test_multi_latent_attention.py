@@ -155,3 +155,17 @@ def test_tp2_matches_tp1():
         for name, param in reference.named_parameters():
             torch.testing.assert_close(got["grads"][name], param.grad, atol=1e-5, rtol=1e-5,
                                        msg=lambda m, n=name: f"rank {rank} grad {n}: {m}")
+
+
+def test_selective_recompute_gives_the_same_gradients():
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(3))
+    grads = []
+    for granularity in (None, "selective"):
+        torch.manual_seed(0)
+        model = GPTModel(_config(q_lora_rank=12, recompute_granularity=granularity), vocab_size=64,
+                         max_sequence_length=16, position_embedding_type="rope").train()
+        model(ids, None, None, labels=ids).sum().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-6, rtol=1e-6, msg=name)
