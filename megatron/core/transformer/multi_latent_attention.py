@@ -74,6 +74,19 @@ def _rope_deinterleaved(t: torch.Tensor, freqs: torch.Tensor, config: Transforme
     return apply_rotary_pos_emb(t, freqs, config, rotary_interleaved=False)
 
 
+def _pad_to_one_width(query, key, value):
+    """Scores use dq + dr dims, the context dv; the attention backends and the KV caches take
+    one head width, so the narrower side is zero-padded (zeros add nothing to q.k, and the
+    context's padded dims are dropped afterwards)."""
+    qk_width, v_width = query.shape[-1], value.shape[-1]
+    if v_width < qk_width:
+        value = F.pad(value, (0, qk_width - v_width))
+    elif qk_width < v_width:
+        query = F.pad(query, (0, v_width - qk_width))
+        key = F.pad(key, (0, v_width - qk_width))
+    return query, key, value
+
+
 class MLASelfAttention(torch.nn.Module):
     """Multi-latent self-attention of one transformer layer.
 
@@ -168,20 +181,18 @@ class MLASelfAttention(torch.nn.Module):
         key = torch.cat((k_no_pe, k_pos_emb.expand(-1, -1, self.num_heads_per_partition, -1)), dim=-1)
         return query, key, value
 
-    def _core_attention(self, query, key, value, attention_mask, attn_mask_type):
-        # Scores use dq + dr dims, the context dv: pad values to the key width so the
-        # attention backends (which take one head size) apply, then drop the padding.
-        pad = query.shape[-1] - value.shape[-1]
-        padded = F.pad(value, (0, pad)) if pad > 0 else value
+    def _core_attention(self, query, key, padded_value, attention_mask, attn_mask_type):
+        """q, k, v of one head width (``_pad_to_one_width``) -> context [sq, b, np * dv]."""
+        dv = self.config.v_head_dim
 
         def run(q, k, v):
             out = self.core_attention(q, k, v, attention_mask, attn_mask_type=attn_mask_type)
-            return out.view(*out.shape[:2], self.num_heads_per_partition, -1)[..., : value.shape[-1]]
+            return out.view(*out.shape[:2], self.num_heads_per_partition, -1)[..., :dv]
 
         if self.checkpoint_core_attention and self.training:
-            context = tensor_parallel.random.checkpoint(run, _KEEP_WHOLE_ON_EACH_RANK, query, key, padded)
+            context = tensor_parallel.random.checkpoint(run, _KEEP_WHOLE_ON_EACH_RANK, query, key, padded_value)
         else:
-            context = run(query, key, padded)
+            context = run(query, key, padded_value)
         return context.reshape(*context.shape[:2], -1)
 
     def forward(
@@ -192,13 +203,14 @@ class MLASelfAttention(torch.nn.Module):
         attn_mask_type: Optional[AttnMaskType] = None,
         inference_context=None,
     ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        if inference_context is not None:
-            raise ValueError(
-                "generation with a KV cache is not implemented for --multi-latent-attention: "
-                "use a model without multi-latent attention for the inference engine"
-            )
         if isinstance(rotary_pos_emb, tuple):
             rotary_pos_emb = rotary_pos_emb[0]
         query, key, value = self.get_query_key_value_tensors(hidden_states, rotary_pos_emb)
-        context = self._core_attention(query, key, value, attention_mask, attn_mask_type)
+        query, key, padded_value = _pad_to_one_width(query, key, value)
+        if inference_context is not None:
+            # Generation: the context caches the expanded keys and (padded) values of every
+            # head, as for standard attention; caching the latents instead is not implemented.
+            context = inference_context.attend(self.layer_number, query, key, padded_value, self._core_attention)
+        else:
+            context = self._core_attention(query, key, padded_value, attention_mask, attn_mask_type)
         return self.linear_proj(context)

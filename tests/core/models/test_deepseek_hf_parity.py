@@ -125,3 +125,17 @@ def test_unconvertible_configs_are_refused(change, match):
     config.update(change)
     with pytest.raises(ValueError, match=match):
         gpt_kwargs_from_hf_config(config)
+
+
+def test_greedy_generation_equals_hf_generate(hf_models):
+    """The static inference engine (KV cache of the expanded keys and values) generates what
+    transformers generates, on the MoE model."""
+    from megatron.core.inference import InferenceRequest, SamplingParams, StaticInferenceEngine
+
+    hf = hf_models["q_lora"]
+    ours, _, _ = megatron_model(hf)
+    ids = tokens(1, 6, seed=7)
+    expected = hf.generate(ids, max_new_tokens=10, do_sample=False, eos_token_id=None, pad_token_id=0)[0, 6:]
+    params = SamplingParams(top_k=1, num_tokens_to_generate=10)
+    result = StaticInferenceEngine(ours, 2, 32).generate([InferenceRequest(ids[0].tolist(), params)])[0]
+    assert result.generated_tokens == expected.tolist()

@@ -63,10 +63,10 @@ def _reference(attn: MLASelfAttention, x: torch.Tensor, c: TransformerConfig) ->
     return ctx @ attn.linear_proj.weight.T
 
 
-@pytest.mark.parametrize("q_lora_rank", [None, 12])
-def test_mla_matches_reference(q_lora_rank):
+@pytest.mark.parametrize("q_lora_rank, v_head_dim", [(None, 6), (12, 6), (12, 16)])
+def test_mla_matches_reference(q_lora_rank, v_head_dim):
     torch.manual_seed(0)
-    config = _config(q_lora_rank=q_lora_rank)
+    config = _config(q_lora_rank=q_lora_rank, v_head_dim=v_head_dim)
     model = GPTModel(config, vocab_size=64, max_sequence_length=16, position_embedding_type="rope")
     attn = model.decoder.layers[0].self_attention
     assert isinstance(attn, MLASelfAttention)
@@ -169,3 +169,22 @@ def test_selective_recompute_gives_the_same_gradients():
     assert grads[0].keys() == grads[1].keys()
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-6, rtol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("v_head_dim", [6, 16])
+def test_kv_cache_generation_equals_full_forward(v_head_dim):
+    """Prefill, then one token at a time: every cached forward's logits equal the full
+    sequence's (values narrower and wider than the query/key heads)."""
+    from megatron.core.inference.contexts import StaticInferenceContext
+
+    torch.manual_seed(0)
+    model = GPTModel(_config(q_lora_rank=12, v_head_dim=v_head_dim), vocab_size=64, max_sequence_length=16,
+                     position_embedding_type="rope").eval()
+    ids = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        full = model(ids, None, None)
+        context = StaticInferenceContext(2, 16)
+        for start, end in [(0, 4)] + [(p, p + 1) for p in range(4, 10)]:
+            got = model(ids[:, start:end], torch.arange(start, end).expand(2, -1), None, inference_context=context)
+            context.increment(end - start)
+            torch.testing.assert_close(got, full[:, start:end], atol=1e-5, rtol=1e-5)
