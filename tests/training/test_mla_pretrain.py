@@ -1,7 +1,8 @@
 """pretrain_gpt.py with --multi-latent-attention and DeepSeek's router (sigmoid scores,
-expert bias, group-limited top-k, shared expert) trains end to end, and TP=2 (gloo) logs
-the losses of one process: the flags reach the model, the replicated down projections and
-the expert bias survive the training loop's gradient reduction and optimizer."""
+expert bias, group-limited top-k, shared expert) trains end to end, and TP=2 with sequence
+parallelism (gloo) logs the losses of one process: the flags reach the model, and the
+replicated down projections' partial gradients are summed by the training loop's gradient
+finalization before the optimizer steps."""
 
 from tests.training.gpt_runs import losses, run_gpt
 
@@ -15,9 +16,9 @@ MLA_FLAGS = (
 ).split()
 
 
-def test_tp2_losses_match_one_process():
+def test_tp2_sequence_parallel_losses_match_one_process():
     single = losses(run_gpt(1, MLA_FLAGS, iters=4))
-    tp2 = losses(run_gpt(2, MLA_FLAGS + ["--tensor-model-parallel-size", "2"], iters=4))
+    tp2 = losses(run_gpt(2, MLA_FLAGS + ["--tensor-model-parallel-size", "2", "--sequence-parallel"], iters=4))
     assert len(single) == 4 and single[-1] < single[0]
     for a, b in zip(single, tp2):
         assert abs(a - b) <= 1e-4 * abs(a), (single, tp2)

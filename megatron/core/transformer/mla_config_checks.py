@@ -46,7 +46,3 @@ def check_mla_config(config) -> None:
             f"--context-parallel-size {config.context_parallel_size} is not supported with "
             "--multi-latent-attention yet: use --context-parallel-size 1"
         )
-    if config.sequence_parallel:
-        raise ValueError(
-            "--sequence-parallel is not supported with --multi-latent-attention yet: drop --sequence-parallel"
-        )

@@ -11,8 +11,10 @@ scale is 1/sqrt(dq + dr) (times YaRN's mscale^2, which is 1 without rotary scali
 
 Tensor parallelism splits heads: the up projections (and ``linear_q_proj``) are column-
 parallel, ``linear_proj`` is row-parallel, and the down projections and their norms are
-replicated (every rank computes the whole latent, as Transformer Engine's "duplicated"
-linears do in Megatron-LM), so their gradients are already complete on each rank.
+replicated (as Transformer Engine's "duplicated" linears in Megatron-LM). Without sequence
+parallelism every rank computes the whole latent, so their gradients are complete on each
+rank; with it each rank compresses its own tokens, the up projections all-gather the latents
+along the sequence, and the replicated weights' gradients are summed over the group.
 """
 
 from __future__ import annotations
@@ -43,7 +45,8 @@ def yarn_get_mscale(scale: float, mscale: float) -> float:
 
 
 class ReplicatedLinear(torch.nn.Module):
-    """Y = X W^T with the whole W on every tensor-parallel rank (no communication).
+    """Y = X W^T with the whole W on every tensor-parallel rank (no communication): input
+    [..., in] is whatever this rank holds ([s/tp, b, h] under sequence parallelism).
 
     The weight is drawn from the default generator with ``init_method`` on every rank, so
     ranks that share a seed hold the same weight. forward(input [..., in]) ->
@@ -59,6 +62,9 @@ class ReplicatedLinear(torch.nn.Module):
         if self.weight.device.type != "meta":
             with torch.no_grad():
                 init_method(self.weight)
+        # Under sequence parallelism each rank projects only its tokens: the weight's gradient
+        # is partial per rank and is summed over the group, like sequence-parallel norms'.
+        setattr(self.weight, "sequence_parallel", bool(config.sequence_parallel))
 
     def forward(self, input_: torch.Tensor) -> Tuple[torch.Tensor, None]:
         return F.linear(input_, self.weight), None
@@ -172,8 +178,13 @@ class MLASelfAttention(torch.nn.Module):
         k_no_pe, value = torch.split(kv, [c.qk_head_dim, c.v_head_dim], dim=-1)
         q_no_pe, q_pos_emb = torch.split(query, [c.qk_head_dim, c.qk_pos_emb_head_dim], dim=-1)
         # [s, b, 1, dr]: one RoPE key part for all heads. Each rank uses it for its own heads
-        # only, so its gradient is partial per rank: summed over the group on the way back.
-        k_pos_emb = tensor_parallel.copy_to_tensor_model_parallel_region(k_pos_emb, self.tp_group).unsqueeze(2)
+        # only, so its gradient is partial per rank: summed over the group on the way back
+        # (under sequence parallelism by the reduce-scatter that undoes the gather).
+        if self.config.sequence_parallel:
+            k_pos_emb = tensor_parallel.gather_from_sequence_parallel_region(k_pos_emb, self.tp_group)
+        else:
+            k_pos_emb = tensor_parallel.copy_to_tensor_model_parallel_region(k_pos_emb, self.tp_group)
+        k_pos_emb = k_pos_emb.unsqueeze(2)
         if rotary_pos_emb is not None:
             q_pos_emb = _rope_deinterleaved(q_pos_emb, rotary_pos_emb, c)
             k_pos_emb = _rope_deinterleaved(k_pos_emb, rotary_pos_emb, c)

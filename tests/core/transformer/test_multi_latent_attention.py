@@ -120,8 +120,8 @@ def test_needs_rope():
 VOCAB, SEQ, BATCH = 64, 8, 2
 
 
-def _build_tp(tp: int) -> GPTModel:
-    config = _config(q_lora_rank=12, tensor_model_parallel_size=tp)
+def _build_tp(tp: int, sequence_parallel: bool = False) -> GPTModel:
+    config = _config(q_lora_rank=12, tensor_model_parallel_size=tp, sequence_parallel=sequence_parallel)
     torch.manual_seed(1234)
     return GPTModel(config, vocab_size=VOCAB, max_sequence_length=SEQ, parallel_output=False,
                     position_embedding_type="rope", share_embeddings_and_output_weights=False)
@@ -138,19 +138,29 @@ def _run(model):
 
 def _tp_rank_fn(rank, world_size):
     groups = parallel_state.initialize_model_parallel(world_size, 1)
-    model = _build_tp(world_size)
-    loss = _run(model)
-    grads = {name: _full_grad(p, groups.tp) for name, p in model.named_parameters()}
+    out = {}
+    for sp in (False, True):
+        model = _build_tp(world_size, sp)
+        loss = _run(model)
+        out[sp] = dict(loss=loss, grads={name: _full_grad(p, groups.tp) for name, p in model.named_parameters()})
     buffer = io.BytesIO()
-    torch.save(dict(loss=loss, grads=grads), buffer)
+    torch.save(out, buffer)
     return buffer.getvalue()
 
 
-def test_tp2_matches_tp1():
-    results = [torch.load(io.BytesIO(blob)) for blob in run_on_ranks(_tp_rank_fn, 2)]
+@pytest.fixture(scope="module")
+def tp2_results():
+    return [torch.load(io.BytesIO(blob)) for blob in run_on_ranks(_tp_rank_fn, 2)]
+
+
+@pytest.mark.parametrize("sequence_parallel", [False, True])
+def test_tp2_matches_tp1(tp2_results, sequence_parallel):
+    """Replicated down projections (grads summed under sequence parallelism), the shared
+    RoPE key part's gradient summed over heads of both ranks: as one process."""
     reference = _build_tp(1)
     loss = _run(reference)
-    for rank, got in enumerate(results):
+    for rank, results in enumerate(tp2_results):
+        got = results[sequence_parallel]
         torch.testing.assert_close(got["loss"], loss, atol=1e-6, rtol=1e-5)
         for name, param in reference.named_parameters():
             torch.testing.assert_close(got["grads"][name], param.grad, atol=1e-5, rtol=1e-5,
