@@ -1,8 +1,10 @@
 """pretrain_gpt.py with --multi-latent-attention and DeepSeek's router (sigmoid scores,
 expert bias, group-limited top-k, shared expert) trains end to end, and TP=2 with sequence
-parallelism (gloo) logs the losses of one process: the flags reach the model, and the
+parallelism, or CP=2, logs the losses of one process (gloo): the flags reach the model, the
 replicated down projections' partial gradients are summed by the training loop's gradient
-finalization before the optimizer steps."""
+finalization, and context parallelism rotates each chunk by its global positions."""
+
+import pytest
 
 from tests.training.gpt_runs import losses, run_gpt
 
@@ -16,9 +18,19 @@ MLA_FLAGS = (
 ).split()
 
 
-def test_tp2_sequence_parallel_losses_match_one_process():
-    single = losses(run_gpt(1, MLA_FLAGS, iters=4))
-    tp2 = losses(run_gpt(2, MLA_FLAGS + ["--tensor-model-parallel-size", "2", "--sequence-parallel"], iters=4))
-    assert len(single) == 4 and single[-1] < single[0]
-    for a, b in zip(single, tp2):
-        assert abs(a - b) <= 1e-4 * abs(a), (single, tp2)
+@pytest.fixture(scope="module")
+def single_process_losses():
+    result = losses(run_gpt(1, MLA_FLAGS, iters=3))
+    assert len(result) == 3 and result[-1] < result[0]
+    return result
+
+
+@pytest.mark.parametrize("layout", [
+    ["--tensor-model-parallel-size", "2", "--sequence-parallel"],
+    ["--context-parallel-size", "2"],
+])
+def test_parallel_losses_match_one_process(single_process_losses, layout):
+    parallel = losses(run_gpt(2, MLA_FLAGS + layout, iters=3))
+    assert len(parallel) == 3
+    for a, b in zip(single_process_losses, parallel):
+        assert abs(a - b) <= 1e-4 * abs(a), (single_process_losses, parallel)

@@ -2,7 +2,7 @@
 
 Called from ``TransformerConfig.__post_init__`` when ``multi_latent_attention`` is set.
 Each refusal names the flag, the value and the fix: combinations Megatron-LM refuses
-(grouped-query attention) and the ones this implementation does not build yet.
+(grouped-query attention) and the ones this implementation does not build yet (YaRN).
 """
 
 from __future__ import annotations
@@ -40,9 +40,4 @@ def check_mla_config(config) -> None:
         raise ValueError(
             "--rotary-interleaved is not supported with --multi-latent-attention (its RoPE already pairs "
             "adjacent dims, as DeepSeek's does): drop --rotary-interleaved"
-        )
-    if config.context_parallel_size > 1:
-        raise ValueError(
-            f"--context-parallel-size {config.context_parallel_size} is not supported with "
-            "--multi-latent-attention yet: use --context-parallel-size 1"
         )
