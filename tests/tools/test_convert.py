@@ -32,9 +32,9 @@ def _save_hf(name: str, directory) -> object:
     from tests.core.models.test_moe_hf_parity import _hf_model as hf_moe_model
 
     if name == "deepseek_v3":
-        from tests.core.models.test_deepseek_hf_parity import _hf_model as hf_deepseek_model
+        from tests.core.models.test_deepseek_hf_parity import YARN, _hf_model as hf_deepseek_model
 
-        model = hf_deepseek_model(12)
+        model = hf_deepseek_model(12, rope=YARN)
     else:
         model = hf_moe_model(name) if name in MOE_CASES else hf_model(name)
     model.save_pretrained(str(directory), safe_serialization=True)

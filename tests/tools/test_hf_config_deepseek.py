@@ -53,3 +53,13 @@ def test_dense_run_has_only_dense_layers():
 def test_unfitting_runs_are_refused(extra, match):
     with pytest.raises(ConversionError, match=match):
         _config(extra)
+
+
+def test_yarn_run_exports_rope_parameters():
+    config = _config("--rotary-scaling-factor 40 --mscale 0.7 --mscale-all-dim 0.7 "
+                     "--yarn-original-max-position-embeddings 8 --no-yarn-correction-range-round-to-int")
+    assert config["rope_parameters"] == {
+        "rope_type": "yarn", "rope_theta": 10000.0, "factor": 40.0, "original_max_position_embeddings": 8,
+        "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False, "mscale": 0.7, "mscale_all_dim": 0.7,
+    }
+    assert _config("--rope-type rope")["rope_parameters"] == {"rope_type": "default", "rope_theta": 10000.0}

@@ -31,7 +31,7 @@ def test_megatron_defaults_and_translation():
 
 @pytest.mark.parametrize("extra, match", [
     ("--group-query-attention --num-query-groups 2", "grouped-query"),
-    ("--rotary-scaling-factor 40", "--rotary-scaling-factor"),
+    ("--rotary-scaling-factor 0.5", "--rotary-scaling-factor"),
     ("--kv-lora-rank 0", "--kv-lora-rank"),
 ])
 def test_refusals_name_the_flag(extra, match):
@@ -39,9 +39,20 @@ def test_refusals_name_the_flag(extra, match):
         _config("--multi-latent-attention " + extra)
 
 
-def test_yarn_flags_stay_refused():
-    with pytest.raises(ValueError, match="--rope-type"):
-        parse_and_validate(BASE + "--multi-latent-attention --rope-type yarn".split(), world_size=1, rank=0)
+def test_yarn_flags_reach_the_config_and_need_mla():
+    config = _config("--multi-latent-attention --rope-type yarn --rotary-scaling-factor 40 --mscale 0.7 "
+                     "--mscale-all-dim 0.7 --yarn-original-max-position-embeddings 8 --yarn-beta-fast 16 "
+                     "--yarn-beta-slow 2 --no-yarn-correction-range-round-to-int")
+    assert (config.rope_type, config.rotary_scaling_factor, config.mscale, config.mscale_all_dim) == ("yarn", 40, 0.7, 0.7)
+    assert (config.yarn_original_max_position_embeddings, config.yarn_beta_fast, config.yarn_beta_slow) == (8, 16, 2)
+    assert config.yarn_correction_range_round_to_int is False
+    defaults = _config("--multi-latent-attention")
+    assert defaults.rope_type is None and defaults.yarn_correction_range_round_to_int is True
+    assert defaults.yarn_original_max_position_embeddings == 4096
+    with pytest.raises(ValueError, match="--multi-latent-attention"):
+        _config("--rope-type yarn")
+    with pytest.raises(ValueError, match="--mla-down-proj-fusion"):
+        parse_and_validate(BASE + "--multi-latent-attention --mla-down-proj-fusion".split(), world_size=1, rank=0)
 
 
 def test_flops_match_a_hand_count():

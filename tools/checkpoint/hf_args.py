@@ -91,6 +91,15 @@ def _mla_flags(config: dict) -> List[str]:
              "--v-head-dim", str(config["v_head_dim"])]
     if config.get("q_lora_rank") is not None:
         flags += ["--q-lora-rank", str(config["q_lora_rank"])]
+    flags += ["--rope-type", config["rope_type"]]
+    if config["rope_type"] == "yarn":
+        flags += ["--rotary-scaling-factor", _number(config["rotary_scaling_factor"]),
+                  "--mscale", _number(config["mscale"]), "--mscale-all-dim", _number(config["mscale_all_dim"]),
+                  "--yarn-original-max-position-embeddings", str(config["yarn_original_max_position_embeddings"]),
+                  "--yarn-beta-fast", _number(config["yarn_beta_fast"]),
+                  "--yarn-beta-slow", _number(config["yarn_beta_slow"])]
+        if not config["yarn_correction_range_round_to_int"]:
+            flags.append("--no-yarn-correction-range-round-to-int")
     return flags
 
 

@@ -44,6 +44,25 @@ def _moe(args) -> dict:
     }
 
 
+def _rope(args) -> dict:
+    """HF rope_parameters: default RoPE, or YaRN when MLA's rope is YaRN with a factor above 1."""
+    factor = float(getattr(args, "rotary_scaling_factor", 1.0) or 1.0)
+    theta = float(args.rotary_base)
+    if getattr(args, "rope_type", None) == "rope" or factor == 1.0:
+        return {"rope_parameters": {"rope_type": "default", "rope_theta": theta}}
+    mscale, mscale_all_dim = float(args.mscale), float(args.mscale_all_dim)
+    _require(bool(mscale) == bool(mscale_all_dim) or (mscale == 1.0 and not mscale_all_dim),
+             "HF YaRN needs both --mscale and --mscale-all-dim, or --mscale 1 without --mscale-all-dim")
+    params = {"rope_type": "yarn", "rope_theta": theta, "factor": factor,
+              "original_max_position_embeddings": getattr(args, "yarn_original_max_position_embeddings", None) or 4096,
+              "beta_fast": float(getattr(args, "yarn_beta_fast", None) or 32.0),
+              "beta_slow": float(getattr(args, "yarn_beta_slow", None) or 1.0),
+              "truncate": getattr(args, "yarn_correction_range_round_to_int", None) is not False}
+    if mscale_all_dim:
+        params.update(mscale=mscale, mscale_all_dim=mscale_all_dim)
+    return {"rope_parameters": params}
+
+
 def deepseek_config(args, vocab: int) -> dict:
     """The DeepSeek-V3 config fields (no model_type / architectures / dtype) of ``args``."""
     _require(args.swiglu and args.normalization == "RMSNorm" and args.position_embedding_type == "rope"
@@ -59,12 +78,13 @@ def deepseek_config(args, vocab: int) -> dict:
         "intermediate_size": args.ffn_hidden_size, "num_attention_heads": args.num_attention_heads,
         "num_key_value_heads": args.num_attention_heads, "vocab_size": vocab,
         "max_position_embeddings": args.max_position_embeddings, "rms_norm_eps": float(args.norm_epsilon),
-        "rope_theta": float(args.rotary_base), "rope_interleave": True, "hidden_act": "silu",
+        "rope_interleave": True, "hidden_act": "silu",
         "attention_bias": False, "attention_dropout": args.attention_dropout,
         "tie_word_embeddings": not args.untie_embeddings_and_output_weights,
         "q_lora_rank": args.q_lora_rank, "kv_lora_rank": args.kv_lora_rank, "qk_nope_head_dim": args.qk_head_dim,
         "qk_rope_head_dim": args.qk_pos_emb_head_dim, "v_head_dim": args.v_head_dim,
     }
+    config.update(_rope(args))
     if getattr(args, "num_experts", None):
         config.update(_moe(args))
     else:

@@ -1,8 +1,8 @@
 """Validation of the multi-latent attention fields of a TransformerConfig.
 
-Called from ``TransformerConfig.__post_init__`` when ``multi_latent_attention`` is set.
-Each refusal names the flag, the value and the fix: combinations Megatron-LM refuses
-(grouped-query attention) and the ones this implementation does not build yet (YaRN).
+Called from ``TransformerConfig.__post_init__``. Each refusal names the flag, the value and
+the fix: combinations Megatron-LM refuses (grouped-query attention) and the ones this
+implementation does not build (YaRN for standard attention).
 """
 
 from __future__ import annotations
@@ -13,8 +13,24 @@ def _positive(flag: str, value) -> None:
         raise ValueError(f"{flag} must be a positive integer with --multi-latent-attention, got {value!r}")
 
 
+def _check_rope_type(config) -> None:
+    if config.rope_type not in (None, "rope", "yarn"):
+        raise ValueError(f"--rope-type must be rope or yarn, got {config.rope_type!r}")
+    if config.multi_latent_attention:
+        return
+    if config.rope_type == "yarn" or config.rotary_scaling_factor != 1.0:
+        raise ValueError(
+            "--rope-type yarn and --rotary-scaling-factor act only with --multi-latent-attention here "
+            "(YaRN for standard attention is not implemented): add --multi-latent-attention or drop them"
+        )
+
+
 def check_mla_config(config) -> None:
-    """Raise ValueError unless ``config`` describes a multi-latent attention this package builds."""
+    """Raise ValueError unless ``config`` describes a multi-latent attention (or YaRN setting)
+    this package builds."""
+    _check_rope_type(config)
+    if not config.multi_latent_attention:
+        return
     if config.q_lora_rank is not None:
         _positive("--q-lora-rank", config.q_lora_rank)
     _positive("--kv-lora-rank", config.kv_lora_rank)
@@ -31,11 +47,8 @@ def check_mla_config(config) -> None:
             f"(--num-query-groups {config.num_query_groups} vs --num-attention-heads {config.num_attention_heads}): "
             "drop --group-query-attention and --num-query-groups"
         )
-    if config.rotary_scaling_factor != 1.0:
-        raise ValueError(
-            f"--rotary-scaling-factor {config.rotary_scaling_factor}: YaRN rotary scaling of multi-latent "
-            "attention is not implemented; use --rotary-scaling-factor 1.0 (plain RoPE)"
-        )
+    if config.rotary_scaling_factor < 1.0:
+        raise ValueError(f"--rotary-scaling-factor must be >= 1 (YaRN extends the context), got {config.rotary_scaling_factor}")
     if config.rotary_interleaved:
         raise ValueError(
             "--rotary-interleaved is not supported with --multi-latent-attention (its RoPE already pairs "

@@ -6,8 +6,9 @@ Queries come from ``linear_q_proj`` [h -> n * (dq + dr)], or, with ``q_lora_rank
 key part shared by every head; the latent goes through ``kv_layernorm`` and
 ``linear_kv_up_proj`` [kv_lora_rank -> n * (dq + dv)], each head's rows being its keys
 then its values. (dq, dr, dv = qk_head_dim, qk_pos_emb_head_dim, v_head_dim.) RoPE
-rotates only the last dr dims of each query head and the shared key part; the softmax
-scale is 1/sqrt(dq + dr) (times YaRN's mscale^2, which is 1 without rotary scaling).
+rotates only the last dr dims of each query head and the shared key part, with YaRN's
+frequencies and cos/sin scale unless --rope-type rope; the softmax scale is 1/sqrt(dq + dr)
+times YaRN's mscale_all_dim factor squared (all factors are 1 without rotary scaling).
 
 Tensor parallelism splits heads: the up projections (and ``linear_q_proj``) are column-
 parallel, ``linear_proj`` is row-parallel, and the down projections and their norms are
@@ -26,7 +27,8 @@ import torch
 import torch.nn.functional as F
 
 from megatron.core import process_groups, tensor_parallel
-from megatron.core.models.common.embeddings.rotary_pos_embedding import apply_rotary_pos_emb
+from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding, apply_rotary_pos_emb
+from megatron.core.models.common.embeddings.yarn_rotary_pos_embedding import YarnRotaryEmbedding, yarn_get_mscale
 from megatron.core.tensor_parallel.layers import _param_device
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
@@ -37,11 +39,21 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 _KEEP_WHOLE_ON_EACH_RANK = False
 
 
-def yarn_get_mscale(scale: float, mscale: float) -> float:
-    """YaRN's attention-scale factor: 1 for scale <= 1, else 0.1 * mscale * ln(scale) + 1."""
-    if scale <= 1.0:
-        return 1.0
-    return 0.1 * mscale * math.log(scale) + 1.0
+def uses_yarn(config: TransformerConfig) -> bool:
+    """Whether MLA's RoPE is YaRN (--rope-type yarn, or unset as in Megatron-LM)."""
+    return config.rope_type != "rope"
+
+
+def mla_rotary_embedding(config: TransformerConfig, rotary_base: float) -> RotaryEmbedding:
+    """The rotary embedding of the qk_pos_emb_head_dim dims: YaRN's, or plain RoPE's."""
+    if not uses_yarn(config):
+        return RotaryEmbedding(config.qk_pos_emb_head_dim, 1.0, rotary_base=rotary_base)
+    return YarnRotaryEmbedding(
+        config.qk_pos_emb_head_dim, rotary_base=rotary_base, scaling_factor=config.rotary_scaling_factor,
+        original_max_position_embeddings=config.yarn_original_max_position_embeddings,
+        beta_fast=config.yarn_beta_fast, beta_slow=config.yarn_beta_slow, mscale=config.mscale,
+        mscale_all_dim=config.mscale_all_dim, correction_range_round_to_int=config.yarn_correction_range_round_to_int,
+    )
 
 
 class ReplicatedLinear(torch.nn.Module):
@@ -73,11 +85,12 @@ class ReplicatedLinear(torch.nn.Module):
         return f"in_features={self.input_size}, out_features={self.output_size}, replicated"
 
 
-def _rope_deinterleaved(t: torch.Tensor, freqs: torch.Tensor, config: TransformerConfig) -> torch.Tensor:
+def _rope_deinterleaved(t: torch.Tensor, freqs: torch.Tensor, config: TransformerConfig,
+                        mscale: float = 1.0) -> torch.Tensor:
     """RoPE as DeepSeek applies it: the dims are stored as adjacent (even, odd) pairs, so
-    they are regrouped to [evens ; odds] before the half-split rotation."""
+    they are regrouped to [evens ; odds] before the half-split rotation (cos/sin times mscale)."""
     t = torch.cat((t[..., 0::2], t[..., 1::2]), dim=-1)
-    return apply_rotary_pos_emb(t, freqs, config, rotary_interleaved=False)
+    return apply_rotary_pos_emb(t, freqs, config, rotary_interleaved=False, mscale=mscale)
 
 
 def _pad_to_one_width(query, key, value):
@@ -142,7 +155,12 @@ class MLASelfAttention(torch.nn.Module):
         )
         self.kv_layernorm = norm(config.kv_lora_rank)
         self.linear_kv_up_proj = column(config.kv_lora_rank, n * (config.qk_head_dim + config.v_head_dim))
-        mscale = yarn_get_mscale(config.rotary_scaling_factor, config.mscale_all_dim)
+        # YaRN: cos/sin of the rotated dims are scaled by rope_mscale, and every score by
+        # mscale_all_dim's factor squared (both 1 without rotary scaling).
+        factor = config.rotary_scaling_factor
+        self.rope_mscale = (yarn_get_mscale(factor, config.mscale) / yarn_get_mscale(factor, config.mscale_all_dim)
+                            if uses_yarn(config) else 1.0)
+        mscale = yarn_get_mscale(factor, config.mscale_all_dim)
         self.softmax_scale = mscale * mscale / math.sqrt(self.q_head_dim)
         self.core_attention = DotProductAttention(
             config, layer_number, attn_mask_type, attention_type="self",
@@ -186,8 +204,8 @@ class MLASelfAttention(torch.nn.Module):
             k_pos_emb = tensor_parallel.copy_to_tensor_model_parallel_region(k_pos_emb, self.tp_group)
         k_pos_emb = k_pos_emb.unsqueeze(2)
         if rotary_pos_emb is not None:
-            q_pos_emb = _rope_deinterleaved(q_pos_emb, rotary_pos_emb, c)
-            k_pos_emb = _rope_deinterleaved(k_pos_emb, rotary_pos_emb, c)
+            q_pos_emb = _rope_deinterleaved(q_pos_emb, rotary_pos_emb, c, self.rope_mscale)
+            k_pos_emb = _rope_deinterleaved(k_pos_emb, rotary_pos_emb, c, self.rope_mscale)
         query = torch.cat((q_no_pe, q_pos_emb), dim=-1)
         key = torch.cat((k_no_pe, k_pos_emb.expand(-1, -1, self.num_heads_per_partition, -1)), dim=-1)
         return query, key, value

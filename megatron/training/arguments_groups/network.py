@@ -71,6 +71,13 @@ def add_network_size_args(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     g.add_argument("--rotary-scaling-factor", type=float, default=1.0, help=None)
     g.add_argument("--mscale", type=float, default=1.0, help=None)
     g.add_argument("--mscale-all-dim", type=float, default=0.0, help=None)
+    g.add_argument("--rope-type", type=str, default=None, choices=["rope", "yarn"], help=None)
+    g.add_argument("--yarn-original-max-position-embeddings", type=int, default=None, help=None)
+    g.add_argument("--yarn-beta-fast", type=float, default=None, help=None)
+    g.add_argument("--yarn-beta-slow", type=float, default=None, help=None)
+    g.add_argument("--yarn-correction-range-round-to-int", action="store_true", default=None, help=None)
+    g.add_argument("--no-yarn-correction-range-round-to-int", action="store_false",
+                   dest="yarn_correction_range_round_to_int", help=None)
     g.add_argument("--window-size", type=int_tuple, default=None, help=None)
     g.add_argument("--window-attn-skip-freq", type=int_or_pattern, default=None,
                    help="Every N-th layer (or a pattern such as ([0]*3+[1])*2) uses full attention "

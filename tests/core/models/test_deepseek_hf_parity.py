@@ -17,10 +17,15 @@ from tests.core.models.hf_cases import INIT_STD, SEQ, VOCAB, megatron_model, tok
 TOL = dict(atol=1e-5, rtol=1e-5)
 
 
-def _config(q_lora_rank, dense_layers=1):
+YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 8,
+        "beta_fast": 8.0, "beta_slow": 1.0, "mscale": 0.9, "mscale_all_dim": 0.8}
+
+
+def _config(q_lora_rank, dense_layers=1, rope=None):
     import transformers
 
     config = transformers.DeepseekV3Config(
+        rope_parameters=rope or {"rope_type": "default", "rope_theta": 10000.0},
         vocab_size=VOCAB, hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=3,
         num_attention_heads=4, num_key_value_heads=4, n_shared_experts=1, n_routed_experts=8, kv_lora_rank=16,
         q_lora_rank=q_lora_rank, qk_rope_head_dim=4, v_head_dim=6, qk_nope_head_dim=8, n_group=4, topk_group=2,
@@ -31,12 +36,12 @@ def _config(q_lora_rank, dense_layers=1):
     return config
 
 
-def _hf_model(q_lora_rank, dense_layers=1, seed=0):
+def _hf_model(q_lora_rank, dense_layers=1, rope=None, seed=0):
     import transformers
 
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(
-        _config(q_lora_rank, dense_layers), attn_implementation="eager"
+        _config(q_lora_rank, dense_layers, rope), attn_implementation="eager"
     ).float().eval()
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -50,7 +55,8 @@ def _hf_model(q_lora_rank, dense_layers=1, seed=0):
     return model
 
 
-CASES = {"q_lora": (12, 1), "q_direct": (None, 1), "dense": (12, 3)}
+CASES = {"q_lora": (12, 1), "q_direct": (None, 1), "dense": (12, 3), "yarn": (12, 1, YARN),
+         "yarn_one_mscale": (12, 1, {**YARN, "mscale_all_dim": 0.0, "beta_fast": 32.0})}
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +113,8 @@ def test_rope_layout_matters(hf_models):
 
     original = mla._rope_deinterleaved
     try:
-        mla._rope_deinterleaved = lambda t, freqs, config: mla.apply_rotary_pos_emb(t, freqs, config)
+        mla._rope_deinterleaved = lambda t, freqs, config, mscale=1.0: mla.apply_rotary_pos_emb(
+            t, freqs, config, mscale=mscale)
         assert _max_diff(hf, ours) > 100 * TOL["atol"]
     finally:
         mla._rope_deinterleaved = original
@@ -118,7 +125,8 @@ def test_rope_layout_matters(hf_models):
     (dict(norm_topk_prob=False), "norm_topk_prob"),
     (dict(rms_norm_eps=1e-5), "rms_norm_eps"),
     (dict(num_experts_per_tok=2, topk_group=2), "topk_group"),
-    (dict(rope_parameters={"rope_type": "yarn", "factor": 40.0, "rope_theta": 10000.0}), "rope_type"),
+    (dict(rope_parameters={"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0}), "rope_type"),
+    (dict(rope_parameters={**YARN, "attention_factor": 1.2}), "attention_factor"),
 ])
 def test_unconvertible_configs_are_refused(change, match):
     config = _config(12).to_dict()
@@ -139,3 +147,10 @@ def test_greedy_generation_equals_hf_generate(hf_models):
     params = SamplingParams(top_k=1, num_tokens_to_generate=10)
     result = StaticInferenceEngine(ours, 2, 32).generate([InferenceRequest(ids[0].tolist(), params)])[0]
     assert result.generated_tokens == expected.tolist()
+
+
+def test_yarn_matters(hf_models):
+    """The YaRN model converted as plain RoPE (same weights) gives other logits."""
+    hf = hf_models["yarn"]
+    ours, _, _ = megatron_model(hf, config_overrides={"rope_type": "rope"})
+    assert _max_diff(hf, ours) > 100 * TOL["atol"]

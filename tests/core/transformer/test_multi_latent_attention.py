@@ -101,7 +101,9 @@ def test_layer_spec_agrees_with_config():
 
 @pytest.mark.parametrize("overrides, match", [
     (dict(num_query_groups=2), "grouped-query"),
-    (dict(rotary_scaling_factor=40.0), "--rotary-scaling-factor"),
+    (dict(rotary_scaling_factor=0.5), "--rotary-scaling-factor"),
+    (dict(multi_latent_attention=False, rope_type="yarn"), "--multi-latent-attention"),
+    (dict(multi_latent_attention=False, rotary_scaling_factor=4.0), "--multi-latent-attention"),
     (dict(qk_pos_emb_head_dim=5), "--qk-pos-emb-head-dim"),
     (dict(kv_lora_rank=0), "--kv-lora-rank"),
     (dict(rotary_interleaved=True), "--rotary-interleaved"),

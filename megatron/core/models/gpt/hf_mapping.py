@@ -514,7 +514,7 @@ def gpt_kwargs_from_hf_config(hf_config: dict) -> Tuple[str, dict, dict]:
     if arch == "gpt2":
         config, model = _gpt2_kwargs(hf_config)
     elif arch == "deepseek_v3":
-        config, model = deepseek.deepseek_kwargs(hf_config, _rope_theta(hf_config))
+        config, model = deepseek.deepseek_kwargs(hf_config)
     else:
         config, model = _llama_kwargs(hf_config, arch)
     return arch, config, model

@@ -12,6 +12,10 @@ Layout facts:
   each kv_b head as [k_nope ; v], and kv_a as [latent ; shared rope key].
 - HF's ``rope_interleave=True`` rotates adjacent pairs of the rope dims, which is what
   Megatron's multi-latent attention does with its (default) non-interleaved RoPE.
+- HF's YaRN ``rope_parameters`` (factor, original_max_position_embeddings, beta_fast/slow,
+  mscale, mscale_all_dim, truncate) are Megatron's --rotary-scaling-factor and --yarn-* /
+  --mscale* flags; without both mscales HF scales cos/sin by 0.1 ln(factor) + 1, which is
+  Megatron's --mscale 1 --mscale-all-dim 0.
 - The router is a sigmoid router whose ``e_score_correction_bias`` is Megatron's expert bias
   (``mlp.router.expert_bias``); groups (n_group / topk_group) are Megatron's group-limited
   top-k, ``routed_scaling_factor`` its --moe-router-topk-scaling-factor; the ungated shared
@@ -125,9 +129,39 @@ def _moe_kwargs(c: dict) -> dict:
     return kwargs
 
 
-def deepseek_kwargs(c: dict, rope_theta: float) -> tuple:
+def _rope_kwargs(c: dict) -> dict:
+    """TransformerConfig fields of HF's default or YaRN RoPE (with rope_theta as ``rotary_base``)."""
+    params = c.get("rope_parameters") or c.get("rope_scaling") or {}
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    theta = params.get("rope_theta", c.get("rope_theta"))
+    out = {"rotary_base": 10000.0 if theta is None else float(theta)}
+    if rope_type == "default":
+        return {**out, "rope_type": "rope"}
+    if rope_type != "yarn":
+        raise ValueError(f"deepseek_v3 rope_type {rope_type!r} does not convert: default and yarn RoPE do")
+    if params.get("factor") is None or params.get("attention_factor") is not None:
+        raise ValueError("deepseek_v3 yarn RoPE without 'factor', or with an explicit 'attention_factor', does not "
+                         "convert: Megatron derives the cos/sin scale from --mscale and --mscale-all-dim")
+    mscale, mscale_all_dim = params.get("mscale"), params.get("mscale_all_dim")
+    if mscale_all_dim and not mscale:
+        raise ValueError("deepseek_v3 yarn RoPE with mscale_all_dim but no mscale does not convert: HF then scales "
+                         "cos/sin as if both were 1 while scaling the scores by mscale_all_dim")
+    if not (mscale and mscale_all_dim):
+        mscale, mscale_all_dim = 1.0, 0.0  # HF's cos/sin scale 0.1 ln(factor) + 1 and no score scale
+    return {
+        **out, "rope_type": "yarn", "rotary_scaling_factor": float(params["factor"]),
+        "mscale": float(mscale), "mscale_all_dim": float(mscale_all_dim),
+        "yarn_original_max_position_embeddings": int(params["original_max_position_embeddings"]),
+        "yarn_beta_fast": float(params.get("beta_fast") or 32.0), "yarn_beta_slow": float(params.get("beta_slow") or 1.0),
+        "yarn_correction_range_round_to_int": bool(params.get("truncate", True)),
+    }
+
+
+def deepseek_kwargs(c: dict) -> tuple:
     """HF DeepSeek-V3 config dict -> (TransformerConfig kwargs, GPTModel kwargs)."""
     _refuse_unsupported(c)
+    rope = _rope_kwargs(c)
+    rotary_base = rope.pop("rotary_base")
     config = dict(
         num_layers=c["num_hidden_layers"],
         hidden_size=c["hidden_size"],
@@ -148,13 +182,14 @@ def deepseek_kwargs(c: dict, rope_theta: float) -> tuple:
         qk_head_dim=c["qk_nope_head_dim"],
         qk_pos_emb_head_dim=c["qk_rope_head_dim"],
         v_head_dim=c["v_head_dim"],
+        **rope,
         **_moe_kwargs(c),
     )
     model = dict(
         vocab_size=c["vocab_size"],
         max_sequence_length=c["max_position_embeddings"],
         position_embedding_type="rope",
-        rotary_base=rope_theta,
+        rotary_base=rotary_base,
         share_embeddings_and_output_weights=bool(c.get("tie_word_embeddings", False)),
     )
     return config, model
