@@ -71,7 +71,7 @@ class ReplicatedLinear(torch.nn.Module):
         self.weight = torch.nn.Parameter(
             torch.empty(output_size, input_size, device=_param_device(config), dtype=config.params_dtype)
         )
-        if self.weight.device.type != "meta":
+        if config.perform_initialization and self.weight.device.type != "meta":
             with torch.no_grad():
                 init_method(self.weight)
         # Under sequence parallelism each rank projects only its tokens: the weight's gradient
@@ -109,9 +109,11 @@ def _pad_to_one_width(query, key, value):
 class MLASelfAttention(torch.nn.Module):
     """Multi-latent self-attention of one transformer layer.
 
-    forward(hidden_states [s, b, h], attention_mask (None or bool [b or 1, 1, s, s], True =
-    masked), rotary_pos_emb (None or freqs [s, 1, 1, qk_pos_emb_head_dim]))
-    -> (output [s, b, h], bias [h] or None), like ``SelfAttention``.
+    forward(hidden_states [s, b, h] (or [s/tp, b, h] under sequence parallelism),
+    attention_mask (None or bool [b or 1, 1, s, s], True = masked), rotary_pos_emb (None or
+    freqs [s, 1, 1, qk_pos_emb_head_dim]), inference_context (None in training; during
+    generation a KV cache of ``megatron.core.inference.contexts``, given the expanded keys
+    and padded values)) -> (output [s(/tp), b, h], bias [h] or None), like ``SelfAttention``.
     """
 
     def __init__(
