@@ -163,11 +163,8 @@ _family("reinforcement-learning (GRPO) trainer",
 
 _section("Model architecture options not implemented")
 _GPT_OPTIONS = "use the architecture flags listed in docs/flags.md as implemented"
-_refuse("multi-latent attention (MLA) is not implemented", _GPT_OPTIONS,
-        "--multi-latent-attention --kv-lora-rank --q-lora-rank --qk-head-dim --qk-pos-emb-head-dim "
-        "--v-head-dim --mla-down-proj-fusion --cache-mla-latents --rope-type --rotary-scaling-factor "
-        "--mscale --mscale-all-dim --yarn-beta-fast --yarn-beta-slow --yarn-correction-range-round-to-int "
-        "--no-yarn-correction-range-round-to-int --yarn-original-max-position-embeddings")
+_refuse("this multi-latent attention option is not implemented (fused down projections, cached latents)",
+        _GPT_OPTIONS, "--mla-down-proj-fusion --cache-mla-latents")
 _refuse("DeepSeek sparse attention (DSA) and experimental attention variants are not implemented", _GPT_OPTIONS,
         "--experimental-attention-variant --dsa-indexer-head-dim --dsa-indexer-k-norm-epsilon "
         "--dsa-indexer-k-norm-fp32 --dsa-indexer-loss-coeff --dsa-indexer-n-heads --dsa-indexer-rope-interleaved "

@@ -10,6 +10,7 @@ def num_floating_point_operations(args, batch_size: int) -> float:
     MLP, the attention core (QK^T and PV, halved for the causal mask) and the logits
     over the padded vocabulary, as megatron-facts section 7.3 gives it. MoE layers count
     top-k routed experts of --moe-ffn-hidden-size plus the shared expert instead of the MLP.
+    With --multi-latent-attention the attention terms are Megatron's low-rank ones.
     """
     if getattr(args, "is_hybrid_model", False):  # partial namespaces (tests, tools) have no such flag
         from megatron.training.hybrid_flops import hybrid_num_floating_point_operations
@@ -27,10 +28,29 @@ def num_floating_point_operations(args, batch_size: int) -> float:
     q = d * n
     gated = 1.5 if getattr(args, "swiglu", False) else 1.0
     mlp = 12 * h * gated * _mlp_width_times_layers(args, L, f)
-    attn_proj = 12 * L * h * q * (1 + g / n)
-    attn_core = 6 * L * q * s
+    if getattr(args, "multi_latent_attention", False):
+        attention = 6 * L * _mla_terms_per_layer(args)
+    else:
+        attention = 12 * L * h * q * (1 + g / n) + 6 * L * q * s
     logits = 6 * h * V
-    return float(batch_size) * s * (mlp + attn_proj + attn_core + logits)
+    return float(batch_size) * s * (mlp + attention + logits)
+
+
+def _mla_terms_per_layer(args) -> float:
+    """Multiply-adds per token of one multi-latent attention layer, as Megatron-LM counts
+    them: the low-rank q and kv projections (the +1 is the latent's norm), the shared RoPE
+    key part, the output projection, and the attention core over dq + dr (scores) and dv
+    (context) dims, halved for the causal mask."""
+    h, s, n = args.hidden_size, args.seq_length, args.num_attention_heads
+    dq, dr, dv = args.qk_head_dim, args.qk_pos_emb_head_dim, args.v_head_dim
+    if args.q_lora_rank is None:
+        q_term = h * n * (dq + dr)
+    else:
+        q_term = args.q_lora_rank * (h + n * (dq + dr) + 1)
+    kv_term = args.kv_lora_rank * (h + n * (dq + dv) + 1) + h * dr
+    out_proj = n * dv * h
+    core = s * n * (dq + dr) / 2 + s * n * dv / 2
+    return q_term + kv_term + out_proj + core
 
 
 def _mlp_width_times_layers(args, num_layers: int, ffn: int) -> float:

@@ -31,12 +31,17 @@ def _save_hf(name: str, directory) -> object:
     from tests.core.models.hf_cases import hf_model
     from tests.core.models.test_moe_hf_parity import _hf_model as hf_moe_model
 
-    model = hf_moe_model(name) if name in MOE_CASES else hf_model(name)
+    if name == "deepseek_v3":
+        from tests.core.models.test_deepseek_hf_parity import YARN, _hf_model as hf_deepseek_model
+
+        model = hf_deepseek_model(12, rope=YARN)
+    else:
+        model = hf_moe_model(name) if name in MOE_CASES else hf_model(name)
     model.save_pretrained(str(directory), safe_serialization=True)
     return model
 
 
-@pytest.mark.parametrize("name", ["gpt2", "llama", "mistral", "qwen2", *MOE_CASES])
+@pytest.mark.parametrize("name", ["gpt2", "llama", "mistral", "qwen2", *MOE_CASES, "deepseek_v3"])
 def test_hf_import_export_round_trip_is_exact(tmp_path, name):
     """HF files -> ours -> HF files: the same tensors under the same names (MoE experts in
     the per-expert layout HF's own save writes), and transformers loads the result into a

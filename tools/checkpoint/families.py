@@ -54,6 +54,8 @@ def _gpt_core_to_hf(state_dict: Dict[str, torch.Tensor], args, hf_model_type: Op
         kv_channels=args.kv_channels, share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
         num_moe_experts=args.num_experts or 0, moe_layers=_moe_layers(args),
         qk_layernorm=bool(getattr(args, "qk_layernorm", False)),
+        multi_latent_attention=bool(getattr(args, "multi_latent_attention", False)),
+        q_lora_rank=getattr(args, "q_lora_rank", None),
     )
     # experts as HF checkpoint files hold them (what save_pretrained writes, every reader loads)
     weights = megatron_to_hf(state_dict, config["model_type"], shape, expert_layout="files")

@@ -56,7 +56,10 @@ def model_flags_from_hf_config(hf_config: dict) -> List[str]:
         flags.append("--disable-bias-linear")
     if config.get("add_qkv_bias") and not config.get("add_bias_linear", True):
         flags.append("--add-qkv-bias")
-    if arch != "gpt2":
+    if arch == "deepseek_v3":
+        flags += _mla_flags(config) + ["--kv-channels", str(config["kv_channels"]),
+                                       "--rotary-base", _rotary_base(model["rotary_base"])]
+    elif arch != "gpt2":
         flags += ["--group-query-attention", "--num-query-groups", str(config["num_query_groups"]),
                   "--kv-channels", str(config["kv_channels"]), "--rotary-base", _rotary_base(model["rotary_base"])]
     if model.get("rope_scaling"):
@@ -78,6 +81,40 @@ def model_flags_from_hf_config(hf_config: dict) -> List[str]:
             flags += ["--moe-shared-expert-intermediate-size", str(config["moe_shared_expert_intermediate_size"])]
         if config.get("moe_shared_expert_gate"):
             flags.append("--moe-shared-expert-gate")
+        flags += _router_flags(config)
+    return flags
+
+
+def _mla_flags(config: dict) -> List[str]:
+    flags = ["--multi-latent-attention", "--kv-lora-rank", str(config["kv_lora_rank"]),
+             "--qk-head-dim", str(config["qk_head_dim"]), "--qk-pos-emb-head-dim", str(config["qk_pos_emb_head_dim"]),
+             "--v-head-dim", str(config["v_head_dim"])]
+    if config.get("q_lora_rank") is not None:
+        flags += ["--q-lora-rank", str(config["q_lora_rank"])]
+    flags += ["--rope-type", config["rope_type"]]
+    if config["rope_type"] == "yarn":
+        flags += ["--rotary-scaling-factor", _number(config["rotary_scaling_factor"]),
+                  "--mscale", _number(config["mscale"]), "--mscale-all-dim", _number(config["mscale_all_dim"]),
+                  "--yarn-original-max-position-embeddings", str(config["yarn_original_max_position_embeddings"]),
+                  "--yarn-beta-fast", _number(config["yarn_beta_fast"]),
+                  "--yarn-beta-slow", _number(config["yarn_beta_slow"])]
+        if not config["yarn_correction_range_round_to_int"]:
+            flags.append("--no-yarn-correction-range-round-to-int")
+    return flags
+
+
+def _router_flags(config: dict) -> List[str]:
+    """DeepSeek's router: sigmoid scores with an expert bias, group-limited, scaled."""
+    flags = []
+    if config.get("moe_router_score_function", "softmax") != "softmax":
+        flags += ["--moe-router-score-function", config["moe_router_score_function"]]
+    if config.get("moe_router_enable_expert_bias"):
+        flags.append("--moe-router-enable-expert-bias")
+    if config.get("moe_router_topk_scaling_factor"):
+        flags += ["--moe-router-topk-scaling-factor", _number(config["moe_router_topk_scaling_factor"])]
+    if config.get("moe_router_num_groups"):
+        flags += ["--moe-router-num-groups", str(config["moe_router_num_groups"]),
+                  "--moe-router-group-topk", str(config["moe_router_group_topk"])]
     return flags
 
 

@@ -24,12 +24,15 @@ _ARCHITECTURES = {
     "mixtral": "MixtralForCausalLM",
     "qwen2_moe": "Qwen2MoeForCausalLM",
     "qwen3_moe": "Qwen3MoeForCausalLM",
+    "deepseek_v3": "DeepseekV3ForCausalLM",
 }
 HF_MODEL_TYPES = tuple(_ARCHITECTURES)
 
 
 def hf_family(args) -> str:
     """The HF model type that matches the saved run's model flags."""
+    if getattr(args, "multi_latent_attention", False):
+        return "deepseek_v3"
     if getattr(args, "num_experts", None):
         if getattr(args, "moe_shared_expert_gate", False):
             return "qwen2_moe"
@@ -142,7 +145,15 @@ def hf_config_from_args(args, vocab_size: int, dtype: torch.dtype, family: Optio
     _require(not getattr(args, "qk_l2_norm", False), family, "has no q/k L2 norm")
     if family not in _ARCHITECTURES:
         raise ConversionError(f"--hf-model-type {family}: use one of {', '.join(HF_MODEL_TYPES)}")
-    body = _gpt2(args, vocab_size) if family == "gpt2" else _llama_like(args, vocab_size, family)
+    if family == "gpt2":
+        body = _gpt2(args, vocab_size)
+    elif family == "deepseek_v3":
+        from hf_config_deepseek import deepseek_config
+
+        body = deepseek_config(args, vocab_size)
+    else:
+        _require(not getattr(args, "multi_latent_attention", False), family, "has no multi-latent attention")
+        body = _llama_like(args, vocab_size, family)
     body.update(model_type=family, architectures=[_ARCHITECTURES[family]],
                 torch_dtype=str(dtype).replace("torch.", ""), dtype=str(dtype).replace("torch.", ""))
     return body

@@ -1,5 +1,5 @@
 """The submodule records of Megatron-Core layer specs (``TransformerLayerSubmodules``,
-``SelfAttentionSubmodules``, ``MLPSubmodules``, ``MoESubmodules``,
+``SelfAttentionSubmodules``, ``MLASelfAttentionSubmodules``, ``MLPSubmodules``, ``MoESubmodules``,
 ``TransformerBlockSubmodules``).
 
 Our layers are built from the ``TransformerConfig``, not from these records; GPTModel reads
@@ -24,6 +24,19 @@ class SelfAttentionSubmodules:
     linear_proj: Optional[Spec] = None
     q_layernorm: Optional[Spec] = None
     k_layernorm: Optional[Spec] = None
+
+
+@dataclass
+class MLASelfAttentionSubmodules:
+    linear_q_proj: Optional[Spec] = None
+    linear_q_down_proj: Optional[Spec] = None
+    linear_q_up_proj: Optional[Spec] = None
+    linear_kv_down_proj: Optional[Spec] = None
+    linear_kv_up_proj: Optional[Spec] = None
+    core_attention: Optional[Spec] = None
+    linear_proj: Optional[Spec] = None
+    q_layernorm: Optional[Spec] = None
+    kv_layernorm: Optional[Spec] = None
 
 
 @dataclass

@@ -104,6 +104,52 @@ class TransformerConfig(ModelParallelConfig):
     logit 0 and value 0 to every row; ``learnable`` makes that logit a per-head parameter
     (``core_attention.softmax_offset``, attention sinks) (--softmax-type)."""
 
+    multi_latent_attention: bool = False
+    """DeepSeek multi-latent attention: low-rank q/kv projections, RoPE on a separate
+    per-head sub-dimension (--multi-latent-attention)."""
+
+    q_lora_rank: Optional[int] = None
+    """Rank of the query down projection; None projects queries directly (--q-lora-rank)."""
+
+    kv_lora_rank: int = 32
+    """Rank of the key/value latent (--kv-lora-rank)."""
+
+    qk_head_dim: int = 128
+    """Per-head query/key dims without position embedding (--qk-head-dim)."""
+
+    qk_pos_emb_head_dim: int = 64
+    """Per-head query/key dims that RoPE rotates; the key part is shared by all heads
+    (--qk-pos-emb-head-dim)."""
+
+    v_head_dim: int = 128
+    """Per-head value dims (--v-head-dim)."""
+
+    rope_type: Optional[str] = None
+    """RoPE of multi-latent attention: rope or yarn (None: yarn, as Megatron-LM's MLA);
+    YaRN with --rotary-scaling-factor 1 is plain RoPE (--rope-type)."""
+
+    rotary_scaling_factor: float = 1.0
+    """YaRN context-extension factor of multi-latent attention (--rotary-scaling-factor)."""
+
+    mscale: float = 1.0
+    """YaRN attention-scale coefficient, used when --rotary-scaling-factor > 1 (--mscale)."""
+
+    mscale_all_dim: float = 0.0
+    """YaRN attention-scale coefficient of all dims, used when --rotary-scaling-factor > 1
+    (--mscale-all-dim)."""
+
+    yarn_original_max_position_embeddings: int = 4096
+    """The context length YaRN extends from (--yarn-original-max-position-embeddings)."""
+
+    yarn_beta_fast: float = 32.0
+    """YaRN keeps the frequencies of dims turning more often than this (--yarn-beta-fast)."""
+
+    yarn_beta_slow: float = 1.0
+    """YaRN interpolates the dims turning less often than this (--yarn-beta-slow)."""
+
+    yarn_correction_range_round_to_int: bool = True
+    """Round YaRN's ramp bounds to whole dims (--no-yarn-correction-range-round-to-int turns it off)."""
+
     add_bias_linear: bool = True
     """Biases in all linear layers (off with --disable-bias-linear)."""
 
@@ -355,6 +401,9 @@ class TransformerConfig(ModelParallelConfig):
                                           else init_method_normal(self.embedding_init_method_std))
         if self.apply_query_key_layer_scaling:
             self.attention_softmax_in_fp32 = True
+        from megatron.core.transformer.mla_config_checks import check_mla_config
+
+        check_mla_config(self)
         if self.num_moe_experts is not None:
             from megatron.core.transformer.moe.moe_config_checks import check_moe_config
 

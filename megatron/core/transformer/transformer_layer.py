@@ -17,6 +17,7 @@ import torch
 from megatron.core import process_groups
 from megatron.core.fusions.fused_bias_dropout_add import get_bias_dropout_add
 from megatron.core.transformer.attention import SelfAttention
+from megatron.core.transformer.multi_latent_attention import MLASelfAttention
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.mlp import MLP
 from megatron.core.transformer.moe.moe_layer import MoELayer
@@ -51,7 +52,8 @@ class TransformerLayer(torch.nn.Module):
         # Post-norm layers hold no pre-norms (identity, no parameters), as NeMo's do.
         pre_norm = torch.nn.Identity if self.post_ln else (lambda: build_norm(config, config.hidden_size))
         self.input_layernorm = pre_norm()
-        self.self_attention = SelfAttention(config, layer_number, attn_mask_type, pg_collection=groups)
+        attention = MLASelfAttention if config.multi_latent_attention else SelfAttention
+        self.self_attention = attention(config, layer_number, attn_mask_type, pg_collection=groups)
         self.pre_mlp_layernorm = pre_norm()
         if self.post_ln:
             self.post_att_layernorm = build_norm(config, config.hidden_size)

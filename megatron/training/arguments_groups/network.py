@@ -65,6 +65,22 @@ def add_network_size_args(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     g.add_argument("--qk-l2-norm", action="store_true", help=None)
     g.add_argument("--softmax-type", type=str, default="vanilla", choices=["vanilla", "off-by-one", "learnable"],
                    help=None)
+    g.add_argument("--multi-latent-attention", action="store_true", help=None)
+    g.add_argument("--q-lora-rank", type=int, default=None, help=None)
+    g.add_argument("--kv-lora-rank", type=int, default=32, help=None)
+    g.add_argument("--qk-head-dim", type=int, default=128, help=None)
+    g.add_argument("--qk-pos-emb-head-dim", type=int, default=64, help=None)
+    g.add_argument("--v-head-dim", type=int, default=128, help=None)
+    g.add_argument("--rotary-scaling-factor", type=float, default=1.0, help=None)
+    g.add_argument("--mscale", type=float, default=1.0, help=None)
+    g.add_argument("--mscale-all-dim", type=float, default=0.0, help=None)
+    g.add_argument("--rope-type", type=str, default=None, choices=["rope", "yarn"], help=None)
+    g.add_argument("--yarn-original-max-position-embeddings", type=int, default=None, help=None)
+    g.add_argument("--yarn-beta-fast", type=float, default=None, help=None)
+    g.add_argument("--yarn-beta-slow", type=float, default=None, help=None)
+    g.add_argument("--yarn-correction-range-round-to-int", action="store_true", default=None, help=None)
+    g.add_argument("--no-yarn-correction-range-round-to-int", action="store_false",
+                   dest="yarn_correction_range_round_to_int", help=None)
     g.add_argument("--window-size", type=int_tuple, default=None, help=None)
     g.add_argument("--window-attn-skip-freq", type=int_or_pattern, default=None,
                    help="Every N-th layer (or a pattern such as ([0]*3+[1])*2) uses full attention "

@@ -47,6 +47,9 @@ FORCED = (
     "tokenizer_type", "make_vocab_size_divisible_by",
     # not in Megatron's list, but a sliding-window model without its window computes other logits
     "window_size",
+    # multi-latent attention: its projection shapes (Megatron copies these too)
+    "multi_latent_attention", "q_lora_rank", "kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim",
+    "rotary_scaling_factor", "mscale", "mscale_all_dim",
     # a Mamba/hybrid model: its layer layout and mixer shape (Megatron copies the layout flags)
     "is_hybrid_model", "hybrid_layer_pattern", "hybrid_override_pattern", "hybrid_attention_ratio", "hybrid_mlp_ratio",
     "mamba_state_dim", "mamba_head_dim", "mamba_num_groups", "mamba_num_heads",

@@ -28,6 +28,7 @@ ARCHITECTURE_FLAGS = {
     "qk_layernorm": "--qk-layernorm",
     "qk_l2_norm": "--qk-l2-norm",
     "softmax_type": "--softmax-type",
+    "multi_latent_attention": "--multi-latent-attention",
     "num_experts": "--num-experts",
     "moe_ffn_hidden_size": "--moe-ffn-hidden-size",
     "max_position_embeddings": "--max-position-embeddings",

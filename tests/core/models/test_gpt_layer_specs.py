@@ -17,6 +17,7 @@ from megatron.core.transformer.layer_submodules import TransformerBlockSubmodule
 from megatron.core.transformer.mlp import MLP
 from megatron.core.transformer.moe.experts import GroupedMLP, SequentialMLP
 from megatron.core.transformer.moe.moe_layer import MoELayer
+from megatron.core.transformer.multi_latent_attention import MLASelfAttention
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.torch_norm import RMSNorm
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -43,8 +44,7 @@ def test_local_spec_names_our_layers():
     assert moe.module is MoELayer and moe.submodules.experts.module is GroupedMLP
     assert get_mlp_module_spec(num_experts=4).submodules.experts.module is SequentialMLP
     assert get_gpt_layer_with_transformer_engine_spec(qk_layernorm=True) == get_gpt_layer_local_spec(qk_layernorm=True)
-    with pytest.raises(ValueError, match="multi_latent_attention"):
-        get_gpt_layer_local_spec(multi_latent_attention=True)
+    assert get_gpt_layer_local_spec(multi_latent_attention=True).submodules.self_attention.module is MLASelfAttention
 
 
 def test_gpt_model_accepts_matching_specs_and_runs():

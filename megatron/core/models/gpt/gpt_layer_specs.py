@@ -23,12 +23,14 @@ from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.layer_submodules import (
     MLPSubmodules,
     MoESubmodules,
+    MLASelfAttentionSubmodules,
     SelfAttentionSubmodules,
     TransformerLayerSubmodules,
 )
 from megatron.core.transformer.mlp import MLP
 from megatron.core.transformer.moe.experts import GroupedMLP, SequentialMLP
 from megatron.core.transformer.moe.moe_layer import MoELayer
+from megatron.core.transformer.multi_latent_attention import MLASelfAttention, ReplicatedLinear
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.torch_norm import L2Norm, LayerNorm, RMSNorm, WrappedTorchNorm
 from megatron.core.transformer.transformer_layer import TransformerLayer
@@ -68,6 +70,40 @@ def get_mlp_module_spec(
     return ModuleSpec(module=MoELayer, submodules=MoESubmodules(experts=ModuleSpec(module=experts, submodules=expert_mlp)))
 
 
+def _attention_spec(qk_norm) -> ModuleSpec:
+    return ModuleSpec(
+        module=SelfAttention,
+        params={"attn_mask_type": AttnMaskType.causal},
+        submodules=SelfAttentionSubmodules(
+            linear_qkv=ColumnParallelLinear,
+            core_attention=DotProductAttention,
+            linear_proj=RowParallelLinear,
+            q_layernorm=qk_norm,
+            k_layernorm=qk_norm,
+        ),
+    )
+
+
+def _mla_spec(qk_norm) -> ModuleSpec:
+    """Megatron's multi-latent attention submodules: the down projections replicated on
+    every tensor-parallel rank, the up projections column-parallel."""
+    return ModuleSpec(
+        module=MLASelfAttention,
+        params={"attn_mask_type": AttnMaskType.causal},
+        submodules=MLASelfAttentionSubmodules(
+            linear_q_proj=ColumnParallelLinear,
+            linear_q_down_proj=ReplicatedLinear,
+            linear_q_up_proj=ColumnParallelLinear,
+            linear_kv_down_proj=ReplicatedLinear,
+            linear_kv_up_proj=ColumnParallelLinear,
+            core_attention=DotProductAttention,
+            linear_proj=RowParallelLinear,
+            q_layernorm=qk_norm,
+            kv_layernorm=qk_norm,
+        ),
+    )
+
+
 def get_gpt_layer_local_spec(
     num_experts: Optional[int] = None,
     moe_grouped_gemm: bool = False,
@@ -80,24 +116,16 @@ def get_gpt_layer_local_spec(
     use_kitchen: bool = False,
 ) -> ModuleSpec:
     """A GPT layer of the local modules: pre-norm self attention (causal) and MLP/MoE,
-    each followed by bias-dropout-add. ``qk_l2_norm`` puts L2Norm in place of the q/k
-    norms, as Megatron-Core does. Multi-latent attention and kitchen layers are refused
+    each followed by bias-dropout-add; ``multi_latent_attention`` selects MLASelfAttention.
+    ``qk_l2_norm`` puts L2Norm in place of the q/k norms, as Megatron-Core does (not with
+    multi-latent attention, whose q/kv norms act on the latents). Kitchen layers are refused
     (not built here)."""
-    _refuse("multi_latent_attention", multi_latent_attention)
+    if multi_latent_attention and qk_l2_norm:
+        raise ValueError("--qk-l2-norm with --multi-latent-attention is not supported: drop --qk-l2-norm")
     _refuse("use_kitchen", use_kitchen)
     norm = _norm_class(normalization)
     qk_norm = L2Norm if qk_l2_norm else norm if qk_layernorm else IdentityOp
-    attention = ModuleSpec(
-        module=SelfAttention,
-        params={"attn_mask_type": AttnMaskType.causal},
-        submodules=SelfAttentionSubmodules(
-            linear_qkv=ColumnParallelLinear,
-            core_attention=DotProductAttention,
-            linear_proj=RowParallelLinear,
-            q_layernorm=qk_norm,
-            k_layernorm=qk_norm,
-        ),
-    )
+    attention = _mla_spec(qk_norm) if multi_latent_attention else _attention_spec(qk_norm)
     mlp = get_mlp_module_spec(
         use_te=False, num_experts=num_experts, moe_grouped_gemm=moe_grouped_gemm, fp8=fp8,
         moe_use_legacy_grouped_gemm=moe_use_legacy_grouped_gemm,

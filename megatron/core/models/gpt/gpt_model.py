@@ -15,6 +15,7 @@ import torch
 
 from megatron.core import process_groups
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+from megatron.core.transformer.multi_latent_attention import mla_rotary_embedding
 from megatron.core.models.common.language_module.language_module import LanguageModule
 from megatron.core.transformer.context_parallel import get_pos_emb_on_this_cp_rank
 from megatron.core.transformer.transformer_block import TransformerBlock
@@ -89,11 +90,21 @@ class GPTModel(LanguageModule):
                 f"got {max_sequence_length}"
             )
         check_layer_spec(transformer_layer_spec, config)
+        if config.multi_latent_attention and (position_embedding_type != "rope" or rotary_percent != 1.0
+                                              or rope_scaling or seq_len_interpolation_factor):
+            raise ValueError(
+                "--multi-latent-attention needs --position-embedding-type rope with --rotary-percent 1.0 and "
+                f"neither --use-rope-scaling nor --rotary-seq-len-interpolation-factor (got {position_embedding_type!r}, "
+                f"{rotary_percent}, {rope_scaling}, {seq_len_interpolation_factor}): its RoPE runs on its own "
+                "qk_pos_emb_head_dim dims and extends the context with YaRN (--rotary-scaling-factor)"
+            )
         self.transformer_layer_spec = transformer_layer_spec
         self.vp_stage = vp_stage
         if pre_process:
             self._build_embedding()
-        if position_embedding_type == "rope":
+        if position_embedding_type == "rope" and config.multi_latent_attention:
+            self.rotary_pos_emb = mla_rotary_embedding(config, rotary_base)
+        elif position_embedding_type == "rope":
             self.rotary_pos_emb = RotaryEmbedding(
                 config.kv_channels,
                 rotary_percent,

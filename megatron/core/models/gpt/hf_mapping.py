@@ -2,7 +2,8 @@
 
 Supported: GPT2LMHeadModel ("gpt2"), LlamaForCausalLM ("llama"), MistralForCausalLM
 ("mistral"), Qwen2ForCausalLM ("qwen2"), and the mixtures of experts MixtralForCausalLM
-("mixtral"), Qwen2MoeForCausalLM ("qwen2_moe") and Qwen3MoeForCausalLM ("qwen3_moe"). Pure
+("mixtral"), Qwen2MoeForCausalLM ("qwen2_moe") and Qwen3MoeForCausalLM ("qwen3_moe"), and
+DeepseekV3ForCausalLM ("deepseek_v3": multi-latent attention, see ``hf_mapping_deepseek``). Pure
 tensor shuffling; nothing here imports
 transformers. ``hf_to_megatron`` followed by ``megatron_to_hf`` returns equal tensors
 under the same keys.
@@ -31,13 +32,15 @@ Layout facts the conversion relies on:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
-ARCHITECTURES = ("gpt2", "llama", "mistral", "qwen2", "mixtral", "qwen2_moe", "qwen3_moe")
-_LLAMA_FAMILY = ("llama", "mistral", "qwen2", "mixtral", "qwen2_moe", "qwen3_moe")
+from megatron.core.models.gpt import hf_mapping_deepseek as deepseek
+
+ARCHITECTURES = ("gpt2", "llama", "mistral", "qwen2", "mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3")
+_LLAMA_FAMILY = ("llama", "mistral", "qwen2", "mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3")
 
 # Non-parameter entries HF may keep in a state dict; they carry no model weights.
 _HF_IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")
@@ -55,6 +58,8 @@ class GPTShape:
     num_moe_experts: int = 0
     moe_layers: Tuple[bool, ...] = ()
     qk_layernorm: bool = False
+    multi_latent_attention: bool = False
+    q_lora_rank: Optional[int] = None
 
     def is_moe(self, layer: int) -> bool:
         """Whether 0-based ``layer`` is an MoE layer."""
@@ -175,19 +180,15 @@ def _llama_to_megatron(sd: _Reader, shape: GPTShape) -> Dict[str, torch.Tensor]:
         out[dst + "input_layernorm.weight"] = sd.pop(src + "input_layernorm.weight")
         out[dst + "pre_mlp_layernorm.weight"] = sd.pop(src + "post_attention_layernorm.weight")
         attn = src + "self_attn."
-        out[dst + "self_attention.linear_qkv.weight"] = fuse_qkv(
-            sd.pop(attn + "q_proj.weight"), sd.pop(attn + "k_proj.weight"), sd.pop(attn + "v_proj.weight"), shape
-        )
-        biases = [sd.pop_optional(attn + f"{n}_proj.bias") for n in "qkv"]
-        if any(b is not None for b in biases):
-            out[dst + "self_attention.linear_qkv.bias"] = fuse_qkv(*biases, shape)
-        out[dst + "self_attention.linear_proj.weight"] = sd.pop(attn + "o_proj.weight")
-        if shape.qk_layernorm:
-            out[dst + "self_attention.q_layernorm.weight"] = sd.pop(attn + "q_norm.weight")
-            out[dst + "self_attention.k_layernorm.weight"] = sd.pop(attn + "k_norm.weight")
+        if shape.multi_latent_attention:
+            out.update(deepseek.mla_hf_to_megatron(sd, attn, dst + "self_attention.", shape.q_lora_rank))
+        else:
+            out.update(_qkv_hf_to_megatron(sd, attn, dst, shape))
         if shape.is_moe(i):
             out.update(_hf_experts_to_megatron(sd, src, dst, shape.num_moe_experts))
             out.update(_hf_shared_expert_to_megatron(sd, src, dst))
+            if shape.multi_latent_attention:
+                out.update(deepseek.deepseek_moe_extras_to_megatron(sd, src, dst))
             continue
         out[dst + "mlp.linear_fc1.weight"] = torch.cat(
             (sd.pop(src + "mlp.gate_proj.weight"), sd.pop(src + "mlp.up_proj.weight")), dim=0
@@ -202,6 +203,23 @@ def _llama_to_megatron(sd: _Reader, shape: GPTShape) -> Dict[str, torch.Tensor]:
     return out
 
 
+def _qkv_hf_to_megatron(sd: _Reader, attn: str, dst: str, shape: GPTShape) -> Dict[str, torch.Tensor]:
+    """One layer's separate q/k/v (and q/k norms) -> the fused linear_qkv."""
+    out = {
+        dst + "self_attention.linear_qkv.weight": fuse_qkv(
+            sd.pop(attn + "q_proj.weight"), sd.pop(attn + "k_proj.weight"), sd.pop(attn + "v_proj.weight"), shape
+        )
+    }
+    biases = [sd.pop_optional(attn + f"{n}_proj.bias") for n in "qkv"]
+    if any(b is not None for b in biases):
+        out[dst + "self_attention.linear_qkv.bias"] = fuse_qkv(*biases, shape)
+    out[dst + "self_attention.linear_proj.weight"] = sd.pop(attn + "o_proj.weight")
+    if shape.qk_layernorm:
+        out[dst + "self_attention.q_layernorm.weight"] = sd.pop(attn + "q_norm.weight")
+        out[dst + "self_attention.k_layernorm.weight"] = sd.pop(attn + "k_norm.weight")
+    return out
+
+
 def _megatron_to_llama(sd: _Reader, shape: GPTShape, arch: str, expert_layout: str) -> Dict[str, torch.Tensor]:
     out = {"model.embed_tokens.weight": sd.pop("embedding.word_embeddings.weight")}
     for i in range(shape.num_layers):
@@ -209,19 +227,15 @@ def _megatron_to_llama(sd: _Reader, shape: GPTShape, arch: str, expert_layout: s
         out[dst + "input_layernorm.weight"] = sd.pop(src + "input_layernorm.weight")
         out[dst + "post_attention_layernorm.weight"] = sd.pop(src + "pre_mlp_layernorm.weight")
         attn = dst + "self_attn."
-        q, k, v = split_qkv(sd.pop(src + "self_attention.linear_qkv.weight"), shape)
-        out.update({attn + "q_proj.weight": q, attn + "k_proj.weight": k, attn + "v_proj.weight": v})
-        bias = sd.pop_optional(src + "self_attention.linear_qkv.bias")
-        if bias is not None:
-            q, k, v = split_qkv(bias, shape)
-            out.update({attn + "q_proj.bias": q, attn + "k_proj.bias": k, attn + "v_proj.bias": v})
-        out[attn + "o_proj.weight"] = sd.pop(src + "self_attention.linear_proj.weight")
-        if shape.qk_layernorm:
-            out[attn + "q_norm.weight"] = sd.pop(src + "self_attention.q_layernorm.weight")
-            out[attn + "k_norm.weight"] = sd.pop(src + "self_attention.k_layernorm.weight")
+        if shape.multi_latent_attention:
+            out.update(deepseek.mla_megatron_to_hf(sd, src + "self_attention.", attn, shape.q_lora_rank))
+        else:
+            out.update(_qkv_megatron_to_hf(sd, src, attn, shape))
         if shape.is_moe(i):
             out.update(_megatron_experts_to_hf(sd, src, dst, shape.num_moe_experts, arch, expert_layout))
             out.update(_megatron_shared_expert_to_hf(sd, src, dst))
+            if shape.multi_latent_attention:
+                out.update(deepseek.deepseek_moe_extras_to_hf(sd, src, dst))
             continue
         gate, up = torch.chunk(sd.pop(src + "mlp.linear_fc1.weight"), 2, dim=0)
         out[dst + "mlp.gate_proj.weight"] = gate.clone()
@@ -229,6 +243,21 @@ def _megatron_to_llama(sd: _Reader, shape: GPTShape, arch: str, expert_layout: s
         out[dst + "mlp.down_proj.weight"] = sd.pop(src + "mlp.linear_fc2.weight")
     out["model.norm.weight"] = sd.pop("decoder.final_layernorm.weight")
     out["lm_head.weight"] = _output_weight(sd, out["model.embed_tokens.weight"], shape)
+    return out
+
+
+def _qkv_megatron_to_hf(sd: _Reader, src: str, attn: str, shape: GPTShape) -> Dict[str, torch.Tensor]:
+    """Inverse of ``_qkv_hf_to_megatron``."""
+    q, k, v = split_qkv(sd.pop(src + "self_attention.linear_qkv.weight"), shape)
+    out = {attn + "q_proj.weight": q, attn + "k_proj.weight": k, attn + "v_proj.weight": v}
+    bias = sd.pop_optional(src + "self_attention.linear_qkv.bias")
+    if bias is not None:
+        q, k, v = split_qkv(bias, shape)
+        out.update({attn + "q_proj.bias": q, attn + "k_proj.bias": k, attn + "v_proj.bias": v})
+    out[attn + "o_proj.weight"] = sd.pop(src + "self_attention.linear_proj.weight")
+    if shape.qk_layernorm:
+        out[attn + "q_norm.weight"] = sd.pop(src + "self_attention.q_layernorm.weight")
+        out[attn + "k_norm.weight"] = sd.pop(src + "self_attention.k_layernorm.weight")
     return out
 
 
@@ -482,7 +511,12 @@ def gpt_kwargs_from_hf_config(hf_config: dict) -> Tuple[str, dict, dict]:
     """HF config dict (``config.to_dict()``) -> (arch, TransformerConfig kwargs, GPTModel kwargs)."""
     arch = hf_config.get("model_type")
     _check_arch(arch)
-    config, model = _gpt2_kwargs(hf_config) if arch == "gpt2" else _llama_kwargs(hf_config, arch)
+    if arch == "gpt2":
+        config, model = _gpt2_kwargs(hf_config)
+    elif arch == "deepseek_v3":
+        config, model = deepseek.deepseek_kwargs(hf_config)
+    else:
+        config, model = _llama_kwargs(hf_config, arch)
     return arch, config, model
 
 
@@ -498,6 +532,8 @@ def shape_from_kwargs(config_kwargs: dict, model_kwargs: dict) -> GPTShape:
         num_moe_experts=config_kwargs.get("num_moe_experts") or 0,
         moe_layers=_moe_layer_tuple(config_kwargs),
         qk_layernorm=bool(config_kwargs.get("qk_layernorm", False)),
+        multi_latent_attention=bool(config_kwargs.get("multi_latent_attention", False)),
+        q_lora_rank=config_kwargs.get("q_lora_rank"),
     )
 
 

@@ -22,6 +22,7 @@ from megatron.core.transformer.mlp import MLP
 from megatron.core.transformer.moe.experts import GroupedMLP, SequentialMLP
 from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.moe.shared_experts import SharedExpertMLP
+from megatron.core.transformer.multi_latent_attention import MLASelfAttention, ReplicatedLinear
 from megatron.core.transformer.spec_utils import ModuleSpec, get_module
 from megatron.core.transformer.torch_norm import L2Norm, LayerNorm, RMSNorm, WrappedTorchNorm
 from megatron.core.transformer.transformer_layer import TransformerLayer
@@ -29,7 +30,7 @@ from megatron.core.transformer.transformer_layer import TransformerLayer
 _BUILDABLE = (
     TransformerLayer, SelfAttention, DotProductAttention, ColumnParallelLinear, RowParallelLinear,
     MLP, MoELayer, SequentialMLP, GroupedMLP, SharedExpertMLP, LayerNorm, RMSNorm, WrappedTorchNorm, L2Norm,
-    IdentityOp, IdentityFuncOp, get_bias_dropout_add,
+    IdentityOp, IdentityFuncOp, get_bias_dropout_add, MLASelfAttention, ReplicatedLinear,
 )
 _HOW_TO = "build the spec with megatron.core.models.gpt.gpt_layer_specs.get_gpt_layer_local_spec"
 
@@ -97,6 +98,12 @@ def _check_layer(spec, config) -> None:
         raise ValueError(
             f"transformer_layer_spec asks for {experts.__name__} experts but config.moe_grouped_gemm="
             f"{config.moe_grouped_gemm}; pass moe_grouped_gemm=config.moe_grouped_gemm to the spec function"
+        )
+    attention = found.get("layer.self_attention")
+    if attention is not None and (attention is MLASelfAttention) != bool(config.multi_latent_attention):
+        raise ValueError(
+            f"transformer_layer_spec asks for {attention.__name__} but config.multi_latent_attention="
+            f"{config.multi_latent_attention}; pass multi_latent_attention=config.multi_latent_attention to the spec function"
         )
     q_norm = found.get("layer.self_attention.q_layernorm", IdentityOp)
     if (q_norm is L2Norm) != bool(getattr(config, "qk_l2_norm", False)):
