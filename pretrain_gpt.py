@@ -109,7 +109,9 @@ def forward_step(data_iterator, model):
     core = model.module if hasattr(model, "module") else model
     needs_data = getattr(core, "pre_process", True) or getattr(core, "post_process", True)
     tokens, labels, loss_mask, attention_mask, position_ids = get_batch(data_iterator, needs_data)
-    output_tensor = model(tokens, position_ids, attention_mask, labels=labels)
+    # Multi-token prediction masks its shifted losses with the same mask.
+    mtp = {"loss_mask": loss_mask} if getattr(core, "mtp", None) is not None else {}
+    output_tensor = model(tokens, position_ids, attention_mask, labels=labels, **mtp)
     return output_tensor, partial(loss_func, loss_mask)
 
 

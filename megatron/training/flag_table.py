@@ -171,8 +171,8 @@ _refuse("DeepSeek sparse attention (DSA) and experimental attention variants are
         "--dsa-indexer-skip-topk-offset --dsa-indexer-topk --dsa-indexer-topk-freq --dsa-indexer-use-sparse-loss "
         "--dsa-kernel-backend --no-dsa-indexer-rotate-activation --disable-dsa-indexer-rotate-activation "
         "--no-dsa-indexer-scoring-relu --disable-dsa-indexer-scoring-relu")
-_refuse("multi-token prediction (MTP) is not implemented", "drop the --mtp-* flags",
-        "--mtp-num-layers --mtp-loss-scaling-factor --mtp-detach-heads --mtp-hsm --mtp-standalone "
+_refuse("this multi-token prediction (MTP) option is not implemented", "drop it; --mtp-num-layers and --mtp-loss-scaling-factor are implemented",
+        "--mtp-detach-heads --mtp-hsm --mtp-standalone "
         "--mtp-use-repeated-layer")
 _refuse("manifold hyper-connections (mHC) are not implemented", "drop the --mhc-* flags",
         "--enable-mhc-connections --mhc-init-gating-factor --mhc-num-residual-streams --mhc-recompute-layer-num "

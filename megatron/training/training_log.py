@@ -13,6 +13,7 @@ from megatron.core import parallel_state
 from megatron.core.num_microbatches_calculator import build_num_microbatches_calculator
 from megatron.training.flops import num_floating_point_operations
 from megatron.training.moe_metrics import collect_moe_metrics
+from megatron.training.mtp_metrics import collect_mtp_losses
 from megatron.training.rank_print import print_rank_last
 from megatron.training.run_state import RunState
 
@@ -113,6 +114,8 @@ class TrainingLogger:
             moe = collect_moe_metrics(self.args, parallel_state.get_process_groups())
             stats.losses = {**stats.losses, **moe["losses"]}
             moe_scalars = moe["per_layer"]
+        if getattr(self.args, "mtp_num_layers", None):
+            stats.losses = {**stats.losses, **collect_mtp_losses(self.args, parallel_state.get_process_groups())}
         nan_before = self.totals.nan
         self.totals.add(stats)
         self.run_state.skipped_iterations += int(stats.skipped)

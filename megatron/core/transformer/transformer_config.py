@@ -147,6 +147,14 @@ class TransformerConfig(ModelParallelConfig):
     yarn_beta_slow: float = 1.0
     """YaRN interpolates the dims turning less often than this (--yarn-beta-slow)."""
 
+    mtp_num_layers: Optional[int] = None
+    """Number of multi-token prediction depths after the decoder; None turns MTP off
+    (--mtp-num-layers)."""
+
+    mtp_loss_scaling_factor: float = 0.1
+    """The mean of the MTP depths' losses, times this, is added to the LM loss
+    (--mtp-loss-scaling-factor)."""
+
     yarn_correction_range_round_to_int: bool = True
     """Round YaRN's ramp bounds to whole dims (--no-yarn-correction-range-round-to-int turns it off)."""
 

@@ -78,6 +78,8 @@ def add_network_size_args(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     g.add_argument("--yarn-original-max-position-embeddings", type=int, default=None, help=None)
     g.add_argument("--yarn-beta-fast", type=float, default=None, help=None)
     g.add_argument("--yarn-beta-slow", type=float, default=None, help=None)
+    g.add_argument("--mtp-num-layers", type=int, default=None, help=None)
+    g.add_argument("--mtp-loss-scaling-factor", type=float, default=0.1, help=None)
     g.add_argument("--yarn-correction-range-round-to-int", action="store_true", default=None, help=None)
     g.add_argument("--no-yarn-correction-range-round-to-int", action="store_false",
                    dest="yarn_correction_range_round_to_int", help=None)

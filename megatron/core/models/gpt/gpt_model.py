@@ -18,6 +18,7 @@ from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEm
 from megatron.core.transformer.multi_latent_attention import mla_rotary_embedding
 from megatron.core.models.common.language_module.language_module import LanguageModule
 from megatron.core.transformer.context_parallel import get_pos_emb_on_this_cp_rank
+from megatron.core.transformer.multi_token_prediction import MultiTokenPredictionBlock, check_mtp_config
 from megatron.core.transformer.transformer_block import TransformerBlock
 from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -37,6 +38,9 @@ class GPTModel(LanguageModule):
       - not post_process: the hidden states [s(/tp), b, h] for the next stage;
       - labels None: logits [b, s, V/tp] (full V when parallel_output=False);
       - labels [b, s]: per-token loss [b, s] in fp32.
+    With ``config.mtp_num_layers`` the model holds the ``mtp`` block: in training with labels
+    its scaled loss (over ``loss_mask`` [b, s], default all tokens) joins the backward pass
+    while the returned LM loss stays as is (``transformer.multi_token_prediction``).
 
     ``transformer_layer_spec`` (from ``gpt_layer_specs``) is checked, not used to build: the
     layers are always the local PyTorch ones the config asks for, and a spec asking for
@@ -125,6 +129,11 @@ class GPTModel(LanguageModule):
         )
         if post_process:
             self._build_output_layer(bias=False)
+        self.mtp = None
+        if config.mtp_num_layers:
+            check_mtp_config(config, position_embedding_type, self.pg_collection)
+            self.mtp = MultiTokenPredictionBlock(config, self.pg_collection)
+        if post_process:
             if config.cross_entropy_loss_fusion and config.cross_entropy_fusion_impl == "te":
                 logger.info("--cross-entropy-fusion-impl te: using the native chunked cross entropy (no Transformer Engine needed)")
         self.setup_embeddings_and_output_layer()
@@ -155,6 +164,7 @@ class GPTModel(LanguageModule):
         decoder_input: Optional[torch.Tensor] = None,
         labels: Optional[torch.Tensor] = None,
         inference_context=None,
+        loss_mask: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         if decoder_input is None and self.pre_process:
             decoder_input = self.embedding(input_ids, position_ids)
@@ -166,4 +176,20 @@ class GPTModel(LanguageModule):
             return hidden_states
         if inference_context is not None and inference_context.materialize_only_last_token_logits:
             hidden_states = hidden_states[-1:]  # generation without log-probs needs the next token only
+        if self.mtp is not None and labels is not None and self.training and torch.is_grad_enabled():
+            hidden_states = self._with_mtp_loss(hidden_states, input_ids, position_ids, labels, loss_mask,
+                                                attention_mask, rotary_pos_emb)
         return self._logits_or_loss(hidden_states, labels)
+
+    def _with_mtp_loss(self, hidden_states, input_ids, position_ids, labels, loss_mask, attention_mask, rotary_pos_emb):
+        """The decoder output with the MTP depths' scaled loss attached for backward (training
+        only: evaluation and generation ignore the MTP depths, as Megatron-Core does by default)."""
+        losses = self.mtp.depth_losses(
+            hidden_states, input_ids, position_ids, labels,
+            embed=self.embedding,
+            loss_of=lambda hidden, shifted: self._logits_or_loss(hidden, shifted),
+            attention_mask=attention_mask, rotary_pos_emb=rotary_pos_emb,
+        )
+        if loss_mask is None:
+            loss_mask = torch.ones_like(labels, dtype=torch.float32)
+        return self.mtp.attach(hidden_states, losses, loss_mask)

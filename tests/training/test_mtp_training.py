@@ -1,0 +1,35 @@
+"""pretrain_gpt.py with --mtp-num-layers: the iteration line reports ``mtp_1 loss``, the
+MTP parameters train and are checkpointed, and a resumed run continues bit-exactly."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from tests.training.checkpointing.ckpt_runs import run_ckpt
+
+MTP = ["--mtp-num-layers", "1", "--mtp-loss-scaling-factor", "0.5", "--position-embedding-type", "rope",
+       "--save-interval", "2"]
+MTP_LOSS = re.compile(r"mtp_1 loss: ([0-9.Ee+-]+) \|")
+TOTAL, SAVED_AT = 4, 2
+
+
+def test_mtp_logs_trains_and_resumes_bit_exactly(tmp_path):
+    root = str(tmp_path)
+    full = run_ckpt(1, MTP + ["--save", root], TOTAL, snapshots=("load", TOTAL))
+    mtp_losses = MTP_LOSS.findall(full.log)
+    assert len(mtp_losses) == TOTAL, full.log[-2000:]
+    assert all(0 < float(x) < 20 for x in mtp_losses)
+    start, end = full.snapshots["load"], full.snapshots[TOTAL]
+    assert "mtp.layers.0.eh_proj.weight" in start and "mtp.layers.0.transformer_layer.mlp.linear_fc1.weight" in start
+    assert not (start["mtp.layers.0.eh_proj.weight"] == end["mtp.layers.0.eh_proj.weight"]).all()
+
+    resumed = run_ckpt(1, MTP + ["--load", root, "--ckpt-step", str(SAVED_AT)], TOTAL)
+    assert resumed.losses == {it: h for it, h in full.losses.items() if it > SAVED_AT}
+    assert MTP_LOSS.findall(resumed.log) == mtp_losses[SAVED_AT:]
+
+
+def test_mtp_refuses_learned_absolute_positions():
+    with pytest.raises(Exception, match="rope or none"):
+        run_ckpt(1, ["--mtp-num-layers", "1"], 1)
