@@ -89,7 +89,7 @@ _no_effect("the Mamba mixer has one path here (the chunked SSD scan, compiled on
 _refuse("Mamba state dtypes other than the model's are not implemented",
         "leave them unset: states are kept in the parameters' dtype",
         "--mamba-inference-conv-states-dtype --mamba-inference-ssm-states-dtype --mamba-training-ssm-states-dtype")
-_refuse("multi-token prediction is not implemented", "drop the flag",
+_refuse("multi-token prediction is not implemented for hybrid models (GPT has --mtp-num-layers)", "drop the flag",
         "--mtp-hybrid-override-pattern")
 _family("linear-attention (gated delta net) hybrid model",
         "--linear-attention-freq --linear-conv-kernel-dim --linear-key-head-dim --linear-num-key-heads "

@@ -11,6 +11,7 @@ def num_floating_point_operations(args, batch_size: int) -> float:
     over the padded vocabulary, as megatron-facts section 7.3 gives it. MoE layers count
     top-k routed experts of --moe-ffn-hidden-size plus the shared expert instead of the MLP.
     With --multi-latent-attention the attention terms are Megatron's low-rank ones.
+    --mtp-num-layers adds Megatron's multi-token prediction terms.
     """
     if getattr(args, "is_hybrid_model", False):  # partial namespaces (tests, tools) have no such flag
         from megatron.training.hybrid_flops import hybrid_num_floating_point_operations
@@ -27,13 +28,17 @@ def num_floating_point_operations(args, batch_size: int) -> float:
     d = args.kv_channels
     q = d * n
     gated = 1.5 if getattr(args, "swiglu", False) else 1.0
-    mlp = 12 * h * gated * _mlp_width_times_layers(args, L, f)
+    # Each multi-token prediction depth is one more transformer layer (dense: MTP with MoE is
+    # refused), its two input norms, final norm and [2h -> h] projection, and one more logit head.
+    mtp = getattr(args, "mtp_num_layers", None) or 0
+    mlp = 12 * h * gated * (_mlp_width_times_layers(args, L, f) + mtp * f)
     if getattr(args, "multi_latent_attention", False):
-        attention = 6 * L * _mla_terms_per_layer(args)
+        attention = 6 * (L + mtp) * _mla_terms_per_layer(args)
     else:
-        attention = 12 * L * h * q * (1 + g / n) + 6 * L * q * s
-    logits = 6 * h * V
-    return float(batch_size) * s * (mlp + attention + logits)
+        attention = 12 * (L + mtp) * h * q * (1 + g / n) + 6 * (L + mtp) * q * s
+    mtp_extra = 6 * mtp * (3 * h + 2 * h * h)
+    logits = 6 * h * V * (1 + mtp)
+    return float(batch_size) * s * (mlp + attention + mtp_extra + logits)
 
 
 def _mla_terms_per_layer(args) -> float:

@@ -33,3 +33,16 @@ def test_mtp_logs_trains_and_resumes_bit_exactly(tmp_path):
 def test_mtp_refuses_learned_absolute_positions():
     with pytest.raises(Exception, match="rope or none"):
         run_ckpt(1, ["--mtp-num-layers", "1"], 1)
+
+
+def test_mtp_flops_add_a_layer_the_projection_and_a_logit_head_per_depth():
+    from types import SimpleNamespace
+
+    from megatron.training.flops import num_floating_point_operations
+
+    base = dict(seq_length=2048, hidden_size=1024, padded_vocab_size=50304, ffn_hidden_size=4096,
+                num_attention_heads=16, num_query_groups=16, kv_channels=64, group_query_attention=False, swiglu=False)
+    s, h, V = 2048, 1024, 50304
+    plain_25 = num_floating_point_operations(SimpleNamespace(num_layers=25, **base), 1)
+    with_mtp = num_floating_point_operations(SimpleNamespace(num_layers=24, mtp_num_layers=1, **base), 1)
+    assert with_mtp == plain_25 + s * (6 * (3 * h + 2 * h * h) + 6 * h * V)

@@ -97,12 +97,15 @@ def mtp_loss_tracker() -> _DepthLossTracker:
 
 def check_mtp_config(config: TransformerConfig, position_embedding_type: str, pg_collection) -> None:
     """Raise ValueError for settings the MTP block does not support."""
+    if config.mtp_num_layers < 0:
+        raise ValueError(f"--mtp-num-layers must be >= 1 (or unset), got {config.mtp_num_layers}")
     if position_embedding_type == "learned_absolute":
         raise ValueError(
             "--mtp-num-layers needs --position-embedding-type rope or none (the MTP depths see shifted tokens, "
             "which learned absolute positions would mislabel), got learned_absolute"
         )
     unsupported = {
+        "--num-experts (MoE)": bool(getattr(config, "num_moe_experts", None)),
         "--pipeline-model-parallel-size > 1": pg_collection.size("pp") > 1,
         "--context-parallel-size > 1": pg_collection.size("cp") > 1,
         "--sequence-parallel": bool(config.sequence_parallel),

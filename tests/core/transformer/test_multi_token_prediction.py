@@ -143,3 +143,10 @@ def test_tp2_matches_tp1():
         torch.testing.assert_close(got["recorded"], recorded, atol=1e-6, rtol=1e-5)
         for name, p in model.named_parameters():
             torch.testing.assert_close(got["grads"][name], p.grad, atol=1e-5, rtol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+def test_moe_is_refused():
+    config = TransformerConfig(num_layers=2, hidden_size=32, num_attention_heads=4, mtp_num_layers=1,
+                               num_moe_experts=2, moe_router_topk=1)
+    with pytest.raises(ValueError, match="--mtp-num-layers is not supported with --num-experts"):
+        GPTModel(config, vocab_size=VOCAB, max_sequence_length=SEQ, position_embedding_type="rope")

@@ -94,6 +94,8 @@ class GPTModel(LanguageModule):
                 f"got {max_sequence_length}"
             )
         check_layer_spec(transformer_layer_spec, config)
+        if config.mtp_num_layers:
+            check_mtp_config(config, position_embedding_type, self.pg_collection)
         if config.multi_latent_attention and (position_embedding_type != "rope" or rotary_percent != 1.0
                                               or rope_scaling or seq_len_interpolation_factor):
             raise ValueError(
@@ -131,7 +133,6 @@ class GPTModel(LanguageModule):
             self._build_output_layer(bias=False)
         self.mtp = None
         if config.mtp_num_layers:
-            check_mtp_config(config, position_embedding_type, self.pg_collection)
             self.mtp = MultiTokenPredictionBlock(config, self.pg_collection)
         if post_process:
             if config.cross_entropy_loss_fusion and config.cross_entropy_fusion_impl == "te":
