@@ -28,10 +28,11 @@ def num_floating_point_operations(args, batch_size: int) -> float:
     d = args.kv_channels
     q = d * n
     gated = 1.5 if getattr(args, "swiglu", False) else 1.0
-    # Each multi-token prediction depth is one more transformer layer (dense: MTP with MoE is
-    # refused), its two input norms, final norm and [2h -> h] projection, and one more logit head.
+    # Each multi-token prediction depth is one more transformer layer (MoE when the last
+    # decoder layer is), its two input norms, final norm and [2h -> h] projection, and one
+    # more logit head.
     mtp = getattr(args, "mtp_num_layers", None) or 0
-    mlp = 12 * h * gated * (_mlp_width_times_layers(args, L, f) + mtp * f)
+    mlp = 12 * h * gated * (_mlp_width_times_layers(args, L, f) + mtp * _last_layer_width(args, f))
     if getattr(args, "multi_latent_attention", False):
         attention = 6 * (L + mtp) * _mla_terms_per_layer(args)
     else:
@@ -66,9 +67,22 @@ def _mlp_width_times_layers(args, num_layers: int, ffn: int) -> float:
     from megatron.core.transformer.moe.moe_layer_pattern import moe_layer_pattern
 
     num_moe = sum(moe_layer_pattern(num_layers, args.moe_layer_freq))
+    return float((num_layers - num_moe) * ffn + num_moe * _moe_width(args, ffn))
+
+
+def _moe_width(args, ffn: int) -> float:
     moe_ffn = args.moe_ffn_hidden_size or ffn
     shared = args.moe_shared_expert_intermediate_size or 0
-    return float((num_layers - num_moe) * ffn + num_moe * (moe_ffn * args.moe_router_topk + shared))
+    return moe_ffn * args.moe_router_topk + shared
+
+
+def _last_layer_width(args, ffn: int) -> float:
+    """The MLP width of the decoder's last layer (which multi-token prediction layers copy)."""
+    if not getattr(args, "num_experts", None):
+        return float(ffn)
+    from megatron.core.transformer.moe.moe_layer_pattern import moe_layer_pattern
+
+    return float(_moe_width(args, ffn) if moe_layer_pattern(args.num_layers, args.moe_layer_freq)[-1] else ffn)
 
 
 def bert_floating_point_operations(args, batch_size: int) -> float:

@@ -46,3 +46,30 @@ def test_mtp_flops_add_a_layer_the_projection_and_a_logit_head_per_depth():
     plain_25 = num_floating_point_operations(SimpleNamespace(num_layers=25, **base), 1)
     with_mtp = num_floating_point_operations(SimpleNamespace(num_layers=24, mtp_num_layers=1, **base), 1)
     assert with_mtp == plain_25 + s * (6 * (3 * h + 2 * h * h) + 6 * h * V)
+
+
+def test_mtp_flops_follow_the_last_layers_moe_width():
+    from types import SimpleNamespace
+
+    from megatron.training.flops import num_floating_point_operations
+
+    base = dict(seq_length=1024, hidden_size=512, padded_vocab_size=32000, ffn_hidden_size=2048,
+                num_attention_heads=8, num_query_groups=8, kv_channels=64, group_query_attention=False, swiglu=False,
+                num_experts=8, moe_router_topk=2, moe_ffn_hidden_size=256, moe_shared_expert_intermediate_size=None)
+    s, h, V = 1024, 512, 32000
+    extra = s * (6 * (3 * h + 2 * h * h) + 6 * h * V)
+    plain = num_floating_point_operations(SimpleNamespace(num_layers=3, moe_layer_freq=[0, 1, 1], **base), 1)
+    mtp = num_floating_point_operations(SimpleNamespace(num_layers=2, moe_layer_freq=[0, 1], mtp_num_layers=1, **base), 1)
+    assert mtp == plain + extra
+    plain = num_floating_point_operations(SimpleNamespace(num_layers=3, moe_layer_freq=[1, 0, 0], **base), 1)
+    mtp = num_floating_point_operations(SimpleNamespace(num_layers=2, moe_layer_freq=[1, 0], mtp_num_layers=1, **base), 1)
+    assert mtp == plain + extra
+
+
+def test_mtp_with_moe_logs_both_losses():
+    """The MTP layer copies the decoder's last (MoE) layer; its balancing loss is tracked too."""
+    run = run_ckpt(1, ["--mtp-num-layers", "1", "--position-embedding-type", "rope", "--num-experts", "4",
+                       "--moe-router-topk", "2", "--moe-aux-loss-coeff", "0.01", "--moe-layer-freq", "[0,1]"], 3)
+    lines = [line for line in run.log.splitlines() if " iteration " in line]
+    assert len(lines) == 3
+    assert all(re.search(r"lm loss: \S+ \| load_balancing_loss: \S+ \| mtp_1 loss: \S+ \|", line) for line in lines)

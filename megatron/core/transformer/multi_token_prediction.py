@@ -105,7 +105,6 @@ def check_mtp_config(config: TransformerConfig, position_embedding_type: str, pg
             "which learned absolute positions would mislabel), got learned_absolute"
         )
     unsupported = {
-        "--num-experts (MoE)": bool(getattr(config, "num_moe_experts", None)),
         "--pipeline-model-parallel-size > 1": pg_collection.size("pp") > 1,
         "--context-parallel-size > 1": pg_collection.size("cp") > 1,
         "--sequence-parallel": bool(config.sequence_parallel),

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
+from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 from megatron.core.transformer.multi_token_prediction import mtp_loss_tracker
 from megatron.core.transformer.transformer_config import TransformerConfig
 from tests.core.models.test_gpt_tensor_parallel import _full_grad
@@ -18,13 +19,14 @@ from tests.multirank import run_on_ranks
 VOCAB, SEQ, BATCH = 64, 8, 2
 
 
-def _build(mtp_layers=2, tp=1, position="rope", factor=0.3):
+def _build(mtp_layers=2, tp=1, position="rope", factor=0.3, **moe):
     config = TransformerConfig(
         num_layers=2, hidden_size=32, num_attention_heads=4, normalization="RMSNorm", add_bias_linear=False,
         hidden_dropout=0.0, attention_dropout=0.0, mtp_num_layers=mtp_layers, mtp_loss_scaling_factor=factor,
-        tensor_model_parallel_size=tp, use_cpu_initialization=True,
+        tensor_model_parallel_size=tp, use_cpu_initialization=True, **moe,
     )
     torch.manual_seed(3)
+    model_parallel_cuda_manual_seed(3)
     return GPTModel(config, vocab_size=VOCAB, max_sequence_length=SEQ, position_embedding_type=position,
                     share_embeddings_and_output_weights=False)
 
@@ -65,9 +67,15 @@ def _reference(model, ids, labels, mask):
     return lm, depth_losses, lm + factor / len(depth_losses) * sum(depth_losses)
 
 
-def test_mtp_loss_and_gradients_match_reference():
+MOE = dict(num_moe_experts=4, moe_router_topk=2, moe_layer_freq=[0, 1], moe_ffn_hidden_size=16,
+           moe_router_load_balancing_type="aux_loss", moe_aux_loss_coeff=0.01)
+
+
+@pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
+def test_mtp_loss_and_gradients_match_reference(moe):
+    """With MoE the MTP layers follow the decoder's last layer (MoE here, dense first layer)."""
     ids, labels, mask = _data()
-    model = _build()
+    model = _build(**(MOE if moe else {}))
     mtp_loss_tracker().pop(2)
     tok = model(ids, None, None, labels=labels, loss_mask=mask)
     ((tok * mask).sum() / mask.sum()).backward()
@@ -80,7 +88,12 @@ def test_mtp_loss_and_gradients_match_reference():
     torch.testing.assert_close((tok * mask).sum() / mask.sum(), lm)  # the returned loss is the LM loss only
     torch.testing.assert_close(recorded, torch.stack(depth_losses).detach())
     names = [n for n, _ in model.named_parameters()]
-    assert "mtp.layers.1.eh_proj.weight" in names and "mtp.layers.0.transformer_layer.mlp.linear_fc1.weight" in names
+    assert "mtp.layers.1.eh_proj.weight" in names
+    if moe:
+        assert "mtp.layers.1.transformer_layer.mlp.router.weight" in names
+        assert "decoder.layers.0.mlp.linear_fc1.weight" in names
+    else:
+        assert "mtp.layers.0.transformer_layer.mlp.linear_fc1.weight" in names
     for name, p in model.named_parameters():
         torch.testing.assert_close(grads[name], p.grad, msg=lambda m: f"{name}: {m}")
         if name.startswith("mtp.") or name == "embedding.word_embeddings.weight":
@@ -144,9 +157,3 @@ def test_tp2_matches_tp1():
         for name, p in model.named_parameters():
             torch.testing.assert_close(got["grads"][name], p.grad, atol=1e-5, rtol=1e-5, msg=lambda m: f"{name}: {m}")
 
-
-def test_moe_is_refused():
-    config = TransformerConfig(num_layers=2, hidden_size=32, num_attention_heads=4, mtp_num_layers=1,
-                               num_moe_experts=2, moe_router_topk=1)
-    with pytest.raises(ValueError, match="--mtp-num-layers is not supported with --num-experts"):
-        GPTModel(config, vocab_size=VOCAB, max_sequence_length=SEQ, position_embedding_type="rope")

@@ -25,7 +25,9 @@ def moe_layer_pattern(num_layers: int, moe_layer_freq: Union[int, Sequence[int]]
 
 
 def is_moe_layer(config, layer_number: int) -> bool:
-    """Whether global, 1-based ``layer_number`` of ``config`` has an MoE MLP."""
+    """Whether global, 1-based ``layer_number`` of ``config`` has an MoE MLP. Numbers past
+    --num-layers are multi-token prediction layers, which follow the decoder's last layer."""
     if not getattr(config, "num_moe_experts", None):
         return False
-    return moe_layer_pattern(config.num_layers, config.moe_layer_freq)[layer_number - 1]
+    pattern = moe_layer_pattern(config.num_layers, config.moe_layer_freq)
+    return pattern[min(layer_number, len(pattern)) - 1]

@@ -90,7 +90,8 @@ class TopKRouter(torch.nn.Module):
         return tokens * noise
 
     def _num_layers(self) -> int:
-        return self.config.num_layers
+        # Multi-token prediction layers are numbered after the decoder's.
+        return self.config.num_layers + (getattr(self.config, "mtp_num_layers", None) or 0)
 
     def _attach(self, activation: torch.Tensor, loss: torch.Tensor, name: str, coeff: float) -> torch.Tensor:
         """Add ``loss`` to the backward through ``activation``; record loss / coeff."""
