@@ -52,3 +52,36 @@ def test_export_of_a_run_with_sinks_is_refused():
                             "--position-embedding-type rope --num-experts 4 --softmax-type learnable").split())
     with pytest.raises(ConversionError, match="vanilla softmax"):
         hf_config_from_args(args, 64, torch.float32)
+
+
+def test_convert_imports_a_gpt_oss_checkpoint(tmp_path):
+    """convert.py --loader hf on a saved tiny gpt-oss gives a checkpoint whose model has
+    transformers' logits (1e-5, fp32; a wrong flag or mapping changes them by > 1e-3)."""
+    import convert
+    from core_checkpoint import open_core_checkpoint, worker_args
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.transformer.transformer_config import TransformerConfig
+    from tests.core.models.hf_cases import tokens
+    from workers import export_state_dict, run_workers
+
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GptOssConfig(**{**_hf_config(), "vocab_size": 128, "max_position_embeddings": 32})
+    torch.manual_seed(0)
+    hf = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").float().eval()
+    with torch.no_grad():
+        for param in hf.parameters():
+            param.normal_(0.0, 0.2) if param.dim() > 1 else param.add_(0.1 * torch.randn_like(param))
+    hf.save_pretrained(str(tmp_path / "hf"), safe_serialization=True)
+    convert.main(["--model-type", "GPT", "--loader", "hf", "--load-dir", str(tmp_path / "hf"),
+                  "--save-dir", str(tmp_path / "core"), "--saver-ckpt-format", "torch"])
+    checkpoint = open_core_checkpoint(str(tmp_path / "core"))
+    args = worker_args(checkpoint.args, load=checkpoint.root, save=None, ckpt_format="torch", tp=1, pp=1, ep=1)
+    out = str(tmp_path / "state.pt")
+    run_workers(export_state_dict, 1, args, {"model_provider": "pretrain_gpt:model_provider", "output": out})
+    _, config_kwargs, model_kwargs = gpt_kwargs_from_hf_config(hf.config.to_dict())
+    model = GPTModel(TransformerConfig(use_cpu_initialization=True, **config_kwargs), **model_kwargs).eval()
+    model.load_state_dict(torch.load(out)["model"], strict=True)
+    ids = tokens()
+    with torch.no_grad():
+        ours = model(ids, torch.arange(ids.size(1)).expand_as(ids), None)
+        torch.testing.assert_close(ours, hf(ids).logits, atol=1e-5, rtol=1e-5)
