@@ -16,7 +16,7 @@ from tests.tools.conftest import repo_root
 sys.path.insert(0, os.path.join(repo_root(), "tools", "checkpoint"))
 
 from hf_args import model_flags_from_hf_config, tokenizer_flags_from_hf_config  # noqa: E402
-from hf_config import hf_config_from_args  # noqa: E402
+from hf_config import hf_config_from_args, hf_family  # noqa: E402
 from workers import ConversionError  # noqa: E402
 
 
@@ -46,17 +46,20 @@ def test_yarn_rope_is_refused():
         gpt_kwargs_from_hf_config(hf)
 
 
-def test_export_of_a_run_with_sinks_is_refused():
+def test_sinks_without_the_gpt_oss_unit_are_refused_on_export():
     args = parse_args(args=("--num-layers 2 --hidden-size 32 --num-attention-heads 4 --seq-length 16 "
-                            "--max-position-embeddings 16 --quick-geglu --normalization RMSNorm "
+                            "--max-position-embeddings 16 --swiglu --normalization RMSNorm --disable-bias-linear "
                             "--position-embedding-type rope --num-experts 4 --softmax-type learnable").split())
+    assert hf_family(args) == "mixtral"
     with pytest.raises(ConversionError, match="vanilla softmax"):
         hf_config_from_args(args, 64, torch.float32)
 
 
-def test_convert_imports_a_gpt_oss_checkpoint(tmp_path):
+def test_convert_imports_and_exports_a_gpt_oss_checkpoint(tmp_path):
     """convert.py --loader hf on a saved tiny gpt-oss gives a checkpoint whose model has
-    transformers' logits (1e-5, fp32; a wrong flag or mapping changes them by > 1e-3)."""
+    transformers' logits (1e-5, fp32; a wrong flag or mapping changes them by > 1e-3), and
+    exporting it gives the same files back, which transformers loads."""
+    from safetensors.torch import load_file
     import convert
     from core_checkpoint import open_core_checkpoint, worker_args
     from megatron.core.models.gpt import GPTModel
@@ -85,3 +88,14 @@ def test_convert_imports_a_gpt_oss_checkpoint(tmp_path):
     with torch.no_grad():
         ours = model(ids, torch.arange(ids.size(1)).expand_as(ids), None)
         torch.testing.assert_close(ours, hf(ids).logits, atol=1e-5, rtol=1e-5)
+    convert.main(["--model-type", "GPT", "--loader", "core", "--saver", "hf", "--load-dir", str(tmp_path / "core"),
+                  "--save-dir", str(tmp_path / "out")])
+    before = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    after = load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert sorted(before) == sorted(after)
+    for key in before:
+        assert torch.equal(before[key], after[key]), key
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"), attn_implementation="eager")
+    assert reloaded.config.layer_types == hf.config.layer_types
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded.float().eval()(ids).logits, hf(ids).logits, rtol=0, atol=0)
