@@ -154,3 +154,19 @@ def test_flags_reach_the_config():
     assert config.glu_linear_offset == 1.0 and config.activation_func_clamp_value == 7.0
     assert config.activation_func is quick_gelu and config.gated_linear_unit
     assert config.window_attn_skip_freq == [1, 0, 1, 0]
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_router_bias_follows_add_bias_linear(bias):
+    from megatron.core.transformer.moe.router import TopKRouter
+
+    router = TopKRouter(moe_config(add_bias_linear=bias), layer_number=1)
+    assert (router.bias is not None) == bias
+    tokens = torch.randn(5, 16, generator=torch.Generator().manual_seed(7))
+    expected = tokens @ router.weight.t()
+    if bias:
+        assert torch.equal(router.bias, torch.zeros(4))
+        with torch.no_grad():
+            router.bias.copy_(torch.tensor([0.5, -1.0, 2.0, 0.0]))
+        expected = expected + router.bias
+    torch.testing.assert_close(router.gating(tokens), expected, **TOL)
