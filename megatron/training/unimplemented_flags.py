@@ -33,8 +33,6 @@ REFUSED: Dict[str, Tuple[str, str, str]] = {
         "data-parallel ranks) is implemented", "drop the flag or set it to 1"),
     "use_megatron_fsdp": ("--use-megatron-fsdp", "Megatron-FSDP is not implemented",
                           "use --use-torch-fsdp2 (PyTorch's FSDP2) or --use-distributed-optimizer (ZeRO-1)"),
-    "window_attn_skip_freq": ("--window-attn-skip-freq", "mixing sliding-window and full-attention layers is "
-                              "not implemented", "drop it: --window-size applies to every layer"),
     "dist_ckpt_strictness": ("--dist-ckpt-strictness", "the loader always fails on missing or mis-shaped "
                              "tensors and accepts unexpected ones (Megatron's default, assume_ok_unexpected)",
                              "drop the flag"),

@@ -56,6 +56,7 @@ def _gpt_core_to_hf(state_dict: Dict[str, torch.Tensor], args, hf_model_type: Op
         qk_layernorm=bool(getattr(args, "qk_layernorm", False)),
         multi_latent_attention=bool(getattr(args, "multi_latent_attention", False)),
         q_lora_rank=getattr(args, "q_lora_rank", None),
+        gpt_oss=config["model_type"] == "gpt_oss",
     )
     # experts as HF checkpoint files hold them (what save_pretrained writes, every reader loads)
     weights = megatron_to_hf(state_dict, config["model_type"], shape, expert_layout="files")

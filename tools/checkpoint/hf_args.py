@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import List
 
 from megatron.core.models.gpt.hf_mapping import gpt_kwargs_from_hf_config
+from megatron.core.transformer.activations import quick_gelu
 
 
 def _number(value) -> str:
@@ -51,7 +52,7 @@ def model_flags_from_hf_config(hf_config: dict) -> List[str]:
     if config.get("bias_activation_fusion") is False:
         flags.append("--no-bias-gelu-fusion")  # exact GeLU; the fused one is the tanh approximation
     if config.get("gated_linear_unit"):
-        flags.append("--swiglu")
+        flags += _gated_unit_flags(config)
     if not config.get("add_bias_linear", True):
         flags.append("--disable-bias-linear")
     if config.get("add_qkv_bias") and not config.get("add_bias_linear", True):
@@ -67,6 +68,10 @@ def model_flags_from_hf_config(hf_config: dict) -> List[str]:
     if config.get("window_size"):
         left, right = config["window_size"]
         flags += ["--window-size", f"{left},{right}"]
+    if config.get("window_attn_skip_freq") is not None:
+        flags += ["--window-attn-skip-freq", _pattern(config["window_attn_skip_freq"])]
+    if config.get("softmax_type", "vanilla") != "vanilla":
+        flags += ["--softmax-type", config["softmax_type"]]
     if config.get("qk_layernorm"):
         flags.append("--qk-layernorm")
     if config.get("num_moe_experts"):
@@ -82,6 +87,18 @@ def model_flags_from_hf_config(hf_config: dict) -> List[str]:
         if config.get("moe_shared_expert_gate"):
             flags.append("--moe-shared-expert-gate")
         flags += _router_flags(config)
+    return flags
+
+
+def _gated_unit_flags(config: dict) -> List[str]:
+    """--swiglu, or gpt-oss's clamped quick-GeLU unit with its +1 linear offset."""
+    if config.get("activation_func") is not quick_gelu:
+        return ["--swiglu"]
+    flags = ["--quick-geglu"]
+    if config.get("glu_linear_offset"):
+        flags += ["--glu-linear-offset", _number(config["glu_linear_offset"])]
+    if config.get("activation_func_clamp_value") is not None:
+        flags += ["--activation-func-clamp-value", _number(config["activation_func_clamp_value"])]
     return flags
 
 

@@ -25,6 +25,7 @@ _ARCHITECTURES = {
     "qwen2_moe": "Qwen2MoeForCausalLM",
     "qwen3_moe": "Qwen3MoeForCausalLM",
     "deepseek_v3": "DeepseekV3ForCausalLM",
+    "gpt_oss": "GptOssForCausalLM",
 }
 HF_MODEL_TYPES = tuple(_ARCHITECTURES)
 
@@ -34,6 +35,10 @@ def hf_family(args) -> str:
     if getattr(args, "multi_latent_attention", False):
         return "deepseek_v3"
     if getattr(args, "num_experts", None):
+        from hf_config_gpt_oss import is_gpt_oss
+
+        if is_gpt_oss(args):
+            return "gpt_oss"
         if getattr(args, "moe_shared_expert_gate", False):
             return "qwen2_moe"
         return "qwen3_moe" if getattr(args, "qk_layernorm", False) else "mixtral"
@@ -139,9 +144,10 @@ def _moe(args, family: str) -> dict:
 def hf_config_from_args(args, vocab_size: int, dtype: torch.dtype, family: Optional[str] = None) -> dict:
     """The ``config.json`` dict of the HF model equal to the run described by ``args``."""
     family = family or hf_family(args)
-    # None of these families has attention sinks or a weightless q/k L2 norm; exporting
-    # would silently drop them.
-    _require(getattr(args, "softmax_type", "vanilla") == "vanilla", family, "has only the vanilla softmax")
+    # Only gpt_oss has attention sinks, and none of these families a weightless q/k L2 norm;
+    # exporting would silently drop them.
+    _require(getattr(args, "softmax_type", "vanilla") == "vanilla" or family == "gpt_oss", family,
+             "has only the vanilla softmax")
     _require(not getattr(args, "qk_l2_norm", False), family, "has no q/k L2 norm")
     if family not in _ARCHITECTURES:
         raise ConversionError(f"--hf-model-type {family}: use one of {', '.join(HF_MODEL_TYPES)}")
@@ -151,6 +157,10 @@ def hf_config_from_args(args, vocab_size: int, dtype: torch.dtype, family: Optio
         from hf_config_deepseek import deepseek_config
 
         body = deepseek_config(args, vocab_size)
+    elif family == "gpt_oss":
+        from hf_config_gpt_oss import gpt_oss_config
+
+        body = gpt_oss_config(args, vocab_size)
     else:
         _require(not getattr(args, "multi_latent_attention", False), family, "has no multi-latent attention")
         body = _llama_like(args, vocab_size, family)

@@ -35,6 +35,21 @@ def bias_activation_reference(
     return activation(x)
 
 
+def clamped_glu_reference(
+    x: torch.Tensor, bias: Optional[torch.Tensor], activation: Callable,
+    clamp_value: Optional[float], linear_offset: float,
+) -> torch.Tensor:
+    """gpt-oss's gated unit: [gate; up] = x + bias, gate clamped to at most ``clamp_value``
+    and up to [-clamp_value, clamp_value] (when given), then activation(gate) * (up + offset)."""
+    if bias is not None:
+        x = x + bias
+    gate, up = torch.chunk(x, 2, dim=-1)
+    if clamp_value is not None:
+        gate = gate.clamp(max=clamp_value)
+        up = up.clamp(min=-clamp_value, max=clamp_value)
+    return activation(gate) * (up + linear_offset)
+
+
 def _gelu_approximation(activation: Callable) -> Optional[str]:
     """The GeLU variant the fused path computes (Megatron's fused GeLU is the tanh one)."""
     if activation is F.gelu or activation is openai_gelu:
@@ -43,13 +58,17 @@ def _gelu_approximation(activation: Callable) -> Optional[str]:
 
 
 def bias_activation(
-    x: torch.Tensor, bias: Optional[torch.Tensor], activation: Callable, gated: bool, fused: bool
+    x: torch.Tensor, bias: Optional[torch.Tensor], activation: Callable, gated: bool, fused: bool,
+    clamp_value: Optional[float] = None, linear_offset: float = 0.0,
 ) -> torch.Tensor:
     """x [..., f] (or [..., 2f] gated), bias or None -> [..., f].
 
     ``fused`` is the config's ``bias_activation_fusion``. GeLU (exact or tanh) and gated
-    SiLU (SwiGLU) have fused kernels; other activations take the reference path.
+    SiLU (SwiGLU) have fused kernels; other activations take the reference path, and so
+    does a gated unit with a clamp or a linear offset (``clamped_glu_reference``).
     """
+    if gated and (clamp_value is not None or linear_offset != 0.0):
+        return clamped_glu_reference(x, bias, activation, clamp_value, linear_offset)
     if fused:
         if gated and activation is F.silu:
             return bias_swiglu(x, bias)

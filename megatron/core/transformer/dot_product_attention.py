@@ -33,6 +33,7 @@ from megatron.core.fusions.sdpa_backends import repeat_kv_for_cudnn, sdpa_backen
 from megatron.core.tensor_parallel.layers import _param_device, set_tensor_model_parallel_attributes
 from megatron.core.transformer.context_parallel import ContextParallelAttention, resolve_comm_type
 from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.sliding_window import layer_window_size
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 logger = logging.getLogger(__name__)
@@ -128,7 +129,7 @@ class DotProductAttention(torch.nn.Module):
         # Layer scaling divides q k^T by layer_number before the (fp32) softmax input is
         # multiplied back by it: the same math, but half-precision scores stay in range.
         self.coeff = float(self.layer_number) if config.apply_query_key_layer_scaling else 1.0
-        self.window_size = config.window_size
+        self.window_size = layer_window_size(config, self.layer_number)
         self.cp_attention = self._build_context_parallel(config, groups.cp)
         self._build_softmax_offset(config, groups.tp)
 

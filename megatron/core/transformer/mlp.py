@@ -76,6 +76,7 @@ class MLP(torch.nn.Module):
     def forward(self, hidden_states: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         intermediate, bias = self.linear_fc1(hidden_states)
         intermediate = bias_activation(
-            intermediate, bias, self.activation_func, self.gated, self.bias_activation_fusion
+            intermediate, bias, self.activation_func, self.gated, self.bias_activation_fusion,
+            self.config.activation_func_clamp_value, self.config.glu_linear_offset,
         )
         return self.linear_fc2(intermediate)

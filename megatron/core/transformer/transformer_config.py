@@ -170,6 +170,14 @@ class TransformerConfig(ModelParallelConfig):
     activation_func: Callable = F.gelu
     """MLP activation (silu with --swiglu)."""
 
+    glu_linear_offset: float = 0.0
+    """Added to the linear half of a gated unit: act(gate) * (up + offset); gpt-oss uses 1
+    (--glu-linear-offset)."""
+
+    activation_func_clamp_value: Optional[float] = None
+    """Clamp of a gated unit's inputs before the activation: the gate to at most the value,
+    the linear half to [-value, value]; gpt-oss uses 7 (--activation-func-clamp-value)."""
+
     openai_gelu: bool = False
     """Use the tanh approximation of GeLU, as OpenAI's GPT-2 did (--openai-gelu); replaces
     an exact-GeLU activation_func."""
@@ -199,6 +207,11 @@ class TransformerConfig(ModelParallelConfig):
 
     window_size: Optional[Tuple[int, int]] = None
     """Sliding attention window (left, right); (W, 0) for Mistral (--window-size)."""
+
+    window_attn_skip_freq: Optional[Union[int, List[int]]] = None
+    """Which layers skip the sliding window (--window-attn-skip-freq): an int N makes every
+    N-th layer (1-based numbers divisible by N) full attention; a list gives one entry per
+    layer, 1 for sliding window and 0 for full attention. None: every layer slides."""
 
     cp_comm_type: Optional[Union[str, List[str]]] = None
     """Context-parallel communication: p2p (default), all_gather, a2a or a2a+p2p; one value
@@ -442,6 +455,32 @@ class TransformerConfig(ModelParallelConfig):
             )
         if self.window_size is not None and (len(self.window_size) != 2 or self.window_size[0] < 0):
             raise ValueError(f"--window-size must be two non-negative integers (left, right), got {self.window_size}")
+        self._check_gated_unit_options()
+        self._check_window_skip()
+
+    def _check_gated_unit_options(self) -> None:
+        clamp = self.activation_func_clamp_value
+        if (clamp is not None or self.glu_linear_offset != 0.0) and not self.gated_linear_unit:
+            raise ValueError(
+                "--activation-func-clamp-value and --glu-linear-offset act on a gated MLP: add --swiglu "
+                "or --quick-geglu, or drop them"
+            )
+        if clamp is not None and clamp <= 0:
+            raise ValueError(f"--activation-func-clamp-value must be positive, got {clamp}")
+
+    def _check_window_skip(self) -> None:
+        freq = self.window_attn_skip_freq
+        if freq is None:
+            return
+        if self.window_size is None:
+            raise ValueError("--window-attn-skip-freq chooses the layers that use --window-size: give --window-size too")
+        if isinstance(freq, int):
+            if freq < 1:
+                raise ValueError(f"--window-attn-skip-freq must be a positive integer or a list, got {freq}")
+        elif len(freq) != self.num_layers or any(v not in (0, 1) for v in freq):
+            raise ValueError(
+                f"--window-attn-skip-freq as a list needs one 0 or 1 per layer ({self.num_layers}), got {freq}"
+            )
 
     def _check_attention_options(self) -> None:
         if self.softmax_type not in ("vanilla", "off-by-one", "learnable"):

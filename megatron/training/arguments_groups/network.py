@@ -59,6 +59,8 @@ def add_network_size_args(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     g.add_argument("--swiglu", action="store_true",
                    help="Use a gated MLP with SiLU (SwiGLU); fc1 becomes [gate; up].")
     g.add_argument("--quick-geglu", action="store_true", help="Use a gated MLP with quick-GeLU.")
+    g.add_argument("--glu-linear-offset", type=float, default=0.0, help=None)
+    g.add_argument("--activation-func-clamp-value", type=float, default=None, help=None)
     g.add_argument("--untie-embeddings-and-output-weights", action="store_true",
                    help="Give the output layer its own weights instead of sharing the word embedding.")
     g.add_argument("--qk-layernorm", action="store_true", help=None)
@@ -84,9 +86,7 @@ def add_network_size_args(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     g.add_argument("--no-yarn-correction-range-round-to-int", action="store_false",
                    dest="yarn_correction_range_round_to_int", help=None)
     g.add_argument("--window-size", type=int_tuple, default=None, help=None)
-    g.add_argument("--window-attn-skip-freq", type=int_or_pattern, default=None,
-                   help="Every N-th layer (or a pattern such as ([0]*3+[1])*2) uses full attention "
-                        "instead of the sliding window.")
+    g.add_argument("--window-attn-skip-freq", type=int_or_pattern, default=None, help=None)
     g.add_argument("--disable-bias-linear", action="store_false", dest="add_bias_linear", help=None)
     g.add_argument("--add-qkv-bias", action="store_true", help=None)
     g.add_argument("--apply-query-key-layer-scaling", action="store_true", help=None)

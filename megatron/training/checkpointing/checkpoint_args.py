@@ -47,6 +47,8 @@ FORCED = (
     "tokenizer_type", "make_vocab_size_divisible_by",
     # not in Megatron's list, but a sliding-window model without its window computes other logits
     "window_size",
+    # nor these: gpt-oss's per-layer windows and its gated unit change the logits too
+    "window_attn_skip_freq", "glu_linear_offset", "activation_func_clamp_value",
     # multi-latent attention: its projection shapes (Megatron copies these too)
     "multi_latent_attention", "q_lora_rank", "kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim",
     "rotary_scaling_factor", "mscale", "mscale_all_dim",

@@ -26,6 +26,7 @@ from megatron.core.inference.engines.request_state import RequestState
 from megatron.core.inference.inference_request import GenerationResult, InferenceRequest
 from megatron.core.inference.model_step import ModelStep
 from megatron.core.inference.sampling import sample_batch
+from megatron.core.transformer.sliding_window import cache_window_size
 
 
 class _Running(RequestState):
@@ -54,7 +55,7 @@ class DynamicInferenceEngine:
         self.model = model
         self.model_step = ModelStep(model)
         self.device = next(model.parameters()).device
-        self.context = DynamicInferenceContext(num_blocks, block_size, model.config.window_size)
+        self.context = DynamicInferenceContext(num_blocks, block_size, cache_window_size(model.config))
         self.max_requests = max_requests
         self.max_tokens_per_step = max_tokens_per_step
         self.max_sequence_length = max_sequence_length

@@ -25,6 +25,7 @@ from megatron.core.inference.inference_request import GenerationResult, Inferenc
 from megatron.core.inference.model_step import ModelStep
 from megatron.core.inference.engines.request_state import RequestState
 from megatron.core.inference.sampling import sample_batch
+from megatron.core.transformer.sliding_window import cache_window_size
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +65,7 @@ class StaticInferenceEngine:
         self.max_sequence_length = max_sequence_length
         self.vocab_size = vocab_size
         self.detokenize = detokenize
-        self.window_size = model.config.window_size
+        self.window_size = cache_window_size(model.config)
         self.device = next(model.parameters()).device
 
     def _check(self, requests: Sequence[InferenceRequest]) -> None:

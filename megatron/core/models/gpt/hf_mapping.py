@@ -3,7 +3,8 @@
 Supported: GPT2LMHeadModel ("gpt2"), LlamaForCausalLM ("llama"), MistralForCausalLM
 ("mistral"), Qwen2ForCausalLM ("qwen2"), and the mixtures of experts MixtralForCausalLM
 ("mixtral"), Qwen2MoeForCausalLM ("qwen2_moe") and Qwen3MoeForCausalLM ("qwen3_moe"), and
-DeepseekV3ForCausalLM ("deepseek_v3": multi-latent attention, see ``hf_mapping_deepseek``). Pure
+DeepseekV3ForCausalLM ("deepseek_v3": multi-latent attention, see ``hf_mapping_deepseek``), and
+GptOssForCausalLM ("gpt_oss": sinks, mixed windows, clamped experts, see ``hf_mapping_gpt_oss``). Pure
 tensor shuffling; nothing here imports
 transformers. ``hf_to_megatron`` followed by ``megatron_to_hf`` returns equal tensors
 under the same keys.
@@ -38,9 +39,10 @@ import torch
 import torch.nn.functional as F
 
 from megatron.core.models.gpt import hf_mapping_deepseek as deepseek
+from megatron.core.models.gpt import hf_mapping_gpt_oss as gpt_oss
 
-ARCHITECTURES = ("gpt2", "llama", "mistral", "qwen2", "mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3")
-_LLAMA_FAMILY = ("llama", "mistral", "qwen2", "mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3")
+ARCHITECTURES = ("gpt2", "llama", "mistral", "qwen2", "mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "gpt_oss")
+_LLAMA_FAMILY = ("llama", "mistral", "qwen2", "mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "gpt_oss")
 
 # Non-parameter entries HF may keep in a state dict; they carry no model weights.
 _HF_IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")
@@ -60,6 +62,7 @@ class GPTShape:
     qk_layernorm: bool = False
     multi_latent_attention: bool = False
     q_lora_rank: Optional[int] = None
+    gpt_oss: bool = False
 
     def is_moe(self, layer: int) -> bool:
         """Whether 0-based ``layer`` is an MoE layer."""
@@ -184,6 +187,10 @@ def _llama_to_megatron(sd: _Reader, shape: GPTShape) -> Dict[str, torch.Tensor]:
             out.update(deepseek.mla_hf_to_megatron(sd, attn, dst + "self_attention.", shape.q_lora_rank))
         else:
             out.update(_qkv_hf_to_megatron(sd, attn, dst, shape))
+        if shape.gpt_oss:
+            out.update(gpt_oss.attention_extras_to_megatron(sd, attn, dst))
+            out.update(gpt_oss.experts_to_megatron(sd, src, dst, shape.num_moe_experts))
+            continue
         if shape.is_moe(i):
             out.update(_hf_experts_to_megatron(sd, src, dst, shape.num_moe_experts))
             out.update(_hf_shared_expert_to_megatron(sd, src, dst))
@@ -231,6 +238,10 @@ def _megatron_to_llama(sd: _Reader, shape: GPTShape, arch: str, expert_layout: s
             out.update(deepseek.mla_megatron_to_hf(sd, src + "self_attention.", attn, shape.q_lora_rank))
         else:
             out.update(_qkv_megatron_to_hf(sd, src, attn, shape))
+        if shape.gpt_oss:
+            out.update(gpt_oss.attention_extras_to_hf(sd, src, attn))
+            out.update(gpt_oss.experts_to_hf(sd, src, dst, shape.num_moe_experts))
+            continue
         if shape.is_moe(i):
             out.update(_megatron_experts_to_hf(sd, src, dst, shape.num_moe_experts, arch, expert_layout))
             out.update(_megatron_shared_expert_to_hf(sd, src, dst))
@@ -515,6 +526,8 @@ def gpt_kwargs_from_hf_config(hf_config: dict) -> Tuple[str, dict, dict]:
         config, model = _gpt2_kwargs(hf_config)
     elif arch == "deepseek_v3":
         config, model = deepseek.deepseek_kwargs(hf_config)
+    elif arch == "gpt_oss":
+        config, model = gpt_oss.gpt_oss_kwargs(hf_config)
     else:
         config, model = _llama_kwargs(hf_config, arch)
     return arch, config, model
@@ -534,6 +547,7 @@ def shape_from_kwargs(config_kwargs: dict, model_kwargs: dict) -> GPTShape:
         qk_layernorm=bool(config_kwargs.get("qk_layernorm", False)),
         multi_latent_attention=bool(config_kwargs.get("multi_latent_attention", False)),
         q_lora_rank=config_kwargs.get("q_lora_rank"),
+        gpt_oss=config_kwargs.get("softmax_type") == "learnable" and bool(config_kwargs.get("num_moe_experts")),
     )
 
 

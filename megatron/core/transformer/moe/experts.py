@@ -46,6 +46,8 @@ class ExpertMLP(torch.nn.Module):
         self.gated = config.gated_linear_unit
         self.activation_func = _activation(config)
         self.bias_activation_fusion = config.bias_activation_fusion
+        self.clamp_value = config.activation_func_clamp_value
+        self.linear_offset = config.glu_linear_offset
         self.linear_fc1 = tensor_parallel.ColumnParallelLinear(
             config.hidden_size, 2 * ffn if self.gated else ffn, config=config, init_method=config.init_method,
             bias=config.add_bias_linear, gather_output=False, skip_bias_add=True,
@@ -60,9 +62,15 @@ class ExpertMLP(torch.nn.Module):
             # Expert grads are reduced over the expert data-parallel group only.
             param.allreduce = False
 
+    def activate(self, intermediate: torch.Tensor) -> torch.Tensor:
+        """fc1 output (bias added) -> the input of fc2; shared with GroupedMLP."""
+        return bias_activation(
+            intermediate, None, self.activation_func, self.gated, self.bias_activation_fusion,
+            self.clamp_value, self.linear_offset,
+        )
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        intermediate = F.linear(x, self.linear_fc1.weight, self.linear_fc1.bias)
-        intermediate = bias_activation(intermediate, None, self.activation_func, self.gated, self.bias_activation_fusion)
+        intermediate = self.activate(F.linear(x, self.linear_fc1.weight, self.linear_fc1.bias))
         return F.linear(intermediate, self.linear_fc2.weight, self.linear_fc2.bias)
 
 
@@ -250,9 +258,7 @@ class GroupedMLP(SequentialMLP):
         if first.linear_fc1.bias is not None:
             bias = expert_weights.stacked(self._expert_params("linear_fc1.bias"))
             intermediate = intermediate + bias.index_select(0, groups.expert)
-        intermediate = bias_activation(
-            intermediate, None, first.activation_func, first.gated, first.bias_activation_fusion
-        )
+        intermediate = first.activate(intermediate)
         out = _grouped_linear(intermediate, fc2, groups)
         if first.linear_fc2.bias is not None:
             out = out + expert_weights.stacked(self._expert_params("linear_fc2.bias")).index_select(0, groups.expert)

@@ -43,7 +43,8 @@ def sum_token_counts(counts: torch.Tensor, group) -> torch.Tensor:
 
 class TopKRouter(torch.nn.Module):
     """Router of one MoE layer. ``weight`` [E, h] (Megatron's ``mlp.router.weight``);
-    ``expert_bias`` [E] buffer with --moe-router-enable-expert-bias.
+    ``bias`` [E] unless --disable-bias-linear; ``expert_bias`` [E] buffer with
+    --moe-router-enable-expert-bias.
 
     ``sequence_group``: the ranks whose tokens are parts of the same sequences (the
     tensor-parallel group under --sequence-parallel), over which token counts are summed
@@ -67,6 +68,12 @@ class TopKRouter(torch.nn.Module):
         # Replicated over tensor-parallel ranks; with sequence parallelism each rank sees
         # only its tokens, so the weight's gradient must be summed over them.
         setattr(self.weight, "sequence_parallel", bool(config.sequence_parallel))
+        # As in Megatron-LM, the router has a bias (zeros at init) when the linears do
+        # (gpt-oss's router); --disable-bias-linear drops it.
+        self.bias = None
+        if config.add_bias_linear:
+            self.bias = torch.nn.Parameter(torch.zeros(self.num_experts, dtype=config.params_dtype))
+            setattr(self.bias, "sequence_parallel", bool(config.sequence_parallel))
         if config.moe_router_enable_expert_bias:
             self.register_buffer("expert_bias", torch.zeros(self.num_experts, dtype=torch.float32))
             self.register_buffer("local_tokens_per_expert", torch.zeros(self.num_experts, dtype=torch.float32),
@@ -78,9 +85,9 @@ class TopKRouter(torch.nn.Module):
     def gating(self, tokens: torch.Tensor) -> torch.Tensor:
         """Router logits [T, E], in --moe-router-dtype when given."""
         dtype = _ROUTER_DTYPES[self.config.moe_router_dtype]
-        if dtype is None:
-            return torch.nn.functional.linear(tokens, self.weight.to(tokens.dtype))
-        return torch.nn.functional.linear(tokens.to(dtype), self.weight.to(dtype))
+        dtype = tokens.dtype if dtype is None else dtype
+        bias = None if self.bias is None else self.bias.to(dtype)
+        return torch.nn.functional.linear(tokens.to(dtype), self.weight.to(dtype), bias)
 
     def _jitter(self, tokens: torch.Tensor) -> torch.Tensor:
         eps = self.config.moe_input_jitter_eps
