@@ -42,7 +42,7 @@ def collect_moe_metrics(args, pg) -> Dict[str, object]:
     """
     pattern = moe_layer_pattern(args.num_layers, args.moe_layer_freq)
     # Multi-token prediction layers come after the decoder's and are MoE when its last layer is.
-    pattern = pattern + pattern[-1:] * (getattr(args, "mtp_num_layers", None) or 0)
+    pattern = pattern + pattern[-1:] * (args.mtp_num_layers or 0)
     num_layers = len(pattern)
     num_moe_layers = max(1, sum(pattern))
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None

@@ -36,6 +36,12 @@ class MoEMetricsTracker:
         if metric is None:
             metric = _Metric(torch.zeros(num_layers, device=value.device), reduce_group)
             self.metrics[name] = metric
+        elif metric.values.numel() < num_layers:
+            # Another model in this process recorded fewer layers first (multi-token
+            # prediction adds layers after the decoder's): keep its values, make room.
+            grown = torch.zeros(num_layers, device=metric.values.device)
+            grown[:metric.values.numel()] = metric.values
+            metric.values = grown
         metric.values[layer_number - 1] += value.detach().float().reshape(())
 
     def record_tokens(self, layer_number: int, tokens_per_expert: torch.Tensor) -> None:
