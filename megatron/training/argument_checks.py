@@ -15,6 +15,7 @@ from megatron.training.batch_size_schedule import check_step_batch_size_schedule
 from megatron.training.phase_transitions import check_phase_transitions
 from megatron.core.optimizer.optimizer_dtypes import check_precision_aware
 from megatron.training.fsdp2 import check_fsdp2
+from megatron.training.cuda_graph_args import check_cuda_graphs
 
 logger = logging.getLogger(__name__)
 
@@ -528,3 +529,4 @@ def check_args(args: argparse.Namespace, world_size: int) -> None:
     check_interleaved_schedule(args, world_size // (tp * pp * cp))
     check_checkpointing(args)
     check_data(args)
+    check_cuda_graphs(args)

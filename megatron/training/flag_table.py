@@ -249,9 +249,10 @@ _no_effect("paths are read through the local file system (no multi-storage clien
            "--enable-msc --disable-msc --object-storage-cache-path")
 
 _section("Kernels, memory and communication tuning")
-_no_effect("CUDA graphs are not captured; the training step runs eagerly",
-           "--cuda-graph-impl --cuda-graph-modules --cuda-graph-scope --cuda-graph-warmup-steps "
-           "--enable-cuda-graph --external-cuda-graph --optimizer-cuda-graph --delay-offload-until-cuda-graph")
+_no_effect("per-layer CUDA graphs and a graphed optimizer step are not built; --cuda-graph-impl full_iteration "
+           "replays the whole forward-backward from one graph (docs/cuda_graphs.md)",
+           "--cuda-graph-modules --enable-cuda-graph --external-cuda-graph --optimizer-cuda-graph "
+           "--delay-offload-until-cuda-graph")
 _no_effect("tensor-parallel communication overlap through Transformer Engine userbuffers is not used",
            "--no-tp-comm-bulk-dgrad --disable-tp-comm-bulk-dgrad --no-tp-comm-bulk-wgrad "
            "--disable-tp-comm-bulk-wgrad --no-tp-comm-overlap-ag --disable-tp-comm-overlap-ag "

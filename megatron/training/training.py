@@ -21,6 +21,7 @@ from megatron.core.num_microbatches_calculator import (
 from megatron.core.pipeline_parallel.schedules import get_forward_backward_func
 from megatron.core.process_groups import ProcessGroups
 from megatron.core.rerun_state_machine import Verdict
+from megatron.training.cuda_graph_args import graphed_forward_backward
 from megatron.training.checkpointing import convert_checkpoint_format, save_checkpoint, wait_for_pending_save
 from megatron.training.arguments import parse_args
 from megatron.training.data_iterators import build_train_valid_test_data_iterators
@@ -167,11 +168,15 @@ def _train_and_evaluate(forward_step_func, num_floating_point_operations_func, e
 
 
 def train_step(forward_step_func, data_iterator, model: List[torch.nn.Module], optimizer, scheduler,
-               pg: ProcessGroups, iteration: int, validation: Optional[StepValidation] = None) -> StepResult:
-    """One global batch: forward/backward over its micro-batches, checks, optimizer step."""
+               pg: ProcessGroups, iteration: int, validation: Optional[StepValidation] = None,
+               forward_backward_func: Optional[Callable] = None) -> StepResult:
+    """One global batch: forward/backward over its micro-batches, checks, optimizer step.
+
+    ``forward_backward_func`` replaces the layout's schedule (a CUDA-graphed one)."""
     args = get_args()
     timers = get_timers()
-    run = functools.partial(_forward_backward, forward_step_func, data_iterator, model, optimizer, pg)
+    run = functools.partial(_forward_backward, forward_step_func, data_iterator, model, optimizer, pg,
+                            forward_backward_func)
     verdict = Verdict.ACCEPT
     if validation is None:
         reported = run()
@@ -193,7 +198,7 @@ def train_step(forward_step_func, data_iterator, model: List[torch.nn.Module], o
 
 
 def _forward_backward(forward_step_func, data_iterator, model: List[torch.nn.Module], optimizer,
-                      pg: ProcessGroups) -> List[dict]:
+                      pg: ProcessGroups, forward_backward_func: Optional[Callable] = None) -> List[dict]:
     """Zero the gradients and run the step's micro-batches; returns their loss reports."""
     args = get_args()
     timers = get_timers()
@@ -201,7 +206,8 @@ def _forward_backward(forward_step_func, data_iterator, model: List[torch.nn.Mod
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
     timers("forward-backward", log_level=1).start(barrier=args.barrier_with_L1_time)
-    reported = get_forward_backward_func(pg, vp_size=len(model))(
+    schedule = forward_backward_func or get_forward_backward_func(pg, vp_size=len(model))
+    reported = schedule(
         forward_step_func=forward_step_func,
         data_iterator=data_iterator,
         model=model,
@@ -270,6 +276,7 @@ def train(forward_step_func, model, optimizer, scheduler, train_it, valid_it, pg
     manual_gc = ManualGC(args)
     static_scale = StaticLossScaleGuard(args, iteration)
     validation = build_step_validation(args)
+    graphed_step = graphed_forward_backward(args, pg)
     start_hang_watchdog(args, dist.get_rank() if dist.is_initialized() else 0)
     train_it = validation.wrap(train_it) if validation is not None else train_it
     interval_start = time.time()
@@ -286,7 +293,7 @@ def train(forward_step_func, model, optimizer, scheduler, train_it, valid_it, pg
             profiler.step_begin(iteration + 1)
             set_phase("forward-backward", iteration + 1)
             result = train_step(forward_step_func, train_it, model, optimizer, scheduler, pg, iteration + 1,
-                                validation=validation)
+                                validation=validation, forward_backward_func=graphed_step)
             if result.stop:
                 if args.save and iteration > 0 and run_state.last_saved_iteration != iteration:
                     _save(run_state, model, optimizer, scheduler, pg, progress)

@@ -87,13 +87,13 @@ def test_refused_table_flag_names_itself_the_reason_and_the_fix(flag):
 
 
 def test_no_effect_flags_warn_once_and_leave_other_flags_alone(caplog):
-    flags = ["--use-mcore-models", "--fp8-interval", "1024", "--cuda-graph-scope", "attn", "mlp"]
+    flags = ["--use-mcore-models", "--fp8-interval", "1024", "--cuda-graph-modules", "attn", "mlp"]
     with caplog.at_level(logging.WARNING):
         args = parse_and_validate(BASE + flags + ["--lr", "0.5"])
     assert args.lr == 0.5
     warnings = [r.getMessage() for r in caplog.records if "no effect here" in r.getMessage()]
     assert len(warnings) == 1
-    for flag in ("--use-mcore-models", "--fp8-interval", "--cuda-graph-scope"):
+    for flag in ("--use-mcore-models", "--fp8-interval", "--cuda-graph-modules"):
         assert f"{flag}: {TABLE[flag].reason}" in warnings[0]
 
 

@@ -186,6 +186,13 @@ class DistributedDataParallel(torch.nn.Module):
             for bucket in self._all_buckets():
                 bucket.is_last_microbatch = True
 
+    def defer_grad_reduction(self) -> None:
+        """From now on every bucket's reduction launches in ``finish_grad_sync``, none from the
+        backward hooks: a replayed CUDA graph runs the backward's kernels but no Python hook, so
+        an overlapped launch would happen once at capture and never again."""
+        for bucket in self._all_buckets():
+            bucket.overlap_grad_reduce = False
+
     def start_grad_sync(self, *unused) -> None:
         """Launch the reduction of every bucket not launched yet."""
         for bucket in self._all_buckets():

@@ -5,13 +5,18 @@ tensor-parallel ranks, while dropout on replicated activations must be identical
 tracker keeps named generator states; ``fork(name)`` swaps one in for the duration of a
 block and swaps the default back afterwards. It tracks the CUDA generator when CUDA is
 available and the CPU generator otherwise, so the same code runs on both.
+
+On CUDA each stream is a generator of its own, swapped in by reference
+(``graphsafe_set_state``) rather than by copying state: that is allowed while a CUDA graph
+is being captured, and a graph that registers the generators (``graph_generators``) draws
+fresh numbers at each replay, the same ones eager steps would draw.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 
@@ -81,38 +86,68 @@ class CudaRNGStatesTracker:
     def reset(self) -> None:
         """Forget every stream (and re-detect the device)."""
         self._device = _rng_device()
-        self.states_: Dict[str, torch.Tensor] = {}
+        self.states_: Dict[str, torch.Tensor] = {}  # streams kept as states (CPU)
+        self.generators_: Dict[str, torch.Generator] = {}  # streams kept as generators (CUDA)
         self.seeds_ = set()
 
+    def _by_reference(self) -> bool:
+        return self.device == "cuda" and hasattr(torch.Generator, "graphsafe_set_state")
+
     def is_initialized(self) -> bool:
-        return bool(self.states_)
+        return bool(self.states_ or self.generators_)
 
     def get_states(self) -> Dict[str, torch.Tensor]:
         """A copy of the named states (for checkpoints and recompute)."""
-        return {name: state.clone() for name, state in self.states_.items()}
+        states = {name: state.clone() for name, state in self.states_.items()}
+        states.update({name: generator.get_state() for name, generator in self.generators_.items()})
+        return states
 
     def set_states(self, states: Dict[str, torch.Tensor]) -> None:
         """Replace the named states (the inverse of ``get_states``)."""
-        self.states_ = {name: state.clone() for name, state in states.items()}
+        if not self._by_reference():
+            self.states_ = {name: state.clone() for name, state in states.items()}
+            return
+        generators = {}
+        for name, state in states.items():
+            generator = self.generators_.get(name) or torch.Generator(device="cuda")
+            generator.set_state(state)
+            generators[name] = generator
+        self.generators_ = generators
+
+    def graph_generators(self) -> List[torch.Generator]:
+        """The streams' generators, for ``CUDAGraph.register_generator_state`` (CUDA only)."""
+        return list(self.generators_.values())
 
     def add(self, name: str, seed: int) -> None:
         """Create stream ``name`` seeded with ``seed``; names and seeds must be new."""
-        if name in self.states_:
+        if name in self.states_ or name in self.generators_:
             raise RuntimeError(f"RNG stream {name!r} already exists; call reset() first")
         if seed in self.seeds_:
             raise RuntimeError(f"seed {seed} is already used by another RNG stream; streams need distinct seeds")
         self.seeds_.add(seed)
-        self.states_[name] = _seeded_state(seed, self.device)
+        if self._by_reference():
+            self.generators_[name] = torch.Generator(device="cuda").manual_seed(seed)
+        else:
+            self.states_[name] = _seeded_state(seed, self.device)
 
     @contextlib.contextmanager
     def fork(self, name: str = _MODEL_PARALLEL_RNG_TRACKER_NAME):
         """Draw from stream ``name`` inside the block; the default stream resumes after it."""
-        if name not in self.states_:
+        if name not in self.states_ and name not in self.generators_:
             raise RuntimeError(
                 f"RNG stream {name!r} does not exist: call "
                 "megatron.core.tensor_parallel.model_parallel_cuda_manual_seed(seed) first "
                 "(megatron.training's initialization does this from --seed)"
             )
+        if name in self.generators_:
+            default = torch.cuda.default_generators[torch.cuda.current_device()]
+            original = default.graphsafe_get_state()
+            default.graphsafe_set_state(self.generators_[name])
+            try:
+                yield
+            finally:
+                default.graphsafe_set_state(original)
+            return
         device = self.device
         original = _get_rng_state(device)
         _set_rng_state(self.states_[name], device)

@@ -8,6 +8,7 @@ from megatron.training.arguments_groups.activation_offload_args import add_activ
 from megatron.training.arguments_groups.bert import add_bert_args
 from megatron.training.arguments_groups.checkpointing import add_checkpointing_args
 from megatron.training.arguments_groups.config_help import fill_help_from_config
+from megatron.training.arguments_groups.cuda_graphs import add_cuda_graph_args
 from megatron.training.arguments_groups.data import add_data_args, add_tokenizer_args, add_validation_args
 from megatron.training.arguments_groups.distributed import add_distributed_args
 from megatron.training.arguments_groups.dry_run_args import add_dry_run_args
@@ -46,6 +47,7 @@ GROUP_ADDERS = (
     add_fim_args,
     add_optimizer_memory_args,
     add_activation_offload_args,
+    add_cuda_graph_args,
 )
 
 
