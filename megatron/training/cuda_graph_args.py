@@ -34,8 +34,10 @@ def check_cuda_graphs(args: argparse.Namespace) -> None:
     """Refuse what the graph cannot replay; raises ValueError naming the flag."""
     from megatron.training.argument_checks import invalid
 
-    if args.cuda_graph_warmup_steps < 0:
-        raise invalid("--cuda-graph-warmup-steps", args.cuda_graph_warmup_steps, "cannot be negative", "use 0 or more")
+    if full_iteration_graph(args) and args.cuda_graph_warmup_steps < 1:
+        raise invalid("--cuda-graph-warmup-steps", args.cuda_graph_warmup_steps,
+                      "the capture needs at least one eager step first (it compiles kernels and sets up the GPU "
+                      "libraries, which cannot happen inside a capture)", "use 1 or more (Megatron's default is 3)")
     if args.cuda_graph_scope and args.cuda_graph_impl == "none" and args.rank == 0:
         logger.warning("--cuda-graph-scope %s has no effect without --cuda-graph-impl: the step runs eagerly",
                        " ".join(args.cuda_graph_scope))

@@ -30,7 +30,7 @@ def test_megatron_defaults_and_the_two_spellings_of_full_iteration():
     ("--cuda-graph-impl local", 1, "per-layer CUDA graphs"),
     ("--cuda-graph-impl transformer_engine", 1, "per-layer CUDA graphs"),
     ("--cuda-graph-impl local --cuda-graph-scope full_iteration attn", 1, "--cuda-graph-scope"),
-    ("--cuda-graph-impl full_iteration --cuda-graph-warmup-steps -1", 1, "--cuda-graph-warmup-steps"),
+    ("--cuda-graph-impl full_iteration --cuda-graph-warmup-steps 0", 1, "at least one eager step"),
     ("--cuda-graph-impl full_iteration --tensor-model-parallel-size 2", 2, "--tensor-model-parallel-size"),
     ("--cuda-graph-impl full_iteration --pipeline-model-parallel-size 2", 2, "--pipeline-model-parallel-size"),
     ("--cuda-graph-impl full_iteration --num-experts 2", 1, "--num-experts"),
