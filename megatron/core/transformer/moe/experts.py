@@ -21,6 +21,9 @@ import torch
 import torch.nn.functional as F
 
 from megatron.core import tensor_parallel
+from megatron.core.fp8.gemm import select_backend
+from megatron.core.fp8.grouped_linear import fp8_grouped_linear
+from megatron.core.fp8.linear import fp8_linear
 from megatron.core.fusions.fused_bias_activation import bias_activation
 from megatron.core.transformer.init_rng import initialization_stream
 from megatron.core.transformer.activations import openai_gelu
@@ -70,8 +73,19 @@ class ExpertMLP(torch.nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        intermediate = self.activate(F.linear(x, self.linear_fc1.weight, self.linear_fc1.bias))
-        return F.linear(intermediate, self.linear_fc2.weight, self.linear_fc2.bias)
+        intermediate = self.activate(_expert_linear(x, self.linear_fc1))
+        return _expert_linear(intermediate, self.linear_fc2)
+
+
+def _expert_linear(x: torch.Tensor, linear) -> torch.Tensor:
+    """x [n, in] through one expert linear's weight and bias, without communication: in
+    FP8 when the linear holds FP8 scaling state (its layer runs in FP8), amaxes reduced
+    over the expert tensor-parallel group it was built with."""
+    if linear.fp8 is None:
+        return F.linear(x, linear.weight, linear.bias)
+    out = fp8_linear(x, linear.weight, linear.fp8, amax_group=linear.tp_group,
+                     backend=select_backend(linear.weight.device, linear.fp8.recipe.emulation))
+    return out if linear.bias is None else out + linear.bias
 
 
 class SequentialMLP(torch.nn.Module):
@@ -252,17 +266,37 @@ class GroupedMLP(SequentialMLP):
         counts = torch.as_tensor(tokens_per_expert, dtype=torch.long).to(expert_input.device)
         fc1 = expert_weights.stacked(self._expert_params("linear_fc1.weight"))
         fc2 = expert_weights.stacked(self._expert_params("linear_fc2.weight"))
-        groups = self._groups(expert_input, counts, fc1, fc2)
         first = self.local_experts[0]
-        intermediate = _grouped_linear(expert_input, fc1, groups)
+        if first.linear_fc1.fp8 is not None:
+            expert_of_row, _ = _row_groups(counts, expert_input.size(0))
+            linear = self._fp8_linear(counts)
+        else:
+            groups = self._groups(expert_input, counts, fc1, fc2)
+            expert_of_row = groups.expert
+
+            def linear(x, weights, _name):
+                return _grouped_linear(x, weights, groups)
+        intermediate = linear(expert_input, fc1, "linear_fc1")
         if first.linear_fc1.bias is not None:
             bias = expert_weights.stacked(self._expert_params("linear_fc1.bias"))
-            intermediate = intermediate + bias.index_select(0, groups.expert)
+            intermediate = intermediate + bias.index_select(0, expert_of_row)
         intermediate = first.activate(intermediate)
-        out = _grouped_linear(intermediate, fc2, groups)
+        out = linear(intermediate, fc2, "linear_fc2")
         if first.linear_fc2.bias is not None:
-            out = out + expert_weights.stacked(self._expert_params("linear_fc2.bias")).index_select(0, groups.expert)
+            out = out + expert_weights.stacked(self._expert_params("linear_fc2.bias")).index_select(0, expert_of_row)
         return out
+
+    def _fp8_linear(self, counts: torch.Tensor):
+        """The grouped linear in FP8 (``fp8.grouped_linear``): each expert's own scaling
+        state, the GEMMs grouped on an FP8 GPU, emulated per expert otherwise."""
+        first = self.local_experts[0]
+        backend = select_backend(first.linear_fc1.weight.device, first.linear_fc1.fp8.recipe.emulation)
+
+        def linear(x: torch.Tensor, weights: torch.Tensor, name: str) -> torch.Tensor:
+            layers = [getattr(e, name) for e in self.local_experts]
+            return fp8_grouped_linear(x, weights, [layer.fp8 for layer in layers], counts,
+                                      amax_group=layers[0].tp_group, backend=backend)
+        return linear
 
 
 def build_experts(config, layer_number: int, local_expert_indices: Sequence[int], expt_tp_group=None):
