@@ -1,0 +1,200 @@
+"""FP8 in the MoE experts, on CPU through the fp32 emulation: the per-expert loop
+(SequentialMLP) and the grouped path (GroupedMLP, whose emulation runs the GEMMs per
+expert) against quantize-dequantize reference math per expert, exactly; each expert's
+own delayed-scaling state; --no-fp8-wgrad; the grouped path equal to the loop bit for
+bit (outputs, gradients, scaling state); the padded row layout of the GPU kernels."""
+
+import pytest
+import torch
+
+from megatron.core.fp8.grouped_gemm import row_layout, to_layout
+from megatron.core.fp8.layer_scope import fp8_layer_scope
+from megatron.core.fp8.scaling import Fp8Scaling, fp8_max
+from megatron.core.transformer.moe.experts import GroupedMLP, SequentialMLP
+from tests.core.transformer.moe.moe_cases import moe_config
+
+E4M3 = torch.float8_e4m3fn
+COUNTS = [5, 0, 9, 4]  # expert 1 gets no tokens
+ROWS, HIDDEN = sum(COUNTS), 16
+
+
+def _config(**fp8):
+    kw = dict(fp8="hybrid", fp8_recipe="tensorwise", fp8_emulation=True)
+    kw.update(fp8)
+    return moe_config(**kw)
+
+
+def _experts(cls, config):
+    with fp8_layer_scope(config, 1):
+        module = cls(config, 1, range(len(COUNTS)))
+    assert module.local_experts[0].linear_fc1.fp8 is not None
+    return module
+
+
+def _pair(config):
+    loop, grouped = _experts(SequentialMLP, config), _experts(GroupedMLP, config)
+    grouped.load_state_dict(loop.state_dict())
+    return loop, grouped
+
+
+def _data(seed):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(ROWS, HIDDEN, generator=gen) * 3
+    return x, torch.randn(ROWS, HIDDEN, generator=gen) * 1e-2
+
+
+def _run(module, x, dy):
+    x = x.clone().requires_grad_()
+    out = module(x, torch.tensor(COUNTS))
+    out.backward(dy)
+    grads = [p.grad.clone() for p in module.parameters()]
+    module.zero_grad()
+    return [out.detach(), x.grad] + grads
+
+
+def _qdq(t, dtype):
+    """Current-scaling quantize-dequantize: scale = fp8_max / amax (1 for an empty t)."""
+    if t.numel() == 0:
+        return t.float()
+    scale = torch.tensor(fp8_max(dtype)) / t.abs().amax().float()
+    q = (t.float() * scale).clamp(-fp8_max(dtype), fp8_max(dtype)).to(dtype)
+    return q.float() * scale.reciprocal()
+
+
+def _transposed_layout(w):
+    """w itself, stored transposed as the input-gradient GEMM reads the FP8 weight: the
+    fp32 BLAS may sum in another order for another layout, and the comparison is exact."""
+    return w.t().contiguous().t()
+
+
+def _reference_expert(expert, x, dy, grad_dtype, fp8_wgrad=True):
+    """One expert's fc1 -> activation -> fc2 with every GEMM on quantize-dequantized
+    operands (the activation's backward by autograd, in fp32)."""
+    w1, w2 = expert.linear_fc1.weight.detach(), expert.linear_fc2.weight.detach()
+    xq, w1q, w2q = _qdq(x, E4M3), _qdq(w1, E4M3), _qdq(w2, E4M3)
+    pre = (xq @ w1q.t()).requires_grad_()
+    h = expert.activate(pre)
+    hq = _qdq(h.detach(), E4M3)
+    y = hq @ w2q.t()
+    dyq = _qdq(dy, grad_dtype)
+    dh = dyq @ _transposed_layout(w2q)
+    (dpre,) = torch.autograd.grad(h, pre, dh)
+    dpreq = _qdq(dpre, grad_dtype)
+    dx = dpreq @ _transposed_layout(w1q)
+    if fp8_wgrad:
+        dw1, dw2 = dpreq.t() @ xq, dyq.t() @ hq
+    else:
+        dw1, dw2 = dpre.t() @ x, dy.t() @ h.detach()
+    return y, dx, dw1, dw2, h.detach()
+
+
+def _reference(module, x, dy, grad_dtype, fp8_wgrad=True):
+    outs, dxs, wgrads = [], [], []
+    for expert, xe, dye in zip(module.local_experts, x.split(COUNTS), dy.split(COUNTS)):
+        y, dx, dw1, dw2, _ = _reference_expert(expert, xe, dye, grad_dtype, fp8_wgrad)
+        outs.append(y)
+        dxs.append(dx)
+        wgrads.append((dw1, dw2))
+    return torch.cat(outs), torch.cat(dxs), wgrads
+
+
+@pytest.mark.parametrize("cls", [SequentialMLP, GroupedMLP])
+@pytest.mark.parametrize("fmt", ["hybrid", "e4m3"])
+def test_emulated_experts_equal_reference_math_per_expert(cls, fmt):
+    config = _config(fp8=fmt)
+    module = _experts(cls, config)
+    x, dy = _data(0)
+    out, dx, *grads = _run(module, x, dy)
+    ref_out, ref_dx, ref_wgrads = _reference(module, x, dy, config_grad_dtype(fmt))
+    assert torch.equal(out, ref_out)
+    assert torch.equal(dx, ref_dx)
+    names = [n for n, _ in module.named_parameters()]
+    for e, (dw1, dw2) in enumerate(ref_wgrads):
+        assert torch.equal(grads[names.index(f"local_experts.{e}.linear_fc1.weight")], dw1), e
+        assert torch.equal(grads[names.index(f"local_experts.{e}.linear_fc2.weight")], dw2), e
+    # FP8 is not a no-op: the expert output differs from the exact fp32 one
+    exact = torch.cat([m(xe) for m, xe in zip(_plain_experts(module), x.split(COUNTS))])
+    assert not torch.equal(out, exact.detach())
+    # e4m3 keeps 3 mantissa bits: a few percent of error per GEMM, by norm
+    assert (out - exact.detach()).norm() < 0.1 * exact.norm()
+
+
+def config_grad_dtype(fmt):
+    return torch.float8_e5m2 if fmt == "hybrid" else E4M3
+
+
+def _plain_experts(module):
+    """The same experts computing in plain fp32 (their FP8 state detached)."""
+    plain = _experts(SequentialMLP, _config())
+    plain.load_state_dict(module.state_dict())
+    for expert in plain.local_experts:
+        expert.linear_fc1.fp8 = expert.linear_fc2.fp8 = None
+    return plain.local_experts
+
+
+@pytest.mark.parametrize("cls", [SequentialMLP, GroupedMLP])
+def test_each_expert_keeps_its_own_delayed_amax_history(cls):
+    """Delayed scaling, history 2, max: after two calls every expert's fc1 history holds its
+    own input and weight amaxes and fc2's its own output-gradient amax; the input scale is
+    448 over the larger input amax of the two calls. The idle expert records 0 and keeps
+    scale 1. One scale shared by the experts would fail every per-expert comparison."""
+    module = _experts(cls, _config(fp8_recipe="delayed", fp8_amax_history_len=2, fp8_amax_compute_algo="max"))
+    calls = [_data(1), _data(2)]
+    for x, dy in calls:
+        _run(module, x, dy)
+    for e, expert in enumerate(module.local_experts):
+        fc1, fc2 = expert.linear_fc1.fp8, expert.linear_fc2.fp8
+        x_amax = [x.split(COUNTS)[e].abs().amax().item() if COUNTS[e] else 0.0 for x, _ in calls]
+        dy_amax = [dy.split(COUNTS)[e].abs().amax().item() if COUNTS[e] else 0.0 for _, dy in calls]
+        assert not fc1.amax_history[0].any()  # cleared for the next call
+        assert fc1.amax_history[1, 0].item() == pytest.approx(x_amax[1], rel=1e-6), e
+        assert fc1.amax_history[1, 1].item() == pytest.approx(expert.linear_fc1.weight.abs().max().item()), e
+        assert fc2.amax_history[1, 2].item() == pytest.approx(dy_amax[1], rel=1e-6), e
+        expected_scale = 448 / max(x_amax) if COUNTS[e] else 1.0
+        assert fc1.scale[0].item() == pytest.approx(expected_scale, rel=1e-6), e
+
+
+@pytest.mark.parametrize("cls", [SequentialMLP, GroupedMLP])
+def test_no_fp8_wgrad_keeps_the_expert_weight_gradients_in_high_precision(cls):
+    module = _experts(cls, _config(fp8_wgrad=False))
+    x, dy = _data(3)
+    _, dx, *grads = _run(module, x, dy)
+    _, ref_dx, _ = _reference(module, x, dy, torch.float8_e5m2, fp8_wgrad=False)
+    assert torch.equal(dx, ref_dx)
+    names = [n for n, _ in module.named_parameters()]
+    for e, (expert, xe, dye) in enumerate(zip(module.local_experts, x.split(COUNTS), dy.split(COUNTS))):
+        _, _, _, dw2, h = _reference_expert(expert, xe, dye, torch.float8_e5m2, fp8_wgrad=False)
+        assert torch.equal(grads[names.index(f"local_experts.{e}.linear_fc2.weight")], dye.t() @ h), e
+
+
+@pytest.mark.parametrize("fmt", ["hybrid", "e4m3"])
+def test_grouped_path_equals_the_loop_bit_for_bit(fmt):
+    """Three delayed-scaling steps: outputs, gradients and every expert's scaling state
+    agree exactly, so a checkpoint saved with either path resumes on the other."""
+    loop, grouped = _pair(_config(fp8=fmt, fp8_recipe="delayed", fp8_amax_history_len=3,
+                                  fp8_amax_compute_algo="max"))
+    for step in range(3):
+        x, dy = _data(10 + step)
+        for a, b in zip(_run(loop, x, dy), _run(grouped, x, dy)):
+            assert torch.equal(a, b), step
+    state, grouped_state = loop.state_dict(), grouped.state_dict()
+    assert any(k.endswith("fp8.amax_history") for k in state)
+    for key, value in state.items():
+        assert torch.equal(value, grouped_state[key]), key
+    assert sum(isinstance(m, Fp8Scaling) for m in grouped.modules()) == 2 * len(COUNTS)
+
+
+def test_padded_row_layout_of_the_gpu_kernels():
+    """Groups start at multiples of 16 rows; each given row lands in its group, in order,
+    and the padding is zero (it adds nothing to a weight gradient)."""
+    counts = torch.tensor([3, 0, 17, 16])
+    rows = row_layout(counts, 36, padded=True)
+    assert rows.rows == 36 + 4 * 15 and rows.offsets.dtype == torch.int32
+    assert rows.offsets.tolist() == [16, 16, 48, 64]
+    assert rows.slot.tolist() == list(range(0, 3)) + list(range(16, 33)) + list(range(48, 64))
+    assert rows.row_group.tolist() == [0] * 3 + [2] * 17 + [3] * 16
+    x = (torch.arange(36, dtype=torch.float32)[:, None] % 7 + 1).expand(36, 2).to(E4M3)  # exact in e4m3
+    laid = to_layout(x, rows).float()
+    assert torch.equal(laid[rows.slot], x.float()) and laid.sum().item() == x.float().sum().item()
+    plain = row_layout(counts, 36, padded=False)
+    assert plain.slot is None and plain.offsets.tolist() == [3, 3, 20, 36]
