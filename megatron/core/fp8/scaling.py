@@ -218,6 +218,17 @@ class Fp8Scaling(torch.nn.Module):
         self.register_buffer("scale", torch.ones(NUM_SLOTS, device=device))
         self.weight_cache = Fp8WeightCache()
 
+    def _apply(self, fn, recurse=True):
+        # A model moved to bf16 (--bf16) keeps this state in float32: torch._scaled_mm and
+        # torch._scaled_grouped_mm take float32 scales only, and a bf16 amax or scale would
+        # keep 8 bits of the 24 the scaling math computes.
+        super()._apply(fn, recurse)
+        for name in SCALING_BUFFER_NAMES:
+            buffer = getattr(self, name)
+            if buffer.dtype != torch.float32:
+                setattr(self, name, buffer.float())
+        return self
+
     @torch.no_grad()
     def quantize_operand(self, x: torch.Tensor, slot: int, group=None, transpose: bool = False) -> Fp8Operand:
         """Quantize the 2-D ``x`` for slot ``slot``, updating the state.

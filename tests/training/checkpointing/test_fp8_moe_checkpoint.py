@@ -18,7 +18,7 @@ from megatron.core.fp8.scaling import is_fp8_scaling_key
 from tests.training.checkpointing.ckpt_runs import assert_same_tensors
 from tests.training.checkpointing.test_fp8_checkpoint import FP8, _run
 
-MOE = ["--num-experts", "4", "--moe-router-topk", "2", "--ckpt-format", "torch_dist"]
+MOE = ["--num-experts", "4", "--moe-router-topk", "2", "--ckpt-format", "torch_dist", "--bf16"]
 EXPERT_HISTORY = "decoder.layers.1.mlp.experts.local_experts.3.linear_fc2.fp8.amax_history"
 # 2 layers x (qkv, proj) + 2 layers x 4 experts x (fc1, fc2)
 FRESH_LINE = "20 FP8 linear(s) start with fresh scaling state (amax history 0, scale 1), as at the start of an " \
