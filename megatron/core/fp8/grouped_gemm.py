@@ -49,7 +49,8 @@ class GroupedRows(NamedTuple):
     GEMMs. ``row_group`` [N]: the group of each given row; ``offsets`` [G] int32: group
     ends in the GEMM layout; ``slot`` [N]: each given row's row in the GEMM layout (None
     when the layout is the given rows themselves); ``rows``: rows of the GEMM layout
-    (host-known: N, or its upper bound N + G * (ROW_ALIGN - 1) when padded)."""
+    (host-known: N, or when padded its upper bound N + G * (ROW_ALIGN - 1) rounded up to
+    a multiple of ROW_ALIGN)."""
 
     row_group: torch.Tensor
     offsets: torch.Tensor
@@ -74,7 +75,10 @@ def row_layout(counts: torch.Tensor, num_rows: int, padded: bool) -> GroupedRows
     padded_ends = torch.cumsum(padded_counts, dim=0)
     starts = (ends - counts).index_select(0, row_group)
     slot = (padded_ends - padded_counts).index_select(0, row_group) + positions - starts
-    return GroupedRows(row_group, padded_ends.to(torch.int32), slot, num_rows + counts.numel() * (ROW_ALIGN - 1))
+    # the layout's row count is a multiple of ROW_ALIGN too: the wgrad reads its transposed
+    # copies, whose row stride is that count
+    bound = num_rows + counts.numel() * (ROW_ALIGN - 1)
+    return GroupedRows(row_group, padded_ends.to(torch.int32), slot, -(-bound // ROW_ALIGN) * ROW_ALIGN)
 
 
 def to_layout(x: torch.Tensor, rows: GroupedRows) -> torch.Tensor:

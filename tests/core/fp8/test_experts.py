@@ -189,7 +189,7 @@ def test_padded_row_layout_of_the_gpu_kernels():
     and the padding is zero (it adds nothing to a weight gradient)."""
     counts = torch.tensor([3, 0, 17, 16])
     rows = row_layout(counts, 36, padded=True)
-    assert rows.rows == 36 + 4 * 15 and rows.offsets.dtype == torch.int32
+    assert rows.rows == 96 and rows.offsets.dtype == torch.int32  # 36 + 4 * 15 rounded up to 16
     assert rows.offsets.tolist() == [16, 16, 48, 64]
     assert rows.slot.tolist() == list(range(0, 3)) + list(range(16, 33)) + list(range(48, 64))
     assert rows.row_group.tolist() == [0] * 3 + [2] * 17 + [3] * 16
@@ -198,3 +198,90 @@ def test_padded_row_layout_of_the_gpu_kernels():
     assert torch.equal(laid[rows.slot], x.float()) and laid.sum().item() == x.float().sum().item()
     plain = row_layout(counts, 36, padded=False)
     assert plain.slot is None and plain.offsets.tolist() == [3, 3, 20, 36]
+
+
+def _meta(t):
+    return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
+
+
+def _scaled_grouped_mm_on_cpu(a, b, scale_a, scale_b, offs=None, out_dtype=None):
+    """torch._scaled_grouped_mm for the CPU, which has no kernel for it: the operands are
+    first checked by its meta function (FP8 e4m3 only, first operand row-major, second
+    column-major, the scales' shapes), then multiplied in fp32 with the scales applied,
+    the result rounded to bf16 as the kernel's output."""
+    torch.ops.aten._scaled_grouped_mm(_meta(a), _meta(b), _meta(scale_a), _meta(scale_b), offs=_meta(offs),
+                             out_dtype=out_dtype)
+    if b.dim() == 3:  # rows of a grouped, b [G, K, N]: scale_a per row, scale_b [G, N]
+        out = torch._grouped_mm(a.float() * scale_a[:, None], b.float() * scale_b[:, None, :], offs=offs)
+    else:  # contraction over grouped rows: scale_a [G * M], scale_b [G * N], group-major
+        groups = offs.numel()
+        out = torch._grouped_mm(a.float(), b.float(), offs=offs)
+        out = out * scale_a.view(groups, -1, 1) * scale_b.view(groups, 1, -1)
+    return out.to(out_dtype)
+
+
+@pytest.mark.parametrize("fmt", ["hybrid", "e4m3"])
+def test_grouped_kernel_path_layouts_and_no_host_reads(fmt, monkeypatch):
+    """The Hopper path on CPU: torch._scaled_grouped_mm replaced by a stand-in that checks
+    its layout rules with the kernel's own meta function and computes in fp32; the e5m2
+    GEMMs (hybrid backward) take the real bf16 grouped GEMM. Rows padded to 16 per expert,
+    per-expert scales expanded to per-row / per-column ones. In a bf16 model the results
+    match the emulated per-expert loop up to where the kernels round differently (the
+    e5m2 GEMMs round their output to bf16 before the scales, the loop after), which moves
+    some re-quantized activations and gradients by one FP8 step (measured: up to 3.2% of
+    a gradient's norm; bound 5%; the GEMMs themselves are checked tightly below), the
+    scaling state matches, and no tensor value is read on the host (the dispatch stays
+    asynchronous)."""
+    from megatron.core.fp8 import grouped_gemm
+    from megatron.core.fp8.gemm import SCALED_MM
+    from megatron.core.transformer.moe import experts as experts_module
+    from tests.core.transformer.moe.moe_cases import forbid_host_reads
+
+    # tensorwise: every expert's scales differ from the first call (delayed starts at 1)
+    loop, grouped = (m.bfloat16() for m in _pair(_config(fp8=fmt)))
+    x, dy = (t.bfloat16() for t in _data(20))
+    expected = _run(loop, x, dy)
+    monkeypatch.setattr(experts_module, "select_backend", lambda device, emulation: SCALED_MM)
+    monkeypatch.setattr(grouped_gemm, "grouped_kernel_fits", lambda device, *dims: True)
+    monkeypatch.setattr(torch, "_scaled_grouped_mm", _scaled_grouped_mm_on_cpu)
+    counts = torch.tensor(COUNTS)
+    xi = x.clone().requires_grad_()
+    with monkeypatch.context() as guarded:
+        forbid_host_reads(guarded)
+        out = grouped(xi, counts)
+        out.backward(dy)
+    actual = [out.detach(), xi.grad] + [p.grad for p in grouped.parameters()]
+    for i, (a, b) in enumerate(zip(actual, expected)):
+        assert (a - b).norm() <= 5e-2 * b.norm(), i
+    for (key, a), b in zip(grouped.state_dict().items(), loop.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-2, atol=0, msg=lambda m: f"{key}: {m}")
+
+
+@pytest.mark.parametrize("a_dtype", [E4M3, torch.float8_e5m2])
+def test_grouped_kernel_gemms_equal_the_per_expert_loop(a_dtype, monkeypatch):
+    """grouped_nt and grouped_tn through the kernel path (the stand-in above; e5m2 through
+    the bf16 grouped GEMM) against the emulated loop on the same FP8 operands and per-expert
+    factors: equal up to the bf16 rounding of the kernels' outputs (2^-8 relative), so
+    1e-2 of each output's range; a wrong group, padding or scale layout is off by order 1."""
+    from megatron.core.fp8 import grouped_gemm
+    from megatron.core.fp8.gemm import EMULATION, SCALED_MM
+
+    gen = torch.Generator().manual_seed(5)
+    counts, m, k, n = torch.tensor(COUNTS), ROWS, 32, 48
+    a = (torch.randn(m, k, generator=gen) * 20).to(a_dtype)
+    b = (torch.randn(len(COUNTS), n, k, generator=gen) * 20).to(E4M3)
+    b_t = (torch.randn(k, m, generator=gen) * 20).to(E4M3)
+    a_inv, b_inv = torch.rand(len(COUNTS), generator=gen) + 0.5, torch.rand(len(COUNTS), generator=gen) + 0.5
+    plain, padded = row_layout(counts, m, padded=False), row_layout(counts, m, padded=True)
+    ref_nt = grouped_gemm.grouped_nt(a, a_inv, b, b_inv, plain, torch.float32, EMULATION)
+    a_t = a.float().t().contiguous().to(a_dtype)  # the [k, m] operand of the wgrad GEMM, [N_out = k]
+    ref_tn = grouped_gemm.grouped_tn(a_t, a_inv, b_t, b_inv, plain, torch.float32, EMULATION)
+    monkeypatch.setattr(grouped_gemm, "grouped_kernel_fits", lambda device, *dims: True)
+    monkeypatch.setattr(torch, "_scaled_grouped_mm", _scaled_grouped_mm_on_cpu)
+    nt = grouped_gemm.from_layout(grouped_gemm.grouped_nt(
+        to_layout(a, padded), a_inv, b, b_inv, padded, torch.float32, SCALED_MM), padded)
+    tn = grouped_gemm.grouped_tn(to_layout(a_t.t(), padded).t().contiguous(), a_inv,
+                                 to_layout(b_t.t(), padded).t().contiguous(), b_inv, padded, torch.float32, SCALED_MM)
+    torch.testing.assert_close(nt, ref_nt, rtol=1e-2, atol=1e-2 * ref_nt.abs().max().item())
+    torch.testing.assert_close(tn, ref_tn, rtol=1e-2, atol=1e-2 * ref_tn.abs().max().item())
+    assert not tn[1].any()  # the idle expert's weight gradient
