@@ -66,7 +66,8 @@ def new_linear_scaling(device: torch.device) -> Optional[Fp8Scaling]:
     backend = select_backend(run_on, recipe.emulation)
     if (recipe, backend) not in _logged:
         _logged.add((recipe, backend))
-        how = "torch._scaled_mm" if backend == "scaled_mm" else "an fp32 emulation (slow)"
-        logger.info("FP8 backend: transformer-layer GEMMs in FP8 (format %s, recipe %s) through %s",
-                    recipe.fmt, recipe.recipe, how)
+        how = ("torch._scaled_mm (MoE experts with --moe-grouped-gemm: torch._scaled_grouped_mm on Hopper)"
+               if backend == "scaled_mm" else "an fp32 emulation (slow)")
+        logger.info("FP8 backend: transformer-layer GEMMs, MoE experts included, in FP8 (format %s, recipe %s) "
+                    "through %s", recipe.fmt, recipe.recipe, how)
     return Fp8Scaling(recipe, device=device)

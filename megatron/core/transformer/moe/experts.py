@@ -6,6 +6,11 @@ so its output on one rank is a partial sum that the token dispatcher adds up. We
 live in ``local_experts.{i}.linear_fc{1,2}.weight`` (Megatron's SequentialMLP names) for
 both paths, so checkpoints do not depend on --moe-grouped-gemm.
 
+In a layer that runs in FP8 (``fp8.layer_scope``) each expert's fc1 and fc2 hold their
+own FP8 scaling state (``local_experts.{i}.linear_fc{1,2}.fp8``, for both paths too): the
+loop runs each expert through the FP8 linear, the grouped path through the FP8 grouped
+linear (``fp8.grouped_linear``), which gives the loop's results exactly in the emulation.
+
 With --use-cpu-initialization inside ``layout_independent_initialization`` the full
 weights of global expert g of layer L are drawn from a generator seeded by
 (seed, "layer{L}/expert{g}"), so every expert-parallel layout builds the same model.
@@ -215,7 +220,8 @@ def _grouped_linear(x: torch.Tensor, weights: torch.Tensor, groups: _PaddedGroup
 class GroupedMLP(SequentialMLP):
     """The same experts and parameters as ``SequentialMLP``, computed as two grouped
     GEMMs over all local experts (``torch._grouped_mm`` on Hopper in bf16, without host
-    synchronization; else a bmm over inputs padded to the largest expert's token count)."""
+    synchronization; else a bmm over inputs padded to the largest expert's token count;
+    in FP8 ``fp8.grouped_linear``)."""
 
     _STACKED = ("linear_fc1.weight", "linear_fc2.weight", "linear_fc1.bias", "linear_fc2.bias")
 
