@@ -285,3 +285,24 @@ def test_grouped_kernel_gemms_equal_the_per_expert_loop(a_dtype, monkeypatch):
     torch.testing.assert_close(nt, ref_nt, rtol=1e-2, atol=1e-2 * ref_nt.abs().max().item())
     torch.testing.assert_close(tn, ref_tn, rtol=1e-2, atol=1e-2 * ref_tn.abs().max().item())
     assert not tn[1].any()  # the idle expert's weight gradient
+
+
+def test_experts_follow_the_layers_fp8_scope_and_the_nan_check():
+    """A 3-layer MoE GPT with --first-last-layers-bf16: only the middle layer's experts
+    (and its attention linears) hold FP8 state; the NaN check covers an expert's scales."""
+    from megatron.core.models.gpt import GPTModel
+    from megatron.training.nan_check import NonFiniteError, check_finite
+
+    config = _config(num_layers=3, fp8_recipe="delayed", first_last_layers_bf16=True, moe_grouped_gemm=True)
+    model = GPTModel(config, vocab_size=64, max_sequence_length=8, position_embedding_type="rope")
+    names = [n for n, m in model.named_modules() if isinstance(m, Fp8Scaling)]
+    experts = [n for n in names if ".experts." in n]
+    assert len(experts) == 2 * len(COUNTS) and all(n.startswith("decoder.layers.1.") for n in names)
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    model(ids, None, None, labels=ids).sum().backward()
+    history = model.decoder.layers[1].mlp.experts.local_experts[0].linear_fc1.fp8.amax_history
+    assert history[0, 1] > 0  # the expert ran in FP8
+    check_finite([torch.tensor(1.0)], [model], iteration=2)
+    model.decoder.layers[1].mlp.experts.local_experts[3].linear_fc2.fp8.scale[2] = float("nan")
+    with pytest.raises(NonFiniteError, match="FP8 amax history or scales"):
+        check_finite([torch.tensor(1.0)], [model], iteration=2)

@@ -5,7 +5,7 @@ bit-exactly, and the experts' state reshards to expert parallelism 2 under its g
 expert numbers (``...experts.local_experts.<global index>.linear_fc1.fp8.*``).
 
     no FP8, saved at 2 -> FP8 grouped from it, saved at 3 and 4
-        -> resumed from 3 (bit-exact against the run's iteration 4)
+        -> resumed from 3 (bit-exact against the run's iteration 4), grouped and per-expert loop
         -> EP 2 (two ranks, the per-expert loop) from 3: every tensor as saved
 """
 
@@ -38,6 +38,7 @@ def chain(tmp_path_factory):
     runs["fp8"] = _run(MOE + fp8 + ["--moe-grouped-gemm", "--load", plain_dir, "--save", fp8_dir,
                                     "--save-interval", "1"], 4, snapshots=("load", 3))
     runs["resumed"] = _run(MOE + fp8 + ["--moe-grouped-gemm", "--load", fp8_dir, "--ckpt-step", "3"], 4)
+    runs["loop"] = _run(MOE + fp8 + ["--load", fp8_dir, "--ckpt-step", "3"], 4)
     runs["ep2"] = _run(MOE + fp8 + ["--expert-model-parallel-size", "2", "--load", fp8_dir, "--ckpt-step", "3"], 4,
                        snapshots=("load",), world_size=2)
     return runs
@@ -57,10 +58,13 @@ def test_a_checkpoint_without_expert_fp8_state_starts_them_fresh(chain):
 
 
 def test_the_experts_run_in_fp8_and_resume_bit_exactly(chain):
+    """Also with the per-expert loop instead of --moe-grouped-gemm: the same state under the
+    same keys, and in the emulation the same numbers."""
     history = chain["fp8"].snapshots[3][EXPERT_HISTORY]
     assert history[1].all()  # the expert's input, weight and gradient amaxes were recorded
-    assert chain["resumed"].losses == {4: chain["fp8"].losses[4]}
-    assert "fresh scaling state" not in chain["resumed"].log
+    for name in ("resumed", "loop"):
+        assert chain[name].losses == {4: chain["fp8"].losses[4]}, name
+        assert "fresh scaling state" not in chain[name].log
 
 
 def test_expert_fp8_state_reshards_to_expert_parallelism(chain):
