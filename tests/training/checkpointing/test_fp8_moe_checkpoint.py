@@ -9,6 +9,7 @@ expert numbers (``...experts.local_experts.<global index>.linear_fc1.fp8.*``).
         -> EP 2 (two ranks, the per-expert loop) from 3: every tensor as saved
         -> TP 2 with ETP 2 (two ranks, grouped) from 3: every tensor as saved, the ranks'
            expert state equal after a step
+        -> --fp8-amax-history-len 4 from 3: the experts' histories resized
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ def chain(tmp_path_factory):
                                     "--save-interval", "1"], 4, snapshots=("load", 3))
     runs["resumed"] = _run(MOE + fp8 + ["--moe-grouped-gemm", "--load", fp8_dir, "--ckpt-step", "3"], 4)
     runs["loop"] = _run(MOE + fp8 + ["--load", fp8_dir, "--ckpt-step", "3"], 4)
+    runs["longer"] = _run(MOE + FP8 + ["--fp8-amax-history-len", "4", "--load", fp8_dir, "--ckpt-step", "3"], 4,
+                          snapshots=("load",))
     runs["etp2"] = _run(MOE + fp8 + ["--moe-grouped-gemm", "--tensor-model-parallel-size", "2",
                                      "--expert-tensor-parallel-size", "2", "--sequence-parallel",
                                      "--load", fp8_dir, "--ckpt-step", "3"], 4, snapshots=("load", 4), world_size=2)
@@ -95,3 +98,13 @@ def test_expert_tensor_parallel_ranks_hold_the_same_expert_fp8_state(chain):
     # close, not equal (measured 3e-6 relative)
     loss, single = run.loss_floats()[4], chain["fp8"].loss_floats()[4]
     assert abs(loss / single - 1) < 1e-3
+
+
+def test_expert_amax_histories_resize_to_a_new_length(chain):
+    saved, loaded = chain["fp8"].snapshots[3], chain["longer"].snapshots["load"]
+    for key, value in _expert_fp8(saved).items():
+        if key.endswith("amax_history"):
+            assert torch.equal(loaded[key], torch.cat([value, torch.zeros(2, 3)])), key
+        else:
+            assert torch.equal(loaded[key], value), key
+    assert "FP8 amax histories saved with 2 rows load into --fp8-amax-history-len 4" in chain["longer"].log
