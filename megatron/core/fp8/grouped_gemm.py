@@ -118,6 +118,15 @@ def grouped_kernel_fits(device: torch.device, *dims: int) -> bool:
     return all(d % 16 == 0 for d in dims)
 
 
+def _zero_empty_groups(out: torch.Tensor, rows: GroupedRows) -> torch.Tensor:
+    """``out`` [G, ...] with the groups that have no rows set to zero: a contraction over
+    no rows is zero, but some grouped-GEMM kernels leave such a group's output unwritten
+    (seen with torch._grouped_mm on Blackwell), and an expert without tokens must get a
+    zero weight gradient. On the device, without host synchronization."""
+    sizes = torch.diff(rows.offsets, prepend=rows.offsets.new_zeros(1))
+    return torch.where((sizes > 0).view(-1, *([1] * (out.dim() - 1))), out, 0.0)
+
+
 def _group_ends(rows: GroupedRows):
     # the loop's one host synchronization
     return [0] + rows.offsets.tolist()
@@ -159,10 +168,11 @@ def grouped_tn(a_t: torch.Tensor, a_inv: torch.Tensor, b_t: torch.Tensor, b_inv:
             scale_a = a_inv[:, None].expand(num_groups, n).reshape(-1)
             scale_b = b_inv[:, None].expand(num_groups, k).reshape(-1)
             out = torch._scaled_grouped_mm(a_t, b_t.t(), scale_a, scale_b, offs=rows.offsets,
-                                           out_dtype=torch.bfloat16)
-            return out.to(out_dtype)
-        out = torch._grouped_mm(a_t.to(torch.bfloat16), b_t.to(torch.bfloat16).t(), offs=rows.offsets)
-        return (out.float() * (a_inv * b_inv)[:, None, None]).to(out_dtype)
+                                           out_dtype=torch.bfloat16).float()
+        else:
+            out = torch._grouped_mm(a_t.to(torch.bfloat16), b_t.to(torch.bfloat16).t(), offs=rows.offsets)
+            out = out.float() * (a_inv * b_inv)[:, None, None]
+        return _zero_empty_groups(out, rows).to(out_dtype)
     ends = _group_ends(rows)
     out = torch.empty(num_groups, n, k, dtype=out_dtype, device=a_t.device)
     for g in range(num_groups):
@@ -178,7 +188,7 @@ def grouped_tn_high_precision(a: torch.Tensor, b: torch.Tensor, rows: GroupedRow
     runs, else a loop."""
     if a.is_cuda and a.dtype == torch.bfloat16 and b.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm") \
             and grouped_kernel_fits(a.device, a.size(1), b.size(1)):
-        return torch._grouped_mm(a.t(), b, offs=rows.offsets).to(out_dtype)
+        return _zero_empty_groups(torch._grouped_mm(a.t(), b, offs=rows.offsets), rows).to(out_dtype)
     ends = _group_ends(rows)
     out = torch.empty(rows.num_groups, a.size(1), b.size(1), dtype=out_dtype, device=a.device)
     for g in range(rows.num_groups):

@@ -208,7 +208,8 @@ def _scaled_grouped_mm_on_cpu(a, b, scale_a, scale_b, offs=None, out_dtype=None)
     """torch._scaled_grouped_mm for the CPU, which has no kernel for it: the operands are
     first checked by its meta function (FP8 e4m3 only, first operand row-major, second
     column-major, the scales' shapes), then multiplied in fp32 with the scales applied,
-    the result rounded to bf16 as the kernel's output."""
+    the result rounded to bf16 as the kernel's output. A group without rows is left
+    unwritten (NaN here), as some kernels leave it."""
     torch.ops.aten._scaled_grouped_mm(_meta(a), _meta(b), _meta(scale_a), _meta(scale_b), offs=_meta(offs),
                              out_dtype=out_dtype)
     if b.dim() == 3:  # rows of a grouped, b [G, K, N]: scale_a per row, scale_b [G, N]
@@ -217,6 +218,8 @@ def _scaled_grouped_mm_on_cpu(a, b, scale_a, scale_b, offs=None, out_dtype=None)
         groups = offs.numel()
         out = torch._grouped_mm(a.float(), b.float(), offs=offs)
         out = out * scale_a.view(groups, -1, 1) * scale_b.view(groups, 1, -1)
+        empty = torch.diff(offs, prepend=offs.new_zeros(1)) == 0
+        out = torch.where(empty[:, None, None], float("nan"), out)
     return out.to(out_dtype)
 
 
