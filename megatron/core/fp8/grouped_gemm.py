@@ -181,12 +181,12 @@ def grouped_tn(a_t: torch.Tensor, a_inv: torch.Tensor, b_t: torch.Tensor, b_inv:
     return out
 
 
-def grouped_tn_high_precision(a: torch.Tensor, b: torch.Tensor, rows: GroupedRows,
-                              out_dtype: torch.dtype) -> torch.Tensor:
+def grouped_tn_high_precision(a: torch.Tensor, b: torch.Tensor, rows: GroupedRows, out_dtype: torch.dtype,
+                              backend: str) -> torch.Tensor:
     """For each group g, a_g^T b_g over its rows of a [M, N], b [M, K] (GEMM layout), in
-    the operands' precision (--no-fp8-wgrad) -> [G, N, K]: the bf16 grouped GEMM where it
-    runs, else a loop."""
-    if a.is_cuda and a.dtype == torch.bfloat16 and b.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm") \
+    the operands' precision (--no-fp8-wgrad) -> [G, N, K]: the bf16 grouped GEMM where the
+    grouped kernels run, else a loop (the emulation's: the dense linear's product per expert)."""
+    if backend != EMULATION and a.dtype == b.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm") \
             and grouped_kernel_fits(a.device, a.size(1), b.size(1)):
         return _zero_empty_groups(torch._grouped_mm(a.t(), b, offs=rows.offsets), rows).to(out_dtype)
     ends = _group_ends(rows)

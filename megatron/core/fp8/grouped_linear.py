@@ -121,7 +121,7 @@ class _Fp8GroupedLinearFunction(torch.autograd.Function):
                                           ctx.weight_dtype, backend)
             else:
                 grad_weights = grouped_tn_high_precision(to_layout(grad_output, rows), saved_input, rows,
-                                                         ctx.weight_dtype)
+                                                         ctx.weight_dtype, backend)
         return grad_input, grad_weights, None, None, None
 
 
