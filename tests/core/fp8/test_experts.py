@@ -326,3 +326,30 @@ def test_experts_follow_the_layers_fp8_scope_and_the_nan_check():
     model.decoder.layers[1].mlp.experts.local_experts[3].linear_fc2.fp8.scale[2] = float("nan")
     with pytest.raises(NonFiniteError, match="FP8 amax history or scales"):
         check_finite([torch.tensor(1.0)], [model], iteration=2)
+
+
+def test_loop_pads_each_expert_for_scaled_mm(caplog, monkeypatch):
+    """The per-expert loop through torch._scaled_mm (its CPU kernel, where this torch has
+    one): token counts that are no multiple of 16 are padded with zero rows, so every
+    GEMM takes the FP8 kernel (no fallback warning) and the results equal the emulation's
+    up to fp32 summation order."""
+    from megatron.core.fp8 import gemm
+    from megatron.core.transformer.moe import experts as experts_module
+
+    probe = torch.zeros(16, 16).to(E4M3)
+    try:
+        torch._scaled_mm(probe, probe.t(), scale_a=torch.tensor(1.0), scale_b=torch.tensor(1.0),
+                         out_dtype=torch.float32)
+    except (RuntimeError, NotImplementedError):
+        pytest.skip("this torch has no CPU torch._scaled_mm")
+    monkeypatch.setattr(gemm, "_warned_shapes", set())
+    results, state = {}, _experts(SequentialMLP, _config()).state_dict()
+    for backend in (gemm.EMULATION, gemm.SCALED_MM):
+        module = _experts(SequentialMLP, _config())
+        module.load_state_dict(state)
+        monkeypatch.setattr(experts_module, "select_backend", lambda device, emulation, b=backend: b)
+        with caplog.at_level("WARNING", logger="megatron.core.fp8.gemm"):
+            results[backend] = _run(module, *_data(4))
+    assert "not a multiple of 16" not in caplog.text
+    for i, (a, b) in enumerate(zip(results[gemm.SCALED_MM], results[gemm.EMULATION])):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6 * b.abs().max().item(), msg=lambda m: f"{i}: {m}")

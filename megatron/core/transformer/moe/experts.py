@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from megatron.core import tensor_parallel
-from megatron.core.fp8.gemm import select_backend
+from megatron.core.fp8.gemm import SCALED_MM, select_backend
+from megatron.core.fp8.grouped_gemm import ROW_ALIGN as _FP8_ROW_ALIGN
 from megatron.core.fp8.grouped_linear import fp8_grouped_linear
 from megatron.core.fp8.linear import fp8_linear
 from megatron.core.fusions.fused_bias_activation import bias_activation
@@ -85,11 +86,17 @@ class ExpertMLP(torch.nn.Module):
 def _expert_linear(x: torch.Tensor, linear) -> torch.Tensor:
     """x [n, in] through one expert linear's weight and bias, without communication: in
     FP8 when the linear holds FP8 scaling state (its layer runs in FP8), amaxes reduced
-    over the expert tensor-parallel group it was built with."""
+    over the expert tensor-parallel group it was built with. For ``torch._scaled_mm``,
+    which wants every size a multiple of 16, an expert's token count (any number) is
+    padded with zero rows, which change neither the amaxes nor any other row."""
     if linear.fp8 is None:
         return F.linear(x, linear.weight, linear.bias)
-    out = fp8_linear(x, linear.weight, linear.fp8, amax_group=linear.tp_group,
-                     backend=select_backend(linear.weight.device, linear.fp8.recipe.emulation))
+    backend = select_backend(linear.weight.device, linear.fp8.recipe.emulation)
+    rows = x.size(0)
+    pad = -rows % _FP8_ROW_ALIGN if backend == SCALED_MM else 0
+    out = fp8_linear(F.pad(x, (0, 0, 0, pad)) if pad else x, linear.weight, linear.fp8,
+                     amax_group=linear.tp_group, backend=backend)
+    out = out[:rows] if pad else out
     return out if linear.bias is None else out + linear.bias
 
 
