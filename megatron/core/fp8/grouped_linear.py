@@ -15,8 +15,8 @@ would depend on which other experts share its rank (the expert-parallel layout).
 The states are stacked [G, ...] for each quantization (``advance_scales`` on all experts
 at once, the same rule as one linear's) and written back; the amaxes are per expert
 (``group_amax``, no host synchronization) and reduced over the expert tensor-parallel
-group. The GEMMs are ``grouped_gemm``'s. An expert without tokens records amax 0, which
-keeps its scale, as the one-expert loop does.
+group. The GEMMs are ``grouped_gemm``'s. An expert without tokens records amax 0 (under
+``delayed`` its scale stays), as the one-expert loop does.
 """
 
 from __future__ import annotations
