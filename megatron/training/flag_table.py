@@ -205,8 +205,10 @@ _refuse("MoE token dispatch runs in the activation dtype here", "drop the flag",
         "--moe-dispatch-fwd-dtype --moe-combine-bwd-dtype")
 _no_effect("Transformer Engine FP8 details with no counterpart in the FP8 linears here (docs/fp8.md)",
            "--fp8-interval --fp8-output-proj --fp8-quantizer-factory --disable-fp8-wgrad --keep-fp8-transpose-cache "
-           "--te-precision-config-file --moe-router-padding-for-fp8 --moe-router-padding-for-quantization "
-           "--reuse-grad-buf-for-mxfp8-param-ag")
+           "--te-precision-config-file --reuse-grad-buf-for-mxfp8-param-ag")
+_no_effect("the FP8 grouped linear of the MoE experts pads each expert's rows to a multiple of 16 itself, "
+           "without changing the routing (docs/fp8.md)",
+           "--moe-router-padding-for-fp8 --moe-router-padding-for-quantization")
 
 _section("Data and evaluation")
 _refuse("knowledge-distillation logit files are not implemented", "drop the --logits-* flags",

@@ -4,6 +4,8 @@
 ``scaling``  per-tensor amax, scales, delayed scaling with an amax history.
 ``gemm``     the FP8 GEMM: ``torch._scaled_mm`` on GPUs with FP8, an fp32 emulation elsewhere.
 ``linear``   the autograd Function of an FP8 linear and the per-linear scaling state.
+``grouped_linear`` / ``grouped_gemm`` the MoE experts' FP8 grouped linear (per-expert
+             scaling state) and its grouped GEMMs (``torch._scaled_grouped_mm`` on Hopper).
 ``layer_scope`` which transformer layers run in FP8 (--first-last-layers-bf16).
 """
 

@@ -48,6 +48,8 @@ def select_backend(device: torch.device, emulation: bool) -> str:
 
 def _scaled_mm_fits(a: torch.Tensor, b: torch.Tensor) -> bool:
     dims = (a.size(0), a.size(1), b.size(0))
+    if 0 in dims:
+        return False  # nothing to multiply (an expert without tokens): the emulation's empty matmul
     if all(d % 16 == 0 for d in dims):
         return True
     if dims not in _warned_shapes:

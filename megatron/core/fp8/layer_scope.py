@@ -1,12 +1,14 @@
 """Which linears run in FP8: those of the transformer layers, less the first and last
 ``--num-layers-at-{start,end}-in-bf16`` layers under ``--first-last-layers-bf16``.
 
-As in Megatron, FP8 applies to the GEMMs of the transformer layers only: the output
-layer (logits), the embedding and the MoE experts stay in the training precision. The
-transformer block builds each layer inside ``fp8_layer_scope(config, layer_number)``; a
-column- or row-parallel linear built inside a scope whose layer runs in FP8 gets an
-``Fp8Scaling`` state (``new_linear_scaling``), one built anywhere else gets None and
-runs exactly as without FP8.
+As in Megatron, FP8 applies to the GEMMs of the transformer layers only, the MoE
+experts' included: the output layer (logits) and the embedding stay in the training
+precision. The transformer block builds each layer inside
+``fp8_layer_scope(config, layer_number)``; a column- or row-parallel linear built inside
+a scope whose layer runs in FP8 gets an ``Fp8Scaling`` state (``new_linear_scaling``), one
+built anywhere else gets None and runs exactly as without FP8. An expert's linears get
+one each, like any other linear; the experts' forward (``moe/experts.py``) runs them
+through ``fp8.linear`` (one expert at a time) or ``fp8.grouped_linear`` (all at once).
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ def fp8_layer_scope(config, layer_number: int) -> Iterator[None]:
         _building.recipe = previous
 
 
-def new_linear_scaling(device: torch.device, is_expert: bool) -> Optional[Fp8Scaling]:
+def new_linear_scaling(device: torch.device) -> Optional[Fp8Scaling]:
     """The FP8 scaling state for a linear being built now, or None when it runs without FP8.
 
     Refuses (ValueError) a device without FP8 GEMMs here, at model construction, rather
@@ -58,13 +60,14 @@ def new_linear_scaling(device: torch.device, is_expert: bool) -> Optional[Fp8Sca
     ``device`` the weights start on (--use-cpu-initialization builds them on CPU first).
     """
     recipe = getattr(_building, "recipe", None)
-    if recipe is None or is_expert:
+    if recipe is None:
         return None
     run_on = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else device
     backend = select_backend(run_on, recipe.emulation)
     if (recipe, backend) not in _logged:
         _logged.add((recipe, backend))
-        how = "torch._scaled_mm" if backend == "scaled_mm" else "an fp32 emulation (slow)"
-        logger.info("FP8 backend: transformer-layer GEMMs in FP8 (format %s, recipe %s) through %s",
-                    recipe.fmt, recipe.recipe, how)
+        how = ("torch._scaled_mm (MoE experts with --moe-grouped-gemm: torch._scaled_grouped_mm on Hopper)"
+               if backend == "scaled_mm" else "an fp32 emulation (slow)")
+        logger.info("FP8 backend: transformer-layer GEMMs, MoE experts included, in FP8 (format %s, recipe %s) "
+                    "through %s", recipe.fmt, recipe.recipe, how)
     return Fp8Scaling(recipe, device=device)

@@ -41,8 +41,45 @@ def fp8_max(dtype: torch.dtype) -> float:
 
 
 def tensor_amax(x: torch.Tensor) -> torch.Tensor:
-    """max |x| as a float32 scalar tensor (NaN if x holds a NaN)."""
+    """max |x| as a float32 scalar tensor (NaN if x holds a NaN; 0 for an empty x, e.g.
+    an expert that received no tokens)."""
+    if x.numel() == 0:
+        return torch.zeros((), dtype=torch.float32, device=x.device)
     return x.detach().abs().amax().float()
+
+
+def group_amax(x: torch.Tensor, row_group: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """max |x| over the rows of each group: x [N, K], ``row_group`` [N] (group of each row,
+    int64) -> [num_groups] float32; 0 for a group without rows, NaN where a row holds a NaN.
+    No host synchronization (the group sizes stay on the device)."""
+    row_amax = x.detach().abs().amax(dim=-1).float() if x.size(-1) else x.new_zeros(x.size(0), dtype=torch.float32)
+    out = torch.zeros(num_groups, dtype=torch.float32, device=x.device)
+    return out.scatter_reduce_(0, row_group, row_amax, reduce="amax", include_self=True)
+
+
+@torch.no_grad()
+def advance_scales(history: torch.Tensor, scale: torch.Tensor, amax: torch.Tensor, recipe: Fp8Recipe,
+                   fmt_max: float) -> torch.Tensor:
+    """The scales to quantize with now, for one slot of one or several scaling states,
+    updating the state in place (see the module docstring for the two recipes).
+
+    ``history`` [L, *B] (views of amax histories, newest first), ``scale`` [*B] (views of
+    the stored scales) and this call's ``amax`` [*B]; returns [*B]. One FP8 linear passes
+    B = () (``Fp8Scaling.scale_for``); the grouped linear of the MoE experts passes its G
+    experts' states stacked (B = (G,)), so both follow exactly the same rule."""
+    if recipe.recipe == "tensorwise":
+        used = compute_scale(amax, fmt_max, recipe.margin, torch.ones_like(amax))
+        history[0] = amax
+        scale.copy_(used)
+        return used
+    used = scale.clone()
+    history[0] = amax
+    window = history.amax(dim=0) if recipe.amax_compute_algo == "max" else history[0]
+    scale.copy_(compute_scale(window, fmt_max, recipe.margin, used))
+    if history.size(0) > 1:
+        history.copy_(torch.roll(history, 1, dims=0))
+        history[0] = 0.0
+    return used
 
 
 def compute_scale(amax: torch.Tensor, fmt_max: float, margin: int, previous: torch.Tensor) -> torch.Tensor:
@@ -181,6 +218,17 @@ class Fp8Scaling(torch.nn.Module):
         self.register_buffer("scale", torch.ones(NUM_SLOTS, device=device))
         self.weight_cache = Fp8WeightCache()
 
+    def _apply(self, fn, recurse=True):
+        # A model moved to bf16 (--bf16) keeps this state in float32: torch._scaled_mm and
+        # torch._scaled_grouped_mm take float32 scales only, and a bf16 amax or scale would
+        # keep 8 bits of the 24 the scaling math computes.
+        super()._apply(fn, recurse)
+        for name in SCALING_BUFFER_NAMES:
+            buffer = getattr(self, name)
+            if buffer.dtype != torch.float32:
+                setattr(self, name, buffer.float())
+        return self
+
     @torch.no_grad()
     def quantize_operand(self, x: torch.Tensor, slot: int, group=None, transpose: bool = False) -> Fp8Operand:
         """Quantize the 2-D ``x`` for slot ``slot``, updating the state.
@@ -209,20 +257,7 @@ class Fp8Scaling(torch.nn.Module):
         """The scale to quantize ``x`` with (a float32 scalar), updating the state."""
         fmt_max = fp8_max(self.recipe.dtype(slot))
         amax = reduce_amax(tensor_amax_fused(x).to(self.scale.device), group)
-        if self.recipe.recipe == "tensorwise":
-            scale = compute_scale(amax, fmt_max, self.recipe.margin, torch.ones_like(amax))
-            self.amax_history[0, slot] = amax
-            self.scale[slot] = scale
-            return scale
-        scale = self.scale[slot].clone()
-        history = self.amax_history[:, slot]
-        history[0] = amax
-        window = history.amax() if self.recipe.amax_compute_algo == "max" else history[0]
-        self.scale[slot] = compute_scale(window, fmt_max, self.recipe.margin, scale)
-        if history.numel() > 1:
-            history.copy_(torch.roll(history, 1))
-            history[0] = 0.0
-        return scale
+        return advance_scales(self.amax_history[:, slot], self.scale[slot], amax, self.recipe, fmt_max)
 
     def extra_repr(self) -> str:
         r = self.recipe

@@ -221,7 +221,7 @@ class ColumnParallelLinear(torch.nn.Module):
         else:
             self.register_parameter("bias", None)
         # FP8 scaling state inside an FP8 transformer layer (megatron.core.fp8), else None
-        self.fp8 = new_linear_scaling(_param_device(config), is_expert)
+        self.fp8 = new_linear_scaling(_param_device(config))
 
     def _check_weight(self, weight: Optional[torch.Tensor]) -> torch.Tensor:
         if weight is None:
@@ -331,7 +331,7 @@ class RowParallelLinear(torch.nn.Module):
         else:
             self.register_parameter("bias", None)
         # FP8 scaling state inside an FP8 transformer layer (megatron.core.fp8), else None
-        self.fp8 = new_linear_scaling(_param_device(config), is_expert)
+        self.fp8 = new_linear_scaling(_param_device(config))
 
     def forward(self, input_: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         if self.input_is_parallel:

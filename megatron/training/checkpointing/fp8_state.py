@@ -11,6 +11,11 @@ Two differences between a checkpoint and an FP8 model are not errors:
   at its saved shape and resized (``resize_amax_history``: the most recent amaxes kept,
   zeros where the new history is longer); the scale loads as saved.
 
+The MoE experts' state (``...experts.local_experts.<global expert>.linear_fc1.fp8.*``, one
+per expert and linear, whichever of --moe-grouped-gemm or the loop runs them) follows the
+same rules by the same key test. Its keys carry the global expert number, like the expert
+weights', so in torch_dist it loads into any expert-parallel layout.
+
 Each format decides per key with ``fresh_or_resized``, records what it did in an
 ``Fp8LoadReport`` and calls ``log_report`` (a collective over the load's group), which
 logs one line per kind of change on rank 0, counted over all ranks.

@@ -104,3 +104,25 @@ def test_config_accepts_the_hopper_recipes():
     _config(fp8_recipe="tensorwise", fp8="e4m3")
     _config(fp8_recipe="delayed", fp8_amax_history_len=16, fp8_amax_compute_algo="max")
     _config(fp8=None, fp8_recipe="mxfp8")  # recipe flags are inert without --fp8-format, as in Megatron
+
+
+def test_scaling_state_stays_float32_in_a_bf16_model():
+    """--bf16 moves the model with ``.to(torch.bfloat16)``: the scaling buffers stay float32,
+    so a delayed-scaling linear hands torch._scaled_mm float32 scales (it refuses others;
+    checked where this torch has a CPU kernel for it)."""
+    from megatron.core.fp8.gemm import SCALED_MM
+    from megatron.core.fp8.linear import fp8_linear
+
+    model = torch.nn.Module()
+    model.fp8 = Fp8Scaling(Fp8Recipe(recipe="delayed", amax_history_len=2))
+    model.to(torch.bfloat16)
+    assert model.fp8.scale.dtype == model.fp8.amax_history.dtype == torch.float32
+    assert all(v.dtype == torch.float32 for v in model.state_dict().values())
+    x = torch.randn(16, 32, dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(16, 32, dtype=torch.bfloat16, requires_grad=True)
+    try:
+        out = fp8_linear(x, w, model.fp8, backend=SCALED_MM)
+    except NotImplementedError:
+        pytest.skip("this torch has no CPU torch._scaled_mm")
+    out.sum().backward()
+    assert out.dtype == torch.bfloat16 and w.grad is not None

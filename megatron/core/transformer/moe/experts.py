@@ -6,6 +6,11 @@ so its output on one rank is a partial sum that the token dispatcher adds up. We
 live in ``local_experts.{i}.linear_fc{1,2}.weight`` (Megatron's SequentialMLP names) for
 both paths, so checkpoints do not depend on --moe-grouped-gemm.
 
+In a layer that runs in FP8 (``fp8.layer_scope``) each expert's fc1 and fc2 hold their
+own FP8 scaling state (``local_experts.{i}.linear_fc{1,2}.fp8``, for both paths too): the
+loop runs each expert through the FP8 linear, the grouped path through the FP8 grouped
+linear (``fp8.grouped_linear``), which gives the loop's results exactly in the emulation.
+
 With --use-cpu-initialization inside ``layout_independent_initialization`` the full
 weights of global expert g of layer L are drawn from a generator seeded by
 (seed, "layer{L}/expert{g}"), so every expert-parallel layout builds the same model.
@@ -21,6 +26,10 @@ import torch
 import torch.nn.functional as F
 
 from megatron.core import tensor_parallel
+from megatron.core.fp8.gemm import SCALED_MM, select_backend
+from megatron.core.fp8.grouped_gemm import ROW_ALIGN as _FP8_ROW_ALIGN
+from megatron.core.fp8.grouped_linear import fp8_grouped_linear
+from megatron.core.fp8.linear import fp8_linear
 from megatron.core.fusions.fused_bias_activation import bias_activation
 from megatron.core.transformer.init_rng import initialization_stream
 from megatron.core.transformer.activations import openai_gelu
@@ -70,8 +79,25 @@ class ExpertMLP(torch.nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        intermediate = self.activate(F.linear(x, self.linear_fc1.weight, self.linear_fc1.bias))
-        return F.linear(intermediate, self.linear_fc2.weight, self.linear_fc2.bias)
+        intermediate = self.activate(_expert_linear(x, self.linear_fc1))
+        return _expert_linear(intermediate, self.linear_fc2)
+
+
+def _expert_linear(x: torch.Tensor, linear) -> torch.Tensor:
+    """x [n, in] through one expert linear's weight and bias, without communication: in
+    FP8 when the linear holds FP8 scaling state (its layer runs in FP8), amaxes reduced
+    over the expert tensor-parallel group it was built with. For ``torch._scaled_mm``,
+    which wants every size a multiple of 16, an expert's token count (any number) is
+    padded with zero rows, which change neither the amaxes nor any other row."""
+    if linear.fp8 is None:
+        return F.linear(x, linear.weight, linear.bias)
+    backend = select_backend(linear.weight.device, linear.fp8.recipe.emulation)
+    rows = x.size(0)
+    pad = -rows % _FP8_ROW_ALIGN if backend == SCALED_MM else 0
+    out = fp8_linear(F.pad(x, (0, 0, 0, pad)) if pad else x, linear.weight, linear.fp8,
+                     amax_group=linear.tp_group, backend=backend)
+    out = out[:rows] if pad else out
+    return out if linear.bias is None else out + linear.bias
 
 
 class SequentialMLP(torch.nn.Module):
@@ -201,7 +227,8 @@ def _grouped_linear(x: torch.Tensor, weights: torch.Tensor, groups: _PaddedGroup
 class GroupedMLP(SequentialMLP):
     """The same experts and parameters as ``SequentialMLP``, computed as two grouped
     GEMMs over all local experts (``torch._grouped_mm`` on Hopper in bf16, without host
-    synchronization; else a bmm over inputs padded to the largest expert's token count)."""
+    synchronization; else a bmm over inputs padded to the largest expert's token count;
+    in FP8 ``fp8.grouped_linear``)."""
 
     _STACKED = ("linear_fc1.weight", "linear_fc2.weight", "linear_fc1.bias", "linear_fc2.bias")
 
@@ -252,17 +279,37 @@ class GroupedMLP(SequentialMLP):
         counts = torch.as_tensor(tokens_per_expert, dtype=torch.long).to(expert_input.device)
         fc1 = expert_weights.stacked(self._expert_params("linear_fc1.weight"))
         fc2 = expert_weights.stacked(self._expert_params("linear_fc2.weight"))
-        groups = self._groups(expert_input, counts, fc1, fc2)
         first = self.local_experts[0]
-        intermediate = _grouped_linear(expert_input, fc1, groups)
+        if first.linear_fc1.fp8 is not None:
+            expert_of_row, _ = _row_groups(counts, expert_input.size(0))
+            linear = self._fp8_linear(counts)
+        else:
+            groups = self._groups(expert_input, counts, fc1, fc2)
+            expert_of_row = groups.expert
+
+            def linear(x, weights, _name):
+                return _grouped_linear(x, weights, groups)
+        intermediate = linear(expert_input, fc1, "linear_fc1")
         if first.linear_fc1.bias is not None:
             bias = expert_weights.stacked(self._expert_params("linear_fc1.bias"))
-            intermediate = intermediate + bias.index_select(0, groups.expert)
+            intermediate = intermediate + bias.index_select(0, expert_of_row)
         intermediate = first.activate(intermediate)
-        out = _grouped_linear(intermediate, fc2, groups)
+        out = linear(intermediate, fc2, "linear_fc2")
         if first.linear_fc2.bias is not None:
-            out = out + expert_weights.stacked(self._expert_params("linear_fc2.bias")).index_select(0, groups.expert)
+            out = out + expert_weights.stacked(self._expert_params("linear_fc2.bias")).index_select(0, expert_of_row)
         return out
+
+    def _fp8_linear(self, counts: torch.Tensor):
+        """The grouped linear in FP8 (``fp8.grouped_linear``): each expert's own scaling
+        state, the GEMMs grouped on an FP8 GPU, emulated per expert otherwise."""
+        first = self.local_experts[0]
+        backend = select_backend(first.linear_fc1.weight.device, first.linear_fc1.fp8.recipe.emulation)
+
+        def linear(x: torch.Tensor, weights: torch.Tensor, name: str) -> torch.Tensor:
+            layers = [getattr(e, name) for e in self.local_experts]
+            return fp8_grouped_linear(x, weights, [layer.fp8 for layer in layers], counts,
+                                      amax_group=layers[0].tp_group, backend=backend)
+        return linear
 
 
 def build_experts(config, layer_number: int, local_expert_indices: Sequence[int], expt_tp_group=None):
