@@ -88,6 +88,11 @@ def _clone_reports(reports: List[Any]) -> List[Any]:
     return [clone(report) for report in reports]
 
 
+class CudaGraphCaptureError(RuntimeError):
+    """The step could not be captured: something in it waits on the GPU or is not allowed
+    while a CUDA graph is recorded. The message names the operation as CUDA reported it."""
+
+
 class _DeferredFinalize:
     """Stands in for ``finalize_model_grads_func`` inside the captured step: it records what
     the schedule passes (the token count is a tensor the replays refresh) and the real
@@ -169,9 +174,16 @@ class FullIterationCudaGraph:
         for generator in get_cuda_rng_tracker().graph_generators():
             graph.register_generator_state(generator)
         logger.info("capturing the forward-backward of %d micro-batch(es) as one CUDA graph", num_microbatches)
-        # thread_local: the data loader's pin-memory thread may keep calling CUDA meanwhile.
-        with torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local"):
-            reports = run()
+        try:
+            # thread_local: the data loader's pin-memory thread may keep calling CUDA meanwhile.
+            with torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local"):
+                reports = run()
+        except RuntimeError as err:
+            raise CudaGraphCaptureError(
+                "--cuda-graph-impl full_iteration: the training step could not be captured as a CUDA graph "
+                f"({str(err).splitlines()[0]}); an operation of this model waits on the GPU or is not allowed "
+                "during a capture. Fix: drop --cuda-graph-impl (the step then runs eagerly)"
+            ) from err
         captured = _CapturedStep(graph, device_batches, reports, deferred)
         self.graphs[num_microbatches] = captured
         graph.replay()

@@ -14,7 +14,7 @@ from typing import Callable, Optional
 
 import torch
 
-from megatron.core.full_cuda_graph import FullIterationCudaGraph
+from megatron.core.full_cuda_graph import CudaGraphCaptureError, FullIterationCudaGraph
 from megatron.core.pipeline_parallel.schedules import get_forward_backward_func
 from megatron.training.user_errors import UserError
 
@@ -80,6 +80,20 @@ def graphed_forward_backward(args: argparse.Namespace, pg) -> Optional[Callable]
     if not torch.cuda.is_available():
         raise UserError(f"--cuda-graph-impl full_iteration needs a CUDA GPU; fix: {_FIX} on CPU")
     try:
-        return FullIterationCudaGraph(get_forward_backward_func(pg, vp_size=1), args.cuda_graph_warmup_steps)
+        graphed = FullIterationCudaGraph(get_forward_backward_func(pg, vp_size=1), args.cuda_graph_warmup_steps)
     except ValueError as err:
         raise UserError(str(err)) from err
+    return as_user_errors(graphed)
+
+
+def as_user_errors(graphed: Callable) -> Callable:
+    """``graphed`` with its refusals (a micro-batch of another shape, a step that cannot be
+    captured) reported as user errors: one message, no traceback."""
+
+    def forward_backward(**kwargs):
+        try:
+            return graphed(**kwargs)
+        except (ValueError, CudaGraphCaptureError) as err:
+            raise UserError(str(err)) from err
+
+    return forward_backward

@@ -2,12 +2,15 @@
 what the full-iteration graph accepts and refuses (naming the flag), the clean refusal on a
 machine without CUDA, and the static micro-batch buffers the replays refill."""
 
+import re
+
 import pytest
 import torch
 
-from megatron.core.full_cuda_graph import _clone_reports, _copy_into, _DeferredFinalize
+from megatron.core.full_cuda_graph import CudaGraphCaptureError, _clone_reports, _copy_into, _DeferredFinalize
 from megatron.training.arguments import parse_and_validate
-from megatron.training.cuda_graph_args import full_iteration_graph
+from megatron.training.cuda_graph_args import as_user_errors, full_iteration_graph
+from megatron.training.user_errors import UserError
 from tests.training.test_user_errors import TINY, _clean_failure, _run
 
 BASE = ("--num-layers 2 --hidden-size 32 --num-attention-heads 4 --seq-length 16 "
@@ -88,3 +91,21 @@ def test_reports_are_copied_out_and_the_reduction_runs_after_the_step():
     assert calls == []  # inside the captured step: only recorded
     deferred.run(lambda *a: calls.append(a))
     assert calls == [(["model"], report)]
+
+
+@pytest.mark.parametrize("error", [ValueError("micro-batch field 0['tokens'] is (2, 5)"),
+                                   CudaGraphCaptureError("could not be captured")])
+def test_refusals_during_training_become_user_errors(error):
+    def graphed(**kwargs):
+        raise error
+
+    with pytest.raises(UserError, match=re.escape(str(error))):
+        as_user_errors(graphed)(num_microbatches=1)
+
+
+def test_other_failures_keep_their_type():
+    def graphed(**kwargs):
+        raise KeyError("a bug")
+
+    with pytest.raises(KeyError):
+        as_user_errors(graphed)()
