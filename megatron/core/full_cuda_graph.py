@@ -20,14 +20,14 @@ What a replay needs, and how it is arranged here:
 
 Warm-up steps (``warmup_steps``) run eagerly on the capture stream first, so that lazy
 initialization, autotuning and compilation happen outside the capture. Evaluation (forward
-only) stays eager. Another number of micro-batches (batch-size ramp-up) is captured as a
-graph of its own.
+only) stays eager. Another number of micro-batches (batch-size ramp-up, a batch-size
+schedule) replaces the graph with a new capture: one graph, one memory pool at a time.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, List, Optional
 
 import torch
 
@@ -110,7 +110,8 @@ class _DeferredFinalize:
 
 
 class _CapturedStep:
-    def __init__(self, graph, batches, reports, deferred: _DeferredFinalize) -> None:
+    def __init__(self, num_microbatches: int, graph, batches, reports, deferred: _DeferredFinalize) -> None:
+        self.num_microbatches = num_microbatches
         self.graph, self.batches, self.reports, self.deferred = graph, batches, reports, deferred
 
 
@@ -133,7 +134,7 @@ class FullIterationCudaGraph:
         self.forward_backward_func = forward_backward_func
         self.warmup_steps = warmup_steps
         self.eager_steps = 0
-        self.graphs: Dict[int, _CapturedStep] = {}
+        self.captured: Optional[_CapturedStep] = None
         self._stream: Optional[torch.cuda.Stream] = None
         self._prepared = set()
 
@@ -147,8 +148,8 @@ class FullIterationCudaGraph:
         self._prepare(models)
         iterator = data_iterator[0] if isinstance(data_iterator, list) else data_iterator
         batches = [next(iterator) for _ in range(num_microbatches)]
-        captured = self.graphs.get(num_microbatches)
-        if captured is not None:
+        captured = self.captured
+        if captured is not None and captured.num_microbatches == num_microbatches:
             for i, (buffer, batch) in enumerate(zip(captured.batches, batches)):
                 _copy_into(buffer, batch, f"{i}")
             captured.graph.replay()
@@ -170,6 +171,10 @@ class FullIterationCudaGraph:
             torch.cuda.current_stream().wait_stream(stream)
             deferred.run(finalize_model_grads_func)
             return reports
+        if captured is not None:  # another number of micro-batches: free the old graph's pool first
+            self.captured = None
+            captured.graph.reset()
+            del captured
         graph = torch.cuda.CUDAGraph()
         for generator in get_cuda_rng_tracker().graph_generators():
             graph.register_generator_state(generator)
@@ -184,8 +189,7 @@ class FullIterationCudaGraph:
                 f"({str(err).splitlines()[0]}); an operation of this model waits on the GPU or is not allowed "
                 "during a capture. Fix: drop --cuda-graph-impl (the step then runs eagerly)"
             ) from err
-        captured = _CapturedStep(graph, device_batches, reports, deferred)
-        self.graphs[num_microbatches] = captured
+        self.captured = _CapturedStep(num_microbatches, graph, device_batches, reports, deferred)
         graph.replay()
         deferred.run(finalize_model_grads_func)
         return _clone_reports(reports)
