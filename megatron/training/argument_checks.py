@@ -192,6 +192,11 @@ def _check_architecture_choices(args: argparse.Namespace) -> None:
                       "pass e.g. --window-size 4096,0")
     if not 0.0 < args.rotary_percent <= 1.0:
         raise invalid("--rotary-percent", args.rotary_percent, "must be in (0, 1]", "pass a fraction such as 0.5")
+    rotary = args.position_embedding_type in ("rope", "yarn", "mrope") or args.use_rotary_position_embeddings
+    if args.no_rope_freq is not None and not rotary:
+        raise invalid("--no-rope-freq", args.no_rope_freq, "chooses layers that skip the rotary embedding, and "
+                      f"--position-embedding-type {args.position_embedding_type} has none",
+                      "add --position-embedding-type rope, or drop --no-rope-freq")
     if args.num_experts:
         if not 1 <= args.moe_router_topk <= args.num_experts:
             raise invalid("--moe-router-topk", args.moe_router_topk,

@@ -178,7 +178,7 @@ _refuse("manifold hyper-connections (mHC) are not implemented", "drop the --mhc-
         "--enable-mhc-connections --mhc-init-gating-factor --mhc-num-residual-streams --mhc-recompute-layer-num "
         "--mhc-sinkhorn-iterations")
 _refuse("this architecture option is not implemented", _GPT_OPTIONS,
-        "--attention-output-gate --no-rope-freq "
+        "--attention-output-gate "
         "--heterogeneous-layers-config-encoded-json --heterogeneous-layers-config-path "
         "--moe-latent-size --moe-mlp-glu-interleave-size "
         "--moe-shared-expert-glu-interleave-size --moe-single-grouped-weight --moe-single-grouped-bias")

@@ -15,6 +15,7 @@ import torch
 
 from megatron.core import process_groups, tensor_parallel
 from megatron.core.models.common.embeddings.rotary_pos_embedding import apply_rotary_pos_emb
+from megatron.core.transformer.sliding_window import skips_rope
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.torch_norm import L2Norm, build_norm
@@ -131,7 +132,7 @@ class SelfAttention(torch.nn.Module):
         inference_context=None,
     ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         query, key, value = self.get_query_key_value_tensors(hidden_states)
-        if rotary_pos_emb is not None:
+        if rotary_pos_emb is not None and not skips_rope(self.config, self.layer_number):
             q_freqs, k_freqs = rotary_pos_emb if isinstance(rotary_pos_emb, tuple) else (rotary_pos_emb, rotary_pos_emb)
             query = apply_rotary_pos_emb(query, q_freqs, self.config)
             key = apply_rotary_pos_emb(key, k_freqs, self.config)

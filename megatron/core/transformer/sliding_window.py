@@ -1,8 +1,11 @@
-"""Which layers attend through the sliding window (--window-size, --window-attn-skip-freq).
+"""How each attention layer sees positions: through the sliding window or not
+(--window-size, --window-attn-skip-freq), with the rotary embedding or not (--no-rope-freq).
 
 gpt-oss alternates sliding-window and full-attention layers. As in Megatron-LM, an integer
 N makes every layer whose 1-based number is divisible by N a full-attention layer (N = 2:
 layers 1, 3, 5, ... slide), and a list gives each layer's choice (1 slides, 0 is full).
+Llama 4 leaves the rotary embedding out of some layers (NoPE): an integer N skips it in
+every layer whose number is divisible by N, a list marks those layers with 1.
 """
 
 from __future__ import annotations
@@ -30,3 +33,13 @@ def cache_window_size(config) -> Optional[Tuple[int, int]]:
     if getattr(config, "window_attn_skip_freq", None) is not None:
         return None
     return config.window_size
+
+
+def skips_rope(config, layer_number: int) -> bool:
+    """Whether layer ``layer_number`` (1-based, over the whole model) attends without RoPE."""
+    freq = getattr(config, "no_rope_freq", None)
+    if freq is None:
+        return False
+    if isinstance(freq, int):
+        return layer_number % freq == 0
+    return bool(freq[layer_number - 1])

@@ -213,6 +213,12 @@ class TransformerConfig(ModelParallelConfig):
     N-th layer (1-based numbers divisible by N) full attention; a list gives one entry per
     layer, 1 for sliding window and 0 for full attention. None: every layer slides."""
 
+    no_rope_freq: Optional[Union[int, List[int]]] = None
+    """Which attention layers skip the rotary embedding (--no-rope-freq; Llama 4's NoPE
+    layers): an int N skips it in every N-th layer (1-based numbers divisible by N; the
+    layer count must be a multiple of N); a list gives one entry per layer, 1 for no RoPE.
+    None: every layer applies it."""
+
     cp_comm_type: Optional[Union[str, List[str]]] = None
     """Context-parallel communication: p2p (default), all_gather, a2a or a2a+p2p; one value
     for all layers or one per layer (--cp-comm-type)."""
@@ -457,6 +463,7 @@ class TransformerConfig(ModelParallelConfig):
             raise ValueError(f"--window-size must be two non-negative integers (left, right), got {self.window_size}")
         self._check_gated_unit_options()
         self._check_window_skip()
+        self._check_no_rope()
 
     def _check_gated_unit_options(self) -> None:
         clamp = self.activation_func_clamp_value
@@ -481,6 +488,23 @@ class TransformerConfig(ModelParallelConfig):
             raise ValueError(
                 f"--window-attn-skip-freq as a list needs one 0 or 1 per layer ({self.num_layers}), got {freq}"
             )
+
+    def _check_no_rope(self) -> None:
+        freq = self.no_rope_freq
+        if freq is None:
+            return
+        if isinstance(freq, int):
+            if freq < 1 or self.num_layers % freq:
+                raise ValueError(
+                    f"--no-rope-freq {freq}: must be a positive divisor of --num-layers {self.num_layers} "
+                    "(every N-th layer skips RoPE), or a list with one 0 or 1 per layer"
+                )
+        elif len(freq) != self.num_layers or any(v not in (0, 1) for v in freq):
+            raise ValueError(
+                f"--no-rope-freq as a list needs one 0 or 1 per layer ({self.num_layers}), got {freq}"
+            )
+        if self.multi_latent_attention:
+            raise ValueError("--no-rope-freq is not supported with --multi-latent-attention: drop one of them")
 
     def _check_attention_options(self) -> None:
         if self.softmax_type not in ("vanilla", "off-by-one", "learnable"):

@@ -87,6 +87,7 @@ def add_network_size_args(parser: argparse.ArgumentParser) -> argparse.ArgumentP
                    dest="yarn_correction_range_round_to_int", help=None)
     g.add_argument("--window-size", type=int_tuple, default=None, help=None)
     g.add_argument("--window-attn-skip-freq", type=int_or_pattern, default=None, help=None)
+    g.add_argument("--no-rope-freq", type=int_or_pattern, default=None, help=None)
     g.add_argument("--disable-bias-linear", action="store_false", dest="add_bias_linear", help=None)
     g.add_argument("--add-qkv-bias", action="store_true", help=None)
     g.add_argument("--apply-query-key-layer-scaling", action="store_true", help=None)

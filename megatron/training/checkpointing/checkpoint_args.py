@@ -49,6 +49,8 @@ FORCED = (
     "window_size",
     # nor these: gpt-oss's per-layer windows and its gated unit change the logits too
     "window_attn_skip_freq", "glu_linear_offset", "activation_func_clamp_value",
+    # and Llama 4's layers without RoPE
+    "no_rope_freq",
     # multi-latent attention: its projection shapes (Megatron copies these too)
     "multi_latent_attention", "q_lora_rank", "kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim",
     "rotary_scaling_factor", "mscale", "mscale_all_dim",
