@@ -68,3 +68,21 @@ def test_bad_values_name_the_flag(extra, match):
 
     with pytest.raises(ValueError, match=match):
         core_transformer_config_from_args(parse_and_validate(BASE + extra, world_size=1, rank=0))
+
+
+def test_cached_decoding_equals_the_full_forward():
+    from megatron.core.inference import StaticInferenceContext
+
+    config = TransformerConfig(num_layers=2, hidden_size=32, num_attention_heads=4, hidden_dropout=0.0,
+                               attention_dropout=0.0, use_cpu_initialization=True, no_rope_freq=[0, 1],
+                               init_method_std=0.3)
+    torch.manual_seed(0)
+    model = GPTModel(config, vocab_size=64, max_sequence_length=16, position_embedding_type="rope").eval()
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        full = model(ids, None, None)
+        context = StaticInferenceContext(2, 12)
+        for start, end in [(0, 4)] + [(p, p + 1) for p in range(4, 12)]:
+            got = model(ids[:, start:end], torch.arange(start, end).expand(2, -1), None, inference_context=context)
+            context.increment(end - start)
+            torch.testing.assert_close(got, full[:, start:end], atol=1e-5, rtol=1e-5)
