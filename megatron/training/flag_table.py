@@ -199,7 +199,7 @@ _refuse("fp4 training is not implemented", "train in bf16 (--bf16)",
 _refuse("batch-invariant (deterministic) kernels are not enforced", "drop it; runs are reproducible to rounding "
         "(same seed, same layout)", "--batch-invariant-mode --batch-invariant-backend")
 _refuse("MoE routing with this option is not implemented", "drop the flag",
-        "--moe-expert-rank-capacity-factor --moe-router-force-biased --moe-router-force-load-balancing "
+        "--moe-expert-rank-capacity-factor --moe-router-force-biased "
         "--moe-router-quantile-balancing-ema --moe-enable-routing-replay --moe-upcycling-granularity")
 _refuse("MoE token dispatch runs in the activation dtype here", "drop the flag",
         "--moe-dispatch-fwd-dtype --moe-combine-bwd-dtype")

@@ -351,6 +351,11 @@ class TransformerConfig(ModelParallelConfig):
     moe_input_jitter_eps: Optional[float] = None
     """Multiplicative uniform jitter of the router input in training (--moe-input-jitter-eps)."""
 
+    moe_router_force_load_balancing: bool = False
+    """Route by random logits instead of the router's (the gradient passes straight through
+    to the router): experts get evenly spread tokens whatever the weights, for benchmarking
+    a balanced MoE (--moe-router-force-load-balancing). Not for real training."""
+
     moe_token_dispatcher_type: str = "allgather"
     """How tokens reach their experts: allgather or alltoall (--moe-token-dispatcher-type)."""
 

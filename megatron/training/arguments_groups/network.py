@@ -135,6 +135,7 @@ def add_moe_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--moe-aux-loss-coeff", type=float, default=0.0, help=None)
     g.add_argument("--moe-z-loss-coeff", type=float, default=None, help=None)
     g.add_argument("--moe-input-jitter-eps", type=float, default=None, help=None)
+    g.add_argument("--moe-router-force-load-balancing", action="store_true", help=None)
     g.add_argument("--moe-token-dispatcher-type", type=str, default="allgather",
                    choices=["allgather", "alltoall", "flex"], help=None)
     g.add_argument("--moe-expert-capacity-factor", type=float, default=None, help=None)

@@ -30,6 +30,20 @@ from megatron.core.transformer.moe.moe_utils import (
 _ROUTER_DTYPES = {None: None, "fp32": torch.float32, "fp64": torch.float64}
 
 
+class _RandomLogits(torch.autograd.Function):
+    """--moe-router-force-load-balancing: standard-normal logits of the same shape in the
+    forward (drawn from the default generator, so seeded runs repeat), the incoming gradient
+    unchanged in the backward (straight through to the router's own logits)."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor) -> torch.Tensor:
+        return torch.randn_like(logits)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad
+
+
 def sum_token_counts(counts: torch.Tensor, group) -> torch.Tensor:
     """Forward: sum of the per-expert token counts [E] over ``group`` (the ranks that
     hold parts of the same sequences, under sequence parallelism). Backward: not
@@ -156,6 +170,8 @@ class TopKRouter(torch.nn.Module):
         """tokens [T, h] (T = seq_length * batch_size, sequence first) -> (probs, routing_map)."""
         seq_length = tokens.size(0) // batch_size if seq_length is None else seq_length
         logits = self._z_loss(self.gating(self._jitter(tokens)))
+        if self.config.moe_router_force_load_balancing:
+            logits = _RandomLogits.apply(logits)
         if self.config.moe_router_load_balancing_type == "sinkhorn":
             probs, routing_map = self._sinkhorn(logits)
         else:
