@@ -519,6 +519,9 @@ def check_data(args: argparse.Namespace) -> None:
                       "use --data-path with --split, or the per-split paths")
     if args.num_workers < 0:
         raise invalid("--num-workers", args.num_workers, "cannot be negative", "use 0 or more")
+    if not args.data_sharding and args.dataloader_type != "cyclic" and args.rank == 0:
+        logger.warning("--no-data-sharding has no effect without --dataloader-type cyclic: the sequential "
+                       "order already deals each global batch out to the data-parallel ranks")
 
 
 def check_args(args: argparse.Namespace, world_size: int) -> None:

@@ -66,7 +66,8 @@ def _eval_loader_builder(args, pg: ProcessGroups) -> Callable:
         return build_pretraining_data_loader(
             dataset, start, micro_batch_size=args.eval_micro_batch_size or args.micro_batch_size,
             data_parallel_rank=pg.rank("dp"), data_parallel_size=pg.size("dp"),
-            dataloader_type=args.dataloader_type or "single", num_workers=args.num_workers, seed=args.seed)
+            dataloader_type=args.dataloader_type or "single", num_workers=args.num_workers, seed=args.seed,
+            data_sharding=args.data_sharding)
     return make
 
 
@@ -103,6 +104,7 @@ def build_train_valid_test_data_iterators(datasets_provider: Callable, pg: Proce
                 dataloader_type=args.dataloader_type or "single",
                 num_workers=args.num_workers,
                 seed=args.seed,
+                data_sharding=args.data_sharding,
             )
     valid_sets = None
     if uses_validation_sets(args):

@@ -218,8 +218,6 @@ _refuse("knowledge-distillation logit files are not implemented", "drop the --lo
 _refuse("document masking inside the data loader is not implemented",
         "use --reset-attention-mask --reset-position-ids (and --eod-mask-loss)",
         "--dataloader-inter-document-masking")
-_refuse("every data-parallel rank reads its own share of each global batch here", "drop the flag",
-        "--no-data-sharding")
 _refuse("sentencepiece whitespace options are not implemented", "drop the flag",
         "--no-tokenizer-sentencepiece-ignore-extra-whitespaces "
         "--disable-tokenizer-sentencepiece-ignore-extra-whitespaces")

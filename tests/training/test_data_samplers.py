@@ -70,6 +70,34 @@ def test_cyclic_sampler_resume_continues_exactly():
         next(iter(MegatronPretrainingRandomSampler(total, 5, MBS, 1, DP)))
 
 
+def test_cyclic_sampler_without_data_sharding_deals_one_shuffle_to_the_ranks():
+    total = 53
+    full = (total // MBS) * MBS
+    shuffle = torch.randperm(full, generator=torch.Generator().manual_seed(0)).tolist()
+    seen = []
+    for r in range(DP):
+        sampler = MegatronPretrainingRandomSampler(total, 0, MBS, r, DP, data_sharding=False)
+        batches = _epoch_batches(sampler)
+        dealt = shuffle[r::DP]
+        assert batches == [dealt[i:i + MBS] for i in range(0, len(dealt) - MBS + 1, MBS)]
+        assert sampler.consumed_samples == 4 * MBS * DP
+        seen += [i for b in batches for i in b]
+    assert len(seen) == len(set(seen))  # the ranks never read the same sample in one epoch
+    sharded = MegatronPretrainingRandomSampler(total, 0, MBS, 0, DP)
+    assert max(i for b in _epoch_batches(sharded) for i in b) < (total // (MBS * DP)) * MBS
+    unsharded = MegatronPretrainingRandomSampler(total, 0, MBS, 0, DP, data_sharding=False)
+    assert max(i for b in _epoch_batches(unsharded) for i in b) >= (total // (MBS * DP)) * MBS
+
+
+def test_cyclic_sampler_without_data_sharding_resumes_exactly():
+    total = 53
+    stream = list(itertools.islice(_forever(MegatronPretrainingRandomSampler(total, 0, MBS, 2, DP,
+                                                                             data_sharding=False)), 12))
+    for done in (1, 5):
+        resumed = MegatronPretrainingRandomSampler(total, done * MBS * DP, MBS, 2, DP, data_sharding=False)
+        assert list(itertools.islice(_forever(resumed), 12 - done)) == stream[done:]
+
+
 class _Range(torch.utils.data.Dataset):
     def __init__(self, n):
         self.n = n

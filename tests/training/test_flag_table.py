@@ -77,7 +77,7 @@ def test_a_real_definition_wins_over_the_table():
     assert is_table_action(_options(build_parser())["--bert-embedder-type"])
 
 
-@pytest.mark.parametrize("flag", ["--checkpoint-activations", "--bert-embedder-type", "--no-data-sharding", "--inference-max-batch-size",
+@pytest.mark.parametrize("flag", ["--checkpoint-activations", "--bert-embedder-type", "--pipeline-model-parallel-layout", "--inference-max-batch-size",
                                   "--logits-load-dir", "--fine-grained-activation-offloading"])
 def test_refused_table_flag_names_itself_the_reason_and_the_fix(flag):
     entry = TABLE[flag]

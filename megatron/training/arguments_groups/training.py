@@ -111,6 +111,9 @@ def add_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
                    help="Optimizer: adam (AdamW), sgd or lion.")
     g.add_argument("--dataloader-type", type=str, default=None, choices=["single", "cyclic", "external"],
                    help="Data sampler; default single.")
+    g.add_argument("--no-data-sharding", action="store_false", dest="data_sharding",
+                   help="With --dataloader-type cyclic: every data-parallel rank draws from one shuffle of the "
+                        "whole dataset instead of shuffling a contiguous share of its own.")
     g.add_argument("--manual-gc", action="store_true",
                    help="Disable automatic GC; collect every --manual-gc-interval steps.")
     g.add_argument("--manual-gc-interval", type=int, default=0, help="Steps between manual GC runs (0: only at start).")

@@ -54,15 +54,18 @@ class MegatronPretrainingSampler:
 
 
 class MegatronPretrainingRandomSampler:
-    """Random order (--dataloader-type cyclic), as Megatron's: each data-parallel rank owns
-    a contiguous bucket of ``(total // (mbs * dp)) * mbs`` samples and walks it in a
-    ``torch.randperm`` order seeded with the epoch number. One pass of ``__iter__`` covers
-    the rest of the current epoch; ``consumed_samples`` advances by ``mbs * dp`` per batch,
-    so iterating again (or resuming with the saved count) continues with the next batch.
+    """Random order (--dataloader-type cyclic), as Megatron's. With ``data_sharding`` (the
+    default) each data-parallel rank owns a contiguous bucket of ``(total // (mbs * dp)) *
+    mbs`` samples and walks it in a ``torch.randperm`` order seeded with the epoch number;
+    without it (--no-data-sharding) one permutation of ``(total // mbs) * mbs`` samples is
+    dealt out to the ranks in turn, so every rank draws from the whole dataset. One pass of
+    ``__iter__`` covers the rest of the current epoch; ``consumed_samples`` advances by ``mbs
+    * dp`` per batch, so iterating again (or resuming with the saved count) continues with
+    the next batch.
     """
 
     def __init__(self, total_samples, consumed_samples, micro_batch_size, data_parallel_rank,
-                 data_parallel_size, seed=None):
+                 data_parallel_size, seed=None, data_sharding: bool = True):
         if not 0 <= data_parallel_rank < data_parallel_size:
             raise ValueError(f"data_parallel_rank {data_parallel_rank} not in [0, {data_parallel_size})")
         self.total_samples = total_samples
@@ -71,6 +74,7 @@ class MegatronPretrainingRandomSampler:
         self.data_parallel_rank = data_parallel_rank
         self.data_parallel_size = data_parallel_size
         self.block = micro_batch_size * data_parallel_size
+        self.data_sharding = data_sharding
         self.last_batch_size = total_samples % self.block
         if total_samples < self.block:
             raise ValueError(
@@ -90,15 +94,20 @@ class MegatronPretrainingRandomSampler:
                 f"consumed samples {self.consumed_samples} is not a multiple of micro-batch x data-parallel "
                 f"size {self.block}; resume with the count the checkpoint saved"
             )
-        bucket_size = (self.total_samples // self.block) * self.micro_batch_size
-        bucket_offset = current // self.data_parallel_size
-        start = self.data_parallel_rank * bucket_size
         g = torch.Generator()
         g.manual_seed(epoch)
-        order = torch.randperm(bucket_size, generator=g).tolist()
+        if self.data_sharding:
+            bucket_size = (self.total_samples // self.block) * self.micro_batch_size
+            start = self.data_parallel_rank * bucket_size
+            order = torch.randperm(bucket_size, generator=g).tolist()
+            indices = [start + x for x in order[current // self.data_parallel_size:]]
+        else:
+            full_size = (self.total_samples // self.micro_batch_size) * self.micro_batch_size
+            order = torch.randperm(full_size, generator=g).tolist()
+            indices = order[current:][self.data_parallel_rank::self.data_parallel_size]
         batch = []
-        for x in order[bucket_offset:]:
-            batch.append(start + x)
+        for index in indices:
+            batch.append(index)
             if len(batch) == self.micro_batch_size:
                 self.consumed_samples += self.block
                 yield batch
@@ -106,8 +115,10 @@ class MegatronPretrainingRandomSampler:
 
 
 def build_pretraining_data_loader(dataset, consumed_samples, *, micro_batch_size, data_parallel_rank,
-                                  data_parallel_size, dataloader_type="single", num_workers=2, seed=1234):
-    """A DataLoader for ``dataset`` that resumes at ``consumed_samples``."""
+                                  data_parallel_size, dataloader_type="single", num_workers=2, seed=1234,
+                                  data_sharding: bool = True):
+    """A DataLoader for ``dataset`` that resumes at ``consumed_samples`` (``data_sharding``:
+    see ``MegatronPretrainingRandomSampler``; the sequential order has no other form)."""
     if dataset is None:
         return None
     if dataloader_type == "single":
@@ -115,7 +126,8 @@ def build_pretraining_data_loader(dataset, consumed_samples, *, micro_batch_size
                                              data_parallel_rank, data_parallel_size)
     elif dataloader_type == "cyclic":
         sampler = MegatronPretrainingRandomSampler(len(dataset), consumed_samples, micro_batch_size,
-                                                   data_parallel_rank, data_parallel_size)
+                                                   data_parallel_rank, data_parallel_size,
+                                                   data_sharding=data_sharding)
     else:
         raise ValueError(f"--dataloader-type {dataloader_type!r} is not supported here; use single or cyclic")
     return torch.utils.data.DataLoader(
