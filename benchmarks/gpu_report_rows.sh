@@ -9,13 +9,14 @@
 # Sections: tests (the GPU-marked tests), fp8 (gpt-1.7b / llama-1.6b, tensorwise and delayed,
 # FP8 against bf16 in the same run; the 300-step convergence check), bert (BERT-large), mamba
 # (the SSD kernel and the ~1.3B models at 4k/16k/64k), generation (ours against Hugging Face),
-# fsdp2 (FSDP2 next to the distributed optimizer; needs 8 GPUs).
+# fsdp2 (FSDP2 next to the distributed optimizer; needs 8 GPUs), graphs (gpt2-124m and BERT-large
+# eager against --cuda-graph-impl full_iteration, and the graph equality tests).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
 LOG_DIR=${LOG_DIR:-gpu-report-logs}
 mkdir -p "$LOG_DIR"
-SECTIONS=${*:-tests fp8 bert mamba generation fsdp2}
+SECTIONS=${*:-tests fp8 bert mamba generation fsdp2 graphs}
 NGPU=$(python3 -c "import torch; print(torch.cuda.device_count())")
 
 step() {  # step NAME SECONDS COMMAND...: run it with a limit, log it, show its end
@@ -53,6 +54,13 @@ for section in $SECTIONS; do
       else
         echo "===== fsdp2: needs 8 GPUs, found $NGPU; skipped"
       fi ;;
-    *) echo "unknown section $section (tests fp8 bert mamba generation fsdp2)"; exit 2 ;;
+    graphs)
+      step graph-tests 600 python3 -m pytest -q -p no:cacheprovider -m gpu tests/training/test_full_cuda_graph_gpu.py
+      for cfg in gpt2-124m bert-large; do
+        step "$cfg-eager" 300 python3 benchmarks/pretrain_bench.py --configs "$cfg" --iters 14 --warmup 7 --log-interval 1
+        step "$cfg-graphed" 300 python3 benchmarks/pretrain_bench.py --configs "$cfg" --iters 14 --warmup 7 \
+          --log-interval 1 "--extra=--cuda-graph-impl full_iteration"
+      done ;;
+    *) echo "unknown section $section (tests fp8 bert mamba generation fsdp2 graphs)"; exit 2 ;;
   esac
 done
