@@ -50,9 +50,15 @@ def _cell(text: str) -> str:
     return " ".join(str(text).split()).replace("|", "\\|")
 
 
+# Defaults that the derived arguments set from the machine (megatron/training/derived_args.py).
+_DECIDED_BY_DEVICE = {"cross_entropy_loss_fusion": "on with a GPU, else off"}
+
+
 def _default(action: argparse.Action) -> str:
     if is_table_action(action):
         return "—"
+    if action.dest in _DECIDED_BY_DEVICE:
+        return _DECIDED_BY_DEVICE[action.dest]
     if isinstance(action, argparse._StoreTrueAction):
         return "off"
     if isinstance(action, argparse._StoreFalseAction):

@@ -251,8 +251,9 @@ class TransformerConfig(ModelParallelConfig):
 
     cross_entropy_loss_fusion: bool = False
     """Compute the LM loss with the chunked vocab-parallel cross entropy, which never holds
-    fp32 logits for the whole micro-batch (--cross-entropy-loss-fusion). Off by default,
-    as in Megatron: the flag only turns it on."""
+    fp32 logits for the whole micro-batch (--cross-entropy-loss-fusion). Off in the config,
+    as in Megatron; the training scripts turn it on for runs on a GPU (faster, smaller)
+    unless --no-cross-entropy-loss-fusion or --deterministic-mode is given."""
 
     cross_entropy_fusion_impl: str = "native"
     """Implementation of --cross-entropy-loss-fusion: native; te (Transformer Engine's

@@ -104,7 +104,8 @@ def add_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
                    help="Do not fuse weight-gradient accumulation into the GEMM.")
     g.add_argument("--cross-entropy-loss-fusion", action="store_true", default=None, help=None)
     g.add_argument("--no-cross-entropy-loss-fusion", action="store_false", dest="cross_entropy_loss_fusion",
-                   default=None, help="Compute the LM loss with the reference fp32 cross entropy on GPU too.")
+                   default=None, help="Compute the LM loss with the reference fp32 cross entropy on GPU too "
+                                      "(the chunked one is the default there).")
     g.add_argument("--cross-entropy-fusion-impl", type=str, default="native", choices=["native", "te"], help=None)
     g.add_argument("--use-flash-attn", action="store_true", help="Legacy: use flash attention.")
     g.add_argument("--optimizer", type=str, default="adam", choices=["adam", "sgd", "lion"],
