@@ -36,14 +36,14 @@ from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 logger = logging.getLogger(__name__)
 
 
-def _to_device(value: Any, where: str) -> Any:
+def _to_device(value: Any) -> Any:
     """A device copy of one micro-batch (a tensor, or dicts/lists/tuples of them)."""
     if torch.is_tensor(value):
         return value.to(torch.cuda.current_device(), copy=True)
     if isinstance(value, dict):
-        return {key: _to_device(item, f"{where}[{key!r}]") for key, item in value.items()}
+        return {key: _to_device(item) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
-        return type(value)(_to_device(item, f"{where}[{i}]") for i, item in enumerate(value))
+        return type(value)(_to_device(item) for item in value)
     return value
 
 
@@ -155,7 +155,7 @@ class FullIterationCudaGraph:
             captured.graph.replay()
             captured.deferred.run(finalize_model_grads_func)
             return _clone_reports(captured.reports)
-        device_batches = [_to_device(batch, f"{i}") for i, batch in enumerate(batches)]
+        device_batches = [_to_device(batch) for batch in batches]
         deferred = _DeferredFinalize()
 
         def run():
