@@ -5,8 +5,15 @@
     python benchmarks/fp8_convergence.py --cpu --tiny --iters 20   # the driver itself, FP8 emulated
 
 The shipped corpus (examples/data/kjv_pentateuch.jsonl) is preprocessed once with the GPT-2
-BPE files of examples/data/gpt2 into a temporary directory; ``--mock-data`` uses mock data
-instead. Each run is its own ``pretrain_gpt.py`` process with a wall-clock limit
+BPE files of examples/data/gpt2 into a temporary directory; ``--corpus FILE [FILE ...]``
+preprocesses other JSONL files (a "text" field per line) instead, and ``--mock-data`` uses
+mock data. The shipped corpus holds about 195k tokens: 300 steps of the default batch read it
+about 50 times, so both runs learn it by heart and the comparison is one of memorization.
+A larger corpus with ``--gbs`` small enough for one pass compares learning instead:
+
+    python benchmarks/fp8_convergence.py --recipe tensorwise --gbs 8 --corpus a.jsonl b.jsonl
+
+Each run is its own ``pretrain_gpt.py`` process with a wall-clock limit
 (``--timeout``), logging the loss at every step. The report prints both curves' summary
 (first loss, mean of the last 50 steps, final loss, ms/iter) and whether the FP8 mean of
 the last 50 steps is within ``--tolerance`` (1%) of bf16's. Exit code 0 only then.
@@ -32,13 +39,21 @@ TINY = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4"
         "--position-embedding-type", "learned_absolute"]
 
 
-def preprocess(work: Path) -> List[str]:
-    """The --data-path and tokenizer flags of the shipped corpus, preprocessed into ``work``."""
+def preprocess(work: Path, corpus: Sequence[Path] = ()) -> List[str]:
+    """The --data-path and tokenizer flags of ``corpus`` (JSONL files, default the shipped
+    one), preprocessed into ``work`` as one dataset."""
+    source = DATA / "kjv_pentateuch.jsonl"
+    if corpus:
+        source = work / "corpus.jsonl"
+        with open(source, "wb") as out:
+            for path in corpus:
+                data = Path(path).read_bytes()
+                out.write(data if data.endswith(b"\n") or not data else data + b"\n")
     tokenizer = ["--tokenizer-type", "GPT2BPETokenizer", "--vocab-file", str(DATA / "gpt2" / "vocab.json"),
                  "--merge-file", str(DATA / "gpt2" / "merges.txt")]
-    prefix = work / "kjv"
+    prefix = work / "corpus"
     subprocess.run([sys.executable, str(REPO / "tools" / "preprocess_data.py"),
-                    "--input", str(DATA / "kjv_pentateuch.jsonl"), "--output-prefix", str(prefix),
+                    "--input", str(source), "--output-prefix", str(prefix),
                     "--append-eod", "--workers", "2"] + tokenizer, cwd=REPO, check=True, timeout=600)
     return ["--data-path", f"{prefix}_text_document", "--split", "98,2,0",
             "--data-cache-path", str(work / "cache")] + tokenizer
@@ -93,6 +108,8 @@ def parse_cli(argv=None):
     p.add_argument("--tolerance", type=float, default=0.01, help="relative, on the last-50 mean loss")
     p.add_argument("--timeout", type=float, default=1800.0, metavar="SECONDS", help="per run")
     p.add_argument("--mock-data", action="store_true", help="mock data instead of the shipped corpus")
+    p.add_argument("--corpus", nargs="+", type=Path, default=(), metavar="JSONL",
+                   help="JSONL files (one {\"text\": ...} per line) to train on instead of the shipped corpus")
     p.add_argument("--cpu", action="store_true", help="fp32 on CPU, FP8 emulated (checks the driver, slowly)")
     p.add_argument("--tiny", action="store_true", help="a 2-layer, 64-wide model instead of ~125M")
     p.add_argument("--extra", default="", help="raw pretrain_gpt.py flags appended to both runs")
@@ -101,10 +118,13 @@ def parse_cli(argv=None):
 
 def main(argv=None) -> int:
     opts = parse_cli(argv)
+    for path in opts.corpus:
+        if not path.is_file():
+            raise SystemExit(f"--corpus {path}: no such file")
     with tempfile.TemporaryDirectory(prefix="fp8-convergence-") as tmp:
         work = Path(tmp)
         data_flags = (["--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", "50257"]
-                      if opts.mock_data else preprocess(work))
+                      if opts.mock_data else preprocess(work, opts.corpus))
         base = train_flags(opts, data_flags) + opts.extra.split()
         fp8 = ["--fp8-format", opts.format, "--fp8-recipe", opts.recipe] + (["--fp8-emulation"] if opts.cpu else [])
         reference = run("bf16" if not opts.cpu else "fp32", base, opts, work)

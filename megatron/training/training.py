@@ -13,6 +13,7 @@ import torch.distributed as dist
 
 from megatron.core import parallel_state
 from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+from megatron.core.optimizer.device_step import DeviceStepResult, HostCopy
 from megatron.core.num_microbatches_calculator import (
     get_current_global_batch_size,
     get_num_microbatches,
@@ -55,6 +56,25 @@ class StepResult:
     grad_norm: Optional[float]
     num_zeros: Optional[int]
     stop: bool = False  # a rejected result did not reproduce (rerun state machine): save and exit 17
+    # A step taken on the device (``optimizer.step_on_device``): ``skipped``, ``grad_norm`` and
+    # ``num_zeros`` are unknown until ``settle()`` reads them back, with the losses, from
+    # ``pending``; the learning-rate scheduler then advances by ``scheduler_increment``.
+    pending: Optional[HostCopy] = None
+    scheduler_increment: int = 0
+
+    def settle(self, scheduler) -> "StepResult":
+        """The host values of a step taken on the device (waiting for its read-back only);
+        the scheduler advances if the update was applied. Nothing to do for a host step."""
+        if self.pending is None:
+            return self
+        values = self.pending.values()
+        self.pending = None
+        self.losses = {key[len("loss:"):]: value for key, value in values.items() if key.startswith("loss:")}
+        update_successful, self.grad_norm, self.num_zeros = DeviceStepResult.as_host_triple(values)
+        self.skipped = not update_successful
+        if update_successful:
+            scheduler.step(increment=self.scheduler_increment)
+        return self
 
 
 def pretrain(train_valid_test_dataset_provider: Callable, model_provider: Callable, model_type,
@@ -169,10 +189,14 @@ def _train_and_evaluate(forward_step_func, num_floating_point_operations_func, e
 
 def train_step(forward_step_func, data_iterator, model: List[torch.nn.Module], optimizer, scheduler,
                pg: ProcessGroups, iteration: int, validation: Optional[StepValidation] = None,
-               forward_backward_func: Optional[Callable] = None) -> StepResult:
+               forward_backward_func: Optional[Callable] = None, on_device: bool = False,
+               before_optimizer: Optional[Callable[[], None]] = None) -> StepResult:
     """One global batch: forward/backward over its micro-batches, checks, optimizer step.
 
-    ``forward_backward_func`` replaces the layout's schedule (a CUDA-graphed one)."""
+    ``forward_backward_func`` replaces the layout's schedule (a CUDA-graphed one).
+    ``on_device``: the optimizer steps with no host sync and the result is pending (see
+    ``StepResult.settle``); ``before_optimizer`` runs just before the optimizer step (the
+    loop settles the previous step there, so the scheduler has set this step's rate)."""
     args = get_args()
     timers = get_timers()
     run = functools.partial(_forward_backward, forward_step_func, data_iterator, model, optimizer, pg,
@@ -187,14 +211,34 @@ def train_step(forward_step_func, data_iterator, model: List[torch.nn.Module], o
     losses = reduce_reported_losses(reported, pg) if pg.is_pipeline_last_stage() else {}
     if verdict is Verdict.SKIP:
         return StepResult(losses, True, None, None)
+    if before_optimizer is not None:
+        before_optimizer()
     set_phase("optimizer")
+    increment = get_num_microbatches() * args.micro_batch_size * args.data_parallel_size
     timers("optimizer", log_level=1).start(barrier=args.barrier_with_L1_time)
+    if on_device:
+        outcome = optimizer.step_on_device()
+        timers("optimizer", log_level=1).stop()
+        empty_unused_memory(args, level=2)
+        pending = HostCopy({**{f"loss:{key}": value for key, value in losses.items()}, **outcome.scalars()})
+        return StepResult(losses, False, None, None, pending=pending, scheduler_increment=increment)
     update_successful, grad_norm, num_zeros = optimizer.step()
     timers("optimizer", log_level=1).stop()
     empty_unused_memory(args, level=2)
     if update_successful:
-        scheduler.step(increment=get_num_microbatches() * args.micro_batch_size * args.data_parallel_size)
+        scheduler.step(increment=increment)
     return StepResult(losses, not update_successful, grad_norm, num_zeros)
+
+
+def steps_on_device(args, optimizer, validation: Optional[StepValidation]) -> bool:
+    """Whether the loop takes its optimizer steps without host syncs (``step_on_device``)
+    and reads each step's statistics back an iteration later, when the GPU is long past
+    them: a fused optimizer without an fp16 loss scaler, and nothing that must look at the
+    step's result before the next one starts -- no result validation (the NaN check, which
+    re-runs a rejected iteration, and the spike checks) and no MoE or MTP per-layer
+    metrics, which are read from trackers the next step overwrites."""
+    return (optimizer.can_step_on_device and validation is None and not getattr(args, "num_experts", None)
+            and not getattr(args, "mtp_num_layers", None))
 
 
 def _forward_backward(forward_step_func, data_iterator, model: List[torch.nn.Module], optimizer,
@@ -279,21 +323,43 @@ def train(forward_step_func, model, optimizer, scheduler, train_it, valid_it, pg
     graphed_step = graphed_forward_backward(args, pg)
     start_hang_watchdog(args, dist.get_rank() if dist.is_initialized() else 0)
     train_it = validation.wrap(train_it) if validation is not None else train_it
+    on_device = steps_on_device(args, optimizer, validation)
+    unsettled: List[tuple] = []  # (iteration, result, consumed samples, global batch, first of run)
     interval_start = time.time()
+
+    def settle() -> None:
+        """Read back the steps taken on the device, in order, and log them."""
+        nonlocal interval_start
+        while unsettled:
+            step, result, consumed, global_batch, first = unsettled.pop(0)
+            result.settle(scheduler)
+            static_scale.step(step, result.skipped)
+            logged = first or step % args.log_interval == 0
+            stats = _iteration_stats(result, optimizer, model, pg, logged, global_batch)
+            stats.rejected_results = validation.log_counter if validation is not None else None
+            if logger.record(step, stats, consumed, time.time() - interval_start, first) is not None:
+                _after_log(args, timers, step, first)
+                interval_start = time.time()
+
     print_rank_0("> training ...")
+    if on_device:
+        print_rank_0("> the optimizer steps without host syncs; each step's loss and grad norm are read back "
+                     "before the next step (at once where a line is printed, or before an evaluation or a save)")
     manual_gc.start()
     try:
         skip = set(args.iterations_to_skip or ())
         while _should_continue(args, run_state):
             update_num_microbatches(run_state.consumed_train_samples, consistency_check=True)
             if iteration + 1 in skip:
+                settle()
                 run_state.iteration = iteration = iteration + 1
                 _skip_iteration(iteration, train_it, model, run_state)
                 continue
             profiler.step_begin(iteration + 1)
             set_phase("forward-backward", iteration + 1)
             result = train_step(forward_step_func, train_it, model, optimizer, scheduler, pg, iteration + 1,
-                                validation=validation, forward_backward_func=graphed_step)
+                                validation=validation, forward_backward_func=graphed_step,
+                                on_device=on_device, before_optimizer=settle)
             if result.stop:
                 if args.save and iteration > 0 and run_state.last_saved_iteration != iteration:
                     _save(run_state, model, optimizer, scheduler, pg, progress)
@@ -301,36 +367,37 @@ def train(forward_step_func, model, optimizer, scheduler, train_it, valid_it, pg
                 stop_after_failed_validation(iteration + 1)
             run_state.iteration = iteration = iteration + 1
             profiler.step_end(iteration)
-            static_scale.step(iteration, result.skipped)
             run_state.consumed_train_samples += get_current_global_batch_size()
-            logged = first_of_run or iteration % args.log_interval == 0
-            stats = _iteration_stats(result, optimizer, model, pg, logged)
-            stats.rejected_results = validation.log_counter if validation is not None else None
-            line = logger.record(iteration, stats, run_state.consumed_train_samples, time.time() - interval_start,
-                                 first_of_run)
-            if line is not None:
-                _after_log(args, timers, iteration, first_of_run)
-                interval_start = time.time()
+            unsettled.append((iteration, result, run_state.consumed_train_samples, get_current_global_batch_size(),
+                              first_of_run))
+            evaluating = bool(args.eval_interval and iteration % args.eval_interval == 0 and args.do_valid
+                              and (args.start_eval_at_iter is None or iteration >= args.start_eval_at_iter))
+            saving = bool(args.save and args.save_interval and iteration % args.save_interval == 0)
+            # A printed line, an evaluation or a save needs this step's values now; other
+            # steps on the device are read back just before the next optimizer step.
+            if result.pending is None or first_of_run or iteration % args.log_interval == 0 or evaluating or saving:
+                settle()
             first_of_run = False
             manual_gc.after_iteration(iteration)
-            if (args.eval_interval and iteration % args.eval_interval == 0 and args.do_valid
-                    and (args.start_eval_at_iter is None or iteration >= args.start_eval_at_iter)):
+            if evaluating:
                 manual_gc.at_evaluation()
                 set_phase("evaluation")
                 evaluate_and_print_results(f"iteration {iteration}", forward_step_func, valid_it, model, pg,
                                            iteration, writers, run_state=run_state)
                 manual_gc.at_evaluation()
             run_state.floating_point_operations_so_far += flops_func(args, get_current_global_batch_size())
-            if args.save and args.save_interval and iteration % args.save_interval == 0:
+            if saving:
                 _save(run_state, model, optimizer, scheduler, pg, progress)
             reason = exit_conditions.reason(iteration) if exit_conditions is not None else None
             if reason is not None:
+                settle()
                 if args.save and run_state.last_saved_iteration != iteration:
                     _save(run_state, model, optimizer, scheduler, pg, progress)
                 wait_for_pending_save()
                 print_rank_0(f"exiting program at iteration {iteration}: {reason}")
                 run_state.publish(args)
                 return iteration, True
+        settle()
         _finish_param_sync(model)
         run_state.publish(args)
         return iteration, False
@@ -342,7 +409,8 @@ def train(forward_step_func, model, optimizer, scheduler, train_it, valid_it, pg
         stop_hang_watchdog()
 
 
-def _iteration_stats(result: StepResult, optimizer, model, pg: ProcessGroups, logged: bool) -> IterationStats:
+def _iteration_stats(result: StepResult, optimizer, model, pg: ProcessGroups, logged: bool,
+                     global_batch_size: int) -> IterationStats:
     """What the logger gets for one step; the parameter norm (--log-params-norm) only on the
     iterations whose line is printed."""
     params_norm = None
@@ -355,8 +423,8 @@ def _iteration_stats(result: StepResult, optimizer, model, pg: ProcessGroups, lo
         grad_norm=result.grad_norm,
         num_zeros=result.num_zeros,
         learning_rate=_learning_rate(optimizer),
-        loss_scale=float(optimizer.get_loss_scale()),
-        global_batch_size=get_current_global_batch_size(),
+        loss_scale=optimizer.loss_scale_for_log(),
+        global_batch_size=global_batch_size,
         params_norm=params_norm,
     )
 

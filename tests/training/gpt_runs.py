@@ -112,7 +112,29 @@ def _last_rank_dies_in_iteration_2():
     pretrain_gpt.loss_func = loss_func
 
 
-SETUPS = {"broken_row_parallel": _break_row_parallel_reduction, "nan_loss": nan_loss_on_last_rank_at_iteration_3,
+def fused_adamw_on_cpu():
+    """Build torch's fused AdamW on CPU too (the GPU default), which can skip a step on a
+    device flag: the loop then takes its optimizer steps without host syncs."""
+    import torch
+
+    from megatron.core import optimizer
+
+    original = optimizer._torch_optimizer
+
+    def fused(config, param_groups):
+        built = original(config, param_groups)
+        if type(built) is torch.optim.AdamW:
+            # What AdamW(fused=True) sets (the groups already hold the "fused" key).
+            built.defaults["fused"] = True
+            for group in built.param_groups:
+                group["fused"], group["foreach"] = True, False
+            built._step_supports_amp_scaling = True
+        return built
+
+    optimizer._torch_optimizer = fused
+
+
+SETUPS = {"fused_adamw": fused_adamw_on_cpu, "broken_row_parallel": _break_row_parallel_reduction, "nan_loss": nan_loss_on_last_rank_at_iteration_3,
           "nan_once_at_3": lambda: _scaled_loss_of_iteration_3(float("nan"), every_run=False),
           "nan_always_at_3": lambda: _scaled_loss_of_iteration_3(float("nan"), every_run=True),
           "spike_at_3": lambda: _scaled_loss_of_iteration_3(1000.0, every_run=True),
@@ -124,8 +146,9 @@ def _run_pretrain(rank, world_size, argv, setup=None):
     from megatron.core.transformer.enums import ModelType
     from megatron.training.training import pretrain
 
-    if setup is not None:
-        SETUPS[setup]()
+    for name in (setup or "").split("+"):  # several faults/patches: "a+b"
+        if name:
+            SETUPS[name]()
 
     sys.argv = ["pretrain_gpt.py"] + list(argv)
     out = io.StringIO()
@@ -137,7 +160,7 @@ def _run_pretrain(rank, world_size, argv, setup=None):
 
 def run_gpt(world_size: int, extra: List[str], iters: Optional[int] = 10, setup: str = None) -> str:
     """The log printed by the last rank of a tiny-GPT run; ``setup`` names a fault to plant
-    (a key of SETUPS) before training starts."""
+    (a key of SETUPS, or several joined by "+") before training starts."""
     if iters is None:  # sample-based: the length comes from --train-samples in ``extra``
         argv = [a if a != "--lr-warmup-iters" else "--lr-warmup-samples" for a in TINY_GPT] + extra
     else:

@@ -103,15 +103,20 @@ def get_grad_norm_fp32(
     return get_grad_norm_tensor(grads_for_norm, norm_type, grad_stats_parallel_group).item()
 
 
-def combined_grad_norm(*parts, norm_type: Union[int, float] = 2) -> float:
+def combined_grad_norm_tensor(*parts, norm_type: Union[int, float] = 2) -> torch.Tensor:
     """Global norm over several (grads_for_norm, grad_stats_parallel_group) parts, such as
     dense params reduced over the model-parallel group and expert params reduced over the
-    expert model-parallel group. Every rank must pass the same parts (an empty grad list
-    still takes part in its group's reduction)."""
+    expert model-parallel group, as a 0-dim fp32 tensor, without a host sync. Every rank
+    must pass the same parts (an empty grad list still takes part in its group's reduction)."""
     norms = torch.stack([get_grad_norm_tensor(grads, norm_type, group) for grads, group in parts])
     if float(norm_type) == float("inf"):
-        return norms.max().item()
-    return norms.pow(float(norm_type)).sum().pow(1.0 / float(norm_type)).item()
+        return norms.max()
+    return norms.pow(float(norm_type)).sum().pow(1.0 / float(norm_type))
+
+
+def combined_grad_norm(*parts, norm_type: Union[int, float] = 2) -> float:
+    """``combined_grad_norm_tensor`` as a Python float (one host sync)."""
+    return combined_grad_norm_tensor(*parts, norm_type=norm_type).item()
 
 
 def clip_grad_by_total_norm_fp32(
@@ -123,11 +128,30 @@ def clip_grad_by_total_norm_fp32(
 
     A non-finite ``total_norm`` clips nothing (the step is skipped by the optimizer).
     """
-    params = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
-    grads = [g.detach() for g in map(main_grad_of, params) if g is not None]
+    grads = _grads_of(parameters)
     clip_coeff = float(max_norm) / (total_norm + 1.0e-6)
     if grads and clip_coeff < 1.0:
         torch._foreach_mul_(grads, clip_coeff)
+
+
+def clip_grad_by_total_norm_tensor(
+    parameters: Union[torch.nn.Parameter, Iterable[torch.nn.Parameter]],
+    max_norm: Union[int, float],
+    total_norm: torch.Tensor,
+) -> None:
+    """``clip_grad_by_total_norm_fp32`` with the norm on the device and no host sync: the
+    grads are always multiplied, by 1 when no clipping is due. The coefficient is formed in
+    float64 and rounded to fp32 as the host path's Python float is, so both give the same
+    bits. A non-finite norm makes the grads non-finite; the optimizer then skips the step."""
+    grads = _grads_of(parameters)
+    if grads:
+        clip_coeff = (float(max_norm) / (total_norm.double() + 1.0e-6)).clamp(max=1.0).float()
+        torch._foreach_mul_(grads, clip_coeff)
+
+
+def _grads_of(parameters) -> List[torch.Tensor]:
+    params = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
+    return [g.detach() for g in map(main_grad_of, params) if g is not None]
 
 
 def count_zeros_fp32(
@@ -136,13 +160,22 @@ def count_zeros_fp32(
     tp_group=None,
 ) -> float:
     """Number of zero grad entries over the model, each param counted once."""
+    return count_zeros_tensor(parameters, grad_stats_parallel_group, tp_group).item()
+
+
+def count_zeros_tensor(
+    parameters: Iterable[torch.nn.Parameter],
+    grad_stats_parallel_group=None,
+    tp_group=None,
+) -> torch.Tensor:
+    """``count_zeros_fp32`` as a 0-dim fp32 tensor, without a host sync."""
     grads = _counted_grads(parameters, tp_group)
     device = _device_of(grads)
     total = torch.zeros((), dtype=torch.float32, device=device)
     for g in grads:
         total += g.numel() - torch.count_nonzero(g)
     all_reduce_grad_stat(total, grad_stats_parallel_group)
-    return total.item()
+    return total
 
 
 def unscale_and_check_for_nan(

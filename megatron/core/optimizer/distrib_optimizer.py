@@ -272,17 +272,13 @@ class DistributedOptimizer(MegatronOptimizer):
         for chunk in self.model_chunks:
             chunk.start_param_sync(async_op=self.overlap_param_gather)
 
-    @torch.no_grad()
-    def step(self) -> StepResult:
+    def _before_step(self) -> None:
         # A gather still in flight reads the owned blocks this step rewrites.
         self._finish_param_sync()
-        if self.prepare_grads():
-            return False, None, None
-        result = self._clip_and_step()
-        if result[0]:
-            self._copy_main_params_to_model_params()
-            self._start_param_sync()
-        return result
+
+    def _after_update(self) -> None:
+        self._copy_main_params_to_model_params()
+        self._start_param_sync()
 
     def _param_names(self) -> Dict[torch.nn.Parameter, str]:
         names = {}

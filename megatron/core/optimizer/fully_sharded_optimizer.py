@@ -49,6 +49,10 @@ class FullyShardedOptimizer(FP32Optimizer):
         # Shards over dp x cp first, then the model-parallel sum (as the distributed optimizer).
         self.grad_stats_parallel_group = (pgs.dp_cp, pgs.mp)
 
+    @property
+    def can_step_on_device(self) -> bool:
+        return False  # the clipping scales DTensor shards (``clip_grad_norm`` below) on the host path only
+
     def _local_grads(self) -> List[_LocalGrad]:
         return [_LocalGrad(p) for p in self.get_parameters() if p.grad is not None]
 

@@ -8,6 +8,11 @@ main-grad handling, mixed precision, loss scaling, grad clipping and grad statis
 - ``grad_norm`` is the global L2 norm before clipping (None when --clip-grad is 0 or
   on an fp16 overflow);
 - ``num_zeros_in_grad`` is set with --log-num-zeros-in-grad.
+
+``step_on_device()`` takes the same step without reading anything back to the host: the
+grad norm, the clipping and the skip on a NaN/Inf norm stay on the GPU (the torch
+optimizer's ``found_inf``), and the triple comes back as a ``DeviceStepResult`` to be read
+later. Only where ``can_step_on_device`` (a fused torch optimizer, no fp16 loss scaler).
 """
 
 from __future__ import annotations
@@ -24,11 +29,14 @@ from megatron.core import process_groups
 from megatron.core.fp8.weight_cache import weights_updated
 from megatron.core.optimizer.clip_grads import (
     clip_grad_by_total_norm_fp32,
+    clip_grad_by_total_norm_tensor,
     count_zeros_fp32,
-    combined_grad_norm,
+    count_zeros_tensor,
+    combined_grad_norm_tensor,
     get_grads_for_norm,
     unscale_and_check_for_nan,
 )
+from megatron.core.optimizer.device_step import DeviceStepResult
 from megatron.core.optimizer.grad_scaler import MegatronGradScaler
 from megatron.core.optimizer.optimizer_config import OptimizerConfig
 from megatron.core.process_groups import ProcessGroups
@@ -100,10 +108,7 @@ class MegatronOptimizer(ABC):
 
     def clip_grad_norm(self, clip_grad: float) -> float:
         """Global grad norm (before clipping); grads are scaled to ``clip_grad`` if larger."""
-        grad_norm = combined_grad_norm(
-            (self.get_main_grads_for_grad_norm(), self.grad_stats_parallel_group),
-            (self.get_expert_grads_for_grad_norm(), self.expert_grad_stats_parallel_group),
-        )
+        grad_norm = self.grad_norm_tensor().item()
         clip_grad_by_total_norm_fp32(self.get_parameters(), clip_grad, grad_norm)
         return grad_norm
 
@@ -137,6 +142,80 @@ class MegatronOptimizer(ABC):
         weights_updated()  # cached FP8 copies of the weights are stale from here
         return True, grad_norm, num_zeros
 
+    @property
+    def can_step_on_device(self) -> bool:
+        """Whether ``step_on_device`` works: the torch optimizer skips a step on a device flag
+        (fused AdamW/Adam/SGD take ``found_inf``) and no fp16 loss scaler needs the host."""
+        fused = bool(getattr(self.optimizer, "defaults", {}).get("fused"))
+        return fused and getattr(self.optimizer, "_step_supports_amp_scaling", False) and self._grad_scaler() is None
+
+    def _grad_scaler(self) -> Optional[MegatronGradScaler]:
+        return getattr(self, "grad_scaler", None)
+
+    def loss_scale_for_log(self) -> float:
+        """The loss scale as the log line prints it; 1.0 without a scaler, read with no host sync."""
+        scaler = self._grad_scaler()
+        return 1.0 if scaler is None else float(scaler.scale)
+
+    @torch.no_grad()
+    def step(self) -> StepResult:
+        """One update; see the module docstring for the returned triple."""
+        self._before_step()
+        if self.prepare_grads():
+            return False, None, None
+        result = self._clip_and_step()
+        if result[0]:
+            self._after_update()
+        return result
+
+    @torch.no_grad()
+    def step_on_device(self) -> DeviceStepResult:
+        """``step()`` with no host sync: the clipping and the skip on a non-finite grad norm
+        happen on the device; the result is read later (``DeviceStepResult``)."""
+        if not self.can_step_on_device:
+            raise RuntimeError(f"{type(self).__name__} over {type(self.optimizer).__name__} cannot step on the device")
+        self._before_step()
+        self.prepare_grads()  # no loss scaler: nothing found, nothing read
+        grad_norm = found_inf = num_zeros = None
+        if self.config.clip_grad > 0.0:
+            grad_norm = self.grad_norm_tensor()
+            clip_grad_by_total_norm_tensor(self.get_parameters(), self.config.clip_grad, grad_norm)
+            found_inf = (~torch.isfinite(grad_norm)).float()
+        if self.config.log_num_zeros_in_grad:
+            num_zeros = count_zeros_tensor(self.get_parameters(), self.grad_stats_parallel_group, self.tp_group)
+        if found_inf is None:
+            self.optimizer.step()
+        else:
+            # The fused kernels leave params and moments alone (and undo the step count)
+            # where found_inf is 1, as the host path skips ``step()`` on a NaN/Inf norm.
+            self.optimizer.found_inf = found_inf
+            try:
+                self.optimizer.step()
+            finally:
+                del self.optimizer.found_inf
+        weights_updated()
+        # On a skipped step the main params are unchanged, so this copy rewrites the values
+        # the model params already hold.
+        self._after_update()
+        return DeviceStepResult(found_inf, grad_norm, num_zeros)
+
+    def grad_norm_tensor(self) -> torch.Tensor:
+        """The global grad norm (dense and expert parts) as a device tensor, no host sync."""
+        return combined_grad_norm_tensor(
+            (self.get_main_grads_for_grad_norm(), self.grad_stats_parallel_group),
+            (self.get_expert_grads_for_grad_norm(), self.expert_grad_stats_parallel_group),
+        )
+
+    def _before_step(self) -> None:
+        """Anything that must finish before the step reads or writes the params."""
+
+    def _after_update(self) -> None:
+        """After a taken step: the main params' new values to wherever the model reads them."""
+
+    @abstractmethod
+    def prepare_grads(self) -> bool:
+        """Point the main params at their grads (unscaled); True when an fp16 overflow was found."""
+
     @abstractmethod
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Drop (or zero) the grads the optimizer reads."""
@@ -148,10 +227,6 @@ class MegatronOptimizer(ABC):
     @abstractmethod
     def reload_model_params(self) -> None:
         """Refresh main params from model params (after loading a model checkpoint)."""
-
-    @abstractmethod
-    def step(self) -> StepResult:
-        """One update; see the module docstring for the returned triple."""
 
     @abstractmethod
     def state_dict(self) -> dict:
@@ -194,11 +269,6 @@ class FP32Optimizer(MegatronOptimizer):
             if hasattr(param, "main_grad"):
                 param.grad = param.main_grad
         return False
-
-    @torch.no_grad()
-    def step(self) -> StepResult:
-        self.prepare_grads()
-        return self._clip_and_step()
 
     def state_dict(self) -> dict:
         return self.optimizer.state_dict()
@@ -308,14 +378,8 @@ class Float16OptimizerWithFloat16Params(MegatronOptimizer):
         self.grad_scaler.update(found)
         return found
 
-    @torch.no_grad()
-    def step(self) -> StepResult:
-        if self.prepare_grads():
-            return False, None, None
-        result = self._clip_and_step()
-        if result[0]:
-            self._copy_main_params_to_model_params()
-        return result
+    def _after_update(self) -> None:
+        self._copy_main_params_to_model_params()
 
     def state_dict(self) -> dict:
         state = {"optimizer": self.optimizer.state_dict()}
