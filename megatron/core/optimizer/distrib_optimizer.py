@@ -48,7 +48,6 @@ from megatron.core.optimizer.grad_scaler import MegatronGradScaler
 from megatron.core.optimizer.optimizer import (
     _COPIED_PARAM_ATTRIBUTES,
     MegatronOptimizer,
-    StepResult,
     _zero_grad_group,
 )
 from megatron.core.optimizer.optimizer_config import OptimizerConfig
