@@ -324,23 +324,8 @@ def train(forward_step_func, model, optimizer, scheduler, train_it, valid_it, pg
     start_hang_watchdog(args, dist.get_rank() if dist.is_initialized() else 0)
     train_it = validation.wrap(train_it) if validation is not None else train_it
     on_device = steps_on_device(args, optimizer, validation)
-    unsettled: List[tuple] = []  # (iteration, result, consumed samples, global batch, first of run)
-    interval_start = time.time()
-
-    def settle() -> None:
-        """Read back the steps taken on the device, in order, and log them."""
-        nonlocal interval_start
-        while unsettled:
-            step, result, consumed, global_batch, first = unsettled.pop(0)
-            result.settle(scheduler)
-            static_scale.step(step, result.skipped)
-            logged = first or step % args.log_interval == 0
-            stats = _iteration_stats(result, optimizer, model, pg, logged, global_batch)
-            stats.rejected_results = validation.log_counter if validation is not None else None
-            if logger.record(step, stats, consumed, time.time() - interval_start, first) is not None:
-                _after_log(args, timers, step, first)
-                interval_start = time.time()
-
+    steps = _StepLog(args, timers, logger, scheduler, optimizer, model, pg, static_scale, validation)
+    settle = steps.settle
     print_rank_0("> training ...")
     if on_device:
         print_rank_0("> the optimizer steps without host syncs; each step's loss and grad norm are read back "
@@ -368,8 +353,8 @@ def train(forward_step_func, model, optimizer, scheduler, train_it, valid_it, pg
             run_state.iteration = iteration = iteration + 1
             profiler.step_end(iteration)
             run_state.consumed_train_samples += get_current_global_batch_size()
-            unsettled.append((iteration, result, run_state.consumed_train_samples, get_current_global_batch_size(),
-                              first_of_run))
+            steps.add(iteration, result, run_state.consumed_train_samples, get_current_global_batch_size(),
+                      first_of_run)
             evaluating = bool(args.eval_interval and iteration % args.eval_interval == 0 and args.do_valid
                               and (args.start_eval_at_iter is None or iteration >= args.start_eval_at_iter))
             saving = bool(args.save and args.save_interval and iteration % args.save_interval == 0)
@@ -407,6 +392,37 @@ def train(forward_step_func, model, optimizer, scheduler, train_it, valid_it, pg
     finally:
         manual_gc.stop()
         stop_hang_watchdog()
+
+
+class _StepLog:
+    """The loop's finished steps on their way to the logger: a step taken on the device waits
+    here until ``settle()`` reads it back; then, in order, each advances the scheduler (if
+    its update was applied) and is recorded, printing its line on a log iteration."""
+
+    def __init__(self, args, timers, logger: TrainingLogger, scheduler, optimizer, model, pg: ProcessGroups,
+                 static_scale: StaticLossScaleGuard, validation: Optional[StepValidation]) -> None:
+        self.args, self.timers, self.logger, self.scheduler = args, timers, logger, scheduler
+        self.optimizer, self.model, self.pg = optimizer, model, pg
+        self.static_scale, self.validation = static_scale, validation
+        self.unsettled: List[tuple] = []  # (iteration, result, consumed samples, global batch, first of run)
+        self.interval_start = time.time()
+
+    def add(self, iteration: int, result: StepResult, consumed: int, global_batch: int, first: bool) -> None:
+        self.unsettled.append((iteration, result, consumed, global_batch, first))
+
+    def settle(self) -> None:
+        """Read back the steps taken on the device, in order, and log them."""
+        args = self.args
+        while self.unsettled:
+            step, result, consumed, global_batch, first = self.unsettled.pop(0)
+            result.settle(self.scheduler)
+            self.static_scale.step(step, result.skipped)
+            logged = first or step % args.log_interval == 0
+            stats = _iteration_stats(result, self.optimizer, self.model, self.pg, logged, global_batch)
+            stats.rejected_results = self.validation.log_counter if self.validation is not None else None
+            if self.logger.record(step, stats, consumed, time.time() - self.interval_start, first) is not None:
+                _after_log(args, self.timers, step, first)
+                self.interval_start = time.time()
 
 
 def _iteration_stats(result: StepResult, optimizer, model, pg: ProcessGroups, logged: bool,
