@@ -29,13 +29,8 @@ COMMON = [
 
 
 def _train(script: str, argv):
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    run = subprocess.run([sys.executable, str(ROOT / script)] + argv, capture_output=True, text=True, env=env,
-                         cwd=ROOT, timeout=600)
-    assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
-    values = STEP_LINE.findall(run.stdout + run.stderr)
-    assert len(values) >= 16, (run.stdout + run.stderr)[-3000:]
+    values, output = _train_lines(script, argv)
+    assert len(values) >= 16, output[-3000:]
     return values
 
 
@@ -57,6 +52,28 @@ def test_bert_steps_from_the_graph_equal_eager_steps(tmp_path):
     eager = _train("pretrain_bert.py", argv)
     graphed = _train("pretrain_bert.py", argv + ["--cuda-graph-impl", "local", "--cuda-graph-scope", "full_iteration"])
     assert graphed == eager
+
+
+@pytest.mark.gpu
+def test_graphed_steps_on_the_device_equal_eager_host_steps():
+    """The NaN check off: the optimizer steps without host syncs and the loop reads each step
+    back an iteration later (lines every 3 iterations); the printed values equal eager
+    steps with the NaN check on (host reads every step)."""
+    argv = COMMON + ["--tokenizer-type", "NullTokenizer", "--vocab-size", "512", "--log-interval", "3"]
+    eager = _train_lines("pretrain_gpt.py", argv)
+    graphed = _train_lines("pretrain_gpt.py", argv + ["--cuda-graph-impl", "full_iteration",
+                                                      "--no-check-for-nan-in-loss-and-grad"])
+    assert "the optimizer steps without host syncs" in graphed[1] and "without host syncs" not in eager[1]
+    assert graphed[0] == eager[0] and len(eager[0]) == 6  # lines of iterations 1, 3 and 6
+
+
+def _train_lines(script: str, argv):
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    run = subprocess.run([sys.executable, str(ROOT / script)] + argv, capture_output=True, text=True, env=env,
+                         cwd=ROOT, timeout=600)
+    assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
+    return STEP_LINE.findall(run.stdout + run.stderr), run.stdout + run.stderr
 
 
 @pytest.mark.gpu
