@@ -3,8 +3,10 @@
 
 A signal may reach one rank only (a scheduler's SIGTERM to one node), and each rank's
 clock differs: every step the ranks all-reduce (MAX) a "signal seen" flag and a "time is
-up" flag, so all of them stop after the same step. The run then saves a checkpoint (with
---save) and ends normally: ``pretrain`` returns and the process exits with status 0
+up" flag, so all of them stop after the same step. When the training loop reads its steps
+back an iteration late (``lagged``: optimizer steps on the device), the flags of step N are
+all-reduced without waiting and read at step N+1, so the ranks still agree, one step later,
+and the check adds no host sync. The run then saves a checkpoint (with --save) and ends normally: ``pretrain`` returns and the process exits with status 0
 (``EXIT_CODE``), skipping the final evaluation.
 """
 
@@ -17,6 +19,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from megatron.core.optimizer.device_step import HostCopy
 from megatron.core.tensor_parallel.collectives import comm_device
 from megatron.training.phase_transitions import is_phase_transition
 
@@ -45,19 +48,28 @@ class ExitConditions:
         self.args = args
         self.start_time = start_time if start_time is not None else time.time()
         self.signal = SignalFlag(args.exit_signal) if args.exit_signal_handler else None
+        self.lagged = False  # set by the loop when its steps are read back an iteration late
+        self._in_flight: Optional[HostCopy] = None
 
     def release(self) -> None:
         if self.signal is not None:
             self.signal.release()
             self.signal = None
 
-    def _agreed(self, signal_seen: bool, time_up: bool) -> tuple:
-        if not (dist.is_available() and dist.is_initialized()):
+    def _agreed(self, signal_seen: bool, time_up: bool, lagged: bool = False) -> tuple:
+        """The flags OR-ed over the ranks; ``lagged``: those given at the previous call."""
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
             return signal_seen, time_up
         flags = torch.tensor([int(signal_seen), int(time_up)], dtype=torch.int32,
                              device=comm_device(dist.group.WORLD))
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        return bool(flags[0].item()), bool(flags[1].item())
+        if not lagged:
+            return bool(flags[0].item()), bool(flags[1].item())
+        previous, self._in_flight = self._in_flight, HostCopy({"signal": flags[0], "time_up": flags[1]})
+        if previous is None:
+            return False, False
+        values = previous.values()
+        return bool(values["signal"]), bool(values["time_up"])
 
     def signal_during_setup(self) -> bool:
         """Whether the exit signal reached any rank while the model or the datasets were being
@@ -73,7 +85,8 @@ class ExitConditions:
         duration = args.exit_duration_in_mins
         if self.signal is not None or duration:
             time_up = bool(duration) and (time.time() - self.start_time) / 60.0 > duration
-            signal_seen, time_up = self._agreed(self.signal is not None and self.signal.received, time_up)
+            signal_seen, time_up = self._agreed(self.signal is not None and self.signal.received, time_up,
+                                                lagged=self.lagged)
             if signal_seen:
                 return f"received {args.exit_signal}"
             if time_up:

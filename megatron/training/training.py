@@ -325,6 +325,8 @@ def train(forward_step_func, model, optimizer, scheduler, train_it, valid_it, pg
     train_it = validation.wrap(train_it) if validation is not None else train_it
     on_device = steps_on_device(args, optimizer, validation)
     steps = _StepLog(args, timers, logger, scheduler, optimizer, model, pg, static_scale, validation)
+    if exit_conditions is not None:
+        exit_conditions.lagged = on_device
     settle = steps.settle
     print_rank_0("> training ...")
     if on_device:
