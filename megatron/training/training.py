@@ -237,8 +237,7 @@ def steps_on_device(args, optimizer, validation: Optional[StepValidation]) -> bo
     step's result before the next one starts -- no result validation (the NaN check, which
     re-runs a rejected iteration, and the spike checks) and no MoE or MTP per-layer
     metrics, which are read from trackers the next step overwrites."""
-    return (optimizer.can_step_on_device and validation is None and not getattr(args, "num_experts", None)
-            and not getattr(args, "mtp_num_layers", None))
+    return optimizer.can_step_on_device and validation is None and not args.num_experts and not args.mtp_num_layers
 
 
 def _forward_backward(forward_step_func, data_iterator, model: List[torch.nn.Module], optimizer,
