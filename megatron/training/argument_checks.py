@@ -497,12 +497,32 @@ def check_checkpointing(args: argparse.Namespace) -> None:
     if args.async_save and args.ckpt_format == "torch":
         raise invalid("--async-save", True, "is not available for --ckpt-format torch",
                       "use --ckpt-format torch_dist or drop --async-save")
+    check_non_persistent_checkpoints(args)
     if args.ckpt_convert_format is not None and args.ckpt_convert_save is None:
         raise invalid("--ckpt-convert-format", args.ckpt_convert_format, "needs an output directory",
                       "add --ckpt-convert-save DIR")
     if args.ckpt_convert_format is not None and args.load is None:
         raise invalid("--ckpt-convert-format", args.ckpt_convert_format, "converts the checkpoint under --load",
                       "add --load DIR")
+
+
+def check_non_persistent_checkpoints(args: argparse.Namespace) -> None:
+    """--non-persistent-save-interval and --non-persistent-ckpt-type: global ones only."""
+    kind = args.non_persistent_ckpt_type
+    if kind in ("local", "in_memory"):
+        raise invalid("--non-persistent-ckpt-type", kind, "node-local and in-memory non-persistent checkpoints "
+                      "(nvidia-resiliency-ext in Megatron) are not implemented",
+                      "use --non-persistent-ckpt-type global (a shared directory, only the newest kept)")
+    if args.non_persistent_save_interval is None:
+        return
+    _positive("--non-persistent-save-interval", args.non_persistent_save_interval)
+    if kind is None:
+        raise invalid("--non-persistent-save-interval", args.non_persistent_save_interval,
+                      "needs the kind of non-persistent checkpoint", "add --non-persistent-ckpt-type global")
+    if args.save is None:
+        raise invalid("--non-persistent-save-interval", args.non_persistent_save_interval,
+                      "saves nothing without --save", "add --save DIR (the checkpoints go to DIR/non_persistent "
+                      "unless --non-persistent-global-ckpt-dir says otherwise)")
 
 
 def check_data(args: argparse.Namespace) -> None:

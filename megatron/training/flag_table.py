@@ -231,7 +231,8 @@ _no_effect("the dataset index is built and cached as Megatron does; this loading
            "--dataloader-defer-npy-index-mmap --dataloader-fast-cache-load --per-dataset-sequences-path")
 
 _section("Checkpoints")
-_refuse("non-persistent (local) checkpoints are not implemented", "use --save-interval",
+_refuse("node-local non-persistent checkpoints and their replication are not implemented",
+        "use --non-persistent-ckpt-type global",
         "--non-persistent-local-ckpt-algo --non-persistent-local-ckpt-dir --replication --replication-factor "
         "--replication-jump")
 _refuse("checkpoints are written in this framework's one format", "drop the flag",

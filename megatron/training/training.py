@@ -356,12 +356,11 @@ def train(forward_step_func, model, optimizer, scheduler, train_it, valid_it, pg
             run_state.consumed_train_samples += get_current_global_batch_size()
             steps.add(iteration, result, run_state.consumed_train_samples, get_current_global_batch_size(),
                       first_of_run)
-            evaluating = bool(args.eval_interval and iteration % args.eval_interval == 0 and args.do_valid
-                              and (args.start_eval_at_iter is None or iteration >= args.start_eval_at_iter))
-            saving = bool(args.save and args.save_interval and iteration % args.save_interval == 0)
+            evaluating, saving, saving_non_persistent = _due_after(args, iteration)
             # A printed line, an evaluation or a save needs this step's values now; other
             # steps on the device are read back just before the next optimizer step.
-            if result.pending is None or first_of_run or iteration % args.log_interval == 0 or evaluating or saving:
+            if (result.pending is None or first_of_run or iteration % args.log_interval == 0 or evaluating or saving
+                    or saving_non_persistent):
                 settle()
             first_of_run = False
             manual_gc.after_iteration(iteration)
@@ -374,6 +373,8 @@ def train(forward_step_func, model, optimizer, scheduler, train_it, valid_it, pg
             run_state.floating_point_operations_so_far += flops_func(args, get_current_global_batch_size())
             if saving:
                 _save(run_state, model, optimizer, scheduler, pg, progress)
+            elif saving_non_persistent:
+                _save(run_state, model, optimizer, scheduler, pg, progress, non_persistent=True)
             reason = exit_conditions.reason(iteration) if exit_conditions is not None else None
             if reason is not None:
                 settle()
@@ -426,6 +427,17 @@ class _StepLog:
                 self.interval_start = time.time()
 
 
+def _due_after(args, iteration: int) -> tuple:
+    """(evaluate, save, save non-persistent) after ``iteration``: a persistent save takes the
+    place of a non-persistent one due at the same iteration (as in Megatron)."""
+    evaluating = bool(args.eval_interval and iteration % args.eval_interval == 0 and args.do_valid
+                      and (args.start_eval_at_iter is None or iteration >= args.start_eval_at_iter))
+    saving = bool(args.save and args.save_interval and iteration % args.save_interval == 0)
+    saving_non_persistent = bool(not saving and args.save and args.non_persistent_save_interval
+                                 and iteration % args.non_persistent_save_interval == 0)
+    return evaluating, saving, saving_non_persistent
+
+
 def _iteration_stats(result: StepResult, optimizer, model, pg: ProcessGroups, logged: bool,
                      global_batch_size: int) -> IterationStats:
     """What the logger gets for one step; the parameter norm (--log-params-norm) only on the
@@ -471,16 +483,21 @@ def _finish_param_sync(model) -> None:
 
 
 def _save(run_state: RunState, model, optimizer, scheduler, pg: ProcessGroups,
-          progress: Optional[ProgressLog] = None) -> None:
-    """Save the run at ``run_state.iteration``."""
+          progress: Optional[ProgressLog] = None, non_persistent: bool = False) -> None:
+    """Save the run at ``run_state.iteration``; ``non_persistent``: a global non-persistent
+    checkpoint (--non-persistent-save-interval), which the exit and the end of training do
+    not count as saved (they still write a persistent one)."""
     args = get_args()
     _finish_param_sync(model)
     timers = get_timers()
     set_phase("checkpoint save")
     iteration, flops = run_state.iteration, run_state.floating_point_operations_so_far
     timers("save-checkpoint", log_level=0).start(barrier=True)
-    save_checkpoint(iteration, model, optimizer, scheduler, flops, args, pg, run_state=run_state)
+    save_checkpoint(iteration, model, optimizer, scheduler, flops, args, pg, run_state=run_state,
+                    non_persistent=non_persistent)
     timers("save-checkpoint", log_level=0).stop(barrier=True)
+    if non_persistent:
+        return
     run_state.last_saved_iteration = iteration
     if progress is not None:
         progress.saved_checkpoint(iteration, flops, run_state.consumed_train_samples)

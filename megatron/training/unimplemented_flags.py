@@ -36,12 +36,6 @@ REFUSED: Dict[str, Tuple[str, str, str]] = {
     "dist_ckpt_strictness": ("--dist-ckpt-strictness", "the loader always fails on missing or mis-shaped "
                              "tensors and accepts unexpected ones (Megatron's default, assume_ok_unexpected)",
                              "drop the flag"),
-    "non_persistent_save_interval": ("--non-persistent-save-interval", "non-persistent checkpoints are not "
-                                     "implemented", "use --save-interval"),
-    "non_persistent_ckpt_type": ("--non-persistent-ckpt-type", "non-persistent checkpoints are not implemented",
-                                 "use --save-interval"),
-    "non_persistent_global_ckpt_dir": ("--non-persistent-global-ckpt-dir", "non-persistent checkpoints are "
-                                       "not implemented", "use --save"),
     "load_main_params_from_ckpt": ("--load-main-params-from-ckpt", "loading fp32 main parameters separately "
                                    "is not implemented", "drop it: --load restores them with the optimizer state"),
     "moe_use_upcycling": ("--moe-use-upcycling", "upcycling a dense checkpoint into MoE is not implemented",

@@ -63,9 +63,11 @@ def add_checkpointing_args(parser: argparse.ArgumentParser) -> argparse.Argument
                             "raise_all", "return_unexpected", "return_all", "ignore_all"],
                    help="How to treat missing or unexpected keys when loading torch_dist.")
     g.add_argument("--non-persistent-save-interval", type=int, default=None,
-                   help="Save throwaway checkpoints every this many iterations.")
+                   help="Also save a non-persistent checkpoint every this many iterations (needs "
+                        "--non-persistent-ckpt-type global); only the newest ones are kept.")
     g.add_argument("--non-persistent-ckpt-type", type=str, default=None, choices=["global", "local", "in_memory"],
-                   help="Kind of non-persistent checkpoint.")
+                   help="Kind of non-persistent checkpoint: global (a shared directory; also makes --load "
+                        "take it when it is newer). local and in_memory are refused.")
     g.add_argument("--non-persistent-global-ckpt-dir", type=str, default=None,
                    help="Directory of global non-persistent checkpoints; default <save>/non_persistent.")
     g.add_argument("--load-main-params-from-ckpt", action="store_true",

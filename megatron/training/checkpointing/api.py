@@ -40,7 +40,7 @@ from megatron.training.checkpointing.collectives import (
     barrier,
     broadcast_from_rank0,
 )
-from megatron.training.checkpointing.directory import CheckpointError
+from megatron.training.checkpointing.directory import NON_PERSISTENT_SUBDIR, CheckpointError
 from megatron.training.checkpointing.faults import FaultHook, crash_point
 from megatron.training.checkpointing.free_space import check_free_space, free_bytes
 from megatron.training.checkpointing.manifest import (
@@ -105,11 +105,22 @@ def _groups(pg: Optional[ProcessGroups]) -> ProcessGroups:
     return pg if pg is not None else parallel_state.get_process_groups()
 
 
+def non_persistent_root(args, base: Optional[str]) -> str:
+    """Where global non-persistent checkpoints of the run saving to (or loading from)
+    ``base`` live: --non-persistent-global-ckpt-dir, else ``<base>/non_persistent``."""
+    return args.non_persistent_global_ckpt_dir or os.path.join(base, NON_PERSISTENT_SUBDIR)
+
+
 def save_checkpoint(iteration: int, model: List, optimizer, scheduler, num_floating_point_operations_so_far: float = 0,
                     args=None, pg: Optional[ProcessGroups] = None, fault_hook: Optional[FaultHook] = None, *,
-                    run_state: Optional[RunState] = None) -> bool:
+                    run_state: Optional[RunState] = None, non_persistent: bool = False) -> bool:
     """Save under ``args.save``; collective over all ranks. Returns False when a
     committed checkpoint of this iteration already exists (it is never overwritten).
+
+    ``non_persistent``: a global non-persistent checkpoint (--non-persistent-save-interval),
+    saved under ``non_persistent_root`` with its own tracker; before it is written, every
+    older one there but the newest is deleted (as Megatron does), and --keep-last-checkpoints
+    and --save-retain-interval do not apply.
 
     ``run_state`` (the training loop's counters) is stored in the checkpoint's copy of
     ``args``, under Megatron's names; without it, the counters already on ``args`` are stored.
@@ -125,10 +136,17 @@ def save_checkpoint(iteration: int, model: List, optimizer, scheduler, num_float
     if args.ckpt_format not in SAVE_FORMATS:
         raise CheckpointError(f"--ckpt-format {args.ckpt_format}: saving supports {', '.join(SAVE_FORMATS)}")
     start = time.time()
+    root = non_persistent_root(args, args.save) if non_persistent else args.save
+    retention = (None, None) if non_persistent else (getattr(args, "keep_last_checkpoints", None),
+                                                     getattr(args, "save_retain_interval", None))
     comm = CheckpointComm.open()
     try:
+        if non_persistent and comm.rank == 0:
+            removed = layout.keep_only_newest(root)
+            if removed:
+                print_rank_0(f"  removed old non-persistent checkpoints of iterations {removed} from {root}")
         plan = _plan_save(iteration, model, optimizer, scheduler, num_floating_point_operations_so_far, args,
-                          groups, comm, hook)
+                          groups, comm, hook, root)
     except BaseException:
         comm.close()
         raise
@@ -136,11 +154,10 @@ def save_checkpoint(iteration: int, model: List, optimizer, scheduler, num_float
         comm.close()
         return False
     background = bool(getattr(args, "async_save", False))
-    root = args.save
 
     def finish() -> None:
         try:
-            _write_and_commit(plan, args, root, iteration, comm, hook)
+            _write_and_commit(plan, args, root, iteration, comm, hook, retention)
         finally:
             comm.close()
         print_rank_0(f"  successfully saved checkpoint from iteration {iteration:7d} to {root} "
@@ -154,10 +171,10 @@ def save_checkpoint(iteration: int, model: List, optimizer, scheduler, num_float
 
 
 def _plan_save(iteration: int, model: List, optimizer, scheduler, num_flops: float, args, groups: ProcessGroups,
-               comm: CheckpointComm, hook: FaultHook):
-    """Agree the iteration is new, make the staging directory and build what each rank
-    writes (checking room for it); None when the iteration is already committed."""
-    rank, group, root = comm.rank, comm.group, args.save
+               comm: CheckpointComm, hook: FaultHook, root: str):
+    """Agree the iteration is new, make the staging directory under ``root`` and build what
+    each rank writes (checking room for it); None when the iteration is already committed."""
+    rank, group = comm.rank, comm.group
     final = layout.iteration_dir(root, iteration)
     if broadcast_from_rank0(os.path.isdir(final) if rank == 0 else None, group):
         print_rank_0(f"  checkpoint {final} already exists: not overwriting a committed checkpoint")
@@ -208,9 +225,11 @@ def _write(plan, staging: str, comm: CheckpointComm, iteration: int, hook: Fault
         return {}, _describe_write_error(caught, rank)
 
 
-def _write_and_commit(plan, args, root: str, iteration: int, comm: CheckpointComm, hook: FaultHook) -> None:
+def _write_and_commit(plan, args, root: str, iteration: int, comm: CheckpointComm, hook: FaultHook,
+                      retention: Tuple[Optional[int], Optional[int]]) -> None:
     """Write, gather every rank's checksums (or errors), and commit on rank 0: the
-    manifest, the rename into place and, once every rank has seen it, the tracker."""
+    manifest, the rename into place and, once every rank has seen it, the tracker; then
+    the retention (--keep-last-checkpoints, --save-retain-interval) given in ``retention``."""
     rank, group = comm.rank, comm.group
     staging = layout.staging_dir(root, iteration)
     sums, error = _write(plan, staging, comm, iteration, hook)
@@ -237,8 +256,7 @@ def _write_and_commit(plan, args, root: str, iteration: int, comm: CheckpointCom
     barrier(group)
     if rank == 0:
         layout.write_tracker(root, iteration)
-        removed = layout.remove_old_checkpoints(root, getattr(args, "keep_last_checkpoints", None),
-                                                getattr(args, "save_retain_interval", None), iteration)
+        removed = layout.remove_old_checkpoints(root, retention[0], retention[1], iteration)
         if removed:
             print_rank_0(f"  removed old checkpoints of iterations {removed}")
 
@@ -274,21 +292,11 @@ def _resolve_load_target(args, rank: int, group) -> Tuple[Optional[str], Optiona
         if not root:
             continue
         _refuse_missing_directory(root, args, pretrained, rank, group)
-
-        def read():
-            try:
-                iteration, release, warning = layout.newest_checkpoint(root)
-                return (iteration, release), warning, None
-            except CheckpointError as error:
-                return (None, False), None, str(error)
-
-        (iteration, release), warning, error = broadcast_from_rank0(read() if rank == 0 else None, group)
-        if error:
-            raise CheckpointError(error)
-        if warning and args.ckpt_step is None:
-            print_rank_0(f"WARNING: {warning}")
+        iteration, release = _newest(root, args, rank, group)
         if args.ckpt_step is not None and not pretrained:
             iteration, release = args.ckpt_step, False
+        elif not pretrained and getattr(args, "non_persistent_ckpt_type", None) == "global":
+            root, iteration, release = _newer_non_persistent(args, root, iteration, release, rank, group)
         if iteration is not None:
             return root, iteration, release, finetune or pretrained or release
     if getattr(args, "exit_on_missing_checkpoint", False):
@@ -297,6 +305,37 @@ def _resolve_load_target(args, rank: int, group) -> Tuple[Optional[str], Optiona
     print_rank_0(f"WARNING: could not find a checkpoint in --load {args.load} "
                  f"(no {layout.TRACKER_FILENAME}); training starts from the initial weights")
     return None, None, False, finetune
+
+
+def _newest(root: str, args, rank: int, group) -> Tuple[Optional[int], bool]:
+    """(iteration, release) of the checkpoint ``root``'s tracker names (rank 0 reads, all agree)."""
+    def read():
+        try:
+            iteration, release, warning = layout.newest_checkpoint(root)
+            return (iteration, release), warning, None
+        except CheckpointError as error:
+            return (None, False), None, str(error)
+
+    (iteration, release), warning, error = broadcast_from_rank0(read() if rank == 0 else None, group)
+    if error:
+        raise CheckpointError(error)
+    if warning and args.ckpt_step is None:
+        print_rank_0(f"WARNING: {warning}")
+    return iteration, release
+
+
+def _newer_non_persistent(args, root: str, iteration: Optional[int], release: bool, rank: int, group):
+    """--non-persistent-ckpt-type global: the non-persistent checkpoint instead of the
+    persistent one when it is at least as new (Megatron's rule); (root, iteration, release)."""
+    other = non_persistent_root(args, root)
+    if not broadcast_from_rank0(os.path.isdir(other) if rank == 0 else None, group):
+        return root, iteration, release
+    other_iteration, _ = _newest(other, args, rank, group)
+    if other_iteration is None or (iteration is not None and (release or other_iteration < iteration)):
+        return root, iteration, release
+    print_rank_0(f"  the non-persistent checkpoint of iteration {other_iteration} in {other} is the newest "
+                 f"(persistent: {'none' if iteration is None else iteration}): loading it")
+    return other, other_iteration, False
 
 
 def _same_path(a: Optional[str], b: Optional[str]) -> bool:
@@ -324,17 +363,25 @@ def check_save_directory(args, start_iteration: int) -> None:
     overwritten) and the tracker would move backwards. Collective."""
     if not args.save:
         return
+    roots = [("--save", args.save)]
+    if getattr(args, "non_persistent_ckpt_type", None) == "global":
+        roots.append(("--save's non-persistent directory", non_persistent_root(args, args.save)))
+    for flag, root in roots:
+        _refuse_later_checkpoints(flag, root, start_iteration, args.save)
+
+
+def _refuse_later_checkpoints(flag: str, root: str, start_iteration: int, save: str) -> None:
     comm = CheckpointComm.open()
     try:
-        committed = layout.committed_iterations(args.save) if comm.rank == 0 else None
+        committed = layout.committed_iterations(root) if comm.rank == 0 else None
         later = [i for i in broadcast_from_rank0(committed, comm.group) if i > start_iteration]
     finally:
         comm.close()
     if later:
         raise CheckpointError(
-            f"--save {args.save} holds committed checkpoints of iterations {later[-5:]}, later than this run "
+            f"{flag} {root} holds committed checkpoints of iterations {later[-5:]}, later than this run "
             f"starts from (iteration {start_iteration}); its own saves would be skipped and the tracker "
-            f"would move backwards. Resume with --load {args.save}, choose an empty --save directory, or "
+            f"would move backwards. Resume with --load {save}, choose an empty --save directory, or "
             "move those iter_* directories away"
         )
 

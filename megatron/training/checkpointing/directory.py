@@ -30,6 +30,10 @@ PARTIAL_SUFFIX = ".partial"
 _ITER_DIR = re.compile(r"^iter_(\d{7,})$")
 
 
+# Where global non-persistent checkpoints go under --save by default (Megatron's name).
+NON_PERSISTENT_SUBDIR = "non_persistent"
+
+
 class CheckpointError(RuntimeError):
     """A checkpoint cannot be used; the message names the file and the fix."""
 
@@ -151,9 +155,23 @@ def remove_old_checkpoints(root: str, keep_last: Optional[int], retain_interval:
     if not keep_last:
         removable = [i for i in removable if i < protect]
     for iteration in removable:
-        path = iteration_dir(root, iteration)
-        # Rename first so that a crash mid-delete never leaves a half-deleted iter_ directory.
-        doomed = path + ".deleting"
-        os.rename(path, doomed)
-        shutil.rmtree(doomed, ignore_errors=True)
+        _delete(root, iteration)
     return removable
+
+
+def keep_only_newest(root: str) -> List[int]:
+    """(rank 0, before a non-persistent save) Delete every committed checkpoint of ``root``
+    but the newest, as Megatron does before writing the next non-persistent one: the newest
+    stays until its successor is committed. Returns the iterations removed."""
+    removable = committed_iterations(root)[:-1]
+    for iteration in removable:
+        _delete(root, iteration)
+    return removable
+
+
+def _delete(root: str, iteration: int) -> None:
+    path = iteration_dir(root, iteration)
+    # Rename first so that a crash mid-delete never leaves a half-deleted iter_ directory.
+    doomed = path + ".deleting"
+    os.rename(path, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
