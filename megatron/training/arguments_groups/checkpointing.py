@@ -61,7 +61,9 @@ def add_checkpointing_args(parser: argparse.ArgumentParser) -> argparse.Argument
     g.add_argument("--dist-ckpt-strictness", type=str, default="assume_ok_unexpected",
                    choices=["assume_ok_unexpected", "log_unexpected", "log_all", "raise_unexpected",
                             "raise_all", "return_unexpected", "return_all", "ignore_all"],
-                   help="How to treat missing or unexpected keys when loading torch_dist.")
+                   help="torch_dist loads: assume_ok_unexpected, raise_unexpected and raise_all refuse a "
+                        "checkpoint that lacks a tensor of the model or holds one it lacks; the others load what "
+                        "fits and print what did not (refused with optimizer loading when the model has more).")
     g.add_argument("--non-persistent-save-interval", type=int, default=None,
                    help="Also save a non-persistent checkpoint every this many iterations (needs "
                         "--non-persistent-ckpt-type global); only the newest ones are kept.")

@@ -37,6 +37,7 @@ from megatron.training.checkpointing.fp8_state import (
     log_report,
 )
 from megatron.training.checkpointing.model_match import differing_flags, vocabulary_problem
+from megatron.training.rank_print import print_rank_0
 
 FORMAT = "torch_dist"
 MARKER_FILENAME = "metadata.json"
@@ -133,6 +134,39 @@ def _unexpected_model_keys(tensors, metadata, gather: Callable) -> List[str]:
                   and not isinstance(entry, BytesStorageMetadata))
 
 
+# --dist-ckpt-strictness (Megatron's values). Megatron calls a tensor this model asks for
+# that the checkpoint lacks "unexpected", and one the checkpoint holds that nobody asks for
+# "missing". The strict modes refuse both (stricter than Megatron's assume_ok_unexpected and
+# raise_unexpected, which pass over the second kind); every other mode loads what fits,
+# leaves the absent tensors at their current values and prints both lists: log_* as
+# Megatron does, return_* and ignore_all too (Megatron hands those lists to a caller that
+# drops them, or says nothing), since a load that does not fit is never silent here.
+STRICT_DEFAULT = "assume_ok_unexpected"
+STRICT_MODES = ("assume_ok_unexpected", "raise_unexpected", "raise_all")
+
+
+def _drop_absent_if_allowed(tensors, metadata, strictness: str, load_optim: bool, gather: Callable):
+    """(the requests to read, a problem or None): under a non-strict --dist-ckpt-strictness
+    the model tensors the checkpoint lacks are left out (and listed); their optimizer state
+    could not be restored, so an optimizer load is then refused."""
+    if strictness in STRICT_MODES:
+        return tensors, None
+    saved = metadata.state_dict_metadata
+    absent = sorted({t.key for t in tensors if saved.get(t.key) is None or isinstance(saved[t.key], BytesStorageMetadata)})
+    everyone = sorted({key for keys in gather(absent) for key in keys})
+    if not everyone:
+        return tensors, None
+    model_keys = [key for key in everyone if not key.startswith(OPTIMIZER_PREFIX)]
+    if load_optim:
+        return tensors, (f"--dist-ckpt-strictness {strictness}: {len(model_keys)} tensor(s) of this model are not in "
+                         f"the checkpoint ({', '.join(model_keys[:5])}{' ...' if len(model_keys) > 5 else ''}), so "
+                         "their optimizer state cannot be restored: load with --no-load-optim (or --finetune)")
+    print_rank_0(f"WARNING: --dist-ckpt-strictness {strictness}: {len(model_keys)} tensor(s) of this model are not in "
+                 "the checkpoint and keep their initial values:\n    " + "\n    ".join(model_keys[:20])
+                 + (f"\n    ... and {len(model_keys) - 20} more" if len(model_keys) > 20 else ""))
+    return [t for t in tensors if t.key not in set(absent)], None
+
+
 def load(directory: str, model, optimizer, groups: ProcessGroups, rank: int, load_optim: bool,
          load_rng: bool, common: dict, gather_problems: Callable[[str], List[str]], group,
          args=None) -> Optional[dict]:
@@ -149,13 +183,20 @@ def load(directory: str, model, optimizer, groups: ProcessGroups, rank: int, loa
     saved_shapes = {key: tuple(entry.size) for key, entry in metadata.state_dict_metadata.items()
                     if not isinstance(entry, BytesStorageMetadata)}
     tensors, fp8_resizes = fit_sharded_requests(tensors, saved_shapes, fp8_report)
+    strictness = args.dist_ckpt_strictness if args is not None else STRICT_DEFAULT
+    tensors, absent_problem = _drop_absent_if_allowed(tensors, metadata, strictness, load_optim, gather_problems)
     mismatch = compare_with_checkpoint(tensors, objects, metadata)
     problems = [p for p in gather_problems(mismatch.describe() if mismatch else "") if p]
+    problems += [absent_problem] if absent_problem else []
     unexpected = drop_unused(_unexpected_model_keys(tensors, metadata, gather_problems), fp8_report)
     if unexpected:
-        problems.append(f"{len(unexpected)} key(s) in the checkpoint but not in this model:\n    "
-                        + "\n    ".join(unexpected[:20] + ([f"... and {len(unexpected) - 20} more"]
-                                                         if len(unexpected) > 20 else [])))
+        listing = (f"{len(unexpected)} key(s) in the checkpoint but not in this model:\n    "
+                   + "\n    ".join(unexpected[:20] + ([f"... and {len(unexpected) - 20} more"]
+                                                    if len(unexpected) > 20 else [])))
+        if strictness in STRICT_MODES:
+            problems.append(listing)
+        else:
+            print_rank_0(f"WARNING: --dist-ckpt-strictness {strictness}: not read, {listing}")
     saved_args = common.get("args")
     vocabulary = vocabulary_problem(saved_args, args) if args is not None else None
     if vocabulary:
