@@ -498,6 +498,9 @@ def check_checkpointing(args: argparse.Namespace) -> None:
         raise invalid("--async-save", True, "is not available for --ckpt-format torch",
                       "use --ckpt-format torch_dist or drop --async-save")
     check_non_persistent_checkpoints(args)
+    if args.load_main_params_from_ckpt and not args.no_load_optim:
+        raise invalid("--load-main-params-from-ckpt", True, "reads the fp32 main params without the rest of the "
+                      "optimizer state (a full --load restores them anyway)", "add --no-load-optim")
     if args.ckpt_convert_format is not None and args.ckpt_convert_save is None:
         raise invalid("--ckpt-convert-format", args.ckpt_convert_format, "needs an output directory",
                       "add --ckpt-convert-save DIR")

@@ -163,3 +163,25 @@ def load_model_space_state(optimizer: MegatronOptimizer, states: Dict[torch.nn.P
         state = {key: entry[key].to(main_param.device).clone() for key in keys}
         state.update({k: _step_value(v, main_param if fused else None) for k, v in extra.items()})
         inner.state[main_param] = state
+
+
+def install_main_params(optimizer: MegatronOptimizer, fp32_params: Dict[torch.nn.Parameter, torch.Tensor]) -> None:
+    """The fp32 main copies of the model params from ``fp32_params`` (model param -> fp32
+    tensor of its shape, read from a checkpoint), the optimizer's moments left alone
+    (--load-main-params-from-ckpt). Params not in ``fp32_params`` get their model weight."""
+    with torch.no_grad():
+        if isinstance(optimizer, DistributedOptimizer):
+            for shard in optimizer._all_shards():
+                lo, hi = shard.range.param
+                source = fp32_params.get(shard.model_param)
+                source = source if source is not None else shard.model_param.detach().float()
+                piece = source.reshape(-1)[lo:hi]
+                if optimizer.precision_aware and optimizer.optimizer.needs_master(shard.main_param):
+                    optimizer.optimizer.set_unscaled(shard.main_param, "master_param", piece)
+                else:
+                    shard.main_param.copy_(piece.view_as(shard.main_param))
+            return
+        for model_param, main_param in _main_params(optimizer):
+            if main_param is not model_param:
+                source = fp32_params.get(model_param)
+                main_param.copy_(source if source is not None else model_param.float())

@@ -73,6 +73,7 @@ def add_checkpointing_args(parser: argparse.ArgumentParser) -> argparse.Argument
     g.add_argument("--non-persistent-global-ckpt-dir", type=str, default=None,
                    help="Directory of global non-persistent checkpoints; default <save>/non_persistent.")
     g.add_argument("--load-main-params-from-ckpt", action="store_true",
-                   help="Load fp32 main params from the checkpoint instead of copying the model weights.")
+                   help="With --no-load-optim: take the fp32 main params from the checkpoint (torch_dist) "
+                        "instead of copying the loaded bf16/fp16 weights; the moments start fresh.")
     add_off_switch(g, "save_tokenizer_assets", help="Do not copy tokenizer files into torch_dist checkpoints.")
     return parser

@@ -449,6 +449,9 @@ def _load(model: List, optimizer, scheduler, args, groups: ProcessGroups, comm: 
     wants_rng = not args.no_load_rng and not finetune
     print_rank_0(f"loading checkpoint from {root} at iteration {iteration}")
     torch_dcp_format.refuse_format_mismatch(directory, model, (manifest or {}).get("ckpt_format", "non-torch_dcp"))
+    if args.load_main_params_from_ckpt and not torch_dist_format.is_torch_dist_checkpoint(directory):
+        raise CheckpointError(f"--load-main-params-from-ckpt reads torch_dist checkpoints; {directory} is in another "
+                              "format. Drop the flag (the fp32 main params then start from the loaded weights)")
     if megatron_lm.is_megatron_checkpoint(directory):
         common = megatron_lm.load(directory, model, groups, args, _gather_problems(group), group)
         load_optim, load_rng, rng = False, False, None
@@ -482,7 +485,8 @@ def _load(model: List, optimizer, scheduler, args, groups: ProcessGroups, comm: 
     else:
         raise CheckpointError(f"{directory} is neither a torch_dist checkpoint (no valid metadata.json) nor a "
                               "torch checkpoint (no mp_rank_* directories) nor a torch_dcp one (no .metadata)")
-    if not load_optim and optimizer is not None:
+    main_params_read = bool(args.load_main_params_from_ckpt and optimizer is not None and not load_optim)
+    if not load_optim and optimizer is not None and not main_params_read:
         # The fp32 main params must start from the loaded weights, not the initial ones.
         optimizer.reload_model_params()
     if load_rng and rng is not None:

@@ -26,7 +26,12 @@ from megatron.core.dist_checkpointing import (
     save_sharded,
 )
 from megatron.core.dist_checkpointing.model_sharding import model_placements
-from megatron.core.optimizer.param_state import empty_model_space_state, load_model_space_state, model_space_state
+from megatron.core.optimizer.param_state import (
+    empty_model_space_state,
+    install_main_params,
+    load_model_space_state,
+    model_space_state,
+)
 from megatron.core.process_groups import ProcessGroups
 from megatron.training.checkpointing.directory import CheckpointError
 from megatron.training.checkpointing.fp8_state import (
@@ -167,6 +172,15 @@ def _drop_absent_if_allowed(tensors, metadata, strictness: str, load_optim: bool
     return [t for t in tensors if t.key not in set(absent)], None
 
 
+def _main_params_to_read(optimizer, args, load_optim: bool) -> dict:
+    """--load-main-params-from-ckpt without the optimizer state: {model param: {"fp32_param":
+    destination}} for the fp16/bf16 params (whose fp32 main copies the checkpoint holds)."""
+    if load_optim or optimizer is None or args is None or not args.load_main_params_from_ckpt:
+        return {}
+    return {param: {"fp32_param": entry["fp32_param"]} for param, entry in empty_model_space_state(optimizer).items()
+            if "fp32_param" in entry}
+
+
 def load(directory: str, model, optimizer, groups: ProcessGroups, rank: int, load_optim: bool,
          load_rng: bool, common: dict, gather_problems: Callable[[str], List[str]], group,
          args=None) -> Optional[dict]:
@@ -176,9 +190,14 @@ def load(directory: str, model, optimizer, groups: ProcessGroups, rank: int, loa
     placements = model_placements(model, groups)
     tensors = [chunk for tensor, placement in placements for chunk in placement.shard(tensor.data)]
     optimizer_states = empty_model_space_state(optimizer) if load_optim else {}
+    main_params = _main_params_to_read(optimizer, args, load_optim)
     tensors.extend(_optimizer_chunks(placements, optimizer_states))
+    tensors.extend(_optimizer_chunks(placements, main_params))
     objects = [ShardedObject(rng_key(rank))] if load_rng else []
     metadata = read_metadata(directory)
+    if main_params and not any(key.startswith(f"{OPTIMIZER_PREFIX}fp32_param.") for key in metadata.state_dict_metadata):
+        raise CheckpointError(f"--load-main-params-from-ckpt: {directory} holds no fp32 main params (it was saved "
+                              "with --no-save-optim, or by a run with fp32 weights); drop the flag")
     fp8_report = Fp8LoadReport()
     saved_shapes = {key: tuple(entry.size) for key, entry in metadata.state_dict_metadata.items()
                     if not isinstance(entry, BytesStorageMetadata)}
@@ -218,6 +237,8 @@ def load(directory: str, model, optimizer, groups: ProcessGroups, rank: int, loa
     except CheckpointException as error:
         raise CheckpointError(f"reading {directory} failed: {error}") from error
     finish_resizes(fp8_resizes)
+    if main_params:
+        install_main_params(optimizer, {param: entry["fp32_param"] for param, entry in main_params.items()})
     if load_optim:
         opt_common = common["optimizer"]
         load_model_space_state(optimizer, optimizer_states, opt_common["scalars"] or {"has_state": False})
