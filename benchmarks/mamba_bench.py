@@ -105,14 +105,16 @@ def kernel_bench(seq: int = 4096, batch: int = 4, repeats: int = 20) -> dict:
     return out
 
 
-def model_row(name: str, seq: int, tokens: int, iters: int, warmup: int, timeout: float, extra: List[str]) -> dict:
+def model_row(name: str, seq: int, tokens: int, iters: int, warmup: int, timeout: float, extra: List[str],
+              log_dir: Optional[str] = None) -> dict:
     script, flags = MODELS[name]
     mbs = max(1, tokens // seq)
     argv = flags + _COMMON + extra + [
         "--seq-length", str(seq), "--max-position-embeddings", str(seq), "--micro-batch-size", str(mbs),
         "--global-batch-size", str(mbs), "--train-iters", str(iters), "--lr-warmup-iters", "0",
     ]
-    log_path = Path(tempfile.gettempdir()) / f"mamba_bench_{name}_{seq}.log"
+    log_path = Path(log_dir or tempfile.gettempdir()) / f"mamba_bench_{name}_{seq}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
     rc, text = _stream([sys.executable, str(REPO / script), *argv], log_path, quiet=True, timeout=timeout)
     ms, tflops, measured = steady_state(parse_log(text).lines, warmup)
     row = {"model": name, "seq": seq, "mbs": mbs, "ms_per_iter": ms, "tflops": tflops, "log": str(log_path)}
@@ -120,6 +122,10 @@ def model_row(name: str, seq: int, tokens: int, iters: int, warmup: int, timeout
         row["tokens_per_s"] = mbs * seq / (ms / 1000.0)
     row["status"] = "ok" if ms else ("timed out" if rc == TIMED_OUT else "out of memory" if "OutOfMemory" in text
                                      else f"failed (exit {rc})")
+    if not ms:
+        # How far the run got: the iterations it logged and its last line.
+        lines = [line for line in text.splitlines() if line.strip()]
+        row["progress"] = f"{len(parse_log(text).lines)} iteration line(s); last line: {lines[-1][:160] if lines else '-'}"
     return row
 
 
@@ -173,6 +179,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--timeout", type=float, default=1200.0, help="Seconds per measurement (its own process).")
     p.add_argument("--extra", default="", help="More flags for every model run, e.g. '--recompute-granularity full "
                    "--recompute-method uniform --recompute-num-layers 1'.")
+    p.add_argument("--log-dir", default=None, help="Where each model run's log goes (default: the temporary directory).")
     p.add_argument("--_kernel_child", action="store_true", help=argparse.SUPPRESS)
     opts = p.parse_args(argv)
     if opts._kernel_child:
@@ -184,7 +191,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for seq in opts.seqs:
             for name in opts.models:
                 rows.append(model_row(name, seq, opts.tokens, opts.iters, opts.warmup, opts.timeout,
-                                      opts.extra.split()))
+                                      opts.extra.split(), opts.log_dir))
                 print(json.dumps(rows[-1]), flush=True)
     print(report(kernel, rows))
     return 0
