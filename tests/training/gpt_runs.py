@@ -112,26 +112,31 @@ def _last_rank_dies_in_iteration_2():
     pretrain_gpt.loss_func = loss_func
 
 
-def fused_adamw_on_cpu():
-    """Build torch's fused AdamW on CPU too (the GPU default), which can skip a step on a
-    device flag: the loop then takes its optimizer steps without host syncs."""
+def fused_adamw_builder(original):
+    """``megatron.core.optimizer._torch_optimizer`` that builds torch's fused AdamW on CPU
+    too (the GPU default), which can skip a step on a device flag."""
     import torch
-
-    from megatron.core import optimizer
-
-    original = optimizer._torch_optimizer
 
     def fused(config, param_groups):
         built = original(config, param_groups)
         if type(built) is torch.optim.AdamW:
-            # What AdamW(fused=True) sets (the groups already hold the "fused" key).
+            # What AdamW(fused=True) sets (the groups already hold the "fused" key, so
+            # rebuilding from them would keep it off).
             built.defaults["fused"] = True
             for group in built.param_groups:
                 group["fused"], group["foreach"] = True, False
             built._step_supports_amp_scaling = True
         return built
 
-    optimizer._torch_optimizer = fused
+    return fused
+
+
+def fused_adamw_on_cpu():
+    """Fused AdamW on CPU for this process: the loop then takes its optimizer steps without
+    host syncs."""
+    from megatron.core import optimizer
+
+    optimizer._torch_optimizer = fused_adamw_builder(optimizer._torch_optimizer)
 
 
 SETUPS = {"fused_adamw": fused_adamw_on_cpu, "broken_row_parallel": _break_row_parallel_reduction, "nan_loss": nan_loss_on_last_rank_at_iteration_3,

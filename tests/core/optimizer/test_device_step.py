@@ -10,6 +10,7 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer.device_step import DeviceStepResult, HostCopy
 from megatron.core.transformer.transformer_config import TransformerConfig
+from tests.training.gpt_runs import fused_adamw_builder
 
 TCFG = TransformerConfig(num_layers=1, hidden_size=8, num_attention_heads=2)
 
@@ -19,24 +20,7 @@ def fused_adamw(monkeypatch):
     """torch's fused AdamW on CPU as on GPU (the factory keeps the unfused one on CPU)."""
     from megatron.core import optimizer
 
-    original = optimizer._torch_optimizer
-
-    def fused(config, param_groups):
-        built = original(config, param_groups)
-        if type(built) is torch.optim.AdamW:
-            _make_fused(built)
-        return built
-
-    monkeypatch.setattr(optimizer, "_torch_optimizer", fused)
-
-
-def _make_fused(adamw: torch.optim.AdamW) -> None:
-    # What AdamW(fused=True) sets; the groups already hold the "fused" key, so rebuilding
-    # from them would keep it off.
-    adamw.defaults["fused"] = True
-    for group in adamw.param_groups:
-        group["fused"], group["foreach"] = True, False
-    adamw._step_supports_amp_scaling = True
+    monkeypatch.setattr(optimizer, "_torch_optimizer", fused_adamw_builder(optimizer._torch_optimizer))
 
 
 def _model(dtype):
