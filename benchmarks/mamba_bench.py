@@ -4,11 +4,17 @@ models (hybrid, pure Mamba-2, transformer) at growing sequence lengths.
     python benchmarks/mamba_bench.py                       # everything, one table at the end
     python benchmarks/mamba_bench.py --only kernel         # SSD fwd+bwd (each backend) vs causal SDPA, seq 4096
     python benchmarks/mamba_bench.py --only models --seqs 4096 16384 --iters 12 --timeout 900
+    python benchmarks/mamba_bench.py --only models --seqs 4096 --recompute none full   # both ways
 
 Every measurement runs in its own process with a timeout (an out-of-memory or a hang costs
 one row, not the run). The model rows launch pretrain_hybrid.py / pretrain_gpt.py on mock
-data, bf16, with the same tokens per step at every sequence length (micro-batch = tokens /
-seq), and read Megatron's iteration log lines (the first --warmup iterations dropped).
+data, bf16, with the same tokens per step at every sequence length (--tokens, 65,536 by
+default: global batch = tokens / seq) cut into micro-batches of --micro-tokens (16,384:
+micro-batch = micro-tokens / seq, at least one sequence), and read Megatron's iteration log
+lines (the first --warmup iterations dropped). A whole step's tokens in one micro-batch do
+not fit one GPU at this size (`--dry-run` estimates 151 GiB for the transformer at 65,536
+tokens), so the step accumulates gradients over micro-batches, and with --recompute full
+(the default; needed for a 65,536-token sequence) every model keeps only its layers' inputs.
 TFLOP/s are the log line's (hybrid FLOPs: megatron/training/hybrid_flops.py) and MFU is
 against the dense bf16 peak of DESIGN.md.
 """
@@ -105,27 +111,45 @@ def kernel_bench(seq: int = 4096, batch: int = 4, repeats: int = 20) -> dict:
     return out
 
 
+RECOMPUTE = {"none": [], "full": ["--recompute-granularity", "full", "--recompute-method", "uniform",
+                                   "--recompute-num-layers", "1"]}
+
+
+def batch_shape(seq: int, tokens: int, micro_tokens: int) -> tuple:
+    """(micro-batch, global batch) in sequences: ``tokens`` per step (at least one sequence)
+    in micro-batches of ``micro_tokens`` (at least one sequence)."""
+    gbs = max(1, tokens // seq)
+    mbs = max(1, min(gbs, micro_tokens // seq))
+    if gbs % mbs:
+        raise ValueError(f"{tokens} tokens per step at seq {seq} ({gbs} sequences) do not split into micro-batches "
+                         f"of {mbs}: choose --tokens a multiple of --micro-tokens")
+    return mbs, gbs
+
+
 def model_row(name: str, seq: int, tokens: int, iters: int, warmup: int, timeout: float, extra: List[str],
-              log_dir: Optional[str] = None) -> dict:
+              log_dir: Optional[str] = None, micro_tokens: int = 16384, recompute: str = "full") -> dict:
     script, flags = MODELS[name]
-    mbs = max(1, tokens // seq)
-    argv = flags + _COMMON + extra + [
+    mbs, gbs = batch_shape(seq, tokens, micro_tokens)
+    argv = flags + _COMMON + RECOMPUTE[recompute] + extra + [
         "--seq-length", str(seq), "--max-position-embeddings", str(seq), "--micro-batch-size", str(mbs),
-        "--global-batch-size", str(mbs), "--train-iters", str(iters), "--lr-warmup-iters", "0",
+        "--global-batch-size", str(gbs), "--train-iters", str(iters), "--lr-warmup-iters", "0",
     ]
-    log_path = Path(log_dir or tempfile.gettempdir()) / f"mamba_bench_{name}_{seq}.log"
+    log_path = Path(log_dir or tempfile.gettempdir()) / f"mamba_bench_{name}_{seq}_{recompute}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     rc, text = _stream([sys.executable, str(REPO / script), *argv], log_path, quiet=True, timeout=timeout)
-    ms, tflops, measured = steady_state(parse_log(text).lines, warmup)
-    row = {"model": name, "seq": seq, "mbs": mbs, "ms_per_iter": ms, "tflops": tflops, "log": str(log_path)}
+    parsed = parse_log(text)
+    ms, tflops, measured = steady_state(parsed.lines, warmup)
+    row = {"model": name, "seq": seq, "mbs": mbs, "gbs": gbs, "recompute": recompute, "ms_per_iter": ms,
+           "tflops": tflops, "log": str(log_path),
+           "max_allocated_gb": None if parsed.max_allocated_mb is None else parsed.max_allocated_mb / 1024.0}
     if ms:
-        row["tokens_per_s"] = mbs * seq / (ms / 1000.0)
+        row["tokens_per_s"] = gbs * seq / (ms / 1000.0)
     row["status"] = "ok" if ms else ("timed out" if rc == TIMED_OUT else "out of memory" if "OutOfMemory" in text
                                      else f"failed (exit {rc})")
     if not ms:
         # How far the run got: the iterations it logged and its last line.
         lines = [line for line in text.splitlines() if line.strip()]
-        row["progress"] = f"{len(parse_log(text).lines)} iteration line(s); last line: {lines[-1][:160] if lines else '-'}"
+        row["progress"] = f"{len(parsed.lines)} iteration line(s); last line: {lines[-1][:160] if lines else '-'}"
     return row
 
 
@@ -156,15 +180,17 @@ def report(kernel: Optional[dict], rows: List[dict]) -> str:
         lines.append(f"SSD scan fwd+bwd (seq 4096, width 2048, state 128): {ssd}; "
                      f"cuDNN causal SDPA fwd+bwd (16 x 128): {_fmt(kernel.get('cudnn_sdpa_ms'), '.2f')} ms "
                      f"({_fmt(kernel.get('sdpa_tflops'), '.0f')} TFLOP/s) {kernel.get('status', '')}")
-    lines.append("| model | seq | mbs | ms/iter | tokens/s | TFLOP/s | MFU | vs transformer | status |")
-    lines.append("|---|---|---|---|---|---|---|---|---|")
-    base = {r["seq"]: r.get("tokens_per_s") for r in rows if r["model"] == "transformer-1.3b"}
+    lines.append("| model | seq | mbs x micro-batches | recompute | ms/iter | tokens/s | TFLOP/s | MFU | "
+                 "vs transformer | peak GB | status |")
+    lines.append("|---|---|---|---|---|---|---|---|---|---|---|")
+    base = {(r["seq"], r["recompute"]): r.get("tokens_per_s") for r in rows if r["model"] == "transformer-1.3b"}
     for r in rows:
-        tps, ref = r.get("tokens_per_s"), base.get(r["seq"])
+        tps, ref = r.get("tokens_per_s"), base.get((r["seq"], r["recompute"]))
         ratio = f"{tps / ref:.2f}x" if tps and ref else "-"
         mfu = f"{100 * r['tflops'] / PEAK_TFLOPS:.1f}%" if r.get("tflops") else "-"
-        lines.append(f"| {r['model']} | {r['seq']} | {r['mbs']} | {_fmt(r.get('ms_per_iter'), '.1f')} | "
-                     f"{_fmt(tps, ',.0f')} | {_fmt(r.get('tflops'), '.1f')} | {mfu} | {ratio} | {r['status']} |")
+        lines.append(f"| {r['model']} | {r['seq']} | {r['mbs']} x {r['gbs'] // r['mbs']} | {r['recompute']} | "
+                     f"{_fmt(r.get('ms_per_iter'), '.1f')} | {_fmt(tps, ',.0f')} | {_fmt(r.get('tflops'), '.1f')} | "
+                     f"{mfu} | {ratio} | {_fmt(r.get('max_allocated_gb'), '.1f')} | {r['status']} |")
     return "\n".join(lines)
 
 
@@ -173,12 +199,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--only", choices=("kernel", "models"), default=None)
     p.add_argument("--seqs", type=int, nargs="+", default=[4096, 16384, 65536])
     p.add_argument("--tokens", type=int, default=65536, help="Tokens per step at every sequence length.")
+    p.add_argument("--micro-tokens", type=int, default=16384,
+                   help="Tokens per micro-batch (at least one sequence); the step accumulates the rest.")
+    p.add_argument("--recompute", nargs="+", choices=list(RECOMPUTE), default=["full"],
+                   help="Activation recompute of every model row; several values run each row once per value.")
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--timeout", type=float, default=1200.0, help="Seconds per measurement (its own process).")
-    p.add_argument("--extra", default="", help="More flags for every model run, e.g. '--recompute-granularity full "
-                   "--recompute-method uniform --recompute-num-layers 1'.")
+    p.add_argument("--extra", default="", help="More flags for every model run, e.g. '--no-check-for-nan-in-loss-and-grad'.")
     p.add_argument("--log-dir", default=None, help="Where each model run's log goes (default: the temporary directory).")
     p.add_argument("--_kernel_child", action="store_true", help=argparse.SUPPRESS)
     opts = p.parse_args(argv)
@@ -188,11 +217,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     kernel = None if opts.only == "models" else _in_subprocess(["--_kernel_child"], opts.timeout)
     rows = []
     if opts.only != "kernel":
-        for seq in opts.seqs:
-            for name in opts.models:
-                rows.append(model_row(name, seq, opts.tokens, opts.iters, opts.warmup, opts.timeout,
-                                      opts.extra.split(), opts.log_dir))
-                print(json.dumps(rows[-1]), flush=True)
+        for recompute in opts.recompute:
+            for seq in opts.seqs:
+                for name in opts.models:
+                    rows.append(model_row(name, seq, opts.tokens, opts.iters, opts.warmup, opts.timeout,
+                                          opts.extra.split(), opts.log_dir, opts.micro_tokens, recompute))
+                    print(json.dumps(rows[-1]), flush=True)
     print(report(kernel, rows))
     return 0
 

@@ -12,7 +12,6 @@ sizes, sp = tp with --sequence-parallel (else 1), a = bytes of an activation ele
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import List, Optional, Sequence
 
@@ -21,12 +20,19 @@ GiB = float(1 << 30)
 
 @dataclass(frozen=True)
 class ChunkShape:
-    """One model chunk of a rank: its transformer layers, and whether it holds the embedding
-    (first virtual stage) and the output layer with the loss (last virtual stage)."""
+    """One model chunk of a rank: its layers, and whether it holds the embedding (first
+    virtual stage) and the output layer with the loss (last virtual stage). A hybrid
+    (Mamba) chunk names its layers by their pattern symbols in ``hybrid_pattern``
+    (``M`` Mamba, ``*`` attention, ``-`` MLP, ``E`` MoE); otherwise every layer is a
+    transformer layer."""
 
     num_layers: int
     pre_process: bool
     post_process: bool
+    hybrid_pattern: str = ""
+
+    def layer_kinds(self) -> str:
+        return self.hybrid_pattern or "T" * self.num_layers
 
 
 @dataclass(frozen=True)
@@ -127,35 +133,75 @@ def _tokens(args) -> float:
     return args.seq_length / args.context_parallel_size * args.micro_batch_size
 
 
-def layer_activation_bytes(args, selective: bool = False) -> float:
-    """Bytes one transformer layer keeps for backward per micro-batch, without recompute
-    or with ``selective`` (core attention) recompute.
+def _norm_bytes(args) -> float:
+    """Per token, one pre-norm: its input and output (the next linear's input), and its
+    fp32 1/rms (the fused CUDA norms keep no fp32 copy of the input)."""
+    return activation_bytes(args) * 2 * args.hidden_size / _sp(args) + 4 / _sp(args)
 
-    Saved tensors (elements per token): the two norms' inputs and outputs (4h/sp, the
-    outputs being the QKV and FC1 inputs; the fused CUDA norms keep no fp32 copy), the QKV
-    output (n d + 2 g d)/tp (q, k, v are views of it), with rotary embeddings the rotated
-    q and k, (n d + g d)/tp, the attention output (input of the output projection, n d/tp), FC1's output
-    (f/tp, 2f/tp gated), the activation's output (FC2's input, f/tp; gated adds the
-    silu output, f/tp), and one byte per element of each dropout mask; in fp32, the norms'
-    1/rms (2/sp) and attention's log-sum-exp (n/tp), which selective recompute does not keep
-    (its checkpoint's inputs, q/k/v, and output, the projection's input, are kept anyway).
-    """
-    tp, sp, a = args.tensor_model_parallel_size, _sp(args), activation_bytes(args)
-    h, f = args.hidden_size, args.ffn_hidden_size
+
+def _attention_bytes(args, selective: bool) -> float:
+    """Per token, self-attention: the QKV output (n d + 2 g d)/tp (q, k, v are views of it),
+    with rotary embeddings the rotated q and k, (n d + g d)/tp, the attention output (the
+    projection's input, n d/tp), and attention's fp32 log-sum-exp (n/tp), which selective
+    recompute does not keep (its checkpoint's inputs and output are kept anyway)."""
+    tp = args.tensor_model_parallel_size
     n, d = args.num_attention_heads, args.kv_channels
     g = args.num_query_groups if args.group_query_attention else n
-    gated = args.swiglu
-    norms = 4 * h / sp
-    attention = (n * d + 2 * g * d + n * d) / tp
+    elements = (n * d + 2 * g * d + n * d) / tp
     if args.position_embedding_type in ("rope", "yarn", "mrope"):
         # the rotated q and k are new tensors; v stays a view that keeps the QKV output alive
-        attention += (n * d + g * d) / tp
-    mlp = (4 * f if gated else 2 * f) / tp
-    per_token = a * (norms + attention + mlp) + 8 / sp  # + the norms' fp32 1/rms per token
-    if not selective:
-        per_token += 4 * n / tp  # attention's fp32 log-sum-exp, dropped by selective recompute
-    if args.hidden_dropout > 0:
-        per_token += 2 * h / sp  # two bool masks
+        elements += (n * d + g * d) / tp
+    return activation_bytes(args) * elements + (0.0 if selective else 4 * n / tp)
+
+
+def _mlp_bytes(args) -> float:
+    """Per token, the MLP: FC1's output (f/tp, 2f/tp gated) and the activation's output
+    (FC2's input, f/tp; gated adds the silu output, f/tp). MoE layers are counted as one
+    dense MLP of --ffn-hidden-size."""
+    f = args.ffn_hidden_size
+    return activation_bytes(args) * (4 * f if args.swiglu else 2 * f) / args.tensor_model_parallel_size
+
+
+def _mamba_bytes(args) -> float:
+    """Per token, the Mamba-2 mixer (inner width di, G groups of state N, H heads, over tp):
+    the in-projection's output z|xBC|dt (2 di + 2 G N + H), the conv's contiguous input and
+    its output (di + 2 G N each; x, B and C are views of the output), the SSD output y and
+    the gated norm's output (the out-projection's input), di each; in fp32 the softplus
+    input and output of dt (2 H) and the gated norm's 1/rms per group (G). The SSD kernels
+    recompute their chunk states in backward; the compiled gated norm keeps only y and z."""
+    from megatron.core.ssm.mamba_config import MambaConfig
+
+    cfg = MambaConfig(mamba_state_dim=args.mamba_state_dim, mamba_head_dim=args.mamba_head_dim,
+                      mamba_num_groups=args.mamba_num_groups, mamba_num_heads=args.mamba_num_heads)
+    di, heads = cfg.inner_size(args.hidden_size), cfg.num_heads(args.hidden_size)
+    bc = 2 * args.mamba_num_groups * args.mamba_state_dim
+    elements = (2 * di + bc + heads) + 2 * (di + bc) + 2 * di
+    fp32 = 2 * heads + args.mamba_num_groups
+    return (activation_bytes(args) * elements + 4 * fp32) / args.tensor_model_parallel_size
+
+
+def _dropout_bytes(args) -> float:
+    """Per token, the bool mask of one hidden dropout (none at --hidden-dropout 0)."""
+    return args.hidden_size / _sp(args) if args.hidden_dropout > 0 else 0.0
+
+
+def layer_activation_bytes(args, selective: bool = False, kind: str = "T") -> float:
+    """Bytes one layer keeps for backward per micro-batch, without recompute or with
+    ``selective`` (core attention) recompute. ``kind``: ``T`` a transformer layer (two
+    norms, attention, MLP, two dropout-adds), or a hybrid layer symbol: ``M`` a Mamba layer,
+    ``*`` an attention layer, ``-``/``E`` an MLP/MoE layer (one norm, the block, one
+    dropout-add each)."""
+    blocks = {
+        "T": (2, lambda: _attention_bytes(args, selective) + _mlp_bytes(args)),
+        "M": (1, lambda: _mamba_bytes(args)),
+        "*": (1, lambda: _attention_bytes(args, selective)),
+        "-": (1, lambda: _mlp_bytes(args)),
+        "E": (1, lambda: _mlp_bytes(args)),
+    }
+    if kind not in blocks:
+        raise ValueError(f"unknown layer kind {kind!r}; expected one of {''.join(blocks)}")
+    residual_adds, block = blocks[kind]
+    per_token = residual_adds * (_norm_bytes(args) + _dropout_bytes(args)) + block()
     return per_token * _tokens(args)
 
 
@@ -198,17 +244,19 @@ def in_flight_microbatches(args, pp_rank: int, num_chunks: int) -> int:
     return min(2 * (pp - pp_rank - 1) + (num_chunks - 1) * pp + 1, m * num_chunks)
 
 
-def _chunk_layers_bytes(args, num_layers: int, recompute: Optional[str]) -> tuple:
+def _chunk_layers_bytes(args, chunk: ChunkShape, recompute: Optional[str]) -> tuple:
     """(bytes kept per micro-batch, bytes of the one recomputed group alive during backward)."""
-    full = layer_activation_bytes(args, selective=recompute == "selective")
-    if recompute != "full" or num_layers == 0:
-        return num_layers * full, 0.0
+    per_layer = [layer_activation_bytes(args, selective=recompute == "selective", kind=kind)
+                 for kind in chunk.layer_kinds()]
+    if recompute != "full" or not per_layer:
+        return float(sum(per_layer)), 0.0
     group = max(1, args.recompute_num_layers or 1)
-    if args.recompute_method == "block":
-        recomputed = min(group, num_layers)
-        return recomputed * layer_input_bytes(args) + (num_layers - recomputed) * full, full
-    groups = math.ceil(num_layers / group)
-    return groups * layer_input_bytes(args), min(group, num_layers) * full
+    if args.recompute_method == "block" and not chunk.hybrid_pattern:
+        # the first ``group`` layers are checkpointed one by one, the rest keep everything
+        recomputed = min(group, len(per_layer))
+        return recomputed * layer_input_bytes(args) + sum(per_layer[recomputed:]), max(per_layer[:recomputed])
+    groups = [per_layer[i:i + group] for i in range(0, len(per_layer), group)]
+    return len(groups) * layer_input_bytes(args), max(sum(g) for g in groups)
 
 
 def peak_in_flight_bytes(args, pp_rank: int, kept_per_chunk: Sequence[float]) -> float:
@@ -235,7 +283,7 @@ def activation_memory(args, chunks: Sequence[ChunkShape], pp_rank: int, recomput
     --recompute-method/--recompute-num-layers)."""
     if not chunks:
         return 0.0
-    kept, recomputed = zip(*(_chunk_layers_bytes(args, c.num_layers, recompute) for c in chunks))
+    kept, recomputed = zip(*(_chunk_layers_bytes(args, c, recompute) for c in chunks))
     total = peak_in_flight_bytes(args, pp_rank, kept) + max(recomputed)
     if any(c.post_process for c in chunks):
         # the loss runs forward then backward at once: one micro-batch of the head at a time

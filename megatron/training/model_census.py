@@ -13,6 +13,7 @@ from typing import Callable, List, Tuple
 
 import torch
 
+from megatron.core.models.mamba.hybrid_stack import HybridStack
 from megatron.core.process_groups import ProcessGroups, default_process_groups, set_default_process_groups
 from megatron.core.transformer.transformer_layer import TransformerLayer
 from megatron.training.global_vars import get_args
@@ -38,9 +39,11 @@ def chunk_shapes(chunks: List[torch.nn.Module]) -> List[ChunkShape]:
         core = chunk
         while hasattr(core, "module"):
             core = core.module
-        layers = sum(1 for m in core.modules() if isinstance(m, TransformerLayer))
+        # a hybrid stack names its layers by pattern symbol (Mamba, attention, MLP, MoE)
+        pattern = "".join(getattr(m, "layer_pattern", "") for m in core.modules() if isinstance(m, HybridStack))
+        layers = len(pattern) or sum(1 for m in core.modules() if isinstance(m, TransformerLayer))
         shapes.append(ChunkShape(layers, bool(getattr(core, "pre_process", True)),
-                                 bool(getattr(core, "post_process", True))))
+                                 bool(getattr(core, "post_process", True)), hybrid_pattern=pattern))
     return shapes
 
 

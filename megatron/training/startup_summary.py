@@ -15,6 +15,17 @@ from megatron.training.memory_estimate import MemoryEstimate, estimate_memory, f
 logger = logging.getLogger(__name__)
 
 
+def activation_name(args) -> str:
+    """The MLP activation the flags select (``config_from_args._activation_overrides``)."""
+    if args.swiglu:
+        return "swiglu"
+    for flag, name in (("squared_relu", "squared relu"), ("openai_gelu", "openai gelu"),
+                       ("quick_geglu", "quick geglu")):
+        if getattr(args, flag):
+            return name
+    return "gelu"
+
+
 def describe_model(args) -> str:
     """``24 layers, hidden 2048, ffn 5632, 16 heads (4 query groups, kv channels 128), ...``"""
     groups = f"{args.num_query_groups} query groups, " if args.group_query_attention else ""
@@ -22,7 +33,7 @@ def describe_model(args) -> str:
         f"{args.num_layers} layers", f"hidden {args.hidden_size}", f"ffn {args.ffn_hidden_size}",
         f"{args.num_attention_heads} heads ({groups}kv channels {args.kv_channels})",
         f"seq {args.seq_length}", f"vocab {args.padded_vocab_size} (padded)",
-        "swiglu" if args.swiglu else "gelu", args.normalization,
+        activation_name(args), args.normalization,
         f"{args.position_embedding_type} positions",
         "untied embeddings" if args.untie_embeddings_and_output_weights else "tied embeddings",
     ]

@@ -165,3 +165,52 @@ def test_activation_formula_matches_what_autograd_keeps(extra):
     would fail it; what is left over is the rotary cos/sin tables and the labels."""
     saved, estimate = _saved_activation_bytes(extra)
     assert saved == pytest.approx(estimate, rel=0.03)
+
+
+MAMBA = ["--mamba-state-dim", "16", "--mamba-head-dim", "16", "--mamba-num-groups", "2"]
+
+
+def test_mamba_layer_activations_by_hand():
+    """A Mamba layer per token (inner width 2h = 128, 8 heads, 2 groups of state 16): the
+    norm's input and output and fp32 1/rms, the in-projection output z|xBC|dt (2 di + 2GN
+    + H), the conv's contiguous input and its output (di + 2GN each), y and the gated
+    norm's output (di each), all bf16; dt before and after softplus and the gated norm's
+    1/rms per group in fp32."""
+    args = _args(*MAMBA)
+    di, heads, bc = 128, 8, 2 * 2 * 16
+    per_token = 2 * 2 * 64 + 4 + 2 * ((2 * di + bc + heads) + 2 * (di + bc) + 2 * di) + 4 * (2 * heads + 2)
+    assert layer_activation_bytes(args, kind="M") == 64 * per_token
+    # the hybrid attention and MLP layers are the two halves of a transformer layer
+    halves = layer_activation_bytes(args, kind="*") + layer_activation_bytes(args, kind="-")
+    assert halves == layer_activation_bytes(args)
+    with pytest.raises(ValueError, match="unknown layer kind"):
+        layer_activation_bytes(args, kind="x")
+
+
+def test_hybrid_chunk_counts_each_layer_kind_and_recomputes_in_uniform_groups():
+    args = _args(*MAMBA)
+    chunk = ChunkShape(4, pre_process=True, post_process=False, hybrid_pattern="M*-M")
+    kinds = [layer_activation_bytes(args, kind=k) for k in "M*-M"]
+    assert activation_memory(args, [chunk], 0, None) == sum(kinds)
+    layer_input = 2 * 64 * 64
+    for method in ("uniform", "block"):  # the hybrid stack reads both as uniform groups
+        full = _args(*MAMBA, "--recompute-granularity", "full", "--recompute-method", method,
+                     "--recompute-num-layers", "2")
+        # two groups of two layers: their inputs, plus the larger group rebuilt in backward
+        assert activation_memory(full, [chunk], 0, "full") == 2 * layer_input + max(kinds[0] + kinds[1],
+                                                                                   kinds[2] + kinds[3])
+
+
+def test_chunk_shapes_read_the_hybrid_pattern_of_a_built_model():
+    from megatron.core.models.mamba.hybrid_stack import HybridStack
+    from megatron.core.ssm.mamba_config import MambaConfig
+    from megatron.core.transformer.transformer_config import TransformerConfig
+    from megatron.training.model_census import chunk_shapes, on_meta_device
+
+    config = TransformerConfig(num_layers=4, hidden_size=64, num_attention_heads=4, ffn_hidden_size=128,
+                               use_cpu_initialization=True)
+    with on_meta_device():
+        stack = HybridStack(config, MambaConfig(mamba_state_dim=16, mamba_head_dim=16, mamba_num_groups=2), "M*-M")
+    (shape,) = chunk_shapes([stack])
+    assert (shape.num_layers, shape.hybrid_pattern, shape.layer_kinds()) == (4, "M*-M", "M*-M")
+    assert ChunkShape(3, True, True).layer_kinds() == "TTT"

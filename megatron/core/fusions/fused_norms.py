@@ -39,8 +39,25 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float, zero_c
     return (normed * _gamma(weight, zero_centered_gamma)).to(weight.dtype)
 
 
+def gated_rms_norm_reference(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, groups: int,
+                             eps: float) -> torch.Tensor:
+    """Mamba-2's gated norm: weight * rmsnorm(y * silu(z)), the RMS taken over each of
+    ``groups`` equal slices of the last dim. The gate comes before the norm, as in
+    Megatron's and Hugging Face's Mamba-2 (``norm_before_gate=False``). Computed in fp32,
+    cast to y's dtype, then scaled by the weight (Hugging Face's order)."""
+    gated = y.float() * F.silu(z.float())
+    shape = gated.shape
+    grouped = gated.view(*shape[:-1], groups, shape[-1] // groups)
+    grouped = grouped * torch.rsqrt(grouped.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * grouped.view(shape).to(y.dtype)
+
+
 _layer_norm = CompiledRegion(layer_norm_reference, "layer_norm")
 _rms_norm = CompiledRegion(rms_norm_reference, "rms_norm")
+# Eager, the gated norm is a dozen fp32 kernels and keeps five fp32 copies of its input for
+# backward (~22 bytes per element, the largest activation of a Mamba layer); compiled, it
+# is one kernel each way and keeps y and z (z is a view of the in-projection's output).
+_gated_rms_norm = CompiledRegion(gated_rms_norm_reference, "gated_rms_norm")
 
 
 def fused_layer_norm(
@@ -53,3 +70,9 @@ def fused_layer_norm(
 def fused_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, zero_centered_gamma: bool) -> torch.Tensor:
     """Fused ``rms_norm_reference``: x [..., h], weight [h] -> [..., h]."""
     return _rms_norm(x, weight, eps, zero_centered_gamma)
+
+
+def fused_gated_rms_norm(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, groups: int,
+                         eps: float) -> torch.Tensor:
+    """Fused ``gated_rms_norm_reference``: y, z [..., d], weight [d] -> [..., d]."""
+    return _gated_rms_norm(y, z, weight, groups, eps)
