@@ -17,6 +17,9 @@ What a replay needs, and how it is arranged here:
 - Random numbers. The tracker's generators are registered with the graph, so every replay
   draws fresh dropout masks: the ones an eager step would draw.
 - Outputs. The loss reports live in the graph's memory; each replay's are copied out.
+- FP8. The scaling state (amax history, scales) lives on the device and the scales are
+  derived there, so replays quantize as eager steps do; the FP8 weight cache is cleared
+  before the capture, so the graph holds the once-per-step quantization of the weights.
 
 Warm-up steps (``warmup_steps``) run eagerly on the capture stream first, so that lazy
 initialization, autotuning and compilation happen outside the capture. Evaluation (forward
@@ -31,6 +34,7 @@ from typing import Any, Callable, List, Optional
 
 import torch
 
+from megatron.core.fp8.weight_cache import weights_updated
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
 logger = logging.getLogger(__name__)
@@ -179,6 +183,10 @@ class FullIterationCudaGraph:
         for generator in get_cuda_rng_tracker().graph_generators():
             graph.register_generator_state(generator)
         logger.info("capturing the forward-backward of %d micro-batch(es) as one CUDA graph", num_microbatches)
+        # FP8 weights are quantized once per step and then reused from a cache: the capture
+        # must record the quantization (which every replay then repeats on the new weights),
+        # not a hit on a copy made by an eager step.
+        weights_updated()
         try:
             # thread_local: the data loader's pin-memory thread may keep calling CUDA meanwhile.
             with torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local"):

@@ -63,7 +63,6 @@ def check_cuda_graphs(args: argparse.Namespace) -> None:
     for flag, value, given in (
         ("--num-experts", args.num_experts, bool(args.num_experts)),
         ("--mtp-num-layers", args.mtp_num_layers, bool(args.mtp_num_layers)),
-        ("--fp8-format", args.fp8, args.fp8 is not None),
         ("--recompute-granularity", args.recompute_granularity, args.recompute_granularity is not None),
         ("--recompute-activations", True, args.recompute_activations),
         ("--use-torch-fsdp2", True, args.use_torch_fsdp2),

@@ -39,7 +39,6 @@ def test_megatron_defaults_and_the_two_spellings_of_full_iteration():
     ("--cuda-graph-impl full_iteration --num-experts 2", 1, "--num-experts"),
     ("--cuda-graph-impl full_iteration --recompute-activations", 1, "--recompute-activations"),
     ("--cuda-graph-impl full_iteration --recompute-granularity full --recompute-method uniform --recompute-num-layers 1", 1, "--recompute-granularity"),
-    ("--cuda-graph-impl full_iteration --fp8-format hybrid --bf16", 1, "--fp8-format"),
 ])
 def test_refusals_name_the_flag(extra, world_size, match):
     with pytest.raises(ValueError, match=match):
@@ -50,6 +49,13 @@ def test_a_scope_without_an_implementation_warns(caplog):
     args = _args("--cuda-graph-scope attn mlp")
     assert not full_iteration_graph(args)
     assert "--cuda-graph-scope attn mlp has no effect without --cuda-graph-impl" in caplog.text
+
+
+def test_fp8_is_accepted():
+    # both recipes keep their scaling state on the device (tests/training/test_full_cuda_graph_gpu.py)
+    for recipe in ("tensorwise", "delayed"):
+        assert full_iteration_graph(_args(f"--cuda-graph-impl full_iteration --fp8-format hybrid "
+                                          f"--fp8-recipe {recipe} --bf16"))
 
 
 def test_data_parallel_is_accepted():

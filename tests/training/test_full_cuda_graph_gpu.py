@@ -45,6 +45,20 @@ def test_gpt_steps_from_the_graph_equal_eager_steps(warmup):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("recipe", ["tensorwise", "delayed"])
+def test_fp8_steps_from_the_graph_equal_eager_steps(recipe):
+    """The scales advance on the device and the FP8 weights are quantized inside the graph
+    on every replay: graphed FP8 steps print what eager FP8 steps print."""
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("FP8 GEMMs need compute capability 8.9 or newer")
+    argv = COMMON + ["--tokenizer-type", "NullTokenizer", "--vocab-size", "512", "--fp8-format", "hybrid",
+                     "--fp8-recipe", recipe]
+    eager = _train("pretrain_gpt.py", argv)
+    graphed = _train("pretrain_gpt.py", argv + ["--cuda-graph-impl", "full_iteration", "--cuda-graph-warmup-steps", "2"])
+    assert graphed == eager
+
+
+@pytest.mark.gpu
 def test_bert_steps_from_the_graph_equal_eager_steps(tmp_path):
     vocab = write_vocab(tmp_path / "vocab.txt")
     argv = COMMON + ["--tokenizer-type", "BertWordPieceLowerCase", "--vocab-file", vocab,
