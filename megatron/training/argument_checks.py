@@ -16,6 +16,7 @@ from megatron.training.phase_transitions import check_phase_transitions
 from megatron.core.optimizer.optimizer_dtypes import check_precision_aware
 from megatron.training.fsdp2 import check_fsdp2
 from megatron.training.cuda_graph_args import check_cuda_graphs
+from megatron.training.upcycling import check_upcycling_args
 
 logger = logging.getLogger(__name__)
 
@@ -561,3 +562,4 @@ def check_args(args: argparse.Namespace, world_size: int) -> None:
     check_checkpointing(args)
     check_data(args)
     check_cuda_graphs(args)
+    check_upcycling_args(args)

@@ -200,7 +200,7 @@ _refuse("batch-invariant (deterministic) kernels are not enforced", "drop it; ru
         "(same seed, same layout)", "--batch-invariant-mode --batch-invariant-backend")
 _refuse("MoE routing with this option is not implemented", "drop the flag",
         "--moe-expert-rank-capacity-factor --moe-router-force-biased "
-        "--moe-router-quantile-balancing-ema --moe-enable-routing-replay --moe-upcycling-granularity")
+        "--moe-router-quantile-balancing-ema --moe-enable-routing-replay")
 _refuse("MoE token dispatch runs in the activation dtype here", "drop the flag",
         "--moe-dispatch-fwd-dtype --moe-combine-bwd-dtype")
 _no_effect("Transformer Engine FP8 details with no counterpart in the FP8 linears here (docs/fp8.md)",

@@ -26,6 +26,7 @@ from megatron.training.global_vars import get_args
 from megatron.training.head_lr import head_lr_kwargs
 from megatron.training.rank_print import print_rank_0
 from megatron.training.run_state import RunState
+from megatron.training.upcycling import upcycle
 
 logger = logging.getLogger(__name__)
 
@@ -175,7 +176,9 @@ def setup_model_and_optimizer(model_provider_func: Callable, pg_collection: Proc
     # Loaded here, before the data iterators are built: they start at the checkpoint's
     # consumed-sample count.
     state = run_state if run_state is not None else RunState()
-    if args.load or args.pretrained_checkpoint:
+    if args.moe_use_upcycling:
+        upcycle(model, optimizer, scheduler, model_provider_func, pg_collection, args, state, get_model)
+    elif args.load or args.pretrained_checkpoint:
         load_checkpoint(model, optimizer, scheduler, args, pg_collection, run_state=state)
     check_save_directory(args, state.iteration)
     if run_state is None:

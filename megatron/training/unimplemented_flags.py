@@ -33,8 +33,6 @@ REFUSED: Dict[str, Tuple[str, str, str]] = {
         "data-parallel ranks) is implemented", "drop the flag or set it to 1"),
     "use_megatron_fsdp": ("--use-megatron-fsdp", "Megatron-FSDP is not implemented",
                           "use --use-torch-fsdp2 (PyTorch's FSDP2) or --use-distributed-optimizer (ZeRO-1)"),
-    "moe_use_upcycling": ("--moe-use-upcycling", "upcycling a dense checkpoint into MoE is not implemented",
-                          "drop it"),
     "lazy_mpu_init": ("--lazy-mpu-init", "deferring model-parallel initialization is not implemented",
                       "drop it"),
     "fake_process_group": ("--fake-process-group", "the fake process group is not implemented",

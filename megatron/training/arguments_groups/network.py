@@ -143,7 +143,12 @@ def add_moe_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--moe-token-drop-policy", type=str, default="probs", choices=["probs", "position"], help=None)
     g.add_argument("--moe-layer-recompute", action="store_true", help="Recompute MoE layers in backward.")
     g.add_argument("--moe-permute-fusion", action="store_true", help="Fused token permutation.")
-    g.add_argument("--moe-use-upcycling", action="store_true", help="Build MoE weights from a dense checkpoint.")
+    g.add_argument("--moe-use-upcycling", action="store_true",
+                   help="First run of an MoE model: build its experts from the dense checkpoint under --load, save "
+                   "it as iteration 1 under --save, train on (docs/moe.md).")
+    g.add_argument("--moe-upcycling-granularity", type=int, default=1,
+                   help="With --moe-use-upcycling: how many experts share one dense MLP's FFN (the dense FFN is "
+                   "--ffn-hidden-size times this).")
     g.add_argument("--moe-per-layer-logging", action="store_true", help=None)
     return parser
 
