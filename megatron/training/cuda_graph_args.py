@@ -60,8 +60,9 @@ def check_cuda_graphs(args: argparse.Namespace) -> None:
         if given:
             raise invalid(flag, value, "--cuda-graph-impl full_iteration is built for one model-parallel rank "
                           "(data parallelism works; its reduction runs after the replay)", f"use 1 or {_FIX}")
+    if args.num_experts:
+        _check_moe_capture(args)
     for flag, value, given in (
-        ("--num-experts", args.num_experts, bool(args.num_experts)),
         ("--mtp-num-layers", args.mtp_num_layers, bool(args.mtp_num_layers)),
         ("--recompute-granularity", args.recompute_granularity, args.recompute_granularity is not None),
         ("--recompute-activations", True, args.recompute_activations),
@@ -70,6 +71,26 @@ def check_cuda_graphs(args: argparse.Namespace) -> None:
         if given:
             raise invalid(flag, value, "is not captured by --cuda-graph-impl full_iteration (its step keeps "
                           "state on the host)", f"drop {flag} or {_FIX}")
+
+
+def _check_moe_capture(args: argparse.Namespace) -> None:
+    """MoE layers are captured where their dispatch never asks the GPU for a size (one
+    rank: expert parallelism is refused above): grouped GEMMs with dropless routing or
+    every expert padded to its capacity (docs/moe.md, "dispatch without host
+    synchronization")."""
+    from megatron.training.argument_checks import invalid
+
+    why = "is not captured by --cuda-graph-impl full_iteration with --num-experts"
+    if not args.moe_grouped_gemm:
+        raise invalid("--moe-grouped-gemm", False, "the per-expert loop splits its input by token counts read on "
+                      "the host, which a graph replay cannot do", f"add --moe-grouped-gemm or {_FIX}")
+    if args.moe_expert_capacity_factor is not None and not args.moe_pad_expert_input_to_capacity:
+        raise invalid("--moe-expert-capacity-factor", args.moe_expert_capacity_factor, "token dropping without "
+                      "padding asks the GPU how many tokens were kept", "add --moe-pad-expert-input-to-capacity, "
+                      f"drop the capacity factor (dropless routing) or {_FIX}")
+    if args.moe_router_load_balancing_type == "sinkhorn":
+        raise invalid("--moe-router-load-balancing-type", "sinkhorn", f"{why} (its iterations stop on a "
+                      "tolerance read on the host)", f"use aux_loss, seq_aux_loss or none, or {_FIX}")
 
 
 def graphed_forward_backward(args: argparse.Namespace, pg) -> Optional[Callable]:

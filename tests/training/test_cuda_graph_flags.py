@@ -36,7 +36,13 @@ def test_megatron_defaults_and_the_two_spellings_of_full_iteration():
     ("--cuda-graph-impl full_iteration --cuda-graph-warmup-steps 0", 1, "at least one eager step"),
     ("--cuda-graph-impl full_iteration --tensor-model-parallel-size 2", 2, "--tensor-model-parallel-size"),
     ("--cuda-graph-impl full_iteration --pipeline-model-parallel-size 2", 2, "--pipeline-model-parallel-size"),
-    ("--cuda-graph-impl full_iteration --num-experts 2", 1, "--num-experts"),
+    ("--cuda-graph-impl full_iteration --num-experts 2", 1, "add --moe-grouped-gemm"),
+    ("--cuda-graph-impl full_iteration --num-experts 2 --moe-grouped-gemm --moe-expert-capacity-factor 1.0", 1,
+     "--moe-pad-expert-input-to-capacity"),
+    ("--cuda-graph-impl full_iteration --num-experts 2 --moe-grouped-gemm --moe-router-load-balancing-type sinkhorn",
+     1, "sinkhorn"),
+    ("--cuda-graph-impl full_iteration --num-experts 2 --moe-grouped-gemm --expert-model-parallel-size 2", 2,
+     "--expert-model-parallel-size"),
     ("--cuda-graph-impl full_iteration --recompute-activations", 1, "--recompute-activations"),
     ("--cuda-graph-impl full_iteration --recompute-granularity full --recompute-method uniform --recompute-num-layers 1", 1, "--recompute-granularity"),
 ])
@@ -49,6 +55,12 @@ def test_a_scope_without_an_implementation_warns(caplog):
     args = _args("--cuda-graph-scope attn mlp")
     assert not full_iteration_graph(args)
     assert "--cuda-graph-scope attn mlp has no effect without --cuda-graph-impl" in caplog.text
+
+
+def test_moe_whose_dispatch_never_syncs_is_accepted():
+    assert full_iteration_graph(_args("--cuda-graph-impl full_iteration --num-experts 4 --moe-grouped-gemm"))
+    assert full_iteration_graph(_args("--cuda-graph-impl full_iteration --num-experts 4 --moe-grouped-gemm "
+                                      "--moe-expert-capacity-factor 1.0 --moe-pad-expert-input-to-capacity"))
 
 
 def test_fp8_is_accepted():

@@ -17,7 +17,7 @@ from megatron.core.tensor_parallel.random import get_cuda_rng_tracker, model_par
 from tests.training.bert_runs import write_vocab
 
 ROOT = Path(__file__).resolve().parents[2]
-STEP_LINE = re.compile(r"(lm loss: \S+|sop loss: \S+|grad norm: \S+)")
+STEP_LINE = re.compile(r"(lm loss: \S+|sop loss: \S+|load_balancing_loss: \S+|grad norm: \S+)")
 COMMON = [
     "--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
     "--seq-length", "64", "--max-position-embeddings", "64",
@@ -55,6 +55,18 @@ def test_fp8_steps_from_the_graph_equal_eager_steps(recipe):
                      "--fp8-recipe", recipe]
     eager = _train("pretrain_gpt.py", argv)
     graphed = _train("pretrain_gpt.py", argv + ["--cuda-graph-impl", "full_iteration", "--cuda-graph-warmup-steps", "2"])
+    assert graphed == eager
+
+
+@pytest.mark.gpu
+def test_moe_steps_from_the_graph_equal_eager_steps():
+    """Grouped GEMMs with dropless routing dispatch without host syncs; the balancing loss
+    recorded inside the graph reaches the log line as eagerly."""
+    argv = COMMON + ["--tokenizer-type", "NullTokenizer", "--vocab-size", "512", "--num-experts", "4",
+                     "--moe-router-topk", "2", "--moe-grouped-gemm", "--moe-aux-loss-coeff", "1e-2"]
+    eager = _train("pretrain_gpt.py", argv)
+    graphed = _train("pretrain_gpt.py", argv + ["--cuda-graph-impl", "full_iteration", "--cuda-graph-warmup-steps", "2"])
+    assert any(v.startswith("load_balancing_loss") for v in eager)
     assert graphed == eager
 
 

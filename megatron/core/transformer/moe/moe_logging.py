@@ -1,8 +1,8 @@
 """Per-layer MoE metrics of the current iteration: balancing losses and token counts.
 
 Routers ``record`` their (unscaled) auxiliary losses and tokens per expert every
-micro-batch; the training loop calls ``report`` once per iteration, which reduces the
-values across ranks and clears them. This is process-wide state, like Megatron's tracker,
+micro-batch, adding in place into tensors kept for the whole run; the training loop reads
+them once per iteration, reduces them across ranks and zeroes them. This is process-wide state, like Megatron's tracker,
 because the values are produced deep inside the model and read by the training loop.
 """
 
@@ -47,12 +47,20 @@ class MoEMetricsTracker:
     def record_tokens(self, layer_number: int, tokens_per_expert: torch.Tensor) -> None:
         """Add this micro-batch's routed-token count per expert [E] of layer ``layer_number``."""
         counts = tokens_per_expert.detach().float()
-        previous = self.tokens_per_expert.get(layer_number - 1)
-        self.tokens_per_expert[layer_number - 1] = counts if previous is None else previous + counts
+        total = self.tokens_per_expert.get(layer_number - 1)
+        if total is None or total.shape != counts.shape:
+            total = torch.zeros_like(counts)
+            self.tokens_per_expert[layer_number - 1] = total
+        total += counts
 
     def clear(self) -> None:
-        self.metrics.clear()
-        self.tokens_per_expert.clear()
+        """Zero every value in place. The tensors are kept, so that a captured CUDA graph
+        (``--cuda-graph-impl full_iteration``), whose replays add into the tensors that
+        existed at its capture, keeps reporting into the ones the training loop reads."""
+        for metric in self.metrics.values():
+            metric.values.zero_()
+        for counts in self.tokens_per_expert.values():
+            counts.zero_()
 
 
 _TRACKER = MoEMetricsTracker()
