@@ -1,7 +1,8 @@
 """Model-parallel process groups, built once per run.
 
 ``initialize_model_parallel`` validates the layout, builds every group of the dense and
-expert grids (see ``rank_grid``) and installs a default ``ProcessGroups``. The
+expert grids (see ``rank_grid``) and the distributed optimizer's instance groups
+(``instance_groups``), and installs a default ``ProcessGroups``. The
 ``get_*`` accessors exist for Megatron users' scripts; library modules never call them
 deep inside layers (they hold the ``ProcessGroups`` they were built with).
 """
@@ -36,6 +37,7 @@ _GROUPS: Optional[ProcessGroups] = None
 _LAYOUT: Optional["ParallelLayout"] = None
 _VIRTUAL_PP_SIZE: Optional[int] = None
 _VIRTUAL_PP_RANK: Optional[int] = None
+_NUM_DIST_OPT_INSTANCES: int = 1
 
 
 @dataclass(frozen=True)
@@ -148,19 +150,98 @@ def layout_groups(layout: ParallelLayout) -> Dict[str, List[List[int]]]:
     }
 
 
-def _new_groups(ranks_lists: List[List[int]], rank: int, timeout: Optional[timedelta]):
-    """Create a group for each rank list (every rank must call this); return ours."""
+def _split_into_instances(groups: List[List[int]], num_instances: int):
+    """(intra, inter) rank lists: each group cut into ``num_instances`` runs of consecutive
+    members, and the members at the same position of every run."""
+    intra, inter = [], []
+    for ranks in groups:
+        size = len(ranks) // num_instances
+        intra += [ranks[j * size:(j + 1) * size] for j in range(num_instances)]
+        inter += [ranks[i::size] for i in range(size)]
+    return intra, inter
+
+
+def check_instances(layout: ParallelLayout, num_instances: int) -> None:
+    """Raise ValueError unless both data-parallel sizes split into ``num_instances`` instances."""
+    flag = "--num-distributed-optimizer-instances"
+    if not isinstance(num_instances, int) or num_instances < 1:
+        raise ValueError(f"{flag} must be a positive integer, got {num_instances!r}")
+    dp_cp = layout.dp * layout.dense.cp
+    if dp_cp % num_instances:
+        raise ValueError(
+            f"{flag} {num_instances}: the data x context parallel size {dp_cp} is not divisible by it; "
+            "use a divisor of DP x CP (each instance holds DP x CP / N ranks)"
+        )
+    if layout.expert_dp % num_instances:
+        raise ValueError(
+            f"{flag} {num_instances}: the expert data-parallel size {layout.expert_dp} is not divisible by "
+            "it; use a divisor of world / (ETP x EP x PP) or change --expert-model-parallel-size"
+        )
+
+
+def instance_groups(layout: ParallelLayout, num_instances: int) -> Dict[str, List[List[int]]]:
+    """The distributed optimizer's groups for ``num_instances`` > 1, keyed by ``ProcessGroups``
+    field: ``intra_dp_cp`` (D/N consecutive members of each data x context parallel group,
+    one instance, over which the optimizer state is sharded), ``inter_dist_opt`` (the ranks
+    at the same position of every instance, over which the shards' grads are all-reduced),
+    and ``intra_expt_dp`` / ``inter_expt_dist_opt``, the same cut of the expert
+    data-parallel groups."""
+    check_instances(layout, num_instances)
+    intra, inter = _split_into_instances(layout.dense.groups("dp-cp"), num_instances)
+    intra_expt, inter_expt = _split_into_instances(layout.expert.groups("dp"), num_instances)
+    return {"intra_dp_cp": intra, "inter_dist_opt": inter,
+            "intra_expt_dp": intra_expt, "inter_expt_dist_opt": inter_expt}
+
+
+def _new_groups(ranks_lists: List[List[int]], rank: int, timeout: Optional[timedelta], made: Optional[dict] = None):
+    """Create a group for each rank list (every rank must call this); return ours.
+
+    ``made`` ({rank tuple: group}) reuses the groups already created for equal lists."""
     mine = None
-    seen = set()
+    made = {} if made is None else made
     for ranks in ranks_lists:
         key = tuple(ranks)
-        if key in seen:  # embd/pos_embd lists repeat when pp == 1
-            continue
-        seen.add(key)
-        group = dist.new_group(ranks=ranks, timeout=timeout)
+        if key not in made:  # embd/pos_embd lists repeat when pp == 1
+            made[key] = dist.new_group(ranks=ranks, timeout=timeout)
         if rank in ranks:
-            mine = group
+            mine = made[key]
     return mine
+
+
+def initialize_distributed_optimizer_instances(num_instances: int,
+                                               distributed_timeout_minutes: Optional[float] = None) -> ProcessGroups:
+    """Build the groups of ``num_instances`` distributed-optimizer instances on the installed
+    layout and add them to the default ``ProcessGroups`` (every rank must call this with the
+    same value). With 1 instance the intra groups are the whole data-parallel groups and
+    there is no inter group. ``initialize_model_parallel`` calls it; a later call with the
+    same value does nothing, and one with N > 1 after the default of 1 builds the groups
+    (the training application does so before wrapping the model in DDP)."""
+    global _NUM_DIST_OPT_INSTANCES
+    if _LAYOUT is None or _GROUPS is None:
+        raise RuntimeError("initialize_model_parallel must run before initialize_distributed_optimizer_instances")
+    groups = _GROUPS
+    if num_instances == _NUM_DIST_OPT_INSTANCES and groups.intra_dp_cp is not None:
+        return groups
+    if _NUM_DIST_OPT_INSTANCES > 1:
+        raise ValueError(
+            f"--num-distributed-optimizer-instances {num_instances}: the groups were built for "
+            f"{_NUM_DIST_OPT_INSTANCES} instances; pass the same value everywhere"
+        )
+    check_instances(_LAYOUT, num_instances)
+    if num_instances == 1:
+        groups.intra_dp_cp, groups.intra_expt_dp = groups.dp_cp, groups.expt_dp
+        groups.inter_dist_opt = groups.inter_expt_dist_opt = None
+    else:
+        timeout = None if distributed_timeout_minutes is None else timedelta(minutes=distributed_timeout_minutes)
+        made: dict = {}
+        for name, ranks_lists in instance_groups(_LAYOUT, num_instances).items():
+            setattr(groups, name, _new_groups(ranks_lists, dist.get_rank(), timeout, made))
+    _NUM_DIST_OPT_INSTANCES = num_instances
+    return groups
+
+
+def get_num_distributed_optimizer_instances() -> int:
+    return _NUM_DIST_OPT_INSTANCES
 
 
 def initialize_model_parallel(
@@ -172,12 +253,16 @@ def initialize_model_parallel(
     expert_tensor_parallel_size: Optional[int] = None,
     order: str = DEFAULT_ORDER,
     distributed_timeout_minutes: Optional[float] = None,
+    num_distributed_optimizer_instances: int = 1,
 ) -> ProcessGroups:
     """Build all groups of the layout and install them as the default ``ProcessGroups``.
 
     torch.distributed must be initialized; every rank must call this with the same sizes.
+    ``num_distributed_optimizer_instances`` (--num-distributed-optimizer-instances) cuts
+    the data-parallel groups into that many distributed-optimizer instances
+    (``instance_groups``).
     """
-    global _GROUPS, _LAYOUT, _VIRTUAL_PP_SIZE, _VIRTUAL_PP_RANK
+    global _GROUPS, _LAYOUT, _VIRTUAL_PP_SIZE, _VIRTUAL_PP_RANK, _NUM_DIST_OPT_INSTANCES
     if not dist.is_initialized():
         raise RuntimeError(
             "torch.distributed is not initialized: call torch.distributed.init_process_group "
@@ -193,11 +278,13 @@ def initialize_model_parallel(
         expert_tensor_parallel_size,
         order,
     )
+    check_instances(layout, num_distributed_optimizer_instances)
     timeout = None if distributed_timeout_minutes is None else timedelta(minutes=distributed_timeout_minutes)
     groups = ProcessGroups()
     for name, ranks_lists in layout_groups(layout).items():
         setattr(groups, name, _new_groups(ranks_lists, rank, timeout))
-    _GROUPS, _LAYOUT = groups, layout
+    _GROUPS, _LAYOUT, _NUM_DIST_OPT_INSTANCES = groups, layout, 1
+    initialize_distributed_optimizer_instances(num_distributed_optimizer_instances, distributed_timeout_minutes)
     if virtual_pipeline_model_parallel_size is not None:
         _VIRTUAL_PP_SIZE, _VIRTUAL_PP_RANK = virtual_pipeline_model_parallel_size, 0
     set_default_process_groups(groups)
@@ -215,8 +302,9 @@ def model_parallel_is_initialized() -> bool:
 
 def destroy_model_parallel() -> None:
     """Forget the groups and the default (the groups themselves die with the world)."""
-    global _GROUPS, _LAYOUT, _VIRTUAL_PP_SIZE, _VIRTUAL_PP_RANK
+    global _GROUPS, _LAYOUT, _VIRTUAL_PP_SIZE, _VIRTUAL_PP_RANK, _NUM_DIST_OPT_INSTANCES
     _GROUPS = _LAYOUT = _VIRTUAL_PP_SIZE = _VIRTUAL_PP_RANK = None
+    _NUM_DIST_OPT_INSTANCES = 1
     _ranks.OVERRIDES.clear()
     set_default_process_groups(None)
 
@@ -238,9 +326,20 @@ def get_pipeline_model_parallel_group():
     return get_process_groups().pp
 
 
-def get_data_parallel_group(with_context_parallel: bool = False):
+def get_data_parallel_group(with_context_parallel: bool = False, partial_data_parallel: bool = False):
+    """``partial_data_parallel``: this rank's distributed-optimizer instance (needs
+    ``with_context_parallel``, as in Megatron-Core)."""
     g = get_process_groups()
+    if partial_data_parallel:
+        if not with_context_parallel:
+            raise ValueError("partial_data_parallel=True needs with_context_parallel=True")
+        return g.intra_dp_cp if g.intra_dp_cp is not None else g.dp_cp
     return g.dp_cp if with_context_parallel else g.dp
+
+
+def get_inter_distributed_optimizer_instance_group():
+    """The ranks at this rank's position in every distributed-optimizer instance (None with one)."""
+    return get_process_groups().inter_dist_opt
 
 
 def get_context_parallel_group():
@@ -267,8 +366,12 @@ def get_expert_tensor_parallel_group():
     return get_process_groups().expt_tp
 
 
-def get_expert_data_parallel_group():
-    return get_process_groups().expt_dp
+def get_expert_data_parallel_group(check_initialized: bool = True, partial_expert_data_parallel: bool = False):
+    """``partial_expert_data_parallel``: this rank's distributed-optimizer instance of it."""
+    g = get_process_groups()
+    if partial_expert_data_parallel and g.intra_expt_dp is not None:
+        return g.intra_expt_dp
+    return g.expt_dp
 
 
 def get_tensor_model_parallel_world_size() -> int:
@@ -287,12 +390,12 @@ def get_pipeline_model_parallel_rank() -> int:
     return _ranks.overridden("pipeline_model_parallel_rank", lambda: group_rank(get_process_groups().pp))
 
 
-def get_data_parallel_world_size(with_context_parallel: bool = False) -> int:
-    return group_size(get_data_parallel_group(with_context_parallel))
+def get_data_parallel_world_size(with_context_parallel: bool = False, partial_data_parallel: bool = False) -> int:
+    return group_size(get_data_parallel_group(with_context_parallel, partial_data_parallel))
 
 
-def get_data_parallel_rank(with_context_parallel: bool = False) -> int:
-    return group_rank(get_data_parallel_group(with_context_parallel))
+def get_data_parallel_rank(with_context_parallel: bool = False, partial_data_parallel: bool = False) -> int:
+    return group_rank(get_data_parallel_group(with_context_parallel, partial_data_parallel))
 
 
 def get_context_parallel_world_size() -> int:

@@ -39,6 +39,14 @@ class ProcessGroups:
     embeddings); pos_embd: first stage; ep: expert parallel; expt_tp: expert tensor
     parallel; expt_dp: expert data parallel; tp_ep: expert tp x ep; tp_ep_pp: expert
     tp x ep x pp. ``embd`` and ``pos_embd`` are None on ranks outside those groups.
+
+    Distributed-optimizer instances (--num-distributed-optimizer-instances N):
+    intra_dp_cp: this rank's instance, D/N consecutive ranks of dp_cp (the optimizer state
+    is sharded over it); inter_dist_opt: the ranks at this rank's position in every
+    instance (the grad shards are all-reduced over it); intra_expt_dp / inter_expt_dist_opt:
+    the same cut of expt_dp. With one instance intra_* are dp_cp / expt_dp and inter_* None;
+    all four are None until ``initialize_model_parallel`` sets them (users read None as
+    one instance).
     """
 
     tp: object = None
@@ -57,6 +65,10 @@ class ProcessGroups:
     expt_dp: object = None
     tp_ep: object = None
     tp_ep_pp: object = None
+    intra_dp_cp: object = None
+    intra_expt_dp: object = None
+    inter_dist_opt: object = None
+    inter_expt_dist_opt: object = None
 
     def size(self, name: str) -> int:
         """World size of the group called ``name`` (1 if it is absent)."""

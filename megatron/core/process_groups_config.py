@@ -1,6 +1,7 @@
 """``ProcessGroupCollection``: Megatron-Core's name for this package's ``ProcessGroups``
 (the same attributes: tp, pp, dp, dp_cp, cp, mp, tp_cp, tp_dp, tp_dp_cp, embd, pos_embd, ep,
-expt_tp, expt_dp, tp_ep, tp_ep_pp)."""
+expt_tp, expt_dp, tp_ep, tp_ep_pp, and the distributed-optimizer instance groups intra_dp_cp,
+intra_expt_dp, inter_dist_opt, inter_expt_dist_opt)."""
 
 from __future__ import annotations
 

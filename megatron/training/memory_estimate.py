@@ -99,13 +99,16 @@ def expert_data_parallel_size(args) -> int:
 
 def static_memory(args, params: RankParams, distributed_optimizer: bool):
     """(weights, grads, optimizer state) in bytes. The distributed optimizer shards the
-    optimizer state of dense params over DP x CP and of expert params over expert DP."""
+    optimizer state of dense params over DP x CP and of expert params over expert DP, each
+    divided by --num-distributed-optimizer-instances (every instance holds a full copy)."""
     weights = params.total * param_bytes(args)
     grads = params.total * grad_bytes(args)
     per_param = optimizer_bytes_per_param(args)
     if distributed_optimizer:
-        dense_shards = args.data_parallel_size * args.context_parallel_size
-        optimizer = per_param * (params.dense / dense_shards + params.expert / expert_data_parallel_size(args))
+        instances = args.num_distributed_optimizer_instances
+        dense_shards = args.data_parallel_size * args.context_parallel_size // instances
+        expert_shards = expert_data_parallel_size(args) // instances
+        optimizer = per_param * (params.dense / dense_shards + params.expert / expert_shards)
     else:
         optimizer = per_param * params.total
     return float(weights), float(grads), float(optimizer)

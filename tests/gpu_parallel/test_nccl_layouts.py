@@ -78,6 +78,11 @@ LAYOUTS: dict[str, tuple] = {
     "tp2-spxcp2": (4, TP2 + SP + CP2, "dense"),
     "pp2-interleaved-vpp2xdp2-distopt-overlap": (
         4, PP2 + ["--num-virtual-stages-per-pipeline-rank", "2"] + DISTOPT + OVERLAP, "dense"),
+    # Two distributed-optimizer instances: of one rank each (the shard is all-reduced across
+    # them), and of two ranks with overlap (reduce-scatter and all-reduce chained on a side stream).
+    "dp2-distopt-2instances": (2, DISTOPT + ["--num-distributed-optimizer-instances", "2"], "dense"),
+    "dp4-distopt-2instances-overlap": (
+        4, DISTOPT + ["--num-distributed-optimizer-instances", "2"] + OVERLAP, "dense"),
     # FSDP2 (the model is untied, as FSDP2 needs): sharded over dp, then under tp.
     "dp2-fsdp2": (2, ["--use-torch-fsdp2"], "dense"),
     "tp2-spxdp2-fsdp2": (4, TP2 + SP + ["--use-torch-fsdp2"], "dense"),

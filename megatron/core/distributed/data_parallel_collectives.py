@@ -10,12 +10,20 @@ list form, both available in every build.
 
 Each returns the async work handle when ``async_op`` is True and the group has more
 than one rank, else None.
+
+With several distributed-optimizer instances a bucket's reduction is two collectives in a
+row (``reduce_scatter_across_instances``): a reduce-scatter inside the instance, then an
+all-reduce of this rank's block across the instances. Their async handle chains them: on
+a GPU both are queued in order on a side stream, so the host never waits and backward
+kernels keep running; elsewhere (gloo) the all-reduce runs when the handle is waited on.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+
+from typing import Dict
 
 from megatron.core.process_groups import group_size
 from megatron.core.tensor_parallel.collectives import native_single_tensor_collectives
@@ -59,3 +67,70 @@ def all_gather_param_bucket(param_data: torch.Tensor, shard: torch.Tensor, group
     if native_single_tensor_collectives(group):
         return _ALL_GATHER_SINGLE(param_data, shard, group=group, async_op=async_op)
     return dist.all_gather(list(param_data.chunk(world)), shard, group=group, async_op=async_op)
+
+
+def all_reduce_shard_across_instances(shard: torch.Tensor, inter_group, op=None, async_op: bool = False):
+    """Forward: reduce (SUM or ``op``) this rank's reduce-scattered block ``shard`` in place
+    over ``inter_group``, the ranks that own the same block in every distributed-optimizer
+    instance; all of them end with the same values. Backward: not differentiable. No-op
+    for a 1-rank group."""
+    return all_reduce_grad_bucket(shard, inter_group, op=op, async_op=async_op)
+
+
+class _AllReduceWhenWaited:
+    """Handle of an instance reduce-scatter off the GPU: ``wait`` finishes it, then runs
+    the all-reduce across instances."""
+
+    def __init__(self, reduce_scatter, shard: torch.Tensor, inter_group, op) -> None:
+        self.reduce_scatter, self.shard, self.inter_group, self.op = reduce_scatter, shard, inter_group, op
+
+    def wait(self) -> bool:
+        if self.reduce_scatter is not None:
+            self.reduce_scatter.wait()
+        all_reduce_shard_across_instances(self.shard, self.inter_group, op=self.op)
+        return True
+
+
+class _SideStreamWork:
+    """Handle of collectives queued on a side CUDA stream: ``wait`` makes the current
+    stream wait for them (the host does not block)."""
+
+    def __init__(self, stream) -> None:
+        self.stream = stream
+
+    def wait(self) -> bool:
+        torch.cuda.current_stream(self.stream.device).wait_stream(self.stream)
+        return True
+
+
+_SIDE_STREAMS: Dict[torch.device, "torch.cuda.Stream"] = {}
+
+
+def _side_stream(device: torch.device):
+    if device not in _SIDE_STREAMS:
+        _SIDE_STREAMS[device] = torch.cuda.Stream(device=device)
+    return _SIDE_STREAMS[device]
+
+
+def reduce_scatter_across_instances(grad_data: torch.Tensor, shard: torch.Tensor, intra_group, inter_group,
+                                    op=None, async_op: bool = False):
+    """Forward: reduce-scatter the bucket ``grad_data`` over ``intra_group`` (this rank's
+    distributed-optimizer instance) into ``shard`` as ``reduce_scatter_grad_bucket`` does,
+    then all-reduce ``shard`` over ``inter_group``: ``shard`` ends with the reduction over
+    all data-parallel ranks of both groups, the same in every instance. Backward: not
+    differentiable. Returns a handle whose ``wait`` completes both when ``async_op``
+    (see the module docstring), else None."""
+    if not async_op:
+        reduce_scatter_grad_bucket(grad_data, shard, intra_group, op=op)
+        all_reduce_shard_across_instances(shard, inter_group, op=op)
+        return None
+    if grad_data.is_cuda:
+        stream = _side_stream(grad_data.device)
+        # The grads were produced on the current stream.
+        stream.wait_stream(torch.cuda.current_stream(grad_data.device))
+        with torch.cuda.stream(stream):
+            reduce_scatter_grad_bucket(grad_data, shard, intra_group, op=op)
+            all_reduce_shard_across_instances(shard, inter_group, op=op)
+        return _SideStreamWork(stream)
+    first = reduce_scatter_grad_bucket(grad_data, shard, intra_group, op=op, async_op=True)
+    return _AllReduceWhenWaited(first, shard, inter_group, op)

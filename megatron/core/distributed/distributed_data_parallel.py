@@ -14,9 +14,16 @@ each bucket just before the first module that uses its params runs; code that re
 all params outside forward (checkpoint save, a params norm) must call
 ``finish_param_sync()`` first (``state_dict()`` does).
 
+With ``num_distributed_optimizer_instances`` N > 1 (distributed optimizer only) the
+buffers shard over this rank's instance (``pg_collection.intra_dp_cp``, D/N consecutive
+data x context parallel ranks; ``intra_expt_dp`` for expert params) and each reduced
+block is then all-reduced across the instances (``inter_dist_opt`` /
+``inter_expt_dist_opt``): every instance ends with the same grads and, after the same
+optimizer step, the same params, which it all-gathers inside itself.
+
 Bucket size: as in Megatron, without ``overlap_grad_reduce`` there is one bucket per
 buffer (there is nothing to overlap with); with it the default is
-max(40M, 1M x dp_cp) elements.
+max(40M, 1M x the sharding group's size) elements (dp_cp, or one instance of it).
 """
 
 from __future__ import annotations
@@ -47,7 +54,8 @@ def broadcast_from_group_rank0(tensor: torch.Tensor, group) -> None:
 
 def default_bucket_size(ddp_config: DistributedDataParallelConfig, dp_cp_size: int) -> Optional[int]:
     """Megatron's rule: one bucket (None) without --overlap-grad-reduce; else
-    --ddp-bucket-size, by default max(40M, 1M x dp_cp) elements."""
+    --ddp-bucket-size, by default max(40M, 1M x dp_cp) elements (``dp_cp_size``: the size
+    of the group a bucket is sharded or reduced over)."""
     if not ddp_config.overlap_grad_reduce:
         if ddp_config.bucket_size is not None:
             logger.info("--ddp-bucket-size is ignored without --overlap-grad-reduce: one bucket per buffer")
@@ -59,6 +67,24 @@ def default_bucket_size(ddp_config: DistributedDataParallelConfig, dp_cp_size: i
 
 def _is_expert_param(param: torch.nn.Parameter) -> bool:
     return not getattr(param, "allreduce", True)
+
+
+def _instance_groups(pgs: ProcessGroups, num_instances: int, dp_cp_group, expt_dp_group) -> Tuple:
+    """(intra dense, intra expert, inter dense, inter expert) groups of ``num_instances``
+    distributed-optimizer instances; with one, the whole data-parallel groups and no inter."""
+    if num_instances == 1:
+        return dp_cp_group, expt_dp_group, None, None
+    intra, inter = pgs.intra_dp_cp, pgs.inter_dist_opt
+    built = 1 if intra is None else group_size(dp_cp_group) // group_size(intra)
+    if built != num_instances or group_size(inter) != num_instances:
+        raise ValueError(
+            f"--num-distributed-optimizer-instances {num_instances}: the process groups hold {built} instance(s); "
+            f"build them with parallel_state.initialize_model_parallel(num_distributed_optimizer_instances="
+            f"{num_instances}) or pass a ProcessGroups with intra_dp_cp and inter_dist_opt"
+        )
+    if pgs.expt_dp is None:  # no expert grid: expert params (if any) reduce like dense ones
+        return intra, intra, inter, inter
+    return intra, pgs.intra_expt_dp, inter, pgs.inter_expt_dist_opt
 
 
 def _supports_avg(group) -> bool:
@@ -94,9 +120,12 @@ class DistributedDataParallel(torch.nn.Module):
         self.pg_collection = pgs
         self.dp_cp_group = pgs.dp_cp
         self.expt_dp_group = pgs.expt_dp if pgs.expt_dp is not None else pgs.dp_cp
+        (self.intra_dp_cp_group, self.intra_expt_dp_group, self.inter_dist_opt_group,
+         self.inter_expt_dist_opt_group) = _instance_groups(
+            pgs, ddp_config.num_distributed_optimizer_instances, self.dp_cp_group, self.expt_dp_group)
         self.buffers: List[ParamAndGradBuffer] = []
         self.expert_parallel_buffers: List[ParamAndGradBuffer] = []
-        bucket_size = None if disable_bucketing else default_bucket_size(ddp_config, group_size(self.dp_cp_group))
+        bucket_size = None if disable_bucketing else default_bucket_size(ddp_config, group_size(self.intra_dp_cp_group))
         self._build_buffers(bucket_size)
         self.param_to_bucket = {}
         for buffer in self.buffers + self.expert_parallel_buffers:
@@ -131,11 +160,17 @@ class DistributedDataParallel(torch.nn.Module):
             groups.setdefault(key, []).append(param)
             param.grad_added_to_main_grad = False
         for (_, grad_dtype, expert), params in groups.items():
+            if expert and self.intra_expt_dp_group is None:
+                raise ValueError(
+                    "--num-distributed-optimizer-instances with expert params needs the expert instance groups: "
+                    "pass a ProcessGroups with intra_expt_dp and inter_expt_dist_opt (initialize_model_parallel "
+                    "builds them)"
+                )
             factor, op = self._scaling(expert)
             buffer = ParamAndGradBuffer(
                 params,
                 grad_dtype,
-                self.expt_dp_group if expert else self.dp_cp_group,
+                self.intra_expt_dp_group if expert else self.intra_dp_cp_group,
                 factor,
                 reduce_op=op,
                 bucket_size=bucket_size,
@@ -143,13 +178,16 @@ class DistributedDataParallel(torch.nn.Module):
                 check_for_nan_in_grad=self.ddp_config.check_for_nan_in_grad,
                 use_distributed_optimizer=self.ddp_config.use_distributed_optimizer,
                 pad_buckets_for_high_nccl_busbw=self.ddp_config.pad_buckets_for_high_nccl_busbw,
+                inter_instance_group=self.inter_expt_dist_opt_group if expert else self.inter_dist_opt_group,
             )
             (self.expert_parallel_buffers if expert else self.buffers).append(buffer)
+            instances = self.ddp_config.num_distributed_optimizer_instances
             logger.info(
-                "DDP grad buffer: %d %s params, %d elements (%d padded) of %s in %d bucket(s), %s over %s",
+                "DDP grad buffer: %d %s params, %d elements (%d padded) of %s in %d bucket(s), %s over %s%s",
                 len(params), "expert" if expert else "dense", buffer.numel_unpadded, buffer.numel, grad_dtype,
                 len(buffer.buckets), "reduce-scattered" if buffer.use_distributed_optimizer else "all-reduced",
                 "expert dp" if expert else "dp x cp",
+                f" in each of {instances} instances, then all-reduced across them" if instances > 1 else "",
             )
 
     def _make_grad_hook(self):

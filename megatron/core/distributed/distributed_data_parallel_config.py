@@ -25,6 +25,13 @@ class DistributedDataParallelConfig:
     use_distributed_optimizer: bool = False
     """Shard optimizer state over data-parallel ranks (--use-distributed-optimizer)."""
 
+    num_distributed_optimizer_instances: int = 1
+    """With the distributed optimizer, cut the data x context parallel ranks into this many
+    instances of consecutive ranks (--num-distributed-optimizer-instances): the optimizer
+    state is sharded inside each instance and every instance holds a full copy; grads are
+    reduce-scattered inside the instance, then each shard is all-reduced across instances.
+    The groups come from ``initialize_model_parallel(num_distributed_optimizer_instances=N)``."""
+
     bucket_size: Optional[int] = None
     """Elements per gradient bucket (--ddp-bucket-size); used only with
     --overlap-grad-reduce, where None means max(40M, 1M x dp) elements. Without overlap
@@ -53,6 +60,14 @@ class DistributedDataParallelConfig:
             raise ValueError(
                 "--overlap-param-gather needs --overlap-grad-reduce: add --overlap-grad-reduce or drop "
                 "--overlap-param-gather"
+            )
+        instances = self.num_distributed_optimizer_instances
+        if not isinstance(instances, int) or instances < 1:
+            raise ValueError(f"--num-distributed-optimizer-instances must be a positive integer, got {instances!r}")
+        if instances > 1 and not self.use_distributed_optimizer:
+            raise ValueError(
+                f"--num-distributed-optimizer-instances {instances} needs --use-distributed-optimizer: add it, "
+                "or drop the flag (set it to 1)"
             )
         if self.bucket_size is not None and self.bucket_size < 1:
             raise ValueError(f"--ddp-bucket-size must be a positive number of elements, got {self.bucket_size}")

@@ -23,7 +23,10 @@ Layout (``compute_buffer_layout``):
 With the distributed optimizer the params' storage moves into a second flat buffer
 ``param_data`` of the same layout (``param.data`` becomes a view of it): dp rank r owns
 block r of every bucket; the bucket's grads are reduce-scattered into that block and the
-updated params all-gathered from every rank's block.
+updated params all-gathered from every rank's block. With several distributed-optimizer
+instances the buffer's group is this rank's instance (dp and padding above are its size):
+after the reduce-scatter inside the instance, the block is all-reduced across instances
+(``inter_instance_group``), and the params are all-gathered inside the instance only.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ import torch.distributed as dist
 from megatron.core.distributed.data_parallel_collectives import (
     all_gather_param_bucket,
     all_reduce_grad_bucket,
+    reduce_scatter_across_instances,
     reduce_scatter_grad_bucket,
 )
 from megatron.core.process_groups import group_rank, group_size
@@ -154,7 +158,9 @@ class ParamAndGradBucket:
     included; ``param_data`` is None without the distributed optimizer); ``offset`` is
     their start in the buffer. ``gradient_scaling_factor`` multiplies the grads before
     the collective (1/dp to average with a SUM; 1.0 for per-token loss or AVG). With the
-    distributed optimizer ``grad_shard`` / ``param_shard`` are this dp rank's block.
+    distributed optimizer ``grad_shard`` / ``param_shard`` are this dp rank's block, and
+    ``inter_instance_group`` (None with one instance) the group across which that block's
+    grads are all-reduced after the reduce-scatter over ``data_parallel_group``.
     """
 
     def __init__(
@@ -170,6 +176,7 @@ class ParamAndGradBucket:
         reduce_op,
         overlap_grad_reduce: bool,
         check_for_nan_in_grad: bool,
+        inter_instance_group=None,
     ) -> None:
         self.params = list(params)
         self.params_set = set(self.params)
@@ -179,6 +186,7 @@ class ParamAndGradBucket:
         self.numel_unpadded = numel_unpadded
         self.bucket_id = bucket_id
         self.data_parallel_group = data_parallel_group
+        self.inter_instance_group = inter_instance_group
         self.gradient_scaling_factor = gradient_scaling_factor
         self.reduce_op = reduce_op
         self.overlap_grad_reduce = overlap_grad_reduce
@@ -210,7 +218,8 @@ class ParamAndGradBucket:
 
     def start_grad_sync(self) -> None:
         """Scale this bucket's grads and launch their reduction (async when overlapping):
-        an all-reduce, or a reduce-scatter into ``grad_shard`` with the distributed optimizer."""
+        an all-reduce, or a reduce-scatter into ``grad_shard`` with the distributed optimizer
+        (followed by the all-reduce of ``grad_shard`` across instances when there are several)."""
         if self.grad_reduce_handle is not None:
             return
         if self.check_for_nan_in_grad:
@@ -218,7 +227,10 @@ class ParamAndGradBucket:
         if self.gradient_scaling_factor != 1.0:
             self.grad_data.mul_(self.gradient_scaling_factor)
         group, op, async_op = self.data_parallel_group, self.reduce_op, self.overlap_grad_reduce
-        if self.use_distributed_optimizer:
+        if self.use_distributed_optimizer and group_size(self.inter_instance_group) > 1:
+            handle = reduce_scatter_across_instances(self.grad_data, self.grad_shard, group, self.inter_instance_group,
+                                                     op=op, async_op=async_op)
+        elif self.use_distributed_optimizer:
             handle = reduce_scatter_grad_bucket(self.grad_data, self.grad_shard, group, op=op, async_op=async_op)
         else:
             handle = all_reduce_grad_bucket(self.grad_data, group, op=op, async_op=async_op)
@@ -266,7 +278,8 @@ class ParamAndGradBuffer:
     dtype ``grad_dtype``) viewing ``grad_data``; with ``use_distributed_optimizer`` its
     ``.data`` views ``param_data`` (same dtype as before). ``bucket_size`` (elements)
     closes a bucket once reached; None means one bucket. ``param_index_map[param]`` is
-    ``(start, end, bucket_id)`` in the buffer.
+    ``(start, end, bucket_id)`` in the buffer. ``inter_instance_group``: see
+    ``ParamAndGradBucket``.
     """
 
     def __init__(
@@ -281,6 +294,7 @@ class ParamAndGradBuffer:
         check_for_nan_in_grad: bool = False,
         use_distributed_optimizer: bool = False,
         pad_buckets_for_high_nccl_busbw: bool = False,
+        inter_instance_group=None,
     ) -> None:
         if not params:
             raise ValueError("a ParamAndGradBuffer needs at least one parameter")
@@ -290,6 +304,7 @@ class ParamAndGradBuffer:
         if any(p.dtype != self.param_dtype for p in self.params):
             raise ValueError("all params of one ParamAndGradBuffer must share a dtype; group them by dtype")
         self.data_parallel_group = data_parallel_group
+        self.inter_instance_group = inter_instance_group
         self.use_distributed_optimizer = use_distributed_optimizer
         order = list(reversed(self.params))
         self.layout = compute_buffer_layout(
@@ -339,6 +354,7 @@ class ParamAndGradBuffer:
                 reduce_op,
                 overlap_grad_reduce,
                 check_for_nan_in_grad,
+                self.inter_instance_group,
             )
             self.buckets.append(bucket)
             for p in bucket_params:

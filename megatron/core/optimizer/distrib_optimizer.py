@@ -20,6 +20,13 @@ into dp equal blocks; dp rank r owns block r of every bucket (see
 Memory per parameter with bf16 params, fp32 grads and Adam: 2 (param) + 4 (grad) +
 12/dp (fp32 main param, exp_avg, exp_avg_sq) bytes.
 
+With N distributed-optimizer instances (``num_distributed_optimizer_instances`` of the
+DDP config) "dp" above is one instance, DP x CP / N ranks: the state is sharded inside
+the instance and every instance holds and steps an identical copy (its grads were
+all-reduced across instances after the reduce-scatter, see ``param_and_grad_buffer``).
+So the grad statistics are summed inside the instance only, and the full state gathered
+for a checkpoint is the instance's (every instance's is the same).
+
 State (``state_dict``): the hyper-parameters of the param groups, the loss scaler, a
 ``sharding`` description (dp size and rank; per buffer the padded bucket ranges, the
 unpadded sizes and, per param, its name, shape, range and bucket) and ``param_state``:
@@ -127,7 +134,8 @@ class DistributedOptimizer(MegatronOptimizer):
         grad_scaler: loss scaler (required with --fp16), or None.
         init_state_fn: unused hook kept for Megatron's signature.
         model_chunks: the ``DistributedDataParallel`` chunks whose buffers are sharded.
-        pg_collection: groups (dp_cp for the shards, mp for grad statistics).
+        pg_collection: groups (mp and tp_ep_pp for grad statistics); the shards follow
+            the DDP chunks' groups (dp_cp, or one instance of it).
     """
 
     def __init__(
@@ -145,11 +153,14 @@ class DistributedOptimizer(MegatronOptimizer):
         self.grad_scaler = grad_scaler
         self.model_chunks = list(model_chunks)
         pgs = process_groups.resolve(pg_collection)
-        self.data_parallel_group = pgs.dp_cp
         self.buffers = self._sharded_buffers()
-        # The shards are disjoint over dp: sum statistics over dp first, then over mp.
+        # The groups the DDP buffers shard over: data x context parallel, or this rank's
+        # distributed-optimizer instance of it (every instance holds the same shards).
+        self.data_parallel_group = getattr(self.model_chunks[0], "intra_dp_cp_group", pgs.dp_cp)
+        expert_group = getattr(self.model_chunks[0], "intra_expt_dp_group", pgs.expt_dp)
+        # The shards are disjoint over that group: sum statistics over it first, then over mp.
         self.grad_stats_parallel_group = (self.data_parallel_group, pgs.mp)
-        self.expert_grad_stats_parallel_group = (pgs.expt_dp, pgs.tp_ep_pp)
+        self.expert_grad_stats_parallel_group = (expert_group, pgs.tp_ep_pp)
         self.overlap_param_gather = any(
             getattr(getattr(c, "ddp_config", None), "overlap_param_gather", False) for c in self.model_chunks
         )
@@ -376,7 +387,8 @@ class DistributedOptimizer(MegatronOptimizer):
         distrib_optim.pt): ``buckets[buffer][bucket][key]`` is the bucket's full flat fp32
         state (padded; the blocks of all dp ranks in rank order), with
         ``per_bucket_numel`` / ``per_bucket_numel_unpadded``, ``scalar_state`` and the
-        ``sharding`` map. Collective over the dp group."""
+        ``sharding`` map. Collective over the dp group (one instance of it with several
+        distributed-optimizer instances: each instance gathers its own, identical copy)."""
         blocks, scalars = self.get_parameter_state()
         group = self.data_parallel_group
         buckets = [[{k: all_gather_first_dim(v, buffer.data_parallel_group) for k, v in block.items()}

@@ -185,3 +185,13 @@ def test_single_process_without_torch_distributed():
     for g, e in zip([p.main_grad for p in model.parameters()], _reference_grads(1, 1)):
         torch.testing.assert_close(g, e, rtol=0, atol=1e-6)
     assert ddp.state_dict().keys() == model.state_dict().keys()
+
+
+def test_distributed_optimizer_instances_need_the_distributed_optimizer_and_their_groups():
+    with pytest.raises(ValueError, match="--num-distributed-optimizer-instances 2 needs --use-distributed-optimizer"):
+        DistributedDataParallelConfig(num_distributed_optimizer_instances=2)
+    with pytest.raises(ValueError, match="positive integer"):
+        DistributedDataParallelConfig(use_distributed_optimizer=True, num_distributed_optimizer_instances=0)
+    config = DistributedDataParallelConfig(use_distributed_optimizer=True, num_distributed_optimizer_instances=2)
+    with pytest.raises(ValueError, match=r"hold 1 instance\(s\).*num_distributed_optimizer_instances=2"):
+        DistributedDataParallel(TCFG, config, _model())
