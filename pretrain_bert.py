@@ -23,6 +23,7 @@ from megatron.core.models.bert import BertModel
 from megatron.core.transformer.enums import ModelType
 from megatron.training import get_args, get_tokenizer, pretrain, print_rank_0
 from megatron.training.config_from_args import core_transformer_config_from_args
+from megatron.training.data_iterators import reads_data
 from megatron.training.datasets.blend_args import dataset_config_kwargs
 from megatron.training.flops import bert_floating_point_operations
 from megatron.training.initialize import shutdown_megatron
@@ -89,9 +90,9 @@ def forward_step(data_iterator, model):
 
 
 def is_dataset_built_on_rank() -> bool:
-    """Data is read on tensor-parallel rank 0 of every pipeline stage: each stage's
-    attention needs the padding mask (as in Megatron's pretrain_bert)."""
-    return parallel_state.get_process_groups().rank("tp") == 0
+    """Data is read on tensor-parallel rank 0 (``reads_data``) of every pipeline stage: each
+    stage's attention needs the padding mask (as in Megatron's pretrain_bert)."""
+    return reads_data(parallel_state.get_process_groups())
 
 
 def bert_dataset_config_from_args(args) -> BERTMaskedWordPieceDatasetConfig:

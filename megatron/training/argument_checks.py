@@ -14,6 +14,7 @@ from typing import Optional
 from megatron.training.batch_size_schedule import check_step_batch_size_schedule
 from megatron.training.phase_transitions import check_phase_transitions
 from megatron.core.optimizer.optimizer_dtypes import check_precision_aware
+from megatron.training.fake_process_group import check_fake_process_group
 from megatron.training.fsdp2 import check_fsdp2
 from megatron.training.cuda_graph_args import check_cuda_graphs
 from megatron.training.upcycling import check_upcycling_args
@@ -68,6 +69,26 @@ def check_parallel_layout(args: argparse.Namespace, world_size: int) -> None:
         raise invalid("--cp-comm-type", args.cp_comm_type, "a2a+p2p needs hierarchical context-parallel groups",
                       "add --hierarchical-context-parallel-sizes")
     _check_communication_features(args)
+    _check_distributed_optimizer_instances(args, world_size // (tp * pp), world_size // (etp * ep * pp))
+
+
+def _check_distributed_optimizer_instances(args: argparse.Namespace, dp_cp: int, expert_dp: int) -> None:
+    """--num-distributed-optimizer-instances N: the distributed optimizer, and N dividing the
+    data x context parallel size and the expert data-parallel size."""
+    flag, n = "--num-distributed-optimizer-instances", args.num_distributed_optimizer_instances
+    _positive(flag, n, allow_none=False)
+    if n == 1:
+        return
+    if not args.use_distributed_optimizer:
+        raise invalid(flag, n, "instances of the distributed optimizer need --use-distributed-optimizer",
+                      "add --use-distributed-optimizer, or drop the flag")
+    if dp_cp % n:
+        raise invalid(flag, n, f"the data x context parallel size {dp_cp} (world / (TP x PP)) is not divisible by "
+                      "the number of instances", f"use a divisor of {dp_cp}, or change the number of ranks")
+    if expert_dp % n:
+        raise invalid(flag, n, f"the expert data-parallel size {expert_dp} (world / (ETP x EP x PP)) is not "
+                      "divisible by the number of instances",
+                      f"use a divisor of {expert_dp}, or change --expert-model-parallel-size")
 
 
 def _check_communication_features(args: argparse.Namespace) -> None:
@@ -560,6 +581,7 @@ def check_args(args: argparse.Namespace, world_size: int) -> None:
     check_pipeline(args)
     check_interleaved_schedule(args, world_size // (tp * pp * cp))
     check_checkpointing(args)
+    check_fake_process_group(args, world_size)
     check_data(args)
     check_cuda_graphs(args)
     check_upcycling_args(args)

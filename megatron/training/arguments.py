@@ -122,7 +122,7 @@ def validate_args(
     args.rank = rank
     apply_defaults(args, defaults)
     without_effect = check_unimplemented(args, build_parser().parse_known_args([])[0])
-    if without_effect and rank == 0:
+    if without_effect and (rank == 0 or args.fake_process_group):
         logger.warning("these flags have no effect here:\n  %s", "\n  ".join(without_effect))
     check_args(args, world_size)
     check_deterministic(args)

@@ -7,6 +7,7 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
+from megatron.core.fake_backend import is_fake
 from megatron.core.process_groups import ProcessGroups
 from megatron.training.datasets.data_samplers import build_pretraining_data_loader
 from megatron.training.global_vars import get_args
@@ -41,9 +42,20 @@ def train_valid_test_num_samples(args):
     return train, valid, test
 
 
+def reads_data(pg: ProcessGroups) -> bool:
+    """Whether this tensor-parallel rank reads data: rank 0, which broadcasts it to the others;
+    on torch's fake backend (--fake-process-group) every rank, since a broadcast delivers
+    nothing (``tensor_parallel.broadcast_data`` then keeps each rank's own data)."""
+    return pg.rank("tp") == 0 or is_fake(pg.tp)
+
+
 def is_dataset_built_on_rank(pg: ProcessGroups) -> bool:
-    """Data is read on tensor-parallel rank 0 of the first and last stage, then broadcast."""
-    return pg.rank("tp") == 0 and (pg.is_pipeline_first_stage() or pg.is_pipeline_last_stage())
+    """Data is read on tensor-parallel rank 0 (``reads_data``) of the first and last stage,
+    then broadcast; with --fake-process-group the datasets are built on every rank, so that
+    a middle stage knows, as the real job's agreement would tell it, which splits have data."""
+    if is_fake(pg.tp):
+        return True
+    return reads_data(pg) and (pg.is_pipeline_first_stage() or pg.is_pipeline_last_stage())
 
 
 def _start_position(dataset, consumed: int, dataloader_type: str) -> int:
@@ -88,8 +100,8 @@ def build_train_valid_test_data_iterators(datasets_provider: Callable, pg: Proce
     datasets = datasets_provider(num_samples)
     # A loader wherever the provider built datasets on a tensor-parallel rank 0: the first
     # and last stages for GPT, every stage for families whose middle stages need data too
-    # (BERT's padding mask).
-    if pg.rank("tp") == 0 and any(ds is not None for ds in datasets):
+    # (BERT's padding mask); with --fake-process-group on every rank (``reads_data``).
+    if reads_data(pg) and any(ds is not None for ds in datasets):
         consumed = [phase_consumed_samples(args, state.consumed_train_samples), state.consumed_valid_samples, 0]
         eval_mbs = args.eval_micro_batch_size or args.micro_batch_size
         for i, (ds, start) in enumerate(zip(datasets, consumed)):
@@ -108,7 +120,7 @@ def build_train_valid_test_data_iterators(datasets_provider: Callable, pg: Proce
             )
     valid_sets = None
     if uses_validation_sets(args):
-        valid_sets = build_validation_sets(args, datasets[1] if pg.rank("tp") == 0 else None, pg.size("dp"),
+        valid_sets = build_validation_sets(args, datasets[1] if reads_data(pg) else None, pg.size("dp"),
                                            _eval_loader_builder(args, pg))
     flags = torch.tensor([int(l is not None) for l in loaders], dtype=torch.long)
     if valid_sets is not None:

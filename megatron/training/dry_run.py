@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 from megatron.core import parallel_state
 from megatron.training.arguments import validate_args
+from megatron.training.fake_process_group import init_fake_process_group
 from megatron.training.global_vars import set_global_variables, set_tokenizer
 from megatron.training.memory_estimate import (
     ChunkShape,
@@ -43,12 +44,6 @@ class StagePlan:
     chunks: List[ChunkShape]
 
 
-def _fake_world(world_size: int, rank: int) -> None:
-    from torch.testing._internal.distributed.fake_pg import FakeStore
-
-    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
-
-
 def _layout_kwargs(args) -> Dict:
     return dict(
         tensor_model_parallel_size=args.tensor_model_parallel_size,
@@ -70,7 +65,7 @@ def plan_stages(args, model_provider: Callable) -> List[StagePlan]:
     vpp = getattr(args, "virtual_pipeline_model_parallel_size", None)
     plans = []
     for pp_rank in range(args.pipeline_model_parallel_size):
-        _fake_world(args.world_size, pp_groups[0][pp_rank])
+        init_fake_process_group(args.world_size, pp_groups[0][pp_rank])
         try:
             pg = parallel_state.initialize_model_parallel(virtual_pipeline_model_parallel_size=vpp, **kwargs)
             with on_meta_device():
@@ -124,6 +119,8 @@ def stage_report(args, plan: StagePlan) -> List[str]:
     if any(c.post_process for c in plan.chunks):
         holds.append("output layer and loss")
     shards = args.data_parallel_size * args.context_parallel_size
+    instances = args.num_distributed_optimizer_instances
+    sharding = f"DP x CP = {shards}" if instances == 1 else f"DP x CP / instances = {shards // instances}"
     conf = est["configured"]
     expert = f" ({plan.params.expert:,} of them routed-expert)" if plan.params.expert else ""
     full_args = _full_recompute_args(args)
@@ -133,7 +130,7 @@ def stage_report(args, plan: StagePlan) -> List[str]:
         f"  weights {format_bytes(conf.weights)} | grads {format_bytes(conf.grads)}",
         f"  optimizer state: {format_bytes(est['optimizer dist=False'].optimizer)}, "
         f"{format_bytes(est['optimizer dist=True'].optimizer)} with --use-distributed-optimizer "
-        f"(sharded over DP x CP = {shards})",
+        f"(sharded over {sharding})",
         f"  activations: {format_bytes(est['recompute None'].activations)} without recompute, "
         f"{format_bytes(est['recompute selective'].activations)} selective, "
         f"{format_bytes(est['recompute full'].activations)} full "

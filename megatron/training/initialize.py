@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 from datetime import timedelta
@@ -11,12 +12,14 @@ import torch
 import torch.distributed as dist
 
 from megatron.core import parallel_state
+from megatron.core.fake_backend import is_fake
 from megatron.core.num_microbatches_calculator import init_num_microbatches_calculator
 from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 from megatron.training.arguments import parse_args, validate_args
 from megatron.training.checkpointing.checkpoint_args import load_args_from_checkpoint
 from megatron.training.deterministic import apply_deterministic
 from megatron.training.distributed_env import detect_distributed_env, export_env
+from megatron.training.fake_process_group import init_fake_process_group, rehearsal_notice
 from megatron.training.global_vars import set_global_variables, set_timers, set_tokenizer
 from megatron.core.timers import Timers
 from megatron.training.rank_print import print_rank_0
@@ -27,14 +30,24 @@ logger = logging.getLogger(__name__)
 
 def initialize_megatron(extra_args_provider=None, args_defaults=None, ignore_unknown_args=False,
                         parsed_args=None):
-    """Everything before the model is built; returns the parsed arguments."""
+    """Everything before the model is built; returns the parsed arguments.
+
+    With ``--lazy-mpu-init`` (for launchers that set up distribution themselves) the flags are
+    parsed, validated and installed, but torch.distributed, the model-parallel groups and the
+    seeds are left alone, and the function that completes them is returned instead
+    (``finish()``, no arguments, returns nothing; it joins torch.distributed only if nobody
+    has); the flag also turns on ``--use-cpu-initialization``."""
     denv = detect_distributed_env()
     export_env(denv)
     args = parsed_args if parsed_args is not None else parse_args(extra_args_provider, ignore_unknown_args)
     # Logging first, so that the values taken from a checkpoint and the flag warnings show.
-    _setup_logging(args, denv.rank)
+    # A --fake-process-group process is the only one of its job: it speaks for all ranks.
+    _setup_logging(args, 0 if getattr(args, "fake_process_group", False) else denv.rank)
     if getattr(args, "use_checkpoint_args", False):
         args, _ = load_args_from_checkpoint(args)
+    if getattr(args, "lazy_mpu_init", None):
+        # finish() picks the CUDA device: weights are initialized on the CPU, as Megatron does here.
+        args.use_cpu_initialization = True
     args = validate_args(args, args_defaults or {})
     set_global_variables(args)
     tokenizer = build_tokenizer(args)
@@ -42,8 +55,8 @@ def initialize_megatron(extra_args_provider=None, args_defaults=None, ignore_unk
     # Megatron's scripts read the padded size from args; it is derived here, once.
     args.padded_vocab_size = vocab_size_with_padding(tokenizer.vocab_size, args)
     apply_deterministic(args)  # NCCL reads NCCL_ALGO when the process group starts
-    _initialize_distributed(args, denv)
-    set_timers(Timers(args.timing_log_level, args.timing_log_option, group=dist.group.WORLD))
+    # None: the world group of torch.distributed, whenever it is joined.
+    set_timers(Timers(args.timing_log_level, args.timing_log_option, group=None))
     init_num_microbatches_calculator(
         args.rank,
         args.rampup_batch_size,
@@ -54,11 +67,21 @@ def initialize_megatron(extra_args_provider=None, args_defaults=None, ignore_unk
         step_batch_size_schedule=getattr(args, "step_batch_size_schedule", None),
         seq_length=args.seq_length,
     )
-    set_random_seed(args.seed, getattr(args, "data_parallel_random_init", False))
     if getattr(args, "disable_bf16_reduced_precision_matmul", False):
         # cuBLAS may otherwise accumulate bf16 GEMMs with reduced-precision reductions.
         torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False
+    finish = functools.partial(_finish_initialization, args, denv)
+    if getattr(args, "lazy_mpu_init", None):
+        return finish
+    finish()
     return args
+
+
+def _finish_initialization(args, denv) -> None:
+    """Join torch.distributed (unless joined), build the model-parallel groups (unless built)
+    and seed; ``initialize_megatron`` returns it under --lazy-mpu-init."""
+    _initialize_distributed(args, denv)
+    set_random_seed(args.seed, getattr(args, "data_parallel_random_init", False))
 
 
 def _setup_logging(args, rank: int) -> None:
@@ -92,10 +115,23 @@ def _rendezvous(denv, timeout: timedelta) -> dict:
     return {"init_method": f"tcp://{denv.master_addr}:{denv.master_port}"}
 
 
+def _join_fake_world(denv) -> None:
+    """--fake-process-group: join torch's fake backend as RANK of WORLD_SIZE (this process is
+    the only one); a caller that joined a real group already contradicts the flag."""
+    if not dist.is_initialized():
+        init_fake_process_group(denv.world_size, denv.rank)
+    elif not is_fake():
+        raise ValueError(f"--fake-process-group: torch.distributed was already initialized by the caller, with the "
+                         f"{dist.get_backend()} backend. Fix: drop the flag, or let initialize_megatron start the "
+                         "process group")
+
+
 def _initialize_distributed(args, denv) -> None:
     """Join the default process group (unless already joined) and build the parallel groups."""
     if torch.cuda.is_available():
         torch.cuda.set_device(denv.local_rank % torch.cuda.device_count())
+    if getattr(args, "fake_process_group", False):
+        _join_fake_world(denv)
     if not dist.is_initialized():
         backend = _select_backend(args, denv.rank)
         timeout = timedelta(minutes=args.distributed_timeout_minutes)
@@ -128,6 +164,8 @@ def _initialize_distributed(args, denv) -> None:
         f"tensor parallel {args.tensor_model_parallel_size}, pipeline parallel "
         f"{args.pipeline_model_parallel_size}, data parallel {args.data_parallel_size}"
     )
+    if is_fake():
+        logger.warning(rehearsal_notice(parallel_state.get_process_groups()))
 
 
 def set_random_seed(seed: int, data_parallel_random_init: bool = False) -> None:

@@ -1,16 +1,21 @@
-"""Printing from one rank, as Megatron's training scripts do."""
+"""Printing from one rank, as Megatron's training scripts do.
+
+A process on torch's fake backend (``--fake-process-group``) is the only one of its job and
+prints what rank 0 and the last rank print, whatever rank it plays."""
 
 from __future__ import annotations
 
 import torch.distributed as dist
 
+from megatron.core.fake_backend import is_fake
+
 
 def is_rank_0() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
+    return not dist.is_initialized() or dist.get_rank() == 0 or is_fake()
 
 
 def is_last_rank() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == dist.get_world_size() - 1
+    return not dist.is_initialized() or dist.get_rank() == dist.get_world_size() - 1 or is_fake()
 
 
 def print_rank_0(message: str) -> None:

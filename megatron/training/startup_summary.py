@@ -8,6 +8,7 @@ from typing import List, Optional
 
 import torch
 
+from megatron.core.fake_backend import is_fake
 from megatron.core.process_groups import ProcessGroups
 from megatron.training.flops import num_floating_point_operations
 from megatron.training.memory_estimate import MemoryEstimate, estimate_memory, format_memory, num_microbatches
@@ -83,11 +84,12 @@ def summary_lines(args, total_params: int, embedding_params: int, rank_params: i
 def log_startup_summary(args, model: List[torch.nn.Module], pg: ProcessGroups, model_provider=None,
                         flops_func=None) -> Optional[str]:
     """Log the summary on rank 0, for rank 0: the first pipeline stage, which holds the most
-    micro-batches in flight (--dry-run reports every stage). ``model_provider`` lets the total
-    be counted on the meta device; without it (or if that fails) the total shown is rank 0's."""
+    micro-batches in flight (--dry-run reports every stage); with --fake-process-group for the
+    rank the process plays. ``model_provider`` lets the total be counted on the meta device;
+    without it (or if that fails) the total shown is the rank's."""
     from megatron.training.model_census import chunk_shapes, count_full_model, rank_params
 
-    if args.rank != 0:
+    if args.rank != 0 and not is_fake():
         return None
     params = rank_params(model)
     total, embedding = params.total, 0

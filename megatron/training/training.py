@@ -13,6 +13,7 @@ import torch.distributed as dist
 
 from megatron.core import parallel_state
 from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+from megatron.core.fake_backend import is_fake
 from megatron.core.optimizer.device_step import DeviceStepResult, HostCopy
 from megatron.core.num_microbatches_calculator import (
     get_current_global_batch_size,
@@ -108,7 +109,9 @@ def _setup(parsed, start, train_valid_test_dataset_provider, model_provider, ext
     if parsed.dry_run:
         dry_run(parsed, model_provider, args_defaults, flops_func)
         return None
-    initialize_megatron(extra_args_provider, args_defaults, ignore_unknown_args, parsed_args=parsed)
+    finish = initialize_megatron(extra_args_provider, args_defaults, ignore_unknown_args, parsed_args=parsed)
+    if callable(finish):  # --lazy-mpu-init: nothing after this point could complete it later
+        finish()
     args = get_args()
     pg = parallel_state.get_process_groups()
     print_rank_0(f"> time to initialize: {time.time() - start:.1f} s")
@@ -512,7 +515,8 @@ def _should_continue(args, run_state: RunState) -> bool:
 def _after_log(args, timers, iteration: int, first_of_run: bool) -> None:
     if first_of_run:
         report = memory_report(dist.get_rank() if dist.is_initialized() else 0, iteration)
-        if report and (not dist.is_initialized() or parallel_state.get_data_parallel_rank() == 0):
+        # A --fake-process-group process prints it whatever rank it plays: the peak is what it measures.
+        if report and (not dist.is_initialized() or parallel_state.get_data_parallel_rank() == 0 or is_fake()):
             print(report, flush=True)
     if args.timing_log_level > 0:
         block = timers.log_string(["forward-backward", "optimizer"], normalizer=1.0)

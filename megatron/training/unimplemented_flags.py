@@ -28,15 +28,8 @@ from typing import Dict, List, Optional, Tuple
 REFUSED: Dict[str, Tuple[str, str, str]] = {
     "fp8_param_gather": ("--fp8-param-gather", "FP8 weights are not gathered in FP8 (the FP8 linears quantize "
                          "the gathered high-precision weights)", "drop --fp8-param-gather"),
-    "num_distributed_optimizer_instances": (
-        "--num-distributed-optimizer-instances", "only one distributed-optimizer instance (sharding over all "
-        "data-parallel ranks) is implemented", "drop the flag or set it to 1"),
     "use_megatron_fsdp": ("--use-megatron-fsdp", "Megatron-FSDP is not implemented",
                           "use --use-torch-fsdp2 (PyTorch's FSDP2) or --use-distributed-optimizer (ZeRO-1)"),
-    "lazy_mpu_init": ("--lazy-mpu-init", "deferring model-parallel initialization is not implemented",
-                      "drop it"),
-    "fake_process_group": ("--fake-process-group", "the fake process group is not implemented",
-                           "run on real ranks (the CPU gloo backend runs anywhere)"),
 }
 
 # dest: (flag, what happens instead)

@@ -37,6 +37,12 @@ def _rank() -> int:
     return int(os.environ.get("RANK", "0") or 0)
 
 
+def _alone() -> bool:
+    """Whether this process is the only one of its job although RANK may be any rank
+    (--fake-process-group on the command line): it speaks, as rank 0 would."""
+    return "--fake-process-group" in sys.argv[1:]
+
+
 def _show_traceback() -> bool:
     return os.environ.get(SHOW_TRACEBACK_ENV, "").strip().lower() in ("1", "true", "yes")
 
@@ -45,7 +51,7 @@ def _show_traceback() -> bool:
 def argparse_output_on_rank_0():
     """argparse prints its usage and error (or --help) on every rank of a launcher; only rank 0's
     copy is kept. The SystemExit still ends every rank with argparse's code."""
-    if _rank() == 0:
+    if _rank() == 0 or _alone():
         yield
         return
     with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
@@ -69,7 +75,7 @@ def user_errors(setup: bool = True):
             raise
         rank = _rank()
         initialized = dist.is_available() and dist.is_initialized()
-        if rank == 0 or initialized:
+        if rank == 0 or initialized or _alone():
             where = "" if rank == 0 else f"[rank {rank}] "
             sys.stderr.write(f"{where}error: {err}\n(set {SHOW_TRACEBACK_ENV}=1 for the traceback)\n")
             sys.stderr.flush()

@@ -84,6 +84,8 @@ def _commands(text):
         nnodes = re.search(r"--nnodes[ =](\d+)", head)
         planned = re.search(r"--dry-run-world-size[ =](\d+)", flags)  # a dry run plans for N ranks
         world = int(nproc.group(1) if nproc else 1) * int(nnodes.group(1) if nnodes else 1)
+        played = re.search(r"\bWORLD_SIZE=(\d+)", head)  # --fake-process-group plays a rank of N
+        world = int(played.group(1)) if played else world
         yield shlex.split(flags), int(planned.group(1)) if planned else world
 
 

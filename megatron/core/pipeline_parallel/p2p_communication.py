@@ -23,6 +23,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
+from megatron.core.fake_backend import receive_buffer
 from megatron.core.process_groups import group_rank, group_size
 
 
@@ -43,7 +44,7 @@ def _peer(pp_group, offset: int) -> int:
 
 
 def _empty(cfg: P2PConfig, requires_grad: bool) -> torch.Tensor:
-    return torch.empty(cfg.tensor_shape, dtype=cfg.dtype, device=cfg.device, requires_grad=requires_grad)
+    return receive_buffer(cfg.tensor_shape, cfg.dtype, cfg.device, cfg.pp_group, requires_grad=requires_grad)
 
 
 def _check_outgoing(tensor: torch.Tensor, cfg: P2PConfig, what: str) -> torch.Tensor:

@@ -17,6 +17,7 @@ from typing import Optional, Tuple
 import torch
 import torch.distributed as dist
 
+from megatron.core.fake_backend import gather_output, scatter_output
 from megatron.core.process_groups import group_rank, group_size
 
 # Newer torch renames the single-tensor collectives; the old names warn but still work.
@@ -53,7 +54,7 @@ def all_gather_first_dim_async(tensor: torch.Tensor, group) -> Tuple[torch.Tenso
     if world == 1:
         return tensor, None
     tensor = tensor.contiguous()
-    out = torch.empty((world * tensor.size(0),) + tuple(tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
+    out = gather_output(tensor, world, group)
     if native_single_tensor_collectives(group):
         return out, _ALL_GATHER_SINGLE(out, tensor, group=group, async_op=True)
     dist.all_gather(list(out.chunk(world, dim=0)), tensor, group=group)
@@ -82,9 +83,7 @@ def reduce_scatter_first_dim_async(tensor: torch.Tensor, group) -> Tuple[torch.T
         )
     tensor = tensor.contiguous()
     if native_single_tensor_collectives(group):
-        out = torch.empty(
-            (tensor.size(0) // world,) + tuple(tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device
-        )
+        out = scatter_output(tensor, world, group)
         return out, _REDUCE_SCATTER_SINGLE(out, tensor, group=group, async_op=True)
     # gloo: reduce everything, keep our block (world times the traffic; CPU runs are tiny)
     total = all_reduce_sum(tensor, group)

@@ -39,6 +39,7 @@ from typing import Callable, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
+from megatron.core.fake_backend import receive_buffer
 from megatron.core.process_groups import group_rank, group_size
 from megatron.core.tensor_parallel.collectives import all_gather_first_dim_async, reduce_scatter_first_dim_async
 
@@ -121,7 +122,7 @@ def ring_all_gather_matmul(shard: torch.Tensor, matmul: Callable[[torch.Tensor, 
     """
     world, rank, next_rank, prev_rank = _ring_peers(group)
     n = shard.size(0)
-    gathered = torch.empty((world * n,) + tuple(shard.shape[1:]), dtype=shard.dtype, device=shard.device)
+    gathered = receive_buffer((world * n,) + tuple(shard.shape[1:]), shard.dtype, shard.device, group)
     out = torch.empty((world * n,) + tuple(shard.shape[1:-1]) + (out_last_dim,), dtype=shard.dtype,
                       device=shard.device)
     gathered[rank * n:(rank + 1) * n].copy_(shard)
@@ -161,7 +162,7 @@ def ring_matmul_reduce_scatter(full: torch.Tensor, matmul: Callable[[torch.Tenso
             partial += received
         if step == world - 1:
             return partial
-        received = torch.empty_like(partial)
+        received = receive_buffer(partial.shape, partial.dtype, partial.device, group)
         reqs = _exchange(partial, received, next_rank, prev_rank, group)
     raise AssertionError("unreachable")
 

@@ -6,6 +6,16 @@ import argparse
 import os
 
 
+def _on_off(text: str) -> bool:
+    """A flag's true/false value: Megatron writes ``--lazy-mpu-init True``; ``False`` means off."""
+    value = text.strip().lower()
+    if value in ("true", "1", "yes", "on"):
+        return True
+    if value in ("false", "0", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
+
+
 def add_distributed_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Parallel sizes, pipeline layout, backend and gradient/parameter communication."""
     g = parser.add_argument_group(title="distributed")
@@ -46,12 +56,18 @@ def add_distributed_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     g.add_argument("--use-ring-exchange-p2p", action="store_true", help="Use ring exchange for pipeline p2p.")
     g.add_argument("--local-rank", type=int, default=int(os.getenv("LOCAL_RANK", "0")),
                    help="Local rank (torchrun sets LOCAL_RANK).")
-    g.add_argument("--lazy-mpu-init", type=bool, required=False,
-                   help="Skip torch.distributed init; the caller initializes model parallelism later.")
+    g.add_argument("--lazy-mpu-init", type=_on_off, nargs="?", const=True, default=None,
+                   help="initialize_megatron() parses and installs the flags but leaves torch.distributed, the "
+                        "model-parallel groups and the seeds to the function it returns, for launchers that set "
+                        "up distribution themselves; implies --use-cpu-initialization. pretrain() calls that "
+                        "function at once. Takes Megatron's value (--lazy-mpu-init True) or none.")
     g.add_argument("--use-distributed-optimizer", action="store_true",
                    help="Shard optimizer state over data-parallel ranks (ZeRO-1).")
     g.add_argument("--num-distributed-optimizer-instances", type=int, default=1,
-                   help="Number of distributed-optimizer replicas.")
+                   help="With --use-distributed-optimizer, split the data x context parallel ranks into this "
+                        "many instances of consecutive ranks (typically one per node or group of nodes): the "
+                        "optimizer state is sharded inside each instance and every instance holds a full copy; "
+                        "gradients are reduce-scattered inside the instance, then all-reduced across instances.")
     g.add_argument("--use-torch-fsdp2", action="store_true",
                    help="Shard params, grads and optimizer state over data-parallel ranks with PyTorch's "
                         "FSDP2 (fully_shard per layer); saves in --ckpt-format torch_dcp.")
@@ -72,6 +88,9 @@ def add_distributed_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     g.add_argument("--expert-tensor-parallel-size", type=int, default=None, help=None)
     g.add_argument("--disable-gloo-process-groups", action="store_false", dest="enable_gloo_process_groups",
                    help="Do not create gloo twins of the data-parallel groups.")
-    g.add_argument("--fake-process-group", action="store_true", help="Fake process group (memory profiling on 1 GPU).")
+    g.add_argument("--fake-process-group", action="store_true",
+                   help="One process plays rank RANK of a WORLD_SIZE-rank job on torch's fake backend (no "
+                        "collective communicates), to measure that rank's memory and step time on one GPU; "
+                        "losses are meaningless and --save/--load are refused. See docs/dry_run.md.")
     g.add_argument("--use-sharp", action="store_true", help="Enable SHARP on the data-parallel group.")
     return parser

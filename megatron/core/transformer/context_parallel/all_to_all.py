@@ -12,13 +12,15 @@ from typing import List, Sequence
 import torch
 import torch.distributed as dist
 
+from megatron.core.fake_backend import receive_buffer
+
 
 def exchange_chunks(chunks: Sequence[torch.Tensor], members: Sequence[int], index: int, group) -> List[torch.Tensor]:
     """Send chunks[j] to members[j] and return what each member j sent to this process.
 
     Forward only (the autograd Functions below route gradients). This process's own
     chunk is kept without communication."""
-    received = [torch.empty(c.shape, dtype=c.dtype, device=c.device) for c in chunks]
+    received = [receive_buffer(c.shape, c.dtype, c.device, group) for c in chunks]
     ops = []
     for j, peer in enumerate(members):
         if j == index:

@@ -21,6 +21,7 @@ from typing import List
 import torch
 import torch.distributed as dist
 
+from megatron.core.fake_backend import receive_buffer
 from megatron.core.transformer.context_parallel import block_math
 from megatron.core.transformer.context_parallel.layout import Segment
 
@@ -48,7 +49,7 @@ def ring_send_recv_start(tensor: torch.Tensor, ring: Ring):
     Forward only (used inside autograd Functions, which route gradients themselves).
     Returns (receive buffer, requests); call ring_send_recv_wait to finish."""
     tensor = tensor.contiguous()
-    recv = torch.empty(tensor.shape, dtype=tensor.dtype, device=tensor.device)
+    recv = receive_buffer(tensor.shape, tensor.dtype, tensor.device, ring.group)
     nxt = ring.members[(ring.index + 1) % ring.size]
     prv = ring.members[(ring.index - 1) % ring.size]
     ops = [

@@ -30,6 +30,7 @@ from typing import List, Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from megatron.core.fake_backend import receive_buffer
 from megatron.core.process_groups import group_rank, group_size
 from megatron.core.tensor_parallel.collectives import all_gather_first_dim, comm_device
 from megatron.core.tensor_parallel.mappings import (
@@ -63,7 +64,7 @@ def all_gather_counts(counts: torch.Tensor, group) -> torch.Tensor:
 
 
 def _exchange(tensor: torch.Tensor, output_splits: List[int], input_splits: List[int], group) -> torch.Tensor:
-    out = tensor.new_empty((sum(output_splits),) + tuple(tensor.shape[1:]))
+    out = receive_buffer((sum(output_splits),) + tuple(tensor.shape[1:]), tensor.dtype, tensor.device, group)
     dist.all_to_all_single(out, tensor.contiguous(), output_splits, input_splits, group=group)
     return out
 
