@@ -155,7 +155,13 @@ def _initialize_distributed(args, denv) -> None:
             expert_tensor_parallel_size=getattr(args, "expert_tensor_parallel_size", None),
             order="tp-cp-ep-pp-dp" if getattr(args, "use_tp_pp_dp_mapping", False) else "tp-cp-ep-dp-pp",
             distributed_timeout_minutes=args.distributed_timeout_minutes,
+            num_distributed_optimizer_instances=args.num_distributed_optimizer_instances,
         )
+    else:
+        # The caller built the model-parallel groups: add the distributed-optimizer
+        # instances' groups to them (a no-op when they are there already).
+        parallel_state.initialize_distributed_optimizer_instances(args.num_distributed_optimizer_instances,
+                                                                  args.distributed_timeout_minutes)
     if denv.restart_count:
         print_rank_0(f"> torchrun restart {denv.restart_count} of at most {denv.max_restarts}: "
                      "resuming from the last committed checkpoint under --load")

@@ -9,7 +9,6 @@ from typing import Callable, List, Optional
 
 import torch
 
-from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel
 from megatron.core.optimizer import get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
@@ -106,10 +105,6 @@ def get_model(model_provider_func: Callable, pg_collection: ProcessGroups, wrap_
     ddp_config = get_ddp_config(args, num_parameters=n_params)
     if args.use_torch_fsdp2:
         return wrap_with_fsdp2(chunks, config, ddp_config, args, pg_collection)
-    if ddp_config.num_distributed_optimizer_instances > 1:
-        # The instance groups join the installed groups here, before DDP shards over them.
-        parallel_state.initialize_distributed_optimizer_instances(ddp_config.num_distributed_optimizer_instances,
-                                                                  args.distributed_timeout_minutes)
     wrapped = [
         DistributedDataParallel(config, ddp_config, chunk, pg_collection=pg_collection,
                                 disable_bucketing=(index > 0))
