@@ -8,7 +8,8 @@ import pytest
 
 from megatron.training.arguments import parse_and_validate
 from megatron.training.checkpointing import directory as layout
-from tests.training.gpt_runs import TINY_GPT, losses, run_gpt
+from tests.training.checkpointing.megatron_cases import FIXTURE, FIXTURE_FLAGS, LOGITS_TOL, megatron_logits, needs_fixture
+from tests.training.gpt_runs import TINY_GPT, losses, run_gpt, run_gpt_with_params
 
 MOE = ["--num-experts", "4", "--moe-router-topk", "2"]
 
@@ -46,3 +47,31 @@ def test_upcycled_run_starts_from_the_dense_model(tmp_path):
 def test_misuse_is_refused_by_flag(extra, match):
     with pytest.raises(ValueError, match=match):
         parse_and_validate(TINY_GPT + ["--train-iters", "2"] + extra, world_size=1)
+
+
+def _moe_fixture_model():
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    config = TransformerConfig(num_layers=2, hidden_size=64, num_attention_heads=4, use_cpu_initialization=True,
+                               hidden_dropout=0.0, attention_dropout=0.0, num_moe_experts=4, moe_router_topk=2)
+    return GPTModel(config, vocab_size=512, max_sequence_length=64).eval()
+
+
+@needs_fixture
+def test_upcycling_a_checkpoint_written_by_megatron_lm_keeps_its_logits(tmp_path):
+    """Megatron-LM's own dense GPT checkpoint (torch_dist) upcycled into 4 experts top-2:
+    the MoE model gives the logits Megatron's dense model gave."""
+    import numpy as np
+    import torch
+
+    _, params, _ = run_gpt_with_params(1, FIXTURE_FLAGS[len(TINY_GPT):] + MOE + [
+        "--moe-use-upcycling", "--load", str(FIXTURE / "torch_dist"), "--save", str(tmp_path / "moe"),
+        "--save-interval", "10"], iters=1)
+    model = _moe_fixture_model()
+    missing, unexpected = model.load_state_dict(params[0], strict=False)
+    assert not unexpected and all("_extra_state" in k or "expert_bias" in k for k in missing), missing
+    data = np.load(FIXTURE / "logits.npz")
+    with torch.no_grad():
+        logits = model(torch.from_numpy(data["tokens"]), torch.from_numpy(data["position_ids"]), None)
+    torch.testing.assert_close(logits, megatron_logits(), **LOGITS_TOL)
