@@ -58,7 +58,10 @@ def describe_precision(args) -> str:
     grads = "fp32" if (params == "fp32" or args.accumulate_allreduce_grads_in_fp32) else params
     main_dtype = args.main_params_dtype if args.use_precision_aware_optimizer else "fp32"
     main = f", {main_dtype} main params" if params != "fp32" else ""
-    sharded = " (distributed optimizer)" if args.use_distributed_optimizer else ""
+    sharded = ""
+    if args.use_distributed_optimizer:
+        instances = args.num_distributed_optimizer_instances
+        sharded = f" (distributed optimizer{f', {instances} instances' if instances > 1 else ''})"
     if args.use_precision_aware_optimizer:
         sharded += f", moments {args.exp_avg_dtype}/{args.exp_avg_sq_dtype}"
     if args.optimizer_cpu_offload:

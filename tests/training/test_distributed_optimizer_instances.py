@@ -155,5 +155,8 @@ def test_flag_validation_names_the_flag_and_the_fix(world, extra, message):
 
 
 def test_two_instances_are_accepted():
+    from megatron.training.startup_summary import describe_precision
+
     args = parse_and_validate(TINY + TWO_INSTANCES, world_size=4)
     assert args.num_distributed_optimizer_instances == 2
+    assert "(distributed optimizer, 2 instances)" in describe_precision(args)
