@@ -9,8 +9,9 @@
 # Sections: tests (the GPU-marked tests), fp8 (gpt-1.7b / llama-1.6b, tensorwise and delayed,
 # FP8 against bf16 in the same run; the 300-step convergence check), bert (BERT-large), mamba
 # (the SSD kernel and the ~1.3B models at 4k/16k/64k), generation (ours against Hugging Face),
-# fsdp2 (FSDP2 next to the distributed optimizer; needs 8 GPUs), graphs (gpt2-124m and BERT-large
-# eager against --cuda-graph-impl full_iteration, and the graph equality tests).
+# fsdp2 (FSDP2 next to the distributed optimizer; needs 8 GPUs), graphs (gpt2-124m, BERT-large and
+# the MoE benchmark eager against --cuda-graph-impl full_iteration, FP8 gpt-1.7b graphed, and the
+# graph equality tests).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
@@ -40,10 +41,12 @@ for section in $SECTIONS; do
       step fp8-linear 300 python3 benchmarks/fp8_linear_bench.py --profile
       step fp8-convergence 1800 python3 benchmarks/fp8_convergence.py --recipe tensorwise ;;
     bert)
+      step bert-attention-mask 300 python3 benchmarks/attention_mask_bench.py
       step bert-large 600 python3 benchmarks/pretrain_bench.py --configs bert-large --iters 10 --warmup 4 ;;
     mamba)
       step ssd-kernel 300 python3 benchmarks/mamba_bench.py --only kernel
-      step mamba-models 2400 python3 benchmarks/mamba_bench.py --only models --iters 8 --warmup 3 --timeout 600 ;;
+      step mamba-models 2400 python3 benchmarks/mamba_bench.py --only models --iters 6 --warmup 2 --timeout 600 \
+        --log-dir "$LOG_DIR/mamba" ;;
     generation)
       step generation 1800 python3 benchmarks/generation_bench.py --shape llama-1.6b --batch-sizes 1 8 32 128 --profile-decode ;;
     fsdp2)
@@ -60,7 +63,11 @@ for section in $SECTIONS; do
         step "$cfg-eager" 300 python3 benchmarks/pretrain_bench.py --configs "$cfg" --iters 14 --warmup 7 --log-interval 1
         step "$cfg-graphed" 300 python3 benchmarks/pretrain_bench.py --configs "$cfg" --iters 14 --warmup 7 \
           --log-interval 1 "--extra=--cuda-graph-impl full_iteration"
-      done ;;
+      done
+      step fp8-graphed 600 python3 benchmarks/pretrain_bench.py --configs gpt-1.7b --fp8 tensorwise --iters 10 --warmup 4 \
+        "--extra=--cuda-graph-impl full_iteration"
+      step moe-eager 300 python3 benchmarks/moe_bench.py --iters 12 --warmup 5
+      step moe-graphed 300 python3 benchmarks/moe_bench.py --iters 12 --warmup 5 "--extra=--cuda-graph-impl full_iteration" ;;
     *) echo "unknown section $section (tests fp8 bert mamba generation fsdp2 graphs)"; exit 2 ;;
   esac
 done
