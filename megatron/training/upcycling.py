@@ -43,6 +43,10 @@ def check_upcycling_args(args: argparse.Namespace) -> None:
     if not args.save:
         raise invalid(FLAG, True, "saves the upcycled MoE model under --save (the next runs resume from there)",
                       "add --save DIR (and --save-interval N)")
+    if args.use_torch_fsdp2:
+        raise invalid(FLAG, True, "builds the MoE weights from whole per-rank tensors, which FSDP2 shards",
+                      "run the upcycling step without --use-torch-fsdp2 (later runs may use it: the checkpoint "
+                      "reshards on load)")
     if args.moe_shared_expert_intermediate_size:
         raise invalid(FLAG, True, "copies the dense MLP into the routed experts; a shared expert would start "
                       "from random weights", "drop --moe-shared-expert-intermediate-size")

@@ -43,6 +43,9 @@ def test_upcycled_run_starts_from_the_dense_model(tmp_path):
     (MOE + ["--moe-use-upcycling", "--load", "d", "--save", "s", "--save-interval", "1",
             "--moe-shared-expert-intermediate-size", "64"], "drop --moe-shared-expert-intermediate-size"),
     (MOE + ["--moe-upcycling-granularity", "0"], "--moe-upcycling-granularity 0"),
+    (MOE + ["--moe-use-upcycling", "--load", "d", "--save", "s", "--save-interval", "1", "--use-torch-fsdp2",
+            "--untie-embeddings-and-output-weights", "--no-gradient-accumulation-fusion", "--ckpt-format", "torch_dcp"],
+     "without --use-torch-fsdp2"),
 ])
 def test_misuse_is_refused_by_flag(extra, match):
     with pytest.raises(ValueError, match=match):
