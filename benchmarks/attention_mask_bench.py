@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +28,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from megatron.core.fusions.sdpa_backends import SDPA_BACKEND_PRIORITY  # noqa: E402
+from timing import ms_per_call  # noqa: E402
 
 FORCED = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
           "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
@@ -43,27 +44,6 @@ def masks(batch: int, heads: int, seq: int, dtype: torch.dtype, device) -> Dict[
             "additive [b,h,s,s]": additive.expand(batch, heads, seq, seq).contiguous()}
 
 
-def time_ms(step: Callable[[], None], repeats: int, cuda: bool) -> float:
-    """Milliseconds per call after three untimed calls."""
-    import time
-
-    for _ in range(3):
-        step()
-    if cuda:
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda.synchronize()
-        start.record()
-        for _ in range(repeats):
-            step()
-        end.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(end) / repeats
-    t0 = time.perf_counter()
-    for _ in range(repeats):
-        step()
-    return (time.perf_counter() - t0) * 1000.0 / repeats
-
-
 def row(q, k, v, mask, dropout: float, backends: Sequence[SDPBackend], repeats: int) -> str:
     """'1.234 ms' or 'refused: <reason>' for SDPA fwd+bwd under ``backends``."""
     def step():
@@ -72,7 +52,7 @@ def row(q, k, v, mask, dropout: float, backends: Sequence[SDPBackend], repeats: 
         out.float().sum().backward()
 
     try:
-        return f"{time_ms(step, repeats, q.is_cuda):.3f} ms"
+        return f"{ms_per_call(step, repeats, cuda=q.is_cuda):.3f} ms"
     except RuntimeError as err:
         return "refused: " + str(err).strip().splitlines()[0][:80]
 

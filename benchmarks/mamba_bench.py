@@ -34,6 +34,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from pretrain_bench import PEAK_TFLOPS, TIMED_OUT, _stream, environment, parse_log, steady_state  # noqa: E402
+from timing import ms_per_call  # noqa: E402
 
 HIDDEN, VOCAB = 2048, 50304
 _COMMON = [
@@ -54,22 +55,6 @@ MODELS: Dict[str, tuple] = {
     "transformer-1.3b": ("pretrain_gpt.py", ["--num-layers", "24", "--ffn-hidden-size", "8192",
                                              "--position-embedding-type", "rope"]),
 }
-
-
-def _time_ms(step, repeats: int) -> float:
-    """Milliseconds per call of ``step`` on the GPU, after three untimed calls (compile, autotune)."""
-    import torch
-
-    for _ in range(3):
-        step()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start.record()
-    for _ in range(repeats):
-        step()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / repeats
 
 
 def kernel_bench(seq: int = 4096, batch: int = 4, repeats: int = 20) -> dict:
@@ -102,10 +87,10 @@ def kernel_bench(seq: int = 4096, batch: int = 4, repeats: int = 20) -> dict:
             ssd_scan(x, dt, A, B, C, 128, backend=backend).sum().backward()
 
         try:
-            out[f"ssd_{backend}_ms"] = _time_ms(ssd_step, repeats)
+            out[f"ssd_{backend}_ms"] = ms_per_call(ssd_step, repeats)
         except Exception as err:  # one backend failing must not cost the other's number
             out[f"ssd_{backend}_error"] = f"{type(err).__name__}: {str(err)[:200]}"
-    out["cudnn_sdpa_ms"] = _time_ms(sdpa_step, repeats)
+    out["cudnn_sdpa_ms"] = ms_per_call(sdpa_step, repeats)
     # Causal attention FLOPs (fwd+bwd, halved for the mask) of the same width: a yardstick.
     out["sdpa_tflops"] = 3 * 2 * 2 * batch * seq * seq * 2048 / 2 / out["cudnn_sdpa_ms"] / 1e9
     return out

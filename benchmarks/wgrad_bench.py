@@ -19,6 +19,8 @@ import argparse
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from timing import ms_per_call
+
 SHAPES = {  # (out features, in features) of each linear
     "bert-large": [(3072, 1024), (1024, 1024), (4096, 1024), (1024, 4096)],
     "gpt-1.7b": [(6144, 2048), (2048, 2048), (8192, 2048), (2048, 8192)],
@@ -34,19 +36,6 @@ def variants(main, grad, inp):
         "mm fp32 + add": lambda: main.add_(torch.mm(a, b, out_dtype=torch.float32)),
         "mm bf16 + add": lambda: main.add_(torch.mm(a, b)),
     }
-
-
-def time_ms(fn, reps: int) -> float:
-    for _ in range(3):
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start.record()
-    for _ in range(reps):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / reps
 
 
 def gemm_kernel(fn) -> str:
@@ -72,7 +61,7 @@ def main() -> None:
             inp = torch.randn(opts.tokens, in_f, device="cuda", dtype=torch.bfloat16)
             main_grad = torch.zeros(out_f, in_f, device="cuda", dtype=torch.float32)
             for name, fn in variants(main_grad, grad, inp).items():
-                ms = time_ms(fn, opts.reps)
+                ms = ms_per_call(fn, opts.reps)
                 tflops = 2 * opts.tokens * out_f * in_f / ms / 1e9
                 print(f"{model:<11} {f'{out_f}x{in_f}':>12} | {name:<15} {ms:7.3f} {tflops:8.1f} | {gemm_kernel(fn)}",
                       flush=True)
