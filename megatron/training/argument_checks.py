@@ -338,6 +338,32 @@ def check_precision(args: argparse.Namespace) -> None:
         if value <= 0:
             raise invalid(flag, value, "must be positive", "pass a positive value")
     check_precision_aware(args)
+    check_fp8_param_gather(args)
+
+
+def check_fp8_param_gather(args: argparse.Namespace) -> None:
+    """--fp8-param-gather: FP8 weights gathered in FP8 by the distributed optimizer (docs/fp8.md)."""
+    if not args.fp8_param_gather:
+        return
+    if args.fp8 is None:
+        raise invalid("--fp8-param-gather", True, "keeps and gathers the FP8 linears' weights in FP8, so it needs "
+                      "FP8 training", "add --fp8-format hybrid (or e4m3), or drop --fp8-param-gather")
+    if args.use_torch_fsdp2:
+        raise invalid("--fp8-param-gather", True, "is implemented for the distributed optimizer's param gather; "
+                      "FSDP2 gathers params in their own dtype here",
+                      "use --use-distributed-optimizer instead of --use-torch-fsdp2, or drop --fp8-param-gather")
+    if not args.use_distributed_optimizer:
+        raise invalid("--fp8-param-gather", True, "needs --use-distributed-optimizer (the FP8 weights are "
+                      "quantized from its master shards and all-gathered by it)",
+                      "add --use-distributed-optimizer or drop --fp8-param-gather")
+    if args.use_precision_aware_optimizer:
+        raise invalid("--fp8-param-gather", True, "is not combined with --use-precision-aware-optimizer here (the "
+                      "FP8 weights are quantized from the default optimizer's fp32 master copies)",
+                      "drop one of the two flags")
+    if args.cuda_graph_impl == "full_iteration" or "full_iteration" in (args.cuda_graph_scope or []):
+        raise invalid("--fp8-param-gather", True, "is not captured by full-iteration CUDA graphs (the gathered "
+                      "FP8 weights are handed to the linears on the host)",
+                      "drop --cuda-graph-impl or --fp8-param-gather")
 
 
 def check_recompute(args: argparse.Namespace) -> None:

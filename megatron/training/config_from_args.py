@@ -24,6 +24,7 @@ ARG_TO_CONFIG_FIELD: Dict[str, str] = {
     "norm_epsilon": "layernorm_epsilon",
     "apply_layernorm_1p": "layernorm_zero_centered_gamma",
     "num_experts": "num_moe_experts",
+    "fp8_param_gather": "fp8_param",
     "decoder_first_pipeline_num_layers": "num_layers_in_first_pipeline_stage",
     "decoder_last_pipeline_num_layers": "num_layers_in_last_pipeline_stage",
     "microbatch_group_size_per_virtual_pipeline_stage": "microbatch_group_size_per_vp_stage",

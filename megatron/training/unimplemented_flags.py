@@ -26,8 +26,6 @@ from typing import Dict, List, Optional, Tuple
 
 # dest: (flag, what is missing, what to do instead)
 REFUSED: Dict[str, Tuple[str, str, str]] = {
-    "fp8_param_gather": ("--fp8-param-gather", "FP8 weights are not gathered in FP8 (the FP8 linears quantize "
-                         "the gathered high-precision weights)", "drop --fp8-param-gather"),
     "use_megatron_fsdp": ("--use-megatron-fsdp", "Megatron-FSDP is not implemented",
                           "use --use-torch-fsdp2 (PyTorch's FSDP2) or --use-distributed-optimizer (ZeRO-1)"),
 }
@@ -49,6 +47,9 @@ WITHOUT_EFFECT: Dict[str, Tuple[str, str]] = {
     "ckpt_fully_parallel_save": ("--no-ckpt-fully-parallel-save", "every rank writes its own shards"),
     "ckpt_fully_parallel_load": ("--ckpt-fully-parallel-load", "every rank reads its own shards"),
     "save_tokenizer_assets": ("--no-save-tokenizer-assets", "tokenizer files are not copied into checkpoints"),
+    "non_persistent_local_ckpt_algo": ("--non-persistent-local-ckpt-algo", "each rank writes its complete state "
+                                       "into one file of its own either way (no de-duplication of data-parallel "
+                                       "replicas): what is restored is the same"),
     "overlap_p2p_communication_warmup_flush": (
         "--overlap-p2p-communication-warmup-flush", "with --overlap-p2p-communication warmup and flush "
         "exchanges are already waited for only before the step that needs them"),

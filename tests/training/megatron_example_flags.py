@@ -20,7 +20,6 @@ GPT2_VOCAB = str(REPO / "examples" / "data" / "gpt2" / "vocab.json")
 GPT2_MERGES = str(REPO / "examples" / "data" / "gpt2" / "merges.txt")
 
 # Reasons for dropping or adding a flag on CPU.
-FP8_PARAM_GATHER = "FP8 weights are not all-gathered in FP8 here (the FP8 linears quantize the gathered weights)"
 FP8_ON_CPU = ("a CPU has no FP8 matmuls: --fp8-emulation runs the same recipe (scales, amax history, "
               "quantization) with fp32 matmuls")
 
@@ -126,7 +125,6 @@ LLAMA3_8B_FP8 = ExampleScript(
         "--data-cache-path": ["--data-cache-path", "{tmp}/cache"], "--save": ["--save", "{tmp}/ckpt"],
         "--load": ["--load", "{tmp}/ckpt"], "--tensorboard-dir": ["--tensorboard-dir", "{tmp}/tb"],
     },
-    dropped={"--fp8-param-gather": (0, FP8_PARAM_GATHER)},
     added={"--fp8-emulation": ([], FP8_ON_CPU)},
 )
 

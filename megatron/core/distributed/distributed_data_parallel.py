@@ -21,6 +21,10 @@ block is then all-reduced across the instances (``inter_dist_opt`` /
 ``inter_expt_dist_opt``): every instance ends with the same grads and, after the same
 optimizer step, the same params, which it all-gathers inside itself.
 
+With ``fp8_param_gather`` the weights of the FP8 linears form buffers of their own,
+whose buckets all-gather FP8 bytes quantized from the master shards
+(``megatron.core.fp8.param_gather``); the other params keep their buffers.
+
 Bucket size: as in Megatron, without ``overlap_grad_reduce`` there is one bucket per
 buffer (there is nothing to overlap with); with it the default is
 max(40M, 1M x the sharding group's size) elements (dp_cp, or one instance of it).
@@ -39,6 +43,7 @@ import torch.distributed as dist
 from megatron.core import process_groups
 from megatron.core.distributed.distributed_data_parallel_config import DistributedDataParallelConfig
 from megatron.core.distributed.param_and_grad_buffer import ParamAndGradBuffer
+from megatron.core.fp8.param_gather import fp8_weights
 from megatron.core.process_groups import ProcessGroups, group_size
 
 logger = logging.getLogger(__name__)
@@ -150,16 +155,27 @@ class DistributedDataParallel(torch.nn.Module):
             return factor, dist.ReduceOp.AVG
         return 1.0 / dp_cp, dist.ReduceOp.SUM
 
+    def _fp8_weights(self) -> dict:
+        """The FP8 linears' weights gathered in FP8 (empty without --fp8-param-gather)."""
+        if not self.ddp_config.fp8_param_gather:
+            return {}
+        weights = fp8_weights(self.module)
+        if not weights:
+            logger.warning("--fp8-param-gather: this model chunk has no FP8 linear (no --fp8-format, or all its "
+                           "layers kept in bf16); its params are gathered as without the flag")
+        return weights
+
     def _build_buffers(self, bucket_size: Optional[int]) -> None:
         groups: Dict[tuple, List[torch.nn.Parameter]] = OrderedDict()
+        fp8 = self._fp8_weights()
         for param in self.module.parameters():
             if not param.requires_grad:
                 continue
             grad_dtype = torch.float32 if self.ddp_config.grad_reduce_in_fp32 else param.dtype
-            key = (param.dtype, grad_dtype, _is_expert_param(param))
+            key = (param.dtype, grad_dtype, _is_expert_param(param), param in fp8)
             groups.setdefault(key, []).append(param)
             param.grad_added_to_main_grad = False
-        for (_, grad_dtype, expert), params in groups.items():
+        for (_, grad_dtype, expert, in_fp8), params in groups.items():
             if expert and self.intra_expt_dp_group is None:
                 raise ValueError(
                     "--num-distributed-optimizer-instances with expert params needs the expert instance groups: "
@@ -179,12 +195,14 @@ class DistributedDataParallel(torch.nn.Module):
                 use_distributed_optimizer=self.ddp_config.use_distributed_optimizer,
                 pad_buckets_for_high_nccl_busbw=self.ddp_config.pad_buckets_for_high_nccl_busbw,
                 inter_instance_group=self.inter_expt_dist_opt_group if expert else self.inter_dist_opt_group,
+                fp8_weights={p: fp8[p] for p in params} if in_fp8 else None,
             )
             (self.expert_parallel_buffers if expert else self.buffers).append(buffer)
             instances = self.ddp_config.num_distributed_optimizer_instances
             logger.info(
-                "DDP grad buffer: %d %s params, %d elements (%d padded) of %s in %d bucket(s), %s over %s%s",
-                len(params), "expert" if expert else "dense", buffer.numel_unpadded, buffer.numel, grad_dtype,
+                "DDP grad buffer: %d %s%s params, %d elements (%d padded) of %s in %d bucket(s), %s over %s%s",
+                len(params), "expert" if expert else "dense", " FP8-gathered" if in_fp8 else "",
+                buffer.numel_unpadded, buffer.numel, grad_dtype,
                 len(buffer.buckets), "reduce-scattered" if buffer.use_distributed_optimizer else "all-reduced",
                 "expert dp" if expert else "dp x cp",
                 f" in each of {instances} instances, then all-reduced across them" if instances > 1 else "",

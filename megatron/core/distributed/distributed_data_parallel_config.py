@@ -46,6 +46,11 @@ class DistributedDataParallelConfig:
     """Average inside the collective (ReduceOp.AVG, NCCL only) instead of scaling the
     grads by 1/dp before a summing all-reduce (--ddp-average-in-collective)."""
 
+    fp8_param_gather: bool = False
+    """Keep the FP8 linears' weights in buffers of their own and all-gather them as FP8
+    bytes, quantized from the fp32 master shards (--fp8-param-gather); needs the distributed
+    optimizer and a model with FP8 linears (docs/fp8.md)."""
+
     check_for_nan_in_grad: bool = False
     """Check each bucket's local grads for NaN/Inf before reducing them
     (--check-for-nan-in-loss-and-grad)."""
@@ -60,6 +65,12 @@ class DistributedDataParallelConfig:
             raise ValueError(
                 "--overlap-param-gather needs --overlap-grad-reduce: add --overlap-grad-reduce or drop "
                 "--overlap-param-gather"
+            )
+        if self.fp8_param_gather and not self.use_distributed_optimizer:
+            raise ValueError(
+                "--fp8-param-gather needs --use-distributed-optimizer: the FP8 weights are quantized from the "
+                "distributed optimizer's master shards and all-gathered by it; add --use-distributed-optimizer "
+                "or drop --fp8-param-gather"
             )
         instances = self.num_distributed_optimizer_instances
         if not isinstance(instances, int) or instances < 1:

@@ -27,6 +27,11 @@ updated params all-gathered from every rank's block. With several distributed-op
 instances the buffer's group is this rank's instance (dp and padding above are its size):
 after the reduce-scatter inside the instance, the block is all-reduced across instances
 (``inter_instance_group``), and the params are all-gathered inside the instance only.
+
+With --fp8-param-gather a buffer that holds only FP8 linears' weights (``fp8_weights``)
+also owns ``fp8``, an ``fp8.param_gather.Fp8ParamBuffer``: a uint8 twin of ``param_data``
+into which the optimizer quantizes its shards; its buckets all-gather those bytes instead
+of the bf16 ones, then install the gathered FP8 weights (see that module).
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ from megatron.core.distributed.data_parallel_collectives import (
     reduce_scatter_across_instances,
     reduce_scatter_grad_bucket,
 )
+from megatron.core.fp8.param_gather import Fp8ParamBuffer, Fp8Weight
 from megatron.core.process_groups import group_rank, group_size
 
 logger = logging.getLogger(__name__)
@@ -177,6 +183,7 @@ class ParamAndGradBucket:
         overlap_grad_reduce: bool,
         check_for_nan_in_grad: bool,
         inter_instance_group=None,
+        fp8: Optional[Fp8ParamBuffer] = None,
     ) -> None:
         self.params = list(params)
         self.params_set = set(self.params)
@@ -200,6 +207,11 @@ class ParamAndGradBucket:
             self.shard_numel = grad_data.numel() // dp
             block = slice(rank * self.shard_numel, (rank + 1) * self.shard_numel)
             self.grad_shard, self.param_shard = grad_data[block], param_data[block]
+        # --fp8-param-gather: the bucket's FP8 bytes are gathered instead of param_data
+        self.fp8 = fp8 if self.use_distributed_optimizer else None
+        if self.fp8 is not None:
+            self.fp8_data = fp8.data[offset:offset + grad_data.numel()]
+            self.fp8_shard = self.fp8_data[block]
         self.reset()
 
     def reset(self) -> None:
@@ -260,15 +272,29 @@ class ParamAndGradBucket:
         if not self.use_distributed_optimizer:
             return
         self.finish_param_sync()
+        if self.fp8 is not None:
+            # one byte per element: the FP8 weights the optimizer quantized into fp8_shard
+            self.param_gather_handle = all_gather_param_bucket(
+                self.fp8_data, self.fp8_shard, self.data_parallel_group, async_op=async_op
+            )
+            if self.param_gather_handle is None:
+                self._install_fp8()
+            return
         self.param_gather_handle = all_gather_param_bucket(
             self.param_data, self.param_shard, self.data_parallel_group, async_op=async_op
         )
 
     def finish_param_sync(self) -> None:
-        """Wait for this bucket's pending param all-gather, if any."""
+        """Wait for this bucket's pending param all-gather, if any (and with
+        --fp8-param-gather hand the gathered FP8 weights to their linears)."""
         if self.param_gather_handle is not None:
             self.param_gather_handle.wait()
             self.param_gather_handle = None
+            if self.fp8 is not None:
+                self._install_fp8()
+
+    def _install_fp8(self) -> None:
+        self.fp8.install(self.offset, self.offset + self.grad_data.numel())
 
 
 class ParamAndGradBuffer:
@@ -295,6 +321,7 @@ class ParamAndGradBuffer:
         use_distributed_optimizer: bool = False,
         pad_buckets_for_high_nccl_busbw: bool = False,
         inter_instance_group=None,
+        fp8_weights: Optional[Dict[torch.nn.Parameter, Fp8Weight]] = None,
     ) -> None:
         if not params:
             raise ValueError("a ParamAndGradBuffer needs at least one parameter")
@@ -323,6 +350,13 @@ class ParamAndGradBuffer:
         for p, (start, end), bucket_id in zip(order, self.layout.param_ranges, self.layout.bucket_of_param):
             self._place(p, start, end)
             self.param_index_map[p] = (start, end, bucket_id)
+        self.fp8: Optional[Fp8ParamBuffer] = None
+        if fp8_weights:
+            if not use_distributed_optimizer or any(p not in fp8_weights for p in order):
+                raise ValueError("--fp8-param-gather: an FP8 param buffer needs the distributed optimizer and only "
+                                 "FP8 linears' weights in it")
+            self.fp8 = Fp8ParamBuffer([(p, self.layout.param_ranges[i], fp8_weights[p]) for i, p in enumerate(order)],
+                                      self.numel, device, data_parallel_group)
         self.buckets: List[ParamAndGradBucket] = []
         self.param_to_bucket: Dict[torch.nn.Parameter, ParamAndGradBucket] = {}
         self._build_buckets(order, gradient_scaling_factor, reduce_op, overlap_grad_reduce, check_for_nan_in_grad)
@@ -355,6 +389,7 @@ class ParamAndGradBuffer:
                 overlap_grad_reduce,
                 check_for_nan_in_grad,
                 self.inter_instance_group,
+                self.fp8,
             )
             self.buckets.append(bucket)
             for p in bucket_params:

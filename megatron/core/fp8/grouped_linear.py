@@ -77,10 +77,20 @@ class GroupedScaling:
 
     @torch.no_grad()
     def quantize_weights(self, weights: torch.Tensor) -> GroupedFp8Operand:
-        """weights [G, N, K] quantized with each expert's weight scale."""
+        """weights [G, N, K] quantized with each expert's weight scale. Weights gathered in
+        FP8 (--fp8-param-gather) use the gathered copies when every expert has a current
+        one, else current scaling of ``weights``."""
+        gathered = [s.weight_cache.current() for s in self.states] if self.states[0].weight_gathered_in_fp8 else []
+        if gathered and all(op is not None for op in gathered):
+            return GroupedFp8Operand(torch.stack([op.q for op in gathered]),
+                                     torch.stack([op.scale_inv for op in gathered]))
         amax = weights.detach().abs().amax(dim=(1, 2)).float() if weights.numel() else \
             weights.new_zeros(weights.size(0), dtype=torch.float32)
-        scale = self.scales_for(amax, WEIGHT)
+        if gathered:
+            amax = reduce_amax(amax, self.amax_group)
+            scale = torch.stack([s.record_current_scale(a, WEIGHT) for s, a in zip(self.states, amax)])
+        else:
+            scale = self.scales_for(amax, WEIGHT)
         return GroupedFp8Operand(quantize(weights, scale[:, None, None], self.recipe.forward_dtype),
                                  scale.reciprocal())
 

@@ -42,7 +42,12 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
 def _fp8_weight(weight: torch.Tensor, scaling: Fp8Scaling, amax_group) -> Fp8Operand:
     """The weight's FP8 copies. Under ``tensorwise`` they depend on the weight alone, so
     they are quantized once per optimizer step (``weight_cache``); under ``delayed`` the
-    scale advances with every call, so they are quantized every call."""
+    scale advances with every call, so they are quantized every call. A weight gathered
+    in FP8 (--fp8-param-gather) uses the copies the gather put in the cache, or, until
+    there is one, its high-precision weight quantized with current scaling."""
+    if scaling.weight_gathered_in_fp8:
+        return scaling.weight_cache.get(weight, lambda: scaling.quantize_current(weight.detach(), WEIGHT, amax_group))
+
     def build() -> Fp8Operand:
         return scaling.quantize_operand(weight.detach(), WEIGHT, amax_group, transpose=True)
     if scaling.recipe.recipe != "tensorwise":

@@ -61,6 +61,9 @@ class Fp8Recipe:
 
 def check_fp8_config(config) -> None:
     """Raise ValueError for an FP8 setting that cannot run here; no-op when fp8 is off."""
+    if getattr(config, "fp8_param", False) and config.fp8 is None:
+        raise ValueError("--fp8-param-gather keeps and gathers the FP8 linears' weights in FP8, so it needs FP8 "
+                         "training: add --fp8-format hybrid (or e4m3), or drop --fp8-param-gather")
     if config.fp8 is None:
         return
     if config.fp8 not in FP8_FORMATS:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+from dataclasses import replace
 from typing import NamedTuple, Optional
 
 import torch
@@ -217,6 +218,10 @@ class Fp8Scaling(torch.nn.Module):
         self.register_buffer("amax_history", torch.zeros(recipe.amax_history_len, NUM_SLOTS, device=device))
         self.register_buffer("scale", torch.ones(NUM_SLOTS, device=device))
         self.weight_cache = Fp8WeightCache()
+        # Set by the data-parallel wrapper when the weight is all-gathered in FP8
+        # (--fp8-param-gather, ``fp8.param_gather``): the weight is then scaled by its own
+        # amax (current scaling) under either recipe, and its FP8 copies come from the gather.
+        self.weight_gathered_in_fp8 = False
 
     def _apply(self, fn, recurse=True):
         # A model moved to bf16 (--bf16) keeps this state in float32: torch._scaled_mm and
@@ -250,6 +255,22 @@ class Fp8Scaling(torch.nn.Module):
             q, q_t = quantize_with_transpose(x, scale, dtype)
         else:
             q, q_t = quantize_fused(x, scale, dtype), None
+        return Fp8Operand(q, q_t, scale, scale.reciprocal())
+
+    @torch.no_grad()
+    def record_current_scale(self, amax: torch.Tensor, slot: int) -> torch.Tensor:
+        """The current-scaling scale of ``amax`` (already reduced) for ``slot``, recorded in
+        the state as ``tensorwise`` records it (history row 0 and ``scale``), whatever the
+        recipe: the weights gathered in FP8 are scaled this way under ``delayed`` too."""
+        return advance_scales(self.amax_history[:, slot], self.scale[slot], amax.to(self.scale.device),
+                              replace(self.recipe, recipe="tensorwise"), fp8_max(self.recipe.dtype(slot)))
+
+    @torch.no_grad()
+    def quantize_current(self, x: torch.Tensor, slot: int, group=None) -> Fp8Operand:
+        """``x`` (2-D) and its transpose quantized with the current scale of ``x`` (amax
+        reduced over ``group``), recorded by ``record_current_scale``."""
+        scale = self.record_current_scale(reduce_amax(tensor_amax_fused(x).to(self.scale.device), group), slot)
+        q, q_t = quantize_with_transpose(x, scale, self.recipe.dtype(slot))
         return Fp8Operand(q, q_t, scale, scale.reciprocal())
 
     @torch.no_grad()

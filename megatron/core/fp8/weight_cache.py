@@ -12,11 +12,17 @@ Engine does with its first-micro-batch flag. A cached copy is used only while bo
   writes them through a buffer, which the version counter may not see).
 
 A loop that changes the weights some other way calls ``weights_updated()`` itself.
+
+With --fp8-param-gather the cache is fed by the distributed optimizer's FP8 all-gather
+(``fp8.param_gather``): after each gather it ``put``s the gathered FP8 weight, and the
+linears find it under the same key rules; a miss (a weight written since, or no gather
+yet) falls back to quantizing the high-precision weight.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import weakref
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -36,12 +42,30 @@ class Fp8WeightCache:
     def __init__(self) -> None:
         self._entry = None
         self._key = None
+        self._weight = None
+
+    @staticmethod
+    def _key_of(weight: torch.Tensor):
+        return (weight.data_ptr(), weight._version, _generation, weight.shape)
 
     def get(self, weight: torch.Tensor, build: Callable[[], Any]) -> Any:
-        key = (weight.data_ptr(), weight._version, _generation, weight.shape)
+        key = self._key_of(weight)
         if self._entry is None or key != self._key:
             self._entry, self._key = build(), key
         return self._entry
 
+    def put(self, weight: torch.Tensor, entry: Any) -> None:
+        """Hold ``entry`` as the FP8 copies of ``weight`` as it is now (after the FP8
+        parameter all-gather wrote it): valid until the weight or the generation changes."""
+        self._entry, self._key = entry, self._key_of(weight)
+        self._weight = weakref.ref(weight)
+
+    def current(self) -> Optional[Any]:
+        """The entry last ``put``, if the weight it was put for is unchanged since; else None."""
+        weight = self._weight() if self._weight is not None else None
+        if weight is None or self._entry is None or self._key != self._key_of(weight):
+            return None
+        return self._entry
+
     def clear(self) -> None:
-        self._entry, self._key = None, None
+        self._entry, self._key, self._weight = None, None, None

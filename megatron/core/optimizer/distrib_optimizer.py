@@ -17,6 +17,13 @@ into dp equal blocks; dp rank r owns block r of every bucket (see
    all-gathers every bucket (asynchronously with --overlap-param-gather: forward
    pre-hooks wait per bucket).
 
+With --fp8-param-gather (``DistributedDataParallelConfig.fp8_param_gather``) the FP8
+linears' weights have buffers of their own: step 5 quantizes their fp32 main pieces
+into the buffers' uint8 twins with one scale per weight that all ranks agree on, and the
+gather moves FP8 bytes (``megatron.core.fp8.param_gather``). Their main pieces are always
+separate fp32 copies (the gathered values, dequantized, overwrite the model params).
+``main_params_changed`` regathers them after the main params are loaded.
+
 Memory per parameter with bf16 params, fp32 grads and Adam: 2 (param) + 4 (grad) +
 12/dp (fp32 main param, exp_avg, exp_avg_sq) bytes.
 
@@ -171,6 +178,13 @@ class DistributedOptimizer(MegatronOptimizer):
                                         group_rank(buffer.data_parallel_group), index)
             self.param_ranges.update({p: r for p, r in zip(order, ranges) if r is not None})
         self.precision_aware = isinstance(self.optimizer, PrecisionAwareAdamW)
+        self.fp8_buffers = [b for b in self.buffers if getattr(b, "fp8", None) is not None]
+        self._fp8_params = {p for b in self.fp8_buffers for p in b.param_index_map}
+        if self.fp8_buffers and self.precision_aware:
+            raise ValueError(
+                "--fp8-param-gather cannot be combined with --use-precision-aware-optimizer here: the FP8 weights "
+                "are quantized from the default optimizer's fp32 master copies; drop one of the two flags"
+            )
         self.shard_groups: List[List[_Shard]] = [self._shard_group(group) for group in self.optimizer.param_groups]
         if self.precision_aware:
             offload = offloaded_params(self.get_parameters(), config.optimizer_offload_fraction) \
@@ -208,7 +222,8 @@ class DistributedOptimizer(MegatronOptimizer):
             piece = param.detach().view(-1)[prange.param[0]:prange.param[1]]
             if self.precision_aware and param.dtype in (torch.float16, torch.bfloat16, torch.float32):
                 main = piece  # the optimizer keeps the master values (and writes the piece)
-            elif param.dtype in (torch.float16, torch.bfloat16):
+            elif param.dtype in (torch.float16, torch.bfloat16) or param in self._fp8_params:
+                # a weight gathered in FP8 gets its dequantized value back: its master is a copy
                 main = piece.clone().float()
             elif param.dtype == torch.float32:
                 main = piece  # a view: the step updates the param buffer's owned block directly
@@ -241,6 +256,21 @@ class DistributedOptimizer(MegatronOptimizer):
         for shard in self._all_shards():
             if shard.is_copy:
                 shard.main_param.copy_(shard.model_piece())
+        self.main_params_changed()
+
+    @torch.no_grad()
+    def main_params_changed(self) -> None:
+        """The main params were set outside a step (a checkpoint load): with
+        --fp8-param-gather, quantize and all-gather the FP8 weights from them now, so the
+        next forward computes with quantize(master) exactly as after a step. No-op
+        without it. Collective over the data-parallel groups."""
+        if not self.fp8_buffers:
+            return
+        self._finish_param_sync()
+        self._quantize_fp8_shards()
+        for buffer in self.fp8_buffers:
+            for bucket in buffer.buckets:
+                bucket.start_param_sync(async_op=False)
 
     def _main_grad(self, grad: torch.Tensor) -> torch.Tensor:
         """The reduced grad piece as the optimizer reads it: fp32, or kept in the buffer's
@@ -271,8 +301,18 @@ class DistributedOptimizer(MegatronOptimizer):
 
     def _copy_main_params_to_model_params(self) -> None:
         for shard in self._all_shards():
-            if shard.is_copy:
+            if shard.is_copy and shard.model_param not in self._fp8_params:
                 shard.model_piece().copy_(shard.main_param)
+        self._quantize_fp8_shards()
+
+    def _quantize_fp8_shards(self) -> None:
+        """--fp8-param-gather: this rank's main pieces of the FP8 weights into the FP8
+        buffers (collective: the scales' amaxes are reduced over the groups)."""
+        for buffer in self.fp8_buffers:
+            index = self.buffers.index(buffer)
+            pieces = {s.model_param: (s.main_param.detach().view(-1), s.range.local)
+                      for s in self._all_shards() if s.range.buffer_index == index}
+            buffer.fp8.quantize_shards(pieces)
 
     def _finish_param_sync(self) -> None:
         for chunk in self.model_chunks:
@@ -432,6 +472,7 @@ class DistributedOptimizer(MegatronOptimizer):
             full, _, (start, _) = by_name[name]
             lo, hi = start + shard.range.param[0], start + shard.range.param[1]
             self._set_shard_state(shard, {k: v[lo:hi].to(device) for k, v in full.items()}, scalars)
+        self.main_params_changed()
 
     def state_dict(self) -> dict:
         blocks, scalars = self.get_parameter_state()
@@ -475,6 +516,7 @@ class DistributedOptimizer(MegatronOptimizer):
             lo, hi = shard.range.shard
             block = state_dict["param_state"][shard.range.buffer_index][shard.range.bucket_id]
             self._set_shard_state(shard, {k: v[lo:hi] for k, v in block.items()}, scalars)
+        self.main_params_changed()
         if "grad_scaler" in state_dict and self.grad_scaler is not None:
             self.grad_scaler.load_state_dict(state_dict["grad_scaler"])
         elif self.config.fp16:

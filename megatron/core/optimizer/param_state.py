@@ -151,6 +151,7 @@ def load_model_space_state(optimizer: MegatronOptimizer, states: Dict[torch.nn.P
             optimizer._set_shard_state(shard, values, None if extra is None else
                                        {k: _step_value(v, shard.main_param if fused else None)
                                         for k, v in extra.items()})
+        optimizer.main_params_changed()
         return
     for model_param, main_param in _main_params(optimizer):
         entry = states[model_param]
@@ -180,6 +181,7 @@ def install_main_params(optimizer: MegatronOptimizer, fp32_params: Dict[torch.nn
                     optimizer.optimizer.set_unscaled(shard.main_param, "master_param", piece)
                 else:
                     shard.main_param.copy_(piece.view_as(shard.main_param))
+            optimizer.main_params_changed()
             return
         for model_param, main_param in _main_params(optimizer):
             if main_param is not model_param:

@@ -404,6 +404,11 @@ class TransformerConfig(ModelParallelConfig):
     """Emulate the FP8 GEMMs in fp32 where the device has none (CPU, pre-Hopper GPUs): slow, for
     debugging FP8 numerics (--fp8-emulation). Not a Megatron flag."""
 
+    fp8_param: bool = False
+    """The FP8 linears' weights are all-gathered in FP8 by the distributed optimizer
+    (--fp8-param-gather; the gather itself is ``DistributedDataParallelConfig.fp8_param_gather``).
+    Needs ``fp8``. See docs/fp8.md."""
+
     first_last_layers_bf16: bool = False
     """Keep the first and last transformer layers out of FP8 (--first-last-layers-bf16)."""
 

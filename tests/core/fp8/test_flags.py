@@ -1,10 +1,14 @@
 """The --fp8-* flags: Megatron's spellings and defaults reach TransformerConfig; the
 recipes Hopper cannot run are refused naming the flag."""
 
+import re
+
 import pytest
 
+from megatron.core.distributed import DistributedDataParallelConfig
+from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.training.arguments import parse_and_validate
-from megatron.training.config_from_args import core_transformer_config_from_args
+from megatron.training.config_from_args import core_transformer_config_from_args, get_ddp_config
 
 BASE = ["--num-layers", "4", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "32",
         "--max-position-embeddings", "32", "--micro-batch-size", "1", "--train-iters", "1", "--bf16"]
@@ -39,6 +43,30 @@ def test_recipes_hopper_cannot_run_are_refused(recipe):
         _config("--fp8-format", "hybrid", "--fp8-recipe", recipe)
 
 
-def test_fp8_param_gather_is_refused():
-    with pytest.raises(ValueError, match="--fp8-param-gather True: is not supported"):
-        parse_and_validate(BASE + ["--fp8-format", "hybrid", "--fp8-param-gather"])
+def test_fp8_param_gather_reaches_the_configs():
+    args = parse_and_validate(BASE + ["--fp8-format", "hybrid", "--fp8-param-gather", "--use-distributed-optimizer"])
+    assert core_transformer_config_from_args(args).fp8_param
+    assert get_ddp_config(args).fp8_param_gather
+    assert not get_ddp_config(parse_and_validate(BASE)).fp8_param_gather
+
+
+@pytest.mark.parametrize("flags, rule", [
+    ([], "needs FP8 training. Fix: add --fp8-format hybrid"),
+    (["--fp8-format", "hybrid"], "needs --use-distributed-optimizer"),
+    (["--fp8-format", "hybrid", "--use-torch-fsdp2", "--untie-embeddings-and-output-weights"],
+     "FSDP2 gathers params in their own dtype here. Fix: use --use-distributed-optimizer instead"),
+    (["--fp8-format", "hybrid", "--use-distributed-optimizer", "--use-precision-aware-optimizer"],
+     "is not combined with --use-precision-aware-optimizer"),
+    (["--fp8-format", "hybrid", "--use-distributed-optimizer", "--cuda-graph-impl", "full_iteration"],
+     "is not captured by full-iteration CUDA graphs"),
+])
+def test_fp8_param_gather_validation_names_the_flag(flags, rule):
+    with pytest.raises(ValueError, match=r"^--fp8-param-gather True: .*" + re.escape(rule)):
+        parse_and_validate(BASE + ["--fp8-param-gather"] + flags)
+
+
+def test_fp8_param_gather_core_configs_refuse_without_fp8_or_the_distributed_optimizer():
+    with pytest.raises(ValueError, match="--fp8-param-gather .*needs FP8 training"):
+        TransformerConfig(num_layers=1, hidden_size=8, num_attention_heads=2, fp8_param=True)
+    with pytest.raises(ValueError, match="--fp8-param-gather needs --use-distributed-optimizer"):
+        DistributedDataParallelConfig(fp8_param_gather=True)
