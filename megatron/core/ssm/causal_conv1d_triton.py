@@ -10,9 +10,11 @@ weight [d, k], bias [d]. With s = t - (k-1) + j:
                grad_x[b, t, c] = sum_j w[c, j] * g[b, t + (k-1) - j, c]   (index < l)
                grad_w[c, j] = sum_{b,t} g[b, t, c] * x[b, t - (k-1) + j, c]; grad_bias = sum g
 
-The two elementwise-and-stencil passes are Triton kernels (one program per block of
-positions x channels, fp32 accumulation); the weight and bias gradients, reductions over
-b*l of k shifted products, are torch reductions of the Triton-computed g.
+Every pass is a Triton kernel (one program per block of positions x channels, fp32
+accumulation). x may be a strided view with contiguous channels (the in-projection's
+slice: no copy); the output and gradients are contiguous. The weight and bias gradients,
+reductions over b*l, are summed per block of positions next to g (k shifted products of
+tiles already in cache) and the blocks' partial sums added up by one small reduction.
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -28,7 +29,7 @@ _BLOCK_L, _BLOCK_D = 64, 64
 
 
 @triton.jit
-def _conv_fwd_kernel(x_ptr, w_ptr, b_ptr, out_ptr, L, D, stride_b, stride_l,
+def _conv_fwd_kernel(x_ptr, w_ptr, b_ptr, out_ptr, L, D, sx_b, sx_l,
                      K: tl.constexpr, SILU: tl.constexpr, HAS_BIAS: tl.constexpr,
                      BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
     pid_b, pid_l, pid_d = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -38,31 +39,32 @@ def _conv_fwd_kernel(x_ptr, w_ptr, b_ptr, out_ptr, L, D, stride_b, stride_l,
     acc = tl.zeros((BLOCK_L, BLOCK_D), dtype=tl.float32)
     if HAS_BIAS:
         acc += tl.load(b_ptr + c, mask=c_ok, other=0.0).to(tl.float32)[None, :]
-    base = x_ptr + pid_b * stride_b
+    base = x_ptr + pid_b * sx_b
     for j in tl.static_range(K):
         s = t - (K - 1) + j
         w = tl.load(w_ptr + c * K + j, mask=c_ok, other=0.0).to(tl.float32)
         ok = ((s >= 0) & (s < L))[:, None] & c_ok[None, :]
-        xv = tl.load(base + s[:, None] * stride_l + c[None, :], mask=ok, other=0.0).to(tl.float32)
+        xv = tl.load(base + s[:, None] * sx_l + c[None, :], mask=ok, other=0.0).to(tl.float32)
         acc += xv * w[None, :]
     if SILU:
         acc = acc * tl.sigmoid(acc)
     ok = (t < L)[:, None] & c_ok[None, :]
-    tl.store(out_ptr + pid_b * stride_b + t[:, None] * stride_l + c[None, :], acc.to(out_ptr.dtype.element_ty),
-             mask=ok)
+    tl.store(out_ptr + (pid_b * L + t[:, None]) * D + c[None, :], acc.to(out_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
-def _conv_grad_pre_kernel(x_ptr, w_ptr, b_ptr, gout_ptr, g_ptr, L, D, stride_b, stride_l,
+def _conv_grad_pre_kernel(x_ptr, w_ptr, b_ptr, gout_ptr, g_ptr, dw_ptr, db_ptr, L, D, sx_b, sx_l,
                           K: tl.constexpr, SILU: tl.constexpr, HAS_BIAS: tl.constexpr,
                           BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
-    """g = grad_out * d(out)/d(pre), fp32, recomputing pre."""
+    """g = grad_out * d(out)/d(pre), fp32, recomputing pre; and this block's partial sums
+    of the weight gradient (sum_t g[t] x[t-(k-1)+j] per tap j, [K, D]) and the bias's."""
     pid_b, pid_l, pid_d = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     t = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
     c = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     c_ok = c < D
     ok = (t < L)[:, None] & c_ok[None, :]
-    offs = pid_b * stride_b + t[:, None] * stride_l + c[None, :]
+    offs = (pid_b * L + t[:, None]) * D + c[None, :]
+    base = x_ptr + pid_b * sx_b
     g = tl.load(gout_ptr + offs, mask=ok, other=0.0).to(tl.float32)
     if SILU:
         pre = tl.zeros((BLOCK_L, BLOCK_D), dtype=tl.float32)
@@ -72,16 +74,24 @@ def _conv_grad_pre_kernel(x_ptr, w_ptr, b_ptr, gout_ptr, g_ptr, L, D, stride_b, 
             s = t - (K - 1) + j
             w = tl.load(w_ptr + c * K + j, mask=c_ok, other=0.0).to(tl.float32)
             s_ok = ((s >= 0) & (s < L))[:, None] & c_ok[None, :]
-            xv = tl.load(x_ptr + pid_b * stride_b + s[:, None] * stride_l + c[None, :], mask=s_ok,
-                         other=0.0).to(tl.float32)
+            xv = tl.load(base + s[:, None] * sx_l + c[None, :], mask=s_ok, other=0.0).to(tl.float32)
             pre += xv * w[None, :]
         sig = tl.sigmoid(pre)
         g = g * sig * (1.0 + pre * (1.0 - sig))
     tl.store(g_ptr + offs, g, mask=ok)
+    # Partial sums of this block of positions, one row per (batch, block): [rows, K, D].
+    row = pid_b * tl.num_programs(1) + pid_l
+    for j in tl.static_range(K):
+        s = t - (K - 1) + j
+        s_ok = ((s >= 0) & (s < L))[:, None] & c_ok[None, :]
+        xv = tl.load(base + s[:, None] * sx_l + c[None, :], mask=s_ok, other=0.0).to(tl.float32)
+        tl.store(dw_ptr + (row * K + j) * D + c, tl.sum(g * xv, axis=0), mask=c_ok)
+    if HAS_BIAS:
+        tl.store(db_ptr + row * D + c, tl.sum(g, axis=0), mask=c_ok)
 
 
 @triton.jit
-def _conv_grad_x_kernel(g_ptr, w_ptr, gx_ptr, L, D, stride_b, stride_l,
+def _conv_grad_x_kernel(g_ptr, w_ptr, gx_ptr, L, D,
                         K: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
     pid_b, pid_l, pid_d = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     t = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
@@ -92,26 +102,30 @@ def _conv_grad_x_kernel(g_ptr, w_ptr, gx_ptr, L, D, stride_b, stride_l,
         u = t + (K - 1) - j
         w = tl.load(w_ptr + c * K + j, mask=c_ok, other=0.0).to(tl.float32)
         ok = (u < L)[:, None] & c_ok[None, :]
-        gv = tl.load(g_ptr + pid_b * stride_b + u[:, None] * stride_l + c[None, :], mask=ok, other=0.0)
+        gv = tl.load(g_ptr + (pid_b * L + u[:, None]) * D + c[None, :], mask=ok, other=0.0)
         acc += gv * w[None, :]
     ok = (t < L)[:, None] & c_ok[None, :]
-    tl.store(gx_ptr + pid_b * stride_b + t[:, None] * stride_l + c[None, :], acc.to(gx_ptr.dtype.element_ty),
-             mask=ok)
+    tl.store(gx_ptr + (pid_b * L + t[:, None]) * D + c[None, :], acc.to(gx_ptr.dtype.element_ty), mask=ok)
 
 
 def _grid(b: int, l: int, d: int):
     return (b, triton.cdiv(l, _BLOCK_L), triton.cdiv(d, _BLOCK_D))
 
 
+def _channels_contiguous(x: torch.Tensor) -> torch.Tensor:
+    """x itself when its channels are contiguous (a slice of a wider last dim is), else a copy."""
+    return x if x.stride(2) == 1 else x.contiguous()
+
+
 class _CausalConv1d(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, silu: bool):
-        x, weight = x.contiguous(), weight.contiguous()
+        x, weight = _channels_contiguous(x), weight.contiguous()
         b, l, d = x.shape
-        out = torch.empty_like(x)
-        _conv_fwd_kernel[_grid(b, l, d)](x, weight, bias if bias is not None else weight, out, l, d, l * d, d,
-                                         K=weight.shape[1], SILU=silu, HAS_BIAS=bias is not None,
-                                         BLOCK_L=_BLOCK_L, BLOCK_D=_BLOCK_D)
+        out = torch.empty(b, l, d, device=x.device, dtype=x.dtype)
+        _conv_fwd_kernel[_grid(b, l, d)](x, weight, bias if bias is not None else weight, out, l, d,
+                                         x.stride(0), x.stride(1), K=weight.shape[1], SILU=silu,
+                                         HAS_BIAS=bias is not None, BLOCK_L=_BLOCK_L, BLOCK_D=_BLOCK_D)
         ctx.save_for_backward(x, weight, bias)
         ctx.silu = silu
         return out
@@ -122,18 +136,18 @@ class _CausalConv1d(torch.autograd.Function):
         grad_out = grad_out.contiguous()
         b, l, d = x.shape
         k = weight.shape[1]
+        grid = _grid(b, l, d)
         g = torch.empty(b, l, d, device=x.device, dtype=torch.float32)
-        _conv_grad_pre_kernel[_grid(b, l, d)](x, weight, bias if bias is not None else weight, grad_out, g, l, d,
-                                              l * d, d, K=k, SILU=ctx.silu, HAS_BIAS=bias is not None,
-                                              BLOCK_L=_BLOCK_L, BLOCK_D=_BLOCK_D)
-        grad_x = torch.empty_like(x)
-        _conv_grad_x_kernel[_grid(b, l, d)](g, weight, grad_x, l, d, l * d, d, K=k,
-                                            BLOCK_L=_BLOCK_L, BLOCK_D=_BLOCK_D)
-        x32 = x.float()
-        # Tap j reads x shifted right by k-1-j positions (zeros entering at the start).
-        grad_w = torch.stack([(g * F.pad(x32, (0, 0, k - 1 - j, 0))[:, :l]).sum((0, 1)) for j in range(k)], dim=1)
-        grad_bias = g.sum((0, 1)).to(bias.dtype) if bias is not None else None
-        return grad_x, grad_w.to(weight.dtype), grad_bias, None
+        dw_parts = torch.empty(b * grid[1], k, d, device=x.device, dtype=torch.float32)
+        db_parts = torch.empty(b * grid[1], d, device=x.device, dtype=torch.float32) if bias is not None else g
+        _conv_grad_pre_kernel[grid](x, weight, bias if bias is not None else weight, grad_out, g, dw_parts, db_parts,
+                                    l, d, x.stride(0), x.stride(1), K=k, SILU=ctx.silu, HAS_BIAS=bias is not None,
+                                    BLOCK_L=_BLOCK_L, BLOCK_D=_BLOCK_D)
+        grad_x = torch.empty(b, l, d, device=x.device, dtype=x.dtype)
+        _conv_grad_x_kernel[grid](g, weight, grad_x, l, d, K=k, BLOCK_L=_BLOCK_L, BLOCK_D=_BLOCK_D)
+        grad_w = dw_parts.sum(0).t().to(weight.dtype)
+        grad_bias = db_parts.sum(0).to(bias.dtype) if bias is not None else None
+        return grad_x, grad_w, grad_bias, None
 
 
 def causal_conv1d_triton(x_bld: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],

@@ -131,8 +131,9 @@ def _backward(dy, dfinal, x, dt, A, B, C, D, acum, states, s: _Shape):
     dB_heads = torch.empty(s.b, s.l, s.h, s.n, device=dev, dtype=torch.float32)
     dC_heads = torch.empty_like(dB_heads)
     grid = s.chunk_grid(s.q // s.block_q)
+    dD_parts = s.buffer(dev, grid[2]) if D is not None else e
     dx_kernel[grid](x, B, C, dt, D if D is not None else A, dy, acum, ds_out, dx, dB_heads, ds, e, ddt_expl,
-                    *s.sizes, *s.strides, Q=s.q, HAS_D=D is not None, F32=s.f32, **s.tiles)
+                    dD_parts, *s.sizes, *s.strides, Q=s.q, HAS_D=D is not None, F32=s.f32, **s.tiles)
     dc_kernel[grid](x, B, C, dt, dy, acum, states, dC_heads, ds, *s.sizes, *s.strides, Q=s.q, F32=s.f32,
                     **s.tiles)
     ddt = torch.empty(s.b, s.l, s.h, device=dev, dtype=dt.dtype)
@@ -143,7 +144,7 @@ def _backward(dy, dfinal, x, dt, A, B, C, D, acum, states, s: _Shape):
     dB = dB_heads.view(s.b, s.l, s.g, s.r, s.n).sum(3).to(B.dtype)
     dC = dC_heads.view(s.b, s.l, s.g, s.r, s.n).sum(3).to(C.dtype)
     dA = dA_parts.sum((0, 2)).to(A.dtype)
-    dD = None if D is None else torch.einsum("blhp,blhp->h", dy.float(), x.float()).to(D.dtype)
+    dD = None if D is None else dD_parts.sum((0, 2, 3)).to(D.dtype)
     return dx, ddt, dA, dB, dC, dD, dinit
 
 

@@ -54,13 +54,14 @@ def state_pass_bwd_kernel(grad_ptr, states_ptr, acum_ptr, dfinal_ptr, dinit_ptr,
 
 @triton.jit
 def dx_kernel(x_ptr, B_ptr, C_ptr, dt_ptr, D_ptr, dy_ptr, acum_ptr, dsout_ptr,
-              dx_ptr, dB_ptr, ds_ptr, e_ptr, ddt_ptr, L, NC, H, R, P, N,
+              dx_ptr, dB_ptr, ds_ptr, e_ptr, ddt_ptr, dD_ptr, L, NC, H, R, P, N,
               sx_b, sx_l, sx_h, sx_p, sb_b, sb_l, sb_g, sb_n, sc_b, sc_l, sc_g, sc_n, s_dt_b, s_dt_l, s_dt_h,
               Q: tl.constexpr, HAS_D: tl.constexpr, F32: tl.constexpr,
               BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
     """For one block of source positions j of a chunk and one head: dx_j, this head's dB_j,
-    the explicit dt_j term, the j side of ds and the chunk-state terms e_j. dy is contiguous
-    [b, l, h, P]; dB is per head, [b, l, h, N] fp32."""
+    the explicit dt_j term, the j side of ds and the chunk-state terms e_j, and (with D)
+    the block's partial sum of dy . x for D's gradient ([b, h, n_chunks, Q / BLOCK_Q]).
+    dy is contiguous [b, l, h, P]; dB is per head, [b, l, h, N] fp32."""
     pid_bc, h, pid_j = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, c = pid_bc // NC, pid_bc % NC
     g = h // R
@@ -116,6 +117,8 @@ def dx_kernel(x_ptr, B_ptr, C_ptr, dt_ptr, D_ptr, dy_ptr, acum_ptr, dsout_ptr,
     if HAS_D:
         dy_j = tl.load(dy_ptr + out * P + p[None, :], mask=mask, other=0.0).to(tl.float32)
         dx += tl.load(D_ptr + h).to(tl.float32) * dy_j
+        dD_part = tl.sum(tl.sum(dy_j * x32, axis=1), axis=0)
+        tl.store(dD_ptr + ((b * H + h) * NC + c) * tl.num_programs(2) + pid_j, dD_part)
     tl.store(dx_ptr + out * P + p[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
     tl.store(dB_ptr + out * N + n[None, :], db, mask=ok_j[:, None] & n_ok[None, :])
 

@@ -39,3 +39,23 @@ def test_triton_matches_reference(b, l, d, k, activation, dtype, tol):
     for name, got, t in zip(("x", "weight", "bias"), fast, (x, w, bias)):
         scale = t.grad.float().abs().max().clamp(min=1.0)
         assert (got.float() - t.grad.float()).abs().max() <= 2 * tol * scale, name
+
+
+def test_strided_channel_slice_matches_contiguous():
+    """The mixer passes a channel slice of the batch-transposed in-projection output: the
+    kernels read it in place and must give what a contiguous copy gives, bit for bit."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    wide = torch.randn(300, 3, 200, device="cuda", generator=gen).to(torch.bfloat16).requires_grad_()
+    w = (torch.randn(96, 4, device="cuda", generator=gen) / 4).to(torch.bfloat16).requires_grad_()
+    bias = torch.randn(96, device="cuda", generator=gen).to(torch.bfloat16).requires_grad_()
+    grad = torch.randn(3, 300, 96, device="cuda", generator=gen).to(torch.bfloat16)
+    results = []
+    for copy in (False, True):
+        x = wide.transpose(0, 1)[..., 50:146]
+        out = causal_conv1d(x.contiguous() if copy else x, w, bias, "silu")
+        out.backward(grad)
+        results.append([out.detach().clone()] + [t.grad.clone() for t in (wide, w, bias)])
+        for t in (wide, w, bias):
+            t.grad = None
+    for got, want in zip(*results):
+        assert torch.equal(got, want)

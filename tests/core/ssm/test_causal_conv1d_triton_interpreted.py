@@ -1,5 +1,6 @@
 """The Triton causal conv1d kernels, run by Triton's CPU interpreter (TRITON_INTERPRET=1)
-against the reference: forward and the x / weight / bias gradients. Skipped where Triton
+against the reference: forward and the x / weight / bias gradients, for contiguous inputs
+and for a strided channel slice (the mixer's layout). Skipped where Triton
 is not installed (the GPU tests in test_causal_conv1d_gpu.py cover the compiled kernels).
 
 The interpreter must be chosen before the kernels are defined, so the check runs in a
@@ -20,9 +21,15 @@ _CHECK = textwrap.dedent("""
     import torch
     from megatron.core.ssm.causal_conv1d import causal_conv1d_reference
     from megatron.core.ssm.causal_conv1d_triton import causal_conv1d_triton
-    for b, l, d, k, act in [(2, 70, 96, 4, "silu"), (1, 37, 130, 3, None)]:
+    for b, l, d, k, act, strided in [(2, 70, 96, 4, "silu", False), (1, 37, 130, 3, None, False),
+                                     (3, 70, 96, 4, "silu", True)]:
         torch.manual_seed(0)
-        x = torch.randn(b, l, d, requires_grad=True)
+        if strided:  # the mixer's input: a channel slice of a [s, b, wider] tensor, batch first
+            wide = torch.randn(l, b, d + 7, requires_grad=True)
+            x = wide.transpose(0, 1)[..., 3:3 + d]
+            x.retain_grad()
+        else:
+            x = torch.randn(b, l, d, requires_grad=True)
         w = (torch.randn(d, k) / k).requires_grad_()
         bias = torch.randn(d, requires_grad=True)
         out = causal_conv1d_triton(x, w, bias, act)
