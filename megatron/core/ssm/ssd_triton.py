@@ -52,6 +52,23 @@ def _block_q(chunk_size: int, state_dim: int) -> int:
     return min(chunk_size, 32 if state_dim > 128 else 64)
 
 
+# Programs the backward's dx / dC launches should have at least (several per SM of an
+# H100's 132) before a program takes a whole group of heads.
+_MIN_PROGRAMS = 1024
+
+
+def _heads_per_program(s: "_Shape", blocks: int) -> int:
+    """Heads one backward program walks, summing their dB / dC in registers: the whole group
+    (the gradients come out summed, no per-head buffers) unless that leaves too few programs
+    (few groups, e.g. one group per tensor-parallel rank), then the largest divisor of the
+    group's heads that keeps ``_MIN_PROGRAMS`` (the launcher adds the slices)."""
+    base = s.b * s.nc * blocks
+    for hp in sorted((d for d in range(1, s.r + 1) if s.r % d == 0), reverse=True):
+        if base * (s.h // hp) >= _MIN_PROGRAMS:
+            return hp
+    return 1
+
+
 def _pad16(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
 
@@ -128,21 +145,25 @@ def _backward(dy, dfinal, x, dt, A, B, C, D, acum, states, s: _Shape):
         n_state_blocks, Q=s.q, HAS_DFINAL=dfinal is not None, BLOCK=_STATE_BLOCK)
     ds, e, ddt_expl = s.buffer(dev, s.q), s.buffer(dev, s.q), s.buffer(dev, s.q)
     dx = torch.empty(s.b, s.l, s.h, s.p, device=dev, dtype=x.dtype)
-    dB_heads = torch.empty(s.b, s.l, s.h, s.n, device=dev, dtype=torch.float32)
-    dC_heads = torch.empty_like(dB_heads)
-    grid = s.chunk_grid(s.q // s.block_q)
-    dD_parts = s.buffer(dev, grid[2]) if D is not None else e
-    dx_kernel[grid](x, B, C, dt, D if D is not None else A, dy, acum, ds_out, dx, dB_heads, ds, e, ddt_expl,
-                    dD_parts, *s.sizes, *s.strides, Q=s.q, HAS_D=D is not None, F32=s.f32, **s.tiles)
-    dc_kernel[grid](x, B, C, dt, dy, acum, states, dC_heads, ds, *s.sizes, *s.strides, Q=s.q, F32=s.f32,
+    blocks = s.q // s.block_q
+    hp = _heads_per_program(s, blocks)
+    slices = s.h // hp  # programs per (chunk, block of positions); a group has r / hp of them
+    whole_groups = hp == s.r
+    dB = torch.empty(s.b, s.l, slices, s.n, device=dev, dtype=B.dtype if whole_groups else torch.float32)
+    dC = torch.empty(s.b, s.l, slices, s.n, device=dev, dtype=C.dtype if whole_groups else torch.float32)
+    grid = (s.b * s.nc, slices, blocks)
+    dD_parts = s.buffer(dev, blocks) if D is not None else e
+    dx_kernel[grid](x, B, C, dt, D if D is not None else A, dy, acum, ds_out, dx, dB, ds, e, ddt_expl,
+                    dD_parts, *s.sizes, hp, *s.strides, Q=s.q, HAS_D=D is not None, F32=s.f32, **s.tiles)
+    dc_kernel[grid](x, B, C, dt, dy, acum, states, dC, ds, *s.sizes, hp, *s.strides, Q=s.q, F32=s.f32,
                     **s.tiles)
+    if not whole_groups:
+        dB = dB.view(s.b, s.l, s.g, s.r // hp, s.n).sum(3).to(B.dtype)
+        dC = dC.view(s.b, s.l, s.g, s.r // hp, s.n).sum(3).to(C.dtype)
     ddt = torch.empty(s.b, s.l, s.h, device=dev, dtype=dt.dtype)
     dA_parts = s.buffer(dev)
     dt_kernel[(s.b * s.nc, s.h)](dt, A, ds, e, ddt_expl, ds_last, ddt, dA_parts, s.l, s.nc, s.h, n_state_blocks,
                                  *dt.stride(), Q=s.q, BLOCK_BLK=max(2, triton.next_power_of_2(n_state_blocks)))
-    # Heads of a group share B and C: their per-head gradients add up.
-    dB = dB_heads.view(s.b, s.l, s.g, s.r, s.n).sum(3).to(B.dtype)
-    dC = dC_heads.view(s.b, s.l, s.g, s.r, s.n).sum(3).to(C.dtype)
     dA = dA_parts.sum((0, 2)).to(A.dtype)
     dD = None if D is None else dD_parts.sum((0, 2, 3)).to(D.dtype)
     return dx, ddt, dA, dB, dC, dD, dinit

@@ -72,10 +72,18 @@ _CHECK = textwrap.dedent("""
             scale = r.float().abs().max().item()
             assert err <= tol * max(scale, 1.0), (b, l, h, p, g, n, chunk, dtype, name, err, scale)
 
+    import megatron.core.ssm.ssd_triton as kernels
+    # Tiny shapes: the backward programs take one head each (their dB / dC summed after).
     check(2, 70, 4, 16, 1, 32, chunk=32, block_q=16, init=True)   # padding, 3 chunks, 2 tiles per chunk
     check(1, 50, 6, 24, 3, 20, chunk=16, block_q=16)               # 3 groups, odd dims, 4 chunks
     check(1, 64, 2, 32, 2, 16, chunk=64, block_q=None, use_d=False)  # one full chunk, no D
     check(1, 40, 4, 16, 2, 16, chunk=16, block_q=16, dtype=torch.bfloat16)
+    # Programs that walk a whole group (dB / dC stored summed, in B's dtype) or half of one.
+    kernels._MIN_PROGRAMS = 0
+    check(2, 70, 4, 16, 1, 32, chunk=32, block_q=16, init=True)
+    check(1, 40, 4, 16, 2, 16, chunk=16, block_q=16, dtype=torch.bfloat16)
+    kernels._heads_per_program = lambda shape, blocks: 2
+    check(1, 50, 8, 16, 2, 16, chunk=16, block_q=16)
     print("ok")
 """)
 
