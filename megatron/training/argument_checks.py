@@ -527,8 +527,8 @@ def virtual_pipeline_size(args: argparse.Namespace) -> Optional[int]:
     return vpp if vpp > 1 else None
 
 
-def check_checkpointing(args: argparse.Namespace) -> None:
-    """Save interval, retention and format compatibility."""
+def check_checkpointing(args: argparse.Namespace, world_size: Optional[int] = None) -> None:
+    """Save interval, retention, format compatibility and non-persistent checkpoints."""
     if args.save is not None and (args.save_interval is None or args.save_interval <= 0):
         raise invalid("--save-interval", args.save_interval, "--save needs a positive save interval",
                       "add --save-interval N")
@@ -545,7 +545,7 @@ def check_checkpointing(args: argparse.Namespace) -> None:
     if args.async_save and args.ckpt_format == "torch":
         raise invalid("--async-save", True, "is not available for --ckpt-format torch",
                       "use --ckpt-format torch_dist or drop --async-save")
-    check_non_persistent_checkpoints(args)
+    check_non_persistent_checkpoints(args, world_size)
     if args.load_main_params_from_ckpt and not args.no_load_optim:
         raise invalid("--load-main-params-from-ckpt", True, "reads the fp32 main params without the rest of the "
                       "optimizer state (a full --load restores them anyway)", "add --no-load-optim")
@@ -557,23 +557,55 @@ def check_checkpointing(args: argparse.Namespace) -> None:
                       "add --load DIR")
 
 
-def check_non_persistent_checkpoints(args: argparse.Namespace) -> None:
-    """--non-persistent-save-interval and --non-persistent-ckpt-type: global ones only."""
+def check_non_persistent_checkpoints(args: argparse.Namespace, world_size: Optional[int] = None) -> None:
+    """--non-persistent-save-interval, --non-persistent-ckpt-type and its directories,
+    --replication and its group shape (checked against ``world_size`` when given)."""
     kind = args.non_persistent_ckpt_type
-    if kind in ("local", "in_memory"):
-        raise invalid("--non-persistent-ckpt-type", kind, "node-local and in-memory non-persistent checkpoints "
-                      "(nvidia-resiliency-ext in Megatron) are not implemented",
-                      "use --non-persistent-ckpt-type global (a shared directory, only the newest kept)")
+    if kind == "local" and not args.non_persistent_local_ckpt_dir:
+        raise invalid("--non-persistent-ckpt-type", kind, "needs a directory on each node for the ranks' files",
+                      "add --non-persistent-local-ckpt-dir DIR (node-local storage, e.g. a local SSD)")
+    if kind != "local" and args.non_persistent_local_ckpt_dir:
+        logger.warning("--non-persistent-local-ckpt-dir is used only with --non-persistent-ckpt-type local: ignored")
+    check_replication(args, world_size)
     if args.non_persistent_save_interval is None:
         return
     _positive("--non-persistent-save-interval", args.non_persistent_save_interval)
     if kind is None:
         raise invalid("--non-persistent-save-interval", args.non_persistent_save_interval,
-                      "needs the kind of non-persistent checkpoint", "add --non-persistent-ckpt-type global")
+                      "needs the kind of non-persistent checkpoint",
+                      "add --non-persistent-ckpt-type global (or local, or in_memory)")
     if args.save is None:
+        where = {"global": "the checkpoints go to DIR/non_persistent unless --non-persistent-global-ckpt-dir says "
+                           "otherwise", "local": "persistent checkpoints go there; the local ones to "
+                           "--non-persistent-local-ckpt-dir", "in_memory": "persistent checkpoints go there; "
+                           "the in-memory ones are found by it"}[kind]
         raise invalid("--non-persistent-save-interval", args.non_persistent_save_interval,
-                      "saves nothing without --save", "add --save DIR (the checkpoints go to DIR/non_persistent "
-                      "unless --non-persistent-global-ckpt-dir says otherwise)")
+                      "saves nothing without --save", f"add --save DIR ({where})")
+
+
+def check_replication(args: argparse.Namespace, world_size: Optional[int]) -> None:
+    """--replication needs local non-persistent checkpoints and a group shape that tiles the world."""
+    if not args.replication:
+        if args.replication_jump is not None:
+            logger.warning("--replication-jump is used only with --replication: ignored")
+        return
+    if args.non_persistent_ckpt_type != "local":
+        raise invalid("--replication", True, "replicates node-local non-persistent checkpoints, and "
+                      f"--non-persistent-ckpt-type is {args.non_persistent_ckpt_type}",
+                      "add --non-persistent-ckpt-type local --non-persistent-local-ckpt-dir DIR, or drop --replication")
+    if args.replication_jump is None:
+        raise invalid("--replication", True, "needs the spacing between a rank and its replication partners",
+                      "add --replication-jump J (usually the number of ranks per node)")
+    _positive("--replication-jump", args.replication_jump)
+    if not isinstance(args.replication_factor, int) or args.replication_factor < 2:
+        raise invalid("--replication-factor", args.replication_factor, "must be at least 2 (the rank and one copy)",
+                      "pass --replication-factor 2 or more, or drop --replication")
+    group = args.replication_jump * args.replication_factor
+    if world_size is not None and world_size % group:
+        raise invalid("--replication-jump", args.replication_jump,
+                      f"times --replication-factor {args.replication_factor} ({group}) must divide the world size "
+                      f"{world_size} (the ranks form groups n, n+J, ..., n+(F-1)J)",
+                      "choose J and F whose product divides the number of ranks")
 
 
 def check_data(args: argparse.Namespace) -> None:
@@ -606,7 +638,7 @@ def check_args(args: argparse.Namespace, world_size: int) -> None:
     check_recompute(args)
     check_pipeline(args)
     check_interleaved_schedule(args, world_size // (tp * pp * cp))
-    check_checkpointing(args)
+    check_checkpointing(args, world_size)
     check_fake_process_group(args, world_size)
     check_data(args)
     check_cuda_graphs(args)

@@ -231,10 +231,6 @@ _no_effect("the dataset index is built and cached as Megatron does; this loading
            "--dataloader-defer-npy-index-mmap --dataloader-fast-cache-load --per-dataset-sequences-path")
 
 _section("Checkpoints")
-_refuse("node-local non-persistent checkpoints and their replication are not implemented",
-        "use --non-persistent-ckpt-type global",
-        "--non-persistent-local-ckpt-algo --non-persistent-local-ckpt-dir --replication --replication-factor "
-        "--replication-jump")
 _refuse("checkpoints are written in this framework's one format", "drop the flag",
         "--dist-ckpt-save-pre-mcore-014 --ckpt-convert-update-legacy-dist-opt-format "
         "--dist-ckpt-optim-fully-reshardable --distrib-optim-fully-reshardable-mem-efficient")

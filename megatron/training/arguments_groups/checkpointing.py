@@ -66,12 +66,31 @@ def add_checkpointing_args(parser: argparse.ArgumentParser) -> argparse.Argument
                         "fits and print what did not (refused with optimizer loading when the model has more).")
     g.add_argument("--non-persistent-save-interval", type=int, default=None,
                    help="Also save a non-persistent checkpoint every this many iterations (needs "
-                        "--non-persistent-ckpt-type global); only the newest ones are kept.")
+                        "--non-persistent-ckpt-type); only the newest is kept.")
     g.add_argument("--non-persistent-ckpt-type", type=str, default=None, choices=["global", "local", "in_memory"],
-                   help="Kind of non-persistent checkpoint: global (a shared directory; also makes --load "
-                        "take it when it is newer). local and in_memory are refused.")
+                   help="Kind of non-persistent checkpoint: global (a shared directory), local (each rank's state "
+                        "on node-local storage, --non-persistent-local-ckpt-dir) or in_memory (each rank's state "
+                        "in host memory, for a restart inside the same process). --load takes it when it is at "
+                        "least as new as the persistent checkpoint.")
     g.add_argument("--non-persistent-global-ckpt-dir", type=str, default=None,
                    help="Directory of global non-persistent checkpoints; default <save>/non_persistent.")
+    g.add_argument("--non-persistent-local-ckpt-dir", type=str, default=None,
+                   help="Node-local directory of local non-persistent checkpoints (one subdirectory per rank); "
+                        "needed with --non-persistent-ckpt-type local.")
+    g.add_argument("--non-persistent-local-ckpt-algo", type=str, default="fully_parallel",
+                   choices=["fully_parallel", "atomic"],
+                   help="How local non-persistent checkpoints are written. Both write each rank's complete state "
+                        "into one file of its own (Megatron's fully_parallel de-duplication of data-parallel "
+                        "replicas is not done: files are larger, what is restored is the same).")
+    g.add_argument("--replication", action="store_true", default=False,
+                   help="Also keep each rank's local non-persistent checkpoint on its replication partners (see "
+                        "--replication-jump), so a lost node's state is restored from a peer.")
+    g.add_argument("--replication-jump", type=int, default=None,
+                   help="J: a rank's replication partners are the ranks n, n+J, ..., n+(F-1)J of its group "
+                        "(nvidia-resiliency-ext's grouping); usually the number of ranks per node. Needed with "
+                        "--replication.")
+    g.add_argument("--replication-factor", type=int, default=2,
+                   help="F: how many ranks (usually nodes) hold a copy of each rank's local checkpoint.")
     g.add_argument("--load-main-params-from-ckpt", action="store_true",
                    help="With --no-load-optim: take the fp32 main params from the checkpoint (torch_dist) "
                         "instead of copying the loaded bf16/fp16 weights; the moments start fresh.")

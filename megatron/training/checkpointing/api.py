@@ -33,7 +33,13 @@ from torch.distributed.checkpoint.api import CheckpointException as WriterExcept
 from megatron.core import parallel_state
 from megatron.core.process_groups import ProcessGroups
 from megatron.training.checkpointing import directory as layout
-from megatron.training.checkpointing import megatron_lm, torch_dcp_format, torch_dist_format, torch_format
+from megatron.training.checkpointing import (
+    local_checkpoints,
+    megatron_lm,
+    torch_dcp_format,
+    torch_dist_format,
+    torch_format,
+)
 from megatron.training.checkpointing.collectives import (
     CheckpointComm,
     all_gather_objects,
@@ -117,10 +123,12 @@ def save_checkpoint(iteration: int, model: List, optimizer, scheduler, num_float
     """Save under ``args.save``; collective over all ranks. Returns False when a
     committed checkpoint of this iteration already exists (it is never overwritten).
 
-    ``non_persistent``: a global non-persistent checkpoint (--non-persistent-save-interval),
-    saved under ``non_persistent_root`` with its own tracker; before it is written, every
-    older one there but the newest is deleted (as Megatron does), and --keep-last-checkpoints
-    and --save-retain-interval do not apply.
+    ``non_persistent``: a non-persistent checkpoint (--non-persistent-save-interval). A
+    global one is saved under ``non_persistent_root`` with its own tracker; before it is
+    written, every older one there but the newest is deleted (as Megatron does), and
+    --keep-last-checkpoints and --save-retain-interval do not apply. A local or in_memory
+    one is each rank's own state, on node-local disk or in host memory
+    (``local_checkpoints``), written synchronously.
 
     ``run_state`` (the training loop's counters) is stored in the checkpoint's copy of
     ``args``, under Megatron's names; without it, the counters already on ``args`` are stored.
@@ -133,6 +141,10 @@ def save_checkpoint(iteration: int, model: List, optimizer, scheduler, num_float
     hook = fault_hook if fault_hook is not None else crash_point
     groups = _groups(pg)
     wait_for_pending_save()
+    if non_persistent and getattr(args, "non_persistent_ckpt_type", None) in local_checkpoints.KINDS:
+        local_checkpoints.save(iteration, model, optimizer, scheduler, num_floating_point_operations_so_far, args,
+                               hook)
+        return True
     if args.ckpt_format not in SAVE_FORMATS:
         raise CheckpointError(f"--ckpt-format {args.ckpt_format}: saving supports {', '.join(SAVE_FORMATS)}")
     start = time.time()
@@ -286,7 +298,8 @@ def _gather_problems(group) -> Callable[[str], List[str]]:
 
 
 def _resolve_load_target(args, rank: int, group) -> Tuple[Optional[str], Optional[int], bool, bool]:
-    """(root, iteration, release, finetune) to load, or (None, ...) to start from scratch."""
+    """(root, iteration, release, finetune) to load, or (None, ...) when neither --load nor
+    --pretrained-checkpoint has a checkpoint."""
     finetune = bool(args.finetune)
     for root, pretrained in ((args.load, False), (getattr(args, "pretrained_checkpoint", None), True)):
         if not root:
@@ -299,12 +312,30 @@ def _resolve_load_target(args, rank: int, group) -> Tuple[Optional[str], Optiona
             root, iteration, release = _newer_non_persistent(args, root, iteration, release, rank, group)
         if iteration is not None:
             return root, iteration, release, finetune or pretrained or release
+    return None, None, False, finetune
+
+
+def _nothing_to_load(args) -> None:
+    """No checkpoint anywhere: refuse with --exit-on-missing-checkpoint, else say so."""
     if getattr(args, "exit_on_missing_checkpoint", False):
         raise CheckpointError(f"--load {args.load}: no checkpoint found (no {layout.TRACKER_FILENAME}) and "
                               "--exit-on-missing-checkpoint is set")
     print_rank_0(f"WARNING: could not find a checkpoint in --load {args.load} "
                  f"(no {layout.TRACKER_FILENAME}); training starts from the initial weights")
-    return None, None, False, finetune
+
+
+def _load_local_if_newer(model: List, optimizer, scheduler, args, comm: CheckpointComm, root: Optional[str],
+                         iteration: Optional[int], release: bool) -> Optional[Tuple[int, float, dict]]:
+    """--non-persistent-ckpt-type local / in_memory: the non-persistent checkpoint instead of
+    the persistent one of --load when it is at least as new (not with --ckpt-step or
+    --finetune, which name what to load). None: load ``root`` (or nothing)."""
+    if getattr(args, "non_persistent_ckpt_type", None) not in local_checkpoints.KINDS:
+        return None
+    if not args.load or args.ckpt_step is not None or args.finetune:
+        return None
+    persistent = iteration if root is not None and _same_path(root, args.load) else None
+    return local_checkpoints.load_if_newer(model, optimizer, scheduler, args, comm, persistent,
+                                           release and persistent is not None)
 
 
 def _newest(root: str, args, rank: int, group) -> Tuple[Optional[int], bool]:
@@ -433,7 +464,11 @@ def _load(model: List, optimizer, scheduler, args, groups: ProcessGroups, comm: 
     """(iteration, FLOPs so far, sample counters) of the loaded checkpoint."""
     rank, world, group = comm.rank, comm.world, comm.group
     root, iteration, release, finetune = _resolve_load_target(args, rank, group)
+    local = _load_local_if_newer(model, optimizer, scheduler, args, comm, root, iteration, release)
+    if local is not None:
+        return local
     if root is None:
+        _nothing_to_load(args)
         return 0, 0.0, {}
     directory = layout.iteration_dir(root, iteration, release)
     if rank == 0:

@@ -12,8 +12,9 @@ None of them carries gradients: they move Python objects, not autograd tensors.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
+import torch
 import torch.distributed as dist
 
 
@@ -70,3 +71,23 @@ def barrier(group) -> None:
     torch.distributed. Backward: none."""
     if group is not None:
         dist.barrier(group=group)
+
+
+def exchange_bytes(sends: Dict[int, bytes], receives: Dict[int, int], group) -> Dict[int, bytes]:
+    """Forward: point-to-point over ``group`` (whose ranks are the global ranks: a
+    ``CheckpointComm`` group): this rank sends ``sends[dst]`` to each ``dst`` and receives
+    ``receives[src]`` bytes from each ``src``; returns ``{src: bytes}``. Every send must be
+    matched by the receiving rank's entry of the same size (callers agree on the sizes
+    first, with ``all_gather_objects``). All transfers are posted before any is waited for,
+    so ranks that exchange with each other do not deadlock. Backward: none (bytes)."""
+    if group is None:
+        if sends or receives:
+            raise ValueError("exchange_bytes needs torch.distributed: there are no peers in a single process")
+        return {}
+    buffers = {src: torch.empty(size, dtype=torch.uint8) for src, size in receives.items()}
+    works = [dist.irecv(buffer, src=src, group=group) for src, buffer in sorted(buffers.items())]
+    for dst, data in sorted(sends.items()):
+        works.append(dist.isend(torch.frombuffer(bytearray(data), dtype=torch.uint8), dst=dst, group=group))
+    for work in works:
+        work.wait()
+    return {src: buffer.numpy().tobytes() for src, buffer in buffers.items()}

@@ -169,6 +169,18 @@ def keep_only_newest(root: str) -> List[int]:
     return removable
 
 
+def remove_all_but(root: str, keep: int) -> List[int]:
+    """Delete every committed checkpoint of ``root`` except ``keep`` (just committed), and
+    every unfinished one: a non-persistent directory holds only its newest save, also when
+    an earlier run left later iterations there. Returns the iterations removed."""
+    removable = [i for i in committed_iterations(root) if i != keep]
+    for iteration in removable:
+        _delete(root, iteration)
+    for path in partial_checkpoints(root):
+        shutil.rmtree(path, ignore_errors=True)
+    return removable
+
+
 def _delete(root: str, iteration: int) -> None:
     path = iteration_dir(root, iteration)
     # Rename first so that a crash mid-delete never leaves a half-deleted iter_ directory.

@@ -35,7 +35,8 @@ DROPOUT = ["--hidden-dropout", "0.1", "--attention-dropout", "0.1"]
 class CkptRun:
     losses: Dict[int, str] = field(default_factory=dict)
     snapshots: Dict[SnapshotPoint, Dict[str, torch.Tensor]] = field(default_factory=dict)
-    log: str = ""
+    log: str = ""  # the last rank's output (it logs the losses)
+    rank0_log: str = ""  # rank 0's (print_rank_0's lines)
 
     def loss_floats(self) -> Dict[int, float]:
         return {it: float.fromhex(h) for it, h in self.losses.items()}
@@ -125,7 +126,7 @@ def run_ckpt(world_size: int, extra: List[str], iters: int, snapshots: Sequence[
     """A tiny-GPT run of ``iters`` iterations (counted from 0, also after --load)."""
     argv = list(base) + ["--train-iters", str(iters)] + list(extra)
     results = run_on_ranks(_run_pretrain, world_size, args=(argv, tuple(snapshots)), timeout=300)
-    run = CkptRun(losses=results[-1][0], log=results[-1][2])
+    run = CkptRun(losses=results[-1][0], log=results[-1][2], rank0_log=results[0][2])
     for point in snapshots:
         run.snapshots[point] = _assemble([r[1][point] for r in results])
     return run

@@ -52,13 +52,12 @@ def test_resume_from_a_newer_non_persistent_checkpoint_is_exact(tmp_path):
 
 
 def _args(**flags):
-    base = dict(non_persistent_save_interval=None, non_persistent_ckpt_type=None, save="/ckpt")
+    base = dict(non_persistent_save_interval=None, non_persistent_ckpt_type=None, save="/ckpt",
+                non_persistent_local_ckpt_dir=None, replication=False, replication_jump=None)
     return SimpleNamespace(**{**base, **flags})
 
 
 @pytest.mark.parametrize("flags,message", [
-    (dict(non_persistent_ckpt_type="local"), "node-local and in-memory non-persistent checkpoints"),
-    (dict(non_persistent_ckpt_type="in_memory"), "use --non-persistent-ckpt-type global"),
     (dict(non_persistent_save_interval=2), "add --non-persistent-ckpt-type global"),
     (dict(non_persistent_save_interval=2, non_persistent_ckpt_type="global", save=None), "add --save DIR"),
     (dict(non_persistent_save_interval=0, non_persistent_ckpt_type="global"), "must be a positive integer"),
@@ -67,3 +66,4 @@ def test_bad_flags_are_named(flags, message):
     with pytest.raises(ValueError, match=message):
         check_non_persistent_checkpoints(_args(**flags))
     check_non_persistent_checkpoints(_args(non_persistent_save_interval=2, non_persistent_ckpt_type="global"))
+    # local and in_memory: tests/training/checkpointing/test_local_non_persistent.py
