@@ -538,9 +538,6 @@ def check_checkpointing(args: argparse.Namespace, world_size: Optional[int] = No
             raise invalid("--save-retain-interval", args.save_retain_interval,
                           f"must be a multiple of --save-interval {args.save_interval}", "use a multiple")
     _positive("--keep-last-checkpoints", args.keep_last_checkpoints)
-    if args.ckpt_format == "fsdp_dtensor":
-        raise invalid("--ckpt-format", args.ckpt_format, "is the format of Megatron-FSDP, which this framework "
-                      "does not have", "use --ckpt-format torch_dist (the default) or torch")
     check_fsdp2(args)
     if args.async_save and args.ckpt_format == "torch":
         raise invalid("--async-save", True, "is not available for --ckpt-format torch",

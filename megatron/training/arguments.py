@@ -29,6 +29,7 @@ from megatron.training.derived_args import apply_defaults, derive_args
 from megatron.training.deterministic import check_deterministic
 from megatron.training.eval_batches import eval_batches
 from megatron.training.flag_table import add_table_flags
+from megatron.training.megatron_fsdp import resolve_megatron_fsdp
 from megatron.training.unimplemented_flags import annotate_help, check_unimplemented
 
 logger = logging.getLogger(__name__)
@@ -124,6 +125,9 @@ def validate_args(
     without_effect = check_unimplemented(args, build_parser().parse_known_args([])[0])
     if without_effect and (rank == 0 or args.fake_process_group):
         logger.warning("these flags have no effect here:\n  %s", "\n  ".join(without_effect))
+    what_runs = resolve_megatron_fsdp(args, world_size)  # before the rules of what it maps to
+    if what_runs and (rank == 0 or args.fake_process_group):
+        (logger.info if args.use_megatron_fsdp else logger.warning)("%s", what_runs)
     check_args(args, world_size)
     check_deterministic(args)
     args = derive_args(args, world_size, rank)

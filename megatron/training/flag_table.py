@@ -255,7 +255,7 @@ _no_effect("tensor-parallel communication overlap through Transformer Engine use
            "--disable-tp-comm-bulk-wgrad --no-tp-comm-overlap-ag --disable-tp-comm-overlap-ag "
            "--no-tp-comm-overlap-rs --disable-tp-comm-overlap-rs --no-tp-comm-split-ag --disable-tp-comm-split-ag "
            "--no-tp-comm-split-rs --disable-tp-comm-split-rs --tp-comm-overlap-cfg --tp-comm-overlap-rs-dgrad "
-           "--tp-comm-bootstrap-backend --use-nccl-ub --disable-symmetric-registration --symmetric-ar-type "
+           "--tp-comm-bootstrap-backend --disable-symmetric-registration --symmetric-ar-type "
            "--gtp-expert-remat-nccl-ub --gtp-remat-nccl-ub --gtp-remat-opt-in-modules "
            "--gtp-remat-reduce-scatter-with-fp32-accumulation --tensor-parallel-num-weight-shards "
            "--expert-tensor-parallel-num-weight-shards")
@@ -287,14 +287,25 @@ _no_effect("data-parallel buckets and groups are laid out as described in docs/p
 _no_effect("pipeline exchanges use the --distributed-backend groups", "--pipeline-model-parallel-comm-backend")
 _no_effect("--distributed-timeout-minutes applies for the whole run", "--distributed-timeout-seconds-after-init")
 _no_effect("the host-device synchronisation of the training loop is not tunable here", "--train-sync-interval")
-_no_effect("Megatron-FSDP is not implemented (--use-megatron-fsdp is refused; --use-torch-fsdp2 is PyTorch's FSDP2)",
-           "--data-parallel-sharding-strategy --outer-dp-sharding-strategy --enable-full-sharding-in-hsdp "
-           "--no-strict-fsdp-dtensor-load --disable-strict-fsdp-dtensor-load "
-           "--megatron-fsdp-enable-fine-grained-param-gather --megatron-fsdp-grad-comm-dtype "
-           "--megatron-fsdp-main-grads-dtype --megatron-fsdp-main-params-dtype "
-           "--megatron-fsdp-max-pool-double-buffer --megatron-fsdp-version --fsdp-db-use-persist-buf-on-alloc-fail "
-           "--fsdp-double-buffer --fsdp-manual-registration --suggested-communication-unit-size "
-           "--init-model-with-meta-device")
+_no_effect("--use-megatron-fsdp runs FSDP2 or the distributed optimizer here (docs/parallelism.md), whose "
+           "buffers and communication these Megatron-FSDP knobs do not tune (no persistent double buffers, no NCCL "
+           "user-buffer registration)",
+           "--megatron-fsdp-version --fsdp-double-buffer --use-nccl-ub --suggested-communication-unit-size "
+           "--megatron-fsdp-enable-fine-grained-param-gather --megatron-fsdp-max-pool-double-buffer "
+           "--fsdp-db-use-persist-buf-on-alloc-fail --fsdp-manual-registration --enable-full-sharding-in-hsdp")
+_no_effect("loading is always strict here: a key the model needs and the checkpoint lacks is an error naming "
+           "it (--finetune and --no-load-optim skip the optimizer's keys)",
+           "--no-strict-fsdp-dtensor-load --disable-strict-fsdp-dtensor-load")
+_refuse("this framework's gradient communication and main-gradient dtypes are set by its own flags",
+        "use --grad-reduce-in-bf16 (or --accumulate-allreduce-grads-in-fp32) for the reduction dtype",
+        "--megatron-fsdp-grad-comm-dtype --megatron-fsdp-main-grads-dtype")
+_refuse("the fp32 main weights are chosen by --use-precision-aware-optimizer --main-params-dtype here",
+        "drop it (main weights are fp32), or use --use-precision-aware-optimizer --main-params-dtype",
+        "--megatron-fsdp-main-params-dtype", same_as_here=("fp32",))
+_refuse("the model is built whole on every rank and then sharded; building on the meta device and "
+        "materializing only each rank's shard is not implemented (the peak memory at build time differs)",
+        "drop --init-model-with-meta-device (every rank briefly holds the whole model in fp32)",
+        "--init-model-with-meta-device")
 _refuse("fine-grained (per-module) activation offloading is not implemented",
         "use --cpu-offloading-num-layers (whole layers) or --recompute-activations",
         "--fine-grained-activation-offloading")
@@ -368,9 +379,6 @@ _refuse("the old spelling was removed from Megatron-LM", "use --recompute-method
 _refuse("the old spelling was removed from Megatron-LM", "use --norm-epsilon", "--layernorm-epsilon", legacy=True)
 _refuse("the old spelling was removed from Megatron-LM", "use --fp8-format e4m3 or --fp8-format hybrid",
         "--fp8-e4m3 --fp8-hybrid", legacy=True)
-_refuse("Megatron-FSDP is not implemented (the old name of --use-megatron-fsdp)",
-        "use --use-torch-fsdp2 (PyTorch's FSDP2) or --use-distributed-optimizer",
-        "--use-custom-fsdp", legacy=True)
 _refuse("a separate encoder parallel layout (T5, multimodal) is not available", "drop the flag",
         "--encoder-pipeline-model-parallel-size --encoder-tensor-model-parallel-size "
         "--pipeline-model-parallel-split-rank", legacy=True)

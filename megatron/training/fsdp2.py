@@ -21,6 +21,7 @@ from megatron.core.process_groups import ProcessGroups
 logger = logging.getLogger(__name__)
 
 DCP_FORMAT = "torch_dcp"
+MEGATRON_FSDP_FORMAT = "fsdp_dtensor"
 
 
 def _refusal(flag: str, value, rule: str, fix: str) -> ValueError:
@@ -38,6 +39,10 @@ def check_fsdp2(args: argparse.Namespace) -> None:
         if args.ckpt_convert_format == DCP_FORMAT:
             _check_conversion_layout(args)
         return
+    # --use-megatron-fsdp --data-parallel-sharding-strategy optim_grads_params runs this path
+    # and saves the same files as --ckpt-format fsdp_dtensor (megatron_fsdp.py).
+    own = "--use-megatron-fsdp" if args.use_megatron_fsdp else "--use-torch-fsdp2"
+    formats = (DCP_FORMAT, MEGATRON_FSDP_FORMAT) if args.use_megatron_fsdp else (DCP_FORMAT,)
     rules = (
         (args.pipeline_model_parallel_size > 1, "--pipeline-model-parallel-size", args.pipeline_model_parallel_size,
          "pipeline parallelism is not combined with FSDP2 (as in Megatron-LM)",
@@ -48,15 +53,18 @@ def check_fsdp2(args: argparse.Namespace) -> None:
         (args.use_distributed_optimizer, "--use-distributed-optimizer", True,
          "FSDP2 already shards the optimizer state over data-parallel ranks", "drop --use-distributed-optimizer"),
         (args.fp16, "--fp16", True, "FSDP2 has no loss scaler (nor in Megatron-LM)", "train with --bf16"),
-        (not args.untie_embeddings_and_output_weights, "--use-torch-fsdp2", True,
+        (not args.untie_embeddings_and_output_weights, own, True,
+         "with --data-parallel-sharding-strategy optim_grads_params runs FSDP2 here, which needs untied input "
+         "and output embeddings" if args.use_megatron_fsdp else
          "needs untied input and output embeddings (as in Megatron-LM)",
-         "add --untie-embeddings-and-output-weights"),
-        (args.save is not None and args.ckpt_format != DCP_FORMAT, "--ckpt-format", args.ckpt_format,
-         "FSDP2 runs save sharded DTensors, in the torch_dcp format", f"add --ckpt-format {DCP_FORMAT}"),
+         "add --untie-embeddings-and-output-weights"
+         + (", or use --data-parallel-sharding-strategy optim_grads" if args.use_megatron_fsdp else "")),
+        (args.save is not None and args.ckpt_format not in formats, "--ckpt-format", args.ckpt_format,
+         "FSDP2 runs save sharded DTensors, in the torch_dcp format", f"add --ckpt-format {formats[-1]}"),
         (args.ckpt_convert_format not in (None, DCP_FORMAT), "--ckpt-convert-format", args.ckpt_convert_format,
          "an FSDP2 run holds sharded DTensors and writes them in the torch_dcp format only",
          f"use --ckpt-convert-format {DCP_FORMAT} (to reshard), or convert without --use-torch-fsdp2"),
-        (args.async_save, "--async-save", True, "is not implemented for --ckpt-format torch_dcp",
+        (args.async_save, "--async-save", True, f"is not implemented for --ckpt-format {args.ckpt_format} under FSDP2",
          "drop --async-save"),
         (args.ckpt_megatron_lm_layout, "--ckpt-megatron-lm-layout", True,
          "writes torch or torch_dist files, which an FSDP2 run does not save",

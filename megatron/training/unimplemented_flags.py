@@ -25,10 +25,7 @@ import argparse
 from typing import Dict, List, Optional, Tuple
 
 # dest: (flag, what is missing, what to do instead)
-REFUSED: Dict[str, Tuple[str, str, str]] = {
-    "use_megatron_fsdp": ("--use-megatron-fsdp", "Megatron-FSDP is not implemented",
-                          "use --use-torch-fsdp2 (PyTorch's FSDP2) or --use-distributed-optimizer (ZeRO-1)"),
-}
+REFUSED: Dict[str, Tuple[str, str, str]] = {}
 
 # dest: (flag, what happens instead)
 WITHOUT_EFFECT: Dict[str, Tuple[str, str]] = {

@@ -15,7 +15,8 @@ def test_reference_lists_every_status_with_its_reason():
     assert "| `--use-mcore-models` | — | no effect: models are always built the Megatron-Core way |" in page
     assert "| `--checkpoint-activations` | — | refused: the old spelling was removed" in page
     assert "| `--num-layers` | — | implemented | Number of transformer layers. |" in page
-    assert "| `--use-megatron-fsdp` | off | refused unless default: Megatron-FSDP is not implemented" in page
+    assert "| `--use-megatron-fsdp`, `--use-custom-fsdp` | off | implemented | Megatron-FSDP's command line" in page
+    assert "| `--init-model-with-meta-device` | — | refused: the model is built whole on every rank" in page
 
 
 def test_check_mode_reports_a_stale_page(tmp_path, monkeypatch):

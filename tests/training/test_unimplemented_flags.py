@@ -91,5 +91,5 @@ def test_defaults_and_equivalent_values_are_silent(caplog):
 
 
 def test_a_refused_flag_on_the_command_line_stops_validation():
-    with pytest.raises(ValueError, match=r"^--use-megatron-fsdp True: is not supported"):
-        parse_and_validate(BASE + ["--use-megatron-fsdp"])
+    with pytest.raises(ValueError, match=r"^--init-model-with-meta-device True: is not supported"):
+        parse_and_validate(BASE + ["--init-model-with-meta-device"])

@@ -75,7 +75,20 @@ def add_distributed_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
                    dest="torch_fsdp2_reshard_after_forward",
                    help="Keep each layer's gathered params from forward to backward under --use-torch-fsdp2 "
                         "(less communication, more memory).")
-    g.add_argument("--use-megatron-fsdp", action="store_true", help="Use Megatron-FSDP.")
+    g.add_argument("--use-megatron-fsdp", "--use-custom-fsdp", action="store_true", dest="use_megatron_fsdp",
+                   help="Megatron-FSDP's command line (--use-custom-fsdp is its old name): "
+                        "--data-parallel-sharding-strategy picks FSDP2, the distributed optimizer or plain data "
+                        "parallelism (docs/parallelism.md); needs --ckpt-format fsdp_dtensor.")
+    g.add_argument("--data-parallel-sharding-strategy", type=str, default="optim_grads_params",
+                   choices=["no_shard", "optim", "optim_grads", "optim_grads_params"],
+                   help="With --use-megatron-fsdp, what is sharded over the data x context parallel ranks: "
+                        "optim_grads_params runs FSDP2 (weights, grads and optimizer state), optim and "
+                        "optim_grads the distributed optimizer (optimizer state; a full grad buffer stays on "
+                        "every rank), no_shard plain data parallelism.")
+    g.add_argument("--outer-dp-sharding-strategy", type=str, default="no_shard", choices=["no_shard", "optim"],
+                   help="With --use-megatron-fsdp and --num-distributed-optimizer-instances > 1, what is sharded "
+                        "across the instances: no_shard (replicas, as the distributed optimizer's instances do); "
+                        "optim is refused here.")
     g.add_argument("--context-parallel-size", type=int, default=1, help=None)
     g.add_argument("--cp-comm-type", nargs="+", type=str, default=["p2p"], help=None)
     g.add_argument("--hierarchical-context-parallel-sizes", nargs="+", type=int, default=None, help=None)

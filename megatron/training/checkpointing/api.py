@@ -34,6 +34,7 @@ from megatron.core import parallel_state
 from megatron.core.process_groups import ProcessGroups
 from megatron.training.checkpointing import directory as layout
 from megatron.training.checkpointing import (
+    fsdp_dtensor_format,
     local_checkpoints,
     megatron_lm,
     torch_dcp_format,
@@ -484,7 +485,8 @@ def _load(model: List, optimizer, scheduler, args, groups: ProcessGroups, comm: 
     wants_rng = not args.no_load_rng and not finetune
     print_rank_0(f"loading checkpoint from {root} at iteration {iteration}")
     torch_dcp_format.refuse_format_mismatch(directory, model, (manifest or {}).get("ckpt_format", "non-torch_dcp"))
-    if args.load_main_params_from_ckpt and not torch_dist_format.is_torch_dist_checkpoint(directory):
+    if args.load_main_params_from_ckpt and not (torch_dist_format.is_torch_dist_checkpoint(directory)
+                                                or fsdp_dtensor_format.holds_torch_dist_layout(directory)):
         raise CheckpointError(f"--load-main-params-from-ckpt reads torch_dist checkpoints; {directory} is in another "
                               "format. Drop the flag (the fp32 main params then start from the loaded weights)")
     if megatron_lm.is_megatron_checkpoint(directory):
@@ -492,7 +494,8 @@ def _load(model: List, optimizer, scheduler, args, groups: ProcessGroups, comm: 
         load_optim, load_rng, rng = False, False, None
         print_rank_0("  a checkpoint in Megatron-LM's layout: model weights loaded; its optimizer and RNG states "
                      "are not read (training continues with a fresh optimizer)")
-    elif torch_dist_format.is_torch_dist_checkpoint(directory):
+    elif (torch_dist_format.is_torch_dist_checkpoint(directory)
+          or fsdp_dtensor_format.holds_torch_dist_layout(directory)):
         common = torch_dist_format.read_common(directory, group)
         load_optim = load_optim and common.get("optimizer_saved", True)
         load_rng = wants_rng and common.get("rng_saved", True) and _same_layout(common.get("layout"), args)

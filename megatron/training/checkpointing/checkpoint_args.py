@@ -25,7 +25,7 @@ import os
 from typing import Dict, Optional, Tuple
 
 
-from megatron.training.checkpointing import megatron_lm, torch_dcp_format
+from megatron.training.checkpointing import fsdp_dtensor_format, megatron_lm, torch_dcp_format
 from megatron.training.checkpointing.directory import CheckpointError, iteration_dir, read_tracker
 from megatron.training.checkpointing.torch_dist_format import is_torch_dist_checkpoint, read_common
 from megatron.training.checkpointing.torch_format import MODEL_FILENAME, load_own_file
@@ -78,10 +78,10 @@ def _checkpoint_dir(args: argparse.Namespace) -> Optional[str]:
 
 def read_saved_args(directory: str) -> argparse.Namespace:
     """The arguments saved with the checkpoint in ``directory`` (torch_dist or torch format,
-    ours or Megatron-LM's; our torch_dcp)."""
+    ours or Megatron-LM's; our torch_dcp and fsdp_dtensor)."""
     if megatron_lm.is_megatron_checkpoint(directory):
         saved = megatron_lm.read_saved_args(directory)
-    elif is_torch_dist_checkpoint(directory):
+    elif is_torch_dist_checkpoint(directory) or fsdp_dtensor_format.holds_torch_dist_layout(directory):
         saved = read_common(directory, None).get("args")
     elif torch_dcp_format.is_torch_dcp_checkpoint(directory):
         saved = torch_dcp_format.read_common(directory).get("args")

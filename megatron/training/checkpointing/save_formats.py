@@ -12,7 +12,14 @@ from dataclasses import dataclass
 from typing import Any, Callable, List, Optional
 
 from megatron.core.process_groups import ProcessGroups
-from megatron.training.checkpointing import megatron_lm, torch_dcp_format, torch_dist_format, torch_format
+from megatron.core.distributed.torch_fully_sharded_data_parallel import is_fully_sharded
+from megatron.training.checkpointing import (
+    fsdp_dtensor_format,
+    megatron_lm,
+    torch_dcp_format,
+    torch_dist_format,
+    torch_format,
+)
 from megatron.training.checkpointing.free_space import bytes_needed
 from megatron.training.checkpointing.run_state import capture_rng, common_state
 
@@ -74,6 +81,25 @@ class TorchDistSave:
         return [torch_dist_format.write_marker(staging)]
 
 
+class UnmarkedTorchDistSave(TorchDistSave):
+    """--ckpt-format fsdp_dtensor of a run without FSDP2: torch_dist's files without its
+    ``metadata.json`` marker (``fsdp_dtensor_format``)."""
+
+    def commit_files(self, staging: str) -> List[str]:
+        return []
+
+
+class FsdpDtensorSave:
+    """--ckpt-format fsdp_dtensor (--use-megatron-fsdp): FSDP2's sharded DTensors as torch_dcp
+    writes them, or the distributed optimizer's (or DDP's) state as torch_dist writes it."""
+
+    @staticmethod
+    def plan(request: SaveRequest):
+        if is_fully_sharded(request.model):
+            return torch_dcp_format.TorchDcpSave.plan(request)
+        return UnmarkedTorchDistSave.plan(request)
+
+
 class TorchSave:
     """--ckpt-format torch: one file per model-parallel rank, written by data-parallel rank 0."""
 
@@ -113,7 +139,7 @@ class MegatronLayoutSave:
 
 
 PLANNERS = {torch_dist_format.FORMAT: TorchDistSave, torch_format.FORMAT: TorchSave,
-            torch_dcp_format.FORMAT: torch_dcp_format.TorchDcpSave}
+            torch_dcp_format.FORMAT: torch_dcp_format.TorchDcpSave, fsdp_dtensor_format.FORMAT: FsdpDtensorSave}
 SAVE_FORMATS = tuple(PLANNERS)
 
 

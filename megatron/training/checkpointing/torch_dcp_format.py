@@ -1,4 +1,5 @@
-"""``--ckpt-format torch_dcp``: the checkpoint of --use-torch-fsdp2 runs, a plain
+"""``--ckpt-format torch_dcp``: the checkpoint of --use-torch-fsdp2 runs (and the content of
+--ckpt-format fsdp_dtensor under --use-megatron-fsdp's FSDP2 strategy), a plain
 torch.distributed.checkpoint directory (``.metadata`` + ``__<rank>_0.distcp``, no
 ``metadata.json``, as in Megatron-LM) plus our run state.
 
@@ -39,6 +40,7 @@ from megatron.core.distributed.torch_fully_sharded_data_parallel import is_fully
 from megatron.core.process_groups import ProcessGroups
 from megatron.training.checkpointing.directory import CheckpointError
 from megatron.training.checkpointing.fp8_state import Fp8LoadReport, finish_resizes, fit_flat_state, log_report
+from megatron.training.checkpointing.fsdp_dtensor_format import holds_torch_dist_layout
 from megatron.training.checkpointing.run_state import capture_rng, common_state
 from megatron.training.checkpointing.torch_format import load_own_file
 
@@ -55,25 +57,30 @@ def rng_filename(rank: int) -> str:
 
 
 def is_torch_dcp_checkpoint(directory: str) -> bool:
-    """A DCP directory without torch_dist's ``metadata.json`` marker."""
+    """A DCP directory without torch_dist's ``metadata.json`` marker and without its keys
+    (``fsdp_dtensor_format``: an fsdp_dtensor checkpoint of FSDP2 is one of these)."""
     return (os.path.isfile(os.path.join(directory, DCP_METADATA))
-            and not os.path.isfile(os.path.join(directory, TORCH_DIST_MARKER)))
+            and not os.path.isfile(os.path.join(directory, TORCH_DIST_MARKER))
+            and not holds_torch_dist_layout(directory))
 
 
 def refuse_format_mismatch(directory: str, model, ckpt_format_name: str) -> None:
     """FSDP2 models load only torch_dcp checkpoints, and torch_dcp loads only into FSDP2."""
     fsdp = is_fully_sharded(model)
     if is_torch_dcp_checkpoint(directory) and not fsdp:
+        shown = ckpt_format_name if ckpt_format_name in (FORMAT, "fsdp_dtensor") else FORMAT
         raise CheckpointError(
-            f"{directory} is a torch_dcp checkpoint (written by a --use-torch-fsdp2 run); this run does not use "
-            "FSDP2. Load it with --use-torch-fsdp2 (at any data-parallel size), or turn it into one torch.save "
-            "file with python -m torch.distributed.checkpoint.format_utils dcp_to_torch <dir> <file>")
+            f"{directory} is a {shown} checkpoint of sharded DTensors (written by FSDP2: "
+            "--use-torch-fsdp2, or --use-megatron-fsdp with --data-parallel-sharding-strategy optim_grads_params); "
+            "this run does not use FSDP2. Load it with FSDP2 (at any data-parallel size), or turn it into one "
+            "torch.save file with python -m torch.distributed.checkpoint.format_utils dcp_to_torch <dir> <file>")
     if fsdp and not is_torch_dcp_checkpoint(directory):
         raise CheckpointError(
-            f"{directory} is a {ckpt_format_name} checkpoint; --use-torch-fsdp2 loads only --ckpt-format torch_dcp "
-            "checkpoints. Convert its weights first: run once without --use-torch-fsdp2 with --load <this root> "
-            "--ckpt-convert-format torch_dcp --ckpt-convert-save DIR, then --load DIR/torch_dcp (the FSDP2 run "
-            "starts with a fresh optimizer, as with --no-load-optim)")
+            f"{directory} is a {ckpt_format_name} checkpoint without FSDP2's sharded DTensors; FSDP2 runs "
+            "(--use-torch-fsdp2, --use-megatron-fsdp --data-parallel-sharding-strategy optim_grads_params) load "
+            "only theirs (torch_dcp, or fsdp_dtensor written by FSDP2). Convert its weights first: run once "
+            "without FSDP2 with --load <this root> --ckpt-convert-format torch_dcp --ckpt-convert-save DIR, then "
+            "--load DIR/torch_dcp (the FSDP2 run starts with a fresh optimizer, as with --no-load-optim)")
 
 
 def _single_chunk(model) -> torch.nn.Module:
