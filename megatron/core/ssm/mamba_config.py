@@ -22,7 +22,8 @@ class MambaConfig:
     expand: int = 2
     d_conv: int = 4
     chunk_size: int = 128
-    """Positions per chunk of the SSD scan (a speed knob; the result does not depend on it)."""
+    """Positions per chunk of the SSD scan's compile and reference backends (a speed knob; the
+    result does not depend on it). The Triton kernels run their own (``ssd_triton.KERNEL_CHUNK``)."""
     dt_min: float = 0.001
     dt_max: float = 0.1
     dt_init_floor: float = 1e-4

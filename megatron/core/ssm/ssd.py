@@ -1,8 +1,9 @@
 """The SSD scan the mixer calls, with one capability check choosing its backend.
 
 - ``triton`` (the CUDA default): our own Triton kernels of the chunked scan, forward and
-  backward (``ssd_triton``), for power-of-two chunks of 16..256 and head / state dims up
-  to 256; another shape on CUDA takes ``compile``.
+  backward (``ssd_triton``), for head / state dims up to 256; they run chunks of
+  ``ssd_triton.KERNEL_CHUNK`` positions whatever ``chunk_size`` says (a speed choice: the
+  result does not depend on it); another shape on CUDA takes ``compile``.
 - ``compile``: the chunked reference compiled by ``torch.compile`` (Inductor writes Triton
   kernels for the chunk products, the decay matrices and the state passing).
 - ``reference``: the pure-PyTorch chunked reference (``ssd_reference.ssd_chunked``), eager;
@@ -105,9 +106,9 @@ def ssd_scan(
     chosen = choose_backend(x, B, chunk_size, backend)
     _log_backend(chosen)
     if chosen == "triton":
-        from megatron.core.ssm.ssd_triton import ssd_triton
+        from megatron.core.ssm.ssd_triton import kernel_chunk_size, ssd_triton
 
-        return ssd_triton(x, dt, A, B, C, chunk_size, D)
+        return ssd_triton(x, dt, A, B, C, kernel_chunk_size(chunk_size, x.shape[-1], B.shape[-1], x.dtype), D)
     if chosen == "compile":
         return _compiled_ssd(x, dt, A, B, C, D, chunk_size)
     return _ssd_in_fp32(x, dt, A, B, C, D, chunk_size)

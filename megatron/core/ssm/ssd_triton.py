@@ -46,6 +46,17 @@ def supports(chunk_size: int, head_dim: int, state_dim: int, dtype: torch.dtype 
     return pow2 and 16 <= chunk_size <= 256 and dims_fit and dtype in (torch.bfloat16, torch.float32)
 
 
+# The chunk length the kernels run whatever the configured one (the result does not depend
+# on it): 256-position chunks halve the chunk states the state passes stream through memory,
+# and measured fastest on an H100 (docs/performance.md).
+KERNEL_CHUNK = 256
+
+
+def kernel_chunk_size(chunk_size: int, head_dim: int, state_dim: int, dtype: torch.dtype) -> int:
+    """``KERNEL_CHUNK`` where the kernels take it for this shape, else ``chunk_size``."""
+    return KERNEL_CHUNK if supports(KERNEL_CHUNK, head_dim, state_dim, dtype) else chunk_size
+
+
 def _block_q(chunk_size: int, state_dim: int) -> int:
     # Tiles of [block_q, state] and [block_q, head] live in registers; wide states take
     # shorter blocks to keep them there.
@@ -89,9 +100,9 @@ class _Shape:
         self.f32 = x.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1"
         self.sizes = (self.l, self.nc, self.h, self.r, self.p, self.n)
         self.strides = (*x.stride(), *B.stride(), *C.stride(), *dt.stride())
-        # Wide [head, state] tiles get more warps, so more registers, per program.
-        warps = 8 if self.block_p * self.block_n >= 8192 else 4
-        self.tiles = dict(BLOCK_Q=self.block_q, BLOCK_P=self.block_p, BLOCK_N=self.block_n, num_warps=warps)
+        # Four warps measured faster than eight at every chunk and tile of the H100 sweep
+        # (docs/performance.md), [64, 128] tiles included.
+        self.tiles = dict(BLOCK_Q=self.block_q, BLOCK_P=self.block_p, BLOCK_N=self.block_n, num_warps=4)
 
     def chunk_grid(self, blocks: int):
         return (self.b * self.nc, self.h, blocks)

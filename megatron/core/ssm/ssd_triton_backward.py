@@ -45,15 +45,23 @@ def state_pass_bwd_kernel(grad_ptr, states_ptr, acum_ptr, dfinal_ptr, dinit_ptr,
         cur = tl.load(dfinal_ptr + (b * H + h) * PN + e, mask=ok, other=0.0).to(tl.float32)
     else:
         cur = tl.zeros((BLOCK,), dtype=tl.float32)
+    # The next (earlier) chunk's inputs are loaded a step ahead, as in the forward pass.
+    last = ((b * NC + NC - 1) * H + h) * PN + e
+    entering = tl.load(states_ptr + last, mask=ok, other=0.0)
+    from_output = tl.load(grad_ptr + last, mask=ok, other=0.0)
+    decay = tl.exp(tl.load(acum_ptr + ((b * H + h) * NC + NC - 1) * Q + Q - 1))
     for k in range(0, NC):
         c = NC - 1 - k
         off = ((b * NC + c) * H + h) * PN + e
-        decay = tl.exp(tl.load(acum_ptr + ((b * H + h) * NC + c) * Q + Q - 1))
-        entering = tl.load(states_ptr + off, mask=ok, other=0.0)
+        cp = (c + NC - 1) % NC  # after the first chunk a harmless reload of the last, unused
+        prev = ((b * NC + cp) * H + h) * PN + e
+        entering_next = tl.load(states_ptr + prev, mask=ok, other=0.0)
+        from_output_next = tl.load(grad_ptr + prev, mask=ok, other=0.0)
+        decay_next = tl.exp(tl.load(acum_ptr + ((b * H + h) * NC + cp) * Q + Q - 1))
         tl.store(dslast_ptr + ((b * H + h) * NC + c) * NBLK + blk, decay * tl.sum(entering * cur, axis=0))
-        from_output = tl.load(grad_ptr + off, mask=ok, other=0.0)
         tl.store(grad_ptr + off, cur, mask=ok)
         cur = from_output + decay * cur
+        entering, from_output, decay = entering_next, from_output_next, decay_next
     tl.store(dinit_ptr + (b * H + h) * PN + e, cur, mask=ok)
 
 

@@ -105,12 +105,18 @@ def state_pass_fwd_kernel(states_ptr, acum_ptr, init_ptr, final_ptr, NC, H, PN,
         cur = tl.load(init_ptr + (b * H + h) * PN + e, mask=ok, other=0.0).to(tl.float32)
     else:
         cur = tl.zeros((BLOCK,), dtype=tl.float32)
+    # The next chunk's state and decay are loaded a step ahead: they do not depend on the
+    # carry, so their latency overlaps this step's store and update.
+    own = tl.load(states_ptr + (b * NC * H + h) * PN + e, mask=ok, other=0.0)
+    decay = tl.exp(tl.load(acum_ptr + (b * H + h) * NC * Q + Q - 1))
     for c in range(0, NC):
         off = ((b * NC + c) * H + h) * PN + e
-        own = tl.load(states_ptr + off, mask=ok, other=0.0)
+        cn = (c + 1) % NC  # after the last chunk a harmless reload of the first, unused
+        own_next = tl.load(states_ptr + ((b * NC + cn) * H + h) * PN + e, mask=ok, other=0.0)
+        decay_next = tl.exp(tl.load(acum_ptr + ((b * H + h) * NC + cn) * Q + Q - 1))
         tl.store(states_ptr + off, cur, mask=ok)
-        decay = tl.exp(tl.load(acum_ptr + ((b * H + h) * NC + c) * Q + Q - 1))
         cur = decay * cur + own
+        own, decay = own_next, decay_next
     tl.store(final_ptr + (b * H + h) * PN + e, cur, mask=ok)
 
 
