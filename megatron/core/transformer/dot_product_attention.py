@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron.core import process_groups, tensor_parallel
-from megatron.core.fusions.sdpa_backends import repeat_kv_for_cudnn, sdpa_backend_priority
+from megatron.core.fusions.sdpa_backends import repeat_kv_for_cudnn, sdpa_attn_mask, sdpa_backend_priority
 from megatron.core.tensor_parallel.layers import _param_device, set_tensor_model_parallel_attributes
 from megatron.core.transformer.context_parallel import ContextParallelAttention, resolve_comm_type
 from megatron.core.transformer.enums import AttnMaskType
@@ -241,7 +241,7 @@ class DotProductAttention(torch.nn.Module):
         v = value.permute(1, 2, 0, 3)
         if self.softmax_offset is not None:
             return self._sdpa_with_sink(q, k, v, mask, is_causal, dropout_p)
-        attn_mask = None if mask is None else ~mask  # torch: True = attend
+        attn_mask = None if mask is None else sdpa_attn_mask(mask, q.dtype)
         if repeat_kv_for_cudnn(q, k, v, attn_mask, dropout_p, is_causal):
             repeats = q.shape[1] // k.shape[1]
             k = k.repeat_interleave(repeats, dim=1)
