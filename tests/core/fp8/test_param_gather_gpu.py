@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from megatron.core import tensor_parallel
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.fp8.gemm import SCALED_MM, select_backend
 from megatron.core.fp8.param_gather import fp8_weights
@@ -33,6 +34,9 @@ def _run(recipe, flag, device="cuda"):
     config = TransformerConfig(**SHAPE, fp8="hybrid", fp8_recipe=recipe, bf16=True, params_dtype=torch.bfloat16,
                                fp8_emulation=device == "cpu", use_cpu_initialization=device == "cpu")
     torch.manual_seed(1234)
+    if device == "cuda":
+        # Weights drawn on the GPU take the model-parallel stream of the RNG tracker.
+        tensor_parallel.model_parallel_cuda_manual_seed(1234)
     model = GPTModel(config, vocab_size=VOCAB, max_sequence_length=SEQ, parallel_output=False,
                      position_embedding_type="rope", share_embeddings_and_output_weights=False)
     model = model.to(device).bfloat16()
