@@ -42,7 +42,7 @@ def _add_fp8_args(g) -> None:
     g.add_argument("--no-fp8-wgrad", action="store_false", dest="fp8_wgrad",
                    help="Run the weight-gradient GEMMs in high precision instead of FP8.")
     g.add_argument("--fp8-emulation", action="store_true", help=None)
-    g.add_argument("--fp8-param-gather", action="store_true", help="Keep and all-gather params in FP8.")
+    g.add_argument("--fp8-param-gather", action="store_true", help=None)
     g.add_argument("--first-last-layers-bf16", action="store_true", help=None)
     g.add_argument("--num-layers-at-start-in-bf16", type=int, default=1, help=None)
     g.add_argument("--num-layers-at-end-in-bf16", type=int, default=1, help=None)
