@@ -36,6 +36,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--groups", type=int, default=8)
     p.add_argument("--state", type=int, default=128)
+    p.add_argument("--chunks", type=int, nargs="+", default=[64, 128, 256])
+    p.add_argument("--block-q", type=int, nargs="+", default=[32, 64, 128])
+    p.add_argument("--warps", type=int, nargs="+", default=[4, 8])
+    p.add_argument("--stages", type=int, nargs="+", default=[0], help="pipelining depths; 0 = Triton's default")
     p.add_argument("--repeats", type=int, default=10)
     opts = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -65,36 +69,45 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"cuDNN causal attention of width {width} ({heads128} x 128), forward+backward: "
           f"{ms_per_call(sdpa, opts.repeats):.3f} ms")
 
-    def timed(chunk, block_q, warps):
+    def call(chunk, block_q, warps, stages):
+        return ssd_triton(x, dt, A, B, C, chunk, D, block_q=block_q, num_warps=warps, num_stages=stages or None)
+
+    def timed(setting):
         def step():
-            ssd_triton(x, dt, A, B, C, chunk, D, block_q=block_q, num_warps=warps).backward(dy)
+            call(*setting).backward(dy)
 
         def forward():
             with torch.no_grad():
-                ssd_triton(x, dt, A, B, C, chunk, D, block_q=block_q, num_warps=warps)
+                call(*setting)
 
         return ms_per_call(step, opts.repeats), ms_per_call(forward, opts.repeats)
 
-    print("| chunk | block_q | warps | fwd+bwd ms | fwd ms |\n|---|---|---|---|---|")
+    print("| chunk | block_q | warps | stages | fwd+bwd ms | fwd ms |\n|---|---|---|---|---|---|")
     results = []
-    for chunk, block_q, warps in itertools.product((64, 128, 256), (32, 64), (4, 8)):
+    for setting in itertools.product(opts.chunks, opts.block_q, opts.warps, opts.stages):
+        chunk, block_q = setting[:2]
         if block_q > chunk or not supports(chunk, d, n):
             continue
-        both, fwd = timed(chunk, block_q, warps)
-        results.append((both, chunk, block_q, warps))
-        print(f"| {chunk} | {block_q} | {warps} | {both:.3f} | {fwd:.3f} |", flush=True)
-    best = min(results)
-    print(f"fastest: chunk {best[1]}, block_q {best[2]}, {best[3]} warps ({best[0]:.3f} ms); "
-          f"the kernels' default chunk is {KERNEL_CHUNK}")
+        try:
+            both, fwd = timed(setting)
+        except Exception as err:  # a tile too large for the SM (shared memory, registers) costs one row
+            print(f"| {' | '.join(map(str, setting))} | failed: {type(err).__name__}: {str(err)[:80]} | |", flush=True)
+            continue
+        results.append((both, setting))
+        print(f"| {' | '.join(map(str, setting))} | {both:.3f} | {fwd:.3f} |", flush=True)
+    best_ms, best = min(results)
+    print(f"fastest: chunk {best[0]}, block_q {best[1]}, {best[2]} warps, stages {best[3] or 'default'} "
+          f"({best_ms:.3f} ms); the kernels' default chunk is {KERNEL_CHUNK}")
     from torch.profiler import ProfilerActivity, profile
 
-    for chunk, block_q, warps in sorted({(best[1], best[2], best[3]), (KERNEL_CHUNK, None, 4)}, key=str):
-        timed(chunk, block_q, warps)
+    for setting in sorted({best, (KERNEL_CHUNK, None, 4, 0)}, key=str):
+        timed(setting)
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             for _ in range(5):
-                ssd_triton(x, dt, A, B, C, chunk, D, block_q=block_q, num_warps=warps).backward(dy)
+                call(*setting).backward(dy)
             torch.cuda.synchronize()
-        print(f"per kernel, chunk {chunk}, block_q {block_q or 'default'}, {warps} warps (5 calls):")
+        print(f"per kernel, chunk {setting[0]}, block_q {setting[1] or 'default'}, {setting[2]} warps, "
+              f"stages {setting[3] or 'default'} (5 calls):")
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=50))
     return 0
 

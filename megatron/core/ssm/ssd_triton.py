@@ -87,7 +87,8 @@ def _pad16(d: int) -> int:
 class _Shape:
     """Sizes and strides the launches share."""
 
-    def __init__(self, x, dt, B, C, chunk_size: int, block_q: Optional[int], num_warps: int = 4):
+    def __init__(self, x, dt, B, C, chunk_size: int, block_q: Optional[int], num_warps: int = 4,
+                 num_stages: Optional[int] = None):
         self.b, self.l, self.h, self.p = x.shape
         self.g, self.n = B.shape[2], B.shape[3]
         self.r = self.h // self.g
@@ -103,6 +104,8 @@ class _Shape:
         # Four warps (the default) measured faster than eight at every chunk and tile of the
         # H100 sweep (benchmarks/ssd_sweep.py, docs/performance.md), [64, 128] tiles included.
         self.tiles = dict(BLOCK_Q=self.block_q, BLOCK_P=self.block_p, BLOCK_N=self.block_n, num_warps=num_warps)
+        if num_stages is not None:  # else Triton's default pipelining depth
+            self.tiles["num_stages"] = num_stages
 
     def chunk_grid(self, blocks: int):
         return (self.b * self.nc, self.h, blocks)
@@ -182,8 +185,8 @@ def _backward(dy, dfinal, x, dt, A, B, C, D, acum, states, s: _Shape):
 
 class _SSDScan(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, dt, A, B, C, D, initial_states, chunk_size, block_q, num_warps):
-        s = _Shape(x, dt, B, C, chunk_size, block_q, num_warps)
+    def forward(ctx, x, dt, A, B, C, D, initial_states, chunk_size, block_q, num_warps, num_stages):
+        s = _Shape(x, dt, B, C, chunk_size, block_q, num_warps, num_stages)
         y, final = _forward(x, dt, A, B, C, D, initial_states, s)
         # The chunk states (fp32 [b, c, h, P, N]: twice x's bytes at state 128, chunk 128, bf16,
         # in every layer) are recomputed in backward rather than kept; they are a small share
@@ -203,7 +206,7 @@ class _SSDScan(torch.autograd.Function):
         dfinal = None if dfinal is None else dfinal.float().contiguous()
         dx, ddt, dA, dB, dC, dD, dinit = _backward(dy.contiguous(), dfinal, x, dt, A, B, C, D, acum, states, s)
         dinit = None if initial_states is None else dinit.to(initial_states.dtype)
-        return dx, ddt, dA, dB, dC, dD, dinit, None, None, None
+        return dx, ddt, dA, dB, dC, dD, dinit, None, None, None, None
 
 
 def ssd_triton(
@@ -218,10 +221,12 @@ def ssd_triton(
     return_final_states: bool = False,
     block_q: Optional[int] = None,
     num_warps: int = 4,
+    num_stages: Optional[int] = None,
 ):
     """The scan on the Triton kernels; same contract as ``ssd_reference.ssd_chunked``.
-    ``block_q`` (a power of two dividing the chunk, >= 16) overrides the tile length and
-    ``num_warps`` the warps of the chunk kernels (tuning, ``benchmarks/ssd_sweep.py``)."""
+    ``block_q`` (a power of two dividing the chunk, >= 16) overrides the tile length,
+    ``num_warps`` and ``num_stages`` the warps and pipelining depth of the chunk kernels
+    (tuning, ``benchmarks/ssd_sweep.py``)."""
     _check_shapes(x, dt, A, B, C)
     if not supports(chunk_size, x.shape[-1], B.shape[-1], x.dtype):
         raise ValueError(f"SSD Triton kernels need a power-of-two chunk size in 16..256, head/state dims "
@@ -230,5 +235,6 @@ def ssd_triton(
     if block_q is not None and (block_q < 16 or block_q & (block_q - 1) or chunk_size % block_q):
         raise ValueError(f"SSD Triton block_q must be a power of two >= 16 dividing the chunk size {chunk_size}, "
                          f"got {block_q}")
-    y, final = _SSDScan.apply(x, dt, A, B, C, D, initial_states, chunk_size, block_q, num_warps)
+    y, final = _SSDScan.apply(x, dt, A, B, C, D, initial_states, chunk_size, block_q, num_warps,
+                              num_stages)
     return (y, final.to(x.dtype)) if return_final_states else y
