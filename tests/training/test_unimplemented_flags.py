@@ -65,8 +65,15 @@ def _set_value(default):
     return "value"
 
 
-@pytest.mark.parametrize("dest", sorted(REFUSED))
-def test_refused_flag_is_an_error_naming_it(dest):
+# Every parsed flag is implemented or reported today, so REFUSED is empty; the refusal path
+# is still checked, with a flag put on the list for the test.
+_PROBE = {"log_energy": ("--log-energy", "energy is not logged here", "drop --log-energy")}
+
+
+@pytest.mark.parametrize("dest", sorted(REFUSED) or sorted(_PROBE))
+def test_refused_flag_is_an_error_naming_it(dest, monkeypatch):
+    if dest not in REFUSED:
+        monkeypatch.setitem(REFUSED, dest, _PROBE[dest])
     defaults = _defaults()
     args = parse_and_validate(BASE)
     setattr(args, dest, _set_value(getattr(defaults, dest)))
