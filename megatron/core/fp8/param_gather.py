@@ -92,17 +92,19 @@ class Fp8ParamBuffer:
         for entry in self.entries:
             entry.weight.scaling.weight_gathered_in_fp8 = True
             entry.weight.scaling.weight_cache.clear()
-
-    def _reduce_over_tensor_parallel(self, amax: torch.Tensor) -> torch.Tensor:
-        """MAX of each entry's amax over its linear's group: one all-reduce per distinct
-        group, in the order the groups first appear (the same on every rank)."""
+        # (group, the indices of the entries whose linears reduce over it), built once: the
+        # step's amax reduction then moves no index list to the device.
         groups: List[object] = []
         for entry in self.entries:
             if not any(entry.weight.amax_group is g for g in groups):
                 groups.append(entry.weight.amax_group)
-        for group in groups:
-            index = torch.tensor([i for i, e in enumerate(self.entries) if e.weight.amax_group is group],
-                                 device=amax.device)
+        self._tp_groups = [(group, torch.tensor([i for i, e in enumerate(self.entries) if e.weight.amax_group is group],
+                                                device=device)) for group in groups]
+
+    def _reduce_over_tensor_parallel(self, amax: torch.Tensor) -> torch.Tensor:
+        """MAX of each entry's amax over its linear's group: one all-reduce per distinct
+        group, in the order the groups first appear (the same on every rank)."""
+        for group, index in self._tp_groups:
             amax[index] = reduce_amax(amax[index].contiguous(), group)
         return amax
 
