@@ -106,9 +106,9 @@ def ssd_scan(
     chosen = choose_backend(x, B, chunk_size, backend)
     _log_backend(chosen)
     if chosen == "triton":
-        from megatron.core.ssm.ssd_triton import kernel_chunk_size, ssd_triton
+        from megatron.core.ssm.ssd_triton import KERNEL_CHUNK, ssd_triton
 
-        return ssd_triton(x, dt, A, B, C, kernel_chunk_size(chunk_size, x.shape[-1], B.shape[-1], x.dtype), D)
+        return ssd_triton(x, dt, A, B, C, KERNEL_CHUNK, D)
     if chosen == "compile":
         return _compiled_ssd(x, dt, A, B, C, D, chunk_size)
     return _ssd_in_fp32(x, dt, A, B, C, D, chunk_size)

@@ -46,15 +46,11 @@ def supports(chunk_size: int, head_dim: int, state_dim: int, dtype: torch.dtype 
     return pow2 and 16 <= chunk_size <= 256 and dims_fit and dtype in (torch.bfloat16, torch.float32)
 
 
-# The chunk length the kernels run whatever the configured one (the result does not depend
-# on it): 256-position chunks halve the chunk states the state passes stream through memory,
-# and measured fastest on an H100 (docs/performance.md).
+# The chunk length ``ssd.ssd_scan`` runs the kernels with whatever the configured one (the
+# result does not depend on it; a shape ``supports`` at one chunk it supports at this one):
+# 256-position chunks halve the chunk states the state passes stream through memory, and
+# measured fastest on an H100 (docs/performance.md).
 KERNEL_CHUNK = 256
-
-
-def kernel_chunk_size(chunk_size: int, head_dim: int, state_dim: int, dtype: torch.dtype) -> int:
-    """``KERNEL_CHUNK`` where the kernels take it for this shape, else ``chunk_size``."""
-    return KERNEL_CHUNK if supports(KERNEL_CHUNK, head_dim, state_dim, dtype) else chunk_size
 
 
 def _block_q(chunk_size: int, state_dim: int) -> int:
