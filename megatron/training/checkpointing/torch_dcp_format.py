@@ -67,14 +67,15 @@ def is_torch_dcp_checkpoint(directory: str) -> bool:
 def refuse_format_mismatch(directory: str, model, ckpt_format_name: str) -> None:
     """FSDP2 models load only torch_dcp checkpoints, and torch_dcp loads only into FSDP2."""
     fsdp = is_fully_sharded(model)
-    if is_torch_dcp_checkpoint(directory) and not fsdp:
+    dcp = is_torch_dcp_checkpoint(directory)  # may read the DCP metadata: once
+    if dcp and not fsdp:
         shown = ckpt_format_name if ckpt_format_name in (FORMAT, "fsdp_dtensor") else FORMAT
         raise CheckpointError(
             f"{directory} is a {shown} checkpoint of sharded DTensors (written by FSDP2: "
             "--use-torch-fsdp2, or --use-megatron-fsdp with --data-parallel-sharding-strategy optim_grads_params); "
             "this run does not use FSDP2. Load it with FSDP2 (at any data-parallel size), or turn it into one "
             "torch.save file with python -m torch.distributed.checkpoint.format_utils dcp_to_torch <dir> <file>")
-    if fsdp and not is_torch_dcp_checkpoint(directory):
+    if fsdp and not dcp:
         raise CheckpointError(
             f"{directory} is a {ckpt_format_name} checkpoint without FSDP2's sharded DTensors; FSDP2 runs "
             "(--use-torch-fsdp2, --use-megatron-fsdp --data-parallel-sharding-strategy optim_grads_params) load "
