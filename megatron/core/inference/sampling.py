@@ -6,7 +6,7 @@ entries already cut off by the caller).
 
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import List, Optional, Union
 
 import torch
 
@@ -47,11 +47,24 @@ def sample_one(logits: torch.Tensor, params: SamplingParams, generator: Optional
 
 
 def sample_batch(
-    logits: torch.Tensor, params: List[SamplingParams], generators: List[Optional[torch.Generator]], active: List[bool]
+    logits: torch.Tensor,
+    params: List[SamplingParams],
+    generators: List[Optional[torch.Generator]],
+    active: Union[List[bool], torch.Tensor],
 ) -> torch.Tensor:
-    """logits [b, V] -> tokens [b] (int64, on logits' device); inactive rows get 0."""
-    if all(p.greedy for p, a in zip(params, active) if a):
+    """logits [b, V] -> tokens [b] (int64, on logits' device); inactive rows get 0.
+
+    ``active``: one bool per row, a list or a bool tensor on logits' device. Greedy rows
+    never wait for the device (the list goes over with a non-blocking copy); sampled rows
+    read each row's choice back to the host."""
+    if isinstance(active, torch.Tensor):
+        greedy = all(p.greedy for p in params)
+    else:
+        greedy = all(p.greedy for p, a in zip(params, active) if a)
+        active = torch.tensor(active, dtype=torch.bool).to(logits.device, non_blocking=True)
+    if greedy:
         tokens = torch.argmax(logits, dim=-1)
-        return torch.where(torch.tensor(active, device=logits.device), tokens, torch.zeros_like(tokens))
-    chosen = [sample_one(logits[i], params[i], generators[i]) if active[i] else 0 for i in range(logits.shape[0])]
-    return torch.tensor(chosen, dtype=torch.long, device=logits.device)
+        return torch.where(active, tokens, torch.zeros_like(tokens))
+    rows = active.tolist()
+    chosen = [sample_one(logits[i], params[i], generators[i]) if rows[i] else 0 for i in range(logits.shape[0])]
+    return torch.tensor(chosen, dtype=torch.long).to(logits.device)

@@ -104,26 +104,34 @@ class StaticInferenceEngine:
             self.model.train(was_training)
 
     def _cancel(self, rows: List[RequestState], cancelled) -> None:
-        flags = torch.zeros(len(rows), dtype=torch.float64, device=self.device)
-        if cancelled is not None:
-            flags[:] = torch.tensor([float(bool(c)) for c in cancelled()], dtype=torch.float64)
-        flags = self.model_step.share_from_first_rank(flags)
-        for row, flag in zip(rows, flags.tolist()):
+        asked = [bool(c) for c in cancelled()] if cancelled is not None else [False] * len(rows)
+        if self.model_step.model_parallel:
+            flags = torch.tensor(asked, dtype=torch.float64).to(self.device)
+            asked = [bool(f) for f in self.model_step.share_from_first_rank(flags).tolist()]
+        for row, flag in zip(rows, asked):
             if flag and not row.done:
                 row.done, row.finish_reason = True, "cancelled"
 
     def _generate(self, requests: List[InferenceRequest], on_token=None, cancelled=None) -> List[GenerationResult]:
+        """The device runs one forward ahead of the host's bookkeeping: forward k is queued
+        (its input token already chosen on the device by forward k - 1) before the host
+        reads forward k - 1's choices back, appends them, and checks stop tokens and
+        strings. The host thus never holds the device up; a request that stops on a token
+        costs at most one forward more, whose choice is dropped."""
         rows = [RequestState(r, self.device) for r in requests]
         max_total = max(max(row.total_len for row in rows), 1)
         tokens = torch.zeros(len(rows), max_total, dtype=torch.long, device=self.device)
         for i, row in enumerate(rows):
             tokens[i, : row.prompt_len] = torch.tensor(row.request.prompt_tokens, dtype=torch.long)
+        prompt_lens = torch.tensor([row.prompt_len for row in rows], device=self.device)
+        total_lens = torch.tensor([row.total_len for row in rows], device=self.device)
         want_log_probs = any(row.params.return_log_probs for row in rows)
         context = StaticInferenceContext(len(rows), max_total, self.window_size)
         context.materialize_only_last_token_logits = not want_log_probs
         prev, cur = 0, min(row.prompt_len for row in rows)
         graph = None
-        while not all(row.done for row in rows):
+        pending = None  # (choices on their way to the host, the positions they decide)
+        while not all(row.done or row.total_len <= prev + 1 for row in rows):
             if cancelled is not None or self.model_step.model_parallel:
                 self._cancel(rows, cancelled)
                 if all(row.done for row in rows):
@@ -137,15 +145,24 @@ class StaticInferenceEngine:
             else:
                 logits = self.model_step(tokens[:, prev:cur], positions, context)
             context.increment(cur - prev)
-            decided = self._decide(logits, tokens, prev, cur, rows, want_log_probs, max_total)
+            active = (prompt_lens <= cur) & (cur < total_lens)
+            decided = self._decide(logits, tokens, prev, cur, rows, active, want_log_probs, max_total)
             decided = self.model_step.share_from_last_stage(decided)
-            self._record(decided, tokens, prev, cur, rows, want_log_probs, max_total, on_token)
+            if cur < max_total:
+                tokens[:, cur] = decided[:, 0].to(torch.long)
+            if pending is not None:
+                self._record(*pending, rows, want_log_probs, on_token)
+            pending = (_to_host(decided), prev, cur)
             prev, cur = cur, cur + 1
+        if pending is not None:
+            self._record(*pending, rows, want_log_probs, on_token)
         return [row.result() for row in rows]
 
-    def _decide(self, logits, tokens, prev, cur, rows, want_log_probs, max_total) -> torch.Tensor:
+    def _decide(self, logits, tokens, prev, cur, rows, active, want_log_probs, max_total) -> torch.Tensor:
         """float64 [b, 1 + n]: column 0 the token at position ``cur`` (when cur < max_total),
-        then (with log-probs) the log-probs of positions prev+1 .. min(cur, max_total - 1)."""
+        then (with log-probs) the log-probs of positions prev+1 .. min(cur, max_total - 1).
+        ``active``: bool [b] on the device, the rows choosing a token at ``cur`` (past
+        their prompt); the others keep their prompt's token."""
         n_scored = min(cur, max_total - 1) - prev if want_log_probs else 0
         decided = torch.zeros(len(rows), 1 + n_scored, dtype=torch.float64, device=self.device)
         if logits is None:
@@ -154,9 +171,8 @@ class StaticInferenceEngine:
             logits = logits[..., : self.vocab_size]
         next_tokens = torch.zeros(len(rows), dtype=torch.long, device=self.device)
         if cur < max_total:
-            sampling = [row.prompt_len <= cur < row.total_len and not row.done for row in rows]
-            sampled = sample_batch(logits[:, -1], [r.params for r in rows], [r.generator for r in rows], sampling)
-            next_tokens = torch.where(torch.tensor(sampling, device=self.device), sampled, tokens[:, cur])
+            sampled = sample_batch(logits[:, -1], [r.params for r in rows], [r.generator for r in rows], active)
+            next_tokens = torch.where(active, sampled, tokens[:, cur])
         decided[:, 0] = next_tokens.to(torch.float64)
         if n_scored:
             targets = torch.cat([tokens[:, prev + 1 : cur], next_tokens[:, None]], dim=1)[:, :n_scored]
@@ -164,10 +180,11 @@ class StaticInferenceEngine:
             decided[:, 1:] = torch.gather(log_probs, 2, targets[:, :, None])[:, :, 0].to(torch.float64)
         return decided
 
-    def _record(self, decided, tokens, prev, cur, rows, want_log_probs, max_total, on_token) -> None:
-        values = decided.cpu()
-        if cur < max_total:
-            tokens[:, cur] = decided[:, 0].to(torch.long)
+    def _record(self, host_decided, prev, cur, rows, want_log_probs, on_token) -> None:
+        """The host's bookkeeping of the forward that decided position ``cur``."""
+        values, ready = host_decided
+        if ready is not None:
+            ready.synchronize()
         for i, row in enumerate(rows):
             if want_log_probs:
                 row.log_probs.extend(values[i, 1:].tolist())
@@ -179,3 +196,14 @@ class StaticInferenceEngine:
                     on_token(i, row.generated[-1])
             if cur + 1 >= row.total_len:
                 row.done = True
+
+
+def _to_host(values: torch.Tensor):
+    """(a host copy of ``values`` on its way, the event that says it has arrived or None)."""
+    if values.device.type != "cuda":
+        return values, None
+    host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+    host.copy_(values, non_blocking=True)
+    ready = torch.cuda.Event()
+    ready.record()
+    return host, ready
