@@ -7,8 +7,12 @@ side stream (they write the same keys/values the real step writes), and replayed
 others: the host launches one graph instead of hundreds of kernels, which is what bounds
 small-batch decoding. Eager execution stays the reference (``use_cuda_graphs=False``).
 
+Mamba layers advance their recurrent states in place at every step; the warm-up runs
+would advance them too (a KV write at the same slot repeats harmlessly, a recurrence does
+not), so the states are saved before the warm-ups and put back after them.
+
 Supported: one rank (no tensor/pipeline parallelism), dense models (MoE routing has
-data-dependent shapes), no sliding window, no Mamba layers. ``decode_graph_supported`` says why not.
+data-dependent shapes), no sliding window. ``decode_graph_supported`` says why not.
 """
 
 from __future__ import annotations
@@ -22,10 +26,6 @@ import torch
 def decode_graph_supported(model: torch.nn.Module, model_parallel: bool) -> Optional[str]:
     """None when the decode step can be captured, else the reason it cannot."""
     config = model.config
-    if getattr(model, "has_recurrent_state", False):
-        # The capture's warm-up runs would advance the state as real steps do (a KV write
-        # at the same slot repeats harmlessly; a recurrence does not).
-        return "Mamba layers (their recurrent state advances in place at every step)"
     if not torch.cuda.is_available() or next(model.parameters()).device.type != "cuda":
         return "the model is not on a CUDA device"
     if model_parallel:
@@ -64,11 +64,14 @@ class DecodeGraph:
         self.context = context
         self.tokens = tokens.clone()
         self.positions = positions.clone()
+        saved = [(state, state.clone()) for pair in context.recurrent_states.values() for state in pair]
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream), torch.no_grad():
             for _ in range(2):
                 step(self.tokens, self.positions, None, inference_context=context)
+                for state, before in saved:
+                    state.copy_(before)
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph), torch.no_grad():

@@ -255,6 +255,10 @@ class MambaMixer(torch.nn.Module):
             else:
                 y[:, first:first + n], states[key] = self._scan_from_state(xbc[:, first:first + n],
                                                                            dt[:, first:first + n], state)
+        if step_tokens == list(range(xbc.shape[1])):
+            # Every token advances a state (decoding): no gather or scatter by a host list,
+            # which would copy it to the device and could not be captured in a CUDA graph.
+            return self._step_many(xbc, dt, step_states)
         if step_tokens:
             y[:, step_tokens] = self._step_many(xbc[:, step_tokens], dt[:, step_tokens], step_states)
         return y
