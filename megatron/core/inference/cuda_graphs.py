@@ -12,7 +12,7 @@ would advance them too (a KV write at the same slot repeats harmlessly, a recurr
 not), so the states are saved before the warm-ups and put back after them.
 
 Supported: one rank (no tensor/pipeline parallelism), dense models (MoE routing has
-data-dependent shapes), no sliding window. ``decode_graph_supported`` says why not.
+data-dependent shapes). ``decode_graph_supported`` says why not.
 """
 
 from __future__ import annotations
@@ -32,8 +32,6 @@ def decode_graph_supported(model: torch.nn.Module, model_parallel: bool) -> Opti
         return "tensor or pipeline parallelism"
     if getattr(config, "num_moe_experts", None):
         return "MoE layers (data-dependent shapes)"
-    if config.window_size is not None:
-        return "a sliding window (--window-size)"
     return None
 
 

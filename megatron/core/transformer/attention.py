@@ -114,9 +114,10 @@ class SelfAttention(torch.nn.Module):
             key = self.k_layernorm(key)
         return query, key, value
 
-    def _core_attention(self, query, key, value, attention_mask, attn_mask_type):
+    def _core_attention(self, query, key, value, attention_mask, attn_mask_type, query_offset=None):
         if not self.checkpoint_core_attention or not self.training:
-            return self.core_attention(query, key, value, attention_mask, attn_mask_type=attn_mask_type)
+            return self.core_attention(query, key, value, attention_mask, attn_mask_type=attn_mask_type,
+                                       query_offset=query_offset)
 
         def run(q, k, v):
             return self.core_attention(q, k, v, attention_mask, attn_mask_type=attn_mask_type)

@@ -68,11 +68,14 @@ def build_attention_mask(
     attention_mask: Optional[torch.Tensor],
     window_size,
     device: torch.device,
+    query_offset: Optional[torch.Tensor] = None,
 ) -> Optional[torch.Tensor]:
     """Combine causal, sliding-window and explicit masks into one bool mask (True = masked).
 
     Returns None (attend everywhere) or a tensor broadcastable to [b, 1, sq, sk]. Query i
-    sits at absolute position i + (sk - sq). With window (left, right), query i attends
+    sits at absolute position i + (sk - sq), or at i + ``query_offset`` (a one-element
+    device tensor: a fixed-shape KV cache read whole, the newest keys not at its end). With
+    window (left, right), query i attends
     keys j with i - left <= j <= i + right (right is 0 under a causal mask), the
     flash-attention convention; Hugging Face's ``sliding_window=W`` equals (W - 1, 0).
     """
@@ -81,7 +84,7 @@ def build_attention_mask(
     mask = attention_mask
     causal = attn_mask_type in (AttnMaskType.causal, AttnMaskType.padding_causal)
     if causal or window_size is not None:
-        q_pos = torch.arange(sq, device=device).unsqueeze(1) + (sk - sq)
+        q_pos = torch.arange(sq, device=device).unsqueeze(1) + (sk - sq if query_offset is None else query_offset)
         k_pos = torch.arange(sk, device=device).unsqueeze(0)
         structural = torch.zeros(sq, sk, dtype=torch.bool, device=device)
         if causal:
@@ -192,6 +195,7 @@ class DotProductAttention(torch.nn.Module):
         value: torch.Tensor,
         attention_mask: Optional[torch.Tensor] = None,
         attn_mask_type: Optional[AttnMaskType] = None,
+        query_offset: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         mask_type = self.attn_mask_type if attn_mask_type is None else attn_mask_type
         sq, b, np_, hn = query.shape
@@ -200,11 +204,16 @@ class DotProductAttention(torch.nn.Module):
             raise ValueError(f"{np_} query heads cannot share {ng} key/value groups: heads must be a multiple")
         dropout_p = self.dropout_p if self.training else 0.0
         if self.cp_attention is not None:
+            if query_offset is not None:
+                raise ValueError("a query offset (generation from a fixed-shape KV cache) does not combine with "
+                                 "--context-parallel-size > 1")
             return self._context_parallel(query, key, value, attention_mask, mask_type, dropout_p)
         only_causal = (
             mask_type == AttnMaskType.causal and attention_mask is None and self.window_size is None and sq == sk
+            and query_offset is None
         )
-        mask = None if only_causal else build_attention_mask(sq, sk, mask_type, attention_mask, self.window_size, query.device)
+        mask = None if only_causal else build_attention_mask(sq, sk, mask_type, attention_mask, self.window_size,
+                                                             query.device, query_offset)
         if dropout_p > 0.0:
             # Heads differ per tensor-parallel rank, so dropout draws from the
             # tensor-parallel RNG stream (different per rank, reproducible per seed).

@@ -212,12 +212,12 @@ class MLASelfAttention(torch.nn.Module):
         key = torch.cat((k_no_pe, k_pos_emb.expand(-1, -1, self.num_heads_per_partition, -1)), dim=-1)
         return query, key, value
 
-    def _core_attention(self, query, key, padded_value, attention_mask, attn_mask_type):
+    def _core_attention(self, query, key, padded_value, attention_mask, attn_mask_type, query_offset=None):
         """q, k, v of one head width (``_pad_to_one_width``) -> context [sq, b, np * dv]."""
         dv = self.config.v_head_dim
 
         def run(q, k, v):
-            out = self.core_attention(q, k, v, attention_mask, attn_mask_type=attn_mask_type)
+            out = self.core_attention(q, k, v, attention_mask, attn_mask_type=attn_mask_type, query_offset=query_offset)
             return out.view(*out.shape[:2], self.num_heads_per_partition, -1)[..., :dv]
 
         if self.checkpoint_core_attention and self.training:

@@ -39,6 +39,23 @@ def test_cached_logits_equal_full_forward_with_mixed_windows():
             torch.testing.assert_close(got, full[:, start:end], **TOL)
 
 
+def test_fixed_shape_decoding_with_mixed_windows():
+    """The CUDA-graph form of the cache: each sliding layer masks to its own window from the
+    queries' real positions, the full-attention layers see every key."""
+    model = _model()
+    ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        full = model(ids, None, None)
+        context = StaticInferenceContext(2, 20, cache_window_size(model.config))
+        model(ids[:, :4], torch.arange(4).expand(2, -1), None, inference_context=context)
+        context.increment(4)
+        context.use_fixed_shapes(torch.device("cpu"))
+        for p in range(4, 16):
+            got = model(ids[:, p:p + 1], torch.full((2, 1), p), None, inference_context=context)
+            context.increment(1)
+            torch.testing.assert_close(got, full[:, p:p + 1], **TOL)
+
+
 def test_trimming_the_cache_would_be_caught():
     model = _model()
     ids = torch.randint(0, 64, (1, 12), generator=torch.Generator().manual_seed(4))

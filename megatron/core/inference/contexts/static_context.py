@@ -33,7 +33,8 @@ class StaticInferenceContext:
     ``use_fixed_shapes()`` switches to the form a CUDA graph can capture: the offset lives
     in a device tensor (``offset_tensor``), new keys/values are scattered at it, and
     attention reads the whole ``max_sequence_length`` cache under a mask of the positions
-    not yet reached, so every step has the same shapes and addresses (no sliding window).
+    not yet reached (and, in sliding-window layers, of those left behind), so every step
+    has the same shapes and addresses.
     """
 
     def __init__(self, max_batch_size: int, max_sequence_length: int, window_size: Optional[Tuple[int, int]] = None):
@@ -56,8 +57,6 @@ class StaticInferenceContext:
 
     def use_fixed_shapes(self, device: torch.device) -> None:
         """Keep the offset in a device tensor from now on (see the class docstring)."""
-        if self.window_size is not None:
-            raise ValueError("fixed-shape (CUDA graph) decoding does not support a sliding window (--window-size)")
         self.offset_tensor = torch.tensor([self.sequence_len_offset], dtype=torch.long, device=device)
     def reset(self) -> None:
         """Forget the cached positions (the buffers are kept for the next batch)."""
@@ -110,10 +109,10 @@ class StaticInferenceContext:
         positions = self.offset_tensor + torch.arange(key.shape[0], device=key.device)  # [sq]
         cache_k.index_copy_(0, positions, key)
         cache_v.index_copy_(0, positions, value)
-        key_positions = torch.arange(self.max_sequence_length, device=key.device)
-        # True = masked: keys after each query's own position (unwritten or stale slots included)
-        mask = (key_positions[None, :] > positions[:, None]).view(1, 1, key.shape[0], self.max_sequence_length)
-        return core_attention(query, cache_k, cache_v, mask, AttnMaskType.padding)
+        # The queries sit at the offset, not at the cache's end: core attention masks the keys
+        # after each query (unwritten or stale slots included) and, in a sliding-window layer,
+        # those before its window, counted from the queries' real positions.
+        return core_attention(query, cache_k, cache_v, None, AttnMaskType.causal, query_offset=self.offset_tensor)
 
     def append_key_value(self, layer_number: int, key: torch.Tensor, value: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Store key/value [sq, b, ng, hn] of layer ``layer_number`` at the current offset and
