@@ -11,8 +11,9 @@ Mamba layers advance their recurrent states in place at every step; the warm-up 
 would advance them too (a KV write at the same slot repeats harmlessly, a recurrence does
 not), so the states are saved before the warm-ups and put back after them.
 
-Supported: one rank (no tensor/pipeline parallelism), dense models (MoE routing has
-data-dependent shapes). ``decode_graph_supported`` says why not.
+Supported: one rank (no tensor/pipeline parallelism); MoE layers whose dispatch needs no
+host synchronization (grouped GEMMs, dropless or padded to capacity). ``decode_graph_supported``
+says why not.
 """
 
 from __future__ import annotations
@@ -31,7 +32,23 @@ def decode_graph_supported(model: torch.nn.Module, model_parallel: bool) -> Opti
     if model_parallel:
         return "tensor or pipeline parallelism"
     if getattr(config, "num_moe_experts", None):
-        return "MoE layers (data-dependent shapes)"
+        return _moe_capture_refusal(config)
+    return None
+
+
+def _moe_capture_refusal(config) -> Optional[str]:
+    """MoE layers are captured where their dispatch never asks the GPU for a size, as in
+    training graphs (docs/moe.md, "dispatch without host synchronization"): grouped GEMMs
+    with dropless routing or every expert padded to its capacity, on one expert rank."""
+    if getattr(config, "expert_model_parallel_size", 1) > 1:
+        return "MoE layers with expert parallelism"
+    if not config.moe_grouped_gemm:
+        return "MoE layers without --moe-grouped-gemm (the per-expert loop splits tokens by counts read on the host)"
+    if config.moe_expert_capacity_factor is not None and not config.moe_pad_expert_input_to_capacity:
+        return ("MoE token dropping without --moe-pad-expert-input-to-capacity (the kept-token count is read on "
+                "the host)")
+    if config.moe_router_load_balancing_type == "sinkhorn":
+        return "the sinkhorn router (its iterations stop on a tolerance read on the host)"
     return None
 
 

@@ -176,12 +176,37 @@ def test_fixed_shape_decoding_equals_the_sliced_cache(models, name):
             torch.testing.assert_close(got, full[:, p:p + 1], **TOL)
 
 
+def test_cuda_graph_refusals_name_the_moe_setting(models, monkeypatch):
+    """MoE decode steps are captured only where dispatch never reads a size on the host."""
+    from megatron.core.inference import cuda_graphs
+
+    config = models["mixtral"][1].config
+    cases = [
+        (dict(moe_grouped_gemm=False), "--moe-grouped-gemm"),
+        (dict(moe_grouped_gemm=True, moe_expert_capacity_factor=1.0), "--moe-pad-expert-input-to-capacity"),
+        (dict(moe_grouped_gemm=True, moe_router_load_balancing_type="sinkhorn"), "sinkhorn"),
+        (dict(moe_grouped_gemm=True, expert_model_parallel_size=2), "expert parallelism"),
+    ]
+    for overrides, named in cases:
+        for key, value in overrides.items():
+            monkeypatch.setattr(config, key, value)
+        assert named in cuda_graphs._moe_capture_refusal(config)
+        monkeypatch.undo()
+    for key, value in dict(moe_grouped_gemm=True, moe_expert_capacity_factor=1.0,
+                           moe_pad_expert_input_to_capacity=True).items():
+        monkeypatch.setattr(config, key, value)
+    assert cuda_graphs._moe_capture_refusal(config) is None
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("compile_decode", [False, True])
-@pytest.mark.parametrize("name", ["llama", "mistral"])
+@pytest.mark.parametrize("name", ["llama", "mistral", "mixtral-grouped"])
 def test_cuda_graph_decoding_equals_eager_on_gpu(models, name, compile_decode):
-    _, ours = models[name]
+    if name == "mixtral-grouped":
+        ours = megatron_model(models["mixtral"][0], config_overrides={"moe_grouped_gemm": True})[0]
+    else:
+        _, ours = models[name]
     model = ours.cuda()
     prompts = [tokens(1, n, seed=n)[0].tolist() for n in (3, 9, 6)]
     params = SamplingParams(top_k=1, num_tokens_to_generate=16, return_log_probs=True)
