@@ -33,8 +33,8 @@ def add_text_generate_args(parser: argparse.ArgumentParser) -> argparse.Argument
     group.add_argument("--max-request-body-bytes", type=int, default=8 * 1024 * 1024,
                        help="Larger request bodies are refused with HTTP 413.")
     group.add_argument("--decode-only-cuda-graphs", action="store_true",
-                       help="Replay each decode step from a CUDA graph (one GPU; MoE layers need --moe-grouped-gemm, "
-                            "dropless or padded routing; others decode eagerly with a warning).")
+                       help="Replay each decode step from a CUDA graph (one GPU; MoE layers need --moe-grouped-gemm "
+                            "in bf16 on Hopper, dropless or padded routing; others decode eagerly with a warning).")
     group.add_argument("--inference-dynamic-batching", action="store_true",
                        help="Continuous batching: requests join the running batch (one rank only).")
     group.add_argument("--inference-dynamic-batching-block-size", type=int, default=256,

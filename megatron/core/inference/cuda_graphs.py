@@ -12,7 +12,7 @@ would advance them too (a KV write at the same slot repeats harmlessly, a recurr
 not), so the states are saved before the warm-ups and put back after them.
 
 Supported: one rank (no tensor/pipeline parallelism); MoE layers whose dispatch needs no
-host synchronization (grouped GEMMs, dropless or padded to capacity). ``decode_graph_supported``
+host synchronization (bf16 grouped GEMMs on Hopper or newer, dropless or padded to capacity). ``decode_graph_supported``
 says why not.
 """
 
@@ -32,14 +32,19 @@ def decode_graph_supported(model: torch.nn.Module, model_parallel: bool) -> Opti
     if model_parallel:
         return "tensor or pipeline parallelism"
     if getattr(config, "num_moe_experts", None):
-        return _moe_capture_refusal(config)
+        parameter = next(model.parameters())
+        return _moe_capture_refusal(config, parameter.dtype, torch.cuda.get_device_capability(parameter.device))
     return None
 
 
-def _moe_capture_refusal(config) -> Optional[str]:
+def _moe_capture_refusal(config, dtype: torch.dtype, capability) -> Optional[str]:
     """MoE layers are captured where their dispatch never asks the GPU for a size, as in
     training graphs (docs/moe.md, "dispatch without host synchronization"): grouped GEMMs
-    with dropless routing or every expert padded to its capacity, on one expert rank."""
+    (``torch._grouped_mm``: bf16, Hopper or newer) with dropless routing or every expert
+    padded to its capacity, on one expert rank."""
+    if dtype != torch.bfloat16 or capability[0] < 9:
+        return (f"MoE layers in {dtype} on a GPU of compute capability {capability[0]}.{capability[1]} (the grouped "
+                "GEMM that needs no host synchronization takes bf16 on Hopper or newer)")
     if getattr(config, "expert_model_parallel_size", 1) > 1:
         return "MoE layers with expert parallelism"
     if not config.moe_grouped_gemm:
