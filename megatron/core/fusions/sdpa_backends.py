@@ -94,6 +94,11 @@ def repeat_kv_for_cudnn(
     mask_kind = None if mask is None else (tuple(mask.shape), mask.dtype)
     key = (tuple(q.shape), tuple(k.shape), q.dtype, mask_kind, dropout_p > 0, is_causal)
     decision = _repeat_kv_decisions.get(key)
+    if decision is None and torch.compiler.is_compiling():
+        # Asking cuDNN (a C++ object) would break the traced graph at every attention layer
+        # (and recompile per layer); a shape first seen under tracing keeps enable_gqa.
+        # Callers that compile run the step once eagerly first (the decode graph does).
+        return False
     if decision is None:
         if _cudnn_accepts(q, k, v, mask, dropout_p, is_causal, True):
             decision = False

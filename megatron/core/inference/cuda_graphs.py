@@ -74,7 +74,8 @@ class DecodeGraph:
     ``compile_step``: capture the step as compiled by ``torch.compile`` (Inductor fuses the
     norms, rotary embedding, activations and residual adds into a few kernels; at small
     batch a decode step is bound by the number of kernels, not their work). Compiled once
-    per batch size and cache length; the two warm-up runs compile it, outside the capture.
+    per batch size and cache length; an eager run, then two compiled warm-up runs (the
+    first compiles), outside the capture.
     """
 
     def __init__(self, model: torch.nn.Module, context, tokens: torch.Tensor, positions: torch.Tensor,
@@ -85,11 +86,14 @@ class DecodeGraph:
         self.tokens = tokens.clone()
         self.positions = positions.clone()
         saved = [(state, state.clone()) for pair in context.recurrent_states.values() for state in pair]
+        # An eager run first when compiling: choices made on the host per shape (whether
+        # cuDNN needs K/V repeated) are then known while tracing, and stay in one graph.
+        warmups = [model, step, step] if compile_step else [step, step]
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream), torch.no_grad():
-            for _ in range(2):
-                step(self.tokens, self.positions, None, inference_context=context)
+            for run in warmups:
+                run(self.tokens, self.positions, None, inference_context=context)
                 for state, before in saved:
                     state.copy_(before)
         torch.cuda.current_stream().wait_stream(stream)

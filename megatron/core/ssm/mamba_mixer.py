@@ -253,8 +253,9 @@ class MambaMixer(torch.nn.Module):
                 step_tokens.append(first)
                 step_states.append(state)
             else:
-                y[:, first:first + n], states[key] = self._scan_from_state(xbc[:, first:first + n],
-                                                                           dt[:, first:first + n], state)
+                y[:, first:first + n], after = self._scan_from_state(xbc[:, first:first + n], dt[:, first:first + n],
+                                                                     state)
+                _store_state(states, key, after)
         if step_tokens == list(range(xbc.shape[1])):
             # Every token advances a state (decoding): no gather or scatter by a host list,
             # which would copy it to the device and could not be captured in a CUDA graph.
@@ -274,3 +275,15 @@ class MambaMixer(torch.nn.Module):
         y = gated_rms_norm(y, z, self.norm.weight, self.ngroups_local, self.mamba_config.norm_eps)
         out, _ = self.out_proj(y.transpose(0, 1).contiguous())
         return out, None
+
+
+def _store_state(states: dict, key, state) -> None:
+    """Keep ``state`` (conv, SSM) under ``key``, written into the tensors already there when
+    their shapes match: a CUDA graph captured over an inference context reads them at the
+    same addresses in every later batch of the same shape."""
+    held = states.get(key)
+    if held is not None and all(h.shape == t.shape and h.dtype == t.dtype for h, t in zip(held, state)):
+        for h, t in zip(held, state):
+            h.copy_(t)
+    else:
+        states[key] = state

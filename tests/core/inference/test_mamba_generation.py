@@ -158,3 +158,25 @@ def test_decode_without_prefill_is_refused(models):
     context.increment(3)
     with pytest.raises(ValueError, match="prefill"), torch.no_grad():
         ours(_ids(1, 1, seed=0), None, None, inference_context=context)
+
+
+def test_reused_context_keeps_its_state_tensors(models):
+    """A context reused for a next batch (as a kept CUDA graph needs) gets that batch's
+    states written into the tensors it already holds, and decodes that batch's logits."""
+    _, ours = models["nemotron_h"]
+    context = StaticInferenceContext(2, 16)
+    with torch.no_grad():
+        for batch_seed in (0, 1):
+            ids = _ids(2, 12, seed=batch_seed)
+            full = ours(ids, None, None)
+            context.reset()
+            ours(ids[:, :5], torch.arange(5).expand(2, -1), None, inference_context=context)
+            context.increment(5)
+            if batch_seed == 0:
+                held = {key: [t.data_ptr() for t in pair] for key, pair in context.recurrent_states.items()}
+            assert {key: [t.data_ptr() for t in pair] for key, pair in context.recurrent_states.items()} == held
+            context.use_fixed_shapes(torch.device("cpu"))
+            for p in range(5, 12):
+                got = ours(ids[:, p:p + 1], torch.full((2, 1), p), None, inference_context=context)
+                context.increment(1)
+                torch.testing.assert_close(got, full[:, p:p + 1], atol=1e-5, rtol=1e-5)

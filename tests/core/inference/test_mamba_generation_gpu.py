@@ -64,7 +64,7 @@ def test_cuda_graph_decoding_equals_eager_on_gpu(model, compile_decode):
     graphed = StaticInferenceEngine(model, 4, 32, use_cuda_graphs=True, compile_decode=compile_decode)
     assert graphed.use_cuda_graphs
     _assert_same(graphed.generate(requests), expected)
-    _assert_same(graphed.generate(requests), expected)  # a second call captures its own graph
+    _assert_same(graphed.generate(requests), expected)  # reuses the graph: states written in place
 
 
 def test_static_and_dynamic_engines_agree_on_gpu(model):

@@ -200,6 +200,29 @@ def test_cuda_graph_refusals_name_the_moe_setting(models, monkeypatch):
     assert "bf16" in cuda_graphs._moe_capture_refusal(config, torch.bfloat16, (8, 0))
 
 
+def test_reset_context_prefills_again_then_decodes_fixed_shapes(models):
+    """A kept context (the engine reuses it with its CUDA graph): after ``reset`` the next
+    batch prefills through the ordinary path and decodes through the same offset tensor."""
+    _, ours = models["llama"]
+    context = StaticInferenceContext(2, 20)
+    with torch.no_grad():
+        for seed in (4, 5):
+            ids = tokens(2, 16, seed=seed)
+            full = ours(ids, None, None)
+            context.reset()
+            assert not context.fixed_shapes
+            ours(ids[:, :5], torch.arange(5).expand(2, -1), None, inference_context=context)
+            context.increment(5)
+            context.use_fixed_shapes(torch.device("cpu"))
+            if seed == 4:
+                offset = context.offset_tensor
+            assert context.offset_tensor is offset and int(offset) == 5
+            for p in range(5, 16):
+                got = ours(ids[:, p:p + 1], torch.full((2, 1), p), None, inference_context=context)
+                context.increment(1)
+                torch.testing.assert_close(got, full[:, p:p + 1], **TOL)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("compile_decode", [False, True])
@@ -213,6 +236,7 @@ def test_cuda_graph_decoding_equals_eager_on_gpu(models, name, compile_decode):
     eager = StaticInferenceEngine(model, 4, 32).generate(requests)
     graphed_engine = StaticInferenceEngine(model, 4, 32, use_cuda_graphs=True, compile_decode=compile_decode)
     assert graphed_engine.use_cuda_graphs
+    graphed_engine.generate(requests[::-1])  # the graph of this shape is kept and replayed below
     for got, expected in zip(graphed_engine.generate(requests), eager):
         assert got.generated_tokens == expected.generated_tokens
         torch.testing.assert_close(torch.tensor(got.generated_log_probs), torch.tensor(expected.generated_log_probs),

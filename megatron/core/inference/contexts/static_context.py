@@ -52,15 +52,25 @@ class StaticInferenceContext:
         # written by the forward at offset 0 (the prefill) and advanced by each later one.
         self.recurrent_states: Dict[Tuple[int, None], Tuple[torch.Tensor, torch.Tensor]] = {}
         self.offset_tensor: Optional[torch.Tensor] = None
+        self.fixed_shapes = False
         # The model computes logits of the last position only (no log-probs wanted).
         self.materialize_only_last_token_logits = False
 
     def use_fixed_shapes(self, device: torch.device) -> None:
-        """Keep the offset in a device tensor from now on (see the class docstring)."""
-        self.offset_tensor = torch.tensor([self.sequence_len_offset], dtype=torch.long, device=device)
+        """Keep the offset in a device tensor from now on (see the class docstring). The
+        tensor is made once and kept through ``reset``: a CUDA graph captured over this
+        context reads it at the same address in every later batch."""
+        if self.offset_tensor is None:
+            self.offset_tensor = torch.tensor([self.sequence_len_offset], dtype=torch.long, device=device)
+        else:
+            self.offset_tensor.fill_(self.sequence_len_offset)
+        self.fixed_shapes = True
+
     def reset(self) -> None:
-        """Forget the cached positions (the buffers are kept for the next batch)."""
+        """Forget the cached positions (the buffers, the offset tensor and the Mamba state
+        tensors are kept for the next batch, which starts with an ordinary prefill)."""
         self.sequence_len_offset = 0
+        self.fixed_shapes = False
 
     def increment(self, num_tokens: int) -> None:
         """Advance past the ``num_tokens`` positions the last forward appended."""
@@ -88,7 +98,7 @@ class StaticInferenceContext:
 
     def rotary_freqs(self, rotary_pos_emb, seq_len: int, device: torch.device) -> torch.Tensor:
         """Rotary angles [seq_len, 1, 1, d] of the positions this forward feeds."""
-        if self.offset_tensor is not None:
+        if self.fixed_shapes:
             table = rotary_pos_emb(self.max_sequence_length, device=device)
             return table[self.offset_tensor + torch.arange(seq_len, device=device)]
         return rotary_pos_emb(seq_len, offset=self.sequence_len_offset, device=device)
@@ -99,7 +109,7 @@ class StaticInferenceContext:
         ``core_attention(query, keys, values, mask, mask_type)`` over all cached positions,
         [sq, b, np * hn]. The causal mask of a query block after ``sk - sq`` cached keys
         (and the sliding window) comes from core attention itself."""
-        if self.offset_tensor is not None:
+        if self.fixed_shapes:
             return self._attend_fixed_shapes(layer_number, query, key, value, core_attention)
         key, value = self.append_key_value(layer_number, key, value)
         return core_attention(query, key, value, None, None)
