@@ -126,8 +126,6 @@ class StaticInferenceEngine:
         tokens = torch.zeros(len(rows), max_total, dtype=torch.long, device=self.device)
         for i, row in enumerate(rows):
             tokens[i, : row.prompt_len] = torch.tensor(row.request.prompt_tokens, dtype=torch.long)
-        prompt_lens = torch.tensor([row.prompt_len for row in rows], device=self.device)
-        total_lens = torch.tensor([row.total_len for row in rows], device=self.device)
         want_log_probs = any(row.params.return_log_probs for row in rows)
         context, graph = self._context(len(rows), max_total, want_log_probs)
         prev, cur = 0, min(row.prompt_len for row in rows)
@@ -148,7 +146,7 @@ class StaticInferenceEngine:
             else:
                 logits = self.model_step(tokens[:, prev:cur], positions, context)
             context.increment(cur - prev)
-            active = (prompt_lens <= cur) & (cur < total_lens)
+            active = [row.prompt_len <= cur < row.total_len for row in rows]
             decided = self._decide(logits, tokens, prev, cur, rows, active, want_log_probs, max_total)
             decided = self.model_step.share_from_last_stage(decided)
             if cur < max_total:
@@ -178,8 +176,8 @@ class StaticInferenceEngine:
     def _decide(self, logits, tokens, prev, cur, rows, active, want_log_probs, max_total) -> torch.Tensor:
         """float64 [b, 1 + n]: column 0 the token at position ``cur`` (when cur < max_total),
         then (with log-probs) the log-probs of positions prev+1 .. min(cur, max_total - 1).
-        ``active``: bool [b] on the device, the rows choosing a token at ``cur`` (past
-        their prompt); the others keep their prompt's token."""
+        ``active``: one bool per row, the rows choosing a token at ``cur`` (past their
+        prompt); the others keep their prompt's token."""
         n_scored = min(cur, max_total - 1) - prev if want_log_probs else 0
         decided = torch.zeros(len(rows), 1 + n_scored, dtype=torch.float64, device=self.device)
         if logits is None:
@@ -189,7 +187,8 @@ class StaticInferenceEngine:
         next_tokens = torch.zeros(len(rows), dtype=torch.long, device=self.device)
         if cur < max_total:
             sampled = sample_batch(logits[:, -1], [r.params for r in rows], [r.generator for r in rows], active)
-            next_tokens = torch.where(active, sampled, tokens[:, cur])
+            chosen = torch.tensor(active, dtype=torch.bool).to(self.device, non_blocking=True)
+            next_tokens = torch.where(chosen, sampled, tokens[:, cur])
         decided[:, 0] = next_tokens.to(torch.float64)
         if n_scored:
             targets = torch.cat([tokens[:, prev + 1 : cur], next_tokens[:, None]], dim=1)[:, :n_scored]
