@@ -4,6 +4,7 @@ Face ``transformers`` ``generate`` on the same weights, in the same process.
 Usage (one GPU, bf16, the llama-1.6b reference shape of DESIGN.md section 5):
     python benchmarks/generation_bench.py [--batch-sizes 1 8 32 128] [--prompt-len 128]
         [--new-tokens 128] [--no-hf] [--no-hf-compile] [--shape tiny --device cpu --dtype fp32]
+        [--profile-decode] [--gemv]
 
 Rows per batch size:
 - ``ours eager``: StaticInferenceEngine, greedy, the reference path;
@@ -138,6 +139,50 @@ def profile_decode(model, prompts: torch.Tensor) -> None:
         graph(step_tokens, positions)
         torch.cuda.synchronize()
     _print_kernels(prof, f"compiled decode graph replay, batch {batch}")
+    replays = 100
+    start = time.perf_counter()
+    for _ in range(replays):
+        graph.graph.replay()
+    torch.cuda.synchronize()
+    print(f"compiled decode graph replayed alone, batch {batch}: "
+          f"{1000 * (time.perf_counter() - start) / replays:.3f} ms per step", flush=True)
+
+
+@torch.no_grad()
+def gemv_table(shape: str, dtype: torch.dtype, batch_sizes) -> None:
+    """``F.linear`` at the decode step's shapes (each of the model's weight matrices, and the
+    output layer) inside a CUDA graph of back-to-back calls on distinct weights, so neither
+    launches nor L2 hits flatter the figure: microseconds per call and the weight bytes read
+    per second."""
+    import torch.nn.functional as F
+
+    cfg = SHAPES[shape]
+    h, ffn, heads, groups = (cfg["hidden_size"], cfg["intermediate_size"], cfg["num_attention_heads"],
+                             cfg["num_key_value_heads"])
+    qkv = h + 2 * h // heads * groups
+    matrices = {"qkv": (qkv, h), "attention out": (h, h), "fc1 (gate+up)": (2 * ffn, h), "fc2": (h, ffn),
+                "output layer": (cfg["vocab_size"], h)}
+    print(f"{'matrix':<14} | {'N x K':>13} | {'batch':>5} | {'us/call':>8} | {'GB/s':>6}")
+    for name, (n, k) in matrices.items():
+        weights = [torch.randn(n, k, device="cuda", dtype=dtype) for _ in range(max(2, min(50, 2**31 // (n * k * 2))))]
+        for m in batch_sizes:
+            x = torch.randn(m, k, device="cuda", dtype=dtype)
+            for w in weights:
+                F.linear(x, w)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                for w in weights:
+                    F.linear(x, w)
+            graph.replay()
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            for _ in range(10):
+                graph.replay()
+            torch.cuda.synchronize()
+            us = (time.perf_counter() - start) / (10 * len(weights)) * 1e6
+            print(f"{name:<14} | {f'{n} x {k}':>13} | {m:>5} | {us:>8.1f} | {n * k * weights[0].element_size() / us / 1e3:>6.0f}",
+                  flush=True)
+        del weights
 
 
 def _print_kernels(prof, what: str) -> None:
@@ -186,10 +231,18 @@ def main(argv=None) -> list:
     parser.add_argument("--no-hf", action="store_true", help="time ours only")
     parser.add_argument("--no-hf-compile", action="store_true", help="skip HF's static cache + torch.compile row")
     parser.add_argument("--profile-decode", action="store_true",
-                        help="print the kernels of one eager decode step at each batch size (count and time)")
+                        help="print the kernels of one eager decode step and of the compiled decode graph at each "
+                             "batch size (count and time), and the graph's time replayed alone")
+    parser.add_argument("--gemv", action="store_true",
+                        help="only time F.linear at the decode step's weight shapes (CUDA) for the batch sizes")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     print(_environment(device), flush=True)
+    if args.gemv:
+        if device.type != "cuda":
+            parser.error("--gemv times CUDA kernels: run it on a GPU (--device cuda)")
+        gemv_table(args.shape, DTYPES[args.dtype], args.batch_sizes)
+        return []
     print(f"shape {args.shape}, {args.dtype}, prompt {args.prompt_len}, {args.new_tokens} new tokens, greedy", flush=True)
     hf, ours = build_models(args.shape, DTYPES[args.dtype], device)
     rows = []

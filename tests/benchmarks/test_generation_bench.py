@@ -21,3 +21,12 @@ def test_generation_bench_runs_on_cpu(capsys):
     assert [(r["impl"], r["batch"]) for r in rows] == [("ours eager", 2), ("hf dynamic", 2)]
     assert all(r["prefill_tok_s"] > 0 and r["ms_per_step"] > 0 for r in rows)
     assert "WARNING" not in capsys.readouterr().out  # fp32: the same greedy tokens as transformers
+
+
+def test_gemv_table_refuses_a_cpu_run():
+    pytest.importorskip("transformers")
+    spec = importlib.util.spec_from_file_location("generation_bench", REPO / "benchmarks" / "generation_bench.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    with pytest.raises(SystemExit):
+        bench.main(["--shape", "tiny", "--device", "cpu", "--gemv"])
