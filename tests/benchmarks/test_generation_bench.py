@@ -11,12 +11,16 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 
 
-def test_generation_bench_runs_on_cpu(capsys):
+def _bench():
     pytest.importorskip("transformers")
     spec = importlib.util.spec_from_file_location("generation_bench", REPO / "benchmarks" / "generation_bench.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    rows = bench.main(["--shape", "tiny", "--device", "cpu", "--dtype", "fp32", "--batch-sizes", "2",
+    return bench
+
+
+def test_generation_bench_runs_on_cpu(capsys):
+    rows = _bench().main(["--shape", "tiny", "--device", "cpu", "--dtype", "fp32", "--batch-sizes", "2",
                        "--prompt-len", "8", "--new-tokens", "4", "--repeats", "1"])
     assert [(r["impl"], r["batch"]) for r in rows] == [("ours eager", 2), ("hf dynamic", 2)]
     assert all(r["prefill_tok_s"] > 0 and r["ms_per_step"] > 0 for r in rows)
@@ -24,9 +28,5 @@ def test_generation_bench_runs_on_cpu(capsys):
 
 
 def test_gemv_table_refuses_a_cpu_run():
-    pytest.importorskip("transformers")
-    spec = importlib.util.spec_from_file_location("generation_bench", REPO / "benchmarks" / "generation_bench.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
     with pytest.raises(SystemExit):
-        bench.main(["--shape", "tiny", "--device", "cpu", "--gemv"])
+        _bench().main(["--shape", "tiny", "--device", "cpu", "--gemv"])
