@@ -23,6 +23,7 @@ from megatron.core.inference.cuda_graphs import decode_graph_supported
 from megatron.core.ssm.causal_conv1d import causal_conv1d_reference
 from megatron.core.ssm.mamba_recurrence import conv_state_of, conv_step, final_ssm_state, ssm_step
 from megatron.core.ssm.ssd_reference import ssd_sequential
+from tests.core.inference.fixed_shape_decoding import assert_fixed_shape_decoding_matches
 from tests.core.models import test_mamba_hf_parity as mamba2_case
 from tests.core.models import test_mamba_nemotron_h_parity as nemotron_case
 
@@ -165,18 +166,13 @@ def test_reused_context_keeps_its_state_tensors(models):
     states written into the tensors it already holds, and decodes that batch's logits."""
     _, ours = models["nemotron_h"]
     context = StaticInferenceContext(2, 16)
-    with torch.no_grad():
-        for batch_seed in (0, 1):
-            ids = _ids(2, 12, seed=batch_seed)
-            full = ours(ids, None, None)
-            context.reset()
-            ours(ids[:, :5], torch.arange(5).expand(2, -1), None, inference_context=context)
-            context.increment(5)
-            if batch_seed == 0:
-                held = {key: [t.data_ptr() for t in pair] for key, pair in context.recurrent_states.items()}
-            assert {key: [t.data_ptr() for t in pair] for key, pair in context.recurrent_states.items()} == held
-            context.use_fixed_shapes(torch.device("cpu"))
-            for p in range(5, 12):
-                got = ours(ids[:, p:p + 1], torch.full((2, 1), p), None, inference_context=context)
-                context.increment(1)
-                torch.testing.assert_close(got, full[:, p:p + 1], atol=1e-5, rtol=1e-5)
+    held = []
+
+    def same_state_tensors(ctx):
+        held.append({key: [t.data_ptr() for t in pair] for key, pair in ctx.recurrent_states.items()})
+        assert held[-1] == held[0]
+
+    for batch_seed in (0, 1):
+        context.reset()
+        assert_fixed_shape_decoding_matches(ours, _ids(2, 12, seed=batch_seed), context, 5,
+                                            dict(atol=1e-5, rtol=1e-5), same_state_tensors)

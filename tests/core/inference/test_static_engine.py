@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from megatron.core.inference import InferenceRequest, SamplingParams, StaticInferenceContext, StaticInferenceEngine
+from tests.core.inference.fixed_shape_decoding import assert_fixed_shape_decoding_matches
 from tests.core.models.hf_cases import hf_model, megatron_model, tokens
 from tests.core.models.test_moe_hf_parity import _hf_model as moe_hf_model
 
@@ -163,17 +164,8 @@ def test_fixed_shape_decoding_equals_the_sliced_cache(models, name):
     is left behind from position 8 on (a mask counted from the cache's end, not from the
     query's position, would see the wrong keys)."""
     _, ours = models[name]
-    ids = tokens(2, 20, seed=4)
-    with torch.no_grad():
-        full = ours(ids, None, None)
-        context = StaticInferenceContext(2, 24, ours.config.window_size)
-        ours(ids[:, :5], torch.arange(5).expand(2, -1), None, inference_context=context)
-        context.increment(5)
-        context.use_fixed_shapes(torch.device("cpu"))
-        for p in range(5, 20):
-            got = ours(ids[:, p:p + 1], torch.full((2, 1), p), None, inference_context=context)
-            context.increment(1)
-            torch.testing.assert_close(got, full[:, p:p + 1], **TOL)
+    context = StaticInferenceContext(2, 24, ours.config.window_size)
+    assert_fixed_shape_decoding_matches(ours, tokens(2, 20, seed=4), context, 5, TOL)
 
 
 def test_cuda_graph_refusals_name_the_moe_setting(models, monkeypatch):
@@ -205,22 +197,17 @@ def test_reset_context_prefills_again_then_decodes_fixed_shapes(models):
     batch prefills through the ordinary path and decodes through the same offset tensor."""
     _, ours = models["llama"]
     context = StaticInferenceContext(2, 20)
-    with torch.no_grad():
-        for seed in (4, 5):
-            ids = tokens(2, 16, seed=seed)
-            full = ours(ids, None, None)
-            context.reset()
-            assert not context.fixed_shapes
-            ours(ids[:, :5], torch.arange(5).expand(2, -1), None, inference_context=context)
-            context.increment(5)
-            context.use_fixed_shapes(torch.device("cpu"))
-            if seed == 4:
-                offset = context.offset_tensor
-            assert context.offset_tensor is offset and int(offset) == 5
-            for p in range(5, 16):
-                got = ours(ids[:, p:p + 1], torch.full((2, 1), p), None, inference_context=context)
-                context.increment(1)
-                torch.testing.assert_close(got, full[:, p:p + 1], **TOL)
+    offsets = []
+
+    def same_offset_tensor(ctx):
+        assert not ctx.fixed_shapes
+        ctx.use_fixed_shapes(torch.device("cpu"))
+        offsets.append(ctx.offset_tensor)
+        assert offsets[-1] is offsets[0] and int(offsets[-1]) == 5
+
+    for seed in (4, 5):
+        context.reset()
+        assert_fixed_shape_decoding_matches(ours, tokens(2, 16, seed=seed), context, 5, TOL, same_offset_tensor)
 
 
 @pytest.mark.gpu

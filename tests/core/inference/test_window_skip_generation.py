@@ -10,6 +10,7 @@ from megatron.core.inference import StaticInferenceContext
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.activations import quick_gelu
 from megatron.core.transformer.sliding_window import cache_window_size
+from tests.core.inference.fixed_shape_decoding import assert_fixed_shape_decoding_matches
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 TOL = dict(atol=1e-5, rtol=1e-5)
@@ -44,16 +45,8 @@ def test_fixed_shape_decoding_with_mixed_windows():
     queries' real positions, the full-attention layers see every key."""
     model = _model()
     ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(5))
-    with torch.no_grad():
-        full = model(ids, None, None)
-        context = StaticInferenceContext(2, 20, cache_window_size(model.config))
-        model(ids[:, :4], torch.arange(4).expand(2, -1), None, inference_context=context)
-        context.increment(4)
-        context.use_fixed_shapes(torch.device("cpu"))
-        for p in range(4, 16):
-            got = model(ids[:, p:p + 1], torch.full((2, 1), p), None, inference_context=context)
-            context.increment(1)
-            torch.testing.assert_close(got, full[:, p:p + 1], **TOL)
+    context = StaticInferenceContext(2, 20, cache_window_size(model.config))
+    assert_fixed_shape_decoding_matches(model, ids, context, 4, TOL)
 
 
 def test_trimming_the_cache_would_be_caught():
