@@ -150,11 +150,15 @@ def profile_decode(model, prompts: torch.Tensor) -> None:
 
 @torch.no_grad()
 def gemv_table(shape: str, dtype: torch.dtype, batch_sizes) -> None:
-    """``F.linear`` at the decode step's shapes (each of the model's weight matrices, and the
-    output layer) inside a CUDA graph of back-to-back calls on distinct weights, so neither
-    launches nor L2 hits flatter the figure: microseconds per call and the weight bytes read
-    per second."""
+    """The decode step's matrix products at its shapes (each weight matrix of the model, and
+    the output layer) inside a CUDA graph of back-to-back calls on distinct weights, so
+    neither launches nor L2 hits flatter the figure: microseconds per call and the weight
+    bytes read per second. ``F.linear`` (cuBLAS, what the model runs) at every batch size;
+    at batch 1 also ``torch.mv`` (cuBLAS's matrix-vector path) and the Triton candidate of
+    ``gemv_triton.py`` at a few tile heights, each checked against ``F.linear`` first."""
     import torch.nn.functional as F
+
+    from gemv_triton import gemv
 
     cfg = SHAPES[shape]
     h, ffn, heads, groups = (cfg["hidden_size"], cfg["intermediate_size"], cfg["num_attention_heads"],
@@ -162,27 +166,39 @@ def gemv_table(shape: str, dtype: torch.dtype, batch_sizes) -> None:
     qkv = h + 2 * h // heads * groups
     matrices = {"qkv": (qkv, h), "attention out": (h, h), "fc1 (gate+up)": (2 * ffn, h), "fc2": (h, ffn),
                 "output layer": (cfg["vocab_size"], h)}
-    print(f"{'matrix':<14} | {'N x K':>13} | {'batch':>5} | {'us/call':>8} | {'GB/s':>6}")
+    print(f"{'matrix':<14} | {'N x K':>13} | {'batch':>5} | {'implementation':<22} | {'us/call':>8} | {'GB/s':>6}")
     for name, (n, k) in matrices.items():
         weights = [torch.randn(n, k, device="cuda", dtype=dtype) for _ in range(max(2, min(50, 2**31 // (n * k * 2))))]
         for m in batch_sizes:
             x = torch.randn(m, k, device="cuda", dtype=dtype)
-            for w in weights:
-                F.linear(x, w)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                for w in weights:
-                    F.linear(x, w)
-            graph.replay()
-            torch.cuda.synchronize()
-            start = time.perf_counter()
-            for _ in range(10):
-                graph.replay()
-            torch.cuda.synchronize()
-            us = (time.perf_counter() - start) / (10 * len(weights)) * 1e6
-            print(f"{name:<14} | {f'{n} x {k}':>13} | {m:>5} | {us:>8.1f} | {n * k * weights[0].element_size() / us / 1e3:>6.0f}",
-                  flush=True)
+            impls = {"F.linear": lambda w: F.linear(x, w)}
+            if m == 1:
+                impls["torch.mv"] = lambda w: torch.mv(w, x[0])
+                for block_n in (4, 8, 16):
+                    impls[f"triton gemv n{block_n}"] = lambda w, b=block_n: gemv(x, w, block_n=b)
+            for impl, fn in impls.items():
+                expected = F.linear(x, weights[0]).float().reshape(-1)
+                torch.testing.assert_close(fn(weights[0]).float().reshape(-1), expected, atol=0.5, rtol=2e-2)
+                us = _graphed_us_per_call(fn, weights)
+                print(f"{name:<14} | {f'{n} x {k}':>13} | {m:>5} | {impl:<22} | {us:>8.1f} | "
+                      f"{n * k * weights[0].element_size() / us / 1e3:>6.0f}", flush=True)
         del weights
+
+
+def _graphed_us_per_call(fn, weights) -> float:
+    for w in weights:
+        fn(w)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for w in weights:
+            fn(w)
+    graph.replay()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(10):
+        graph.replay()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / (10 * len(weights)) * 1e6
 
 
 def _print_kernels(prof, what: str) -> None:
