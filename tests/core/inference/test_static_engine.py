@@ -246,3 +246,27 @@ def test_cuda_graph_decoding_of_grouped_moe_equals_eager_on_gpu(models):
     for got, expected in zip(graphed_engine.generate(requests), eager):
         assert got.generated_tokens == expected.generated_tokens
         torch.testing.assert_close(torch.tensor(got.generated_log_probs), torch.tensor(expected.generated_log_probs))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_seeded_sampling_on_gpu_is_the_same_eager_and_graphed(models):
+    """Sampling runs on the device (one sort, one uniform per row): a seeded request gives the
+    same tokens eagerly and under the decode graph, alone or beside other requests."""
+    _, ours = models["llama"]
+    model = ours.cuda()
+    prompt = tokens(1, 4, seed=5)[0].tolist()
+
+    def sample(engine, seed, others=0):
+        params = SamplingParams(temperature=1.5, top_k=50, top_p=0.95, num_tokens_to_generate=12, random_seed=seed)
+        other = SamplingParams(temperature=0.7, num_tokens_to_generate=5)
+        batch = [InferenceRequest(prompt, params)] + [InferenceRequest(prompt, other)] * others
+        return engine.generate(batch)[0].generated_tokens
+
+    eager = StaticInferenceEngine(model, 4, 32)
+    graphed = StaticInferenceEngine(model, 4, 32, use_cuda_graphs=True)
+    assert graphed.use_cuda_graphs
+    expected = sample(eager, 1)
+    assert sample(eager, 1, others=2) == expected
+    assert sample(graphed, 1) == sample(graphed, 1, others=3) == expected
+    assert sample(graphed, 2) != expected
