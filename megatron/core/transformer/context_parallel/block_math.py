@@ -42,7 +42,7 @@ def _reach(causal: bool, window) -> Tuple[float, float]:
     return left, right
 
 
-def _pair_state(q: Segment, k: Segment, left: float, right: float) -> str:
+def pair_state(q: Segment, k: Segment, left: float, right: float) -> str:
     """'empty', 'full' or 'partial' visibility of key segment ``k`` from query segment ``q``."""
     qs, qe = q[0], q[0] + q[1] - 1
     ks, ke = k[0], k[0] + k[1] - 1
@@ -80,7 +80,7 @@ def _spans(segments: Sequence[Segment]) -> List[Tuple[int, int]]:
 def plan_block(q_segments: Sequence[Segment], k_segments: Sequence[Segment], causal: bool, window) -> Optional[BlockPlan]:
     """The rows and columns of a block worth computing; None when it is fully masked."""
     left, right = _reach(causal, window)
-    state = [[_pair_state(q, k, left, right) for k in k_segments] for q in q_segments]
+    state = [[pair_state(q, k, left, right) for k in k_segments] for q in q_segments]
     rows = [i for i, r in enumerate(state) if any(s != "empty" for s in r)]
     cols = [j for j in range(len(k_segments)) if any(state[i][j] != "empty" for i in rows)]
     if not rows:

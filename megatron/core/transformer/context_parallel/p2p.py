@@ -11,18 +11,22 @@ of queries against the whole block, with no mask: equal work on every rank.
 The backward is exact and local to the ring: K/V go around again, each block's
 probabilities are recomputed from the saved log-sum-exp, and the block's dK/dV
 accumulator travels with it, arriving home after the last step.
+
+Blocks run on the fused flash-attention kernels (block_kernels) on CUDA in fp16/bf16
+without dropout; otherwise, and for blocks a sliding window cuts through, on the plain
+fp32 math of block_math.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List
+from typing import List, Optional
 
 import torch
 import torch.distributed as dist
 
 from megatron.core.fake_backend import receive_buffer
-from megatron.core.transformer.context_parallel import block_math
+from megatron.core.transformer.context_parallel import block_kernels, block_math
 from megatron.core.transformer.context_parallel.layout import Segment
 
 
@@ -82,18 +86,26 @@ class RingAttentionFunction(torch.autograd.Function):
     tensor-parallel stream) and are redrawn per block in backward."""
 
     @staticmethod
-    def forward(ctx, q, k, v, ring: Ring, causal: bool, window, scale: float, dropout_p: float = 0.0):
+    def forward(ctx, q, k, v, ring: Ring, causal: bool, window, scale: float, dropout_p: float = 0.0,
+                use_kernels: bool = False):
         seed = int(torch.randint(0, 1 << 62, (1,), device=q.device).item()) if dropout_p > 0.0 else None
-        q32 = q.float()
-        out = torch.zeros_like(q32)
-        lse = torch.full(q32.shape[:-1], -float("inf"), dtype=torch.float32, device=q.device)
+        q32 = None
+        out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+        lse = torch.full(q.shape[:-1], -float("inf"), dtype=torch.float32, device=q.device)
         kv = torch.stack([k, v])
         mine = ring.segments[ring.index]
         for step in range(ring.size):
             pending = ring_send_recv_start(kv, ring) if step < ring.size - 1 else None
             origin = (ring.index - step) % ring.size
             plan = block_math.plan_block(mine, ring.segments[origin], causal, window)
-            if plan is not None:
+            kernel_pieces = block_kernels.pieces(plan, causal, window) if use_kernels and plan is not None else None
+            if kernel_pieces is not None:
+                for rows, cols, piece_causal in kernel_pieces:
+                    o, l = block_kernels.forward(block_math.take(q, rows, 3), block_math.take(kv[0], cols, 3),
+                                                 block_math.take(kv[1], cols, 3), scale, piece_causal)
+                    block_math.merge_into(out, lse, o.float(), l, rows)
+            elif plan is not None:
+                q32 = q.float() if q32 is None else q32
                 mask = block_math.plan_mask(plan, causal, window, q.device)
                 k_blk = block_math.take(kv[0].float(), plan.cols, 3)
                 v_blk = block_math.take(kv[1].float(), plan.cols, 3)
@@ -105,16 +117,16 @@ class RingAttentionFunction(torch.autograd.Function):
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.ring, ctx.causal, ctx.window, ctx.scale = ring, causal, window, scale
-        ctx.dropout_p, ctx.seed = dropout_p, seed
+        ctx.dropout_p, ctx.seed, ctx.use_kernels = dropout_p, seed, use_kernels
         return out
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
         ring, causal, window, scale = ctx.ring, ctx.causal, ctx.window, ctx.scale
-        q32, dout32 = q.float(), dout.float()
-        delta = (dout32 * out.float()).sum(dim=-1)
-        dq = torch.zeros_like(q32)
+        dout = dout.contiguous()
+        q32 = dout32 = delta = None
+        dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         kv = torch.stack([k, v])
         dkv = torch.zeros(kv.shape, dtype=torch.float32, device=kv.device)
         mine = ring.segments[ring.index]
@@ -123,7 +135,20 @@ class RingAttentionFunction(torch.autograd.Function):
             pending = None if last else ring_send_recv_start(kv, ring)
             origin = (ring.index - step) % ring.size
             plan = block_math.plan_block(mine, ring.segments[origin], causal, window)
-            if plan is not None:
+            kernel_pieces = block_kernels.pieces(plan, causal, window) if ctx.use_kernels and plan is not None else None
+            if kernel_pieces is not None:
+                for rows, cols, piece_causal in kernel_pieces:
+                    q_p, out_p, do_p, lse_p = (block_math.take(t, rows, 3) for t in (q, out, dout, lse))
+                    dq_p, dk_p, dv_p = block_kernels.backward(
+                        q_p, block_math.take(kv[0], cols, 3), block_math.take(kv[1], cols, 3), out_p, do_p, lse_p,
+                        scale, piece_causal)
+                    block_math.add_into(dq, rows, dq_p.float(), 3)
+                    block_math.add_into(dkv[0], cols, dk_p, 3)
+                    block_math.add_into(dkv[1], cols, dv_p, 3)
+            elif plan is not None:
+                if q32 is None:
+                    q32, dout32 = q.float(), dout.float()
+                    delta = (dout32 * out.float()).sum(dim=-1)
                 mask = block_math.plan_mask(plan, causal, window, q.device)
                 q_b, do_b, lse_b, delta_b = (block_math.take(t, plan.rows, 3) for t in (q32, dout32, lse, delta))
                 k_b, v_b = (block_math.take(t.float(), plan.cols, 3) for t in (kv[0], kv[1]))
@@ -137,7 +162,7 @@ class RingAttentionFunction(torch.autograd.Function):
             dkv = ring_shift(dkv, ring) if ring.size > 1 else dkv
             if pending is not None:
                 kv = ring_send_recv_wait(pending)
-        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None, None, None
+        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None, None, None, None
 
 
 def _block_dropout(dropout_p: float, seed, origin: int):
@@ -145,7 +170,13 @@ def _block_dropout(dropout_p: float, seed, origin: int):
     return None if seed is None else (dropout_p, seed + 7919 * origin)
 
 
-def ring_attention(q, k, v, ring: Ring, causal: bool, window, scale: float, dropout_p: float = 0.0) -> torch.Tensor:
-    """Grouped q [b, ng, g, sq, hn], k/v [b, ng, 1, sk, hn] -> out like q (see RingAttentionFunction)."""
-    return RingAttentionFunction.apply(q, k, v, ring, causal, window, scale, dropout_p)
+def ring_attention(q, k, v, ring: Ring, causal: bool, window, scale: float, dropout_p: float = 0.0,
+                   use_kernels: Optional[bool] = None) -> torch.Tensor:
+    """Grouped q [b, ng, g, sq, hn], k/v [b, ng, 1, sk, hn] -> out like q (see RingAttentionFunction).
+
+    ``use_kernels``: run the blocks on the flash kernels (block_kernels); None picks them
+    where block_kernels.supported says they apply."""
+    if use_kernels is None:
+        use_kernels = block_kernels.supported(q, dropout_p)
+    return RingAttentionFunction.apply(q, k, v, ring, causal, window, scale, dropout_p, use_kernels)
 

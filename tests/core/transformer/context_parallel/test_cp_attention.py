@@ -100,6 +100,15 @@ def _all_cases(rank, world):
     block_math.SCORE_ELEMENTS_PER_TILE = 3 * B * 4 * 2 * S
     results[("p2p", "row-tiles")] = _case(rank, world, "p2p", "causal", 4, 2, (5, 0), _balanced)
     results[("a2a+p2p", "row-tiles")] = _case(rank, world, "a2a+p2p", "causal", 4, 2, None, _balanced)
+    # The ring's blocks on the flash kernels (block_kernels), which run on CUDA in half
+    # precision only; their CPU form takes fp32, so the same comparison covers them here.
+    from megatron.core.transformer.context_parallel import block_kernels
+
+    block_kernels.supported = lambda q, dropout_p: dropout_p == 0.0
+    for comm_type in ("p2p", "a2a+p2p"):
+        for name, (mask_name, np_, ng, window) in CASES.items():
+            results[(comm_type + " kernels", name)] = _case(rank, world, comm_type, mask_name, np_, ng, window,
+                                                            _balanced)
     return results
 
 
@@ -112,6 +121,15 @@ def cp_results(request):
 @pytest.mark.parametrize("comm_type", COMM_TYPES)
 @pytest.mark.parametrize("case", list(CASES))
 def test_cp_attention_matches_one_process(cp_results, comm_type, case):
+    world, per_rank = cp_results
+    for rank, results in enumerate(per_rank):
+        errors = results[(comm_type, case)]
+        assert max(errors.values()) < ATOL, f"cp={world} rank {rank} {comm_type} {case}: {errors}"
+
+
+@pytest.mark.parametrize("comm_type", ["p2p kernels", "a2a+p2p kernels"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_ring_on_flash_kernels_matches_one_process(cp_results, comm_type, case):
     world, per_rank = cp_results
     for rank, results in enumerate(per_rank):
         errors = results[(comm_type, case)]
