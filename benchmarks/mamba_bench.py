@@ -90,6 +90,13 @@ def kernel_bench(seq: int = 4096, batch: int = 4, repeats: int = 20) -> dict:
             out[f"ssd_{backend}_ms"] = ms_per_call(ssd_step, repeats)
         except Exception as err:  # one backend failing must not cost the other's number
             out[f"ssd_{backend}_error"] = f"{type(err).__name__}: {str(err)[:200]}"
+    try:  # the Triton scan recomputing the chunks' entering states in backward (less memory)
+        from megatron.core.ssm.ssd_triton import ssd_triton
+
+        out["ssd_triton_recompute_states_ms"] = ms_per_call(
+            lambda: ssd_triton(x, dt, A, B, C, 128, keep_states=False).sum().backward(), repeats)
+    except Exception as err:
+        out["ssd_triton_recompute_states_error"] = f"{type(err).__name__}: {str(err)[:200]}"
     out["cudnn_sdpa_ms"] = ms_per_call(sdpa_step, repeats)
     # Causal attention FLOPs (fwd+bwd, halved for the mask) of the same width: a yardstick.
     out["sdpa_tflops"] = 3 * 2 * 2 * batch * seq * seq * 2048 / 2 / out["cudnn_sdpa_ms"] / 1e9
@@ -161,7 +168,7 @@ def report(kernel: Optional[dict], rows: List[dict]) -> str:
     if kernel is not None:
         ssd = "; ".join(f"{name} {_fmt(kernel.get(f'ssd_{name}_ms'), '.2f')} ms"
                         f"{' (' + kernel[f'ssd_{name}_error'] + ')' if f'ssd_{name}_error' in kernel else ''}"
-                        for name in ("triton", "compile"))
+                        for name in ("triton", "triton_recompute_states", "compile"))
         lines.append(f"SSD scan fwd+bwd (seq 4096, width 2048, state 128): {ssd}; "
                      f"cuDNN causal SDPA fwd+bwd (16 x 128): {_fmt(kernel.get('cudnn_sdpa_ms'), '.2f')} ms "
                      f"({_fmt(kernel.get('sdpa_tflops'), '.0f')} TFLOP/s) {kernel.get('status', '')}")

@@ -135,13 +135,12 @@ def _entering_states(x, dt, A, B, initial_states, s: _Shape):
     return acum, states, final
 
 
-def _forward(x, dt, A, B, C, D, initial_states, s: _Shape):
-    acum, states, final = _entering_states(x, dt, A, B, initial_states, s)
+def _output(x, dt, A, B, C, D, acum, states, s: _Shape):
     y = torch.empty(s.b, s.l, s.h, s.p, device=x.device, dtype=x.dtype)
     chunk_output_kernel[s.chunk_grid(s.q // s.block_q)](
         x, B, C, dt, D if D is not None else A, acum, states, y, *s.sizes, *s.strides,
         Q=s.q, HAS_D=D is not None, F32=s.f32, **s.tiles)
-    return y, final
+    return y
 
 
 def _backward(dy, dfinal, x, dt, A, B, C, D, acum, states, s: _Shape):
@@ -181,28 +180,32 @@ def _backward(dy, dfinal, x, dt, A, B, C, D, acum, states, s: _Shape):
 
 class _SSDScan(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, dt, A, B, C, D, initial_states, chunk_size, block_q, num_warps, num_stages):
+    def forward(ctx, x, dt, A, B, C, D, initial_states, chunk_size, block_q, num_warps, num_stages, keep_states):
         s = _Shape(x, dt, B, C, chunk_size, block_q, num_warps, num_stages)
-        y, final = _forward(x, dt, A, B, C, D, initial_states, s)
-        # The chunk states (fp32 [b, c, h, P, N]: twice x's bytes at state 128, chunk 128, bf16,
-        # in every layer) are recomputed in backward rather than kept; they are a small share
-        # of the work.
-        ctx.save_for_backward(x, dt, A, B, C, D, initial_states)
+        acum, states, final = _entering_states(x, dt, A, B, initial_states, s)
+        y = _output(x, dt, A, B, C, D, acum, states, s)
+        # The entering states (fp32 [b, c, h, P, N]: x's bytes at state 128 and 256-position
+        # tiles) are kept for backward unless keep_states is off, which recomputes them there
+        # (the chunk cumsum, chunk states and the sequential state pass: a second forward pass
+        # over the chunks) to save that memory.
+        kept = (acum, states) if keep_states else (None, None)
+        ctx.save_for_backward(x, dt, A, B, C, D, initial_states, *kept)
         ctx.shape = s
         ctx.set_materialize_grads(False)
         return y, final
 
     @staticmethod
     def backward(ctx, dy, dfinal):
-        x, dt, A, B, C, D, initial_states = ctx.saved_tensors
+        x, dt, A, B, C, D, initial_states, acum, states = ctx.saved_tensors
         s = ctx.shape
-        acum, states, _ = _entering_states(x, dt, A, B, initial_states, s)
+        if states is None:
+            acum, states, _ = _entering_states(x, dt, A, B, initial_states, s)
         if dy is None:
             dy = torch.zeros(s.b, s.l, s.h, s.p, device=x.device, dtype=x.dtype)
         dfinal = None if dfinal is None else dfinal.float().contiguous()
         dx, ddt, dA, dB, dC, dD, dinit = _backward(dy.contiguous(), dfinal, x, dt, A, B, C, D, acum, states, s)
         dinit = None if initial_states is None else dinit.to(initial_states.dtype)
-        return dx, ddt, dA, dB, dC, dD, dinit, None, None, None, None
+        return dx, ddt, dA, dB, dC, dD, dinit, None, None, None, None, None
 
 
 def ssd_triton(
@@ -218,11 +221,13 @@ def ssd_triton(
     block_q: Optional[int] = None,
     num_warps: int = 4,
     num_stages: Optional[int] = None,
+    keep_states: bool = True,
 ):
     """The scan on the Triton kernels; same contract as ``ssd_reference.ssd_chunked``.
     ``block_q`` (a power of two dividing the chunk, >= 16) overrides the tile length,
     ``num_warps`` and ``num_stages`` the warps and pipelining depth of the chunk kernels
-    (tuning, ``benchmarks/ssd_sweep.py``)."""
+    (tuning, ``benchmarks/ssd_sweep.py``). ``keep_states=False`` recomputes the chunks' entering
+    states in backward instead of keeping them from forward: less memory, a slower backward."""
     _check_shapes(x, dt, A, B, C)
     if not supports(chunk_size, x.shape[-1], B.shape[-1], x.dtype):
         raise ValueError(f"SSD Triton kernels need a power-of-two chunk size in 16..256, head/state dims "
@@ -232,5 +237,5 @@ def ssd_triton(
         raise ValueError(f"SSD Triton block_q must be a power of two >= 16 dividing the chunk size {chunk_size}, "
                          f"got {block_q}")
     y, final = _SSDScan.apply(x, dt, A, B, C, D, initial_states, chunk_size, block_q, num_warps,
-                              num_stages)
+                              num_stages, keep_states)
     return (y, final.to(x.dtype)) if return_final_states else y

@@ -4,7 +4,8 @@ state. Skipped where Triton is not installed (test_ssd_gpu.py covers the compile
 
 The interpreter must be chosen before the kernels are defined, so the check runs in a child
 process. Shapes cover a length that is not a multiple of the chunk (padding), several chunks
-and several tiles per chunk (block_q < chunk), one and several groups, head and state dims
+and several tiles per chunk (block_q < chunk), one and several groups, the entering states
+kept from forward or recomputed in backward, head and state dims
 that are not powers of two (masked tiles), strided views of one projection (as the mixer
 hands them over), and no D.
 
@@ -52,11 +53,12 @@ _CHECK = textwrap.dedent("""
         leaves = [t for t in ins if t is not None]
         return torch.autograd.grad(loss, leaves)
 
-    def check(b, l, h, p, g, n, chunk, block_q, dtype=torch.float32, use_d=True, init=False):
+    def check(b, l, h, p, g, n, chunk, block_q, dtype=torch.float32, use_d=True, init=False, keep_states=True):
         torch.manual_seed(0)
         ins = inputs(b, l, h, p, g, n, dtype, use_d, init)
         x, dt, A, B, C, D, s0 = ins
-        y, final = ssd_triton(x, dt, A, B, C, chunk, D, s0, return_final_states=True, block_q=block_q)
+        y, final = ssd_triton(x, dt, A, B, C, chunk, D, s0, return_final_states=True, block_q=block_q,
+                              keep_states=keep_states)
         weights = (torch.randn(y.shape), torch.randn(final.shape))
         got = loss_and_grads(y, final, weights, ins)
         wide = [None if t is None else t.double() for t in ins]
@@ -78,6 +80,7 @@ _CHECK = textwrap.dedent("""
     check(1, 50, 6, 24, 3, 20, chunk=16, block_q=16)               # 3 groups, odd dims, 4 chunks
     check(1, 64, 2, 32, 2, 16, chunk=64, block_q=None, use_d=False)  # one full chunk, no D
     check(1, 40, 4, 16, 2, 16, chunk=16, block_q=16, dtype=torch.bfloat16)
+    check(2, 70, 4, 16, 1, 32, chunk=32, block_q=16, init=True, keep_states=False)  # states recomputed in backward
     # Programs that walk a whole group (dB / dC stored summed, in B's dtype) or half of one.
     kernels._MIN_PROGRAMS = 0
     check(2, 70, 4, 16, 1, 32, chunk=32, block_q=16, init=True)
