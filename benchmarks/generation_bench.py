@@ -166,7 +166,7 @@ def gemv_table(shape: str, dtype: torch.dtype, batch_sizes) -> None:
     qkv = h + 2 * h // heads * groups
     matrices = {"qkv": (qkv, h), "attention out": (h, h), "fc1 (gate+up)": (2 * ffn, h), "fc2": (h, ffn),
                 "output layer": (cfg["vocab_size"], h)}
-    print(f"{'matrix':<14} | {'N x K':>13} | {'batch':>5} | {'implementation':<22} | {'us/call':>8} | {'GB/s':>6}")
+    print(f"{'matrix':<14} | {'N x K':>13} | {'batch':>5} | {'implementation':<26} | {'us/call':>8} | {'GB/s':>6}")
     for name, (n, k) in matrices.items():
         weights = [torch.randn(n, k, device="cuda", dtype=dtype) for _ in range(max(2, min(50, 2**31 // (n * k * 2))))]
         for m in batch_sizes:
@@ -174,13 +174,15 @@ def gemv_table(shape: str, dtype: torch.dtype, batch_sizes) -> None:
             impls = {"F.linear": lambda w: F.linear(x, w)}
             if m == 1:
                 impls["torch.mv"] = lambda w: torch.mv(w, x[0])
-                for block_n in (4, 8, 16):
-                    impls[f"triton gemv n{block_n}"] = lambda w, b=block_n: gemv(x, w, block_n=b)
+                for block_n, block_k, warps in ((4, 512, 4), (8, 512, 4), (16, 256, 4), (32, 128, 4), (8, 1024, 8),
+                                                (16, 512, 8)):
+                    impls[f"triton gemv {block_n}x{block_k} w{warps}"] = (
+                        lambda w, b=block_n, bk=block_k, nw=warps: gemv(x, w, block_n=b, block_k=bk, num_warps=nw))
             for impl, fn in impls.items():
                 expected = F.linear(x, weights[0]).float().reshape(-1)
                 torch.testing.assert_close(fn(weights[0]).float().reshape(-1), expected, atol=0.5, rtol=2e-2)
                 us = _graphed_us_per_call(fn, weights)
-                print(f"{name:<14} | {f'{n} x {k}':>13} | {m:>5} | {impl:<22} | {us:>8.1f} | "
+                print(f"{name:<14} | {f'{n} x {k}':>13} | {m:>5} | {impl:<26} | {us:>8.1f} | "
                       f"{n * k * weights[0].element_size() / us / 1e3:>6.0f}", flush=True)
         del weights
 
