@@ -2,7 +2,8 @@
 # Install what the test suite needs (if missing) and run the tests: every test, or what the
 # arguments name (they go to pytest as they are: files, -k, -m, ...).
 #
-#   bash tests/run_all.sh                               # the whole suite
+#   bash tests/run_all.sh                               # every test not marked slow (CI)
+#   bash tests/run_all.sh tests                         # the whole suite
 #   bash tests/run_all.sh tests/tools/test_convert.py -x
 #
 # Works on a fresh machine with only Python and pip.
@@ -15,6 +16,9 @@ if ! "$PY" -c "import torch" >/dev/null 2>&1; then
 fi
 "$PY" -m pip install --quiet -e ".[test]"
 if [ $# -eq 0 ]; then
-    set -- tests
+    # CI's run: every test but those marked slow (variants of layouts and formats that other
+    # tests already cover, and the longest multi-process runs). `bash tests/run_all.sh tests`
+    # runs them all; `bash tests/run_all.sh -m slow` only the slow ones.
+    set -- tests -m "not slow"
 fi
 exec "$PY" -m pytest -q -p no:cacheprovider "$@"

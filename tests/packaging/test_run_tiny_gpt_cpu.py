@@ -23,7 +23,6 @@ def _installed() -> bool:
     return probe.returncode == 0
 
 
-@pytest.mark.slow
 def test_trains_on_the_shipped_text_to_a_falling_loss(tmp_path):
     if not _installed():
         pytest.skip("the project is not installed in this Python; the script would install it")

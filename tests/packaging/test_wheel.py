@@ -55,7 +55,6 @@ def installed(source, tmp_path_factory):
     return env_dir
 
 
-@pytest.mark.slow
 def test_commands_and_tools_work_outside_the_checkout(installed, tmp_path):
     bin_dir = installed / "bin"
     code = ("import megatron, pretrain_gpt, tools.checkpoint, tools.checkpoint.convert, tools.preprocess_data; "
@@ -83,7 +82,6 @@ def test_no_extra_names_an_unused_or_unrelated_package():
         assert f'"{name}' not in text and f"{name} =" not in text, name
 
 
-@pytest.mark.slow
 def test_sdist_holds_what_a_release_needs(source, tmp_path):
     code = ("import sys; from setuptools import build_meta; "
             "print(build_meta.build_sdist(sys.argv[1]))")
