@@ -118,18 +118,10 @@ def cp_results(request):
     return world, run_on_ranks(_all_cases, world, args=())
 
 
-@pytest.mark.parametrize("comm_type", COMM_TYPES)
+# "... kernels": the ring's blocks on the flash kernels (block_kernels).
+@pytest.mark.parametrize("comm_type", COMM_TYPES + ["p2p kernels", "a2a+p2p kernels"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_cp_attention_matches_one_process(cp_results, comm_type, case):
-    world, per_rank = cp_results
-    for rank, results in enumerate(per_rank):
-        errors = results[(comm_type, case)]
-        assert max(errors.values()) < ATOL, f"cp={world} rank {rank} {comm_type} {case}: {errors}"
-
-
-@pytest.mark.parametrize("comm_type", ["p2p kernels", "a2a+p2p kernels"])
-@pytest.mark.parametrize("case", list(CASES))
-def test_ring_on_flash_kernels_matches_one_process(cp_results, comm_type, case):
     world, per_rank = cp_results
     for rank, results in enumerate(per_rank):
         errors = results[(comm_type, case)]
