@@ -1,4 +1,5 @@
-"""tests/run_all.sh: with arguments, pytest gets exactly those; without, the whole tests tree."""
+"""tests/run_all.sh: with arguments, pytest gets exactly those; without, the tests tree less the
+tests marked slow (what CI runs)."""
 
 import os
 import stat
@@ -34,5 +35,9 @@ def test_arguments_go_to_pytest(fake_python):
     assert call == "-m pytest -q -p no:cacheprovider tests/tools/test_convert.py -x -k hf and not export"
 
 
-def test_no_arguments_run_the_whole_tree(fake_python):
-    assert _pytest_call(fake_python) == "-m pytest -q -p no:cacheprovider tests"
+def test_no_arguments_run_the_tree_without_the_slow_tests(fake_python):
+    assert _pytest_call(fake_python) == "-m pytest -q -p no:cacheprovider tests -m not slow"
+
+
+def test_the_whole_tree_runs_when_named(fake_python):
+    assert _pytest_call(fake_python, "tests") == "-m pytest -q -p no:cacheprovider tests"
