@@ -31,7 +31,6 @@ def test_every_promise_names_tests_that_exist():
     assert not missing, missing
 
 
-@pytest.mark.slow
 def test_R6_peer_death_is_reported_with_rank_iteration_and_phase(capfd):
     with pytest.raises(RankFailure):
         run_gpt(2, [], iters=4, setup="peer_dies")

@@ -77,7 +77,7 @@ def _matches(run, ref_run, n=10):
     return params
 
 
-@pytest.mark.parametrize("extra", [pytest.param([], marks=pytest.mark.slow), OVERLAP], ids=["sync", "overlap"])
+@pytest.mark.parametrize("extra", [[], OVERLAP], ids=["sync", "overlap"])
 def test_dp4_two_instances_matches_one_process_and_one_instance(reference, extra):
     two = run_gpt_with_params(4, TWO_INSTANCES + extra)
     params = _matches(two, reference)

@@ -77,7 +77,6 @@ def test_torch_dcp_loads_resharded_to_one_rank(runs):
     _close([got[i] for i in sorted(got)], [ref[i] for i in sorted(got)], "loss")
 
 
-@pytest.mark.slow
 def test_fsdp2_with_tensor_context_parallel_and_per_token_loss_matches_one_process(runs):
     """TP2 x CP2, FSDP2 over the two cp ranks: the tp shards are what FSDP2 shards; the
     sequence-parallel norm grads are summed over tp on the shards; with per-token loss the
@@ -133,7 +132,6 @@ def test_a_torch_dcp_checkpoint_is_refused_without_fsdp2(tmp_path):
     refuse_format_mismatch(str(tmp_path), [torch.nn.Linear(2, 2)], "torch_dist")  # torch_dist: fine without FSDP2
 
 
-@pytest.mark.slow
 def test_a_torch_dist_checkpoint_converts_to_torch_dcp_weights(runs, tmp_path):
     """--ckpt-convert-format torch_dcp from a run without FSDP2 writes the weights (only),
     and an FSDP2 run starts from them: its first loss after the load is the one-process

@@ -107,7 +107,6 @@ def test_fsdp_dtensor_of_the_distributed_optimizer_loads_resharded_to_one_rank(d
     _close(resumed.loss_floats(), {it: v for it, v in run.loss_floats().items() if it > SAVED_AT})
 
 
-@pytest.mark.slow
 def test_optim_is_the_distributed_optimizer(distopt_runs):
     reference = distopt_runs[0]
     assert run_ckpt(2, _strategy("optim"), TOTAL).losses == reference.losses

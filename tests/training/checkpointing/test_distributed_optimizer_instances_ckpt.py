@@ -60,7 +60,7 @@ def _close_to(run, uninterrupted, iteration: int) -> None:
     assert math.isfinite(got) and abs(got / expected - 1) <= 1e-5, (iteration, got, expected)
 
 
-@pytest.mark.parametrize("ckpt_format", ["torch_dist", pytest.param("torch", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("ckpt_format", ["torch_dist", "torch"])
 def test_one_instance_loads_two_instances_and_back(saved_runs, tmp_path, ckpt_format):
     uninterrupted, root = saved_runs(ckpt_format)
     fmt = ["--ckpt-format", ckpt_format]

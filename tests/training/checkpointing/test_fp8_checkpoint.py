@@ -81,7 +81,7 @@ def _model(snapshot: Dict[str, torch.Tensor], fp8: bool) -> Dict[str, torch.Tens
     return {k: v for k, v in snapshot.items() if not k.startswith("optimizer.") and is_fp8_scaling_key(k) == fp8}
 
 
-@pytest.fixture(scope="module", params=[pytest.param("torch", marks=pytest.mark.slow), "torch_dist"])
+@pytest.fixture(scope="module", params=["torch", "torch_dist"])
 def chain(request, tmp_path_factory):
     fmt = ["--ckpt-format", request.param]
     root = tmp_path_factory.mktemp(request.param)

@@ -134,7 +134,6 @@ def test_replication_restores_a_lost_rank_from_its_partner(tmp_path, straight):
     assert resumed.losses == _after(straight.losses, 4)
 
 
-@pytest.mark.slow
 def test_replication_over_four_ranks_with_the_distributed_optimizer(tmp_path):
     # J=2, F=2: the groups are {0, 2} and {1, 3}.
     replication = ["--replication", "--replication-jump", "2", "--use-distributed-optimizer"]
