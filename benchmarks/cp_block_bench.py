@@ -1,6 +1,6 @@
 """The per-rank attention work of context parallelism, timed on one GPU: the blocks one
-rank of a p2p ring computes (forward + backward) on the plain fp32 math and on the flash
-kernels, against the full-sequence attention one rank runs under a2a (all the sequence,
+rank of a p2p ring computes (forward + backward) on the plain fp32 math and on the cuDNN
+and flash kernels, against the full-sequence attention one rank runs under a2a (all the sequence,
 1/cp of the heads) with cuDNN and flash SDPA. No communication: it shows what the blocks
 cost, which bounds the ring whatever the overlap.
 
@@ -43,6 +43,18 @@ def _ring_step(q, k, v, cp: int, rank: int, use_kernels: bool, scale: float):
         p2p.ring_send_recv_start, p2p.ring_shift = saved
 
 
+def _profile(step) -> None:
+    """The CUDA kernels of one call of ``step`` (after a warm-up), by total time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15, max_name_column_width=70))
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seq", type=int, default=32768)
@@ -52,6 +64,7 @@ def main(argv=None) -> int:
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--no-math", action="store_true", help="skip the fp32-math ring row (slow at long sequences)")
+    p.add_argument("--profile", action="store_true", help="also print the kernels of one ring step of rank 0")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         p.error("cp_block_bench times CUDA kernels: run it on a GPU")
@@ -62,12 +75,18 @@ def main(argv=None) -> int:
     k, v = (torch.randn(1, args.groups, 1, local, hn, device=dev, dtype=bf16, requires_grad=True) for _ in range(2))
     assert block_kernels.supported(q, 0.0)
     rows = []
+    chosen = block_kernels.cuda_backend
     for rank in (0, args.cp - 1):
-        rows.append((f"ring rank {rank}, flash kernels", ms_per_call(lambda: _ring_step(q, k, v, args.cp, rank, True, scale),
-                                                                     args.repeats)))
+        for backend in ("cudnn", "flash"):
+            block_kernels.cuda_backend = lambda q, b=backend: b
+            rows.append((f"ring rank {rank}, {backend} blocks",
+                         ms_per_call(lambda: _ring_step(q, k, v, args.cp, rank, True, scale), args.repeats)))
         if not args.no_math:
             rows.append((f"ring rank {rank}, fp32 math", ms_per_call(lambda: _ring_step(q, k, v, args.cp, rank, False, scale),
                                                                      1, warmup=1)))
+    block_kernels.cuda_backend = chosen
+    if args.profile:
+        _profile(lambda: _ring_step(q, k, v, args.cp, 0, True, scale))
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     heads = args.heads // args.cp

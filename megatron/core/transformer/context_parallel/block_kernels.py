@@ -11,11 +11,14 @@ The backward hands each piece the final output and log-sum-exp of its rows: the 
 backward then recomputes the globally normalized probabilities of that piece, so the
 pieces' dQ, dK and dV add up to the exact gradients (the ring-flash-attention scheme).
 
-Kernels: ``_scaled_dot_product_flash_attention`` and its backward on CUDA (fp16/bf16,
-head dim a multiple of 8 up to 256), ``_scaled_dot_product_flash_attention_for_cpu``
-on CPU (used by the tests; the ring keeps block_math on CPU). Grouped K/V are repeated
-to the query heads for the kernel and their gradients summed back over each group.
-No dropout: with dropout the ring runs on block_math.
+Kernels on CUDA (fp16/bf16, head dim a multiple of 8 up to 256): cuDNN's fused attention
+(``_scaled_dot_product_cudnn_attention`` with its log-sum-exp) on Hopper and newer at head
+dims up to 128, where it measured 1.8x the flash kernel on an H100
+(benchmarks/cp_block_bench.py); ``_scaled_dot_product_flash_attention`` otherwise. On CPU
+``_scaled_dot_product_flash_attention_for_cpu`` (used by the tests; the ring keeps
+block_math on CPU). Grouped K/V are repeated to the query heads for the kernel and their
+gradients summed back over each group. No dropout: with dropout the ring runs on
+block_math.
 """
 
 from __future__ import annotations
@@ -39,21 +42,47 @@ def supported(q: torch.Tensor, dropout_p: float) -> bool:
 
 
 def pieces(plan: BlockPlan, causal: bool, window) -> Optional[List[Piece]]:
-    """The kernel calls that make up a planned block, or None when it needs an explicit mask."""
+    """The kernel calls that make up a planned block, or None when it needs an explicit mask.
+
+    As few calls as the mask allows, each as large as it can be: fewer, longer kernels run
+    faster, and each call's result costs a merge. A block whose rows and columns are the
+    same ascending segments (a rank's own block under the load-balanced split) is one call
+    under the kernel's causal mask: local order is then global order. Otherwise each query
+    segment makes one unmasked call over the key segments it fully sees (adjacent spans
+    joined, so the keys are a view), plus a causal call for a segment against itself.
+    """
     if not plan.masked:
-        return [(plan.rows, plan.cols, False)]
+        return [(_joined(plan.rows), _joined(plan.cols), False)]
     if window is not None or not causal:
         return None
+    segments = plan.row_segments
+    ascending = all(a[0] + a[1] <= b[0] for a, b in zip(segments, segments[1:]))
+    if segments == plan.col_segments and ascending:
+        return [(_joined(plan.rows), _joined(plan.cols), True)]
     out: List[Piece] = []
     for q_seg, q_span in zip(plan.row_segments, plan.rows):
+        visible = []
         for k_seg, k_span in zip(plan.col_segments, plan.cols):
             state = pair_state(q_seg, k_seg, float("inf"), 0)  # causal, no window
             if state == "full":
-                out.append(([q_span], [k_span], False))
+                visible.append(k_span)
             elif state == "partial":
                 if q_seg != k_seg:
                     return None
                 out.append(([q_span], [k_span], True))
+        if visible:
+            out.append(([q_span], _joined(visible), False))
+    return out
+
+
+def _joined(spans: List[Span]) -> List[Span]:
+    """``spans`` with adjacent ones joined: (0, 4), (4, 4) -> (0, 8)."""
+    out: List[Span] = []
+    for offset, length in spans:
+        if out and out[-1][0] + out[-1][1] == offset:
+            out[-1] = (out[-1][0], out[-1][1] + length)
+        else:
+            out.append((offset, length))
     return out
 
 
@@ -61,39 +90,55 @@ def _heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
     """Grouped q [b, ng, g, sq, hn], k/v [b, ng, 1, sk, hn] -> [b, ng * g, s, hn] each."""
     b, ng, g, sq, hn = q.shape
     sk = k.shape[3]
-    return (q.reshape(b, ng * g, sq, hn), k.expand(b, ng, g, sk, hn).reshape(b, ng * g, sk, hn),
-            v.expand(b, ng, g, sk, hn).reshape(b, ng * g, sk, hn))
+    return (q.reshape(b, ng * g, sq, hn).contiguous(), k.expand(b, ng, g, sk, hn).reshape(b, ng * g, sk, hn).contiguous(),
+            v.expand(b, ng, g, sk, hn).reshape(b, ng * g, sk, hn).contiguous())
 
 
-def forward(q, k, v, scale: float, causal: bool):
+def cuda_backend(q: torch.Tensor) -> str:
+    """'cudnn' or 'flash': the CUDA kernel for q's blocks (see the module docstring)."""
+    if (torch.backends.cuda.cudnn_sdp_enabled() and torch.cuda.get_device_capability(q.device)[0] >= 9
+            and q.shape[-1] <= 128):
+        return "cudnn"
+    return "flash"
+
+
+def forward(q, k, v, scale: float, causal: bool, backend: Optional[str] = None):
     """q [b, ng, g, sq, hn], k/v [b, ng, 1, sk, hn] (one dtype) -> (out like q, normalized
-    within the piece; lse [b, ng, g, sq] fp32)."""
+    within the piece; lse [b, ng, g, sq] fp32). ``backend`` overrides cuda_backend."""
     q4, k4, v4 = _heads(q, k, v)
-    if q.is_cuda:
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q4, k4, v4, 0.0, causal, scale=scale)[:2]
-    else:
+    if not q.is_cuda:
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q4, k4, v4, 0.0, causal, scale=scale)
-    return out.view(q.shape), lse.view(q.shape[:-1])
+    elif (backend or cuda_backend(q)) == "cudnn":
+        out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(q4, k4, v4, None, True, 0.0, causal,
+                                                                      scale=scale)[:2]
+    else:
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q4, k4, v4, 0.0, causal, scale=scale)[:2]
+    return out.view(q.shape), lse.reshape(q.shape[:-1])
 
 
-def backward(q, k, v, out, dout, lse, scale: float, causal: bool):
+def backward(q, k, v, out, dout, lse, scale: float, causal: bool, backend: Optional[str] = None):
     """Gradients of one piece given the final out, dout (like q) and lse (fp32) of its rows:
     dq [b, ng, g, sq, hn] in q's dtype, dk / dv [b, ng, 1, sk, hn] in fp32 (summed over the
     query heads of each group)."""
     b, ng, g, sq, hn = q.shape
     sk = k.shape[3]
     q4, k4, v4 = _heads(q, k, v)
-    out4, dout4 = out.reshape(q4.shape), dout.reshape(q4.shape)
+    out4, dout4 = out.reshape(q4.shape).contiguous(), dout.reshape(q4.shape).contiguous()
     lse3 = lse.reshape(b, ng * g, sq).contiguous()
-    if q.is_cuda:
+    if not q.is_cuda:
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            dout4, q4, k4, v4, out4, lse3, 0.0, causal, scale=scale)
+    elif (backend or cuda_backend(q)) == "cudnn":
         # The rng state only matters with dropout, which the kernel path does not take.
+        seed = torch.zeros((), dtype=torch.int64, device=q.device)
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+            dout4, q4, k4, v4, out4, lse3.unsqueeze(-1), seed, seed, None, None, None, sq, sk, 0.0,
+            causal, scale=scale)
+    else:
         seed = torch.zeros(2, dtype=torch.uint64, device=q.device)
         offset = torch.zeros((), dtype=torch.uint64, device=q.device)
         dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_backward(
             dout4, q4, k4, v4, out4, lse3, None, None, sq, sk, 0.0, causal, seed, offset, scale=scale)
-    else:
-        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            dout4, q4, k4, v4, out4, lse3, 0.0, causal, scale=scale)
-    dk = dk.view(b, ng, g, sk, hn).float().sum(dim=2, keepdim=True)
-    dv = dv.view(b, ng, g, sk, hn).float().sum(dim=2, keepdim=True)
+    dk = dk.view(b, ng, g, sk, hn).sum(dim=2, keepdim=True, dtype=torch.float32)
+    dv = dv.view(b, ng, g, sk, hn).sum(dim=2, keepdim=True, dtype=torch.float32)
     return dq.view(q.shape), dk, dv

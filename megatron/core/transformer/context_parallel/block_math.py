@@ -24,6 +24,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
+from megatron.core.fusions.compiled_region import CompiledRegion
 from megatron.core.transformer.context_parallel.layout import Segment, segment_positions
 
 _INF = float("inf")
@@ -195,17 +196,41 @@ def block_forward(q, k, v, scale: float, mask: Optional[torch.Tensor], dropout=N
     return torch.cat(outs, dim=3), torch.cat(lses, dim=3)
 
 
-def merge_into(out_acc, lse_acc, out_blk, lse_blk, rows, dim_seq: int = 3) -> None:
-    """Fold a block result for query ``rows`` into the running (out, lse) accumulators, in place."""
-    out_old, lse_old = take(out_acc, rows, dim_seq), take(lse_acc, rows, dim_seq)
+def _merged(out_old, lse_old, out_blk, lse_blk):
+    """(out, lse) of two partial results of the same rows; out_blk in any float dtype."""
     lse_new = torch.logaddexp(lse_old, lse_blk)
     safe = _finite(lse_new)
-    merged = out_old * torch.exp(lse_old - safe).unsqueeze(-1) + out_blk * torch.exp(lse_blk - safe).unsqueeze(-1)
+    merged = (out_old * torch.exp(lse_old - safe).unsqueeze(-1)
+              + out_blk.float() * torch.exp(lse_blk - safe).unsqueeze(-1))
+    return merged, lse_new
+
+
+# One fused kernel on CUDA instead of ~10 elementwise passes over the fp32 output.
+_merge = CompiledRegion(_merged, "cp_merge")
+
+
+def merge_into(out_acc, lse_acc, out_blk, lse_blk, rows, dim_seq: int = 3) -> None:
+    """Fold a block result for query ``rows`` into the running (out, lse) accumulators, in place."""
+    merged, lse_new = _merge(take(out_acc, rows, dim_seq), take(lse_acc, rows, dim_seq), out_blk, lse_blk)
     offset = 0
     for o, n in rows:
         out_acc.narrow(dim_seq, o, n).copy_(merged.narrow(dim_seq, offset, n))
         lse_acc.narrow(dim_seq, o, n).copy_(lse_new.narrow(dim_seq, offset, n))
         offset += n
+
+
+def accumulate(out_acc, lse_acc, out_blk, lse_blk, rows, seq_len: int, dim_seq: int = 3):
+    """merge_into for a running result that may not exist yet: the first result covering
+    every row becomes the accumulator as it is (no merge with zeros); returns the
+    accumulators (out fp32, lse)."""
+    if out_acc is None:
+        if list(rows) == [(0, seq_len)]:
+            return out_blk.float(), lse_blk
+        out_acc = torch.zeros(out_blk.shape[:dim_seq] + (seq_len,) + out_blk.shape[dim_seq + 1:],
+                              dtype=torch.float32, device=out_blk.device)
+        lse_acc = torch.full(out_acc.shape[:-1], -_INF, dtype=torch.float32, device=out_blk.device)
+    merge_into(out_acc, lse_acc, out_blk, lse_blk, rows, dim_seq)
+    return out_acc, lse_acc
 
 
 def block_backward(q, k, v, dout, lse, delta, scale: float, mask: Optional[torch.Tensor], dropout=None):

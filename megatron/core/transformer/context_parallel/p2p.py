@@ -89,9 +89,8 @@ class RingAttentionFunction(torch.autograd.Function):
     def forward(ctx, q, k, v, ring: Ring, causal: bool, window, scale: float, dropout_p: float = 0.0,
                 use_kernels: bool = False):
         seed = int(torch.randint(0, 1 << 62, (1,), device=q.device).item()) if dropout_p > 0.0 else None
-        q32 = None
-        out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-        lse = torch.full(q.shape[:-1], -float("inf"), dtype=torch.float32, device=q.device)
+        q32 = out = lse = None
+        seq_len = q.shape[3]
         kv = torch.stack([k, v])
         mine = ring.segments[ring.index]
         for step in range(ring.size):
@@ -103,7 +102,7 @@ class RingAttentionFunction(torch.autograd.Function):
                 for rows, cols, piece_causal in kernel_pieces:
                     o, l = block_kernels.forward(block_math.take(q, rows, 3), block_math.take(kv[0], cols, 3),
                                                  block_math.take(kv[1], cols, 3), scale, piece_causal)
-                    block_math.merge_into(out, lse, o.float(), l, rows)
+                    out, lse = block_math.accumulate(out, lse, o, l, rows, seq_len)
             elif plan is not None:
                 q32 = q.float() if q32 is None else q32
                 mask = block_math.plan_mask(plan, causal, window, q.device)
@@ -111,9 +110,11 @@ class RingAttentionFunction(torch.autograd.Function):
                 v_blk = block_math.take(kv[1].float(), plan.cols, 3)
                 dropout = _block_dropout(dropout_p, seed, origin)
                 o, l = block_math.block_forward(block_math.take(q32, plan.rows, 3), k_blk, v_blk, scale, mask, dropout)
-                block_math.merge_into(out, lse, o, l, plan.rows)
+                out, lse = block_math.accumulate(out, lse, o, l, plan.rows, seq_len)
             if pending is not None:
                 kv = ring_send_recv_wait(pending)
+        if out is None:  # no query sees a key (cannot happen with a rank's own block)
+            out, lse = torch.zeros_like(q, dtype=torch.float32), q.new_full(q.shape[:-1], -float("inf"), dtype=torch.float32)
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.ring, ctx.causal, ctx.window, ctx.scale = ring, causal, window, scale

@@ -1,4 +1,4 @@
-"""The ring's flash-kernel blocks on CUDA (bf16) against the plain fp32 math: a diagonal
+"""The ring's kernel blocks on CUDA (bf16; cuDNN and flash) against the plain fp32 math: a diagonal
 block of the load-balanced split (causal and full pieces) with grouped K/V, forward and
 backward. Tolerance: bf16 inputs and outputs (step 2^-8 near 1), so 3e-2 absolute on
 entries of order 1; a wrong causal flag or a dropped piece is off by more than 0.1."""
@@ -12,8 +12,11 @@ from megatron.core.transformer.context_parallel.layout import local_segments
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
+@pytest.mark.parametrize("backend", ["cudnn", "flash"])
 @pytest.mark.parametrize("origin", [0, 1], ids=["off-diagonal", "diagonal"])
-def test_bf16_kernel_blocks_equal_fp32_math(origin):
+def test_bf16_kernel_blocks_equal_fp32_math(origin, backend):
+    if backend == "cudnn" and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("the ring takes cuDNN's kernel on Hopper and newer")
     torch.manual_seed(0)
     b, ng, g, n, hn = 2, 2, 4, 256, 128
     q = torch.randn(b, ng, g, n, hn, device="cuda", dtype=torch.bfloat16)
@@ -30,7 +33,7 @@ def test_bf16_kernel_blocks_equal_fp32_math(origin):
     pieces = block_kernels.pieces(plan, True, None)
     for rows, cols, causal in pieces:
         o, l = block_kernels.forward(block_math.take(q, rows, 3), block_math.take(k, cols, 3),
-                                     block_math.take(v, cols, 3), scale, causal)
+                                     block_math.take(v, cols, 3), scale, causal, backend)
         block_math.merge_into(out, lse, o.float(), l, rows)
     out_rows, lse_rows = block_math.take(out, plan.rows, 3), block_math.take(lse, plan.rows, 3)
     torch.testing.assert_close(out_rows, out_ref, atol=3e-2, rtol=0)
@@ -46,7 +49,7 @@ def test_bf16_kernel_blocks_equal_fp32_math(origin):
     for rows, cols, causal in pieces:
         dq_p, dk_p, dv_p = block_kernels.backward(take(q, rows, 3), take(k, cols, 3), take(v, cols, 3),
                                                   take(out_bf16, rows, 3), take(dout, rows, 3), take(lse, rows, 3),
-                                                  scale, causal)
+                                                  scale, causal, backend)
         block_math.add_into(dq, rows, dq_p.float(), 3)
         block_math.add_into(dk, cols, dk_p, 3)
         block_math.add_into(dv, cols, dv_p, 3)
