@@ -13,7 +13,8 @@ The ranks are forked from a multiprocessing forkserver that has imported torch a
 training entry points once (PRELOAD): a spawned rank spends ~5 s of a 2-core machine
 importing them, and the suite starts a few hundred. The forkserver has run nothing but
 imports, so each rank starts as clean as a spawned one; it gets the caller's current
-environment and working directory (a fork would otherwise see the server's).
+environment, working directory and stdout / stderr file descriptors (a fork would
+otherwise see the server's, and pytest's ``capfd`` would miss what the ranks print).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import signal
 import socket
 import traceback
 from datetime import timedelta
+from multiprocessing import reduction
 from typing import Any, Callable, List, Sequence
 
 GLOO_TIMEOUT_S = 60
@@ -42,7 +44,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _child(fn, rank, world_size, port, args, kwargs, results, environ, cwd):
+def _received_fd(dup) -> int:
+    return dup.detach()
+
+
+class _CallerFd:
+    """A file descriptor of the caller that the rank receives (pickled while the process
+    starts, the forkserver passes it over its socket)."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+
+    def __reduce__(self):
+        return _received_fd, (reduction.DupFd(self.fd),)
+
+
+def _child(fn, rank, world_size, port, args, kwargs, results, environ, cwd, stdout_fd, stderr_fd):
+    os.dup2(stdout_fd, 1)
+    os.dup2(stderr_fd, 2)
     os.environ.clear()
     os.environ.update(environ)
     os.chdir(cwd)
@@ -100,9 +119,9 @@ def run_on_ranks(
     ctx.set_forkserver_preload(PRELOAD)
     results = ctx.Queue()
     port = free_port()
-    environ, cwd = dict(os.environ), os.getcwd()
+    caller = (dict(os.environ), os.getcwd(), _CallerFd(1), _CallerFd(2))
     procs = [
-        ctx.Process(target=_child, args=(fn, r, world_size, port, tuple(args), kwargs or {}, results, environ, cwd),
+        ctx.Process(target=_child, args=(fn, r, world_size, port, tuple(args), kwargs or {}, results, *caller),
                     daemon=True)
         for r in range(world_size)
     ]
