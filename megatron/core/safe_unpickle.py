@@ -13,14 +13,16 @@ under a module prefix, say); it must never import or return real code from such 
     value = restricted_loads(data, allowed)                  # a plain pickle
     state = restricted_torch_load("model_optim_rng.pt", allowed)    # torch.save files, with tensors
 
-``restricted_torch_load`` reads ``torch.save`` files (zip or legacy) with their tensors;
-tensor storages are resolved by torch itself, every other name goes through the map.
+``restricted_torch_load`` reads ``torch.save`` files (the zip format) with their tensors:
+it opens the archive itself, reads tensor storages from its records, and every name the
+pickle asks for goes through the map.
 """
 
 from __future__ import annotations
 
 import io
 import pickle
+import zipfile
 from typing import IO, Any, Callable, Dict, Mapping, Optional, Tuple, Union
 
 import torch
@@ -124,33 +126,64 @@ def restricted_loads(data: Union[bytes, IO[bytes]], allowed: Mapping[Name, Any],
     return RestrictedUnpickler(stream, allowed, stand_in, source).load()
 
 
-def _pickle_module(allowed: Mapping[Name, Any], stand_in: Optional[StandIn], source: str):
-    """A stand-in for the ``pickle`` module as ``torch.load(pickle_module=...)`` uses it."""
+class _TorchArchiveUnpickler(RestrictedUnpickler):
+    """The restricted unpickler over the ``data.pkl`` of a ``torch.save`` zip archive: its
+    persistent ids ``('storage', <torch.XStorage>, key, location, numel)`` are read from
+    the archive's ``data/<key>`` records onto the CPU."""
 
-    class Unpickler(RestrictedUnpickler):
-        def __init__(self, file, **kwargs) -> None:
-            super().__init__(file, allowed, stand_in, source, **kwargs)
+    def __init__(self, archive: zipfile.ZipFile, prefix: str, allowed: Mapping[Name, Any],
+                 stand_in: Optional[StandIn], source: str) -> None:
+        super().__init__(archive.open(f"{prefix}data.pkl"), allowed, stand_in, source)
+        self._archive, self._prefix = archive, prefix
+        self._storages: Dict[str, torch.storage.TypedStorage] = {}
 
-    def load(file, **kwargs):
-        return Unpickler(file, **kwargs).load()
+    def find_class(self, module: str, name: str) -> Any:
+        # A storage class only names the dtype of the bytes persistent_load reads.
+        if module == "torch" and name.endswith("Storage") and (module, name) not in self._allowed:
+            try:
+                return torch.storage._get_dtype_from_pickle_storage_type(name)  # what torch.load does
+            except KeyError:
+                pass
+        return super().find_class(module, name)
 
-    return type("restricted_pickle", (), {"Unpickler": Unpickler, "load": staticmethod(load),
-                                          "__name__": "restricted_pickle"})
+    def persistent_load(self, pid: Any) -> Any:
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and isinstance(pid[1], torch.dtype)):
+            raise pickle.UnpicklingError(f"{self._source}: unexpected persistent id {pid!r}")
+        _, dtype, key, _location, numel = pid
+        if key not in self._storages:
+            info = self._archive.getinfo(f"{self._prefix}data/{key}")
+            raw = torch.empty(info.file_size, dtype=torch.uint8)
+            with self._archive.open(info) as record:
+                record.readinto(raw.numpy())
+            self._storages[key] = torch.storage.TypedStorage(wrap_storage=raw.untyped_storage(), dtype=dtype,
+                                                             _internal=True)
+        return self._storages[key]
 
 
 def restricted_torch_load(file: Union[str, bytes, IO[bytes]], allowed: Mapping[Name, Any],
                           stand_in: Optional[StandIn] = None, source: Optional[str] = None) -> Any:
-    """``torch.load`` of a ``torch.save`` file (path, bytes or binary file) onto the CPU
-    with every global except tensor storages resolved through ``allowed`` / ``stand_in``."""
+    """The object in a ``torch.save`` file (path, bytes or binary file; the zip format torch
+    writes since 1.6), tensors on the CPU, with every global resolved through ``allowed`` /
+    ``stand_in``. The archive is read here rather than by ``torch.load``, whose own safe
+    unpickler has no stand-ins."""
     where = source or (file if isinstance(file, str) else "torch.save data")
     if isinstance(file, (bytes, bytearray)):
         file = io.BytesIO(file)
     names = dict(TORCH_TENSORS)
     names.update(allowed)
-    # weights_only=False only selects the caller's pickle module: torch's own safe
-    # unpickler has no stand-ins; ours refuses every name outside the map just the same.
-    return torch.load(file, map_location="cpu", pickle_module=_pickle_module(names, stand_in, where),
-                      weights_only=False)
+    try:
+        archive = zipfile.ZipFile(file)
+    except zipfile.BadZipFile:
+        raise pickle.UnpicklingError(f"{where}: not a torch.save zip archive (files saved before PyTorch 1.6, "
+                                     "or with _use_new_zipfile_serialization=False, are not read)") from None
+    with archive:
+        pickles = [n for n in archive.namelist() if n.endswith("/data.pkl") and n.count("/") == 1]
+        if len(pickles) != 1:
+            raise pickle.UnpicklingError(f"{where}: expected one <name>/data.pkl in the archive, found {pickles}")
+        prefix = pickles[0][: -len("data.pkl")]
+        if f"{prefix}byteorder" in archive.namelist() and archive.read(f"{prefix}byteorder") != b"little":
+            raise pickle.UnpicklingError(f"{where}: tensors saved big-endian are not read")
+        return _TorchArchiveUnpickler(archive, prefix, names, stand_in, where).load()
 
 
 def _numpy_array_globals() -> list:

@@ -77,3 +77,10 @@ def test_stand_ins_record_enums_and_objects_without_importing_them():
                            lambda mod, name: recorded_class(mod, name) if mod == "argparse" else None)
     assert isinstance(obj, Recorded) and obj.state == {"a": 1}
     assert restricted_loads(io.BytesIO(pickle.dumps([1, "two", 3.0, None])), {}) == [1, "two", 3.0, None]
+
+
+def test_a_file_in_torch_s_pre_zip_format_is_refused_with_the_reason(tmp_path):
+    path = tmp_path / "old.pt"
+    torch.save({"w": torch.ones(2)}, path, _use_new_zipfile_serialization=False)
+    with pytest.raises(pickle.UnpicklingError, match=r"old\.pt: not a torch.save zip archive"):
+        restricted_torch_load(str(path), {})
