@@ -41,7 +41,7 @@ def _close(a, b, rtol, n=ITERS):
     [
         (2, CP2),
         (4, CP2 + ["--tensor-model-parallel-size", "2", "--sequence-parallel"]),
-        pytest.param(4, CP2 + ["--use-distributed-optimizer"]),
+        (4, CP2 + ["--use-distributed-optimizer"]),
         (4, CP2 + ["--pipeline-model-parallel-size", "2"]),
     ],
     ids=["cp2-p2p", "cp2xtp2-sp", "cp2xdp2-distopt", "cp2xpp2"],

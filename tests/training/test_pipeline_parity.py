@@ -47,7 +47,7 @@ def _close(a, b, rtol=RTOL, n=10):
     "world, extra",
     [
         (2, ["--pipeline-model-parallel-size", "2"]),
-        pytest.param(4, ["--pipeline-model-parallel-size", "4"]),
+        (4, ["--pipeline-model-parallel-size", "4"]),
         (2, ["--pipeline-model-parallel-size", "2", "--num-virtual-stages-per-pipeline-rank", "2"] + EVAL),
         (4, ["--pipeline-model-parallel-size", "2", "--tensor-model-parallel-size", "2"]),
         (2, ["--pipeline-model-parallel-size", "2", "--decoder-first-pipeline-num-layers", "3"]),

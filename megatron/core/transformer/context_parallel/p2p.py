@@ -89,6 +89,8 @@ class RingAttentionFunction(torch.autograd.Function):
     def forward(ctx, q, k, v, ring: Ring, causal: bool, window, scale: float, dropout_p: float = 0.0,
                 use_kernels: bool = False):
         seed = int(torch.randint(0, 1 << 62, (1,), device=q.device).item()) if dropout_p > 0.0 else None
+        # out / lse start at the first result: step 0 is the rank's own block, in which
+        # every query sees at least itself, so there always is one.
         q32 = out = lse = None
         seq_len = q.shape[3]
         kv = torch.stack([k, v])
@@ -113,8 +115,6 @@ class RingAttentionFunction(torch.autograd.Function):
                 out, lse = block_math.accumulate(out, lse, o, l, plan.rows, seq_len)
             if pending is not None:
                 kv = ring_send_recv_wait(pending)
-        if out is None:  # no query sees a key (cannot happen with a rank's own block)
-            out, lse = torch.zeros_like(q, dtype=torch.float32), q.new_full(q.shape[:-1], -float("inf"), dtype=torch.float32)
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.ring, ctx.causal, ctx.window, ctx.scale = ring, causal, window, scale
