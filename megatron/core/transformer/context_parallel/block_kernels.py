@@ -16,9 +16,10 @@ Kernels on CUDA (fp16/bf16, head dim a multiple of 8 up to 256): cuDNN's fused a
 dims up to 128, where it ran the ring's blocks 1.6-1.7x faster than the flash kernel on
 an H100 (benchmarks/cp_block_bench.py); ``_scaled_dot_product_flash_attention`` otherwise. On CPU
 ``_scaled_dot_product_flash_attention_for_cpu`` (used by the tests; the ring keeps
-block_math on CPU). Grouped K/V are repeated to the query heads for the kernel and their
-gradients summed back over each group. No dropout: with dropout the ring runs on
-block_math.
+block_math on CPU). cuDNN takes grouped K/V as they are (query head h reads key/value
+head h // g, and its backward returns the group's summed key/value gradients); for the
+flash kernel they are repeated to the query heads and their gradients summed back over
+each group. No dropout: with dropout the ring runs on block_math.
 """
 
 from __future__ import annotations
@@ -102,17 +103,27 @@ def cuda_backend(q: torch.Tensor) -> str:
     return "flash"
 
 
+def _grouped(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    """Grouped q [b, ng, g, sq, hn], k/v [b, ng, 1, sk, hn] -> q [b, ng * g, sq, hn] and
+    k/v [b, ng, sk, hn] unrepeated: cuDNN's kernel maps query head h to key/value head
+    h // g itself."""
+    b, ng, g, sq, hn = q.shape
+    sk = k.shape[3]
+    return (q.reshape(b, ng * g, sq, hn).contiguous(), k.reshape(b, ng, sk, hn).contiguous(),
+            v.reshape(b, ng, sk, hn).contiguous())
+
+
 def forward(q, k, v, scale: float, causal: bool, backend: Optional[str] = None):
     """q [b, ng, g, sq, hn], k/v [b, ng, 1, sk, hn] (one dtype) -> (out like q, normalized
     within the piece; lse [b, ng, g, sq] fp32). ``backend`` overrides cuda_backend."""
-    q4, k4, v4 = _heads(q, k, v)
     if not q.is_cuda:
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q4, k4, v4, 0.0, causal, scale=scale)
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(*_heads(q, k, v), 0.0, causal,
+                                                                              scale=scale)
     elif (backend or cuda_backend(q)) == "cudnn":
-        out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(q4, k4, v4, None, True, 0.0, causal,
+        out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(*_grouped(q, k, v), None, True, 0.0, causal,
                                                                       scale=scale)[:2]
     else:
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q4, k4, v4, 0.0, causal, scale=scale)[:2]
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(*_heads(q, k, v), 0.0, causal, scale=scale)[:2]
     return out.view(q.shape), lse.reshape(q.shape[:-1])
 
 
@@ -122,23 +133,24 @@ def backward(q, k, v, out, dout, lse, scale: float, causal: bool, backend: Optio
     query heads of each group)."""
     b, ng, g, sq, hn = q.shape
     sk = k.shape[3]
-    q4, k4, v4 = _heads(q, k, v)
+    q4 = q.reshape(b, ng * g, sq, hn)
     out4, dout4 = out.reshape(q4.shape).contiguous(), dout.reshape(q4.shape).contiguous()
     lse3 = lse.reshape(b, ng * g, sq).contiguous()
-    if not q.is_cuda:
-        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            dout4, q4, k4, v4, out4, lse3, 0.0, causal, scale=scale)
-    elif (backend or cuda_backend(q)) == "cudnn":
+    if q.is_cuda and (backend or cuda_backend(q)) == "cudnn":
         # The rng state only matters with dropout, which the kernel path does not take.
         seed = torch.zeros((), dtype=torch.int64, device=q.device)
         dq, dk, dv = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
-            dout4, q4, k4, v4, out4, lse3.unsqueeze(-1), seed, seed, None, None, None, sq, sk, 0.0,
+            dout4, *_grouped(q, k, v), out4, lse3.unsqueeze(-1), seed, seed, None, None, None, sq, sk, 0.0,
             causal, scale=scale)
+        return dq.view(q.shape), dk.view(k.shape).float(), dv.view(v.shape).float()
+    if not q.is_cuda:
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            dout4, *_heads(q, k, v), out4, lse3, 0.0, causal, scale=scale)
     else:
         seed = torch.zeros(2, dtype=torch.uint64, device=q.device)
         offset = torch.zeros((), dtype=torch.uint64, device=q.device)
         dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_backward(
-            dout4, q4, k4, v4, out4, lse3, None, None, sq, sk, 0.0, causal, seed, offset, scale=scale)
+            dout4, *_heads(q, k, v), out4, lse3, None, None, sq, sk, 0.0, causal, seed, offset, scale=scale)
     dk = dk.view(b, ng, g, sk, hn).sum(dim=2, keepdim=True, dtype=torch.float32)
     dv = dv.view(b, ng, g, sk, hn).sum(dim=2, keepdim=True, dtype=torch.float32)
     return dq.view(q.shape), dk, dv
