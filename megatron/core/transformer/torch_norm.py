@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from megatron.core.fusions.fused_bias_dropout_add_norm import bias_dropout_add_norm
 from megatron.core.fusions.fused_norms import (
     fused_layer_norm,
     fused_rms_norm,
@@ -55,6 +56,12 @@ class _Norm(torch.nn.Module):
         if bias:
             self.bias = torch.nn.Parameter(torch.zeros(hidden_size, dtype=params_dtype))
         _mark_sequence_parallel(self, sequence_parallel)
+
+    def after_bias_dropout_add(self, x_with_bias, residual: torch.Tensor, prob: float, training: bool):
+        """``(hidden, self(hidden))`` for hidden = residual + dropout(x + bias), as one fused
+        region (``fusions/fused_bias_dropout_add_norm.py``; compiled on CUDA)."""
+        return bias_dropout_add_norm(x_with_bias, residual, prob, training, self.weight, getattr(self, "bias", None),
+                                     self.eps, self.zero_centered_gamma, isinstance(self, RMSNorm))
 
 
 class LayerNorm(_Norm):

@@ -6,7 +6,8 @@ residual adds instead: self-attention -> bias-dropout-add -> post_att_layernorm 
 bias-dropout-add -> post_mlp_layernorm.
 
 Bias-dropout-add is one fused kernel unless --no-bias-dropout-fusion
-(``fusions.fused_bias_dropout_add``)."""
+(``fusions.fused_bias_dropout_add``); in a pre-norm layer with fused norms the attention's
+bias-dropout-add and the MLP's norm are one region (``fusions.fused_bias_dropout_add_norm``)."""
 
 from __future__ import annotations
 
@@ -62,6 +63,11 @@ class TransformerLayer(torch.nn.Module):
             self.mlp = MoELayer(config, layer_number, pg_collection=groups)
         else:
             self.mlp = MLP(config, pg_collection=groups)
+        # The attention's bias-dropout-add and the MLP's norm as one region: the norm reads
+        # the new residual stream where the add leaves it (fused_bias_dropout_add_norm).
+        self.fuse_add_and_mlp_norm = (
+            not self.post_ln and config.bias_dropout_fusion and getattr(self.pre_mlp_layernorm, "fused", False)
+        )
 
     def forward(
         self,
@@ -77,11 +83,14 @@ class TransformerLayer(torch.nn.Module):
         attention_out = self.self_attention(
             normed, attention_mask=attention_mask, rotary_pos_emb=rotary_pos_emb, inference_context=inference_context
         )
-        hidden_states = bias_dropout_add_fn(attention_out, residual, self.hidden_dropout)
-        if self.post_ln:
-            hidden_states = self.post_att_layernorm(hidden_states)
-
-        normed = self.pre_mlp_layernorm(hidden_states)
+        if self.fuse_add_and_mlp_norm:
+            hidden_states, normed = self.pre_mlp_layernorm.after_bias_dropout_add(
+                attention_out, residual, self.hidden_dropout, self.training)
+        else:
+            hidden_states = bias_dropout_add_fn(attention_out, residual, self.hidden_dropout)
+            if self.post_ln:
+                hidden_states = self.post_att_layernorm(hidden_states)
+            normed = self.pre_mlp_layernorm(hidden_states)
         residual = normed if post_ln_residual else hidden_states
         hidden_states = bias_dropout_add_fn(self.mlp(normed), residual, self.hidden_dropout)
         if self.post_ln:
