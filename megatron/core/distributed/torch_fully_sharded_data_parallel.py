@@ -111,6 +111,11 @@ class TorchFullyShardedDataParallel(torch.nn.Module):
         self.units = [m for m in module.modules() if isinstance(m, unit_types)]
         for unit in self.units:
             fully_shard(unit, **kwargs)
+        for block in module.modules():
+            # A layer's parameters are gathered when its own unit runs, so one layer must not
+            # compute the next layer's input norm (TransformerBlock's chaining).
+            if hasattr(block, "chain_layers"):
+                block.chain_layers = False
         fully_shard(module, **kwargs)
         self.module = module
         _restore_attributes(module, attributes)

@@ -1,7 +1,8 @@
 """residual + dropout(x + bias), and the norm of that sum, in one fused region.
 
 A pre-norm transformer layer adds the attention output into the residual stream and at
-once normalizes the new stream for the MLP. As two regions, the norm reads back the sum
+once normalizes the new stream for the MLP; likewise the MLP's output and the next
+layer's input norm. As two regions, the norm reads back the sum
 the bias-dropout-add just wrote; in backward, autograd adds the norm's input gradient to
 the residual stream's gradient in a kernel of its own before the bias-dropout-add's
 backward reads that sum again. One region writes the sum and the normed output in one

@@ -11,6 +11,8 @@ the eager reference is the same formula.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from megatron.core.fusions.fused_bias_dropout_add_norm import bias_dropout_add_norm
@@ -34,7 +36,13 @@ def _mark_sequence_parallel(module: torch.nn.Module, sequence_parallel: bool) ->
 class _Norm(torch.nn.Module):
     """What both norms share: the ``weight`` (gamma, or gamma - 1 when zero-centered), the
     epsilon, the sequence-parallel marking of their parameters, and whether the fused
-    kernel computes them (``fused``, a plain attribute, not state)."""
+    kernel computes them (``fused``, a plain attribute, not state).
+
+    Called with a ``residual`` (a pre-norm layer's residual add, then this norm), the module
+    returns the new residual stream and its norm from one fused region
+    (``fusions/fused_bias_dropout_add_norm.py``). It is the module that is called, not a
+    helper, so hooks on it still run: the distributed optimizer's wait for the module's
+    all-gathered parameters under --overlap-param-gather among them."""
 
     def __init__(
         self,
@@ -57,11 +65,10 @@ class _Norm(torch.nn.Module):
             self.bias = torch.nn.Parameter(torch.zeros(hidden_size, dtype=params_dtype))
         _mark_sequence_parallel(self, sequence_parallel)
 
-    def after_bias_dropout_add(self, x_with_bias, residual: torch.Tensor, prob: float, training: bool):
-        """``(hidden, self(hidden))`` for hidden = residual + dropout(x + bias), as one fused
-        region (``fusions/fused_bias_dropout_add_norm.py``; compiled on CUDA)."""
-        return bias_dropout_add_norm(x_with_bias, residual, prob, training, self.weight, getattr(self, "bias", None),
-                                     self.eps, self.zero_centered_gamma, isinstance(self, RMSNorm))
+    def _residual_and_norm(self, x, x_bias, residual, dropout_prob: float, training: bool):
+        return bias_dropout_add_norm((x, x_bias), residual, dropout_prob, training, self.weight,
+                                     getattr(self, "bias", None), self.eps, self.zero_centered_gamma,
+                                     isinstance(self, RMSNorm))
 
 
 class LayerNorm(_Norm):
@@ -75,7 +82,12 @@ class LayerNorm(_Norm):
                  sequence_parallel: bool = False, params_dtype: torch.dtype = torch.float32, fused: bool = False):
         super().__init__(hidden_size, eps, zero_centered_gamma, sequence_parallel, params_dtype, bias=True, fused=fused)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None, dropout_prob: float = 0.0,
+                training: bool = False, x_bias: Optional[torch.Tensor] = None):
+        """norm(x); with ``residual``: (hidden, norm(hidden)) for hidden = residual +
+        dropout(x + x_bias), one fused region (see ``_Norm``)."""
+        if residual is not None:
+            return self._residual_and_norm(x, x_bias, residual, dropout_prob, training)
         norm = fused_layer_norm if self.fused else layer_norm_reference
         return norm(x, self.weight, self.bias, self.eps, self.zero_centered_gamma)
 
@@ -86,7 +98,11 @@ class RMSNorm(_Norm):
     Input [..., hidden] -> output [..., hidden] in the weight's dtype; fp32 math.
     """
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None, dropout_prob: float = 0.0,
+                training: bool = False, x_bias: Optional[torch.Tensor] = None):
+        """As ``LayerNorm.forward``: norm(x), or (hidden, norm(hidden)) with ``residual``."""
+        if residual is not None:
+            return self._residual_and_norm(x, x_bias, residual, dropout_prob, training)
         norm = fused_rms_norm if self.fused else rms_norm_reference
         return norm(x, self.weight, self.eps, self.zero_centered_gamma)
 

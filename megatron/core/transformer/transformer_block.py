@@ -87,6 +87,9 @@ class TransformerBlock(torch.nn.Module):
             )
         self.layer_offset = layer_offset
         self.vp_stage = vp_stage
+        # Consecutive layers fuse each residual add with the next input norm (_run_layers);
+        # wrappers that gather a layer's parameters only while it runs (FSDP2) turn it off.
+        self.chain_layers = True
         self.layers = torch.nn.ModuleList(
             self._build_layer(config, layer_offset + i + 1, groups, attn_mask_type) for i in range(num_layers)
         )
@@ -108,9 +111,21 @@ class TransformerBlock(torch.nn.Module):
         self.input_tensor = input_tensor
 
     def _run_layers(self, start: int, end: int, hidden_states, attention_mask, rotary_pos_emb, inference_context=None):
-        for layer in self.layers[start:end]:
-            hidden_states, _ = layer(
-                hidden_states, attention_mask=attention_mask, rotary_pos_emb=rotary_pos_emb, inference_context=inference_context
+        layers = list(self.layers[start:end])
+        normed = None
+        for i, layer in enumerate(layers):
+            # Consecutive layers of one run chain: a layer's last residual add and the next
+            # layer's input norm are one fused region (TransformerLayer.chains_into).
+            following = layers[i + 1] if i + 1 < len(layers) else None
+            chains = (self.chain_layers and following is not None
+                      and getattr(layer, "chains_into", lambda _: False)(following))
+            next_norm = following.input_layernorm if chains else None
+            extra = {} if normed is None else {"normed_input": normed}
+            if next_norm is not None:
+                extra["next_norm"] = next_norm
+            hidden_states, normed = layer(
+                hidden_states, attention_mask=attention_mask, rotary_pos_emb=rotary_pos_emb,
+                inference_context=inference_context, **extra,
             )
         return hidden_states
 

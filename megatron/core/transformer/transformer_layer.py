@@ -7,7 +7,9 @@ bias-dropout-add -> post_mlp_layernorm.
 
 Bias-dropout-add is one fused kernel unless --no-bias-dropout-fusion
 (``fusions.fused_bias_dropout_add``); in a pre-norm layer with fused norms the attention's
-bias-dropout-add and the MLP's norm are one region (``fusions.fused_bias_dropout_add_norm``)."""
+bias-dropout-add and the MLP's norm are one region (``fusions.fused_bias_dropout_add_norm``),
+and so are the MLP's bias-dropout-add and the next layer's input norm when a block runs
+its layers in a chain (``forward``'s ``next_norm`` and ``normed_input``)."""
 
 from __future__ import annotations
 
@@ -75,24 +77,41 @@ class TransformerLayer(torch.nn.Module):
         attention_mask: Optional[torch.Tensor] = None,
         rotary_pos_emb=None,
         inference_context=None,
+        normed_input: Optional[torch.Tensor] = None,
+        next_norm: Optional[torch.nn.Module] = None,
     ):
+        """-> (hidden_states, None), or (hidden_states, next_norm(hidden_states)) with ``next_norm``.
+
+        A block chains its layers through the last two arguments: ``next_norm`` (the next
+        layer's input norm, see ``chains_into``) is computed in one region with this layer's
+        last bias-dropout-add, and the next layer takes the result as ``normed_input``
+        instead of normalizing ``hidden_states`` again."""
         post_ln_residual = self.config.apply_residual_connection_post_layernorm
         bias_dropout_add_fn = get_bias_dropout_add(self.training, self.config.bias_dropout_fusion)
-        normed = self.input_layernorm(hidden_states)
+        normed = self.input_layernorm(hidden_states) if normed_input is None else normed_input
         residual = normed if post_ln_residual else hidden_states
         attention_out = self.self_attention(
             normed, attention_mask=attention_mask, rotary_pos_emb=rotary_pos_emb, inference_context=inference_context
         )
         if self.fuse_add_and_mlp_norm:
-            hidden_states, normed = self.pre_mlp_layernorm.after_bias_dropout_add(
-                attention_out, residual, self.hidden_dropout, self.training)
+            hidden_states, normed = self.pre_mlp_layernorm(
+                attention_out[0], residual, self.hidden_dropout, self.training, x_bias=attention_out[1])
         else:
             hidden_states = bias_dropout_add_fn(attention_out, residual, self.hidden_dropout)
             if self.post_ln:
                 hidden_states = self.post_att_layernorm(hidden_states)
             normed = self.pre_mlp_layernorm(hidden_states)
         residual = normed if post_ln_residual else hidden_states
-        hidden_states = bias_dropout_add_fn(self.mlp(normed), residual, self.hidden_dropout)
+        mlp_out = self.mlp(normed)
+        if next_norm is not None:
+            return next_norm(mlp_out[0], residual, self.hidden_dropout, self.training, x_bias=mlp_out[1])
+        hidden_states = bias_dropout_add_fn(mlp_out, residual, self.hidden_dropout)
         if self.post_ln:
             hidden_states = self.post_mlp_layernorm(hidden_states)
         return hidden_states, None
+
+    def chains_into(self, following: torch.nn.Module) -> bool:
+        """Whether this layer's last bias-dropout-add can be fused with ``following``'s input
+        norm (the same fused region as the attention's add and the MLP's norm)."""
+        return (self.fuse_add_and_mlp_norm and isinstance(following, TransformerLayer)
+                and getattr(following.input_layernorm, "fused", False))

@@ -125,3 +125,59 @@ def test_layer_output_and_grads_do_not_change(traced, normalization):
     fused = run()
     layer.fuse_add_and_mlp_norm = False
     _assert_same(fused, run())
+
+
+def _block(**overrides):
+    from megatron.core.transformer.transformer_block import TransformerBlock
+
+    tensor_parallel.model_parallel_cuda_manual_seed(0)
+    torch.manual_seed(0)
+    config = TransformerConfig(num_layers=3, hidden_size=H, num_attention_heads=4, hidden_dropout=0.0,
+                               attention_dropout=0.0, use_cpu_initialization=True, **overrides)
+    return TransformerBlock(config).eval()
+
+
+@pytest.mark.parametrize("overrides", [{}, {"normalization": "RMSNorm"},
+                                       {"recompute_granularity": "full", "recompute_method": "uniform",
+                                        "recompute_num_layers": 2}],
+                         ids=["layernorm", "rmsnorm", "recompute-chunks-of-2"])
+def test_block_chains_layers_through_the_fused_region_unchanged(traced, monkeypatch, overrides):
+    """Each layer's last add and the next layer's input norm as one region: the block's
+    output and gradients equal the unchained ones, and the chain is taken (n - 1 links)."""
+    from megatron.core.transformer.transformer_layer import TransformerLayer
+
+    block = _block(**overrides).train()
+    x = torch.randn(8, 2, H, generator=torch.Generator().manual_seed(2), requires_grad=True)
+    links = []
+    original = TransformerLayer.chains_into
+
+    def counted(self, following):
+        links.append(original(self, following))
+        return links[-1]
+
+    def run():
+        x.grad = None
+        block.zero_grad(set_to_none=True)
+        out = block(x)
+        out.square().sum().backward()  # (recompute's checkpoint takes no autograd.grad)
+        return [out.detach(), x.grad, *(p.grad for p in block.parameters())]
+
+    monkeypatch.setattr(TransformerLayer, "chains_into", counted)
+    chained = run()
+    # recompute: chunks [0, 2) and [2, 3) chain inside the first only, once more when recomputed
+    assert sum(links) == 2
+    monkeypatch.setattr(TransformerLayer, "chains_into", lambda self, following: False)
+    _assert_same(chained, run())
+
+
+def test_fused_norms_are_called_as_modules_so_their_hooks_run():
+    """The distributed optimizer waits for a module's gathered parameters in a forward
+    pre-hook: the fused add+norm (inside a layer and across layers) must go through it."""
+    block = _block().train()
+    called = []
+    for i, layer in enumerate(block.layers):
+        for name in ("input_layernorm", "pre_mlp_layernorm"):
+            getattr(layer, name).register_forward_pre_hook(lambda m, args, key=(i, name): called.append(key))
+    block(torch.randn(8, 2, H))
+    assert sorted(called) == [(i, name) for i in range(3) for name in ("input_layernorm", "pre_mlp_layernorm")]
+
