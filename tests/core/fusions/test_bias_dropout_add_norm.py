@@ -94,12 +94,15 @@ def test_training_with_zero_prob_takes_no_random_numbers():
     assert torch.equal(torch.get_rng_state(), before)
 
 
-def _layer(**overrides):
+def _config(num_layers, **overrides):
     tensor_parallel.model_parallel_cuda_manual_seed(0)
     torch.manual_seed(0)
-    config = TransformerConfig(num_layers=1, hidden_size=H, num_attention_heads=4, hidden_dropout=0.0,
-                               attention_dropout=0.0, use_cpu_initialization=True, **overrides)
-    return TransformerLayer(config).eval()
+    return TransformerConfig(num_layers=num_layers, hidden_size=H, num_attention_heads=4, hidden_dropout=0.0,
+                             attention_dropout=0.0, use_cpu_initialization=True, **overrides)
+
+
+def _layer(**overrides):
+    return TransformerLayer(_config(1, **overrides)).eval()
 
 
 @pytest.mark.parametrize("overrides,fused", [
@@ -130,11 +133,7 @@ def test_layer_output_and_grads_do_not_change(traced, normalization):
 def _block(**overrides):
     from megatron.core.transformer.transformer_block import TransformerBlock
 
-    tensor_parallel.model_parallel_cuda_manual_seed(0)
-    torch.manual_seed(0)
-    config = TransformerConfig(num_layers=3, hidden_size=H, num_attention_heads=4, hidden_dropout=0.0,
-                               attention_dropout=0.0, use_cpu_initialization=True, **overrides)
-    return TransformerBlock(config).eval()
+    return TransformerBlock(_config(3, **overrides)).eval()
 
 
 @pytest.mark.parametrize("overrides", [{}, {"normalization": "RMSNorm"},
