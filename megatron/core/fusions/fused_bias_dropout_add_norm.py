@@ -53,11 +53,10 @@ _no_dropout_region = CompiledRegion(_no_dropout, "bias_add_norm")
 
 
 def bias_dropout_add_norm(
-    x_with_bias: Tuple[torch.Tensor, Optional[torch.Tensor]], residual: torch.Tensor, prob: float, training: bool,
+    x: torch.Tensor, bias: Optional[torch.Tensor], residual: torch.Tensor, prob: float, training: bool,
     weight: torch.Tensor, norm_bias: Optional[torch.Tensor], eps: float, zero_centered_gamma: bool, rms: bool,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(residual + dropout(x + bias), norm(that))`` in one region (compiled on CUDA);
-    the norm's arguments as in ``bias_dropout_add_norm_reference``."""
-    x, bias = x_with_bias
+    the arguments as in ``bias_dropout_add_norm_reference``."""
     region = _train_region if training and prob > 0.0 else _no_dropout_region
     return region(x, bias, residual, prob, weight, norm_bias, eps, zero_centered_gamma, rms)

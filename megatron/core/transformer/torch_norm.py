@@ -66,7 +66,7 @@ class _Norm(torch.nn.Module):
         _mark_sequence_parallel(self, sequence_parallel)
 
     def _residual_and_norm(self, x, x_bias, residual, dropout_prob: float, training: bool):
-        return bias_dropout_add_norm((x, x_bias), residual, dropout_prob, training, self.weight,
+        return bias_dropout_add_norm(x, x_bias, residual, dropout_prob, training, self.weight,
                                      getattr(self, "bias", None), self.eps, self.zero_centered_gamma,
                                      isinstance(self, RMSNorm))
 

@@ -111,21 +111,17 @@ class TransformerBlock(torch.nn.Module):
         self.input_tensor = input_tensor
 
     def _run_layers(self, start: int, end: int, hidden_states, attention_mask, rotary_pos_emb, inference_context=None):
-        layers = list(self.layers[start:end])
+        layers = self.layers[start:end]
         normed = None
         for i, layer in enumerate(layers):
             # Consecutive layers of one run chain: a layer's last residual add and the next
             # layer's input norm are one fused region (TransformerLayer.chains_into).
             following = layers[i + 1] if i + 1 < len(layers) else None
-            chains = (self.chain_layers and following is not None
-                      and getattr(layer, "chains_into", lambda _: False)(following))
-            next_norm = following.input_layernorm if chains else None
-            extra = {} if normed is None else {"normed_input": normed}
-            if next_norm is not None:
-                extra["next_norm"] = next_norm
+            chains = self.chain_layers and following is not None and layer.chains_into(following)
             hidden_states, normed = layer(
                 hidden_states, attention_mask=attention_mask, rotary_pos_emb=rotary_pos_emb,
-                inference_context=inference_context, **extra,
+                inference_context=inference_context, normed_input=normed,
+                next_norm=following.input_layernorm if chains else None,
             )
         return hidden_states
 

@@ -42,10 +42,7 @@ def _two_steps(x, bias, residual, prob, training, weight, norm_bias, eps, zero_c
 def _run(fn, inputs, prob, training, zero_centered, rms, seed=0):
     x, bias, residual, weight, norm_bias = inputs
     torch.manual_seed(seed)
-    if fn is bias_dropout_add_norm:
-        hidden, normed = fn((x, bias), residual, prob, training, weight, norm_bias, 1e-5, zero_centered, rms)
-    else:
-        hidden, normed = fn(x, bias, residual, prob, training, weight, norm_bias, 1e-5, zero_centered, rms)
+    hidden, normed = fn(x, bias, residual, prob, training, weight, norm_bias, 1e-5, zero_centered, rms)
     w_hidden = torch.linspace(-1, 1, hidden.numel()).view_as(hidden)
     w_normed = torch.linspace(2, -0.5, normed.numel()).view_as(normed)
     params = [t for t in (x, bias, residual, weight, norm_bias) if t is not None]
@@ -90,7 +87,7 @@ def test_training_with_zero_prob_takes_no_random_numbers():
     inputs = _inputs()
     torch.manual_seed(0)
     before = torch.get_rng_state()
-    bias_dropout_add_norm((inputs[0], inputs[1]), inputs[2], 0.0, True, inputs[3], inputs[4], 1e-5, False, False)
+    bias_dropout_add_norm(inputs[0], inputs[1], inputs[2], 0.0, True, inputs[3], inputs[4], 1e-5, False, False)
     assert torch.equal(torch.get_rng_state(), before)
 
 
