@@ -65,7 +65,12 @@ class _Norm(torch.nn.Module):
             self.bias = torch.nn.Parameter(torch.zeros(hidden_size, dtype=params_dtype))
         _mark_sequence_parallel(self, sequence_parallel)
 
-    def _residual_and_norm(self, x, x_bias, residual, dropout_prob: float, training: bool):
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None, dropout_prob: float = 0.0,
+                training: bool = False, x_bias: Optional[torch.Tensor] = None):
+        """norm(x); with ``residual``: (hidden, norm(hidden)) for hidden = residual +
+        dropout(x + x_bias), one fused region."""
+        if residual is None:
+            return self._norm(x)
         return bias_dropout_add_norm(x, x_bias, residual, dropout_prob, training, self.weight,
                                      getattr(self, "bias", None), self.eps, self.zero_centered_gamma,
                                      isinstance(self, RMSNorm))
@@ -82,12 +87,7 @@ class LayerNorm(_Norm):
                  sequence_parallel: bool = False, params_dtype: torch.dtype = torch.float32, fused: bool = False):
         super().__init__(hidden_size, eps, zero_centered_gamma, sequence_parallel, params_dtype, bias=True, fused=fused)
 
-    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None, dropout_prob: float = 0.0,
-                training: bool = False, x_bias: Optional[torch.Tensor] = None):
-        """norm(x); with ``residual``: (hidden, norm(hidden)) for hidden = residual +
-        dropout(x + x_bias), one fused region (see ``_Norm``)."""
-        if residual is not None:
-            return self._residual_and_norm(x, x_bias, residual, dropout_prob, training)
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
         norm = fused_layer_norm if self.fused else layer_norm_reference
         return norm(x, self.weight, self.bias, self.eps, self.zero_centered_gamma)
 
@@ -98,11 +98,7 @@ class RMSNorm(_Norm):
     Input [..., hidden] -> output [..., hidden] in the weight's dtype; fp32 math.
     """
 
-    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None, dropout_prob: float = 0.0,
-                training: bool = False, x_bias: Optional[torch.Tensor] = None):
-        """As ``LayerNorm.forward``: norm(x), or (hidden, norm(hidden)) with ``residual``."""
-        if residual is not None:
-            return self._residual_and_norm(x, x_bias, residual, dropout_prob, training)
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
         norm = fused_rms_norm if self.fused else rms_norm_reference
         return norm(x, self.weight, self.eps, self.zero_centered_gamma)
 
