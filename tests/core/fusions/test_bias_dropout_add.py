@@ -39,16 +39,18 @@ def test_inductor_eval_variant_matches_reference(compiled):
     _assert_same(_run(get_bias_dropout_add(False, True), x, b, r, 0.3), _run(get_bias_dropout_add(False, False), x, b, r, 0.3))
 
 
-def test_traced_training_variant_draws_torch_dropout_with_fallback_random(traced, monkeypatch):
+def test_traced_training_variant_draws_torch_dropout_with_fallback_random(traced):
     import torch._inductor.config as inductor_config
 
-    monkeypatch.setattr(inductor_config, "fallback_random", True)
-    x, b, r = _inputs(with_bias=False)
-    fast = _run(get_bias_dropout_add(True, True), x, b, r, 0.5)
-    reference = _run(get_bias_dropout_add(True, False), x, b, r, 0.5)
-    _assert_same(fast, reference)
-    dropped = (fast[0] == r.detach()).float().mean()
-    assert 0.3 < dropped < 0.7, f"dropout(0.5) dropped {dropped:.2f} of the elements"
+    # torch's config patch, not monkeypatch: undoing a monkeypatch of a torch config module
+    # can delete the key (its values live outside the module's __dict__).
+    with inductor_config.patch(fallback_random=True):
+        x, b, r = _inputs(with_bias=False)
+        fast = _run(get_bias_dropout_add(True, True), x, b, r, 0.5)
+        reference = _run(get_bias_dropout_add(True, False), x, b, r, 0.5)
+        _assert_same(fast, reference)
+        dropped = (fast[0] == r.detach()).float().mean()
+        assert 0.3 < dropped < 0.7, f"dropout(0.5) dropped {dropped:.2f} of the elements"
 
 
 def test_training_with_zero_prob_is_the_plain_sum():
