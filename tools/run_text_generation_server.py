@@ -1,6 +1,7 @@
 """Serve a GPT or Mamba/hybrid checkpoint over HTTP: Megatron's PUT /api and POST
 /completions, plus the OpenAI-compatible /v1/completions, /v1/chat/completions, /v1/models
-and /health.
+and /health. With --model-family bert, a BERT checkpoint is served for scoring (PUT /api
+with tokens_to_generate 0) and POST /fill-mask.
 
     torchrun --nproc-per-node <TP x PP> tools/run_text_generation_server.py \\
         <model flags> --load CKPT [--use-checkpoint-args] <tokenizer flags> --port 5000
@@ -26,8 +27,10 @@ from megatron.core.inference import (  # noqa: E402
     SamplingParams,
     StaticInferenceEngine,
 )
+from megatron.core.inference.engines.masked_lm_engine import MaskedLMEngine, MaskedLMRequest  # noqa: E402
 from megatron.inference.dynamic_service import DynamicGenerationService  # noqa: E402
-from megatron.inference.model_loading import load_model_for_inference, model_provider_for  # noqa: E402
+from megatron.inference.masked_lm_service import MaskedLMService, special_token_ids  # noqa: E402
+from megatron.inference.model_loading import load_model_for_inference, model_family, model_provider_for  # noqa: E402
 from megatron.inference.rank_roles import Leader, follow, ignore_stop_signals  # noqa: E402
 from megatron.inference.server_args import add_text_generate_args, check_text_generate_args  # noqa: E402
 from megatron.inference.text_service import ServingLimits, TextGenerationService  # noqa: E402
@@ -53,7 +56,15 @@ def _kv_blocks(args, model, block_size: int) -> int:
     return max(1, int(args.inference_dynamic_batching_buffer_size_gb * 1024**3 // per_block))
 
 
+def _masked_lm_engine(args, model, tokenizer) -> MaskedLMEngine:
+    cls, sep, mask, pad = special_token_ids(tokenizer)
+    return MaskedLMEngine(model, args.inference_max_requests, _max_sequence_length(args), mask_id=mask, pad_id=pad,
+                          vocab_size=tokenizer.vocab_size, special_ids=(cls, sep, pad))
+
+
 def _engine(args, model, tokenizer):
+    if model_family(args) == "bert":
+        return _masked_lm_engine(args, model, tokenizer)
     common = dict(vocab_size=tokenizer.vocab_size, detokenize=tokenizer.detokenize)
     if args.inference_dynamic_batching:
         block = args.inference_dynamic_batching_block_size
@@ -63,7 +74,26 @@ def _engine(args, model, tokenizer):
                                  use_cuda_graphs=args.decode_only_cuda_graphs, **common)
 
 
+def _score_prompts(args, engine: MaskedLMEngine, tokenizer) -> None:
+    """--prompts with a BERT model: each prompt's pseudo-log-likelihood, and the five best
+    fills of each [MASK]."""
+    service = MaskedLMService(engine, tokenizer, ServingLimits())
+    requests = []
+    for prompt in args.prompts:
+        tokens, types = service.encode(prompt)
+        requests.append(MaskedLMRequest(tokens, types, top_k=5, pseudo_log_likelihood=True))
+    results = engine.score(requests)
+    if args.rank == 0:
+        for prompt, result in zip(args.prompts, results):
+            print(f"{prompt}\n  pseudo-log-likelihood: {result.pseudo_log_likelihood:.4f}", flush=True)
+            for position, candidates in sorted(result.mask_predictions.items()):
+                fills = ", ".join(f"{tokenizer.detokenize([t])!r} {lp:.3f}" for t, lp in candidates)
+                print(f"  [MASK] at {position}: {fills}", flush=True)
+
+
 def _run_prompts(args, engine, tokenizer) -> None:
+    if isinstance(engine, MaskedLMEngine):
+        return _score_prompts(args, engine, tokenizer)
     params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                             return_log_probs=args.return_log_probs, num_tokens_to_generate=args.num_tokens_to_generate)
     requests = [InferenceRequest(tokenizer.tokenize(p), params) for p in args.prompts]
@@ -79,12 +109,16 @@ def _serve(args, engine, tokenizer) -> None:
     import uvicorn
 
     from megatron.inference.app import build_app
+    from megatron.inference.masked_lm_api import build_masked_lm_app
 
     limits = ServingLimits(max_prompts=args.max_prompts_per_request, max_sequence_length=engine.max_sequence_length,
                            max_tokens_to_oom=args.max_tokens_to_oom, max_body_bytes=args.max_request_body_bytes)
     name = args.served_model_name or (os.path.basename(os.path.normpath(args.load)) if args.load else "megatron")
     leader = Leader() if args.world_size > 1 else None
-    if args.inference_dynamic_batching:
+    app_for = build_app
+    if isinstance(engine, MaskedLMEngine):
+        service, app_for = MaskedLMService(engine, tokenizer, limits, model_name=name, leader=leader), build_masked_lm_app
+    elif args.inference_dynamic_batching:
         service = DynamicGenerationService(engine, tokenizer, limits, model_name=name)
     else:
         service = TextGenerationService(engine, tokenizer, limits, model_name=name, leader=leader)
@@ -94,7 +128,7 @@ def _serve(args, engine, tokenizer) -> None:
     ignore_stop_signals()
     try:
         logger.info("serving on http://%s:%d", args.host, args.port)
-        uvicorn.run(build_app(service), host=args.host, port=args.port, log_level="info")
+        uvicorn.run(app_for(service), host=args.host, port=args.port, log_level="info")
     finally:
         if leader is not None:
             leader.shutdown()

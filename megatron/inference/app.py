@@ -115,9 +115,10 @@ def stream_response(service: TextGenerationService, parsed, kind: str, model: st
     return StreamingResponse(events(), media_type="text/event-stream")
 
 
-def build_app(service: TextGenerationService) -> FastAPI:
+def base_app(service) -> FastAPI:
+    """An application with the JSON error replies and the /v1/models and /health routes of
+    ``service`` (a text generation or a masked-LM service); the family adds its own routes."""
     app = FastAPI(title="Megatron text generation", docs_url=None, redoc_url=None, openapi_url=None)
-    limit = service.limits.max_body_bytes
 
     @app.exception_handler(RequestError)
     async def _request_error(_request: Request, err: RequestError):
@@ -127,6 +128,24 @@ def build_app(service: TextGenerationService) -> FastAPI:
     async def _server_error(_request: Request, err: Exception):
         logger.exception("request failed")
         return JSONResponse(RequestError(f"internal error: {err}", status=500).payload(), status_code=500)
+
+    async def models():
+        return {"object": "list", "data": [{"id": service.model_name, "object": "model", "created": 0,
+                                            "owned_by": "megatron"}]}
+
+    async def health():
+        return {"status": "ok", "active_requests": service.active_requests,
+                "cancelled_requests": service.cancelled_requests}
+
+    app.add_api_route("/v1/models", models, methods=["GET"])
+    app.add_api_route("/health", health, methods=["GET"])
+    app.add_api_route("/v1/health", health, methods=["GET"])
+    return app
+
+
+def build_app(service: TextGenerationService) -> FastAPI:
+    app = base_app(service)
+    limit = service.limits.max_body_bytes
 
     @app.put("/api")
     async def api(request: Request):
@@ -163,16 +182,4 @@ def build_app(service: TextGenerationService) -> FastAPI:
     app.add_api_route("/v1/completions", openai_completions, methods=["POST"])
     app.add_api_route("/chat/completions", chat, methods=["POST"])
     app.add_api_route("/v1/chat/completions", chat, methods=["POST"])
-
-    async def models():
-        return {"object": "list", "data": [{"id": service.model_name, "object": "model", "created": 0,
-                                            "owned_by": "megatron"}]}
-
-    async def health():
-        return {"status": "ok", "active_requests": service.active_requests,
-                "cancelled_requests": service.cancelled_requests}
-
-    app.add_api_route("/v1/models", models, methods=["GET"])
-    app.add_api_route("/health", health, methods=["GET"])
-    app.add_api_route("/v1/health", health, methods=["GET"])
     return app

@@ -29,7 +29,7 @@ KNOWN = (
 )
 
 
-def _prompts(body: dict) -> List[str]:
+def read_prompts(body: dict) -> List[str]:
     if "prompts" not in body:
         raise RequestError("prompts is not in the request: send {\"prompts\": [\"...\"]}", field="prompts")
     prompts = body["prompts"]
@@ -40,7 +40,7 @@ def _prompts(body: dict) -> List[str]:
     return prompts
 
 
-def _sampling(body: dict) -> SamplingParams:
+def sampling_params(body: dict) -> SamplingParams:
     tokens_to_generate = get_int(body, "tokens_to_generate", 64, low=0)
     logprobs = get_bool(body, "logprobs", False)
     if tokens_to_generate == 0 and not logprobs:
@@ -77,8 +77,8 @@ def parse_api_request(body, service) -> Tuple[List[InferenceRequest], bool]:
         if key in body:
             raise RequestError(message, field=key)
     check_known_fields(body, KNOWN, "PUT /api")
-    prompts = _prompts(body)
-    params = _sampling(body)
+    prompts = read_prompts(body)
+    params = sampling_params(body)
     add_bos = get_bool(body, "add_BOS", False)
     if add_bos and not service.has_bos:
         raise RequestError("add_BOS is set but the tokenizer has no BOS token", field="add_BOS")

@@ -3,8 +3,9 @@
 Any checkpoint this project saves loads into any serving layout (tensor/pipeline sizes
 may differ from training's: the checkpoint loader reshards). Hugging Face models are
 served after ``tools/checkpoint/convert.py --loader hf`` has written them as a checkpoint.
-The model family (GPT, or a Mamba/hybrid stack) comes from the flags, or from the
-checkpoint's arguments with --use-checkpoint-args.
+The model family (GPT, a Mamba/hybrid stack, or BERT) comes from --model-family, else from
+the hybrid layout flags (on the command line, or in the checkpoint's arguments with
+--use-checkpoint-args); GPT otherwise.
 """
 
 from __future__ import annotations
@@ -29,12 +30,27 @@ def is_hybrid_model(args) -> bool:
                 or args.hybrid_attention_ratio or args.hybrid_mlp_ratio)
 
 
+def model_family(args) -> str:
+    """"gpt", "hybrid" or "bert": --model-family where given, else "hybrid" for any hybrid
+    layout flag and "gpt" otherwise."""
+    family = getattr(args, "model_family", None)
+    if family is None:
+        return "hybrid" if is_hybrid_model(args) else "gpt"
+    if family != "hybrid" and is_hybrid_model(args):
+        raise ValueError(f"--model-family {family} contradicts the hybrid layout flags (--is-hybrid-model, "
+                         "--hybrid-layer-pattern, ...): drop one of them")
+    return family
+
+
 def model_provider_for(args) -> Callable:
-    """The model provider of the family ``args`` describe: pretrain_hybrid's for a Mamba or
-    hybrid model, else pretrain_gpt's (the training scripts' own, so that the served model is
-    built exactly as it was trained)."""
-    if is_hybrid_model(args):
+    """The model provider of the family ``args`` describe (``model_family``): the training
+    script's own (pretrain_gpt, pretrain_hybrid, pretrain_bert), so that the served model is
+    built exactly as it was trained."""
+    family = model_family(args)
+    if family == "hybrid":
         from pretrain_hybrid import model_provider
+    elif family == "bert":
+        from pretrain_bert import model_provider
     else:
         from pretrain_gpt import model_provider
     return model_provider

@@ -1,7 +1,8 @@
 """Megatron's rank roles for serving: the first rank of the model (pipeline stage 0,
 tensor-parallel rank 0) runs the HTTP server; every other rank loops on a broadcast of a
-long from it: 0 = run a generate step (the batch of requests follows, as a pickled
-object), 1 = exit. All ranks then run the engine on the same batch together.
+long from it: 0 = run a batch (the requests follow, as a pickled object), 1 = exit. All
+ranks then run the engine on the same batch together: ``generate`` of a generation
+engine, ``score`` of a masked-LM engine.
 """
 
 from __future__ import annotations
@@ -55,7 +56,13 @@ def follow(engine) -> None:
     _follow(engine)
 
 
+def _run_batch(engine):
+    """The engine's call that rank 0 makes for each batch it announces."""
+    return engine.score if hasattr(engine, "score") else engine.generate
+
+
 def _follow(engine) -> None:
+    run = _run_batch(engine)
     while True:
         command = _broadcast_command(GENERATE)
         if command == EXIT:
@@ -63,4 +70,4 @@ def _follow(engine) -> None:
             return
         box = [None]
         dist.broadcast_object_list(box, 0, device=_device())
-        engine.generate(box[0])
+        run(box[0])

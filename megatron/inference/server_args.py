@@ -43,6 +43,10 @@ def add_text_generate_args(parser: argparse.ArgumentParser) -> argparse.Argument
                        help="Memory of the paged KV cache of dynamic batching, in GB.")
     group.add_argument("--inference-dynamic-batching-max-tokens", type=int, default=2048,
                        help="Tokens one dynamic-batching step may feed (decode tokens + prompt chunks).")
+    group.add_argument("--model-family", type=str, default=None, choices=["gpt", "hybrid", "bert"],
+                       help="Model to build (default: hybrid for any hybrid layout flag, else gpt). A bert model "
+                            "is served for scoring and fill-mask (PUT /api with tokens_to_generate 0, POST "
+                            "/fill-mask), not generation.")
     group.add_argument("--served-model-name", type=str, default=None,
                        help="Model id of the OpenAI-compatible routes (default: the --load directory's name).")
     return parser
@@ -60,6 +64,11 @@ def check_text_generate_args(args: argparse.Namespace) -> None:
     if args.inference_dynamic_batching_block_size < 1 or args.inference_dynamic_batching_max_tokens < 1:
         raise ValueError("--inference-dynamic-batching-block-size and --inference-dynamic-batching-max-tokens "
                          "must be >= 1")
+    if getattr(args, "model_family", None) == "bert":
+        for flag in ("inference_dynamic_batching", "decode_only_cuda_graphs"):
+            if getattr(args, flag):
+                raise ValueError(f"--{flag.replace('_', '-')} does not apply to --model-family bert (a BERT model "
+                                 "scores in one forward per batch; it does not decode): drop it")
     if args.max_batch_size is not None:
         raise ValueError("--max-batch-size is deprecated and not supported: use --inference-max-requests")
     if getattr(args, "virtual_pipeline_model_parallel_size", None):
