@@ -74,3 +74,51 @@ def test_served_hf_checkpoint_generates_like_transformers(tmp_path):
             process.kill()
             raise
     assert process.returncode == 0, output
+
+
+def test_served_hf_bert_checkpoint_fills_masks_like_transformers(tmp_path):
+    """A BertForMaskedLM imported by the converter, served with --model-family bert and the
+    WordPiece tokenizer flags: POST /fill-mask answers as transformers' fill-mask pipeline."""
+    import convert
+    import transformers
+
+    from tests.inference.test_bert_server_http import _vocab_file
+
+    vocab = _vocab_file()
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=64, max_position_embeddings=32, initializer_range=0.1,
+                                     architectures=["BertForMaskedLM"])
+    hf = transformers.BertForMaskedLM(config).eval()
+    hf.save_pretrained(str(tmp_path / "hf"), safe_serialization=True)
+    convert.main(["--model-type", "BERT", "--loader", "hf", "--saver", "core", "--load-dir", str(tmp_path / "hf"),
+                  "--save-dir", str(tmp_path / "core")])
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    process = subprocess.Popen(
+        [sys.executable, os.path.join(REPO, "tools", "run_text_generation_server.py"), "--load", str(tmp_path / "core"),
+         "--use-checkpoint-args", "--model-family", "bert", "--tokenizer-type", "BertWordPieceLowerCase",
+         "--vocab-file", str(vocab), "--host", "127.0.0.1", "--port", str(port)],
+        cwd=str(tmp_path), env=dict(os.environ, PYTHONPATH=REPO), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        _wait_until_up(process, url)
+        text = "The capital of France is [MASK]."
+        reply = requests.post(url + "/fill-mask", json={"inputs": text, "parameters": {"top_k": 4}}, timeout=60)
+        assert reply.status_code == 200, reply.text
+        tokenizer = transformers.BertTokenizer(vocab=str(vocab), do_lower_case=True)
+        expected = transformers.pipeline("fill-mask", model=hf, tokenizer=tokenizer, device="cpu")(text, top_k=4)
+        assert [c["token"] for c in reply.json()] == [c["token"] for c in expected]
+        for got, want in zip(reply.json(), expected):
+            assert got["score"] == pytest.approx(want["score"], rel=1e-4, abs=1e-7)
+        generate = requests.put(url + "/api", json={"prompts": ["hello"], "tokens_to_generate": 4}, timeout=60)
+        assert generate.status_code == 400 and generate.json()["error"]["param"] == "tokens_to_generate"
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            output, _ = process.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            raise
+    assert process.returncode == 0, output

@@ -11,6 +11,10 @@ are read, and
 - with ``--use-mp-args-from-checkpoint-args`` the tensor/pipeline/expert parallel sizes too;
 - the tokenizer model path unless ``--no-use-tokenizer-model-from-checkpoint-args``.
 
+One exception: a checkpoint imported from Hugging Face records the ``NullTokenizer`` (token
+ids in, token ids out); a ``--tokenizer-type`` given on the command line replaces it, so
+that such a checkpoint can be served with its real tokenizer.
+
 Only names this framework's parser knows are copied; every copied value is logged. A
 missing checkpoint leaves the arguments as they are (with a warning), or stops with
 ``--exit-on-missing-checkpoint``, as in Megatron.
@@ -57,6 +61,9 @@ FORCED = (
     # a Mamba/hybrid model: its layer layout and mixer shape (Megatron copies the layout flags)
     "is_hybrid_model", "hybrid_layer_pattern", "hybrid_override_pattern", "hybrid_attention_ratio", "hybrid_mlp_ratio",
     "mamba_state_dim", "mamba_head_dim", "mamba_num_groups", "mamba_num_heads",
+    # BERT: the post-LayerNorm (Hugging Face) layout, the binary head, and the GeLU form
+    # (exact, tanh-approximated by the fused bias-GeLU, or OpenAI's) all change the model
+    "transformer_block_type", "bert_binary_head", "openai_gelu", "bias_gelu_fusion",
 )
 MODEL_PARALLEL = (
     # the virtual stages as a count: saved (validated) arguments hold both forms
@@ -131,6 +138,10 @@ def load_args_from_checkpoint(args: argparse.Namespace) -> Tuple[argparse.Namesp
             continue
         value = getattr(saved, name)
         if value is None or (not forced and getattr(args, name) is not None):
+            continue
+        if name == "tokenizer_type" and value == "NullTokenizer" and args.tokenizer_type not in (None, value):
+            logger.info("--use-checkpoint-args: keeping --tokenizer-type %s (the checkpoint records the "
+                        "NullTokenizer)", args.tokenizer_type)
             continue
         # Every value taken is logged, also one equal to what the command line said: the
         # user sees the whole architecture that came from the checkpoint.

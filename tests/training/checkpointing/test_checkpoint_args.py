@@ -101,3 +101,23 @@ def test_ckpt_convert_format_saves_the_loaded_state_in_the_other_format(saved, t
                              "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "32",
                              "--max-position-embeddings", "32",
                              "--micro-batch-size", "2"]), world_size=1, rank=0)
+
+
+@pytest.mark.parametrize("saved_type,given,expected", [
+    ("NullTokenizer", ["--tokenizer-type", "BertWordPieceLowerCase"], "BertWordPieceLowerCase"),
+    ("NullTokenizer", [], "NullTokenizer"),
+    ("GPT2BPETokenizer", ["--tokenizer-type", "BertWordPieceLowerCase"], "GPT2BPETokenizer"),
+])
+def test_a_given_tokenizer_replaces_only_an_imported_checkpoints_null_tokenizer(tmp_path, monkeypatch, saved_type,
+                                                                                given, expected):
+    from argparse import Namespace
+
+    from megatron.training.checkpointing import checkpoint_args
+
+    monkeypatch.setattr(checkpoint_args, "_checkpoint_dir", lambda args: str(tmp_path))
+    monkeypatch.setattr(checkpoint_args, "read_saved_args", lambda directory: Namespace(
+        tokenizer_type=saved_type, transformer_block_type="post_ln", bert_binary_head=False, bias_gelu_fusion=False))
+    args, _ = load_args_from_checkpoint(_args(["--use-checkpoint-args", "--load", str(tmp_path)] + given))
+    assert args.tokenizer_type == expected
+    # BERT's architecture switches come along (an imported Hugging Face BERT is post-LayerNorm)
+    assert (args.transformer_block_type, args.bert_binary_head, args.bias_gelu_fusion) == ("post_ln", False, False)
