@@ -48,6 +48,23 @@ def model_provider(pre_process: bool = True, post_process: bool = True, vp_stage
     )
 
 
+def imports_headless_bert(args) -> bool:
+    """The checkpoint's arguments say it was imported from a Hugging Face ``BertModel``
+    (a sentence-embedding model: encoder and pooler, no LM or binary head)."""
+    from megatron.training.checkpointing.checkpoint_args import IMPORTED_ARCHITECTURE
+
+    return getattr(args, IMPORTED_ARCHITECTURE, None) == "BertModel"
+
+
+def headless_model_provider(pre_process: bool = True, post_process: bool = True, vp_stage=None) -> BertModel:
+    """The model of an imported headless ``BertModel``: the encoder and the pooler, no heads
+    (what the converter and the server build for such a checkpoint; it is not trained here)."""
+    args = get_args()
+    return BertModel(core_transformer_config_from_args(args), num_tokentypes=2,
+                     **language_model_kwargs(args, pre_process, post_process), add_binary_head=False,
+                     add_lm_head=False, add_pooler=True, vp_stage=vp_stage)
+
+
 _KEYS = ["text", "types", "labels", "is_random", "loss_mask", "padding_mask"]
 
 

@@ -1,7 +1,7 @@
 """Serve a GPT or Mamba/hybrid checkpoint over HTTP: Megatron's PUT /api and POST
 /completions, plus the OpenAI-compatible /v1/completions, /v1/chat/completions, /v1/models
 and /health. With --model-family bert, a BERT checkpoint is served for scoring (PUT /api
-with tokens_to_generate 0) and POST /fill-mask.
+with tokens_to_generate 0), POST /fill-mask and POST /v1/embeddings.
 
     torchrun --nproc-per-node <TP x PP> tools/run_text_generation_server.py \\
         <model flags> --load CKPT [--use-checkpoint-args] <tokenizer flags> --port 5000
@@ -27,9 +27,9 @@ from megatron.core.inference import (  # noqa: E402
     SamplingParams,
     StaticInferenceEngine,
 )
-from megatron.core.inference.engines.masked_lm_engine import MaskedLMEngine, MaskedLMRequest  # noqa: E402
+from megatron.core.inference.engines.encoder_engine import EncoderEngine, MaskedLMRequest  # noqa: E402
 from megatron.inference.dynamic_service import DynamicGenerationService  # noqa: E402
-from megatron.inference.masked_lm_service import MaskedLMService, special_token_ids  # noqa: E402
+from megatron.inference.encoder_service import EncoderService, special_token_ids  # noqa: E402
 from megatron.inference.model_loading import load_model_for_inference, model_family, model_provider_for  # noqa: E402
 from megatron.inference.rank_roles import Leader, follow, ignore_stop_signals  # noqa: E402
 from megatron.inference.server_args import add_text_generate_args, check_text_generate_args  # noqa: E402
@@ -56,15 +56,15 @@ def _kv_blocks(args, model, block_size: int) -> int:
     return max(1, int(args.inference_dynamic_batching_buffer_size_gb * 1024**3 // per_block))
 
 
-def _masked_lm_engine(args, model, tokenizer) -> MaskedLMEngine:
+def _encoder_engine(args, model, tokenizer) -> EncoderEngine:
     cls, sep, mask, pad = special_token_ids(tokenizer)
-    return MaskedLMEngine(model, args.inference_max_requests, _max_sequence_length(args), mask_id=mask, pad_id=pad,
+    return EncoderEngine(model, args.inference_max_requests, _max_sequence_length(args), mask_id=mask, pad_id=pad,
                           vocab_size=tokenizer.vocab_size, special_ids=(cls, sep, pad))
 
 
 def _engine(args, model, tokenizer):
     if model_family(args) == "bert":
-        return _masked_lm_engine(args, model, tokenizer)
+        return _encoder_engine(args, model, tokenizer)
     common = dict(vocab_size=tokenizer.vocab_size, detokenize=tokenizer.detokenize)
     if args.inference_dynamic_batching:
         block = args.inference_dynamic_batching_block_size
@@ -74,10 +74,18 @@ def _engine(args, model, tokenizer):
                                  use_cuda_graphs=args.decode_only_cuda_graphs, **common)
 
 
-def _score_prompts(args, engine: MaskedLMEngine, tokenizer) -> None:
+def _score_prompts(args, engine: EncoderEngine, tokenizer) -> None:
     """--prompts with a BERT model: each prompt's pseudo-log-likelihood, and the five best
-    fills of each [MASK]."""
-    service = MaskedLMService(engine, tokenizer, ServingLimits())
+    fills of each [MASK]; a headless model prints each prompt's embedding (its size and first values)."""
+    service = EncoderService(engine, tokenizer, ServingLimits(), pooling=args.embedding_pooling,
+                             normalize=args.embedding_normalize)
+    if not engine.has_lm_head:
+        requests = [MaskedLMRequest(*service.encode(p)) for p in args.prompts]
+        vectors = engine.embed(requests, args.embedding_pooling, args.embedding_normalize)
+        if args.rank == 0:
+            for prompt, vector in zip(args.prompts, vectors):
+                print(f"{prompt}\n  embedding: {len(vector)} values, first {vector[:4]}", flush=True)
+        return
     requests = []
     for prompt in args.prompts:
         tokens, types = service.encode(prompt)
@@ -92,7 +100,7 @@ def _score_prompts(args, engine: MaskedLMEngine, tokenizer) -> None:
 
 
 def _run_prompts(args, engine, tokenizer) -> None:
-    if isinstance(engine, MaskedLMEngine):
+    if isinstance(engine, EncoderEngine):
         return _score_prompts(args, engine, tokenizer)
     params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                             return_log_probs=args.return_log_probs, num_tokens_to_generate=args.num_tokens_to_generate)
@@ -109,15 +117,17 @@ def _serve(args, engine, tokenizer) -> None:
     import uvicorn
 
     from megatron.inference.app import build_app
-    from megatron.inference.masked_lm_api import build_masked_lm_app
+    from megatron.inference.encoder_api import build_encoder_app
 
     limits = ServingLimits(max_prompts=args.max_prompts_per_request, max_sequence_length=engine.max_sequence_length,
                            max_tokens_to_oom=args.max_tokens_to_oom, max_body_bytes=args.max_request_body_bytes)
     name = args.served_model_name or (os.path.basename(os.path.normpath(args.load)) if args.load else "megatron")
     leader = Leader() if args.world_size > 1 else None
     app_for = build_app
-    if isinstance(engine, MaskedLMEngine):
-        service, app_for = MaskedLMService(engine, tokenizer, limits, model_name=name, leader=leader), build_masked_lm_app
+    if isinstance(engine, EncoderEngine):
+        service = EncoderService(engine, tokenizer, limits, model_name=name, leader=leader,
+                                 pooling=args.embedding_pooling, normalize=args.embedding_normalize)
+        app_for = build_encoder_app
     elif args.inference_dynamic_batching:
         service = DynamicGenerationService(engine, tokenizer, limits, model_name=name)
     else:

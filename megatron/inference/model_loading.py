@@ -50,7 +50,11 @@ def model_provider_for(args) -> Callable:
     if family == "hybrid":
         from pretrain_hybrid import model_provider
     elif family == "bert":
-        from pretrain_bert import model_provider
+        import pretrain_bert
+
+        # An imported headless BertModel (a sentence-embedding model) has no heads to build.
+        headless = pretrain_bert.imports_headless_bert(args)
+        model_provider = pretrain_bert.headless_model_provider if headless else pretrain_bert.model_provider
     else:
         from pretrain_gpt import model_provider
     return model_provider

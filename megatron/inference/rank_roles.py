@@ -1,8 +1,9 @@
 """Megatron's rank roles for serving: the first rank of the model (pipeline stage 0,
 tensor-parallel rank 0) runs the HTTP server; every other rank loops on a broadcast of a
-long from it: 0 = run a batch (the requests follow, as a pickled object), 1 = exit. All
-ranks then run the engine on the same batch together: ``generate`` of a generation
-engine, ``score`` of a masked-LM engine.
+long from it: 0 = run a batch (the engine method, the requests and the method's options
+follow, as a pickled object), 1 = exit. All ranks then run that engine method on the same
+batch together: ``generate`` of a generation engine, ``score`` or ``embed`` of an encoder
+engine.
 """
 
 from __future__ import annotations
@@ -33,9 +34,10 @@ def _broadcast_command(command: int) -> int:
 class Leader:
     """Rank 0's side: tell the followers what to run, and when to stop."""
 
-    def announce(self, requests) -> None:
+    def announce(self, requests, method: str = "generate", **options) -> None:
+        """Have every follower call ``engine.<method>(requests, **options)``."""
         _broadcast_command(GENERATE)
-        dist.broadcast_object_list([list(requests)], 0, device=_device())
+        dist.broadcast_object_list([(method, list(requests), options)], 0, device=_device())
 
     def shutdown(self) -> None:
         _broadcast_command(EXIT)
@@ -56,13 +58,7 @@ def follow(engine) -> None:
     _follow(engine)
 
 
-def _run_batch(engine):
-    """The engine's call that rank 0 makes for each batch it announces."""
-    return engine.score if hasattr(engine, "score") else engine.generate
-
-
 def _follow(engine) -> None:
-    run = _run_batch(engine)
     while True:
         command = _broadcast_command(GENERATE)
         if command == EXIT:
@@ -70,4 +66,5 @@ def _follow(engine) -> None:
             return
         box = [None]
         dist.broadcast_object_list(box, 0, device=_device())
-        run(box[0])
+        method, requests, options = box[0]
+        getattr(engine, method)(requests, **options)

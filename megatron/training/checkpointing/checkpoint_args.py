@@ -72,6 +72,12 @@ MODEL_PARALLEL = (
 )
 TOKENIZER_MODEL = ("tokenizer_model", "vocab_file", "merge_file")
 
+# The run-argument attribute in which tools/checkpoint/convert.py's import records the
+# Hugging Face architecture it read (not a flag: the training scripts never read it). A
+# family whose architectures differ in their heads (BERT's headless BertModel) builds the
+# model the checkpoint holds from it; --use-checkpoint-args carries it along.
+IMPORTED_ARCHITECTURE = "imported_hf_architecture"
+
 
 def _checkpoint_dir(args: argparse.Namespace) -> Optional[str]:
     root = args.load
@@ -147,4 +153,6 @@ def load_args_from_checkpoint(args: argparse.Namespace) -> Tuple[argparse.Namesp
         # user sees the whole architecture that came from the checkpoint.
         logger.info("--use-checkpoint-args: %s = %r from %s", name, value, directory)
         setattr(args, name, value)
+    if getattr(saved, IMPORTED_ARCHITECTURE, None) is not None:
+        setattr(args, IMPORTED_ARCHITECTURE, getattr(saved, IMPORTED_ARCHITECTURE))
     return args, saved

@@ -51,7 +51,8 @@ class BertModel(LanguageModule):
     ``add_lm_head=False`` / ``add_pooler`` (default: ``add_binary_head``) build the heads of
     Hugging Face's ``BertModel`` (pooler, no LM head) or ``BertForMaskedLM`` (LM head only).
     ``return_embeddings`` makes forward return the last hidden states [b, s, h] instead
-    (the post-norm stack's output, or the final norm's).
+    (the post-norm stack's output, or the final norm's); forward's own ``return_embeddings``
+    overrides it for one call.
     """
 
     stack_attribute = "encoder"
@@ -137,12 +138,13 @@ class BertModel(LanguageModule):
         tokentype_ids: Optional[torch.Tensor] = None,
         lm_labels: Optional[torch.Tensor] = None,
         inference_params=None,
+        return_embeddings: Optional[bool] = None,
     ):
         encoder_input = self.embedding(input_ids, None, tokentype_ids) if self.pre_process else None
         hidden_states = self.encoder(encoder_input, attention_mask=bert_padding_mask(attention_mask))
         if not self.post_process:
             return hidden_states
-        if self.return_embeddings:
+        if self.return_embeddings if return_embeddings is None else return_embeddings:
             return self._gathered(hidden_states).transpose(0, 1).contiguous()
         binary_logits = self.binary_head(self.pooler(hidden_states, 0)) if self.add_binary_head else None
         if not self.add_lm_head:

@@ -1,6 +1,7 @@
-"""A BERT model served over real HTTP: PUT /api scoring and POST /fill-mask against
-Hugging Face (the model, its tokenizer and its fill-mask pipeline), sentence pairs through
-the binary head, concurrent clients, and the bad-input list (each a 4xx naming the field).
+"""A BERT model served over real HTTP: PUT /api scoring, POST /fill-mask and POST
+/v1/embeddings against Hugging Face (the model, its tokenizer and its fill-mask pipeline;
+embeddings through the real ``openai`` client), sentence pairs through the binary head,
+concurrent clients, a headless model, and the bad-input list (each a 4xx naming the field).
 
 The model is a tiny random BertForPreTraining with the real bert-base-uncased vocabulary,
 imported through the converter's mapping (fp32)."""
@@ -32,34 +33,49 @@ def _vocab_file() -> Path:
     pytest.skip("shared/assets/tokenizers/bert-base-uncased not found beside the repository")
 
 
+def _hf_config(arch):
+    return transformers.BertConfig(
+        vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        max_position_embeddings=MAX_SEQ, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        initializer_range=0.1, architectures=[arch],
+    )
+
+
 @pytest.fixture(scope="module")
 def bert_server():
-    from megatron.core.inference.engines.masked_lm_engine import MaskedLMEngine
-    from megatron.inference.masked_lm_api import build_masked_lm_app
-    from megatron.inference.masked_lm_service import MaskedLMService
+    torch.manual_seed(0)
+    running = _serve(transformers.BertForPreTraining(_hf_config("BertForPreTraining")).float().eval())
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="module")
+def headless_server():
+    torch.manual_seed(1)
+    running = _serve(transformers.BertModel(_hf_config("BertModel")).float().eval(), pooling="pooler")
+    yield running
+    running.stop()
+
+
+def _serve(hf, pooling="mean"):
+    from megatron.core.inference.engines.encoder_engine import EncoderEngine
+    from megatron.inference.encoder_api import build_encoder_app
+    from megatron.inference.encoder_service import EncoderService
     from megatron.inference.text_service import ServingLimits
     from megatron.training.tokenizer.bert_wordpiece import BertWordPieceTokenizer
 
     vocab = _vocab_file()
-    torch.manual_seed(0)
-    config = transformers.BertConfig(
-        vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-        max_position_embeddings=MAX_SEQ, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-        initializer_range=0.1, architectures=["BertForPreTraining"],
-    )
-    hf = transformers.BertForPreTraining(config).float().eval()
     model, _ = bert_cases.megatron_model(hf)
     tokenizer = BertWordPieceTokenizer(str(vocab), lower_case=True)
-    engine = MaskedLMEngine(model, 4, MAX_SEQ, mask_id=tokenizer.mask, pad_id=tokenizer.pad,
-                            vocab_size=tokenizer.vocab_size, special_ids=(tokenizer.cls, tokenizer.sep, tokenizer.pad))
+    engine = EncoderEngine(model, 4, MAX_SEQ, mask_id=tokenizer.mask, pad_id=tokenizer.pad,
+                           vocab_size=tokenizer.vocab_size, special_ids=(tokenizer.cls, tokenizer.sep, tokenizer.pad))
     limits = ServingLimits(max_prompts=4, max_sequence_length=MAX_SEQ, max_tokens_to_oom=3 * MAX_SEQ,
                            max_body_bytes=16 * 1024)
-    service = MaskedLMService(engine, tokenizer, limits, model_name="tiny-bert")
-    running = RunningServer(service, build_masked_lm_app(service))
+    service = EncoderService(engine, tokenizer, limits, model_name="tiny-bert", pooling=pooling)
+    running = RunningServer(service, build_encoder_app(service))
     running.hf = hf
     running.hf_tokenizer = transformers.BertTokenizer(vocab=str(vocab), do_lower_case=True)
-    yield running
-    running.stop()
+    return running
 
 
 def _hf(server, encoding):
@@ -187,3 +203,57 @@ def test_malformed_and_oversized_bodies_and_health(bert_server):
     assert big.status_code == 413
     assert requests.get(bert_server.url + "/health", timeout=10).json()["status"] == "ok"
     assert [m["id"] for m in requests.get(bert_server.url + "/v1/models", timeout=10).json()["data"]] == ["tiny-bert"]
+
+
+def _hf_mean_embedding(server, text):
+    encoding = server.hf_tokenizer(text, return_tensors="pt")
+    with torch.no_grad():
+        hidden = server.hf.bert(**encoding).last_hidden_state[0]
+    return torch.nn.functional.normalize(hidden.mean(0), dim=-1)
+
+
+def test_embeddings_through_the_openai_client(bert_server):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=bert_server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    texts = ["The quick brown fox jumps.", "A second, longer sentence about something else entirely."]
+    reply = client.embeddings.create(model="tiny-bert", input=texts)  # the client asks for base64
+    assert [d.index for d in reply.data] == [0, 1] and reply.model == "tiny-bert"
+    for text, item in zip(texts, reply.data):
+        torch.testing.assert_close(torch.tensor(item.embedding), _hf_mean_embedding(bert_server, text),
+                                   atol=1e-5, rtol=1e-5)
+    ids = bert_server.hf_tokenizer(texts[0])["input_ids"]
+    assert reply.usage.prompt_tokens == len(ids) + len(bert_server.hf_tokenizer(texts[1])["input_ids"])
+    as_floats = requests.post(bert_server.url + "/v1/embeddings", json={"input": ids[1:-1], "encoding_format": "float"},
+                              timeout=60).json()
+    torch.testing.assert_close(torch.tensor(as_floats["data"][0]["embedding"]), torch.tensor(reply.data[0].embedding),
+                               atol=1e-6, rtol=1e-6)  # token ids are framed with [CLS] / [SEP] as text is
+
+
+@pytest.mark.parametrize("body,field,phrase", [
+    ({"input": ""}, "input", "empty"),
+    ({"input": 3}, "input", "a string, a list of strings"),
+    ({"input": [[101, 99999999]]}, "input", "outside the vocabulary"),
+    ({"input": "hi", "encoding_format": "int8"}, "encoding_format", "float"),
+    ({"input": "hi", "dimensions": 8}, "dimensions", "32 dimensions"),
+    ({"input": ["a"] * 5}, "input", "maximum of 4"),
+    ({"text": "hi"}, "text", "unknown"),
+])
+def test_bad_embedding_requests_are_a_400_naming_the_field(bert_server, body, field, phrase):
+    reply = requests.post(bert_server.url + "/v1/embeddings", json=body, timeout=60)
+    assert reply.status_code == 400, reply.text
+    assert reply.json()["error"]["param"] == field and phrase in reply.json()["message"]
+
+
+def test_a_headless_model_serves_embeddings_only(headless_server):
+    reply = requests.post(headless_server.url + "/v1/embeddings", json={"input": "hello there",
+                                                                         "encoding_format": "float"}, timeout=60)
+    assert reply.status_code == 200, reply.text
+    encoding = headless_server.hf_tokenizer("hello there", return_tensors="pt")
+    with torch.no_grad():
+        pooled = headless_server.hf(**encoding).pooler_output[0]
+    torch.testing.assert_close(torch.tensor(reply.json()["data"][0]["embedding"]),
+                               torch.nn.functional.normalize(pooled, dim=-1), atol=1e-5, rtol=1e-5)
+    for send, route, body in ((requests.put, "/api", {"prompts": ["hi"], "tokens_to_generate": 0, "logprobs": True}),
+                              (requests.post, "/fill-mask", {"inputs": "a [MASK]"})):
+        refused = send(headless_server.url + route, json=body, timeout=60)
+        assert refused.status_code == 400 and "no LM head" in refused.json()["message"]

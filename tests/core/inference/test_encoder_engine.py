@@ -7,7 +7,7 @@ mapping (fp32); every value must equal transformers' within 1e-5."""
 import pytest
 import torch
 
-from megatron.core.inference.engines.masked_lm_engine import MaskedLMEngine, MaskedLMRequest
+from megatron.core.inference.engines.encoder_engine import EncoderEngine, MaskedLMRequest
 from tests.core.models import bert_cases
 
 transformers = pytest.importorskip("transformers")
@@ -52,7 +52,7 @@ def pretraining():
 
 
 def _engine(model, batch=8):
-    return MaskedLMEngine(model, batch, bert_cases.SEQ, mask_id=MASK, pad_id=PAD, vocab_size=bert_cases.VOCAB,
+    return EncoderEngine(model, batch, bert_cases.SEQ, mask_id=MASK, pad_id=PAD, vocab_size=bert_cases.VOCAB,
                           special_ids=(CLS, SEP, PAD))
 
 
@@ -135,3 +135,38 @@ def test_bad_requests_are_refused(mlm):
         MaskedLMRequest([1, 2, 3], [0, 0])
     with pytest.raises(ValueError, match="more than the maximum sequence length"):
         _engine(model).score([MaskedLMRequest([CLS] + [5] * bert_cases.SEQ + [SEP])])
+
+
+@pytest.fixture(scope="module")
+def headless():
+    hf = bert_cases.hf_model("BertModel", seed=3)
+    model, _ = bert_cases.megatron_model(hf)
+    return hf, model
+
+
+@pytest.mark.parametrize("pooling", ["mean", "cls", "pooler"])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_embeddings_equal_transformers_pooled_hidden_states(headless, pooling, normalize):
+    hf, model = headless
+    requests = _requests()
+    vectors = _engine(model, batch=2).embed(requests, pooling=pooling, normalize=normalize)
+    for request, vector in zip(requests, vectors):
+        ids = torch.tensor([request.tokens])
+        with torch.no_grad():
+            out = hf(input_ids=ids, token_type_ids=torch.tensor([request.token_types]),
+                     attention_mask=torch.ones_like(ids))
+        expected = {"mean": out.last_hidden_state[0].mean(0), "cls": out.last_hidden_state[0, 0],
+                    "pooler": out.pooler_output[0]}[pooling]
+        if normalize:
+            expected = torch.nn.functional.normalize(expected, dim=-1)
+        torch.testing.assert_close(torch.tensor(vector), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_a_headless_model_embeds_but_does_not_score(headless, mlm):
+    _, model = headless
+    with pytest.raises(ValueError, match="no LM head"):
+        _engine(model).score(_requests())
+    with pytest.raises(ValueError, match="pooling must be one of"):
+        _engine(model).embed(_requests(), pooling="max")
+    with pytest.raises(ValueError, match="needs a BertModel with a pooler"):
+        _engine(mlm[1]).embed(_requests(), pooling="pooler")

@@ -1,4 +1,5 @@
-"""Scoring with a masked language model (BERT): one bidirectional forward per batch.
+"""Encoder models (BERT): scoring, fill-mask and embeddings, one bidirectional forward per
+batch.
 
 A BERT model does not generate text; what a client asks of it is:
 
@@ -7,7 +8,11 @@ A BERT model does not generate text; what a client asks of it is:
 - the pseudo-log-likelihood of a sequence (Salazar et al., 2020, "Masked Language Model
   Scoring"): each token's log-probability with that token alone replaced by ``[MASK]``,
   one forward per scored position, batched;
-- the binary head's log-probabilities (next-sentence / sentence-order) where it has one.
+- the binary head's log-probabilities (next-sentence / sentence-order) where it has one;
+- a sentence embedding (``embed``): the last hidden states mean-pooled over the real
+  tokens (sentence-transformers' mean pooling), the ``[CLS]`` state, or the pooler's output,
+  optionally L2-normalized. This needs no LM head: headless ``BertModel`` checkpoints
+  (sentence-embedding models) serve it.
 
 Sequences of different lengths run together right-padded, with the padding mask; a padded
 batch gives each sequence what it gives alone (up to the rounding of batched matmuls).
@@ -22,6 +27,7 @@ import dataclasses
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 
 from megatron.core import tensor_parallel
 from megatron.core.inference.model_step import ModelStep
@@ -75,20 +81,27 @@ class MaskedLMResult:
         return float(sum(v for v in self.pseudo_log_probs if v is not None))
 
 
+POOLINGS = ("mean", "cls", "pooler")
+
+
 class EncoderStep(ModelStep):
     """forward(tokens [b, s], token_types [b, s], attention_mask [b, s]) -> (MLM logits
     [b, s, V] fp32, binary-head logits [b, 2] fp32 or None) on the last pipeline stage,
-    None elsewhere. The model is a ``BertModel`` (its forward signature)."""
+    None elsewhere; with ``hidden_states=True`` the last hidden states [b, s, h] instead.
+    The model is a ``BertModel`` (its forward signature)."""
 
     @torch.no_grad()
-    def __call__(self, tokens: torch.Tensor, token_types: Optional[torch.Tensor], attention_mask: torch.Tensor):
+    def __call__(self, tokens: torch.Tensor, token_types: Optional[torch.Tensor], attention_mask: torch.Tensor,
+                 hidden_states: bool = False):
         batch, seq = tokens.shape
         if not self.is_first_stage:
             self.model.set_input_tensor(recv_forward(self._p2p(batch, seq, tokens.device)))
-        output = self.model(tokens, attention_mask, token_types)
+        output = self.model(tokens, attention_mask, token_types, return_embeddings=hidden_states)
         if not self.is_last_stage:
             send_forward(output, self._p2p(batch, seq, tokens.device))
             return None
+        if hidden_states:
+            return output
         lm_logits, binary_logits = output
         if lm_logits is None:
             raise ValueError("masked-LM scoring needs the LM head: build the BertModel with add_lm_head=True")
@@ -107,7 +120,7 @@ class _Row:
     masked_position: Optional[int] = None  # a pseudo-log-likelihood row
 
 
-class MaskedLMEngine:
+class EncoderEngine:
     """score(requests) -> one MaskedLMResult per request, in order.
 
     ``max_batch_size`` sequences run in one forward (pseudo-log-likelihood copies count
@@ -134,30 +147,40 @@ class MaskedLMEngine:
         # Known on the first stage, which is the one that reads requests from clients.
         self.has_token_types = embedding is not None and getattr(embedding, "num_tokentypes", 0) > 0
         self.has_binary_head = bool(getattr(model, "add_binary_head", False))
+        self.has_lm_head = bool(getattr(model, "add_lm_head", True))
+        self.has_pooler = bool(getattr(model, "add_pooler", False))
+        self.hidden_size = model.config.hidden_size
+
+    @staticmethod
+    def _own_row(index: int, request: MaskedLMRequest) -> _Row:
+        types = list(request.token_types) if request.token_types is not None else [0] * len(request.tokens)
+        return _Row(index, list(request.tokens), types)
 
     def rows(self, requests: Sequence[MaskedLMRequest]) -> List[_Row]:
-        """The sequences ``requests`` need: each request's own, then its masked copies."""
+        """The sequences scoring ``requests`` takes: each request's own, then its masked copies."""
         out: List[_Row] = []
         for index, request in enumerate(requests):
-            types = list(request.token_types) if request.token_types is not None else [0] * len(request.tokens)
-            out.append(_Row(index, list(request.tokens), types))
+            own = self._own_row(index, request)
+            out.append(own)
             if request.pseudo_log_likelihood:
                 for position, token in enumerate(request.tokens):
                     if token not in self.special_ids:
                         masked = list(request.tokens)
                         masked[position] = self.mask_id
-                        out.append(_Row(index, masked, types, position))
+                        out.append(_Row(index, masked, own.types, position))
         return out
 
     def _check(self, requests: Sequence[MaskedLMRequest]) -> None:
         if not requests:
-            raise ValueError("score needs at least one request")
+            raise ValueError("the encoder engine needs at least one request")
         for i, request in enumerate(requests):
             if len(request.tokens) > self.max_sequence_length:
                 raise ValueError(f"request {i} has {len(request.tokens)} tokens, more than the maximum sequence "
                                  f"length {self.max_sequence_length}")
 
     def score(self, requests: Sequence[MaskedLMRequest]) -> List[MaskedLMResult]:
+        if not self.has_lm_head:
+            raise ValueError("this BERT model has no LM head (a headless BertModel): it embeds but does not score")
         self._check(requests)
         results = [MaskedLMResult(list(r.tokens), [0.0] * len(r.tokens), {},
                                   pseudo_log_probs=[None] * len(r.tokens) if r.pseudo_log_likelihood else None)
@@ -167,27 +190,31 @@ class MaskedLMEngine:
             self._run_batch(rows[start:start + self.max_batch_size], requests, results)
         return results
 
+    def _padded(self, sequences: Sequence[Sequence[int]], fill: int) -> torch.Tensor:
+        out = torch.full((len(sequences), max(len(x) for x in sequences)), fill, dtype=torch.long)
+        for b, values in enumerate(sequences):
+            out[b, :len(values)] = torch.tensor(values, dtype=torch.long)
+        return out.to(self.device)
+
+    def _inputs(self, rows: List[_Row]):
+        """tokens, token types (None for a model without them) and the padding mask."""
+        tokens = self._padded([row.tokens for row in rows], self.pad_id)
+        types = self._padded([row.types for row in rows], 0)
+        attention = self._padded([[1] * len(row.tokens) for row in rows], 0)
+        return tokens, types if self.has_token_types else None, attention
+
     def _run_batch(self, rows: List[_Row], requests: Sequence[MaskedLMRequest], results: List[MaskedLMResult]) -> None:
-        batch, seq = len(rows), max(len(row.tokens) for row in rows)
-        tokens = torch.full((batch, seq), self.pad_id, dtype=torch.long)
-        targets = torch.full((batch, seq), self.pad_id, dtype=torch.long)  # the request's own tokens: what is scored
-        types = torch.zeros((batch, seq), dtype=torch.long)
-        attention = torch.zeros((batch, seq), dtype=torch.long)
-        for b, row in enumerate(rows):
-            n = len(row.tokens)
-            tokens[b, :n] = torch.tensor(row.tokens)
-            targets[b, :n] = torch.tensor(requests[row.request].tokens)
-            types[b, :n] = torch.tensor(row.types)
-            attention[b, :n] = 1
-        tokens, targets = tokens.to(self.device), targets.to(self.device)
-        types, attention = types.to(self.device), attention.to(self.device)
+        tokens, types, attention = self._inputs(rows)
+        batch, seq = tokens.shape
+        # The request's own tokens are what is scored (a pseudo-log-likelihood row masks one).
+        targets = self._padded([requests[row.request].tokens for row in rows], self.pad_id)
         top_k = max([requests[row.request].top_k for row in rows if row.masked_position is None] + [0])
         # What the last stage computes, shared with every rank in place.
         token_log_probs = torch.zeros((batch, seq), dtype=torch.float32, device=self.device)
         sentence = torch.zeros((batch, 2), dtype=torch.float32, device=self.device)
         top_values = torch.zeros((batch, seq, top_k), dtype=torch.float32, device=self.device)
         top_ids = torch.zeros((batch, seq, top_k), dtype=torch.long, device=self.device)
-        output = self.step(tokens, types if self.has_token_types else None, attention)
+        output = self.step(tokens, types, attention)
         if output is not None:
             lm_logits, binary_logits = output
             if self.vocab_size is not None:
@@ -219,3 +246,35 @@ class MaskedLMEngine:
                     if token == self.mask_id:
                         result.mask_predictions[position] = list(zip(top_ids[b, position, :k].tolist(),
                                                                      top_values[b, position, :k].tolist()))
+
+    def embed(self, requests: Sequence[MaskedLMRequest], pooling: str = "mean", normalize: bool = True
+              ) -> List[List[float]]:
+        """One vector [hidden size] per request: ``pooling`` "mean" (the last hidden states
+        averaged over the request's tokens), "cls" (the first token's state) or "pooler"
+        (the pooler's dense + tanh over it); L2-normalized with ``normalize``."""
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
+        if pooling == "pooler" and not self.has_pooler:
+            raise ValueError("pooling 'pooler' needs a BertModel with a pooler; use 'mean' or 'cls'")
+        self._check(requests)
+        rows = [self._own_row(i, r) for i, r in enumerate(requests)]
+        vectors: List[List[float]] = []
+        for start in range(0, len(rows), self.max_batch_size):
+            chunk = rows[start:start + self.max_batch_size]
+            tokens, types, attention = self._inputs(chunk)
+            pooled = torch.zeros((len(chunk), self.hidden_size), dtype=torch.float32, device=self.device)
+            hidden = self.step(tokens, types, attention, hidden_states=True)
+            if hidden is not None:
+                pooled.copy_(self._pool(hidden, attention, pooling).float())
+                if normalize:
+                    pooled.copy_(F.normalize(pooled, p=2, dim=-1))
+            vectors.extend(self.step.share_from_last_stage(pooled).cpu().tolist())
+        return vectors
+
+    def _pool(self, hidden: torch.Tensor, attention: torch.Tensor, pooling: str) -> torch.Tensor:
+        if pooling == "mean":
+            weights = attention.unsqueeze(-1).to(hidden.dtype)
+            return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
+        if pooling == "cls":
+            return hidden[:, 0]
+        return self.model.pooler(hidden.transpose(0, 1), 0)

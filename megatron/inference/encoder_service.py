@@ -1,4 +1,4 @@
-"""The serving side of masked-LM scoring: tokenizer, engine, limits and the lock in front.
+"""The serving side of an encoder (BERT): tokenizer, engine, limits and the lock in front.
 
 Text becomes a BERT input as the tokenizer's own pair encoding frames it: ``[CLS] text
 [SEP]``; a ``[SEP]`` written inside the text splits it into two segments (token type 0 up to
@@ -12,7 +12,7 @@ from __future__ import annotations
 import threading
 from typing import List, Sequence, Tuple
 
-from megatron.core.inference.engines.masked_lm_engine import MaskedLMEngine, MaskedLMRequest, MaskedLMResult
+from megatron.core.inference.engines.encoder_engine import EncoderEngine, MaskedLMRequest, MaskedLMResult
 from megatron.inference.errors import RequestError
 from megatron.inference.text_service import ServingLimits
 
@@ -28,13 +28,16 @@ def special_token_ids(tokenizer) -> Tuple[int, int, int, int]:
     return ids["cls"], ids["sep"], ids["mask"], ids["pad"]
 
 
-class MaskedLMService:
-    """Text in, scores out, over one MaskedLMEngine. ``leader`` (rank_roles.Leader) is set
-    when other ranks must run every batch too."""
+class EncoderService:
+    """Text in, scores or embeddings out, over one EncoderEngine. ``leader``
+    (rank_roles.Leader) is set when other ranks must run every batch too. ``pooling`` and
+    ``normalize`` shape the embeddings (``EncoderEngine.embed``)."""
 
-    def __init__(self, engine: MaskedLMEngine, tokenizer, limits: ServingLimits, model_name: str = "megatron",
-                 leader=None):
+    def __init__(self, engine: EncoderEngine, tokenizer, limits: ServingLimits, model_name: str = "megatron",
+                 leader=None, pooling: str = "mean", normalize: bool = True):
         self.engine = engine
+        self.pooling = pooling
+        self.normalize = normalize
         self.tokenizer = tokenizer
         self.limits = limits
         self.model_name = model_name
@@ -48,11 +51,18 @@ class MaskedLMService:
     # --- text <-> tokens ---------------------------------------------------------------
     def encode(self, text: str) -> Tuple[List[int], List[int]]:
         """(tokens, token types) of ``text`` framed as ``[CLS] ... [SEP]``."""
-        ids = list(self.tokenizer.tokenize(text))
-        tokens = [self.cls] + ids + ([] if ids and ids[-1] == self.sep else [self.sep])
+        return self.frame(self.tokenizer.tokenize(text))
+
+    def frame(self, ids: Sequence[int]) -> Tuple[List[int], List[int]]:
+        """(tokens, token types) of token ids given by a client: ``[CLS]`` and ``[SEP]``
+        added where they are not already first and last."""
+        tokens = list(ids)
+        if not tokens or tokens[0] != self.cls:
+            tokens = [self.cls] + tokens
+        if tokens[-1] != self.sep:
+            tokens.append(self.sep)
         first_sep = tokens.index(self.sep)
-        types = [0] * (first_sep + 1) + [1] * (len(tokens) - first_sep - 1)
-        return tokens, types
+        return tokens, [0] * (first_sep + 1) + [1] * (len(tokens) - first_sep - 1)
 
     def detokenize(self, ids: Sequence[int]) -> str:
         return self.tokenizer.detokenize(list(ids))
@@ -83,14 +93,21 @@ class MaskedLMService:
 
     # --- running ---------------------------------------------------------------------------
     def score(self, requests: List[MaskedLMRequest]) -> List[MaskedLMResult]:
-        """Run ``requests`` once the engine is free."""
+        """Score ``requests`` once the engine is free."""
+        return self._run("score", requests)
+
+    def embed(self, requests: List[MaskedLMRequest]) -> List[List[float]]:
+        """One embedding per request once the engine is free."""
+        return self._run("embed", requests, pooling=self.pooling, normalize=self.normalize)
+
+    def _run(self, method: str, requests, **options):
         with self._counter_lock:
             self.active_requests += 1
         try:
             with self._lock:
                 if self.leader is not None:
-                    self.leader.announce(requests)
-                return self.engine.score(requests)
+                    self.leader.announce(requests, method, **options)
+                return getattr(self.engine, method)(requests, **options)
         finally:
             with self._counter_lock:
                 self.active_requests -= 1

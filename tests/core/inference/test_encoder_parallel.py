@@ -1,14 +1,15 @@
-"""Tensor- and pipeline-parallel masked-LM scoring (2 ranks, gloo) equals one process, with
+"""Tensor- and pipeline-parallel BERT scoring and embeddings (2 ranks, gloo) equals one process, with
 Megatron's rank roles: rank 0 runs the requests through the service and broadcasts each
 batch; rank 1 follows until rank 0 says exit.
 
 Every layout builds the same full weights (layout-independent per-layer seeds); ranks keep
-their shards or stages. Log-probs agree to 1e-5 and the fill-mask candidates are the same."""
+their shards or stages. Log-probs and embeddings agree to 1e-5 and the fill-mask candidates
+are the same."""
 
 import torch
 
 from megatron.core import parallel_state
-from megatron.core.inference.engines.masked_lm_engine import MaskedLMEngine, MaskedLMRequest
+from megatron.core.inference.engines.encoder_engine import EncoderEngine, MaskedLMRequest
 from megatron.core.models.bert import BertModel
 from megatron.core.transformer.init_rng import layout_independent_initialization
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -36,8 +37,8 @@ def _model(tp: int = 1, pp: int = 1, pp_rank: int = 0) -> BertModel:
                          post_process=pp_rank == pp - 1).eval()
 
 
-def _engine(model) -> MaskedLMEngine:
-    return MaskedLMEngine(model, 3, SEQ, mask_id=MASK, pad_id=PAD, vocab_size=VOCAB, special_ids=(CLS, SEP, PAD))
+def _engine(model) -> EncoderEngine:
+    return EncoderEngine(model, 3, SEQ, mask_id=MASK, pad_id=PAD, vocab_size=VOCAB, special_ids=(CLS, SEP, PAD))
 
 
 def _requests():
@@ -52,7 +53,7 @@ def _requests():
 
 
 def _serve_on_ranks(rank, world_size, tp, pp):
-    from megatron.inference.masked_lm_service import MaskedLMService
+    from megatron.inference.encoder_service import EncoderService
     from megatron.inference.rank_roles import Leader, follow
     from megatron.inference.text_service import ServingLimits
 
@@ -61,9 +62,9 @@ def _serve_on_ranks(rank, world_size, tp, pp):
     if rank != 0:
         follow(engine)
         return None
-    service = MaskedLMService(engine, _Tokenizer(), ServingLimits(), leader=Leader())
+    service = EncoderService(engine, _Tokenizer(), ServingLimits(), leader=Leader(), pooling="pooler", normalize=False)
     try:
-        return service.score(_requests()) + service.score(_requests()[1:2])
+        return service.score(_requests()) + service.score(_requests()[1:2]), service.embed(_requests())
     finally:
         service.leader.shutdown()
 
@@ -71,7 +72,10 @@ def _serve_on_ranks(rank, world_size, tp, pp):
 def _check(tp: int, pp: int):
     expected_engine = _engine(_model())
     expected = expected_engine.score(_requests()) + expected_engine.score(_requests()[1:2])
-    got = run_on_ranks(_serve_on_ranks, world_size=2, args=(tp, pp), timeout=240)[0]
+    got, embeddings = run_on_ranks(_serve_on_ranks, world_size=2, args=(tp, pp), timeout=240)[0]
+    torch.testing.assert_close(torch.tensor(embeddings),
+                               torch.tensor(expected_engine.embed(_requests(), pooling="pooler", normalize=False)),
+                               atol=1e-5, rtol=1e-5)
     assert len(got) == len(expected) == 4
     for g, e in zip(got, expected):
         torch.testing.assert_close(torch.tensor(g.log_probs), torch.tensor(e.log_probs), atol=1e-5, rtol=1e-5)
