@@ -34,6 +34,7 @@ from megatron.core.fusions.fused_bias_activation import bias_activation
 from megatron.core.transformer.init_rng import initialization_stream
 from megatron.core.transformer.activations import openai_gelu
 from megatron.core.transformer.moe import expert_weights
+from megatron.core.transformer.moe.grouped_wgrad import accumulates_in_gemm, grouped_linear_accumulating
 from megatron.core.transformer.moe.token_permutation import gather_rows, scatter_rows
 
 logger = logging.getLogger(__name__)
@@ -286,8 +287,12 @@ class GroupedMLP(SequentialMLP):
         else:
             groups = self._groups(expert_input, counts, fc1, fc2)
             expert_of_row = groups.expert
+            fuse = self.config.gradient_accumulation_fusion and groups.slot is None and groups.offsets is not None
 
-            def linear(x, weights, _name):
+            def linear(x, weights, name):
+                params = self._expert_params(name + ".weight")
+                if fuse and accumulates_in_gemm(params):
+                    return grouped_linear_accumulating(x, params, groups.offsets)
                 return _grouped_linear(x, weights, groups)
         intermediate = linear(expert_input, fc1, "linear_fc1")
         if first.linear_fc1.bias is not None:
