@@ -27,10 +27,10 @@ from megatron.core.transformer.moe import expert_weights
 
 _TRITON = importlib.util.find_spec("triton") is not None
 
-# (main_grads' data pointers) -> (the buffer's storage as one flat tensor, each main_grad's
-# offset in it); made once per buffer layout, before any CUDA graph capture (a host list
-# copied to the device inside a capture would be read again at every replay).
-_OFFSETS: Dict[Tuple[int, ...], Tuple[torch.Tensor, torch.Tensor]] = {}
+# (device, each main_grad's element offset in its buffer) -> those offsets on the device; made
+# once per buffer layout, before any CUDA graph capture (a host list copied to the device
+# inside a capture would be read again at every replay). Holds no buffer alive.
+_OFFSETS: Dict[Tuple[torch.device, Tuple[int, ...]], torch.Tensor] = {}
 
 
 def accumulates_in_gemm(weights: Sequence[torch.Tensor]) -> bool:
@@ -50,13 +50,13 @@ def accumulates_in_gemm(weights: Sequence[torch.Tensor]) -> bool:
 
 
 def _buffer_and_offsets(main_grads: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
-    key = tuple(g.data_ptr() for g in main_grads)
+    """(the buffer holding ``main_grads`` as one flat tensor, each one's offset in it)."""
+    first = main_grads[0]
+    flat = first.as_strided((first.untyped_storage().nbytes() // first.element_size(),), (1,), 0)
+    key = (first.device, tuple(g.storage_offset() for g in main_grads))
     if key not in _OFFSETS:
-        first = main_grads[0]
-        flat = first.as_strided((first.untyped_storage().nbytes() // first.element_size(),), (1,), 0)
-        offsets = torch.tensor([g.storage_offset() for g in main_grads], dtype=torch.int64, device=first.device)
-        _OFFSETS[key] = (flat, offsets)
-    return _OFFSETS[key]
+        _OFFSETS[key] = torch.tensor(key[1], dtype=torch.int64, device=first.device)
+    return flat, _OFFSETS[key]
 
 
 def add_weight_grads(weights: Sequence[torch.Tensor], dy: torch.Tensor, x: torch.Tensor, ends: torch.Tensor) -> None:
