@@ -13,6 +13,10 @@ reduction to one scalar ran at ~130 GB/s, the transposed cast at ~420 GB/s).
   FP8 dtype (round to nearest even, like ``Tensor.to``) and stores it row-major and, when
   asked, transposed ([N, M] row-major), so ``torch._scaled_mm``'s second operand needs no
   separate transposed copy.
+- ``cast_current_scaling``: the cast that derives the scale from an amax taken before it
+  (``tensorwise``); ``cast_delayed_scaling``: the cast with the scale the state holds
+  (``delayed``), which takes the tensor's amax in the same pass, so the delayed recipe reads
+  each operand once.
 """
 
 from __future__ import annotations
@@ -38,8 +42,8 @@ def _amax_kernel(x_ptr, out_ptr, numel, BLOCK: tl.constexpr):
 
 @triton.jit
 def _cast_kernel(x_ptr, scale_ptr, q_ptr, qt_ptr, M, N, limit, margin_factor, scale_out_ptr, scale_inv_out_ptr,
-                 history_ptr, state_scale_ptr, FP8: tl.constexpr, TRANSPOSE: tl.constexpr, FROM_AMAX: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                 history_ptr, state_scale_ptr, amax_out_ptr, FP8: tl.constexpr, TRANSPOSE: tl.constexpr,
+                 FROM_AMAX: tl.constexpr, TAKE_AMAX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = (rows[:, None] < M) & (cols[None, :] < N)
@@ -57,6 +61,15 @@ def _cast_kernel(x_ptr, scale_ptr, q_ptr, qt_ptr, M, N, limit, margin_factor, sc
             tl.store(state_scale_ptr, scale)
     else:
         scale = tl.load(scale_ptr)
+    if TAKE_AMAX:
+        # delayed scaling: this tensor's amax, for the history, from the pass that casts it;
+        # and the scale used, copied out before the state's scale moves on
+        block_max = tl.max(tl.max(tl.where(mask, tl.abs(x), 0.0), axis=1), axis=0)
+        has_nan = tl.max(tl.max((x != x).to(tl.int32), axis=1), axis=0) > 0
+        tl.atomic_max(amax_out_ptr, tl.where(has_nan, float("nan"), block_max))
+        if (tl.program_id(0) == 0) & (tl.program_id(1) == 0):
+            tl.store(scale_out_ptr, scale)
+            tl.store(scale_inv_out_ptr, tl.math.div_rn(1.0, scale))
     q = tl.clamp(x * scale, -limit, limit).to(FP8)
     tl.store(q_ptr + rows[:, None] * N + cols[None, :], q, mask=mask)
     if TRANSPOSE:
@@ -82,7 +95,8 @@ def cast(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, transpose: bo
     grid = (triton.cdiv(m, 64), triton.cdiv(n, 64))
     scale = scale.float().reshape(1)
     _cast_kernel[grid](x, scale, q, q_t if transpose else q, m, n, _LIMITS[dtype], 1.0, scale, scale, scale, scale,
-                       FP8=_FP8[dtype], TRANSPOSE=transpose, FROM_AMAX=False, BLOCK_M=64, BLOCK_N=64, num_warps=4)
+                       scale, FP8=_FP8[dtype], TRANSPOSE=transpose, FROM_AMAX=False, TAKE_AMAX=False, BLOCK_M=64,
+                       BLOCK_N=64, num_warps=4)
     return q, q_t
 
 
@@ -103,6 +117,28 @@ def cast_current_scaling(x: torch.Tensor, amax: torch.Tensor, dtype: torch.dtype
     scale_inv = torch.empty((), dtype=torch.float32, device=x.device)
     grid = (triton.cdiv(m, 64), triton.cdiv(n, 64))
     _cast_kernel[grid](x, amax, q, q_t if transpose else q, m, n, _LIMITS[dtype], float(2 ** margin), scale,
-                       scale_inv, amax_history_slot, scale_slot, FP8=_FP8[dtype], TRANSPOSE=transpose, FROM_AMAX=True,
-                       BLOCK_M=64, BLOCK_N=64, num_warps=4)
+                       scale_inv, amax_history_slot, scale_slot, scale, FP8=_FP8[dtype], TRANSPOSE=transpose,
+                       FROM_AMAX=True, TAKE_AMAX=False, BLOCK_M=64, BLOCK_N=64, num_warps=4)
     return q, q_t, scale, scale_inv
+
+
+def cast_delayed_scaling(x: torch.Tensor, scale_slot: torch.Tensor, dtype: torch.dtype, transpose: bool):
+    """Delayed scaling in one launch: the cast with the state's scale (``scale_slot``, a
+    one-element view) that also takes the amax of ``x`` (NaN if ``x`` holds one).
+
+    Returns (q, q^T or None, scale, scale_inv, amax): new float32 scalars, the scale used (a
+    copy: the caller moves the state's scale on afterwards), its reciprocal, and the amax
+    for the history. Each scalar is its own allocation (cuBLASLt wants 16-byte aligned scale
+    pointers)."""
+    x = x.detach().contiguous()
+    m, n = x.shape
+    q = torch.empty((m, n), dtype=dtype, device=x.device)
+    q_t = torch.empty((n, m), dtype=dtype, device=x.device) if transpose else None
+    scale = torch.empty((), dtype=torch.float32, device=x.device)
+    scale_inv = torch.empty((), dtype=torch.float32, device=x.device)
+    amax_out = torch.zeros((), dtype=torch.float32, device=x.device)
+    grid = (triton.cdiv(m, 64), triton.cdiv(n, 64))
+    _cast_kernel[grid](x, scale_slot, q, q_t if transpose else q, m, n, _LIMITS[dtype], 1.0, scale, scale_inv,
+                       scale, scale, amax_out, FP8=_FP8[dtype], TRANSPOSE=transpose, FROM_AMAX=False, TAKE_AMAX=True,
+                       BLOCK_M=64, BLOCK_N=64, num_warps=4)
+    return q, q_t, scale, scale_inv, amax_out

@@ -241,15 +241,24 @@ class Fp8Scaling(torch.nn.Module):
         Under ``tensorwise`` on CUDA this is two Triton launches (amax, then the cast that
         derives the scale from it and records both in the state), plus the amax reduction
         over ``group``: a linear's forward and backward issue few enough host operations
-        that the host keeps ahead of the GPU. Elsewhere: ``scale_for`` and the casts."""
+        that the host keeps ahead of the GPU. Under ``delayed`` on CUDA one launch casts with
+        the state's scale and takes the amax in the same pass; the amax is then reduced and
+        moves the state on (``advance_scales``), as ``scale_for`` would have done before the
+        cast. Elsewhere: ``scale_for`` and the casts."""
         dtype = self.recipe.dtype(slot)
-        if self.recipe.recipe == "tensorwise" and _use_triton(x):
+        if _use_triton(x):
             from megatron.core.fp8 import cast_triton
 
-            amax = reduce_amax(cast_triton.amax(x), group)
-            return Fp8Operand(*cast_triton.cast_current_scaling(
-                x, amax, dtype, self.recipe.margin, transpose, self.amax_history[0, slot:slot + 1],
-                self.scale[slot:slot + 1]))
+            if self.recipe.recipe == "tensorwise":
+                amax = reduce_amax(cast_triton.amax(x), group)
+                return Fp8Operand(*cast_triton.cast_current_scaling(
+                    x, amax, dtype, self.recipe.margin, transpose, self.amax_history[0, slot:slot + 1],
+                    self.scale[slot:slot + 1]))
+            q, q_t, scale, scale_inv, amax = cast_triton.cast_delayed_scaling(
+                x, self.scale[slot:slot + 1], dtype, transpose)
+            advance_scales(self.amax_history[:, slot], self.scale[slot], reduce_amax(amax, group), self.recipe,
+                           fp8_max(dtype))
+            return Fp8Operand(q, q_t, scale, scale_inv)
         scale = self.scale_for(x, slot, group)
         if transpose:
             q, q_t = quantize_with_transpose(x, scale, dtype)

@@ -99,11 +99,13 @@ def test_triton_casts_equal_eager(dtype):
     assert torch.isnan(cast_triton.amax(x))
 
 
+@pytest.mark.parametrize("recipe", ["tensorwise", "delayed"])
 @pytest.mark.parametrize("fmt", ["hybrid", "e4m3"])
-def test_triton_tensorwise_path_equals_the_eager_scaling(monkeypatch, fmt):
-    """The Triton current-scaling path (amax kernel, then the cast deriving the scale)
-    gives the same bits as the eager scale_for + cast path: output, both gradients and
-    the recorded amax history and scales, over two micro-batches (weight cache reused)."""
+def test_triton_scaling_paths_equal_the_eager_scaling(monkeypatch, fmt, recipe):
+    """The Triton paths (tensorwise: amax kernel, then the cast deriving the scale;
+    delayed: one cast that takes the amax in its pass) give the same bits as the eager
+    scale_for + cast path: output, both gradients and the recorded amax history and scales,
+    over two micro-batches (weight cache reused under tensorwise)."""
     import megatron.core.fp8.scaling as scaling_module
 
     _needs_fp8_gpu()
@@ -111,7 +113,7 @@ def test_triton_tensorwise_path_equals_the_eager_scaling(monkeypatch, fmt):
     results = []
     for triton_path in (True, False):
         monkeypatch.setattr(scaling_module, "_use_triton", lambda t, on=triton_path: on and t.is_cuda)
-        scaling = Fp8Scaling(Fp8Recipe(fmt=fmt, recipe="tensorwise"), device=torch.device("cuda"))
+        scaling = Fp8Scaling(Fp8Recipe(fmt=fmt, recipe=recipe), device=torch.device("cuda"))
         weight = torch.nn.Parameter(w.clone())
         outs = []
         for step in range(2):
