@@ -45,6 +45,15 @@ FILL_MASK_FIELDS = ("inputs", "parameters", "options")
 MAX_TOP_K = 100
 
 
+def _fields(body, known, route: str, required: str, example: str) -> None:
+    """RequestError unless ``body`` is a JSON object of ``known`` fields holding ``required``."""
+    if not isinstance(body, dict):
+        raise RequestError("the request body must be a JSON object")
+    check_known_fields(body, known, route)
+    if required not in body:
+        raise RequestError(f"{required} is not in the request: send {example}", field=required)
+
+
 def _needs_lm_head(service: EncoderService, route: str) -> None:
     if not service.engine.has_lm_head:
         raise RequestError(f"{route}: this BERT model has no LM head (a headless BertModel, e.g. a sentence-embedding "
@@ -99,11 +108,7 @@ def api_response(prompts: List[str], results: List[MaskedLMResult], service: Enc
 def parse_fill_mask(body, service: EncoderService):
     """(requests, inputs as a list, whether ``inputs`` was one string) of a /fill-mask body."""
     _needs_lm_head(service, "POST /fill-mask")
-    if not isinstance(body, dict):
-        raise RequestError("the request body must be a JSON object")
-    check_known_fields(body, FILL_MASK_FIELDS, "POST /fill-mask")
-    if "inputs" not in body:
-        raise RequestError("inputs is not in the request: send {\"inputs\": \"text with [MASK]\"}", field="inputs")
+    _fields(body, FILL_MASK_FIELDS, "POST /fill-mask", "inputs", '{"inputs": "text with [MASK]"}')
     inputs = body["inputs"]
     single = isinstance(inputs, str)
     texts = [inputs] if single else inputs
@@ -147,11 +152,7 @@ def _is_token_list(value) -> bool:
 
 def parse_embeddings(body, service: EncoderService) -> List[MaskedLMRequest]:
     """The requests of a POST /v1/embeddings body; RequestError on any mistake."""
-    if not isinstance(body, dict):
-        raise RequestError("the request body must be a JSON object")
-    check_known_fields(body, EMBEDDING_FIELDS, "POST /v1/embeddings")
-    if "input" not in body:
-        raise RequestError("input is not in the request: send {\"input\": \"text\"}", field="input")
+    _fields(body, EMBEDDING_FIELDS, "POST /v1/embeddings", "input", '{"input": "text"}')
     value = body["input"]
     if isinstance(value, str) or _is_token_list(value):
         items = [value]

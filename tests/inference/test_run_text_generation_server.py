@@ -5,6 +5,7 @@ tokens, and stops cleanly on SIGINT."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -37,6 +38,31 @@ def _wait_until_up(process, url: str) -> None:
     raise AssertionError("the server did not come up in 120 s")
 
 
+@contextlib.contextmanager
+def served(checkpoint, *flags: str):
+    """The server script on ``checkpoint`` with ``flags``, up on a free port: yields its URL,
+    then stops it with SIGINT and checks that it exited cleanly."""
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, os.path.join(REPO, "tools", "run_text_generation_server.py"), "--load", str(checkpoint),
+         "--use-checkpoint-args", "--host", "127.0.0.1", "--port", str(port), *flags],
+        cwd=str(os.path.dirname(checkpoint)), env=dict(os.environ, PYTHONPATH=REPO), stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_until_up(process, url)
+        yield url
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            output, _ = process.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            raise
+    assert process.returncode == 0, output
+
+
 def test_served_hf_checkpoint_generates_like_transformers(tmp_path):
     import convert
     from tests.core.models.hf_cases import hf_model
@@ -45,16 +71,7 @@ def test_served_hf_checkpoint_generates_like_transformers(tmp_path):
     hf.save_pretrained(str(tmp_path / "hf"), safe_serialization=True)
     convert.main(["--model-type", "GPT", "--loader", "hf", "--saver", "core", "--load-dir", str(tmp_path / "hf"),
                   "--save-dir", str(tmp_path / "core")])
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    process = subprocess.Popen(
-        [sys.executable, os.path.join(REPO, "tools", "run_text_generation_server.py"), "--load", str(tmp_path / "core"),
-         "--use-checkpoint-args", "--host", "127.0.0.1", "--port", str(port), "--inference-max-seq-length", "32"],
-        cwd=str(tmp_path), env=dict(os.environ, PYTHONPATH=REPO), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        text=True,
-    )
-    try:
-        _wait_until_up(process, url)
+    with served(tmp_path / "core", "--inference-max-seq-length", "32") as url:
         prompt = [5, 17, 3, 99, 42, 8]
         reply = requests.put(url + "/api", json={"prompts": [" ".join(map(str, prompt))], "tokens_to_generate": 20,
                                                  "top_k": 1}, timeout=60)
@@ -66,14 +83,6 @@ def test_served_hf_checkpoint_generates_like_transformers(tmp_path):
                              timeout=60)
         assert chat.status_code == 400 and "chat template" in chat.json()["message"]
         assert [m["id"] for m in requests.get(url + "/v1/models", timeout=10).json()["data"]] == ["core"]
-    finally:
-        process.send_signal(signal.SIGINT)
-        try:
-            output, _ = process.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            raise
-    assert process.returncode == 0, output
 
 
 def test_served_hf_bert_checkpoint_fills_masks_like_transformers(tmp_path):
@@ -93,17 +102,8 @@ def test_served_hf_bert_checkpoint_fills_masks_like_transformers(tmp_path):
     hf.save_pretrained(str(tmp_path / "hf"), safe_serialization=True)
     convert.main(["--model-type", "BERT", "--loader", "hf", "--saver", "core", "--load-dir", str(tmp_path / "hf"),
                   "--save-dir", str(tmp_path / "core")])
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    process = subprocess.Popen(
-        [sys.executable, os.path.join(REPO, "tools", "run_text_generation_server.py"), "--load", str(tmp_path / "core"),
-         "--use-checkpoint-args", "--model-family", "bert", "--tokenizer-type", "BertWordPieceLowerCase",
-         "--vocab-file", str(vocab), "--host", "127.0.0.1", "--port", str(port)],
-        cwd=str(tmp_path), env=dict(os.environ, PYTHONPATH=REPO), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        text=True,
-    )
-    try:
-        _wait_until_up(process, url)
+    with served(tmp_path / "core", "--model-family", "bert", "--tokenizer-type", "BertWordPieceLowerCase",
+                "--vocab-file", str(vocab)) as url:
         text = "The capital of France is [MASK]."
         reply = requests.post(url + "/fill-mask", json={"inputs": text, "parameters": {"top_k": 4}}, timeout=60)
         assert reply.status_code == 200, reply.text
@@ -114,14 +114,6 @@ def test_served_hf_bert_checkpoint_fills_masks_like_transformers(tmp_path):
             assert got["score"] == pytest.approx(want["score"], rel=1e-4, abs=1e-7)
         generate = requests.put(url + "/api", json={"prompts": ["hello"], "tokens_to_generate": 4}, timeout=60)
         assert generate.status_code == 400 and generate.json()["error"]["param"] == "tokens_to_generate"
-    finally:
-        process.send_signal(signal.SIGINT)
-        try:
-            output, _ = process.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            raise
-    assert process.returncode == 0, output
 
 
 def test_served_pretrained_sentence_embedding_model_matches_mean_pooling(tmp_path):
@@ -136,19 +128,10 @@ def test_served_pretrained_sentence_embedding_model_matches_mean_pooling(tmp_pat
     model_dir = str(minilm.get_model_path())
     convert.main(["--model-type", "BERT", "--loader", "hf", "--saver", "core", "--load-dir", model_dir,
                   "--save-dir", str(tmp_path / "core")])
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    process = subprocess.Popen(
-        [sys.executable, os.path.join(REPO, "tools", "run_text_generation_server.py"), "--load", str(tmp_path / "core"),
-         "--use-checkpoint-args", "--model-family", "bert", "--tokenizer-type", "BertWordPieceLowerCase",
-         "--vocab-file", os.path.join(model_dir, "vocab.txt"), "--host", "127.0.0.1", "--port", str(port)],
-        cwd=str(tmp_path), env=dict(os.environ, PYTHONPATH=REPO), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        text=True,
-    )
     sentences = ["The quick brown fox jumps over the lazy dog.", "Short one.",
                  "Megatron-LM trains BERT, GPT and T5 models at scale!"]
-    try:
-        _wait_until_up(process, url)
+    with served(tmp_path / "core", "--model-family", "bert", "--tokenizer-type", "BertWordPieceLowerCase",
+                "--vocab-file", os.path.join(model_dir, "vocab.txt")) as url:
         reply = requests.post(url + "/v1/embeddings", json={"input": sentences, "encoding_format": "float"},
                               timeout=60)
         assert reply.status_code == 200, reply.text
@@ -165,11 +148,3 @@ def test_served_pretrained_sentence_embedding_model_matches_mean_pooling(tmp_pat
         assert similarity[0, 1] < 0.9
         refused = requests.post(url + "/fill-mask", json={"inputs": "a [MASK]"}, timeout=60)
         assert refused.status_code == 400 and "no LM head" in refused.json()["message"]
-    finally:
-        process.send_signal(signal.SIGINT)
-        try:
-            output, _ = process.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            raise
-    assert process.returncode == 0, output

@@ -5,16 +5,10 @@ PUT /api and /v1/completions with exactly HF ``generate``'s greedy tokens."""
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-
 import pytest
 import torch
 
-from tests.inference.conftest import free_port
-from tests.inference.test_run_text_generation_server import REPO, _wait_until_up
+from tests.inference.test_run_text_generation_server import served
 
 requests = pytest.importorskip("requests")
 pytest.importorskip("uvicorn")
@@ -29,16 +23,7 @@ def test_served_hybrid_checkpoint_generates_like_transformers(tmp_path):
     hf.save_pretrained(str(tmp_path / "hf"), safe_serialization=True)
     convert.main(["--model-type", "Mamba", "--loader", "hf", "--saver", "core", "--load-dir", str(tmp_path / "hf"),
                   "--save-dir", str(tmp_path / "core")])
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    process = subprocess.Popen(
-        [sys.executable, os.path.join(REPO, "tools", "run_text_generation_server.py"), "--load", str(tmp_path / "core"),
-         "--use-checkpoint-args", "--host", "127.0.0.1", "--port", str(port), "--inference-max-seq-length", "32"],
-        cwd=str(tmp_path), env=dict(os.environ, PYTHONPATH=REPO), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        text=True,
-    )
-    try:
-        _wait_until_up(process, url)
+    with served(tmp_path / "core", "--inference-max-seq-length", "32") as url:
         prompt = [5, 17, 3, 90, 42, 8]
         expected = hf.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, eos_token_id=None,
                                pad_token_id=0)[0].tolist()
@@ -50,11 +35,3 @@ def test_served_hybrid_checkpoint_generates_like_transformers(tmp_path):
                                    timeout=60)
         assert completion.status_code == 200, completion.text
         assert completion.json()["choices"][0]["text"].split() == [str(t) for t in expected[len(prompt):]]
-    finally:
-        process.send_signal(signal.SIGINT)
-        try:
-            output, _ = process.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            raise
-    assert process.returncode == 0, output

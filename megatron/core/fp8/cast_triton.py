@@ -100,6 +100,19 @@ def cast(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, transpose: bo
     return q, q_t
 
 
+def _scaled_outputs(x: torch.Tensor, dtype: torch.dtype, transpose: bool):
+    """(contiguous x, q, q^T or None, scale, scale_inv) allocated for a cast that writes its
+    scale: each scalar its own allocation (cuBLASLt refuses a scale pointer that is not
+    16-byte aligned)."""
+    x = x.detach().contiguous()
+    m, n = x.shape
+    q = torch.empty((m, n), dtype=dtype, device=x.device)
+    q_t = torch.empty((n, m), dtype=dtype, device=x.device) if transpose else None
+    scale = torch.empty((), dtype=torch.float32, device=x.device)
+    scale_inv = torch.empty((), dtype=torch.float32, device=x.device)
+    return x, q, q_t, scale, scale_inv
+
+
 def cast_current_scaling(x: torch.Tensor, amax: torch.Tensor, dtype: torch.dtype, margin: int, transpose: bool,
                          amax_history_slot: torch.Tensor, scale_slot: torch.Tensor):
     """Tensorwise (current) scaling in one launch after the amax: the cast kernel computes
@@ -109,12 +122,8 @@ def cast_current_scaling(x: torch.Tensor, amax: torch.Tensor, dtype: torch.dtype
     Returns (q, q^T or None, scale, scale_inv): new float32 scalars, the scale and its
     reciprocal (the dequantization factor ``torch._scaled_mm`` takes). Each is its own
     allocation: cuBLASLt refuses a scale pointer that is not 16-byte aligned."""
-    x = x.detach().contiguous()
+    x, q, q_t, scale, scale_inv = _scaled_outputs(x, dtype, transpose)
     m, n = x.shape
-    q = torch.empty((m, n), dtype=dtype, device=x.device)
-    q_t = torch.empty((n, m), dtype=dtype, device=x.device) if transpose else None
-    scale = torch.empty((), dtype=torch.float32, device=x.device)
-    scale_inv = torch.empty((), dtype=torch.float32, device=x.device)
     grid = (triton.cdiv(m, 64), triton.cdiv(n, 64))
     _cast_kernel[grid](x, amax, q, q_t if transpose else q, m, n, _LIMITS[dtype], float(2 ** margin), scale,
                        scale_inv, amax_history_slot, scale_slot, scale, FP8=_FP8[dtype], TRANSPOSE=transpose,
@@ -130,12 +139,8 @@ def cast_delayed_scaling(x: torch.Tensor, scale_slot: torch.Tensor, dtype: torch
     copy: the caller moves the state's scale on afterwards), its reciprocal, and the amax
     for the history. Each scalar is its own allocation (cuBLASLt wants 16-byte aligned scale
     pointers)."""
-    x = x.detach().contiguous()
+    x, q, q_t, scale, scale_inv = _scaled_outputs(x, dtype, transpose)
     m, n = x.shape
-    q = torch.empty((m, n), dtype=dtype, device=x.device)
-    q_t = torch.empty((n, m), dtype=dtype, device=x.device) if transpose else None
-    scale = torch.empty((), dtype=torch.float32, device=x.device)
-    scale_inv = torch.empty((), dtype=torch.float32, device=x.device)
     amax_out = torch.zeros((), dtype=torch.float32, device=x.device)
     grid = (triton.cdiv(m, 64), triton.cdiv(n, 64))
     _cast_kernel[grid](x, scale_slot, q, q_t if transpose else q, m, n, _LIMITS[dtype], 1.0, scale, scale_inv,
