@@ -5,7 +5,10 @@ but ``max_tokens`` is required) take ``prompt`` as a string, a list of strings, 
 token ids or a list of lists of ids. ``POST /v1/chat/completions`` builds the prompt with
 the tokenizer's chat template. ``top_k`` is accepted as an extension; ``n`` and
 ``best_of`` must be 1; penalties and ``logit_bias`` are refused when they would change the
-result; ``logprobs`` returns the chosen tokens' log-probs (``top_logprobs`` is null).
+result. ``logprobs`` (completions: an integer N up to 5) returns the chosen tokens' log-probs
+and, per position, the N most likely tokens with the chosen one (``top_logprobs``, as
+OpenAI and the evaluation harnesses that read it expect); chat takes ``logprobs: true`` and
+``top_logprobs`` up to 20. Streamed chunks carry no log-probs.
 Generation stops at the tokenizer's end-of-document token (not part of the text) or at a
 ``stop`` string (cut from the text).
 """
@@ -18,6 +21,7 @@ import uuid
 from typing import List
 
 from megatron.core.inference import GenerationResult, InferenceRequest, SamplingParams
+from megatron.core.inference.sampling_params import MAX_TOP_LOGPROBS
 from megatron.inference.errors import RequestError
 from megatron.inference.request_fields import check_known_fields, get_bool, get_float, get_int, get_stop
 from megatron.inference.streaming import TextStream
@@ -67,7 +71,8 @@ def _stream_options(body: dict) -> bool:
     return get_bool(options, "include_usage", False)
 
 
-def _sampling(body: dict, max_tokens: int, logprobs: bool, stops: List[str], stop_ids: List[int]) -> SamplingParams:
+def _sampling(body: dict, max_tokens: int, logprobs: bool, stops: List[str], stop_ids: List[int],
+              top_logprobs: int = 0) -> SamplingParams:
     temperature = get_float(body, "temperature", 1.0, low=0.0, high=100.0)
     top_p = get_float(body, "top_p", 1.0, low=0.0, high=1.0)
     top_k = get_int(body, "top_k", 0, low=0)
@@ -76,7 +81,7 @@ def _sampling(body: dict, max_tokens: int, logprobs: bool, stops: List[str], sto
         top_k, top_p = 1, 0.0
     return SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, return_log_probs=logprobs,
                           num_tokens_to_generate=max_tokens, random_seed=seed, stop_token_ids=tuple(stop_ids),
-                          stop_strings=tuple(stops))
+                          stop_strings=tuple(stops), top_logprobs=top_logprobs)
 
 
 def _prompt_tokens(body: dict, service) -> List[List[int]]:
@@ -119,7 +124,7 @@ def parse_completion(body, service, max_tokens_required: bool) -> ParsedRequest:
         raise RequestError("max_tokens=0 only scores the prompt: set echo=true to get it back", field="echo")
     stops = get_stop(body)
     stop_ids = [service.eod] if service.eod is not None else []
-    params = _sampling(body, max_tokens, logprobs is not None, stops, stop_ids)
+    params = _sampling(body, max_tokens, logprobs is not None, stops, stop_ids, top_logprobs=logprobs or 0)
     tokens = _prompt_tokens(body, service)
     service.check(tokens, [max_tokens] * len(tokens), "prompt", "max_tokens")
     return ParsedRequest([InferenceRequest(t, params) for t in tokens], stream, _stream_options(body), echo,
@@ -155,15 +160,16 @@ def parse_chat(body, service) -> ParsedRequest:
     default = service.limits.max_sequence_length
     max_tokens = get_int(body, field, None, low=1)
     logprobs = get_bool(body, "logprobs", False)
-    if get_int(body, "top_logprobs", 0, low=0, high=0):
-        raise RequestError("top_logprobs is not supported", field="top_logprobs")
+    top_logprobs = get_int(body, "top_logprobs", 0, low=0, high=MAX_TOP_LOGPROBS) or 0
+    if top_logprobs and not logprobs:
+        raise RequestError("top_logprobs needs logprobs: true", field="top_logprobs")
     stream = get_bool(body, "stream", False)
     stops = get_stop(body)
     stop_ids = [service.eod] if service.eod is not None else []
     tokens = service.chat_prompt(messages)
     if max_tokens is None:  # as many as the context leaves
         max_tokens = max(1, min(default, service.engine.max_sequence_length) - len(tokens))
-    params = _sampling(body, max_tokens, logprobs, stops, stop_ids)
+    params = _sampling(body, max_tokens, logprobs, stops, stop_ids, top_logprobs=top_logprobs)
     service.check([tokens], [max_tokens], "messages", field)
     return ParsedRequest([InferenceRequest(tokens, params)], stream, _stream_options(body), False, logprobs, stops,
                          stop_ids)
@@ -183,15 +189,38 @@ def usage(results: List[GenerationResult]) -> dict:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
+def _alternatives(top, count: int) -> list:
+    """Each position's alternatives, or none per position when they were not asked for."""
+    return list(top) if top is not None else [[] for _ in range(count)]
+
+
+def _top_entry(service, token: int, log_prob: float, alternatives) -> dict:
+    """OpenAI's completions entry: {token text: log-prob} of the best alternatives, best
+    first, and always the chosen token."""
+    entry = {}
+    for alternative, value in alternatives:
+        entry.setdefault(service.detokenize([alternative]), value)
+    entry.setdefault(service.detokenize([token]), log_prob)
+    return entry
+
+
 def _completion_logprobs(service, result: GenerationResult, echo: bool, kept: int) -> dict:
-    tokens = (result.prompt_tokens if echo else []) + result.generated_tokens[:kept]
+    generated = result.generated_tokens[:kept]
+    tokens = (result.prompt_tokens if echo else []) + generated
     values = ([None] + list(result.prompt_log_probs) if echo else []) + list(result.generated_log_probs[:kept])
+    top = [_top_entry(service, t, lp, alt) for t, lp, alt in zip(
+        generated, result.generated_log_probs, _alternatives(result.generated_top_log_probs, len(generated)))]
+    if echo:
+        prompt_top = [_top_entry(service, t, lp, alt) for t, lp, alt in zip(
+            result.prompt_tokens[1:], result.prompt_log_probs,
+            _alternatives(result.prompt_top_log_probs, len(result.prompt_log_probs)))]
+        top = [None] + prompt_top + top
     pieces = [service.detokenize([t]) for t in tokens]
     offsets, position = [], 0
     for piece in pieces:
         offsets.append(position)
         position += len(piece)
-    return {"tokens": pieces, "token_logprobs": values, "text_offset": offsets, "top_logprobs": None}
+    return {"tokens": pieces, "token_logprobs": values, "text_offset": offsets, "top_logprobs": top}
 
 
 def _kept_tokens(result: GenerationResult, stream: TextStream, parsed: ParsedRequest) -> int:
@@ -218,6 +247,11 @@ def completion_response(service, parsed: ParsedRequest, results: List[Generation
             "model": model, "choices": choices, "usage": usage(results)}
 
 
+def _chat_token(service, token: int, log_prob: float) -> dict:
+    text = service.detokenize([token])
+    return {"token": text, "logprob": log_prob, "bytes": list(text.encode("utf-8"))}
+
+
 def chat_response(service, parsed: ParsedRequest, results: List[GenerationResult], model: str) -> dict:
     result = results[0]
     stream = new_stream(service, parsed, result.prompt_tokens)
@@ -226,9 +260,11 @@ def chat_response(service, parsed: ParsedRequest, results: List[GenerationResult
     logprobs = None
     if parsed.logprobs:
         kept = _kept_tokens(result, stream, parsed)
+        generated = result.generated_tokens[:kept]
         logprobs = {"content": [
-            {"token": service.detokenize([t]), "logprob": lp, "bytes": None, "top_logprobs": []}
-            for t, lp in zip(result.generated_tokens[:kept], result.generated_log_probs[:kept])
+            dict(_chat_token(service, t, lp), top_logprobs=[_chat_token(service, a, v) for a, v in alternatives])
+            for t, lp, alternatives in zip(generated, result.generated_log_probs,
+                                           _alternatives(result.generated_top_log_probs, len(generated)))
         ]}
     choice = {"index": 0, "message": {"role": "assistant", "content": stream.text}, "logprobs": logprobs,
               "finish_reason": finish_reason(result, stream)}

@@ -99,6 +99,42 @@ def test_megatron_completions_route(server):
     assert missing.status_code == 400 and missing.json()["error"]["param"] == "max_tokens"
 
 
+def test_top_logprobs_as_evaluation_harnesses_read_them(server):
+    """A loglikelihood request as lm-eval's completions backend sends it (token ids, echo,
+    logprobs 1, one new token): every prompt position has its log-prob and a top-logprobs
+    entry holding the chosen token, so "is the continuation greedy" can be answered; the
+    openai client and chat's top_logprobs give the reference engine's alternatives."""
+    prompt = server.service.tokenize("The quick brown fox jumps")
+    body = {"prompt": [prompt], "max_tokens": 1, "echo": True, "logprobs": 1, "temperature": 0}
+    reply = requests.post(server.url + "/v1/completions", json=body, timeout=60)
+    assert reply.status_code == 200, reply.text
+    logprobs = reply.json()["choices"][0]["logprobs"]
+    assert logprobs["top_logprobs"][0] is None and len(logprobs["top_logprobs"]) == len(prompt) + 1
+    params = SamplingParams(top_k=1, num_tokens_to_generate=1, return_log_probs=True, top_logprobs=3)
+    expected = server.reference.generate([InferenceRequest(prompt, params)])[0]
+    chosen = prompt[1:] + expected.generated_tokens
+    alternatives = expected.prompt_top_log_probs + expected.generated_top_log_probs
+    for entry, token, value, best in zip(logprobs["top_logprobs"][1:], chosen, logprobs["token_logprobs"][1:],
+                                         alternatives):
+        assert entry[server.service.detokenize([token])] == pytest.approx(value)
+        assert server.service.detokenize([best[0][0]]) in entry  # the best alternative, with logprobs=1
+        is_greedy = value == max(entry.values())
+        assert is_greedy == (token == best[0][0])
+    client = _client(server)
+    completion = client.completions.create(model="tiny-gpt", prompt=prompt, max_tokens=0, echo=True, logprobs=3)
+    tops = completion.choices[0].logprobs.top_logprobs
+    for entry, best in zip(tops[1:], expected.prompt_top_log_probs):
+        assert [server.service.detokenize([t]) for t, _ in best] == list(entry)[:3]
+    chat = client.chat.completions.create(model="tiny-gpt", messages=[{"role": "user", "content": "Hi"}], max_tokens=3,
+                                          temperature=0, logprobs=True, top_logprobs=2)
+    content = chat.choices[0].logprobs.content
+    assert len(content) == 3 and all(len(token.top_logprobs) == 2 for token in content)
+    assert all(token.token == token.top_logprobs[0].token for token in content)  # greedy: the best one
+    refused = requests.post(server.url + "/v1/chat/completions", json={
+        "messages": [{"role": "user", "content": "Hi"}], "top_logprobs": 2}, timeout=60)
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "top_logprobs"
+
+
 def test_concurrent_clients_each_get_their_own_answer(server):
     texts = ["Alpha", "Beta gamma", "The", "A long time ago in a", "Numbers 1 2 3", "Zeta"]
     replies = {}

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 from megatron.core.inference.sampling_params import SamplingParams
 
@@ -30,6 +30,8 @@ class GenerationResult:
     and None unless ``return_log_probs``. ``finish_reason``: "length" (the token budget is
     used up), "stop" (a stop token, kept as the last generated token, or a stop string,
     named in ``stop_string``), "cancelled" (the caller gave up on it).
+    ``prompt_top_log_probs`` / ``generated_top_log_probs`` (with ``top_logprobs`` > 0): for
+    the same positions, the ``top_logprobs`` most likely (token, log-prob), best first.
     """
 
     prompt_tokens: List[int]
@@ -38,3 +40,5 @@ class GenerationResult:
     generated_log_probs: Optional[List[float]] = None
     finish_reason: str = "length"
     stop_string: Optional[str] = None
+    prompt_top_log_probs: Optional[List[List[Tuple[int, float]]]] = None
+    generated_top_log_probs: Optional[List[List[Tuple[int, float]]]] = None

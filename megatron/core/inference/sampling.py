@@ -93,3 +93,24 @@ def _uniforms(params: List[SamplingParams], generators: List[Optional[torch.Gene
         if generator is not None and active[i] and not params[i].greedy:
             uniform[i:i + 1] = torch.rand(1, device=device, generator=generator)
     return uniform
+
+
+def scored_alternatives(log_probs: torch.Tensor, k: int) -> torch.Tensor:
+    """float64 [..., n, 2, k] of log-probs [..., n, V]: each position's k best log-probs
+    (best first), then their token ids (exact as float64), for the engines' shared tensor."""
+    values, ids = log_probs.topk(min(k, log_probs.size(-1)), dim=-1)
+    if values.size(-1) < k:  # a vocabulary smaller than k: pad with impossible entries
+        pad = k - values.size(-1)
+        values = torch.nn.functional.pad(values, (0, pad), value=float("-inf"))
+        ids = torch.nn.functional.pad(ids, (0, pad), value=0)
+    return torch.stack([values.to(torch.float64), ids.to(torch.float64)], dim=-2)
+
+
+def split_scored(values: List[float], n: int, k: int):
+    """(log-probs, alternatives' log-probs, alternatives' ids) of ``n`` scored positions laid
+    out as [n log-probs | n x (k log-probs, k ids)] (``scored_alternatives``)."""
+    log_probs = values[:n]
+    rest = values[n:n + 2 * n * k]
+    top_values = [rest[2 * k * j:2 * k * j + k] for j in range(n)]
+    top_ids = [rest[2 * k * j + k:2 * k * (j + 1)] for j in range(n)]
+    return log_probs, top_values, top_ids

@@ -6,6 +6,9 @@ import dataclasses
 from typing import Optional, Tuple
 
 
+MAX_TOP_LOGPROBS = 20
+
+
 @dataclasses.dataclass
 class SamplingParams:
     """Per-request generation settings (Megatron-Core's field names).
@@ -17,7 +20,9 @@ class SamplingParams:
     its tokens do not depend on the other requests of the batch.
     ``num_tokens_to_generate`` 0 scores the prompt only (log-probs, no new token).
     Generation stops after a token of ``stop_token_ids`` (kept in the output) or once the
-    generated text contains one of ``stop_strings``.
+    generated text contains one of ``stop_strings``. ``top_logprobs`` (with
+    ``return_log_probs``) also returns, for every scored position, that many most likely
+    tokens and their log-probs (OpenAI's ``logprobs`` / ``top_logprobs``; at most 20).
     """
 
     temperature: float = 1.0
@@ -28,6 +33,7 @@ class SamplingParams:
     random_seed: Optional[int] = None
     stop_token_ids: Tuple[int, ...] = ()
     stop_strings: Tuple[str, ...] = ()
+    top_logprobs: int = 0
 
     def __post_init__(self):
         if self.temperature < 0:
@@ -38,6 +44,10 @@ class SamplingParams:
             raise ValueError(f"top_p must be in [0, 1], got {self.top_p}")
         if self.num_tokens_to_generate < 0:
             raise ValueError(f"num_tokens_to_generate must be >= 0, got {self.num_tokens_to_generate}")
+        if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}, got {self.top_logprobs}")
+        if self.top_logprobs and not self.return_log_probs:
+            raise ValueError("top_logprobs needs return_log_probs=True")
         self.stop_token_ids = tuple(int(t) for t in self.stop_token_ids)
         self.stop_strings = tuple(s for s in self.stop_strings if s)
 

@@ -19,7 +19,8 @@ TOL = dict(atol=1e-5, rtol=1e-5)
 def _requests():
     greedy = dict(top_k=1, return_log_probs=True)
     return [
-        InferenceRequest(tokens(1, 9, seed=1)[0].tolist(), SamplingParams(num_tokens_to_generate=12, **greedy)),
+        InferenceRequest(tokens(1, 9, seed=1)[0].tolist(),
+                         SamplingParams(num_tokens_to_generate=12, top_logprobs=3, **greedy)),
         InferenceRequest(tokens(1, 3, seed=2)[0].tolist(), SamplingParams(num_tokens_to_generate=7, **greedy)),
         InferenceRequest(tokens(1, 6, seed=3)[0].tolist(),
                          SamplingParams(temperature=1.2, top_k=40, num_tokens_to_generate=9, random_seed=5,
@@ -28,8 +29,14 @@ def _requests():
     ]
 
 
+def _ids(top):
+    return None if top is None else [[t for t, _ in position] for position in top]
+
+
 def _assert_same(got, expected):
     assert got.generated_tokens == expected.generated_tokens
+    assert _ids(got.prompt_top_log_probs) == _ids(expected.prompt_top_log_probs)
+    assert _ids(got.generated_top_log_probs) == _ids(expected.generated_top_log_probs)
     torch.testing.assert_close(torch.tensor(got.prompt_log_probs + got.generated_log_probs),
                                torch.tensor(expected.prompt_log_probs + expected.generated_log_probs), **TOL)
 

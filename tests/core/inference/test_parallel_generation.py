@@ -37,7 +37,7 @@ def _model(tp: int = 1, pp: int = 1, pp_rank: int = 0) -> GPTModel:
 def _requests():
     gen = torch.Generator().manual_seed(3)
     prompts = [torch.randint(0, VOCAB, (n,), generator=gen).tolist() for n in (3, 7, 5)]
-    greedy = SamplingParams(top_k=1, num_tokens_to_generate=10, return_log_probs=True)
+    greedy = SamplingParams(top_k=1, num_tokens_to_generate=10, return_log_probs=True, top_logprobs=2)
     seeded = SamplingParams(temperature=1.3, top_p=0.9, num_tokens_to_generate=8, random_seed=11, return_log_probs=True)
     return [InferenceRequest(prompts[0], greedy), InferenceRequest(prompts[1], seeded),
             InferenceRequest(prompts[2], greedy)]
@@ -68,6 +68,13 @@ def _check(tp: int, pp: int):
     assert len(got) == 4
     for g, e in zip(got, expected):
         assert g.generated_tokens == e.generated_tokens
+        for got_top, want_top in ((g.prompt_top_log_probs, e.prompt_top_log_probs),
+                                  (g.generated_top_log_probs, e.generated_top_log_probs)):
+            assert (got_top is None) == (want_top is None)
+            if want_top is not None:  # the alternatives: the same tokens, log-probs to 1e-5
+                assert [[t for t, _ in p] for p in got_top] == [[t for t, _ in p] for p in want_top]
+                torch.testing.assert_close(torch.tensor([[v for _, v in p] for p in got_top]),
+                                           torch.tensor([[v for _, v in p] for p in want_top]), atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(torch.tensor(g.prompt_log_probs + g.generated_log_probs),
                                    torch.tensor(e.prompt_log_probs + e.generated_log_probs), atol=1e-5, rtol=1e-5)
 

@@ -86,6 +86,32 @@ def test_log_probs_equal_log_softmax_of_full_forward(models):
     torch.testing.assert_close(got[len(prompt) - 1 :], log_probs[len(prompt) - 1 :].max(dim=-1).values, **TOL)
 
 
+def test_top_logprobs_equal_the_best_of_a_full_forward(models):
+    """Alternatives per position (OpenAI's logprobs / top_logprobs) for prompt and generated
+    tokens, beside a request of the same batch that asks for none."""
+    _, ours = models["llama"]
+    engine = StaticInferenceEngine(ours, 2, 32)
+    prompt = tokens(1, 7, seed=12)[0].tolist()
+    other = tokens(1, 4, seed=13)[0].tolist()
+    with_top, without = engine.generate([InferenceRequest(prompt, _greedy(5, return_log_probs=True, top_logprobs=3)),
+                                         InferenceRequest(other, _greedy(5, return_log_probs=True))])
+    assert without.prompt_top_log_probs is None and without.generated_top_log_probs is None
+    sequence = torch.tensor([prompt + with_top.generated_tokens])
+    with torch.no_grad():
+        log_probs = torch.log_softmax(ours(sequence, None, None)[0, :-1], dim=-1)
+    values, ids = log_probs.topk(3, dim=-1)
+    got = with_top.prompt_top_log_probs + with_top.generated_top_log_probs
+    assert len(with_top.prompt_top_log_probs) == len(prompt) - 1 and len(with_top.generated_top_log_probs) == 5
+    assert [[t for t, _ in position] for position in got] == ids.tolist()
+    torch.testing.assert_close(torch.tensor([[v for _, v in position] for position in got]), values, **TOL)
+    # greedy: each generated token is its position's best alternative
+    assert [position[0][0] for position in with_top.generated_top_log_probs] == with_top.generated_tokens
+    with pytest.raises(ValueError, match="top_logprobs needs return_log_probs"):
+        SamplingParams(top_logprobs=2)
+    with pytest.raises(ValueError, match="between 0 and 20"):
+        SamplingParams(top_logprobs=21, return_log_probs=True)
+
+
 def test_score_only_request_generates_nothing(models):
     _, ours = models["gpt2"]
     engine = StaticInferenceEngine(ours, 2, 32)

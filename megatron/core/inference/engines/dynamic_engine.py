@@ -25,7 +25,7 @@ from megatron.core.inference.contexts.dynamic_context import DynamicInferenceCon
 from megatron.core.inference.engines.request_state import RequestState
 from megatron.core.inference.inference_request import GenerationResult, InferenceRequest
 from megatron.core.inference.model_step import ModelStep
-from megatron.core.inference.sampling import sample_batch
+from megatron.core.inference.sampling import sample_batch, scored_alternatives, split_scored
 from megatron.core.transformer.sliding_window import cache_window_size
 
 
@@ -156,10 +156,18 @@ class DynamicInferenceEngine:
     def _needs_token(self, state: _Running, start: int, n: int) -> bool:
         return start + n == len(state.tokens) and len(state.tokens) < state.total_len and not state.done
 
+    def _widths(self, plan) -> Tuple[int, List[int]]:
+        """(the plan's widest ``top_logprobs`` k, each run's width in the shared tensor:
+        1 + n (1 + 2 k))."""
+        k = max(self.states[rid].params.top_logprobs for rid, _, _ in plan)
+        return k, [1 + n * (1 + 2 * k) for _, _, n in plan]
+
     def _decide(self, logits, plan) -> torch.Tensor:
-        """float64 [sum of (1 + n)]: per run, the next token (0 when none) then the log-probs
-        of the positions its logits predict (start + 1 .. start + n)."""
-        decided = torch.zeros(sum(1 + n for _, _, n in plan), dtype=torch.float64, device=self.device)
+        """float64 [sum of run widths]: per run, the next token (0 when none), the log-probs
+        of the positions its logits predict (start + 1 .. start + n), then (when a request of
+        the plan asks for ``top_logprobs`` k) those positions' k best log-probs and ids."""
+        k, widths = self._widths(plan)
+        decided = torch.zeros(sum(widths), dtype=torch.float64, device=self.device)
         if logits is None:
             return decided  # not the last pipeline stage: filled by the broadcast
         logits = logits[0] if self.vocab_size is None else logits[0, :, : self.vocab_size]
@@ -177,7 +185,9 @@ class DynamicInferenceEngine:
                 targets = torch.tensor(known[:n], dtype=torch.long, device=self.device)
                 decided[at + 1:at + 1 + len(targets)] = log_probs[offset:offset + len(targets)].gather(
                     1, targets[:, None])[:, 0].to(torch.float64)
-            at += 1 + n
+                if k:
+                    decided[at + 1 + n:at + widths[i]] = scored_alternatives(log_probs[offset:offset + n], k).flatten()
+            at += widths[i]
         return decided
 
     @staticmethod
@@ -186,12 +196,14 @@ class DynamicInferenceEngine:
 
     def _record(self, decided: torch.Tensor, plan) -> None:
         values = decided.cpu().tolist()
+        k, widths = self._widths(plan)
         at = 0
-        for rid, start, n in plan:
+        for (rid, start, n), width in zip(plan, widths):
             state = self.states[rid]
             needs_token = self._needs_token(state, start, n)
             scored = min(n, len(state.tokens) - start - 1 + int(needs_token))
-            state.log_probs.extend(values[at + 1:at + 1 + scored])
+            log_probs, top_values, top_ids = split_scored(values[at + 1:at + width], n, k)
+            state.add_scored(log_probs[:scored], top_values[:scored], top_ids[:scored])
             state.cached = start + n
             if needs_token:
                 token = int(values[at])
@@ -199,7 +211,7 @@ class DynamicInferenceEngine:
                 state.append(token, self.detokenize)
                 if self.on_token is not None:
                     self.on_token(rid, token)
-            at += 1 + n
+            at += width
 
     def generate(self, requests: Sequence[InferenceRequest]) -> List[GenerationResult]:
         ids = [self.add_request(r) for r in requests]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
@@ -21,6 +21,7 @@ class RequestState:
         self.generator = make_generator(self.params, device)
         self.generated: List[int] = []
         self.log_probs: List[float] = []  # of positions 1, 2, ... in order
+        self.top_log_probs: List[List[Tuple[int, float]]] = []  # the same positions' alternatives
         self.done = self.params.num_tokens_to_generate == 0 and self.prompt_len <= 1
         self.finish_reason = "length"
         self.stop_string: Optional[str] = None
@@ -30,9 +31,25 @@ class RequestState:
         if self.params.return_log_probs:
             prompt_lps = self.log_probs[: self.prompt_len - 1]
             gen_lps = self.log_probs[self.prompt_len - 1 : self.prompt_len - 1 + len(self.generated)]
+        prompt_top = gen_top = None
+        if self.params.top_logprobs:
+            prompt_top = self.top_log_probs[: self.prompt_len - 1]
+            gen_top = self.top_log_probs[self.prompt_len - 1 : self.prompt_len - 1 + len(self.generated)]
         return GenerationResult(
-            list(self.request.prompt_tokens), list(self.generated), prompt_lps, gen_lps, self.finish_reason, self.stop_string
+            list(self.request.prompt_tokens), list(self.generated), prompt_lps, gen_lps, self.finish_reason,
+            self.stop_string, prompt_top, gen_top,
         )
+
+    def add_scored(self, log_probs: Sequence[float], top_values: Sequence[Sequence[float]],
+                   top_ids: Sequence[Sequence[float]]) -> None:
+        """Record the log-probs of the next scored positions and, when this request asks for
+        them, their alternatives (rows of the batch's widest ``top_logprobs``, cut to its own)."""
+        self.log_probs.extend(log_probs)
+        k = self.params.top_logprobs
+        if k:
+            # entries of -inf pad a vocabulary smaller than the batch's widest k
+            self.top_log_probs.extend([(int(t), float(v)) for t, v in zip(ids[:k], values[:k]) if v != float("-inf")]
+                                      for values, ids in zip(top_values, top_ids))
 
     def append(self, token: int, detokenize) -> None:
         """Record a generated token; stop on a stop token or once the text holds a stop string."""

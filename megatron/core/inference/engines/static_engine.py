@@ -24,7 +24,7 @@ from megatron.core.inference.cuda_graphs import DecodeGraph, decode_graph_suppor
 from megatron.core.inference.inference_request import GenerationResult, InferenceRequest
 from megatron.core.inference.model_step import ModelStep
 from megatron.core.inference.engines.request_state import RequestState
-from megatron.core.inference.sampling import sample_batch
+from megatron.core.inference.sampling import sample_batch, scored_alternatives, split_scored
 from megatron.core.transformer.sliding_window import cache_window_size
 
 logger = logging.getLogger(__name__)
@@ -130,6 +130,7 @@ class StaticInferenceEngine:
         for i, row in enumerate(rows):
             tokens[i, : row.prompt_len] = torch.tensor(row.request.prompt_tokens, dtype=torch.long)
         want_log_probs = any(row.params.return_log_probs for row in rows)
+        alternatives = max(row.params.top_logprobs for row in rows)
         context, graph = self._context(len(rows), max_total, want_log_probs)
         prev, cur = 0, min(row.prompt_len for row in rows)
         pending = None  # (choices on their way to the host, the positions they decide)
@@ -150,16 +151,16 @@ class StaticInferenceEngine:
                 logits = self.model_step(tokens[:, prev:cur], positions, context)
             context.increment(cur - prev)
             active = [row.prompt_len <= cur < row.total_len for row in rows]
-            decided = self._decide(logits, tokens, prev, cur, rows, active, want_log_probs, max_total)
+            decided = self._decide(logits, tokens, prev, cur, rows, active, want_log_probs, max_total, alternatives)
             decided = self.model_step.share_from_last_stage(decided)
             if cur < max_total:
                 tokens[:, cur] = decided[:, 0].to(torch.long)
             if pending is not None:
-                self._record(*pending, rows, want_log_probs, on_token)
+                self._record(*pending, rows, want_log_probs, alternatives, on_token)
             pending = (_to_host(decided), prev, cur)
             prev, cur = cur, cur + 1
         if pending is not None:
-            self._record(*pending, rows, want_log_probs, on_token)
+            self._record(*pending, rows, want_log_probs, alternatives, on_token)
         return [row.result() for row in rows]
 
     def _context(self, batch: int, max_total: int, want_log_probs: bool):
@@ -176,13 +177,17 @@ class StaticInferenceEngine:
         context.materialize_only_last_token_logits = not want_log_probs
         return context, None
 
-    def _decide(self, logits, tokens, prev, cur, rows, active, want_log_probs, max_total) -> torch.Tensor:
-        """float64 [b, 1 + n]: column 0 the token at position ``cur`` (when cur < max_total),
-        then (with log-probs) the log-probs of positions prev+1 .. min(cur, max_total - 1).
-        ``active``: one bool per row, the rows choosing a token at ``cur`` (past their
-        prompt); the others keep their prompt's token."""
+    def _decide(self, logits, tokens, prev, cur, rows, active, want_log_probs, max_total, alternatives
+                ) -> torch.Tensor:
+        """float64 [b, 1 + n (1 + 2 k)]: column 0 the token at position ``cur`` (when cur <
+        max_total), then (with log-probs) the log-probs of positions prev+1 .. min(cur,
+        max_total - 1), then (``alternatives`` k > 0) each of those positions' k best
+        log-probs and their token ids (``scored_alternatives``). ``active``: one bool per
+        row, the rows choosing a token at ``cur`` (past their prompt); the others keep their
+        prompt's token."""
         n_scored = min(cur, max_total - 1) - prev if want_log_probs else 0
-        decided = torch.zeros(len(rows), 1 + n_scored, dtype=torch.float64, device=self.device)
+        decided = torch.zeros(len(rows), 1 + n_scored * (1 + 2 * alternatives), dtype=torch.float64,
+                              device=self.device)
         if logits is None:
             return decided  # not the last pipeline stage: filled by the broadcast
         if self.vocab_size is not None:
@@ -196,17 +201,20 @@ class StaticInferenceEngine:
         if n_scored:
             targets = torch.cat([tokens[:, prev + 1 : cur], next_tokens[:, None]], dim=1)[:, :n_scored]
             log_probs = torch.log_softmax(logits[:, :n_scored], dim=-1)
-            decided[:, 1:] = torch.gather(log_probs, 2, targets[:, :, None])[:, :, 0].to(torch.float64)
+            decided[:, 1:1 + n_scored] = torch.gather(log_probs, 2, targets[:, :, None])[:, :, 0].to(torch.float64)
+            if alternatives:
+                decided[:, 1 + n_scored:] = scored_alternatives(log_probs, alternatives).flatten(1)
         return decided
 
-    def _record(self, host_decided, prev, cur, rows, want_log_probs, on_token) -> None:
+    def _record(self, host_decided, prev, cur, rows, want_log_probs, alternatives, on_token) -> None:
         """The host's bookkeeping of the forward that decided position ``cur``."""
         values, ready = host_decided
         if ready is not None:
             ready.synchronize()
+        n_scored = (values.shape[1] - 1) // (1 + 2 * alternatives)
         for i, row in enumerate(rows):
             if want_log_probs:
-                row.log_probs.extend(values[i, 1:].tolist())
+                row.add_scored(*split_scored(values[i, 1:].tolist(), n_scored, alternatives))
             if row.done:
                 continue
             if row.prompt_len <= cur < row.total_len:
