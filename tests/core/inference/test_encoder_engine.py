@@ -170,3 +170,16 @@ def test_a_headless_model_embeds_but_does_not_score(headless, mlm):
         _engine(model).embed(_requests(), pooling="max")
     with pytest.raises(ValueError, match="needs a BertModel with a pooler"):
         _engine(mlm[1]).embed(_requests(), pooling="pooler")
+
+
+def test_a_model_in_training_mode_is_run_without_dropout_and_left_as_it_was():
+    hf = bert_cases.hf_model("BertForPreTraining", seed=4)
+    model, _ = bert_cases.megatron_model(hf, config_overrides=dict(hidden_dropout=0.5, attention_dropout=0.5))
+    engine = _engine(model)
+    expected = engine.score(_requests(top_k=2))
+    model.train()
+    again = engine.score(_requests(top_k=2))
+    assert model.training
+    for a, b in zip(again, expected):
+        assert a.log_probs == b.log_probs and a.sentence_log_probs == b.sentence_log_probs
+    assert engine.embed(_requests(), pooling="pooler") == _engine(model.eval()).embed(_requests(), pooling="pooler")

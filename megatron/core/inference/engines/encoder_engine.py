@@ -23,6 +23,7 @@ every rank, so results are complete everywhere (rank 0 answers the client).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -121,7 +122,9 @@ class _Row:
 
 
 class EncoderEngine:
-    """score(requests) -> one MaskedLMResult per request, in order.
+    """score(requests) -> one MaskedLMResult per request, in order; embed(requests) -> one
+    vector per request. Both run the model in eval mode (no dropout) and put back the mode
+    it was in.
 
     ``max_batch_size`` sequences run in one forward (pseudo-log-likelihood copies count
     as sequences); ``max_sequence_length`` bounds a request (BERT's learned positions end at
@@ -178,6 +181,15 @@ class EncoderEngine:
                 raise ValueError(f"request {i} has {len(request.tokens)} tokens, more than the maximum sequence "
                                  f"length {self.max_sequence_length}")
 
+    @contextlib.contextmanager
+    def _eval_mode(self):
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            yield
+        finally:
+            self.model.train(was_training)
+
     def score(self, requests: Sequence[MaskedLMRequest]) -> List[MaskedLMResult]:
         if not self.has_lm_head:
             raise ValueError("this BERT model has no LM head (a headless BertModel): it embeds but does not score")
@@ -186,8 +198,9 @@ class EncoderEngine:
                                   pseudo_log_probs=[None] * len(r.tokens) if r.pseudo_log_likelihood else None)
                    for r in requests]
         rows = self.rows(requests)
-        for start in range(0, len(rows), self.max_batch_size):
-            self._run_batch(rows[start:start + self.max_batch_size], requests, results)
+        with self._eval_mode():
+            for start in range(0, len(rows), self.max_batch_size):
+                self._run_batch(rows[start:start + self.max_batch_size], requests, results)
         return results
 
     def _padded(self, sequences: Sequence[Sequence[int]], fill: int) -> torch.Tensor:
@@ -259,17 +272,21 @@ class EncoderEngine:
         self._check(requests)
         rows = [self._own_row(i, r) for i, r in enumerate(requests)]
         vectors: List[List[float]] = []
-        for start in range(0, len(rows), self.max_batch_size):
-            chunk = rows[start:start + self.max_batch_size]
-            tokens, types, attention = self._inputs(chunk)
-            pooled = torch.zeros((len(chunk), self.hidden_size), dtype=torch.float32, device=self.device)
-            hidden = self.step(tokens, types, attention, hidden_states=True)
-            if hidden is not None:
-                pooled.copy_(self._pool(hidden, attention, pooling).float())
-                if normalize:
-                    pooled.copy_(F.normalize(pooled, p=2, dim=-1))
-            vectors.extend(self.step.share_from_last_stage(pooled).cpu().tolist())
+        with self._eval_mode():
+            for start in range(0, len(rows), self.max_batch_size):
+                vectors.extend(self._embed_batch(rows[start:start + self.max_batch_size], pooling, normalize))
         return vectors
+
+    @torch.no_grad()
+    def _embed_batch(self, rows: List[_Row], pooling: str, normalize: bool) -> List[List[float]]:
+        tokens, types, attention = self._inputs(rows)
+        pooled = torch.zeros((len(rows), self.hidden_size), dtype=torch.float32, device=self.device)
+        hidden = self.step(tokens, types, attention, hidden_states=True)
+        if hidden is not None:
+            pooled.copy_(self._pool(hidden, attention, pooling).float())
+            if normalize:
+                pooled.copy_(F.normalize(pooled, p=2, dim=-1))
+        return self.step.share_from_last_stage(pooled).cpu().tolist()
 
     def _pool(self, hidden: torch.Tensor, attention: torch.Tensor, pooling: str) -> torch.Tensor:
         if pooling == "mean":
