@@ -117,7 +117,7 @@ def stream_response(service: TextGenerationService, parsed, kind: str, model: st
 
 def base_app(service) -> FastAPI:
     """An application with the JSON error replies and the /v1/models and /health routes of
-    ``service`` (a text generation or a masked-LM service); the family adds its own routes."""
+    ``service`` (a text generation or an encoder service); the family adds its own routes."""
     app = FastAPI(title="Megatron text generation", docs_url=None, redoc_url=None, openapi_url=None)
 
     @app.exception_handler(RequestError)
