@@ -20,6 +20,7 @@ from megatron.core.datasets.bert_dataset import BERTMaskedWordPieceDataset, BERT
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 from megatron.core.datasets.mock_bert_dataset import MockBERTMaskedWordPieceDataset
 from megatron.core.models.bert import BertModel
+from megatron.core.models.bert.masked_positions import masked_positions_limit
 from megatron.core.transformer.enums import ModelType
 from megatron.training import get_args, get_tokenizer, pretrain, print_rank_0
 from megatron.training.config_from_args import core_transformer_config_from_args
@@ -102,7 +103,10 @@ def forward_step(data_iterator, model):
     tokens, types, sentence_order, loss_mask, lm_labels, padding_mask = get_batch(data_iterator)
     if not (args.bert_binary_head or args.transformer_block_type == "post_ln"):
         types = None
-    output_tensor = model(tokens, padding_mask, tokentype_ids=types, lm_labels=lm_labels)
+    # The LM head runs on the masked positions only: the dataset marks at most this many.
+    limit = masked_positions_limit(args.mask_prob, args.seq_length)
+    output_tensor = model(tokens, padding_mask, tokentype_ids=types, lm_labels=lm_labels,
+                          loss_mask=loss_mask, max_masked_positions=limit)
     return output_tensor, partial(loss_func, loss_mask, sentence_order)
 
 

@@ -223,6 +223,22 @@ def test_masking_statistics(tmp_path):
     assert 0.05 < kept / predicted < 0.16
 
 
+@pytest.mark.parametrize("mask_prob,seq", [(0.15, SEQ), (0.3, 64)])
+def test_masked_count_stays_within_the_lm_heads_limit(tmp_path, mask_prob, seq):
+    """pretrain_bert runs the LM head on masked_positions_limit positions per sample: the
+    dataset must never mark more (short samples included), and it does reach the limit."""
+    from megatron.core.models.bert.masked_positions import masked_positions_limit
+
+    tokenizer = bert_tokenizer(tmp_path)
+    prefix = write_corpus(str(tmp_path / "corpus"), num_documents=200)
+    dataset = _dataset(prefix, tokenizer, num_samples=300, path_to_cache=str(tmp_path / "cache"),
+                       sequence_length=seq, masking_probability=mask_prob)
+    counts = [int(dataset[idx]["loss_mask"].sum()) for idx in range(300)]
+    limit = masked_positions_limit(mask_prob, seq)
+    assert max(counts) <= limit
+    assert max(counts) >= limit - 1
+
+
 def test_cache_files_names_and_reuse(tmp_path):
     tokenizer = bert_tokenizer(tmp_path)
     prefix = write_corpus(str(tmp_path / "corpus"))

@@ -15,6 +15,7 @@ from typing import Optional
 import torch
 
 from megatron.core import process_groups, tensor_parallel
+from megatron.core.models.bert import masked_positions
 from megatron.core.models.bert.bert_lm_head import BertLMHead
 from megatron.core.models.bert.pooler import Pooler
 from megatron.core.models.common.language_module.language_module import LanguageModule
@@ -52,7 +53,9 @@ class BertModel(LanguageModule):
     Hugging Face's ``BertModel`` (pooler, no LM head) or ``BertForMaskedLM`` (LM head only).
     ``return_embeddings`` makes forward return the last hidden states [b, s, h] instead
     (the post-norm stack's output, or the final norm's); forward's own ``return_embeddings``
-    overrides it for one call.
+    overrides it for one call. With lm_labels, ``loss_mask`` [b, s] and
+    ``max_masked_positions`` (at least the masked positions of any sequence), the LM head
+    runs on those positions only and the loss is zero elsewhere (``masked_positions.py``).
     """
 
     stack_attribute = "encoder"
@@ -139,6 +142,8 @@ class BertModel(LanguageModule):
         lm_labels: Optional[torch.Tensor] = None,
         inference_params=None,
         return_embeddings: Optional[bool] = None,
+        loss_mask: Optional[torch.Tensor] = None,
+        max_masked_positions: Optional[int] = None,
     ):
         encoder_input = self.embedding(input_ids, None, tokentype_ids) if self.pre_process else None
         hidden_states = self.encoder(encoder_input, attention_mask=bert_padding_mask(attention_mask))
@@ -149,7 +154,22 @@ class BertModel(LanguageModule):
         binary_logits = self.binary_head(self.pooler(hidden_states, 0)) if self.add_binary_head else None
         if not self.add_lm_head:
             return None, binary_logits
+        if lm_labels is not None and loss_mask is not None and max_masked_positions is not None:
+            return self._masked_lm_losses(hidden_states, lm_labels, loss_mask, max_masked_positions), binary_logits
         return self._logits_or_loss(self.lm_head(hidden_states), lm_labels), binary_logits
+
+    def _masked_lm_losses(self, hidden_states, lm_labels, loss_mask, max_masked_positions: int) -> torch.Tensor:
+        """The per-token loss [b, s] with the LM head run only at up to ``max_masked_positions``
+        positions per sequence (per sequence-parallel slice), masked ones first; zero at the
+        others (``masked_positions.py``)."""
+        sequence_parallel = self.config.sequence_parallel
+        slices = process_groups.group_size(self.tp_group) if sequence_parallel else 1
+        positions = masked_positions.selected_positions(loss_mask, max_masked_positions, slices)
+        mine = process_groups.group_rank(self.tp_group) if sequence_parallel else 0
+        local = masked_positions.this_slice(positions, slices, mine, hidden_states.shape[0])
+        picked = masked_positions.gather_positions(hidden_states, local)
+        losses = self._logits_or_loss(self.lm_head(picked), torch.gather(lm_labels, 1, positions))
+        return masked_positions.scatter_losses(losses, positions, lm_labels.shape[1])
 
     def pooled_output(self, input_ids, attention_mask, tokentype_ids=None) -> torch.Tensor:
         """The pooler's output [b, h] (one-stage models with a pooler only)."""
