@@ -11,7 +11,7 @@ cannot be split along the sequence).
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -52,18 +52,30 @@ class ModelStep:
         dtype = next(self.model.parameters()).dtype
         return P2PConfig(self.pp_group, (seq, batch, self.hidden_size), dtype, device)
 
-    @torch.no_grad()
-    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, inference_context) -> Optional[torch.Tensor]:
+    def run_stage(self, tokens: torch.Tensor, forward: Callable[[], Any]) -> Any:
+        """``forward()`` on this pipeline stage of a forward over ``tokens`` [b, s]: the
+        previous stage's hidden states are received first and this stage's output is sent
+        on; returns the output on the last stage, None on the others."""
         batch, seq = tokens.shape
         if not self.is_first_stage:
             self.model.set_input_tensor(recv_forward(self._p2p(batch, seq, tokens.device)))
-        output = self.model(tokens, positions, None, inference_context=inference_context)
+        output = forward()
         if not self.is_last_stage:
             send_forward(output, self._p2p(batch, seq, tokens.device))
             return None
+        return output
+
+    def full_vocabulary(self, logits: torch.Tensor) -> torch.Tensor:
+        """The last stage's logits over the whole vocabulary (gathered over the
+        tensor-parallel group when the model keeps them split)."""
         if self.parallel_output and self.tp_size > 1:
-            output = tensor_parallel.gather_from_tensor_model_parallel_region(output, self.tp_group)
-        return output.float()
+            return tensor_parallel.gather_from_tensor_model_parallel_region(logits, self.tp_group)
+        return logits
+
+    @torch.no_grad()
+    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, inference_context) -> Optional[torch.Tensor]:
+        output = self.run_stage(tokens, lambda: self.model(tokens, positions, None, inference_context=inference_context))
+        return None if output is None else self.full_vocabulary(output).float()
 
     def share_from_last_stage(self, values: torch.Tensor) -> torch.Tensor:
         """``values`` as decided by the last stage's first tensor-parallel rank, on every rank

@@ -30,9 +30,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from megatron.core import tensor_parallel
 from megatron.core.inference.model_step import ModelStep
-from megatron.core.pipeline_parallel.p2p_communication import recv_forward, send_forward
 
 
 @dataclasses.dataclass
@@ -94,21 +92,14 @@ class EncoderStep(ModelStep):
     @torch.no_grad()
     def __call__(self, tokens: torch.Tensor, token_types: Optional[torch.Tensor], attention_mask: torch.Tensor,
                  hidden_states: bool = False):
-        batch, seq = tokens.shape
-        if not self.is_first_stage:
-            self.model.set_input_tensor(recv_forward(self._p2p(batch, seq, tokens.device)))
-        output = self.model(tokens, attention_mask, token_types, return_embeddings=hidden_states)
-        if not self.is_last_stage:
-            send_forward(output, self._p2p(batch, seq, tokens.device))
-            return None
-        if hidden_states:
+        output = self.run_stage(
+            tokens, lambda: self.model(tokens, attention_mask, token_types, return_embeddings=hidden_states))
+        if output is None or hidden_states:
             return output
         lm_logits, binary_logits = output
         if lm_logits is None:
             raise ValueError("masked-LM scoring needs the LM head: build the BertModel with add_lm_head=True")
-        if self.parallel_output and self.tp_size > 1:
-            lm_logits = tensor_parallel.gather_from_tensor_model_parallel_region(lm_logits, self.tp_group)
-        return lm_logits.float(), None if binary_logits is None else binary_logits.float()
+        return self.full_vocabulary(lm_logits).float(), None if binary_logits is None else binary_logits.float()
 
 
 @dataclasses.dataclass
