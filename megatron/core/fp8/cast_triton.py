@@ -17,6 +17,10 @@ reduction to one scalar ran at ~130 GB/s, the transposed cast at ~420 GB/s).
   (``tensorwise``); ``cast_delayed_scaling``: the cast with the scale the state holds
   (``delayed``), which takes the tensor's amax in the same pass, so the delayed recipe reads
   each operand once.
+- ``advance_delayed``: the delayed recipe's state update after that cast (the amax into the
+  history, the next scale from the history's window, the history's roll) in one launch of
+  one program: the same update in torch is about a dozen kernels of a few microseconds, and
+  a step casts thousands of operands.
 """
 
 from __future__ import annotations
@@ -147,3 +151,42 @@ def cast_delayed_scaling(x: torch.Tensor, scale_slot: torch.Tensor, dtype: torch
                        scale, scale, amax_out, FP8=_FP8[dtype], TRANSPOSE=transpose, FROM_AMAX=False, TAKE_AMAX=True,
                        BLOCK_M=64, BLOCK_N=64, num_warps=4)
     return q, q_t, scale, scale_inv, amax_out
+
+
+@triton.jit
+def _advance_delayed_kernel(history_ptr, stride, scale_ptr, amax_ptr, length, limit, margin_factor,
+                            USE_MAX: tl.constexpr, BLOCK: tl.constexpr):
+    idx = tl.arange(0, BLOCK)
+    valid = idx < length
+    amax = tl.load(amax_ptr)
+    # history[0] = amax, then the window: the history's max (NaN if it holds one: tl.max
+    # drops NaN) or the newest amax
+    window_values = tl.where(idx == 0, amax, tl.load(history_ptr + idx * stride, mask=valid, other=0.0))
+    if USE_MAX:
+        window = tl.max(tl.where(valid, window_values, float("-inf")), axis=0)
+        has_nan = tl.max(((window_values != window_values) & valid).to(tl.int32), axis=0) > 0
+        window = tl.where(has_nan, float("nan"), window)
+    else:
+        window = amax
+    # scaling.compute_scale: (limit / window) / 2^margin, the previous scale where the window
+    # is 0 or not finite; IEEE-rounded divisions as torch's
+    previous = tl.load(scale_ptr)
+    usable = (window > 0.0) & (window < float("inf"))
+    scale = tl.where(usable, tl.math.div_rn(tl.math.div_rn(limit, window), margin_factor), previous)
+    # the roll (newest first): [0, amax, history[1], ..., history[L-2]]; one entry keeps the amax
+    older = tl.load(history_ptr + (idx - 1) * stride, mask=valid & (idx >= 2), other=0.0)
+    rolled = tl.where(idx == 1, amax, older)
+    rolled = tl.where(idx == 0, tl.where(length == 1, amax, 0.0), rolled)
+    tl.debug_barrier()  # every lane has read the history before any lane writes it
+    tl.store(history_ptr + idx * stride, rolled, mask=valid)
+    tl.store(scale_ptr, scale)
+
+
+def advance_delayed(history: torch.Tensor, scale: torch.Tensor, amax: torch.Tensor, fmt_max: float, margin: int,
+                    use_max: bool) -> None:
+    """``scaling.advance_scales`` for one slot under ``delayed``, in place, in one launch:
+    ``history`` [L] (a column view of the amax history, newest first), ``scale`` (a
+    one-element view of the state's scale) and this call's ``amax`` (a float32 scalar)."""
+    length = history.numel()
+    _advance_delayed_kernel[(1,)](history, history.stride(0), scale, amax, length, fmt_max, float(2 ** margin),
+                                  USE_MAX=use_max, BLOCK=max(triton.next_power_of_2(length), 2), num_warps=1)

@@ -243,8 +243,9 @@ class Fp8Scaling(torch.nn.Module):
         over ``group``: a linear's forward and backward issue few enough host operations
         that the host keeps ahead of the GPU. Under ``delayed`` on CUDA one launch casts with
         the state's scale and takes the amax in the same pass; the amax is then reduced and
-        moves the state on (``advance_scales``), as ``scale_for`` would have done before the
-        cast. Elsewhere: ``scale_for`` and the casts."""
+        moves the state on in one more launch (``cast_triton.advance_delayed``, the update
+        ``advance_scales`` makes), as ``scale_for`` would have done before the cast.
+        Elsewhere: ``scale_for`` and the casts."""
         dtype = self.recipe.dtype(slot)
         if _use_triton(x):
             from megatron.core.fp8 import cast_triton
@@ -256,8 +257,9 @@ class Fp8Scaling(torch.nn.Module):
                     self.scale[slot:slot + 1]))
             q, q_t, scale, scale_inv, amax = cast_triton.cast_delayed_scaling(
                 x, self.scale[slot:slot + 1], dtype, transpose)
-            advance_scales(self.amax_history[:, slot], self.scale[slot], reduce_amax(amax, group), self.recipe,
-                           fp8_max(dtype))
+            cast_triton.advance_delayed(self.amax_history[:, slot], self.scale[slot:slot + 1],
+                                        reduce_amax(amax, group), fp8_max(dtype), self.recipe.margin,
+                                        self.recipe.amax_compute_algo == "max")
             return Fp8Operand(q, q_t, scale, scale_inv)
         scale = self.scale_for(x, slot, group)
         if transpose:

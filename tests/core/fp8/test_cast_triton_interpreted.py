@@ -67,10 +67,55 @@ _SCRIPT = textwrap.dedent("""
     print("ok")
 """)
 
+# advance_delayed (one launch) against advance_scales (torch) on a column of a [L, 3] history:
+# the newest amax in, the window's scale (or the previous one where the window is 0, inf or
+# NaN), the roll; amaxes that are 0, inf or NaN, and both window rules.
+_ADVANCE_SCRIPT = textwrap.dedent("""
+    import torch
+    from megatron.core.fp8 import cast_triton
+    from megatron.core.fp8.recipe import Fp8Recipe
+    from megatron.core.fp8.scaling import advance_scales
+
+    torch.manual_seed(0)
+    special = [0.0, float("inf"), float("nan")]
+    cases = 0
+    for length in (1, 2, 5, 16):
+        for algo in ("max", "most_recent"):
+            for margin in (0, 2):
+                for fmt_max in (448.0, 57344.0):
+                    recipe = Fp8Recipe(fmt="hybrid", recipe="delayed", amax_history_len=length, margin=margin,
+                                       amax_compute_algo=algo)
+                    history = torch.rand(length, 3) * 10
+                    scale = torch.rand(3) + 0.5
+                    fast_history, fast_scale = history.clone(), scale.clone()
+                    for step in range(8):
+                        amax = torch.tensor(special[step % 3] if step % 4 == 3 else float(torch.rand(1)) * 7)
+                        if step == 5:
+                            history[length - 1, 1] = fast_history[length - 1, 1] = float("nan")
+                        advance_scales(history[:, 1], scale[1], amax.clone(), recipe, fmt_max)
+                        cast_triton.advance_delayed(fast_history[:, 1], fast_scale[1:2], amax.clone(), fmt_max,
+                                                    margin, algo == "max")
+                        same = lambda a, b: torch.equal(a.nan_to_num(-1.0), b.nan_to_num(-1.0))
+                        assert same(fast_history, history), (length, algo, step, fast_history, history)
+                        assert same(fast_scale, scale), (length, algo, step, fast_scale, scale)
+                        cases += 1
+    print("ok", cases)
+""")
+
+
+def _interpreted(script: str) -> str:
+    repo = Path(__file__).resolve().parents[3]
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(repo))
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout.strip()
+
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
 def test_delayed_cast_takes_the_amax_in_its_pass_and_moves_the_state_as_eager():
-    repo = Path(__file__).resolve().parents[3]
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(repo))
-    done = subprocess.run([sys.executable, "-c", _SCRIPT], env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
+    assert _interpreted(_SCRIPT).endswith("ok")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
+def test_delayed_state_update_in_one_launch_equals_advance_scales():
+    assert _interpreted(_ADVANCE_SCRIPT).endswith("ok 256")
