@@ -33,6 +33,27 @@ def test_resume_is_bit_exact(reference_log, tmp_path):
     assert re.findall(r"lm loss: ([0-9.E+-]+)", resumed) == expected[4:]
 
 
+def test_selective_recompute_gives_the_same_losses(reference_log):
+    """--recompute-granularity selective recomputes the attention layers' core attention
+    (the Mamba and MLP layers keep their activations): the same kernels run again, so the
+    losses are those of the run without recompute, bit for bit."""
+    log = run_hybrid(1, ["--log-throughput", "--recompute-granularity", "selective"], iters=8)
+    assert losses(log) == losses(reference_log)
+
+
+def test_selective_recompute_reaches_the_attention_layers():
+    from megatron.core.models.mamba import MambaModel
+    from megatron.core.ssm.mamba_config import MambaConfig
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    config = TransformerConfig(num_layers=3, hidden_size=32, num_attention_heads=4, ffn_hidden_size=48,
+                               use_cpu_initialization=True, recompute_granularity="selective")
+    mamba = MambaConfig(mamba_state_dim=8, mamba_head_dim=8, mamba_num_groups=2, mamba_num_heads=8, chunk_size=4)
+    model = MambaModel(config, mamba, "M*-", vocab_size=64, max_sequence_length=16)
+    attention = [m for m in model.modules() if hasattr(m, "checkpoint_core_attention")]
+    assert attention and all(m.checkpoint_core_attention for m in attention)
+
+
 def _close(a, b, rtol=2e-5):
     assert len(a) == len(b) == 8, (a, b)
     for i, (x, y) in enumerate(zip(a, b)):

@@ -35,7 +35,9 @@ class HybridStack(torch.nn.Module):
     ``final_norm`` exists on the last stage. Later stages take their input from
     ``set_input_tensor``. With --recompute-granularity full every layer's input is kept and
     the layer is recomputed in backward (--recompute-method and --recompute-num-layers are
-    read as uniform groups of layers)."""
+    read as uniform groups of layers); with selective, the attention layers recompute their
+    core attention (``SelfAttention`` reads the config) and the Mamba and MLP layers keep
+    their activations, as in Megatron's hybrid stack."""
 
     def __init__(
         self,
@@ -54,9 +56,8 @@ class HybridStack(torch.nn.Module):
         if total != config.num_layers:
             raise ValueError(f"--hybrid-layer-pattern {hybrid_layer_pattern!r} has {total} layers but --num-layers "
                              f"is {config.num_layers}: make them agree")
-        if config.recompute_granularity not in (None, "full"):
-            raise ValueError(f"--recompute-granularity {config.recompute_granularity} is not supported for hybrid "
-                             "models: use full or none")
+        if config.recompute_granularity not in (None, "full", "selective"):
+            raise ValueError(f"--recompute-granularity must be full or selective, got {config.recompute_granularity!r}")
         if config.cpu_offloading_num_layers:
             raise ValueError("--cpu-offloading-num-layers is not supported for hybrid models: drop it "
                              "(--recompute-granularity full saves activation memory there)")
