@@ -29,14 +29,12 @@ def check_hybrid_layout(args) -> str:
     if args.context_parallel_size > 1:
         raise ValueError(f"--context-parallel-size {args.context_parallel_size} is not supported for hybrid models: "
                          "a Mamba layer would need its state passed between context-parallel ranks; use 1")
-    if args.virtual_pipeline_model_parallel_size is not None:
-        raise ValueError("the interleaved (virtual) pipeline is not supported for hybrid models: "
-                         "drop --num-virtual-stages-per-pipeline-rank / --num-layers-per-virtual-pipeline-stage")
     if args.position_embedding_type not in ("none", "rope"):
         raise ValueError(f"--position-embedding-type {args.position_embedding_type} is not supported for hybrid "
                          "models: pass --position-embedding-type none (or rope for the attention layers)")
     pattern = hybrid_layer_pattern_of(args)
-    stage_segment(pattern, args.pipeline_model_parallel_size, 0)  # refuses a cut that does not fit the stages
+    # refuses a cut that does not fit the stages (virtual ones included)
+    stage_segment(pattern, args.pipeline_model_parallel_size, 0, args.virtual_pipeline_model_parallel_size)
     return pattern
 
 
@@ -52,6 +50,7 @@ def model_provider(pre_process: bool = True, post_process: bool = True, vp_stage
         **language_model_kwargs(args, pre_process, post_process),
         rotary_percent=args.rotary_percent,
         rotary_base=args.rotary_base,
+        vp_stage=vp_stage,
     )
 
 

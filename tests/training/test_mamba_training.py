@@ -63,8 +63,11 @@ def _close(a, b, rtol=2e-5):
 @pytest.mark.parametrize("extra", [
     ["--tensor-model-parallel-size", "2", "--sequence-parallel"],
     ["--pipeline-model-parallel-size", "2", "--hybrid-layer-pattern", "M-|*M"],
+    # four stages of one layer: rank 0 holds chunks M and *, rank 1 holds - and M
+    ["--pipeline-model-parallel-size", "2", "--num-virtual-stages-per-pipeline-rank", "2",
+     "--hybrid-layer-pattern", "M|-|*|M"],
     ["--use-distributed-optimizer"],
-], ids=["tp2-sp", "pp2-cut", "dp2-distopt"])
+], ids=["tp2-sp", "pp2-cut", "pp2-vpp2", "dp2-distopt"])
 def test_parallel_layout_matches_single_process(reference_log, extra):
     """Two ranks in each layout give the single-process losses.
 

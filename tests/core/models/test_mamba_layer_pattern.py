@@ -16,10 +16,27 @@ def test_stage_cuts_give_each_stage_its_segment_and_offset():
     # No cut: an even split.
     assert stage_segment("MM*-", 2, 1) == ("*-", 2)
     assert stage_segment("MM*-", 1, 0) == ("MM*-", 0)
+    # one stage runs a pipelined pattern whole (a PP run's flags on one process)
+    assert stage_segment("M-M*|-MM*", 1, 0) == ("M-M*-MM*", 0)
+
+
+def test_virtual_stages_go_round_the_pipeline_ranks():
+    """pp x vp stages; stage i is chunk i // pp of rank i % pp (Megatron's layout rule)."""
+    pattern = "M-|*M|M*|-M"
+    assert stage_segment(pattern, 2, 0, 2, 0) == ("M-", 0)
+    assert stage_segment(pattern, 2, 1, 2, 0) == ("*M", 2)
+    assert stage_segment(pattern, 2, 0, 2, 1) == ("M*", 4)
+    assert stage_segment(pattern, 2, 1, 2, 1) == ("-M", 6)
+    assert stage_segment("MM*-MM*-", 2, 1, 2, 1) == ("*-", 6)  # no cut: an even split into 4
+    with pytest.raises(ValueError, match="2 pipeline segments but the pipeline has 4 stages"):
+        stage_segment("MM|MM", 2, 0, 2, 0)
+    with pytest.raises(ValueError, match="not divisible by 4 stages"):
+        stage_segment("MM*-MM", 2, 0, 2, 0)
 
 
 @pytest.mark.parametrize("pattern,pp,match", [
     ("MM|MM", 3, "2 pipeline segments"), ("MM*", 2, "not divisible"), ("MM||M", 3, "empty pipeline segment"),
+    ("MM||M", 1, "empty pipeline segment"),
 ])
 def test_bad_cuts_are_refused(pattern, pp, match):
     with pytest.raises(ValueError, match=match):

@@ -31,7 +31,8 @@ def build_hybrid_layer(symbol: str, config: TransformerConfig, mamba_config: Mam
 
 class HybridStack(torch.nn.Module):
     """forward(hidden_states [s(/tp), b, h], attention_mask=None, rotary_pos_emb=None,
-    inference_context=None (generation: KV cache and recurrent states)) -> [s(/tp), b, h]. Layers are this pipeline stage's segment of ``hybrid_layer_pattern``;
+    inference_context=None (generation: KV cache and recurrent states)) -> [s(/tp), b, h]. Layers are this pipeline stage's segment of ``hybrid_layer_pattern``
+    (model chunk ``vp_stage``'s with the interleaved schedule: ``layer_pattern.stage_segment``);
     ``final_norm`` exists on the last stage. Later stages take their input from
     ``set_input_tensor``. With --recompute-granularity full every layer's input is kept and
     the layer is recomputed in backward (--recompute-method and --recompute-num-layers are
@@ -47,6 +48,7 @@ class HybridStack(torch.nn.Module):
         pre_process: bool = True,
         post_process: bool = True,
         pg_collection: Optional[process_groups.ProcessGroups] = None,
+        vp_stage: Optional[int] = None,
     ):
         super().__init__()
         groups = process_groups.resolve(pg_collection)
@@ -61,7 +63,9 @@ class HybridStack(torch.nn.Module):
         if config.cpu_offloading_num_layers:
             raise ValueError("--cpu-offloading-num-layers is not supported for hybrid models: drop it "
                              "(--recompute-granularity full saves activation memory there)")
-        segment, offset = stage_segment(hybrid_layer_pattern, groups.size("pp"), groups.rank("pp"))
+        pp_size = groups.size("pp")
+        vp_size = getattr(config, "virtual_pipeline_model_parallel_size", None) if pp_size > 1 else None
+        segment, offset = stage_segment(hybrid_layer_pattern, pp_size, groups.rank("pp"), vp_size, vp_stage)
         self.layer_pattern, self.layer_offset = segment, offset
         layers = []
         for i, symbol in enumerate(segment):

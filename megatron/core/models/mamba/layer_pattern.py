@@ -79,26 +79,44 @@ def allocate_layers(num_layers: int, attention_ratio: float, mlp_ratio: float,
     return "".join(layers)
 
 
-def stage_segment(pattern: str, pp_size: int, pp_rank: int) -> tuple:
-    """(this stage's layer symbols, global offset of its first layer) for ``pp_rank``.
+def stage_segment(pattern: str, pp_size: int, pp_rank: int, vp_size: Optional[int] = None,
+                  vp_stage: Optional[int] = None) -> tuple:
+    """(this stage's layer symbols, global offset of its first layer) for ``pp_rank`` and,
+    with the interleaved schedule, its model chunk ``vp_stage`` of ``vp_size``.
 
-    With ``|`` cuts there must be one segment per stage; without, the layers are split
-    evenly (the count must divide)."""
+    The model has pp_size x vp_size stages (vp_size 1 without interleaving); stage i runs on
+    pipeline rank i % pp_size as its chunk i // pp_size, the rule of Megatron's
+    --pipeline-model-parallel-layout. With ``|`` cuts there must be one segment per stage;
+    without, the layers are split evenly (the count must divide). A single stage (no
+    pipeline parallelism) runs the whole pattern whatever its cuts, so a pipelined run's
+    pattern also runs on one process."""
+    chunks = vp_size or 1
+    stages = pp_size * chunks
     segments = parse_pattern(pattern)
-    if len(segments) == 1 and pp_size > 1:
-        layers = segments[0]
-        if len(layers) % pp_size:
-            raise ValueError(f"--hybrid-layer-pattern {pattern!r} has {len(layers)} layers, not divisible by "
-                             f"--pipeline-model-parallel-size {pp_size}: cut the stages with '|'")
-        per = len(layers) // pp_size
-        segments = [layers[i * per:(i + 1) * per] for i in range(pp_size)]
-    if len(segments) != pp_size:
-        raise ValueError(f"--hybrid-layer-pattern {pattern!r} has {len(segments)} pipeline segments but "
-                         f"--pipeline-model-parallel-size is {pp_size}: use {pp_size - 1} '|' cuts")
     if any(not seg for seg in segments):
         raise ValueError(f"--hybrid-layer-pattern {pattern!r} has an empty pipeline segment")
-    offset = sum(len(seg) for seg in segments[:pp_rank])
-    return segments[pp_rank], offset
+    if stages == 1:
+        return "".join(segments), 0
+    if len(segments) == 1:
+        layers = segments[0]
+        if len(layers) % stages:
+            raise ValueError(f"--hybrid-layer-pattern {pattern!r} has {len(layers)} layers, not divisible by "
+                             f"{_stages_named(pp_size, chunks)}: cut the stages with '|'")
+        per = len(layers) // stages
+        segments = [layers[i * per:(i + 1) * per] for i in range(stages)]
+    if len(segments) != stages:
+        raise ValueError(f"--hybrid-layer-pattern {pattern!r} has {len(segments)} pipeline segments but the "
+                         f"pipeline has {_stages_named(pp_size, chunks)}: use {stages - 1} '|' cuts")
+    stage = (vp_stage or 0) * pp_size + pp_rank
+    offset = sum(len(seg) for seg in segments[:stage])
+    return segments[stage], offset
+
+
+def _stages_named(pp_size: int, chunks: int) -> str:
+    if chunks == 1:
+        return f"--pipeline-model-parallel-size {pp_size} stages"
+    return (f"{pp_size * chunks} stages (--pipeline-model-parallel-size {pp_size} x {chunks} virtual stages per "
+            "pipeline rank)")
 
 
 def resolve_layer_pattern(num_layers: int, hybrid_layer_pattern: Optional[str], attention_ratio: float = 0.0,

@@ -50,8 +50,10 @@ class MambaModel(LanguageModule):
         rotary_percent: float = 1.0,
         rotary_base: int = 10000,
         pg_collection: Optional[process_groups.ProcessGroups] = None,
+        vp_stage: Optional[int] = None,
     ):
         super().__init__(config, pg_collection=pg_collection)
+        self.vp_stage = vp_stage
         self._init_language_model(
             vocab_size=vocab_size, max_sequence_length=max_sequence_length, pre_process=pre_process,
             post_process=post_process, fp16_lm_cross_entropy=fp16_lm_cross_entropy, parallel_output=parallel_output,
@@ -68,7 +70,7 @@ class MambaModel(LanguageModule):
             self.rotary_pos_emb = RotaryEmbedding(config.kv_channels, rotary_percent,
                                                   rotary_interleaved=config.rotary_interleaved, rotary_base=rotary_base)
         self.decoder = HybridStack(config, mamba_config, hybrid_layer_pattern, pre_process=pre_process,
-                                   post_process=post_process, pg_collection=self.pg_collection)
+                                   post_process=post_process, pg_collection=self.pg_collection, vp_stage=vp_stage)
         if post_process:
             self._build_output_layer(bias=False)
         self.setup_embeddings_and_output_layer()
