@@ -125,6 +125,10 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scaling: Fp8Scaling, *, am
     group the amaxes are reduced over; ``backend``: default chosen from the weight's device;
     ``gather_group``: x [s/tp, ..., K] is a sequence-parallel block, all-gathered in FP8
     over that group (the output is [s, ..., N], the input gradient reduce-scattered)."""
+    if gather_group is not None and not gathers_in_fp8(scaling, weight):
+        raise ValueError("fp8_linear(gather_group=...) keeps only FP8 copies of the gathered input, but "
+                         "--no-fp8-wgrad computes the weight gradient from the high-precision input: "
+                         "gather it first (gather_from_sequence_parallel_region) and pass no gather_group")
     if backend is None:
         backend = select_backend(weight.device, scaling.recipe.emulation)
     return _Fp8LinearFunction.apply(x, weight, scaling, backend, amax_group, fuse_accumulation, gather_group)
