@@ -12,6 +12,7 @@ from __future__ import annotations
 from megatron.core.models.mamba import MambaModel
 from megatron.core.models.mamba.layer_pattern import stage_segment
 from megatron.core.ssm.mamba_config import MambaConfig
+from megatron.core.ssm.mamba_context_parallel import check_context_parallel_split
 from megatron.core.transformer.enums import ModelType
 from megatron.training import get_args, pretrain, print_rank_0
 from megatron.training.config_from_args import build_config, core_transformer_config_from_args
@@ -26,9 +27,10 @@ HYBRID_DEFAULTS = {"is_hybrid_model": True}
 
 def check_hybrid_layout(args) -> str:
     """The layer pattern, after refusing layouts the hybrid model does not support."""
-    if args.context_parallel_size > 1:
-        raise ValueError(f"--context-parallel-size {args.context_parallel_size} is not supported for hybrid models: "
-                         "a Mamba layer would need its state passed between context-parallel ranks; use 1")
+    mamba = build_config(MambaConfig, args)
+    mamba.validate(args.hidden_size, args.tensor_model_parallel_size)
+    check_context_parallel_split(mamba.num_heads(args.hidden_size) // args.tensor_model_parallel_size,
+                                 mamba.mamba_num_groups // args.tensor_model_parallel_size, args.context_parallel_size)
     if args.position_embedding_type not in ("none", "rope"):
         raise ValueError(f"--position-embedding-type {args.position_embedding_type} is not supported for hybrid "
                          "models: pass --position-embedding-type none (or rope for the attention layers)")

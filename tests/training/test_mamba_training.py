@@ -60,23 +60,27 @@ def _close(a, b, rtol=2e-5):
         assert abs(x - y) <= rtol * abs(y), f"iteration {i + 1}: {x} vs {y} (rtol {rtol})"
 
 
-@pytest.mark.parametrize("extra", [
-    ["--tensor-model-parallel-size", "2", "--sequence-parallel"],
-    ["--pipeline-model-parallel-size", "2", "--hybrid-layer-pattern", "M-|*M"],
+@pytest.mark.parametrize("world, extra", [
+    (2, ["--tensor-model-parallel-size", "2", "--sequence-parallel"]),
+    (2, ["--pipeline-model-parallel-size", "2", "--hybrid-layer-pattern", "M-|*M"]),
     # four stages of one layer: rank 0 holds chunks M and *, rank 1 holds - and M
-    ["--pipeline-model-parallel-size", "2", "--num-virtual-stages-per-pipeline-rank", "2",
-     "--hybrid-layer-pattern", "M|-|*|M"],
-    ["--use-distributed-optimizer"],
-], ids=["tp2-sp", "pp2-cut", "pp2-vpp2", "dp2-distopt"])
-def test_parallel_layout_matches_single_process(reference_log, extra):
-    """Two ranks in each layout give the single-process losses.
+    (2, ["--pipeline-model-parallel-size", "2", "--num-virtual-stages-per-pipeline-rank", "2",
+         "--hybrid-layer-pattern", "M|-|*|M"]),
+    (2, ["--use-distributed-optimizer"]),
+    # each CP rank scans 4 of the 8 heads and 1 of the 2 groups over the whole sequence
+    (2, ["--context-parallel-size", "2"]),
+    # one group per TP rank, shared by both CP ranks
+    (4, ["--context-parallel-size", "2", "--tensor-model-parallel-size", "2", "--sequence-parallel"]),
+], ids=["tp2-sp", "pp2-cut", "pp2-vpp2", "dp2-distopt", "cp2", "cp2xtp2-sp"])
+def test_parallel_layout_matches_single_process(reference_log, world, extra):
+    """Each layout gives the single-process losses.
 
     Tolerance as in test_gpt_parity: every layout starts from the same weights
     (--use-cpu-initialization; the mixer draws its full weights, then slices heads and
     groups), and only the order of float32 sums differs (TP partial sums, DP gradient
-    averaging), ~1e-7 relative per step, carried by Adam over 8 steps; 2e-5 is far above
-    that and far below a real error (a mixer that splits its in-projection rows as one
-    block instead of per part mixes z, x, B, C and dt between ranks and breaks the loss
-    at step 1)."""
-    log = run_hybrid(2, ["--log-throughput"] + extra, iters=8)
+    averaging, CP ranks' gradient slices added), ~1e-7 relative per step, carried by Adam
+    over 8 steps; 2e-5 is far above that and far below a real error (a mixer that splits
+    its in-projection rows as one block instead of per part mixes z, x, B, C and dt
+    between ranks and breaks the loss at step 1)."""
+    log = run_hybrid(world, ["--log-throughput"] + extra, iters=8)
     _close(losses(log), losses(reference_log))

@@ -15,9 +15,10 @@ Tensor parallelism splits heads and groups: rank r holds heads [r*H/tp, (r+1)*H/
 groups [r*G/tp, (r+1)*G/tp), i.e. its block of each of z, x, B, C, dt. The in-projection
 is column parallel and the out-projection row parallel (with sequence parallelism, the
 sequence is all-gathered before the one and reduce-scattered after the other); everything
-in between is local to the rank. A fused weight is therefore a concatenation of separately
-split parts: it carries ``partition_sizes`` (the local part sizes) so checkpoints store
-the TP=1 layout whatever the tensor-parallel size. Weights are drawn full and then sliced,
+in between is local to the rank (context parallelism deals the rank's heads out further
+for the conv and the scan: ``mamba_context_parallel``). A fused weight is therefore a
+concatenation of separately split parts: it carries ``partition_sizes`` (the local part
+sizes) so checkpoints store the TP=1 layout whatever the tensor-parallel size. Weights are drawn full and then sliced,
 so every tensor-parallel size starts from the same model.
 """
 
@@ -35,6 +36,7 @@ from megatron.core.fusions.fused_norms import fused_gated_rms_norm
 from megatron.core.process_groups import group_rank, group_size
 from megatron.core.ssm.causal_conv1d import causal_conv1d
 from megatron.core.ssm.mamba_config import MambaConfig
+from megatron.core.ssm.mamba_context_parallel import HeadShare, MambaContextParallel
 from megatron.core.ssm.mamba_recurrence import (
     conv_state_of,
     conv_step,
@@ -97,7 +99,8 @@ class MambaMixer(torch.nn.Module):
         super().__init__()
         self.config, self.mamba_config = config, mamba_config
         self.layer_number = layer_number  # names this layer's state in an inference context
-        self.tp_group = process_groups.resolve(pg_collection).tp
+        groups = process_groups.resolve(pg_collection)
+        self.tp_group = groups.tp
         tp, rank = group_size(self.tp_group), group_rank(self.tp_group)
         mamba_config.validate(config.hidden_size, tp)
         hidden = config.hidden_size
@@ -141,6 +144,10 @@ class MambaMixer(torch.nn.Module):
             self.d_inner, hidden, config=config, init_method=config.output_layer_init_method, bias=False,
             input_is_parallel=True, skip_bias_add=True, tp_group=self.tp_group,
         )
+        self.context_parallel = None
+        if group_size(groups.cp) > 1:
+            self.context_parallel = MambaContextParallel(groups.cp, self.nheads_local, self.ngroups_local,
+                                                         self.headdim, self.d_state)
 
     def _draw_full_params(self, proj_rows: int, conv_dim: int) -> dict:
         """The full (TP=1) initial values, drawn in a fixed order from the CPU generator."""
@@ -164,29 +171,38 @@ class MambaMixer(torch.nn.Module):
         z, xbc, dt = torch.split(zxbcdt, [self.d_inner_local, self.d_inner_local + 2 * bc, self.nheads_local], dim=-1)
         return z, xbc, dt
 
-    def _dt_and_A(self, dt: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    def _whole_share(self) -> HeadShare:
+        """This tensor-parallel rank's heads and the parameters they use."""
+        return HeadShare(self.nheads_local, self.ngroups_local, self.conv1d.weight.squeeze(1), self.conv1d.bias,
+                         self.dt_bias, self.A_log, self.D)
+
+    def _dt_and_A(self, dt: torch.Tensor, share: Optional[HeadShare] = None) -> Tuple[torch.Tensor, torch.Tensor]:
         """Raw dt [..., h] -> (softplus(dt + dt_bias) within --dt limits, A = -exp(A_log)), fp32."""
-        dt = F.softplus(dt.float() + self.dt_bias.float())
+        share = share or self._whole_share()
+        dt = F.softplus(dt.float() + share.dt_bias.float())
         lo, hi = self.mamba_config.dt_limit
         if (lo, hi) != (0.0, float("inf")):
             dt = dt.clamp(min=lo, max=hi)
-        return dt, -torch.exp(self.A_log.float())
+        return dt, -torch.exp(share.A_log.float())
 
-    def _split_xbc(self, xbc: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """[..., conv_dim] -> x [..., h, p], B and C [..., g, n] (views, this rank's heads)."""
-        bc = self.ngroups_local * self.d_state
-        x, B, C = torch.split(xbc, [self.d_inner_local, bc, bc], dim=-1)
+    def _split_xbc(self, xbc: torch.Tensor, share: Optional[HeadShare] = None
+                   ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """[..., conv_dim] -> x [..., h, p], B and C [..., g, n] (views, the share's heads)."""
+        heads, groups = (share.nheads, share.ngroups) if share else (self.nheads_local, self.ngroups_local)
+        bc = groups * self.d_state
+        x, B, C = torch.split(xbc, [heads * self.headdim, bc, bc], dim=-1)
         lead = xbc.shape[:-1]
-        return (x.reshape(*lead, self.nheads_local, self.headdim), B.reshape(*lead, self.ngroups_local, self.d_state),
-                C.reshape(*lead, self.ngroups_local, self.d_state))
+        return (x.reshape(*lead, heads, self.headdim), B.reshape(*lead, groups, self.d_state),
+                C.reshape(*lead, groups, self.d_state))
 
-    def _conv_and_scan(self, xbc: torch.Tensor, dt: torch.Tensor) -> torch.Tensor:
-        """xbc [b, s, conv_dim], raw dt [b, s, h] -> y [b, s, d_inner/tp] (training, scoring)."""
+    def _conv_and_scan(self, xbc: torch.Tensor, dt: torch.Tensor, share: HeadShare) -> torch.Tensor:
+        """xbc [b, s, the share's conv channels], raw dt [b, s, its heads] -> y [b, s, its heads x
+        head dim] (training, scoring)."""
         b, s, _ = xbc.shape
-        xbc = causal_conv1d(xbc, self.conv1d.weight.squeeze(1), self.conv1d.bias, activation="silu")
-        x, B, C = self._split_xbc(xbc)
-        dt, A = self._dt_and_A(dt)
-        return ssd_scan(x, dt, A, B, C, self.mamba_config.chunk_size, self.D).reshape(b, s, self.d_inner_local)
+        xbc = causal_conv1d(xbc, share.conv_weight, share.conv_bias, activation="silu")
+        x, B, C = self._split_xbc(xbc, share)
+        dt, A = self._dt_and_A(dt, share)
+        return ssd_scan(x, dt, A, B, C, self.mamba_config.chunk_size, share.D).reshape(b, s, share.nheads * self.headdim)
 
     def _scan_from_state(self, xbc: torch.Tensor, dt: torch.Tensor, state):
         """Several tokens after ``state`` ((conv, SSM) or None for the start of the sequences)
@@ -266,12 +282,19 @@ class MambaMixer(torch.nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, inference_context=None) -> Tuple[torch.Tensor, None]:
         zxbcdt, _ = self.in_proj(hidden_states)  # [s, b, proj/tp]
-        zxbcdt = zxbcdt.transpose(0, 1)  # [b, s, proj/tp]: the scan runs batch first
         z, xbc, dt = self._split_projection(zxbcdt)
-        if inference_context is None:
-            y = self._conv_and_scan(xbc, dt)
+        z = z.transpose(0, 1)  # [b, s, d_inner/tp]: the scan runs batch first
+        if self.context_parallel is not None:
+            if inference_context is not None:
+                raise ValueError("generation does not run context-parallel: load the model with "
+                                 "--context-parallel-size 1")
+            cp = self.context_parallel
+            xbc, dt = cp.to_heads(xbc, dt)
+            y = cp.to_sequence(self._conv_and_scan(xbc, dt, cp.share(self._whole_share())))
+        elif inference_context is None:
+            y = self._conv_and_scan(xbc.transpose(0, 1), dt.transpose(0, 1), self._whole_share())
         else:
-            y = self._cached_conv_and_scan(xbc, dt, inference_context)
+            y = self._cached_conv_and_scan(xbc.transpose(0, 1), dt.transpose(0, 1), inference_context)
         y = gated_rms_norm(y, z, self.norm.weight, self.ngroups_local, self.mamba_config.norm_eps)
         out, _ = self.out_proj(y.transpose(0, 1).contiguous())
         return out, None

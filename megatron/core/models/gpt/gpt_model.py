@@ -17,7 +17,6 @@ from megatron.core import process_groups
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 from megatron.core.transformer.multi_latent_attention import mla_rotary_embedding
 from megatron.core.models.common.language_module.language_module import LanguageModule
-from megatron.core.transformer.context_parallel import get_pos_emb_on_this_cp_rank
 from megatron.core.transformer.multi_token_prediction import MultiTokenPredictionBlock, check_mtp_config
 from megatron.core.transformer.transformer_block import TransformerBlock
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -138,24 +137,6 @@ class GPTModel(LanguageModule):
             if config.cross_entropy_loss_fusion and config.cross_entropy_fusion_impl == "te":
                 logger.info("--cross-entropy-fusion-impl te: using the native chunked cross entropy (no Transformer Engine needed)")
         self.setup_embeddings_and_output_layer()
-
-    def _rotary_freqs(self, decoder_input: Optional[torch.Tensor], inference_context=None):
-        if self.position_embedding_type != "rope":
-            return None
-        reference = decoder_input if decoder_input is not None else self.decoder.input_tensor
-        seq_len = reference.size(0)
-        if inference_context is not None:
-            # Generation feeds the tokens after the cached ones: the context knows their positions.
-            return inference_context.rotary_freqs(self.rotary_pos_emb, seq_len, reference.device)
-        if self.config.sequence_parallel:
-            # Activations hold s/tp positions here; attention sees the whole sequence.
-            seq_len *= process_groups.group_size(self.tp_group)
-        cp_group = self.pg_collection.cp
-        # Context parallelism: this rank holds chunks of the whole sequence; rotate by
-        # their global positions.
-        seq_len *= process_groups.group_size(cp_group)
-        freqs = self.rotary_pos_emb(seq_len, device=reference.device)
-        return get_pos_emb_on_this_cp_rank(freqs, 0, cp_group)
 
     def forward(
         self,

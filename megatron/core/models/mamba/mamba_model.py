@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from typing import Optional
 
-import torch
 
 from megatron.core import process_groups
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
@@ -80,18 +79,6 @@ class MambaModel(LanguageModule):
         """The whole model (every pipeline stage alike) has Mamba layers, whose generation
         state is a recurrent one rather than a KV cache."""
         return MAMBA in self.hybrid_layer_pattern
-
-    def _rotary_freqs(self, decoder_input: Optional[torch.Tensor], inference_context=None):
-        if self.position_embedding_type != "rope":
-            return None
-        reference = decoder_input if decoder_input is not None else self.decoder.input_tensor
-        seq_len = reference.size(0)
-        if inference_context is not None:
-            # Generation feeds the tokens after the cached ones: the context knows their positions.
-            return inference_context.rotary_freqs(self.rotary_pos_emb, seq_len, reference.device)
-        if self.config.sequence_parallel:
-            seq_len *= process_groups.group_size(self.tp_group)
-        return self.rotary_pos_emb(seq_len, device=reference.device)
 
     def forward(self, input_ids, position_ids=None, attention_mask=None, decoder_input=None, labels=None,
                 inference_context=None):

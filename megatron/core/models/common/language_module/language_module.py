@@ -17,6 +17,7 @@ from megatron.core import process_groups, tensor_parallel
 from megatron.core.dist_checkpointing.state_dict_api import model_sharded_state_dict
 from megatron.core.fusions.fused_cross_entropy import fused_vocab_parallel_cross_entropy
 from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding
+from megatron.core.transformer.context_parallel import get_pos_emb_on_this_cp_rank
 from megatron.core.transformer.init_rng import initialization_stream
 from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -90,6 +91,26 @@ class LanguageModule(torch.nn.Module):
                 skip_weight_param_allocation=self.pre_process and self.share_embeddings_and_output_weights,
                 tp_group=self.tp_group,
             )
+
+    def _rotary_freqs(self, decoder_input: Optional[torch.Tensor], inference_context=None):
+        """Rotary angles of the positions the stack holds (None without RoPE); a family with
+        --position-embedding-type rope builds ``rotary_pos_emb``."""
+        if self.position_embedding_type != "rope":
+            return None
+        reference = decoder_input if decoder_input is not None else getattr(self, self.stack_attribute).input_tensor
+        seq_len = reference.size(0)
+        if inference_context is not None:
+            # Generation feeds the tokens after the cached ones: the context knows their positions.
+            return inference_context.rotary_freqs(self.rotary_pos_emb, seq_len, reference.device)
+        if self.config.sequence_parallel:
+            # Activations hold s/tp positions here; attention sees the whole sequence.
+            seq_len *= process_groups.group_size(self.tp_group)
+        cp_group = self.pg_collection.cp
+        # Context parallelism: this rank holds chunks of the whole sequence; rotate by
+        # their global positions.
+        seq_len *= process_groups.group_size(cp_group)
+        freqs = self.rotary_pos_emb(seq_len, device=reference.device)
+        return get_pos_emb_on_this_cp_rank(freqs, 0, cp_group)
 
     def set_input_tensor(self, input_tensor) -> None:
         """Give the stack the activation from the previous pipeline stage ([s(/tp), b, h]
