@@ -127,6 +127,13 @@ def tensor_placement(name: str, tensor: torch.Tensor, groups: ProcessGroups) -> 
     return TensorPlacement(key, tuple(global_shape), dim, pieces, allow_mismatch)
 
 
+def unwrapped(chunk: torch.nn.Module) -> torch.nn.Module:
+    """A model chunk without its data-parallel and precision wrappers."""
+    while hasattr(chunk, "module"):
+        chunk = chunk.module
+    return chunk
+
+
 def model_placements(chunks: Sequence[torch.nn.Module], groups: ProcessGroups
                      ) -> List[Tuple[torch.Tensor, TensorPlacement]]:
     """(tensor, placement) for every param and persistent buffer of this rank's chunks
@@ -134,9 +141,7 @@ def model_placements(chunks: Sequence[torch.nn.Module], groups: ProcessGroups
     out = []
     seen = set()
     for chunk in chunks:
-        while hasattr(chunk, "module"):
-            chunk = chunk.module
-        for tensor, name in global_tensor_names(chunk).items():
+        for tensor, name in global_tensor_names(unwrapped(chunk)).items():
             if id(tensor) in seen:
                 continue
             seen.add(id(tensor))

@@ -52,6 +52,7 @@ from megatron.training.checkpointing.faults import FaultHook, crash_point
 from megatron.training.checkpointing.free_space import check_free_space, free_bytes
 from megatron.training.checkpointing.manifest import (
     MANIFEST_FILENAME,
+    MEGATRON_LM_KEY_LAYOUT,
     checksums,
     read_manifest,
     verify_files,
@@ -262,7 +263,8 @@ def _write_and_commit(plan, args, root: str, iteration: int, comm: CheckpointCom
     if rank == 0:
         files = {name: entry for ranks_sums, _ in gathered for name, entry in ranks_sums.items()}
         files.update(checksums(staging, plan.commit_files(staging)))
-        write_manifest(staging, args.ckpt_format, iteration, parallel_layout(args), files)
+        key_layout = MEGATRON_LM_KEY_LAYOUT if getattr(args, "ckpt_megatron_lm_layout", False) else None
+        write_manifest(staging, args.ckpt_format, iteration, parallel_layout(args), files, key_layout)
         layout.commit(root, iteration)
     barrier(group)
     hook("after_commit", rank, iteration)

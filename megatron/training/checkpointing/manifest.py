@@ -50,8 +50,14 @@ def framework_version() -> str:
         return "source"
 
 
+# The manifest's "key_layout" of a checkpoint written in Megatron-LM's layout.
+MEGATRON_LM_KEY_LAYOUT = "megatron-lm"
+
+
 def write_manifest(directory: str, ckpt_format: str, iteration: int, layout: dict,
-                   files: Dict[str, Dict[str, int]]) -> None:
+                   files: Dict[str, Dict[str, int]], key_layout: Optional[str] = None) -> None:
+    """``key_layout``: MEGATRON_LM_KEY_LAYOUT for a checkpoint written in Megatron-LM's key
+    layout (--ckpt-megatron-lm-layout), which loading then reads as Megatron-LM's."""
     manifest = {
         "manifest_version": MANIFEST_VERSION,
         "ckpt_format": ckpt_format,
@@ -62,6 +68,8 @@ def write_manifest(directory: str, ckpt_format: str, iteration: int, layout: dic
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "files": dict(sorted(files.items())),
     }
+    if key_layout is not None:
+        manifest["key_layout"] = key_layout
     data = json.dumps(manifest, indent=1).encode("utf-8")
     atomic_write(os.path.join(directory, MANIFEST_FILENAME), lambda handle: handle.write(data))
 

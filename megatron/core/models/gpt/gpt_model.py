@@ -53,6 +53,10 @@ class GPTModel(LanguageModule):
     positions).
     """
 
+    # Megatron-LM's GPTModel drops the output layer's empty extra state from its torch_dist
+    # checkpoints (its legacy files keep it).
+    megatron_output_extra_state = False
+
     def __init__(
         self,
         config: TransformerConfig,

@@ -33,6 +33,9 @@ class MambaModel(LanguageModule):
     is the attention layers' KV cache and the Mamba layers' recurrent states.
     """
 
+    # Megatron-LM builds hybrid stacks from Transformer Engine modules only.
+    megatron_te_norm_names = True
+
     def __init__(
         self,
         config: TransformerConfig,

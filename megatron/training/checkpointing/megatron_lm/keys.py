@@ -10,8 +10,13 @@ Megatron-LM's torch_dist checkpoints store them differently:
 - experts get a leading expert axis under ``mlp.experts.experts.…`` [.., num_experts, ...];
 - the layer norms use the Transformer Engine names, with the local spec too:
   ``input_layernorm.X`` -> ``self_attention.linear_qkv.layer_norm_X``,
-  ``pre_mlp_layernorm.X`` -> ``mlp.linear_fc1.layer_norm_X``;
-- each linear layer has a pickled ``_extra_state`` entry (``[None]`` without FP8).
+  ``pre_mlp_layernorm.X`` -> ``mlp.linear_fc1.layer_norm_X``, and a hybrid model's Mamba
+  layer ``norm.X`` -> ``mixer.in_proj.layer_norm_X``;
+- each linear layer has a pickled ``_extra_state`` entry (``[None]`` without FP8);
+- hybrid (Mamba) stacks always keep per-layer keys, and a Mamba mixer's fused tensors are
+  stored as one tensor per part: ``mixer.in_proj.weight.z`` (``.x``, ``.B``, ``.C``,
+  ``.dt``), ``mixer.conv1d.weight.x`` (``.B``, ``.C``), the same for ``conv1d.bias``; each
+  part is split over the tensor-parallel ranks on its own.
 
 Legacy (``torch`` format) files use per-layer names local to the pipeline stage, the
 local spec's norm names, or the TE names when Megatron ran with Transformer Engine.
@@ -23,11 +28,18 @@ import re
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
-LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+# A layer's tensor: the stack (``decoder``; BERT's ``encoder``), the layer index, the rest.
+LAYER = re.compile(r"^(?P<stack>decoder|encoder)\.layers\.(?P<index>\d+)\.(?P<rest>.+)$")
 EXPERT = re.compile(r"^mlp\.experts\.local_experts\.(\d+)\.(.+)$")
 NORM_TO_TE = (("input_layernorm.", "self_attention.linear_qkv.layer_norm_"),
-              ("pre_mlp_layernorm.", "mlp.linear_fc1.layer_norm_"))
-LINEARS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
+              ("pre_mlp_layernorm.", "mlp.linear_fc1.layer_norm_"),
+              ("norm.", "mixer.in_proj.layer_norm_"))
+LINEARS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2", "in_proj", "out_proj")
+# A Mamba mixer's fused tensors (rows [z ; x ; B ; C ; dt] and [x ; B ; C]) and the names
+# of their parts, the suffixes of Megatron's keys.
+FUSED_PARTS = {"mixer.in_proj.weight": ("z", "x", "B", "C", "dt"),
+               "mixer.conv1d.weight": ("x", "B", "C"),
+               "mixer.conv1d.bias": ("x", "B", "C")}
 EXTRA_STATE = "_extra_state"
 
 
@@ -64,13 +76,21 @@ def local_norm_name(rest: str) -> str:
     return rest
 
 
+def fused_parts(name: str) -> Optional[Tuple[str, ...]]:
+    """The part names of a fused tensor Megatron stores part by part, else None."""
+    for suffix, parts in FUSED_PARTS.items():
+        if name.endswith("." + suffix):
+            return parts
+    return None
+
+
 def megatron_keys(name: str, num_layers: int, num_experts: Optional[int]) -> List[MegatronKey]:
     """Candidate Megatron keys of our tensor ``name``, the one Megatron writes first:
     stacked then per-layer, TE norm names then local ones."""
     layer = LAYER.match(name)
     if layer is None:
         return [MegatronKey(name)]
-    index, rest = int(layer.group(1)), layer.group(2)
+    stack, index, rest = layer["stack"], int(layer["index"]), layer["rest"]
     expert = EXPERT.match(rest)
     expert_axes: Tuple[Tuple[int, int], ...] = ()
     if expert is not None:
@@ -79,8 +99,8 @@ def megatron_keys(name: str, num_layers: int, num_experts: Optional[int]) -> Lis
         expert_axes = ((int(expert.group(1)), num_experts),)
         rest = f"mlp.experts.experts.{expert.group(2)}"
     names = list(dict.fromkeys((te_norm_name(rest), rest)))
-    stacked = [MegatronKey(f"decoder.layers.{r}", ((index, num_layers),) + expert_axes) for r in names]
-    per_layer = [MegatronKey(f"decoder.layers.{index}.{r}", expert_axes) for r in names]
+    stacked = [MegatronKey(f"{stack}.layers.{r}", ((index, num_layers),) + expert_axes) for r in names]
+    per_layer = [MegatronKey(f"{stack}.layers.{index}.{r}", expert_axes) for r in names]
     return stacked + per_layer
 
 

@@ -9,11 +9,16 @@ layout loads into any layout here:
   stages): the stage's first global layer is added;
 - experts are numbered per expert-parallel rank: rank * (experts / EP) is added;
 - tensor-parallel shards are concatenated along the partition dim (rows for QKV, fc1, the
-  vocabulary; columns for proj and fc2); a gated fc1 shard is [gate_i ; up_i], the full
-  tensor [gate ; up];
+  vocabulary, a Mamba mixer's per-head tensors; columns for proj, fc2 and the mixer's
+  out_proj); a gated fc1 shard is [gate_i ; up_i], the full tensor [gate ; up]; a mixer's
+  in_proj shard is [z_i ; x_i ; B_i ; C_i ; dt_i] and its conv1d shard [x_i ; B_i ; C_i],
+  merged part by part (the part sizes follow from the layer's shards: heads from dt_bias,
+  conv channels from conv1d);
+- a hybrid model's stages follow the ``|`` cuts of its --hybrid-layer-pattern, if any;
 - Transformer Engine names (``linear_qkv.layer_norm_weight``, grouped experts'
   ``weight<j>``) become the local-spec names; ``_extra_state`` entries are dropped.
-A checkpoint from Megatron-LM has no ``manifest.json``, which every checkpoint of ours has.
+A checkpoint from Megatron-LM has no ``manifest.json``, which every checkpoint of ours has;
+one of ours in Megatron-LM's layout has a manifest whose ``key_layout`` says so.
 """
 
 from __future__ import annotations
@@ -25,26 +30,33 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from megatron.core.dist_checkpointing.model_sharding import model_placements
+from megatron.core.dist_checkpointing.model_sharding import model_placements, unwrapped
+from megatron.core.models.mamba.layer_pattern import stage_segment
 from megatron.core.fp8.scaling import is_fp8_scaling_key
 from megatron.core.process_groups import ProcessGroups
 from megatron.core.safe_unpickle import RefusedPickle
 from megatron.training.checkpointing import torch_format
 from megatron.training.checkpointing.directory import CheckpointError
 from megatron.training.checkpointing.fp8_state import Fp8LoadReport, log_report
-from megatron.training.checkpointing.manifest import MANIFEST_FILENAME
+from megatron.training.checkpointing.manifest import MANIFEST_FILENAME, MEGATRON_LM_KEY_LAYOUT, read_manifest
 from megatron.training.checkpointing.megatron_lm import keys, pickles, run_args
 
 _GROUPED_EXPERT = re.compile(r"^(?P<pre>.*\.mlp\.experts\.)(?P<fc>linear_fc[12])\.(?P<kind>weight|bias)(?P<j>\d+)$")
 _LOCAL_EXPERT = re.compile(r"^(?P<pre>.*\.mlp\.experts\.local_experts\.)(?P<j>\d+)\.(?P<rest>.+)$")
 _ROWS = ("linear_qkv.weight", "linear_qkv.bias", "linear_fc1.weight", "linear_fc1.bias",
-         "word_embeddings.weight", "output_layer.weight")
-_COLUMNS = ("linear_proj.weight", "linear_fc2.weight")
+         "word_embeddings.weight", "output_layer.weight", "output_layer.bias",
+         "mixer.dt_bias", "mixer.A_log", "mixer.D", "mixer.norm.weight")
+_COLUMNS = ("linear_proj.weight", "linear_fc2.weight", "mixer.out_proj.weight")
 
 
 def is_megatron_legacy(directory: str) -> bool:
-    ours = os.path.isfile(os.path.join(directory, MANIFEST_FILENAME))
-    return torch_format.is_torch_checkpoint(directory) and not ours
+    """A torch-format checkpoint written by Megatron-LM (no manifest) or by our
+    --ckpt-megatron-lm-layout (a manifest that says so)."""
+    if not torch_format.is_torch_checkpoint(directory):
+        return False
+    if not os.path.isfile(os.path.join(directory, MANIFEST_FILENAME)):
+        return True
+    return (read_manifest(directory) or {}).get("key_layout") == MEGATRON_LM_KEY_LAYOUT
 
 
 def _load(path: str) -> dict:
@@ -76,6 +88,9 @@ def _sizes(saved) -> Tuple[int, int, int]:
 def _stage_offsets(saved, pp: int, chunks: int) -> Dict[Tuple[int, int], int]:
     """{(pipeline rank, model chunk): global index of its first layer}, as Megatron splits."""
     layers = int(saved.num_layers)
+    pattern = getattr(saved, "hybrid_layer_pattern", None)
+    if pattern and "|" in pattern:
+        return {(r, v): stage_segment(pattern, pp, r, chunks, v)[1] for r in range(pp) for v in range(chunks)}
     if getattr(saved, "pipeline_model_parallel_layout", None):
         raise CheckpointError("Megatron-LM torch checkpoints saved with --pipeline-model-parallel-layout are not "
                               "supported; convert it to torch_dist with Megatron-LM first")
@@ -103,11 +118,33 @@ def _our_name(key: str, layer_offset: int, expert_offset: int) -> Optional[str]:
     layer = keys.LAYER.match(key)
     if layer is None:
         return key
-    rest = keys.local_norm_name(layer.group(2))
+    rest = keys.local_norm_name(layer["rest"])
     local = _LOCAL_EXPERT.match(f"decoder.layers.0.{rest}")
     if local:
         rest = f"mlp.experts.local_experts.{int(local['j']) + expert_offset}.{local['rest']}"
-    return f"decoder.layers.{int(layer.group(1)) + layer_offset}.{rest}"
+    return f"{layer['stack']}.layers.{int(layer['index']) + layer_offset}.{rest}"
+
+
+def _mixer_part_sizes(name: str, shards: Dict[str, Dict[int, torch.Tensor]], rank: int) -> List[int]:
+    """The local part sizes of a mixer's fused tensor ``name`` on tensor-parallel ``rank``,
+    from its layer's shards: conv channels = d + 2GN, in_proj rows = 2d + 2GN + H."""
+    prefix = name[: name.rindex("mixer.") + len("mixer.")]
+    try:
+        heads = shards[prefix + "dt_bias"][rank].shape[0]
+        conv = shards[prefix + "conv1d.weight"][rank].shape[0]
+        inner = shards[prefix + "in_proj.weight"][rank].shape[0] - conv - heads
+    except KeyError as missing:
+        raise CheckpointError(f"{name}: the layer's {missing} shard of tensor-parallel rank {rank} is missing, so "
+                              "its parts cannot be told apart") from None
+    groups_state = (conv - inner) // 2
+    return [inner, inner, groups_state, groups_state, heads] if name.endswith("in_proj.weight") else \
+        [inner, groups_state, groups_state]
+
+
+def _merge_parts(shards: List[torch.Tensor], sizes: List[int]) -> torch.Tensor:
+    """Shards of [part_0 ; part_1 ; ...] each -> [part_0 of every rank ; part_1 of every rank ; ...]."""
+    split = [shard.split(sizes, dim=0) for shard in shards]
+    return torch.cat([piece[j] for j in range(len(sizes)) for piece in split], dim=0)
 
 
 def _merge(name: str, shards: List[torch.Tensor], gated: bool) -> torch.Tensor:
@@ -159,7 +196,13 @@ def merged_state(directory: str) -> Tuple[Dict[str, torch.Tensor], dict]:
                         name = _our_name(key, offsets[(p, v)], e * experts_per_rank)
                         if name is not None and isinstance(tensor, torch.Tensor):
                             shards[name].setdefault(t, tensor)
-    full = {name: _merge(name, [by_rank[t] for t in sorted(by_rank)], gated) for name, by_rank in shards.items()}
+    full = {}
+    for name, by_rank in shards.items():
+        ranks = sorted(by_rank)
+        if keys.fused_parts(name) is not None and len(ranks) > 1:
+            full[name] = _merge_parts([by_rank[t] for t in ranks], _mixer_part_sizes(name, shards, ranks[0]))
+        else:
+            full[name] = _merge(name, [by_rank[t] for t in ranks], gated)
     return full, {k: v for k, v in head.items() if not re.fullmatch(r"model\d*", k)}
 
 
@@ -210,10 +253,11 @@ def load(directory: str, model, groups: ProcessGroups, gather_problems: Callable
     return head
 
 
-def _unwrap(chunk):
-    while hasattr(chunk, "module"):
-        chunk = chunk.module
-    return chunk
+def _te_names(key: str) -> str:
+    """``decoder.layers.3.norm.weight`` -> ``decoder.layers.3.mixer.in_proj.layer_norm_weight``
+    (Transformer Engine's names of the norms fused into the next linear)."""
+    layer = keys.LAYER.match(key)
+    return key if layer is None else f"{layer['stack']}.layers.{layer['index']}.{keys.te_norm_name(layer['rest'])}"
 
 
 def build_payload(args, iteration: int, model, num_flops: float, groups: ProcessGroups):
@@ -223,9 +267,11 @@ def build_payload(args, iteration: int, model, num_flops: float, groups: Process
     if not torch_format.is_writer(groups):
         return None
     state = run_args.legacy_state(args, iteration, num_flops)
-    chunks = [_unwrap(c) for c in model]
+    chunks = [unwrapped(c) for c in model]
     for index, chunk in enumerate(chunks):
         model_state = chunk.state_dict()
+        if getattr(chunk, "megatron_te_norm_names", False):
+            model_state = {_te_names(key): value for key, value in model_state.items()}
         for key in list(model_state):
             owner = keys.extra_state_owner(key)
             if owner is not None:

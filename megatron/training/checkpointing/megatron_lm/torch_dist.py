@@ -19,10 +19,10 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 
 from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
-from megatron.core.dist_checkpointing.model_sharding import model_placements
+from megatron.core.dist_checkpointing.model_sharding import model_placements, unwrapped
 from megatron.core.dist_checkpointing.planner import ShardedLoadPlanner
 from megatron.core.fp8.scaling import is_fp8_scaling_key
-from megatron.core.process_groups import ProcessGroups
+from megatron.core.process_groups import ProcessGroups, group_rank, group_size
 from megatron.core.safe_unpickle import RefusedPickle
 from megatron.training.checkpointing.directory import CheckpointError
 from megatron.training.checkpointing.fp8_state import Fp8LoadReport, log_report
@@ -71,7 +71,10 @@ def read_common(directory: str) -> dict:
 
 
 def _homogeneous(args) -> bool:
-    """Whether Megatron stacks the layers (all layers alike): no MoE, or MoE in every layer."""
+    """Whether Megatron stacks the layers (all layers alike): no MoE, or MoE in every layer;
+    never in a hybrid model, whose stack Megatron saves layer by layer."""
+    if getattr(args, "is_hybrid_model", False):
+        return False
     if not getattr(args, "num_experts", None):
         return True
     from megatron.core.transformer.moe.moe_layer_pattern import moe_layer_pattern
@@ -87,13 +90,37 @@ def _with_axes(chunk: ShardedTensor, key: keys.MegatronKey) -> ShardedTensor:
                          tuple(i for i, _ in key.axes) + chunk.global_offset, chunk.allow_shape_mismatch)
 
 
-def _choose(candidates: List[keys.MegatronKey], metadata: Metadata) -> Optional[keys.MegatronKey]:
-    """The first candidate key the checkpoint holds as a tensor."""
+def _choose(candidates: List[keys.MegatronKey], metadata: Metadata, parts) -> Optional[keys.MegatronKey]:
+    """The first candidate key the checkpoint holds as a tensor (its first part's key for a
+    tensor stored part by part)."""
     saved = metadata.state_dict_metadata
     for candidate in candidates:
-        if isinstance(saved.get(candidate.key), TensorStorageMetadata):
+        key = candidate.key if parts is None else f"{candidate.key}.{parts[0]}"
+        if isinstance(saved.get(key), TensorStorageMetadata):
             return candidate
     return None
+
+
+def _chunks(param, data, placement, chosen: keys.MegatronKey, groups: ProcessGroups) -> List[ShardedTensor]:
+    """This rank's chunks of ``param`` (values ``data``) under Megatron's key ``chosen``: the
+    placement's chunks, or for a fused tensor Megatron stores part by part, one chunk per
+    part, each part split over the tensor-parallel ranks on its own."""
+    parts = keys.fused_parts(placement.key)
+    if parts is None:
+        return [_with_axes(chunk, chosen) for chunk in placement.shard(data)]
+    sizes = getattr(param, "partition_sizes", None)
+    if sizes is None or len(sizes) != len(parts):
+        raise ValueError(f"{placement.key}: expected the local sizes of its parts {parts} (partition_sizes), "
+                         f"got {sizes}")
+    tp, rank = group_size(groups.tp), group_rank(groups.tp)
+    out, start = [], 0
+    for part, size in zip(parts, sizes):
+        rest = tuple(data.shape[1:])
+        chunk = ShardedTensor(chosen.key, data.narrow(0, start, size), (size * tp,) + rest,
+                              (rank * size,) + (0,) * len(rest))
+        out.append(_with_axes(chunk, keys.MegatronKey(f"{chosen.key}.{part}", chosen.axes)))
+        start += size
+    return out
 
 
 def load_requests(directory: str, model, groups: ProcessGroups, args, fp8_report: Optional[Fp8LoadReport] = None
@@ -105,7 +132,7 @@ def load_requests(directory: str, model, groups: ProcessGroups, args, fp8_report
     requests, problems, missing = [], [], set()
     for tensor, placement in model_placements(model, groups):
         candidates = keys.megatron_keys(placement.key, args.num_layers, getattr(args, "num_experts", None))
-        chosen = _choose(candidates, metadata)
+        chosen = _choose(candidates, metadata, keys.fused_parts(placement.key))
         if chosen is None and is_fp8_scaling_key(placement.key) and fp8_report is not None:
             fp8_report.note_fresh(placement.key)
             continue
@@ -114,12 +141,15 @@ def load_requests(directory: str, model, groups: ProcessGroups, args, fp8_report
                 missing.add(candidates[0].key)
                 problems.append(f"missing from the checkpoint: {candidates[0].key} (ours: {placement.key})")
             continue
-        for chunk in placement.shard(tensor.data):
-            request = _with_axes(chunk, chosen)
-            size = tuple(saved[chosen.key].size)
+        for request in _chunks(tensor, tensor.data, placement, chosen, groups):
+            entry = saved.get(request.key)
+            if not isinstance(entry, TensorStorageMetadata):
+                problems.append(f"missing from the checkpoint: {request.key} (ours: {placement.key})")
+                break
+            size = tuple(entry.size)
             padded_vocab = request.allow_shape_mismatch and len(size) == len(request.global_shape)
             if size != request.global_shape and not padded_vocab:
-                problems.append(f"{chosen.key}: checkpoint {size}, this model {request.global_shape}")
+                problems.append(f"{request.key}: checkpoint {size}, this model {request.global_shape}")
                 break
             requests.append(request)
     return requests, problems
@@ -153,20 +183,20 @@ def build_save_items(model, groups: ProcessGroups, rank: int, args, iteration: i
                      to_cpu: bool) -> Tuple[List[ShardedTensor], List[ShardedObject]]:
     """This rank's chunks and objects under Megatron-LM's keys (rank 0 adds the common state)."""
     stacked = _homogeneous(args)
+    output_extra_state = all(getattr(unwrapped(chunk), "megatron_output_extra_state", True) for chunk in model)
     tensors: List[ShardedTensor] = []
     objects = {}
     for tensor, placement in model_placements(model, groups):
         candidates = keys.megatron_keys(placement.key, args.num_layers, getattr(args, "num_experts", None))
         # candidates: the stacked names, then as many per-layer ones; Megatron writes the first of each
         chosen = candidates[0] if stacked or len(candidates) == 1 else candidates[len(candidates) // 2]
-        for chunk in placement.shard(tensor.detach()):
-            request = _with_axes(chunk, chosen)
+        for request in _chunks(tensor, tensor.detach(), placement, chosen, groups):
             if to_cpu:
                 # Background writes need a snapshot: training goes on changing the live tensors.
                 request.data = request.data.to("cpu", copy=True)
             tensors.append(request)
         owner = keys.extra_state_owner(chosen.key)
-        if owner is not None:
+        if owner is not None and (owner != "output_layer" or output_extra_state):
             extra = keys.MegatronKey(f"{owner}.{keys.EXTRA_STATE}", chosen.axes).object_key()
             objects[extra] = ShardedObject(extra, [None])  # no FP8 metadata: what Megatron saves then
     if rank == 0:

@@ -33,6 +33,12 @@ class LanguageModule(torch.nn.Module):
     # Whether every pipeline stage (not only the first and the last) reads the micro-batch;
     # the training loop then gives each of a rank's model chunks its own view of the data.
     every_stage_reads_data = False
+    # Whether Megatron-LM's checkpoints of this family name the norms as Transformer Engine
+    # does (fused into the next linear) even in its per-rank torch files.
+    megatron_te_norm_names = False
+    # Whether Megatron-LM's torch_dist checkpoints of this family hold the output layer's
+    # (empty) ``_extra_state`` entry; its GPTModel drops it.
+    megatron_output_extra_state = True
 
     def __init__(self, config: TransformerConfig, pg_collection: Optional[process_groups.ProcessGroups] = None):
         super().__init__()
