@@ -4,6 +4,8 @@ of that model here, and the logits of a full state dict on one process."""
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 from typing import Dict, Optional
 
@@ -75,3 +77,48 @@ def read_full_tensors(directory: str) -> Dict[str, torch.Tensor]:
             for key, entry in metadata.state_dict_metadata.items() if isinstance(entry, TensorStorageMetadata)}
     load_sharded([ShardedTensor.whole(key, tensor) for key, tensor in full.items()], [], directory)
     return full
+
+
+# Transformer Engine's names of the norms fused into the next linear, as Megatron-LM saves
+# them (written out here from the documented format, apart from megatron_lm.keys).
+TE_NORMS = {"input_layernorm.": "self_attention.linear_qkv.layer_norm_",
+            "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_",
+            "norm.": "mixer.in_proj.layer_norm_"}
+
+
+def te_norm_name(rest: str) -> str:
+    """A layer's tensor name (after ``<stack>.layers.<i>.``) under TE's norm names."""
+    for ours, te in TE_NORMS.items():
+        if rest.startswith(ours):
+            return te + rest[len(ours):]
+    return rest
+
+
+def mark_torch_dist(directory) -> None:
+    """The ``metadata.json`` Megatron-LM writes beside a torch_dist checkpoint's files."""
+    with open(os.path.join(directory, "metadata.json"), "w") as handle:
+        json.dump({"sharded_backend": "torch_dist", "sharded_backend_version": 1}, handle)
+
+
+def save_torch_dist(directory, state: dict) -> None:
+    """``state`` (Megatron's keys: whole tensors and objects) as a torch_dist checkpoint."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import DefaultSavePlanner
+
+    dcp.save(state, checkpoint_id=str(directory), planner=DefaultSavePlanner(flatten_state_dict=False), no_dist=True)
+    mark_torch_dist(directory)
+
+
+def load_and_compare(directory: str, model, args, truth: Dict[str, torch.Tensor]) -> dict:
+    """Load the Megatron-LM checkpoint ``directory`` into ``model`` on one process (its state
+    must then equal ``truth`` exactly); returns the checkpoint's common state."""
+    from megatron.core.process_groups import ProcessGroups
+    from megatron.training.checkpointing import megatron_lm
+
+    assert megatron_lm.is_megatron_checkpoint(directory)
+    common = megatron_lm.load(directory, [model], ProcessGroups(), args, lambda p: [p], None)
+    loaded = model.state_dict()
+    assert sorted(loaded) == sorted(truth)
+    for key, tensor in truth.items():
+        assert torch.equal(loaded[key], tensor), key
+    return common

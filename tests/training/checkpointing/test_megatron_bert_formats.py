@@ -10,23 +10,23 @@ split over TP as Megatron splits them.
 """
 
 import argparse
-import json
 import os
 import re
 
 import pytest
 import torch
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import DefaultSavePlanner
 
 from megatron.core.dist_checkpointing import save_sharded
 from megatron.core.process_groups import ProcessGroups
-from megatron.training.checkpointing import megatron_lm
+from tests.training.checkpointing.megatron_cases import (
+    load_and_compare,
+    mark_torch_dist,
+    save_torch_dist,
+    te_norm_name,
+)
 from megatron.training.checkpointing.megatron_lm import torch_dist
 
 LAYERS = 2
-TE_NORMS = {"input_layernorm.": "self_attention.linear_qkv.layer_norm_",
-            "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_"}
 
 
 def _model(seed: int):
@@ -47,19 +47,13 @@ def _args(tp=1, pp=1) -> argparse.Namespace:
                               pipeline_model_parallel_size=pp, expert_model_parallel_size=1)
 
 
-def _te(rest: str) -> str:
-    for ours, te in TE_NORMS.items():
-        if rest.startswith(ours):
-            return te + rest[len(ours):]
-    return rest
-
 
 def _megatron_torch_dist(truth: dict) -> dict:
     out = {}
     for key, tensor in truth.items():
         layer = re.match(r"encoder\.layers\.(\d+)\.(.+)", key)
         if layer:
-            name = f"encoder.layers.{_te(layer.group(2))}"
+            name = f"encoder.layers.{te_norm_name(layer.group(2))}"
             out.setdefault(name, torch.zeros(LAYERS, *tensor.shape))[int(layer.group(1))] = tensor
         else:
             out[key] = tensor
@@ -67,12 +61,6 @@ def _megatron_torch_dist(truth: dict) -> dict:
         for i in range(LAYERS):
             out[f"encoder.layers.{module}._extra_state/shard_{i}_{LAYERS}"] = [None]
     return out
-
-
-def _save_dcp(directory: str, state: dict) -> None:
-    dcp.save(state, checkpoint_id=directory, planner=DefaultSavePlanner(flatten_state_dict=False), no_dist=True)
-    with open(os.path.join(directory, "metadata.json"), "w") as handle:
-        json.dump({"sharded_backend": "torch_dist", "sharded_backend_version": 1}, handle)
 
 
 def _tp_shard(key: str, tensor: torch.Tensor, t: int, tp: int) -> torch.Tensor:
@@ -89,7 +77,7 @@ def _write_legacy(directory: str, truth: dict, tp: int) -> None:
         state = {}
         for key, tensor in truth.items():
             layer = re.match(r"encoder\.layers\.(\d+)\.(.+)", key)
-            name = f"encoder.layers.{layer.group(1)}.{_te(layer.group(2))}" if layer else key
+            name = f"encoder.layers.{layer.group(1)}.{te_norm_name(layer.group(2))}" if layer else key
             state[name] = _tp_shard(key, tensor, t, tp).clone()
         os.makedirs(os.path.join(directory, f"mp_rank_{t:02d}"))
         torch.save({"args": _args(tp), "checkpoint_version": 3.0, "iteration": 9, "model": state},
@@ -97,21 +85,14 @@ def _write_legacy(directory: str, truth: dict, tp: int) -> None:
 
 
 def _load_and_compare(directory: str, truth: dict) -> dict:
-    assert megatron_lm.is_megatron_checkpoint(directory)
-    model = _model(seed=1)
-    common = megatron_lm.load(directory, [model], ProcessGroups(), _args(), lambda p: [p], None)
-    loaded = model.state_dict()
-    assert sorted(loaded) == sorted(truth)
-    for key, tensor in truth.items():
-        assert torch.equal(loaded[key], tensor), key
-    return common
+    return load_and_compare(directory, _model(seed=1), _args(), truth)
 
 
 def test_torch_dist_stacked_encoder_loads_exactly(tmp_path):
     truth = _model(seed=0).state_dict()
     state = _megatron_torch_dist(truth)
     state["common_state/shard_0_1"] = [{"args": _args(), "checkpoint_version": 3.0, "iteration": 9}]
-    _save_dcp(str(tmp_path), state)
+    save_torch_dist(str(tmp_path), state)
     assert _load_and_compare(str(tmp_path), truth)["iteration"] == 9
 
 
@@ -131,6 +112,5 @@ def test_megatron_layout_writer_matches_the_format_and_round_trips(tmp_path):
         {k: tuple(v.shape) for k, v in expected.items() if isinstance(v, torch.Tensor)}
     assert {o.key for o in objects} == {k for k in expected if "_extra_state" in k} | {"common_state/shard_0_1"}
     save_sharded(tensors, objects, str(tmp_path))
-    with open(os.path.join(tmp_path, "metadata.json"), "w") as handle:
-        json.dump({"sharded_backend": "torch_dist", "sharded_backend_version": 1}, handle)
+    mark_torch_dist(tmp_path)
     _load_and_compare(str(tmp_path), truth)

@@ -5,27 +5,28 @@ Transformer Engine norm names and ``_extra_state`` entries; legacy per-rank file
 over TP, PP and EP as Megatron splits them (gated fc1 shards as [gate_i ; up_i])."""
 
 import argparse
-import json
 import os
 import re
 
 import pytest
 import torch
-import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
-from torch.distributed.checkpoint import DefaultSavePlanner
 
 from megatron.core.models.gpt import GPTModel
 from megatron.core.process_groups import ProcessGroups
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.dist_checkpointing import save_sharded
 from megatron.training.checkpointing import megatron_lm
+from tests.training.checkpointing.megatron_cases import (
+    load_and_compare,
+    mark_torch_dist,
+    save_torch_dist,
+    te_norm_name,
+)
 from megatron.training.checkpointing.megatron_lm import torch_dist
 from megatron.training.checkpointing.directory import CheckpointError
 
 LAYERS, EXPERTS = 2, 4
-TE_NORMS = {"input_layernorm.": "self_attention.linear_qkv.layer_norm_",
-            "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_"}
 
 
 def _model(kind: str, seed: int, moe_layer_freq: int = 1) -> GPTModel:
@@ -48,12 +49,6 @@ def _args(kind: str, tp=1, pp=1, ep=1) -> argparse.Namespace:
                               expert_model_parallel_size=ep, consumed_train_samples=64)
 
 
-def _megatron_name(rest: str) -> str:
-    for ours, te in TE_NORMS.items():
-        if rest.startswith(ours):
-            return te + rest[len(ours):]
-    return rest
-
 
 def _stacked(truth: dict) -> dict:
     """Our full state dict -> Megatron's torch_dist tensors (layers, experts stacked)."""
@@ -69,7 +64,7 @@ def _stacked(truth: dict) -> dict:
             name = f"decoder.layers.mlp.experts.experts.{expert.group(2)}"
             out.setdefault(name, torch.zeros(LAYERS, EXPERTS, *tensor.shape))[i, int(expert.group(1))] = tensor
         else:
-            name = f"decoder.layers.{_megatron_name(rest)}"
+            name = f"decoder.layers.{te_norm_name(rest)}"
             out.setdefault(name, torch.zeros(LAYERS, *tensor.shape))[i] = tensor
     for module in ("self_attention.linear_qkv", "self_attention.linear_proj", "mlp.linear_fc1", "mlp.linear_fc2"):
         for i in range(LAYERS):
@@ -86,9 +81,7 @@ def _write_torch_dist(directory: str, truth: dict, args, common_file: bool = Fal
         torch.save(common, os.path.join(directory, "common.pt"))
     else:
         state["common_state/shard_0_1"] = [common]
-    dcp.save(state, checkpoint_id=directory, planner=DefaultSavePlanner(flatten_state_dict=False), no_dist=True)
-    with open(os.path.join(directory, "metadata.json"), "w") as handle:
-        json.dump({"sharded_backend": "torch_dist", "sharded_backend_version": 1}, handle)
+    save_torch_dist(directory, state)
 
 
 def _shard(key: str, tensor: torch.Tensor, t: int, tp: int) -> torch.Tensor:
@@ -116,7 +109,7 @@ def _rank_model(truth: dict, t: int, p: int, e: int, tp: int, pp: int, ep: int, 
                 if int(expert.group(1)) // per_rank != e:
                     continue
                 rest = f"mlp.experts.local_experts.{int(expert.group(1)) % per_rank}.{expert.group(2)}"
-            key = f"decoder.layers.{i % per_stage}.{_megatron_name(rest) if te_names else rest}"
+            key = f"decoder.layers.{i % per_stage}.{te_norm_name(rest) if te_names else rest}"
         elif key.startswith("embedding.") and p != 0:
             continue
         elif key.startswith(("decoder.final", "output_layer")) and p != pp - 1:
@@ -140,14 +133,7 @@ def _write_legacy(directory: str, truth: dict, args, te_names: bool) -> None:
 
 
 def _load_and_compare(directory: str, kind: str, truth: dict) -> dict:
-    assert megatron_lm.is_megatron_checkpoint(directory)
-    model = _model(kind, seed=1)
-    common = megatron_lm.load(directory, [model], ProcessGroups(), _args(kind), lambda p: [p], None)
-    loaded = model.state_dict()
-    assert sorted(loaded) == sorted(truth)
-    for key, tensor in truth.items():
-        assert torch.equal(loaded[key], tensor), key
-    return common
+    return load_and_compare(directory, _model(kind, seed=1), _args(kind), truth)
 
 
 @pytest.mark.parametrize("kind, common_file", [("llama", False), ("moe", False), ("llama", True)])
@@ -198,8 +184,7 @@ def test_megatron_layout_writer_stacks_only_homogeneous_layers_and_round_trips(t
     # Megatron's GPTModel drops the output layer's extra state from torch_dist (untied here)
     assert not any(o.key.startswith("output_layer.") for o in objects)
     save_sharded(tensors, objects, str(tmp_path))
-    with open(os.path.join(tmp_path, "metadata.json"), "w") as handle:
-        json.dump({"sharded_backend": "torch_dist", "sharded_backend_version": 1}, handle)
+    mark_torch_dist(tmp_path)
     model = _model("moe", seed=1, moe_layer_freq=freq)
     common = megatron_lm.load(str(tmp_path), [model], ProcessGroups(), args, lambda p: [p], None)
     assert common["iteration"] == 3

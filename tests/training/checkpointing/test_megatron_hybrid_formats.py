@@ -11,18 +11,21 @@ pattern's ``|`` cuts.
 """
 
 import argparse
-import json
 import os
 import re
 
 import pytest
 import torch
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import DefaultSavePlanner
 
 from megatron.core.dist_checkpointing import save_sharded
 from megatron.core.process_groups import ProcessGroups
 from megatron.training.checkpointing import megatron_lm
+from tests.training.checkpointing.megatron_cases import (
+    load_and_compare,
+    mark_torch_dist,
+    save_torch_dist,
+    te_norm_name,
+)
 from megatron.training.checkpointing.directory import CheckpointError
 from megatron.training.checkpointing.megatron_lm import legacy, torch_dist
 from tests.multirank import run_on_ranks
@@ -33,8 +36,6 @@ INNER, BC = HEADS * HEAD_DIM, GROUPS * STATE
 PARTS = {"mixer.in_proj.weight": (("z", INNER), ("x", INNER), ("B", BC), ("C", BC), ("dt", HEADS)),
          "mixer.conv1d.weight": (("x", INNER), ("B", BC), ("C", BC)),
          "mixer.conv1d.bias": (("x", INNER), ("B", BC), ("C", BC))}
-TE_NORMS = {"norm.": "mixer.in_proj.layer_norm_", "input_layernorm.": "self_attention.linear_qkv.layer_norm_",
-            "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_"}
 
 
 def _model(seed: int, pattern: str = PATTERN, groups=None):
@@ -61,12 +62,6 @@ def _args(tp=1, pp=1, pattern=PATTERN) -> argparse.Namespace:
                               pipeline_model_parallel_size=pp, expert_model_parallel_size=1)
 
 
-def _megatron_rest(rest: str) -> str:
-    for ours, te in TE_NORMS.items():
-        if rest.startswith(ours):
-            return te + rest[len(ours):]
-    return rest
-
 
 def _split(rest: str, tensor: torch.Tensor, tp: int = 1, t: int = 0) -> dict:
     """{suffix: this TP rank's part} of a fused tensor (one entry "" for other tensors)."""
@@ -88,7 +83,7 @@ def _megatron_torch_dist(truth: dict) -> dict:
             continue
         i, rest = layer.group(1), layer.group(2)
         for suffix, part in _split(rest, tensor).items():
-            out[f"decoder.layers.{i}.{_megatron_rest(rest)}{suffix}"] = part
+            out[f"decoder.layers.{i}.{te_norm_name(rest)}{suffix}"] = part
     for i, kind in enumerate(PATTERN):
         modules = {"M": ("mixer.in_proj", "mixer.out_proj"), "*": ("self_attention.linear_qkv",
                    "self_attention.linear_proj"), "-": ("mlp.linear_fc1", "mlp.linear_fc2")}[kind]
@@ -102,9 +97,7 @@ def _write_torch_dist(directory: str, truth: dict) -> None:
     state = _megatron_torch_dist(truth)
     state["common_state/shard_0_1"] = [{"args": _args(), "checkpoint_version": 3.0, "iteration": 5,
                                         "num_floating_point_operations_so_far": 0.0}]
-    dcp.save(state, checkpoint_id=directory, planner=DefaultSavePlanner(flatten_state_dict=False), no_dist=True)
-    with open(os.path.join(directory, "metadata.json"), "w") as handle:
-        json.dump({"sharded_backend": "torch_dist", "sharded_backend_version": 1}, handle)
+    save_torch_dist(directory, state)
 
 
 def _tp_shard(rest: str, tensor: torch.Tensor, t: int, tp: int) -> torch.Tensor:
@@ -131,7 +124,7 @@ def _write_legacy(directory: str, truth: dict, pattern: str, tp: int, pp: int) -
                     i, rest = int(layer.group(1)), layer.group(2)
                     if not starts[p] <= i < starts[p] + len(segments[p]):
                         continue
-                    state[f"decoder.layers.{i - starts[p]}.{_megatron_rest(rest)}"] = _tp_shard(rest, tensor, t, tp)
+                    state[f"decoder.layers.{i - starts[p]}.{te_norm_name(rest)}"] = _tp_shard(rest, tensor, t, tp)
                     if rest == "mixer.in_proj.weight":
                         state[f"decoder.layers.{i - starts[p]}.mixer.in_proj._extra_state"] = None
                 elif (key.startswith("embedding.") and p == 0) or (not key.startswith("embedding.") and p == pp - 1):
@@ -144,14 +137,7 @@ def _write_legacy(directory: str, truth: dict, pattern: str, tp: int, pp: int) -
 
 
 def _load_and_compare(directory: str, truth: dict, pattern: str = PATTERN) -> dict:
-    assert megatron_lm.is_megatron_checkpoint(directory)
-    model = _model(seed=1, pattern=pattern)
-    common = megatron_lm.load(directory, [model], ProcessGroups(), _args(pattern=pattern), lambda p: [p], None)
-    loaded = model.state_dict()
-    assert sorted(loaded) == sorted(truth)
-    for key, tensor in truth.items():
-        assert torch.equal(loaded[key], tensor), key
-    return common
+    return load_and_compare(directory, _model(seed=1, pattern=pattern), _args(pattern=pattern), truth)
 
 
 def test_torch_dist_per_layer_parts_load_exactly(tmp_path):
@@ -173,9 +159,7 @@ def test_a_mixer_of_another_shape_is_refused_by_key(tmp_path):
     state = _megatron_torch_dist(truth)
     del state["decoder.layers.3.mixer.conv1d.weight.B"]
     state["common_state/shard_0_1"] = [{"args": _args(), "iteration": 5}]
-    dcp.save(state, checkpoint_id=str(tmp_path), planner=DefaultSavePlanner(flatten_state_dict=False), no_dist=True)
-    with open(os.path.join(tmp_path, "metadata.json"), "w") as handle:
-        json.dump({"sharded_backend": "torch_dist", "sharded_backend_version": 1}, handle)
+    save_torch_dist(tmp_path, state)
     model = _model(seed=1)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(CheckpointError, match=r"missing from the checkpoint: decoder.layers.3.mixer.conv1d.weight.B"):
@@ -194,8 +178,7 @@ def test_megatron_layout_writer_matches_the_format_and_round_trips(tmp_path):
     assert {o.key for o in objects} == {k for k in _megatron_torch_dist(truth) if "_extra_state" in k} | \
         {"common_state/shard_0_1"}
     save_sharded(tensors, objects, str(tmp_path))
-    with open(os.path.join(tmp_path, "metadata.json"), "w") as handle:
-        json.dump({"sharded_backend": "torch_dist", "sharded_backend_version": 1}, handle)
+    mark_torch_dist(tmp_path)
     _load_and_compare(str(tmp_path), truth)
 
 
