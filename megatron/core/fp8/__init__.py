@@ -7,6 +7,8 @@
 ``grouped_linear`` / ``grouped_gemm`` the MoE experts' FP8 grouped linear (per-expert
              scaling state) and its grouped GEMMs (``torch._scaled_grouped_mm`` on Hopper).
 ``layer_scope`` which transformer layers run in FP8 (--first-last-layers-bf16).
+``recompute_replay`` delayed scaling under activation recompute: the rerun uses the
+             forward's scales.
 """
 
 from megatron.core.fp8.recipe import Fp8Recipe, check_fp8_config

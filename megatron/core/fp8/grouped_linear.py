@@ -25,6 +25,7 @@ from typing import List, NamedTuple, Sequence
 
 import torch
 
+from megatron.core.fp8 import recompute_replay
 from megatron.core.fp8.gemm import EMULATION
 from megatron.core.fp8.grouped_gemm import (
     GroupedRows,
@@ -57,7 +58,20 @@ class GroupedScaling:
     @torch.no_grad()
     def scales_for(self, amax: torch.Tensor, slot: int) -> torch.Tensor:
         """The scales [G] to quantize with for ``slot``, each expert's state advanced with
-        its ``amax`` [G] (reduced over the amax group first)."""
+        its ``amax`` [G] (reduced over the amax group first); in the recompute of a
+        checkpointed forward under ``delayed``, the scales the first forward used, the
+        states left alone (``recompute_replay``)."""
+        forward_delayed = self.recipe.recipe == "delayed" and slot != GRAD_OUTPUT
+        replay = recompute_replay.replaying_now() if forward_delayed else None
+        if replay is not None:
+            return replay.take(self.states[0], slot)
+        record = recompute_replay.recording_now() if forward_delayed else None
+        used = self._advance(amax, slot)
+        if record is not None:
+            record.note(self.states[0], slot, used)
+        return used
+
+    def _advance(self, amax: torch.Tensor, slot: int) -> torch.Tensor:
         amax = reduce_amax(amax, self.amax_group)
         history = torch.stack([s.amax_history for s in self.states])  # [G, L, slots]
         scale = torch.stack([s.scale for s in self.states])  # [G, slots]

@@ -83,12 +83,6 @@ def check_fp8_config(config) -> None:
         raise ValueError(f"--fp8-amax-history-len must be a positive integer, got {config.fp8_amax_history_len!r}")
     if not isinstance(config.fp8_margin, int) or config.fp8_margin < 0:
         raise ValueError(f"--fp8-margin must be a non-negative integer, got {config.fp8_margin!r}")
-    if config.fp8_recipe == "delayed" and config.recompute_granularity == "full":
-        raise ValueError(
-            "--fp8-recipe delayed cannot be combined with --recompute-granularity full: the recomputed forward "
-            "would quantize with scales the first forward already advanced; use --fp8-recipe tensorwise "
-            "or selective recompute"
-        )
     for flag, value in (("--num-layers-at-start-in-bf16", config.num_layers_at_start_in_bf16),
                         ("--num-layers-at-end-in-bf16", config.num_layers_at_end_in_bf16)):
         if not isinstance(value, int) or value < 0:

@@ -31,7 +31,8 @@ from typing import NamedTuple, Optional
 import torch
 import torch.distributed as dist
 
-from megatron.core.fp8.recipe import NUM_SLOTS, Fp8Recipe
+from megatron.core.fp8 import recompute_replay
+from megatron.core.fp8.recipe import GRAD_OUTPUT, NUM_SLOTS, Fp8Recipe
 from megatron.core.fp8.weight_cache import Fp8WeightCache
 
 
@@ -245,8 +246,15 @@ class Fp8Scaling(torch.nn.Module):
         the state's scale and takes the amax in the same pass; the amax is then reduced and
         moves the state on in one more launch (``cast_triton.advance_delayed``, the update
         ``advance_scales`` makes), as ``scale_for`` would have done before the cast.
-        Elsewhere: ``scale_for`` and the casts."""
+        Elsewhere: ``scale_for`` and the casts.
+
+        Under ``delayed`` a forward operand (input, weight) of a checkpointed forward notes
+        its scale, and the recompute quantizes with that scale and leaves the state alone
+        (``recompute_replay``)."""
         dtype = self.recipe.dtype(slot)
+        replayed = self._replayed_scale(slot)
+        if replayed is not None:
+            return self._quantize_with(x, replayed, dtype, transpose)
         if _use_triton(x):
             from megatron.core.fp8 import cast_triton
 
@@ -261,7 +269,30 @@ class Fp8Scaling(torch.nn.Module):
                                         reduce_amax(amax, group), fp8_max(dtype), self.recipe.margin,
                                         self.recipe.amax_compute_algo == "max")
             return Fp8Operand(q, q_t, scale, scale_inv)
-        scale = self.scale_for(x, slot, group)
+        return self._quantize_with(x, self.scale_for(x, slot, group), dtype, transpose)
+
+    def _replayed_scale(self, slot: int) -> Optional[torch.Tensor]:
+        """Under ``delayed``, for a forward operand: the scale a recompute must use (None
+        outside one); inside a first checkpointed forward, note the scale about to be used."""
+        if self.recipe.recipe != "delayed" or slot == GRAD_OUTPUT:
+            return None
+        replay = recompute_replay.replaying_now()
+        if replay is not None:
+            return replay.take(self, slot)
+        record = recompute_replay.recording_now()
+        if record is not None:
+            record.note(self, slot, self.scale[slot:slot + 1].clone())
+        return None
+
+    @staticmethod
+    def _quantize_with(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, transpose: bool) -> Fp8Operand:
+        """``x`` quantized with ``scale`` as it is (the cast ``delayed`` uses), no state touched."""
+        if _use_triton(x):
+            from megatron.core.fp8 import cast_triton
+
+            q, q_t, used, scale_inv, _ = cast_triton.cast_delayed_scaling(x, scale.reshape(1), dtype, transpose)
+            return Fp8Operand(q, q_t, used, scale_inv)
+        scale = scale.reshape(())
         if transpose:
             q, q_t = quantize_with_transpose(x, scale, dtype)
         else:

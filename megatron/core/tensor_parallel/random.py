@@ -21,6 +21,7 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from megatron.core import process_groups
+from megatron.core.fp8 import recompute_replay
 from megatron.core.process_groups import group_rank, group_size
 from megatron.core.tensor_parallel.collectives import all_gather_first_dim
 
@@ -216,7 +217,8 @@ class CheckpointFunction(torch.autograd.Function):
 
     Forward saves only the inputs and the RNG states; backward restores those states,
     reruns ``function`` with grad enabled (so dropout draws the same masks), backpropagates
-    through it and restores the RNG states it found. Parameters used inside get their
+    through it and restores the RNG states it found. FP8 linears under ``delayed`` scaling
+    quantize the rerun with the scales the forward used (``fp8.recompute_replay``). Parameters used inside get their
     gradients during that inner backward. The rerun also sees the forward's context
     variables (such as the schedule's auxiliary-loss scale), since the backward runs
     outside the block that set them.
@@ -230,8 +232,9 @@ class CheckpointFunction(torch.autograd.Function):
         ctx.run_function = run_function
         ctx.rng_states = _capture_rng()
         ctx.context = contextvars.copy_context()
-        with torch.no_grad():
+        with torch.no_grad(), recompute_replay.recording() as fp8_scales:
             outputs = run_function(*args)
+        ctx.fp8_scales = fp8_scales if fp8_scales.entries else None
         tensor_slots = [i for i, arg in enumerate(args) if torch.is_tensor(arg)]
         ctx.tensor_slots = tensor_slots
         ctx.other_args = [None if torch.is_tensor(arg) else arg for arg in args]
@@ -262,7 +265,7 @@ class CheckpointFunction(torch.autograd.Function):
         found = _capture_rng()
         _restore_rng(ctx.rng_states)
         try:
-            with torch.enable_grad():
+            with torch.enable_grad(), recompute_replay.replaying(ctx.fp8_scales):
                 outputs = ctx.context.run(ctx.run_function, *args)
         finally:
             _restore_rng(found)
