@@ -8,6 +8,7 @@ from typing import Optional
 import torch
 
 from megatron.core import process_groups, tensor_parallel
+from megatron.core.fp8.layer_scope import fp8_layer_scope
 from megatron.core.models.mamba.hybrid_layers import AttentionLayer, MLPLayer
 from megatron.core.models.mamba.layer_pattern import ATTENTION, MAMBA, MLP, MOE, parse_pattern, stage_segment
 from megatron.core.transformer.init_rng import initialization_stream
@@ -69,8 +70,10 @@ class HybridStack(torch.nn.Module):
         self.layer_pattern, self.layer_offset = segment, offset
         layers = []
         for i, symbol in enumerate(segment):
-            # Layer L's initial weights depend only on L (see transformer.init_rng).
-            with initialization_stream(f"layer{offset + i + 1}"):
+            # Layer L's initial weights depend only on L (see transformer.init_rng); its
+            # linears (a Mamba layer's in- and out-projection too) run in FP8 when layer L
+            # does (--fp8-format, --first-last-layers-bf16), as in Megatron's hybrid stack.
+            with initialization_stream(f"layer{offset + i + 1}"), fp8_layer_scope(config, offset + i + 1):
                 layers.append(build_hybrid_layer(symbol, config, mamba_config, offset + i + 1, groups))
         self.layers = torch.nn.ModuleList(layers)
         self.final_norm = build_norm(config, config.hidden_size) if post_process else None
