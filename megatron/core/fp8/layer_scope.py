@@ -42,14 +42,31 @@ def layer_runs_in_fp8(config, layer_number: int) -> bool:
 
 
 @contextlib.contextmanager
-def fp8_layer_scope(config, layer_number: int) -> Iterator[None]:
-    """Linears built inside run in FP8 when layer ``layer_number`` does."""
-    previous = getattr(_building, "recipe", None)
+def fp8_layer_scope(config, layer_number: int, amax_group=None) -> Iterator[None]:
+    """Linears built inside run in FP8 when layer ``layer_number`` does. ``amax_group``: the
+    group a tensor-parallel linear reduces its amaxes over, when not its tensor-parallel
+    group (tensor x context parallel: the context-parallel ranks hold parts of one sequence,
+    and one process would take the amax over all of it)."""
+    previous = getattr(_building, "recipe", None), getattr(_building, "amax_group", None)
     _building.recipe = Fp8Recipe.from_config(config) if layer_runs_in_fp8(config, layer_number) else None
+    _building.amax_group = amax_group
     try:
         yield
     finally:
-        _building.recipe = previous
+        _building.recipe, _building.amax_group = previous
+
+
+def amax_group_for(groups):
+    """The ``amax_group`` of ``fp8_layer_scope`` for a model on ``groups``: tensor x context
+    parallel under context parallelism, else None (the linear's tensor-parallel group)."""
+    if groups.size("cp") == 1:
+        return None
+    if groups.tp_cp is not None:
+        return groups.tp_cp
+    if groups.size("tp") == 1:
+        return groups.cp
+    raise ValueError("FP8 linears under context parallelism reduce their amaxes over the tensor x context parallel "
+                     "group: build the model with ProcessGroups that hold tp_cp")
 
 
 def new_linear_scaling(device: torch.device) -> Optional[Fp8Scaling]:
@@ -70,4 +87,6 @@ def new_linear_scaling(device: torch.device) -> Optional[Fp8Scaling]:
                if backend == "scaled_mm" else "an fp32 emulation (slow)")
         logger.info("FP8 backend: transformer-layer GEMMs, MoE experts included, in FP8 (format %s, recipe %s) "
                     "through %s", recipe.fmt, recipe.recipe, how)
-    return Fp8Scaling(recipe, device=device)
+    scaling = Fp8Scaling(recipe, device=device)
+    scaling.amax_group = getattr(_building, "amax_group", None)
+    return scaling

@@ -142,11 +142,13 @@ def gathers_in_fp8(scaling: Fp8Scaling, weight: torch.Tensor) -> bool:
 
 def fp8_column_parallel(input_: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                         scaling: Fp8Scaling, group, *, sequence_parallel: bool, fuse_accumulation: bool,
-                        backend: str) -> torch.Tensor:
+                        backend: str, amax_group=None) -> torch.Tensor:
     """The column-parallel linear's output [s, b, out/tp] from [s, b, in] ([s/tp, b, in]
-    with ``sequence_parallel``), the GEMM in FP8."""
+    with ``sequence_parallel``), the GEMM in FP8. Amaxes are reduced over ``amax_group``
+    (default ``group``, the tensor-parallel group)."""
+    amax_group = group if amax_group is None else amax_group
     if sequence_parallel and group_size(group) > 1 and gathers_in_fp8(scaling, weight):
-        output = fp8_linear(input_, weight, scaling, amax_group=group, fuse_accumulation=fuse_accumulation,
+        output = fp8_linear(input_, weight, scaling, amax_group=amax_group, fuse_accumulation=fuse_accumulation,
                             backend=backend, gather_group=group)
         return output if bias is None else output + bias
     if sequence_parallel:
@@ -155,14 +157,14 @@ def fp8_column_parallel(input_: torch.Tensor, weight: torch.Tensor, bias: Option
         total_input = copy_to_tensor_model_parallel_region(input_, group)
     else:
         total_input = input_
-    output = fp8_linear(total_input, weight, scaling, amax_group=group, fuse_accumulation=fuse_accumulation,
+    output = fp8_linear(total_input, weight, scaling, amax_group=amax_group, fuse_accumulation=fuse_accumulation,
                         backend=backend)
     return output if bias is None else output + bias
 
 
 def fp8_row_parallel(input_: torch.Tensor, weight: torch.Tensor, scaling: Fp8Scaling, group, *,
-                     fuse_accumulation: bool, backend: str) -> torch.Tensor:
+                     fuse_accumulation: bool, backend: str, amax_group=None) -> torch.Tensor:
     """The row-parallel linear's partial products [s, b, out] from [s, b, in/tp], in FP8
-    (the caller reduces them)."""
-    return fp8_linear(input_, weight, scaling, amax_group=group, fuse_accumulation=fuse_accumulation,
-                      backend=backend)
+    (the caller reduces them). Amaxes are reduced over ``amax_group`` (default ``group``)."""
+    return fp8_linear(input_, weight, scaling, amax_group=group if amax_group is None else amax_group,
+                      fuse_accumulation=fuse_accumulation, backend=backend)

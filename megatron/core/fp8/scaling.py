@@ -223,6 +223,9 @@ class Fp8Scaling(torch.nn.Module):
         # (--fp8-param-gather, ``fp8.param_gather``): the weight is then scaled by its own
         # amax (current scaling) under either recipe, and its FP8 copies come from the gather.
         self.weight_gathered_in_fp8 = False
+        # Set at construction (``layer_scope``) when a tensor-parallel linear reduces its
+        # amaxes over more than its tensor-parallel group (tensor x context parallel).
+        self.amax_group = None
 
     def _apply(self, fn, recurse=True):
         # A model moved to bf16 (--bf16) keeps this state in float32: torch._scaled_mm and

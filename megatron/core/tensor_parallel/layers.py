@@ -248,7 +248,8 @@ class ColumnParallelLinear(torch.nn.Module):
             output_parallel = F.linear(input_, weight, bias)
         elif self.fp8 is not None:
             output_parallel = fp8_linear.fp8_column_parallel(
-                input_, weight, bias, self.fp8, self.tp_group, sequence_parallel=self.sequence_parallel,
+                input_, weight, bias, self.fp8, self.tp_group, amax_group=self.fp8.amax_group,
+                sequence_parallel=self.sequence_parallel,
                 fuse_accumulation=self.config.gradient_accumulation_fusion and weight is self.weight,
                 backend=select_backend(weight.device, self.fp8.recipe.emulation),
             )
@@ -343,7 +344,8 @@ class RowParallelLinear(torch.nn.Module):
         if self.fp8 is not None:
             ring = False  # the FP8 partial products are reduced by the plain mappings below
             output_parallel = fp8_linear.fp8_row_parallel(
-                input_parallel, self.weight, self.fp8, self.tp_group, fuse_accumulation=fuse,
+                input_parallel, self.weight, self.fp8, self.tp_group, amax_group=self.fp8.amax_group,
+                fuse_accumulation=fuse,
                 backend=select_backend(self.weight.device, self.fp8.recipe.emulation),
             )
         else:

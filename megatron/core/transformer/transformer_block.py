@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 
 from megatron.core import process_groups, tensor_parallel
-from megatron.core.fp8.layer_scope import fp8_layer_scope
+from megatron.core.fp8.layer_scope import amax_group_for, fp8_layer_scope
 from megatron.core.transformer.activation_offload import check_cpu_offloading, offloading_context
 from megatron.core.transformer.init_rng import initialization_stream
 from megatron.core.pipeline_parallel.layer_split import stage_layers_from_config
@@ -103,7 +103,8 @@ class TransformerBlock(torch.nn.Module):
     @staticmethod
     def _build_layer(config, layer_number: int, groups, attn_mask_type) -> TransformerLayer:
         # Layer L's initial weights depend only on L (see transformer.init_rng).
-        with initialization_stream(f"layer{layer_number}"), fp8_layer_scope(config, layer_number):
+        with initialization_stream(f"layer{layer_number}"), \
+                fp8_layer_scope(config, layer_number, amax_group_for(groups)):
             return TransformerLayer(config, layer_number=layer_number, pg_collection=groups, attn_mask_type=attn_mask_type)
 
     def set_input_tensor(self, input_tensor: Optional[torch.Tensor]) -> None:

@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 
 from megatron.core import process_groups, tensor_parallel
-from megatron.core.fp8.layer_scope import fp8_layer_scope
+from megatron.core.fp8.layer_scope import amax_group_for, fp8_layer_scope
 from megatron.core.models.mamba.hybrid_layers import AttentionLayer, MLPLayer
 from megatron.core.models.mamba.layer_pattern import ATTENTION, MAMBA, MLP, MOE, parse_pattern, stage_segment
 from megatron.core.transformer.init_rng import initialization_stream
@@ -73,7 +73,8 @@ class HybridStack(torch.nn.Module):
             # Layer L's initial weights depend only on L (see transformer.init_rng); its
             # linears (a Mamba layer's in- and out-projection too) run in FP8 when layer L
             # does (--fp8-format, --first-last-layers-bf16), as in Megatron's hybrid stack.
-            with initialization_stream(f"layer{offset + i + 1}"), fp8_layer_scope(config, offset + i + 1):
+            with initialization_stream(f"layer{offset + i + 1}"), \
+                    fp8_layer_scope(config, offset + i + 1, amax_group_for(groups)):
                 layers.append(build_hybrid_layer(symbol, config, mamba_config, offset + i + 1, groups))
         self.layers = torch.nn.ModuleList(layers)
         self.final_norm = build_norm(config, config.hidden_size) if post_process else None
