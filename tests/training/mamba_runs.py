@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import sys
 from typing import List
 
@@ -19,17 +20,27 @@ TINY_HYBRID = [a for a in TINY_GPT] + [
 ]
 
 
-def _run(rank, world_size, argv):
+def _run(rank, world_size, argv, log_records=False):
     import pretrain_hybrid
     from megatron.core.transformer.enums import ModelType
     from megatron.training.training import pretrain
 
     sys.argv = ["pretrain_hybrid.py"] + list(argv)
     out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        pretrain(pretrain_hybrid.train_valid_test_datasets_provider, pretrain_hybrid.model_provider,
-                 ModelType.encoder_or_decoder, pretrain_hybrid.forward_step,
-                 args_defaults=pretrain_hybrid.HYBRID_DEFAULTS)
+    handler, root = logging.StreamHandler(out), logging.getLogger()
+    level = root.level
+    if log_records:
+        # a handler on the root logger makes the run's basicConfig a no-op, its level too
+        root.addHandler(handler)
+        root.setLevel(logging.INFO)
+    try:
+        with contextlib.redirect_stdout(out):
+            pretrain(pretrain_hybrid.train_valid_test_datasets_provider, pretrain_hybrid.model_provider,
+                     ModelType.encoder_or_decoder, pretrain_hybrid.forward_step,
+                     args_defaults=pretrain_hybrid.HYBRID_DEFAULTS)
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
     return out.getvalue()
 
 
@@ -41,7 +52,8 @@ def hybrid_argv(extra: List[str], iters: int = 8) -> List[str]:
     return argv + ["--train-iters", str(iters)] + extra
 
 
-def run_hybrid(world_size: int, extra: List[str], iters: int = 8) -> str:
-    """The log printed by the last rank of a tiny-hybrid run."""
-    logs = run_on_ranks(_run, world_size, args=(hybrid_argv(extra, iters),), timeout=400)
-    return logs[-1]
+def run_hybrid(world_size: int, extra: List[str], iters: int = 8, log_records: bool = False) -> str:
+    """The log printed by the last rank of a tiny-hybrid run (it logs the losses); with
+    ``log_records``, rank 0's log records (start-up lines) before it."""
+    logs = run_on_ranks(_run, world_size, args=(hybrid_argv(extra, iters), log_records), timeout=400)
+    return logs[0] + logs[-1] if log_records and world_size > 1 else logs[-1]

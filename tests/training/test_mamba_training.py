@@ -125,3 +125,15 @@ def test_fp8_hybrid_trains_close_to_fp32_and_recomputes_exactly(reference_log):
     recomputed = run_hybrid(1, ["--log-throughput", "--recompute-granularity", "full", "--recompute-method",
                                 "uniform", "--recompute-num-layers", "1"] + FP8, iters=8)
     assert losses(recomputed) == fp8
+
+
+def test_fp8_parameter_all_gather_reaches_the_mixer_weights():
+    """--fp8-param-gather (distributed optimizer, two ranks) gathers every FP8 linear's weight
+    in FP8, the mixer's fused in-projection included; with fp32 parameters and tensorwise
+    scaling the gathered bytes are the ones each step would quantize, so the losses equal the
+    run without the flag, bit for bit."""
+    flags = ["--fp8-format", "hybrid", "--fp8-recipe", "tensorwise", "--fp8-emulation", "--use-distributed-optimizer"]
+    log = run_hybrid(2, flags + ["--fp8-param-gather"], iters=4, log_records=True)
+    # the mixers' in_proj and out_proj, the attention and MLP linears: 8 weights in FP8 buffers
+    assert re.search(r"DDP grad buffer: 8 dense FP8-gathered params", log), log
+    assert losses(log) == losses(run_hybrid(2, flags, iters=4))
