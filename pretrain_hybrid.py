@@ -10,7 +10,7 @@ batches and the loss are GPT's: the same datasets, the same forward step.
 from __future__ import annotations
 
 from megatron.core.models.mamba import MambaModel
-from megatron.core.models.mamba.layer_pattern import stage_segment
+from megatron.core.models.mamba.layer_pattern import MOE, stage_segment
 from megatron.core.ssm.mamba_config import MambaConfig
 from megatron.core.ssm.mamba_context_parallel import check_context_parallel_split
 from megatron.core.transformer.enums import ModelType
@@ -25,6 +25,33 @@ from pretrain_gpt import forward_step, train_valid_test_datasets_provider
 HYBRID_DEFAULTS = {"is_hybrid_model": True}
 
 
+# GPT flags that shape a transformer stack; a hybrid stack takes its shape from the pattern,
+# so each would be ignored: (flag, attribute, why, what to do instead).
+_GPT_STACK_FLAGS = (
+    ("--mtp-num-layers", "mtp_num_layers", "multi-token prediction is not implemented for hybrid models",
+     "drop it"),
+    ("--multi-latent-attention", "multi_latent_attention", "the attention layers ('*') of a hybrid model are "
+     "standard self-attention", "drop it"),
+    ("--moe-layer-freq", "moe_layer_freq", "MoE layers sit where the pattern has 'E'", "drop it and place 'E' layers"),
+    ("--decoder-first-pipeline-num-layers", "decoder_first_pipeline_num_layers", "the pipeline stages of a hybrid "
+     "model follow the '|' cuts of its pattern", "cut the pattern with '|'"),
+    ("--decoder-last-pipeline-num-layers", "decoder_last_pipeline_num_layers", "the pipeline stages of a hybrid "
+     "model follow the '|' cuts of its pattern", "cut the pattern with '|'"),
+)
+
+
+def _refuse_gpt_stack_flags(args, pattern: str) -> None:
+    for flag, name, why, instead in _GPT_STACK_FLAGS:
+        value = getattr(args, name, None)
+        given = value not in (None, 1) if name == "moe_layer_freq" else bool(value)
+        if given:
+            shown = "" if value is True else f" {value}"
+            raise ValueError(f"{flag}{shown} is not supported for hybrid models: {why}; {instead}")
+    if getattr(args, "num_experts", None) and MOE not in pattern:
+        raise ValueError(f"--num-experts {args.num_experts} is given but the hybrid layer pattern {pattern!r} has no "
+                         f"MoE layer ('{MOE}'): add 'E' layers to --hybrid-layer-pattern, or drop --num-experts")
+
+
 def check_hybrid_layout(args) -> str:
     """The layer pattern, after refusing layouts the hybrid model does not support."""
     mamba = build_config(MambaConfig, args)
@@ -35,6 +62,7 @@ def check_hybrid_layout(args) -> str:
         raise ValueError(f"--position-embedding-type {args.position_embedding_type} is not supported for hybrid "
                          "models: pass --position-embedding-type none (or rope for the attention layers)")
     pattern = hybrid_layer_pattern_of(args)
+    _refuse_gpt_stack_flags(args, pattern)
     # refuses a cut that does not fit the stages (virtual ones included)
     stage_segment(pattern, args.pipeline_model_parallel_size, 0, args.virtual_pipeline_model_parallel_size)
     return pattern
