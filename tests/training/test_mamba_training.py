@@ -71,7 +71,8 @@ def _close(a, b, rtol=2e-5):
     (2, ["--context-parallel-size", "2"]),
     # one group per TP rank, shared by both CP ranks
     (4, ["--context-parallel-size", "2", "--tensor-model-parallel-size", "2", "--sequence-parallel"]),
-], ids=["tp2-sp", "pp2-cut", "pp2-vpp2", "dp2-distopt", "cp2", "cp2xtp2-sp"])
+    (4, ["--context-parallel-size", "2", "--pipeline-model-parallel-size", "2", "--hybrid-layer-pattern", "M-|*M"]),
+], ids=["tp2-sp", "pp2-cut", "pp2-vpp2", "dp2-distopt", "cp2", "cp2xtp2-sp", "cp2xpp2-cut"])
 def test_parallel_layout_matches_single_process(reference_log, world, extra):
     """Each layout gives the single-process losses.
 
