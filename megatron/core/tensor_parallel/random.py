@@ -218,10 +218,10 @@ class CheckpointFunction(torch.autograd.Function):
     Forward saves only the inputs and the RNG states; backward restores those states,
     reruns ``function`` with grad enabled (so dropout draws the same masks), backpropagates
     through it and restores the RNG states it found. FP8 linears under ``delayed`` scaling
-    quantize the rerun with the scales the forward used (``fp8.recompute_replay``). Parameters used inside get their
-    gradients during that inner backward. The rerun also sees the forward's context
-    variables (such as the schedule's auxiliary-loss scale), since the backward runs
-    outside the block that set them.
+    quantize the rerun with the scales the forward used (``fp8.recompute_replay``).
+    Parameters used inside get their gradients during that inner backward. The rerun also
+    sees the forward's context variables (such as the schedule's auxiliary-loss scale),
+    since the backward runs outside the block that set them.
     """
 
     @staticmethod
