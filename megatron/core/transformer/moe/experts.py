@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron.core import tensor_parallel
+from megatron.core.process_groups import group_size
 from megatron.core.fp8.gemm import SCALED_MM, select_backend
 from megatron.core.fp8.grouped_gemm import ROW_ALIGN as _FP8_ROW_ALIGN
 from megatron.core.fp8.grouped_linear import fp8_grouped_linear
@@ -84,10 +85,23 @@ class ExpertMLP(torch.nn.Module):
         return _expert_linear(intermediate, self.linear_fc2)
 
 
+def expert_amax_group(linear, config):
+    """The group an expert linear reduces its FP8 amaxes over: its expert tensor-parallel
+    group; under context parallelism, when the experts are not split over expert-parallel
+    ranks and their tensor parallelism is the dense one, tensor x context parallel (the
+    layer's FP8 scope), since the context-parallel ranks then run the same experts on parts
+    of the same sequences, as one process would on all of them."""
+    widened = linear.fp8.amax_group
+    if (widened is not None and config.expert_model_parallel_size == 1
+            and group_size(linear.tp_group) == config.tensor_model_parallel_size):
+        return widened
+    return linear.tp_group
+
+
 def _expert_linear(x: torch.Tensor, linear) -> torch.Tensor:
     """x [n, in] through one expert linear's weight and bias, without communication: in
     FP8 when the linear holds FP8 scaling state (its layer runs in FP8), amaxes reduced
-    over the expert tensor-parallel group it was built with. For ``torch._scaled_mm``,
+    over ``expert_amax_group``. For ``torch._scaled_mm``,
     which wants every size a multiple of 16, an expert's token count (any number) is
     padded with zero rows, which change neither the amaxes nor any other row."""
     if linear.fp8 is None:
@@ -96,7 +110,7 @@ def _expert_linear(x: torch.Tensor, linear) -> torch.Tensor:
     rows = x.size(0)
     pad = -rows % _FP8_ROW_ALIGN if backend == SCALED_MM else 0
     out = fp8_linear(F.pad(x, (0, 0, 0, pad)) if pad else x, linear.weight, linear.fp8,
-                     amax_group=linear.tp_group, backend=backend)
+                     amax_group=expert_amax_group(linear, linear.config), backend=backend)
     out = out[:rows] if pad else out
     return out if linear.bias is None else out + linear.bias
 
@@ -313,7 +327,7 @@ class GroupedMLP(SequentialMLP):
         def linear(x: torch.Tensor, weights: torch.Tensor, name: str) -> torch.Tensor:
             layers = [getattr(e, name) for e in self.local_experts]
             return fp8_grouped_linear(x, weights, [layer.fp8 for layer in layers], counts,
-                                      amax_group=layers[0].tp_group, backend=backend)
+                                      amax_group=expert_amax_group(layers[0], self.config), backend=backend)
         return linear
 
 
