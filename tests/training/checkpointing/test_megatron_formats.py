@@ -190,3 +190,31 @@ def test_megatron_layout_writer_stacks_only_homogeneous_layers_and_round_trips(t
     assert common["iteration"] == 3
     for key, tensor in truth.state_dict().items():
         assert torch.equal(model.state_dict()[key], tensor), key
+
+
+def test_megatron_layout_writers_leave_out_fp8_scaling_state(tmp_path):
+    """Megatron-LM keeps FP8 metadata in Transformer Engine's extra state (written empty here)
+    and its legacy load is strict, so neither writer puts our FP8 buffers in; the weights
+    still read back exactly, the FP8 state then starting fresh."""
+    from megatron.core.fp8.scaling import is_fp8_scaling_key
+    from megatron.training.checkpointing.megatron_lm import legacy
+
+    def fp8_model(seed):
+        torch.manual_seed(seed)
+        config = TransformerConfig(num_layers=LAYERS, hidden_size=64, num_attention_heads=4, use_cpu_initialization=True,
+                                   fp8="hybrid", fp8_emulation=True)
+        return GPTModel(config, vocab_size=128, max_sequence_length=32)
+
+    model, args = fp8_model(0), _args("llama")
+    tensors, _ = torch_dist.build_save_items([model], ProcessGroups(), 0, args, 3, 0.0, to_cpu=False)
+    _, payload, _ = legacy.build_payload(args, 3, [model], 0.0, ProcessGroups())
+    assert not any(is_fp8_scaling_key(t.key) for t in tensors)
+    assert not any(is_fp8_scaling_key(k) for k in payload["model"])
+    assert any(is_fp8_scaling_key(k) for k in model.state_dict())
+    os.makedirs(tmp_path / "mp_rank_00")
+    torch.save(payload, tmp_path / "mp_rank_00" / "model_optim_rng.pt")
+    fresh = fp8_model(1)
+    megatron_lm.load(str(tmp_path), [fresh], ProcessGroups(), args, lambda p: [p], None)
+    for key, tensor in model.state_dict().items():
+        if not is_fp8_scaling_key(key):
+            assert torch.equal(fresh.state_dict()[key], tensor), key

@@ -263,13 +263,14 @@ def _te_names(key: str) -> str:
 def build_payload(args, iteration: int, model, num_flops: float, groups: ProcessGroups):
     """(subdirectory, Megatron-LM's state dict, None) for a writing rank, None for the others:
     our state dict plus Megatron's ``_extra_state`` entries, its args and version; no
-    optimizer or RNG state."""
+    optimizer or RNG state, and no FP8 scaling state (Megatron-LM keeps that in Transformer
+    Engine's extra state, written empty here; its strict load would refuse our keys)."""
     if not torch_format.is_writer(groups):
         return None
     state = run_args.legacy_state(args, iteration, num_flops)
     chunks = [unwrapped(c) for c in model]
     for index, chunk in enumerate(chunks):
-        model_state = chunk.state_dict()
+        model_state = {k: v for k, v in chunk.state_dict().items() if not is_fp8_scaling_key(k)}
         if getattr(chunk, "megatron_te_norm_names", False):
             model_state = {_te_names(key): value for key, value in model_state.items()}
         for key in list(model_state):

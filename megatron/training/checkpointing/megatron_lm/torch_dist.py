@@ -181,12 +181,16 @@ def load(directory: str, model, groups: ProcessGroups, args, gather_problems: Ca
 
 def build_save_items(model, groups: ProcessGroups, rank: int, args, iteration: int, num_flops: float,
                      to_cpu: bool) -> Tuple[List[ShardedTensor], List[ShardedObject]]:
-    """This rank's chunks and objects under Megatron-LM's keys (rank 0 adds the common state)."""
+    """This rank's chunks and objects under Megatron-LM's keys (rank 0 adds the common state).
+    FP8 scaling state is left out: Megatron-LM keeps it in Transformer Engine's extra state,
+    which this layout writes empty (a run loading the checkpoint starts FP8 scaling fresh)."""
     stacked = _homogeneous(args)
     output_extra_state = all(getattr(unwrapped(chunk), "megatron_output_extra_state", True) for chunk in model)
     tensors: List[ShardedTensor] = []
     objects = {}
     for tensor, placement in model_placements(model, groups):
+        if is_fp8_scaling_key(placement.key):
+            continue
         candidates = keys.megatron_keys(placement.key, args.num_layers, getattr(args, "num_experts", None))
         # candidates: the stacked names, then as many per-layer ones; Megatron writes the first of each
         chosen = candidates[0] if stacked or len(candidates) == 1 else candidates[len(candidates) // 2]
