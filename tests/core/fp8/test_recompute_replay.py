@@ -46,11 +46,12 @@ def _grouped_block(w1, w2, states, counts):
 def _run(make_block, weights, states, inputs, recompute: bool):
     """Outputs, input gradients, and after all micro-batches the weight gradients and the states."""
     block = make_block(*weights, states)
+    distribute_saved_activations = False  # one process: nothing to spread over ranks
     outputs, pending, x_grads = {}, {}, {}
     for kind, i in ORDER:
         if kind == "f":
             x = inputs[i].clone().requires_grad_()
-            y = checkpoint(block, False, x) if recompute else block(x)
+            y = checkpoint(block, distribute_saved_activations, x) if recompute else block(x)
             outputs[i], pending[i] = y.detach().clone(), (x, y)
         else:
             x, y = pending.pop(i)
