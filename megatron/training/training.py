@@ -14,6 +14,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.distributed.finalize_model_grads import finalize_model_grads
 from megatron.core.fake_backend import is_fake
+from megatron.core.fp8.replica_sync import merge_over_replicas
 from megatron.core.optimizer.device_step import DeviceStepResult, HostCopy
 from megatron.core.num_microbatches_calculator import (
     get_current_global_batch_size,
@@ -211,6 +212,9 @@ def train_step(forward_step_func, data_iterator, model: List[torch.nn.Module], o
         verdict, reported = validation.run(iteration, run, model)
     if verdict is Verdict.STOP:
         return StepResult({}, True, None, None, stop=True)
+    if args.fp8 and args.fp8_recipe == "delayed":
+        # one scaling state on every data-parallel replica (the one checkpoints store)
+        merge_over_replicas(model, pg.dp_cp, pg.expt_dp)
     losses = reduce_reported_losses(reported, pg) if pg.is_pipeline_last_stage() else {}
     if verdict is Verdict.SKIP:
         return StepResult(losses, True, None, None)
