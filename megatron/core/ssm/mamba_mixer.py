@@ -178,12 +178,13 @@ class MambaMixer(torch.nn.Module):
 
     def _dt_and_A(self, dt: torch.Tensor, share: Optional[HeadShare] = None) -> Tuple[torch.Tensor, torch.Tensor]:
         """Raw dt [..., h] -> (softplus(dt + dt_bias) within --dt limits, A = -exp(A_log)), fp32."""
-        share = share or self._whole_share()
-        dt = F.softplus(dt.float() + share.dt_bias.float())
+        # the decode step passes no share: its parameters are this rank's whole ones
+        dt_bias, A_log = (share.dt_bias, share.A_log) if share else (self.dt_bias, self.A_log)
+        dt = F.softplus(dt.float() + dt_bias.float())
         lo, hi = self.mamba_config.dt_limit
         if (lo, hi) != (0.0, float("inf")):
             dt = dt.clamp(min=lo, max=hi)
-        return dt, -torch.exp(share.A_log.float())
+        return dt, -torch.exp(A_log.float())
 
     def _split_xbc(self, xbc: torch.Tensor, share: Optional[HeadShare] = None
                    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

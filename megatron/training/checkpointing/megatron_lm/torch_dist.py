@@ -113,9 +113,9 @@ def _chunks(param, data, placement, chosen: keys.MegatronKey, groups: ProcessGro
         raise ValueError(f"{placement.key}: expected the local sizes of its parts {parts} (partition_sizes), "
                          f"got {sizes}")
     tp, rank = group_size(groups.tp), group_rank(groups.tp)
+    rest = tuple(data.shape[1:])
     out, start = [], 0
     for part, size in zip(parts, sizes):
-        rest = tuple(data.shape[1:])
         chunk = ShardedTensor(chosen.key, data.narrow(0, start, size), (size * tp,) + rest,
                               (rank * size,) + (0,) * len(rest))
         out.append(_with_axes(chunk, keys.MegatronKey(f"{chosen.key}.{part}", chosen.axes)))
